@@ -1,0 +1,67 @@
+//! The stamped event: the unit that flows from ingest to the log and the fan-out.
+//!
+//! Owns: the shape of an event after decoding and stamping, with every wire encoding
+//! produced once. Must never: be re-encoded per subscriber; every field here is either a
+//! routing key or shared bytes.
+
+use bytes::Bytes;
+
+/// What kind of event this is, for routing and for the wires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventKind {
+    /// One op of a `#commit`.
+    Commit,
+    /// A `#commit` flagged `tooBig`: consumers must resync the repo. One event per frame.
+    CommitTooBig,
+    /// A `#commit` with no ops: kept so the raw frame and cursor survive, invisible on v1.
+    CommitEmpty,
+    Identity,
+    Account,
+    Sync,
+    Info,
+    /// A message type sluice does not know; carried along.
+    Unknown,
+}
+
+impl EventKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Commit => "commit",
+            EventKind::CommitTooBig => "commit_too_big",
+            EventKind::CommitEmpty => "commit_empty",
+            EventKind::Identity => "identity",
+            EventKind::Account => "account",
+            EventKind::Sync => "sync",
+            EventKind::Info => "info",
+            EventKind::Unknown => "unknown",
+        }
+    }
+}
+
+/// A decoded, stamped, pre-encoded event.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// sluice's own cursor: strictly increasing from 1, never reused, across restarts.
+    pub seq: u64,
+    /// Source time in unix µs: upstream `time`, made strictly increasing and never later
+    /// than the wall clock at receipt.
+    pub time_us: i64,
+    /// The upstream relay's `seq` of the frame this event came from.
+    pub upstream_seq: i64,
+    /// Wall clock at receipt, unix µs.
+    pub received_us: i64,
+    pub kind: EventKind,
+    /// Repo DID, empty when the message has none (`#info`).
+    pub did: String,
+    /// Collection NSID for commit ops.
+    pub collection: Option<String>,
+    /// Index of this op in its frame; 0 for the first event of a frame. The raw wire sends
+    /// the frame once, with the event whose `op_index` is 0.
+    pub op_index: u16,
+    /// Jetstream v1 JSON, when the event is visible on v1.
+    pub v1_json: Option<Bytes>,
+    /// Jetstream v2 message JSON (`{"$type":"message","payload":...}`).
+    pub v2_json: Bytes,
+    /// The original upstream frame, shared (no copy) by every event of that frame.
+    pub raw_frame: Bytes,
+}

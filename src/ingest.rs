@@ -1,0 +1,1 @@
+//! Ingest: stamping of decoded messages into events.

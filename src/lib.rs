@@ -1,0 +1,13 @@
+//! sluice: a firehose fan-out relay for the AT Protocol.
+//!
+//! Data flows one way: [`upstream`] reads frames from a relay, [`decode`] turns each
+//! frame into typed messages exactly once, [`ingest`] stamps them into [`event::Event`]s
+//! and encodes each wire format once ([`wire`]), and downstream stages only ever share
+//! those pre-encoded bytes.
+
+pub mod config;
+pub mod decode;
+pub mod event;
+pub mod ingest;
+pub mod upstream;
+pub mod wire;

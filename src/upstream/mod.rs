@@ -1,0 +1,8 @@
+//! The upstream side: the one subscription to a relay, and the staging tools that stand in
+//! for a relay (capture recording, capture replay, synthetic frames).
+//!
+//! Owns: the websocket connection, its limits, reconnects and resume cursor. Must never:
+//! decode frames (that is `decode`), hold more than one frame in flight per connection,
+//! or let a bad frame take the process down.
+
+pub mod capture;
