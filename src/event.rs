@@ -18,7 +18,6 @@ pub enum EventKind {
     Identity,
     Account,
     Sync,
-    Info,
     /// A message type sluice does not know; carried along.
     Unknown,
 }
@@ -32,7 +31,6 @@ impl EventKind {
             EventKind::Identity => "identity",
             EventKind::Account => "account",
             EventKind::Sync => "sync",
-            EventKind::Info => "info",
             EventKind::Unknown => "unknown",
         }
     }
@@ -60,8 +58,8 @@ pub struct Event {
     pub op_index: u16,
     /// Jetstream v1 JSON, when the event is visible on v1.
     pub v1_json: Option<Bytes>,
-    /// Jetstream v2 message JSON (`{"$type":"message","payload":...}`).
-    pub v2_json: Bytes,
+    /// Jetstream v2 message JSON (`{"$type":"message","payload":...}`), when visible on v2.
+    pub v2_json: Option<Bytes>,
     /// The original upstream frame, shared (no copy) by every event of that frame.
     pub raw_frame: Bytes,
 }

@@ -2,7 +2,8 @@
 //! for a relay (capture recording, capture replay, synthetic frames).
 //!
 //! Owns: the websocket connection, its limits, reconnects and resume cursor. Must never:
-//! decode frames (that is `decode`), hold more than one frame in flight per connection,
-//! or let a bad frame take the process down.
+//! decode frames for meaning (that is `decode`, once, in ingest), or let a bad frame take
+//! the process down.
 
 pub mod capture;
+pub mod client;
