@@ -55,7 +55,9 @@ pub enum Body {
     /// `#identity`, `#account`, `#sync`, `#info` and unknown types: the whole body as an
     /// atproto-JSON object (text), unknown fields included; `blocks` of `#sync` is replaced
     /// by its length under `blocksLen` since no wire carries it as JSON.
-    Other { json: String },
+    Other {
+        json: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
