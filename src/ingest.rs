@@ -278,3 +278,39 @@ fn info_outcome(message: &Message) -> IngestOutcome {
         message: text,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever the source times and receipt clock do, stamps increase strictly and
+        /// never pass the receipt clock unless strict increase leaves no choice.
+        #[test]
+        fn stamps_increase_and_respect_the_clock(
+            steps in proptest::collection::vec((-5_000_000i64..5_000_000, 0i64..3_000, 1usize..4), 1..300)
+        ) {
+            let mut ingestor = Ingestor::new(StampState::fresh(), DecodeLimits::default());
+            let mut received = 1_700_000_000_000_000i64;
+            let (mut last_seq, mut last_t) = (0u64, i64::MIN);
+            for (offset, advance, ops) in steps {
+                received += advance;
+                for _ in 0..ops {
+                    let forced_before = ingestor.stats.time_forced_ahead;
+                    let (seq, t) = ingestor.next_stamp(received + offset, received);
+                    prop_assert_eq!(seq, last_seq + 1);
+                    prop_assert!(t > last_t);
+                    if ingestor.stats.time_forced_ahead == forced_before {
+                        prop_assert!(t <= received);
+                    }
+                    if offset <= 0 && last_t < received + offset {
+                        prop_assert_eq!(t, received + offset, "an in-order past time is kept as is");
+                    }
+                    last_seq = seq;
+                    last_t = t;
+                }
+            }
+        }
+    }
+}

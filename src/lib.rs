@@ -6,8 +6,11 @@
 //! those pre-encoded bytes.
 
 pub mod config;
+pub mod daemon;
 pub mod decode;
 pub mod event;
 pub mod ingest;
+pub mod log;
+pub mod logging;
 pub mod upstream;
 pub mod wire;
