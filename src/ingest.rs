@@ -64,11 +64,19 @@ pub struct IngestStats {
 pub enum IngestOutcome {
     Events(Vec<Event>),
     /// At or below the resume cursor; dropped and counted.
-    Duplicate { upstream_seq: i64 },
+    Duplicate {
+        upstream_seq: i64,
+    },
     /// An `#info` message: advisory, carries no seq.
-    Info { name: String, message: Option<String> },
+    Info {
+        name: String,
+        message: Option<String>,
+    },
     /// An error frame: the upstream ends the stream after it.
-    ErrorFrame { error: String, message: Option<String> },
+    ErrorFrame {
+        error: String,
+        message: Option<String>,
+    },
     /// Could not be decoded; counted.
     DecodeFailed(DecodeError),
 }

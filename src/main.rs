@@ -10,10 +10,19 @@ use sluice::daemon;
 use sluice::event::Event;
 
 #[derive(Debug, Parser)]
-#[command(name = "sluice", version, about = "Firehose fan-out relay for the AT Protocol")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Firehose fan-out relay for the AT Protocol"
+)]
 struct Cli {
     /// Log format: pretty or json.
-    #[arg(long, env = "SLUICE_LOG_FORMAT", default_value = "pretty", global = true)]
+    #[arg(
+        long,
+        env = "SLUICE_LOG_FORMAT",
+        default_value = "pretty",
+        global = true
+    )]
     log_format: String,
 
     /// Log filter (tracing EnvFilter syntax), e.g. info or sluice=debug.
@@ -46,7 +55,10 @@ fn main() -> std::process::ExitCode {
         eprintln!("sluice: {err:#}");
         return std::process::ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("sluice: cannot start the async runtime: {err}");

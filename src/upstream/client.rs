@@ -190,8 +190,8 @@ pub async fn run(
         };
         connection += 1;
         let url = subscribe_url(&config.upstream, resume)?;
-        let ended = connect_and_read(&config, &url, &shared, &frames, &mut shutdown, connection)
-            .await;
+        let ended =
+            connect_and_read(&config, &url, &shared, &frames, &mut shutdown, connection).await;
         shared.connected.store(false, Ordering::Release);
         match ended {
             Ended::Shutdown => return Ok(()),
@@ -218,7 +218,11 @@ pub async fn run(
         }
         shared.reconnects.fetch_add(1, Ordering::Relaxed);
         let delay = backoff_delay(&config, attempt);
-        tracing::info!(delay_ms = delay.as_millis() as u64, attempt, "reconnecting to upstream");
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            attempt,
+            "reconnecting to upstream"
+        );
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.changed() => return Ok(()),
@@ -352,7 +356,9 @@ mod tests {
             "wss://bsky.network/xrpc/com.atproto.sync.subscribeRepos"
         );
         assert_eq!(
-            subscribe_url("ws://127.0.0.1:9/", Some(42)).unwrap().as_str(),
+            subscribe_url("ws://127.0.0.1:9/", Some(42))
+                .unwrap()
+                .as_str(),
             "ws://127.0.0.1:9/xrpc/com.atproto.sync.subscribeRepos?cursor=42"
         );
         assert_eq!(
