@@ -7,4 +7,5 @@
 
 pub mod capture;
 pub mod client;
+pub mod replay;
 pub mod synth;
