@@ -6,7 +6,7 @@
 //! by the caller only when an op references them), copy block bytes, or trust a section
 //! length before checking it against the bytes left.
 
-use super::cbor::{skip_value, Reader, Source, Token};
+use super::cbor::{skip_value, Source, Token};
 use super::cid::{cid_from_tag42, cid_len, read_varint, VarintError};
 use super::DecodeError;
 
@@ -21,7 +21,7 @@ pub struct Car<'a> {
 impl<'a> Car<'a> {
     /// Parses the header; sections are read lazily by [`Car::blocks`].
     pub fn parse(car: &'a [u8], max_depth: usize) -> Result<Self, DecodeError> {
-        Self::parse_with::<Reader<'a>>(car, max_depth)
+        Self::parse_with::<super::DefaultSource<'a>>(car, max_depth)
     }
 
     pub(crate) fn parse_with<S: Source<'a>>(

@@ -43,7 +43,8 @@ pub trait Source<'a> {
     }
 }
 
-/// The hand-rolled reader used by [`super::decode_frame`].
+/// The hand-rolled reader: the measured alternative to `ciborium-ll` and a second, independent
+/// tokenizer for differential tests (see [`super::decode_frame_hand_rolled`]).
 #[derive(Debug, Clone)]
 pub struct Reader<'a> {
     buf: &'a [u8],
@@ -89,13 +90,43 @@ impl<'a> Reader<'a> {
                 let s = self.take(8)?;
                 u64::from_be_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]])
             }
-            31 => {
-                return Err(DecodeError::InvalidCbor(
-                    "indefinite length is not DAG-CBOR",
-                ))
-            }
             _ => return Err(DecodeError::InvalidCbor("reserved additional information")),
         })
+    }
+
+    /// A length or count argument, where minor 31 means "indefinite".
+    #[inline]
+    fn length(&mut self, minor: u8) -> Result<u64, DecodeError> {
+        if minor == 31 {
+            return Err(DecodeError::InvalidCbor(
+                "indefinite length is not DAG-CBOR",
+            ));
+        }
+        self.argument(minor)
+    }
+
+    /// Major type 7. Errors match the `ciborium-ll` source so both can be compared exactly.
+    fn simple_or_float(&mut self, minor: u8) -> Result<Token<'a>, DecodeError> {
+        let value = match minor {
+            24 => self.byte()?,
+            25..=27 => {
+                self.take(1 << (minor - 24))?;
+                return Err(DecodeError::InvalidCbor(
+                    "floats are not part of the atproto data model",
+                ));
+            }
+            28..=30 => return Err(DecodeError::InvalidCbor("reserved additional information")),
+            31 => return Err(DecodeError::InvalidCbor("unexpected break")),
+            v => v,
+        };
+        match value {
+            20 => Ok(Token::Bool(false)),
+            21 => Ok(Token::Bool(true)),
+            22 => Ok(Token::Null),
+            _ => Err(DecodeError::InvalidCbor(
+                "simple value other than false/true/null",
+            )),
+        }
     }
 
     #[inline]
@@ -131,39 +162,28 @@ impl<'a> Source<'a> for Reader<'a> {
             0 => Ok(Token::Uint(self.argument(minor)?)),
             1 => Ok(Token::Neg(self.argument(minor)?)),
             2 => {
-                let len = self.argument(minor)?;
+                let len = self.length(minor)?;
                 Ok(Token::Bytes(self.payload(len)?))
             }
             3 => {
-                let len = self.argument(minor)?;
+                let len = self.length(minor)?;
                 let raw = self.payload(len)?;
                 std::str::from_utf8(raw)
                     .map(Token::Text)
                     .map_err(|_| DecodeError::InvalidCbor("text is not valid UTF-8"))
             }
             4 => {
-                let n = self.argument(minor)?;
+                let n = self.length(minor)?;
                 check_count(n, 1, self.buf.len() - self.pos)?;
                 Ok(Token::Array(n))
             }
             5 => {
-                let n = self.argument(minor)?;
+                let n = self.length(minor)?;
                 check_count(n, 2, self.buf.len() - self.pos)?;
                 Ok(Token::Map(n))
             }
             6 => Ok(Token::Tag(self.argument(minor)?)),
-            _ => match minor {
-                20 => Ok(Token::Bool(false)),
-                21 => Ok(Token::Bool(true)),
-                22 => Ok(Token::Null),
-                25..=27 => Err(DecodeError::InvalidCbor(
-                    "floats are not part of the atproto data model",
-                )),
-                31 => Err(DecodeError::InvalidCbor("unexpected break")),
-                _ => Err(DecodeError::InvalidCbor(
-                    "simple value other than false/true/null",
-                )),
-            },
+            _ => self.simple_or_float(minor),
         }
     }
 

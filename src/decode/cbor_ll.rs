@@ -1,9 +1,10 @@
-//! A [`Source`] built on `ciborium-ll`, kept only to measure it against the hand-rolled
-//! [`super::cbor::Reader`] on identical decoding logic (numbers in docs/DECISIONS.md).
+//! The production [`Source`]: `ciborium-ll`'s streaming decoder, adapted to borrowed tokens.
 //!
-//! Owns: adapting `ciborium_ll::Decoder` heads to [`Token`]s while keeping string payloads
-//! borrowed. Must never: be used on the production path (it cannot see float widths or
-//! non-shortest heads), panic, or allocate a declared length.
+//! Owns: mapping `ciborium_ll::Header`s to [`Token`]s with the same admission policy as the
+//! hand-rolled [`super::cbor::Reader`] (which is kept as the measured alternative and as a
+//! second tokenizer for differential tests; numbers in docs/DECISIONS.md), while keeping
+//! string payloads borrowed from the input. Must never: copy or allocate a payload, trust a
+//! declared length before checking it against the input, or panic.
 
 use ciborium_ll::{simple, Decoder, Header};
 

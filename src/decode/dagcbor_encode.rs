@@ -79,7 +79,19 @@ fn encode_number(n: &Number, out: &mut Vec<u8>) -> Result<(), EncodeError> {
         // Negative: CBOR stores -1 - i.
         head(out, 1, (-1 - i128::from(i)) as u64);
     } else {
-        return Err(EncodeError::Float(n.to_string()));
+        // JSON has one number type, so `123.0` is an integer in the atproto data model; any
+        // float with a fraction (or beyond 2^53, where it stops being exact) is refused.
+        match n.as_f64() {
+            Some(f) if f.is_finite() && f.fract() == 0.0 && f.abs() <= 9_007_199_254_740_992.0 => {
+                let i = f as i64;
+                if i >= 0 {
+                    head(out, 0, i as u64);
+                } else {
+                    head(out, 1, (-1 - i) as u64);
+                }
+            }
+            _ => return Err(EncodeError::Float(n.to_string())),
+        }
     }
     Ok(())
 }

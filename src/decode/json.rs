@@ -179,7 +179,12 @@ impl<'a> JsonWriter<'a> {
 /// Converts one complete DAG-CBOR value (a record block) to atproto-JSON object text.
 pub fn record_to_json(block: &[u8], max_depth: usize) -> Result<String, DecodeError> {
     let mut out = String::with_capacity(block.len() * 2);
-    record_to_json_into::<super::cbor::Reader>(block, max_depth, &mut out, &mut JsonWriter::new())?;
+    record_to_json_into::<super::DefaultSource>(
+        block,
+        max_depth,
+        &mut out,
+        &mut JsonWriter::new(),
+    )?;
     Ok(out)
 }
 
@@ -204,7 +209,7 @@ pub(crate) fn record_to_json_into<'a, S: Source<'a>>(
 /// Converts one complete DAG-CBOR value of any kind to JSON text (no trailing bytes allowed).
 pub fn cbor_to_json(bytes: &[u8], max_depth: usize) -> Result<String, DecodeError> {
     let mut out = String::with_capacity(bytes.len() * 2);
-    let mut r = super::cbor::Reader::new(bytes);
+    let mut r = <super::DefaultSource as Source>::open(bytes);
     JsonWriter::new().write_value(&mut r, &mut out, 0, max_depth)?;
     let rest = bytes.len() - r.pos();
     if rest != 0 {
