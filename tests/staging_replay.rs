@@ -202,11 +202,12 @@ fn source_span_ms(frames: &[Vec<u8>]) -> f64 {
     span.as_seconds_f64() * 1000.0
 }
 
+/// From before connecting to the last frame: the server cannot start its schedule before
+/// we connect, so this can never be shorter than the paced span, however loaded the host.
 async fn time_to_receive(url: &str, n: usize) -> Duration {
-    let mut ws = connect(url).await;
-    next_frame(&mut ws).await; // the clock starts at the first frame, as pacing does
     let t0 = Instant::now();
-    for _ in 1..n {
+    let mut ws = connect(url).await;
+    for _ in 0..n {
         next_frame(&mut ws).await;
     }
     t0.elapsed()
@@ -226,7 +227,7 @@ async fn speed_paces_by_source_time() {
             * 1000.0;
         let want = span / factor;
         assert!(
-            took >= want * 0.9 && took <= want + 1000.0,
+            took >= want && took <= want + 1500.0,
             "speed {factor}: took {took:.0} ms for a source span of {want:.0} ms"
         );
     }
@@ -236,7 +237,7 @@ async fn speed_paces_by_source_time() {
         .await
         .as_secs_f64()
         * 1000.0;
-    assert!(took < span / 2.0, "max speed took {took:.0} ms");
+    assert!(took < span, "max speed took {took:.0} ms");
 }
 
 #[tokio::test]
@@ -294,16 +295,17 @@ async fn a_long_source_gap_is_capped() {
     });
     let frames: Vec<Vec<u8>> = first.into_iter().chain(later).collect();
     let server = start(&frames, Speed::Factor(1.0), false).await;
+    let t0 = Instant::now();
     let mut ws = connect(&server.url).await;
     next_frame(&mut ws).await;
     next_frame(&mut ws).await;
-    let t0 = Instant::now();
     let third = tokio::time::timeout(
-        replay::MAX_PACING_WAIT + Duration::from_secs(2),
+        replay::MAX_PACING_WAIT + Duration::from_secs(3),
         next_frame(&mut ws),
     )
     .await
     .expect("the capped wait ends");
     assert_eq!(third, frames[2]);
-    assert!(t0.elapsed() >= replay::MAX_PACING_WAIT - Duration::from_millis(200));
+    // Started before the connection, so the full capped wait must fit inside.
+    assert!(t0.elapsed() >= replay::MAX_PACING_WAIT);
 }

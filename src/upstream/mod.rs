@@ -7,5 +7,6 @@
 
 pub mod capture;
 pub mod client;
+pub mod record;
 pub mod replay;
 pub mod synth;

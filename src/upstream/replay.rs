@@ -467,6 +467,11 @@ fn locate_seq_time(frame: &[u8]) -> Result<SeqTime, Malformed> {
     Ok((seq, time))
 }
 
+/// The body's top-level `seq`, if the frame is readable and has one.
+pub(crate) fn frame_seq(frame: &[u8]) -> Option<i64> {
+    locate_seq_time(frame).ok()?.0.map(|s| s.value)
+}
+
 fn parse_rfc3339(s: &str) -> Option<SourceTime> {
     let dt = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
     let frac_digits = s
