@@ -89,10 +89,12 @@ pub fn start_ingest(config: IngestConfig, sink: impl EventSink) -> anyhow::Resul
     let ingest_shared = shared.clone();
     let limits = config.decode_limits.clone();
     let interval = config.checkpoint_interval;
+    let runtime = tokio::runtime::Handle::current();
     let ingest = std::thread::Builder::new()
         .name("sluice-ingest".into())
         .spawn(move || {
             ingest_loop(
+                &runtime,
                 frames_rx,
                 Ingestor::new(state, limits),
                 checkpoint,
@@ -116,6 +118,7 @@ pub fn start_ingest(config: IngestConfig, sink: impl EventSink) -> anyhow::Resul
 }
 
 fn ingest_loop(
+    runtime: &tokio::runtime::Handle,
     mut frames: mpsc::Receiver<ReceivedFrame>,
     mut ingestor: Ingestor,
     mut checkpoint: Checkpoint,
@@ -128,7 +131,24 @@ fn ingest_loop(
     let mut last_accepted: Option<(u64, i64)> = None;
     let mut last_saved = Instant::now();
     let mut saved_state: StampState = ingestor.state();
-    while let Some(frame) = frames.blocking_recv() {
+    loop {
+        // Wake at least once per checkpoint interval so an idle stream still gets its
+        // cursor saved.
+        let next = runtime.block_on(async {
+            tokio::time::timeout(checkpoint_interval, frames.recv()).await
+        });
+        let frame = match next {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_elapsed) => {
+                if ingestor.state() != saved_state {
+                    saved_state = ingestor.state();
+                    checkpoint.save(&saved_state)?;
+                    last_saved = Instant::now();
+                }
+                continue;
+            }
+        };
         let connection = frame.connection;
         match ingestor.ingest(frame.bytes, frame.received_us) {
             IngestOutcome::Events(events) => {

@@ -37,6 +37,68 @@ struct Cli {
 enum Command {
     /// Subscribe to the upstream relay and ingest its events.
     Serve(ServeArgs),
+    /// Record the upstream's frames to a capture file ([u32 LE length][frame] ...).
+    Record(RecordArgs),
+    /// Serve a capture file as a local subscribeRepos upstream, honouring `cursor`.
+    Replay(ReplayArgs),
+    /// Generate realistic synthetic frames into a capture file.
+    Synth(SynthArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RecordArgs {
+    /// Relay to record: a host or a full ws:// or wss:// URL (a `cursor` query is kept).
+    #[arg(long, env = "SLUICE_UPSTREAM", default_value = sluice::upstream::client::DEFAULT_UPSTREAM)]
+    upstream: String,
+    /// Capture file to write (truncated unless --append).
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// Append to an existing capture instead of truncating it.
+    #[arg(long)]
+    append: bool,
+    /// Stop after this many frames.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Stop after this long, e.g. 30s, 10m, 2h.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Largest frame recorded, bytes; larger frames are counted, logged and skipped.
+    #[arg(long, default_value_t = 5 * 1024 * 1024)]
+    max_frame_bytes: usize,
+}
+
+#[derive(Debug, clap::Args)]
+struct ReplayArgs {
+    /// Capture file to serve.
+    file: std::path::PathBuf,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:2470")]
+    listen: std::net::SocketAddr,
+    /// `max`, or a factor of real time (1 = as recorded, 10 = ten times faster).
+    #[arg(long, default_value = "1")]
+    speed: sluice::upstream::replay::Speed,
+    /// Replay again and again, rewriting seq and time so both keep increasing.
+    #[arg(long = "loop")]
+    looped: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct SynthArgs {
+    /// Capture file to write.
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// Number of frames.
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
+    /// RNG seed: the same seed and options always give the same bytes.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Upstream seq of the first frame.
+    #[arg(long, default_value_t = 1_000_000)]
+    start_seq: u64,
+    /// Size of the DID pool.
+    #[arg(long, default_value_t = 2000)]
+    dids: usize,
 }
 
 #[derive(Debug, clap::Args)]
@@ -68,6 +130,9 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve(args).await,
+            Command::Record(args) => record(args).await,
+            Command::Replay(args) => replay(args).await,
+            Command::Synth(args) => synth(args),
         }
     });
     match result {
@@ -108,7 +173,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     ticker.tick().await;
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break,
+            _ = shutdown_signal() => break,
             _ = ticker.tick(), if report => {
                 let (events, last) = match progress.lock() {
                     Ok(p) => (p.events, p.last),
@@ -132,4 +197,74 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let stats = handle.shutdown().await?;
     tracing::info!(?stats, "ingest stopped");
     Ok(())
+}
+
+async fn record(args: RecordArgs) -> anyhow::Result<()> {
+    use sluice::upstream::record::{self, RecordOptions};
+    let url = sluice::upstream::client::subscribe_url(&args.upstream, None)?;
+    let mut opts = RecordOptions::new(url.as_str(), &args.out);
+    opts.append = args.append;
+    opts.count = args.count;
+    opts.duration = args.duration;
+    opts.max_frame = args.max_frame_bytes;
+    let summary = tokio::select! {
+        summary = record::record(opts) => summary?,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+    };
+    tracing::info!(?summary, "recording finished");
+    println!(
+        "recorded {} frames ({} bytes) to {}; {} oversized skipped; stopped: {:?}",
+        summary.frames,
+        summary.bytes,
+        args.out.display(),
+        summary.oversized,
+        summary.stop
+    );
+    Ok(())
+}
+
+async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
+    use sluice::upstream::replay::{self, Listen, ReplayOptions, ReplaySource};
+    tracing::info!(file = %args.file.display(), listen = %args.listen, speed = ?args.speed, looped = args.looped, "replaying");
+    let opts = ReplayOptions {
+        frames: ReplaySource::File(args.file),
+        listen: Listen::Addr(args.listen),
+        speed: args.speed,
+        looped: args.looped,
+    };
+    tokio::select! {
+        result = replay::serve(opts) => result,
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
+}
+
+fn synth(args: SynthArgs) -> anyhow::Result<()> {
+    use sluice::upstream::synth::{self, SynthOptions};
+    let opts = SynthOptions {
+        seed: args.seed,
+        count: args.count,
+        start_seq: args.start_seq,
+        dids: args.dids,
+        ..SynthOptions::default()
+    };
+    let written = synth::write_capture_file(&opts, &args.out)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", args.out.display()))?;
+    println!("wrote {written} frames to {}", args.out.display());
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(err) => {
+            tracing::warn!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops sluice");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
 }
