@@ -116,14 +116,15 @@ pub struct ReplayOptions {
 ///   gets nothing (caught up);
 /// - pacing: [`Speed::Max`] sends as fast as the socket takes frames; [`Speed::Factor`]
 ///   waits (source `time` delta / factor) between frames, each wait capped at
-///   [`MAX_PACING_WAIT`]; frames without a readable `time` are not delayed;
+///   [`MAX_PACING_WAIT`], measuring from the latest `time` sent so far (a frame stamped
+///   earlier than that goes out at once); frames without a readable `time` are not delayed;
 /// - without `looped`, after the last frame the connection stays open and idle (a relay
 ///   does not close a caught-up subscriber) until the client closes it;
 /// - with `looped`, lap k (from 0) serves every frame with `seq + k * S` and
-///   `time + k * D`, where S = last seq - first seq + 1 and D = the capture's time span plus
-///   one mean inter-frame gap, rounded up to whole milliseconds (at least 1 ms), so seq and
-///   time keep increasing across laps.
-///   Lap 0 is byte-identical to the capture; later laps change only those two values
+///   `time + k * D`, where S = last seq - first seq + 1 and D = the capture's time span
+///   (latest - earliest, as relay times are not strictly ordered) plus one mean inter-frame
+///   gap, rounded up to whole milliseconds (at least 1 ms), so seq keeps increasing and
+///   every time of a lap is later than every time of the laps before. Lap 0 is byte-identical to the capture; later laps change only those two values
 ///   (`time` keeps its fractional digits and is written in UTC with `Z`). A cursor maps
 ///   into the lap containing it, so there is no FutureCursor in loop mode;
 /// - at most one frame is prepared ahead of the socket: each send completes (is flushed)
@@ -269,9 +270,11 @@ impl Capture {
             .iter()
             .filter_map(|e| e.time.as_ref().map(|t| t.value.unix_nanos))
             .collect();
-        let lap_nanos = match (times.first(), times.iter().max()) {
+        // Relay times are not strictly ordered: the span is max - min, so every time in
+        // lap k+1 is later than every time in lap k.
+        let lap_nanos = match (times.iter().min(), times.iter().max()) {
             (Some(&first), Some(&last)) if times.len() > 1 => {
-                let span = (last - first).max(0);
+                let span = last - first;
                 let mean_gap = (span / (times.len() as i128 - 1)).max(1);
                 // Whole milliseconds, so millisecond-precision times shift exactly.
                 (span + mean_gap + 999_999) / 1_000_000 * 1_000_000
@@ -644,9 +647,9 @@ where
             } else {
                 deadline = deadline.max(Instant::now());
             }
-            if time.is_some() {
-                prev_time = time;
-            }
+            // Relay `time`s are not strictly ordered; pacing against the latest time seen
+            // sends a late-stamped frame at once without stretching the timeline after it.
+            prev_time = prev_time.max(time);
         }
         sink.send(Message::Binary(bytes)).await?;
     }
