@@ -1,0 +1,234 @@
+//! End to end over real websockets: a `replay` upstream on 127.0.0.1 feeding the ingest
+//! pipeline. Covers the real capture, restart without seq reuse, oversized frames, a stalled
+//! upstream and a `FutureCursor` error frame. Every wait is bounded.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::json;
+use sluice::daemon::{start_ingest, IngestConfig, IngestHandle};
+use sluice::decode::dagcbor_encode::encode_dag_cbor;
+use sluice::event::{Event, EventKind};
+use sluice::upstream::capture::{read_all, upstream_fixtures_dir};
+use sluice::upstream::client::UpstreamConfig;
+use sluice::upstream::replay::{self, Listen, ReplayOptions, ReplaySource, Speed};
+use tokio::net::TcpListener;
+
+type Collected = Arc<Mutex<Vec<Event>>>;
+
+async fn start_replay(frames: Vec<Bytes>) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let opts = ReplayOptions {
+            frames: ReplaySource::Frames(frames),
+            listen: Listen::Listener(listener),
+            speed: Speed::Max,
+            looped: false,
+        };
+        if let Err(e) = replay::serve(opts).await {
+            panic!("replay failed: {e:#}");
+        }
+    });
+    (addr, task)
+}
+
+fn config(addr: SocketAddr, data_dir: &Path) -> IngestConfig {
+    let upstream = UpstreamConfig {
+        upstream: format!("ws://{addr}"),
+        backoff_min: Duration::from_millis(20),
+        backoff_max: Duration::from_millis(200),
+        ..UpstreamConfig::default()
+    };
+    let mut config = IngestConfig::new(upstream, data_dir.to_path_buf());
+    config.checkpoint_interval = Duration::from_millis(50);
+    config
+}
+
+fn start(config: IngestConfig) -> (IngestHandle, Collected) {
+    let collected: Collected = Arc::default();
+    let sink_events = collected.clone();
+    let handle = start_ingest(config, move |events: Vec<Event>| {
+        sink_events.lock().unwrap().extend(events)
+    })
+    .unwrap();
+    (handle, collected)
+}
+
+async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out after 10 s waiting for {what}");
+}
+
+fn corpus() -> Vec<Bytes> {
+    let path = upstream_fixtures_dir().join("jetstream-corpus/frames.bin");
+    assert!(path.is_file(), "real corpus missing at {}", path.display());
+    read_all(&path, 5 << 20)
+        .unwrap()
+        .into_iter()
+        .map(Bytes::from)
+        .collect()
+}
+
+fn frame(header: serde_json::Value, body: serde_json::Value) -> Bytes {
+    let mut bytes = encode_dag_cbor(&header).unwrap();
+    bytes.extend(encode_dag_cbor(&body).unwrap());
+    Bytes::from(bytes)
+}
+
+fn identity(seq: i64, handle: &str) -> Bytes {
+    frame(
+        json!({"op": 1, "t": "#identity"}),
+        json!({"did": "did:plc:e2etestaaaaaaaaaaaaaaaaa", "seq": seq,
+               "time": "2026-01-01T00:00:00.000Z", "handle": handle}),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_of_the_real_capture_is_ingested_with_correct_stamps() {
+    let frames = corpus();
+    let (addr, _replay) = start_replay(frames.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (handle, collected) = start(config(addr, dir.path()));
+    wait_for("152 events", || collected.lock().unwrap().len() >= 152).await;
+    let stats = handle.shutdown().await.unwrap();
+    let events = collected.lock().unwrap().clone();
+    assert_eq!(events.len(), 152);
+    assert_eq!(stats.frames, 150);
+    assert_eq!(stats.decode_errors, 0);
+    let mut raw = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.seq, i as u64 + 1);
+        assert!(e.time_us <= e.received_us);
+        if i > 0 {
+            assert!(e.time_us > events[i - 1].time_us);
+        }
+        if let Some(frame) = sluice::wire::raw::frame_of(e) {
+            raw.push(frame.clone());
+        }
+    }
+    assert_eq!(raw, frames, "every frame arrives once, byte for byte, in order");
+    let identity = events.iter().filter(|e| e.kind == EventKind::Identity).count();
+    let account = events.iter().filter(|e| e.kind == EventKind::Account).count();
+    assert_eq!((identity, account), (1, 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_resumes_from_the_cursor_and_never_reuses_a_seq() {
+    let frames = corpus();
+    let dir = tempfile::tempdir().unwrap();
+    // First run sees only the first 100 frames.
+    let (addr, replay_task) = start_replay(frames[..100].to_vec()).await;
+    let (handle, first) = start(config(addr, dir.path()));
+    let first_count = {
+        wait_for("first 100 frames", || {
+            handle.shared.cursor() == Some(31_527_015_421)
+        })
+        .await;
+        handle.shutdown().await.unwrap();
+        first.lock().unwrap().len()
+    };
+    replay_task.abort();
+    // Second run: the upstream now has all 150; only the last 50 are new.
+    let (addr, _replay) = start_replay(frames.clone()).await;
+    let (handle, second) = start(config(addr, dir.path()));
+    wait_for("the rest", || {
+        handle.shared.cursor() == Some(31_527_015_471)
+    })
+    .await;
+    let stats = handle.shutdown().await.unwrap();
+    let first = first.lock().unwrap().clone();
+    let second = second.lock().unwrap().clone();
+    assert_eq!(first_count + second.len(), 152, "every event exactly once");
+    assert_eq!(stats.duplicates_dropped, 0, "resumed with ?cursor, nothing re-sent");
+    let last_first = first.last().unwrap();
+    assert!(second[0].seq > last_first.seq, "no seq reuse after restart");
+    assert!(second[0].upstream_seq > last_first.upstream_seq);
+    assert!(second.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_frame_is_counted_and_skipped_without_losing_the_rest() {
+    let mut frames: Vec<Bytes> = (1..=10).map(|s| identity(s, "ok.test")).collect();
+    frames[4] = identity(5, &"x".repeat(100_000));
+    let (addr, _replay) = start_replay(frames).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(addr, dir.path());
+    cfg.upstream.max_frame_bytes = 64 * 1024;
+    let (handle, collected) = start(cfg);
+    wait_for("the 9 small frames", || collected.lock().unwrap().len() >= 9).await;
+    let shared = handle.shared.clone();
+    handle.shutdown().await.unwrap();
+    let seqs: Vec<i64> = collected
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| e.upstream_seq)
+        .collect();
+    assert_eq!(seqs, vec![1, 2, 3, 4, 6, 7, 8, 9, 10]);
+    assert!(shared.oversized_frames.load(Ordering::Relaxed) >= 1);
+    assert_eq!(shared.skipped_oversized.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upstream_is_detected_and_replaced() {
+    // Accepts the websocket, then never reads or writes: pings go unanswered.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let held_in_task = held.clone();
+    let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let accepts_in_task = accepts.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            if let Ok(ws) = tokio_tungstenite::accept_async(tcp).await {
+                accepts_in_task.fetch_add(1, Ordering::SeqCst);
+                held_in_task.lock().unwrap().push(ws);
+            }
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(addr, dir.path());
+    cfg.upstream.stall_timeout = Duration::from_millis(600);
+    let (handle, _) = start(cfg);
+    wait_for("a second connection after a stall", || {
+        accepts.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    assert!(handle.shared.stalls.load(Ordering::Relaxed) >= 1);
+    handle.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn future_cursor_makes_ingest_follow_the_new_numbering() {
+    let frames: Vec<Bytes> = (1..=5).map(|s| identity(s, "ok.test")).collect();
+    let (addr, _replay) = start_replay(frames).await;
+    let dir = tempfile::tempdir().unwrap();
+    // A checkpoint from a relay whose seqs were far higher.
+    std::fs::write(
+        dir.path().join("checkpoint.json"),
+        br#"{"seq_leased_through":500,"last_time_us":0,"upstream_cursor":999999}"#,
+    )
+    .unwrap();
+    let (handle, collected) = start(config(addr, dir.path()));
+    wait_for("5 events after FutureCursor", || {
+        collected.lock().unwrap().len() >= 5
+    })
+    .await;
+    handle.shutdown().await.unwrap();
+    let events = collected.lock().unwrap().clone();
+    assert_eq!(
+        events.iter().map(|e| e.upstream_seq).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    assert!(events[0].seq > 500, "sluice's own seq keeps increasing");
+}
