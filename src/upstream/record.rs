@@ -71,7 +71,7 @@ pub enum StopReason {
     Count,
     /// `duration` elapsed.
     Duration,
-    /// Ctrl-C (SIGINT).
+    /// Ctrl-C (SIGINT), or SIGTERM on Unix.
     Interrupted,
     /// The upstream closed the connection (a close frame, an error frame is still recorded
     /// first, or the stream ended).
@@ -100,7 +100,9 @@ pub struct RecordSummary {
 /// Records `opts.url` into `opts.output` until the first of: `count` frames written,
 /// `duration` elapsed since the connection was established, Ctrl-C, or the upstream
 /// closing. With neither `count` nor `duration` set, it records until Ctrl-C or upstream
-/// close. Ctrl-C always stops gracefully: the capture is flushed and fsynced either way.
+/// close. Ctrl-C (and SIGTERM on Unix) always stops gracefully: the capture is flushed and
+/// fsynced either way, so callers must not race this future against their own signal
+/// handling (dropping it mid-way loses the unflushed tail and the fsync).
 ///
 /// Errors: a URL that is not `ws://`/`wss://`, a zero `count` or `max_frame`, failing to
 /// open the output, connect (30 s timeout) or write, or a transport error mid-stream. In the
@@ -166,8 +168,8 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
         elapsed: Duration::ZERO,
         stop: StopReason::UpstreamClosed,
     };
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
+    let interrupted = interrupt();
+    tokio::pin!(interrupted);
     let mut scratch = Vec::new();
 
     let outcome: anyhow::Result<StopReason> = async {
@@ -175,7 +177,7 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
             let msg = tokio::select! {
                 msg = ws.next() => msg,
                 _ = sleep_until_opt(deadline) => return Ok(StopReason::Duration),
-                _ = &mut ctrl_c => return Ok(StopReason::Interrupted),
+                _ = &mut interrupted => return Ok(StopReason::Interrupted),
             };
             let frame = match msg {
                 None | Some(Ok(Message::Close(_))) => return Ok(StopReason::UpstreamClosed),
@@ -236,6 +238,34 @@ pub async fn record(opts: RecordOptions) -> anyhow::Result<RecordSummary> {
     synced?;
     tracing::info!(?summary, "record: done");
     Ok(summary)
+}
+
+/// Resolves on Ctrl-C (SIGINT) or, on Unix, SIGTERM (systemd's stop), so a recording run as
+/// a service also ends with its capture flushed.
+async fn interrupt() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "record: cannot watch SIGTERM; Ctrl-C only"),
+        }
+    }
+    ctrl_c().await;
+}
+
+/// Ctrl-C; if it cannot be watched, never (an error must not read as an interrupt).
+async fn ctrl_c() {
+    if let Err(e) = tokio::signal::ctrl_c().await {
+        tracing::warn!(error = %e, "record: cannot watch Ctrl-C");
+        std::future::pending::<()>().await;
+    }
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {
