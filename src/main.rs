@@ -207,10 +207,8 @@ async fn record(args: RecordArgs) -> anyhow::Result<()> {
     opts.count = args.count;
     opts.duration = args.duration;
     opts.max_frame = args.max_frame_bytes;
-    let summary = tokio::select! {
-        summary = record::record(opts) => summary?,
-        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
-    };
+    // `record` stops cleanly on Ctrl-C and SIGTERM itself, flushing and syncing the file.
+    let summary = record::record(opts).await?;
     tracing::info!(?summary, "recording finished");
     println!(
         "recorded {} frames ({} bytes) to {}; {} oversized skipped; stopped: {:?}",

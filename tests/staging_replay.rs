@@ -310,16 +310,17 @@ async fn a_long_source_gap_is_capped() {
     assert!(t0.elapsed() >= replay::MAX_PACING_WAIT);
 }
 
-/// The real relay frames in the shared fixtures (if present) replay byte-identically on
+/// The real relay frames in the shared fixtures replay byte-identically on
 /// lap 0 and keep seq/time increasing on later laps: the patcher copes with real encodings.
 #[tokio::test]
 async fn real_relay_capture_loops_cleanly() {
     let path =
         sluice::upstream::capture::upstream_fixtures_dir().join("jetstream-corpus/frames.bin");
-    if !path.exists() {
-        eprintln!("skipping: {} not found", path.display());
-        return;
-    }
+    assert!(
+        path.is_file(),
+        "real corpus missing at {} (set SLUICE_UPSTREAM_FIXTURES)",
+        path.display()
+    );
     let frames = sluice::upstream::capture::read_all(&path, 5 << 20).expect("corpus");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
