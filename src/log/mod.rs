@@ -1,7 +1,497 @@
-//! The log: sluice's durable state.
+//! The log: sluice's durable, replayable record of every stamped event.
 //!
-//! Owns what must survive a restart. Must never let a seq be handed out twice, even after
-//! `kill -9`. The event store itself arrives with the log issue; today this module holds
-//! the [`checkpoint::Checkpoint`] that leases seqs and remembers the upstream cursor.
+//! Owns: the hot in-memory tail, the group-commit writer, the durable [`EventStore`]
+//! (embedded [`FjallStore`] by default), retention, and cursor resolution for the wires.
+//! Must never: hand out a seq twice, show a reader a gap, a duplicate or a reordering,
+//! or grow memory with the speed of ingest or the slowness of a reader.
+//!
+//! # Seq continuity without a lease (the crash invariant)
+//!
+//! The store writes each batch of events together with the resume state (next seq, last
+//! `time_us`, upstream cursor = upstream seq of the last event in the batch) in one atomic
+//! step. On start, [`Log::open`] returns that state: `next_seq` = last durable seq + 1 and
+//! the upstream cursor of the last durable event. Live readers may see an event from the
+//! hot tail before it is durable. If the process dies then, the upstream re-sends every
+//! frame after the durable cursor, and ingest stamps them deterministically (seq = next
+//! seq in frame order, `time_us` from the frame and the durable `last_time_us`), so the
+//! events get the same seqs in the same order: no gap and no duplicate appear in sluice's
+//! seq space. (What can differ after a crash is only what depends on the wall clock at
+//! receipt: `received_us`, and `time_us` where it had to be clamped to it.)
+//!
+//! # Reading
+//!
+//! [`LogReader::read_from`] serves from the hot tail when the seq is still there and from
+//! the store otherwise; events leave the tail only once durable, so every seq below the
+//! tail is in the store (or deleted by retention: [`LogError::TooOld`]). A reader keeps its
+//! own cursor (last seq + 1) and calls again; [`LogReader::wait_for_newer`] parks it until
+//! the log moves past a seq.
 
 pub mod checkpoint;
+pub mod codec;
+pub mod fjall_store;
+pub mod retention;
+pub mod store;
+pub mod tail;
+pub mod writer;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::event::Event;
+use crate::ingest::StampState;
+
+pub use codec::Compression;
+pub use fjall_store::{FjallConfig, FjallStore};
+pub use retention::{RetentionConfig, RetentionStats};
+pub use store::{
+    Bounds, EventStore, LogError, Payloads, ReadLimits, RecoveryReport, Segment, SharedEvent,
+};
+pub use tail::{HotTail, TailRead};
+pub use writer::WriterStats;
+
+/// Everything the log is configured with.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// The embedded store lives in `<data_dir>/events`.
+    pub data_dir: PathBuf,
+    /// Hot tail bound, bytes of payload (default 256 MiB).
+    pub tail_max_bytes: usize,
+    /// Commit at least this often while events are pending (default 100 ms).
+    pub commit_interval: Duration,
+    /// ...or as soon as this many events are pending (default 20,000).
+    pub commit_max_events: usize,
+    /// Bytes of payload queued for the writer before `append` blocks (default 64 MiB).
+    pub queue_max_bytes: usize,
+    pub retention: RetentionConfig,
+    /// Uncompressed bytes per stored segment (default 256 KiB).
+    pub segment_target_bytes: usize,
+    /// Blob file size of the embedded store: the granularity of space reclamation.
+    pub blob_file_bytes: u64,
+    /// Journal budget of the embedded store (at least 24 MiB).
+    pub max_journal_bytes: u64,
+    pub compression: Compression,
+}
+
+impl LogConfig {
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        let store = FjallConfig::new("");
+        Self {
+            data_dir: data_dir.into(),
+            tail_max_bytes: 256 * 1024 * 1024,
+            commit_interval: Duration::from_millis(100),
+            commit_max_events: 20_000,
+            queue_max_bytes: 64 * 1024 * 1024,
+            retention: RetentionConfig::default(),
+            segment_target_bytes: store.segment_target_bytes,
+            blob_file_bytes: store.blob_file_bytes,
+            max_journal_bytes: store.max_journal_bytes,
+            compression: store.compression,
+        }
+    }
+
+    /// The embedded store's settings derived from this config.
+    pub fn store_config(&self) -> FjallConfig {
+        let mut c = FjallConfig::new(self.data_dir.join("events"));
+        c.segment_target_bytes = self.segment_target_bytes;
+        c.blob_file_bytes = self.blob_file_bytes;
+        c.max_journal_bytes = self.max_journal_bytes;
+        c.compression = self.compression;
+        c
+    }
+}
+
+/// Where a wire's cursor lands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cursor {
+    /// sluice seq, inclusive (Jetstream v2).
+    Seq(u64),
+    /// Source time in unix µs, inclusive (Jetstream v1).
+    TimeUs(i64),
+    /// Upstream relay seq, exclusive (raw `subscribeRepos`).
+    UpstreamAfter(i64),
+}
+
+/// The answer to [`LogReader::resolve`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resolved {
+    /// Start reading at this seq.
+    From(u64),
+    /// The cursor is older than retention; `oldest` is the oldest seq held (v1 starts
+    /// there, v2 answers `CursorTooOld`, raw sends `OutdatedCursor` then starts there).
+    TooOld { oldest: u64 },
+    /// Nothing at or after the cursor yet: follow live from `next`.
+    Live { next: u64 },
+    /// Raw only: the upstream cursor is beyond anything seen (`FutureCursor`).
+    Future { newest_upstream_seq: i64 },
+}
+
+struct Shared {
+    store: Arc<dyn EventStore>,
+    tail: Arc<HotTail>,
+    durable: watch::Receiver<u64>,
+    writer_stats: Arc<WriterStats>,
+    retention_stats: Arc<RetentionStats>,
+}
+
+/// The running log. Share it (`Arc<Log>`) between the ingest thread (which appends) and
+/// whoever hands out [`LogReader`]s.
+pub struct Log {
+    shared: Arc<Shared>,
+    queue: Arc<writer::Queue>,
+    /// Serializes appends so the seq check and the enqueue are one step.
+    append_lock: Mutex<()>,
+    threads: Mutex<Threads>,
+}
+
+struct Threads {
+    writer: Option<JoinHandle<Result<(), LogError>>>,
+    retention: Option<(mpsc::Sender<()>, JoinHandle<()>)>,
+}
+
+impl Log {
+    /// Opens the embedded store under `config.data_dir`, recovering a torn tail, and
+    /// starts the writer and retention threads. Returns where ingest resumes stamping.
+    pub fn open(config: LogConfig) -> Result<(Log, StampState), LogError> {
+        let (store, report) = FjallStore::open(config.store_config())?;
+        if report.is_clean() {
+            tracing::info!(dir = %config.data_dir.display(), "event store opened");
+        } else {
+            tracing::warn!(
+                dropped_segments = report.dropped_segments,
+                dropped_events = report.dropped_events,
+                notes = ?report.notes,
+                "event store recovered from a damaged tail; the upstream will re-send what was lost"
+            );
+        }
+        Self::open_with_store(Arc::new(store), config)
+    }
+
+    /// Starts the log over any store (tests, other backends).
+    pub fn open_with_store(
+        store: Arc<dyn EventStore>,
+        config: LogConfig,
+    ) -> Result<(Log, StampState), LogError> {
+        let resume = store.resume_state();
+        let tail = Arc::new(HotTail::new(resume.next_seq, config.tail_max_bytes));
+        let (durable_tx, durable_rx) = watch::channel(resume.next_seq.saturating_sub(1));
+        let queue = Arc::new(writer::Queue::new(config.queue_max_bytes));
+        let writer_stats = Arc::new(WriterStats::default());
+        let retention_stats = Arc::new(RetentionStats::default());
+        let writer = {
+            let (queue, store, tail, stats) = (
+                queue.clone(),
+                store.clone(),
+                tail.clone(),
+                writer_stats.clone(),
+            );
+            let wc = writer::WriterConfig {
+                commit_interval: config.commit_interval,
+                commit_max_events: config.commit_max_events,
+            };
+            std::thread::Builder::new()
+                .name("sluice-log-writer".into())
+                .spawn(move || writer::run(queue, store, tail, durable_tx, stats, wc))
+                .map_err(|e| LogError::Backend(format!("cannot start writer thread: {e}")))?
+        };
+        let retention = {
+            let (stop_tx, stop_rx) = mpsc::channel();
+            let (store, stats, rc) = (
+                store.clone(),
+                retention_stats.clone(),
+                config.retention.clone(),
+            );
+            let handle = std::thread::Builder::new()
+                .name("sluice-log-retention".into())
+                .spawn(move || retention::run(store, rc, stats, stop_rx))
+                .map_err(|e| LogError::Backend(format!("cannot start retention thread: {e}")))?;
+            (stop_tx, handle)
+        };
+        let log = Log {
+            shared: Arc::new(Shared {
+                store,
+                tail,
+                durable: durable_rx,
+                writer_stats,
+                retention_stats,
+            }),
+            queue,
+            append_lock: Mutex::new(()),
+            threads: Mutex::new(Threads {
+                writer: Some(writer),
+                retention: Some(retention),
+            }),
+        };
+        Ok((log, resume))
+    }
+
+    /// Appends one frame's (or several frames') events, in seq order, continuing the log.
+    /// Visible to readers at once; durable within one commit interval. Blocks while the
+    /// writer queue is full (backpressure). `OutOfOrder` if the seqs do not continue the
+    /// log; `Closed` after [`close`](Self::close).
+    pub fn append(&self, events: Vec<Event>) -> Result<(), LogError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let _guard = self.append_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let first = self.shared.tail.next_seq();
+        let mut shared = Vec::with_capacity(events.len());
+        let mut bytes = 0;
+        let mut prev_upstream = None;
+        for (expected, event) in (first..).zip(events) {
+            if event.seq != expected {
+                return Err(LogError::OutOfOrder {
+                    expected,
+                    got: event.seq,
+                });
+            }
+            let first_of_frame = event.op_index == 0 || prev_upstream != Some(event.upstream_seq);
+            prev_upstream = Some(event.upstream_seq);
+            bytes += codec::payload_bytes(&event, first_of_frame);
+            shared.push(Arc::new(event));
+        }
+        self.shared.tail.push(&shared);
+        self.queue.push(shared, bytes)
+    }
+
+    /// A cheap, cloneable read handle.
+    pub fn reader(&self) -> LogReader {
+        LogReader {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Waits until everything appended so far is durable, up to `timeout`. True if so.
+    pub fn flush(&self, timeout: Duration) -> bool {
+        let target = self.shared.tail.next_seq().saturating_sub(1);
+        let deadline = std::time::Instant::now() + timeout;
+        while *self.shared.durable.borrow() < target {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        true
+    }
+
+    /// Stops accepting appends, commits what is queued, stops retention. Idempotent.
+    pub fn close(&self) -> Result<(), LogError> {
+        self.queue.close();
+        let mut threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((stop, handle)) = threads.retention.take() {
+            let _ = stop.send(());
+            let _ = handle.join();
+        }
+        match threads.writer.take() {
+            Some(handle) => handle
+                .join()
+                .map_err(|_| LogError::Backend("log writer thread panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+
+    pub fn writer_stats(&self) -> &WriterStats {
+        &self.shared.writer_stats
+    }
+
+    pub fn retention_stats(&self) -> &RetentionStats {
+        &self.shared.retention_stats
+    }
+
+    /// Bytes queued for the writer (bounded by `queue_max_bytes`).
+    pub fn queued_bytes(&self) -> usize {
+        self.queue.queued_bytes()
+    }
+}
+
+impl Drop for Log {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(error = %e, "event log did not close cleanly");
+        }
+    }
+}
+
+/// Reads the log: hot tail first, store below it. Cheap to clone, `Send + Sync`.
+#[derive(Clone)]
+pub struct LogReader {
+    shared: Arc<Shared>,
+}
+
+impl LogReader {
+    /// Up to `max_events` events from `seq` on with every payload, stopping before
+    /// `max_bytes` of payload (at least one event is returned when one exists). Empty when
+    /// `seq` is beyond the newest. `TooOld` when retention deleted `seq`.
+    pub fn read_from(
+        &self,
+        seq: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<SharedEvent>, LogError> {
+        self.read_from_with(
+            seq,
+            ReadLimits {
+                max_events,
+                max_bytes,
+            },
+            Payloads::ALL,
+        )
+    }
+
+    /// Like [`read_from`](Self::read_from); events read from the store carry only the
+    /// requested payloads (tail events always carry all of them).
+    pub fn read_from_with(
+        &self,
+        seq: u64,
+        limits: ReadLimits,
+        payloads: Payloads,
+    ) -> Result<Vec<SharedEvent>, LogError> {
+        match self
+            .shared
+            .tail
+            .read_from(seq, limits.max_events, limits.max_bytes)
+        {
+            TailRead::Events(events) => Ok(events),
+            TailRead::Before(tail_oldest) => {
+                let events = self.shared.store.read(seq, limits, payloads)?;
+                if events.is_empty() {
+                    return Err(LogError::Backend(format!(
+                        "seq {seq} is below the hot tail ({tail_oldest}) but not in the store"
+                    )));
+                }
+                Ok(events.into_iter().map(Arc::new).collect())
+            }
+        }
+    }
+
+    /// Newest appended seq (0 when none yet); may not be durable yet.
+    pub fn newest_seq(&self) -> u64 {
+        self.shared.tail.next_seq().saturating_sub(1)
+    }
+
+    /// Newest durable seq.
+    pub fn durable_seq(&self) -> u64 {
+        *self.shared.durable.borrow()
+    }
+
+    /// A receiver of the newest appended seq, for readers that follow live.
+    pub fn watch_newest(&self) -> watch::Receiver<u64> {
+        self.shared.tail.subscribe()
+    }
+
+    /// A receiver of the newest durable seq.
+    pub fn watch_durable(&self) -> watch::Receiver<u64> {
+        self.shared.durable.clone()
+    }
+
+    /// Waits until the newest seq is greater than `seq`, and returns it.
+    pub async fn wait_for_newer(&self, seq: u64) -> Result<u64, LogError> {
+        let mut rx = self.shared.tail.subscribe();
+        let newest = rx
+            .wait_for(|&n| n > seq)
+            .await
+            .map_err(|_| LogError::Closed)?;
+        Ok(*newest)
+    }
+
+    /// Oldest and newest events held (store and tail together).
+    pub fn bounds(&self) -> Option<Bounds> {
+        let store = self.shared.store.bounds();
+        let tail = self
+            .shared
+            .tail
+            .read_from(self.shared.tail.oldest_seq(), 1, 0);
+        let tail_oldest = match tail {
+            TailRead::Events(v) => v.into_iter().next(),
+            TailRead::Before(_) => None,
+        };
+        let newest_seq = self.newest_seq();
+        let tail_newest = match self.shared.tail.read_from(newest_seq, 1, 0) {
+            TailRead::Events(v) => v.into_iter().next(),
+            TailRead::Before(_) => None,
+        };
+        match (store, tail_oldest, tail_newest) {
+            (Some(mut b), _, Some(n)) => {
+                if n.seq > b.newest_seq {
+                    b.newest_seq = n.seq;
+                    b.newest_time_us = n.time_us;
+                    b.newest_upstream_seq = n.upstream_seq;
+                }
+                Some(b)
+            }
+            (Some(b), _, None) => Some(b),
+            (None, Some(o), Some(n)) => Some(Bounds {
+                oldest_seq: o.seq,
+                oldest_time_us: o.time_us,
+                oldest_upstream_seq: o.upstream_seq,
+                newest_seq: n.seq,
+                newest_time_us: n.time_us,
+                newest_upstream_seq: n.upstream_seq,
+            }),
+            _ => None,
+        }
+    }
+
+    /// Where a wire cursor starts. See [`Cursor`] for each wire's semantics.
+    pub fn resolve(&self, cursor: Cursor) -> Result<Resolved, LogError> {
+        let next = self.newest_seq() + 1;
+        let Some(b) = self.bounds() else {
+            return Ok(match cursor {
+                Cursor::UpstreamAfter(_) => Resolved::Live { next },
+                Cursor::Seq(s) if s < next => Resolved::TooOld { oldest: next },
+                _ => Resolved::Live { next },
+            });
+        };
+        Ok(match cursor {
+            Cursor::Seq(s) if s < b.oldest_seq => Resolved::TooOld {
+                oldest: b.oldest_seq,
+            },
+            Cursor::Seq(s) if s > b.newest_seq => Resolved::Live { next },
+            Cursor::Seq(s) => Resolved::From(s),
+            Cursor::TimeUs(t) if t < b.oldest_time_us => Resolved::TooOld {
+                oldest: b.oldest_seq,
+            },
+            Cursor::TimeUs(t) if t > b.newest_time_us => Resolved::Live { next },
+            Cursor::TimeUs(t) => {
+                let found = match self.shared.tail.seq_at_or_after_time(t) {
+                    Some(found) => found,
+                    None => self.shared.store.seq_at_or_after_time(t)?,
+                };
+                found.map_or(Resolved::Live { next }, Resolved::From)
+            }
+            Cursor::UpstreamAfter(u) if u > b.newest_upstream_seq => Resolved::Future {
+                newest_upstream_seq: b.newest_upstream_seq,
+            },
+            Cursor::UpstreamAfter(u) if u.saturating_add(1) < b.oldest_upstream_seq => {
+                Resolved::TooOld {
+                    oldest: b.oldest_seq,
+                }
+            }
+            Cursor::UpstreamAfter(u) => {
+                let found = match self.shared.tail.seq_after_upstream(u) {
+                    Some(found) => found,
+                    None => self.shared.store.seq_after_upstream(u)?,
+                };
+                found.map_or(Resolved::Live { next }, Resolved::From)
+            }
+        })
+    }
+
+    /// The durable store, for metrics (size, disk bytes, segments).
+    pub fn store(&self) -> &Arc<dyn EventStore> {
+        &self.shared.store
+    }
+
+    /// The hot tail, for metrics (bytes, length).
+    pub fn tail(&self) -> &HotTail {
+        &self.shared.tail
+    }
+
+    pub fn writer_commits(&self) -> u64 {
+        self.shared.writer_stats.commits.load(Ordering::Relaxed)
+    }
+}

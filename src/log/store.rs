@@ -1,0 +1,182 @@
+//! The durable event store contract, independent of where the bytes live.
+//!
+//! Owns: the [`EventStore`] trait and the plain types it speaks (bounds, segments, read
+//! limits, payload selection, recovery report, errors). Must never: assume a local disk
+//! (a Redis Streams backend implements this same trait), hold events in memory beyond a
+//! read, or hand out an event that is not durable.
+//!
+//! Unit of storage: a *segment* is a run of consecutive events (whole upstream frames)
+//! written together; it is the unit of retention, so `delete_before` works at segment
+//! granularity and may keep up to one segment below the requested seq.
+
+use std::sync::Arc;
+
+use crate::event::Event;
+use crate::ingest::StampState;
+
+/// An event shared between the hot tail, the writer and every reader.
+pub type SharedEvent = Arc<Event>;
+
+/// Which encoded payloads a read must fill in. Unrequested payloads come back empty
+/// (`None` for v1/v2, an empty `raw_frame`), which lets a v1 replay skip the raw frames,
+/// the bulk of the stored bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Payloads {
+    pub v1: bool,
+    pub v2: bool,
+    pub raw: bool,
+}
+
+impl Payloads {
+    pub const ALL: Payloads = Payloads {
+        v1: true,
+        v2: true,
+        raw: true,
+    };
+    pub const V1: Payloads = Payloads {
+        v1: true,
+        v2: false,
+        raw: false,
+    };
+    pub const V2: Payloads = Payloads {
+        v1: false,
+        v2: true,
+        raw: false,
+    };
+    pub const RAW: Payloads = Payloads {
+        v1: false,
+        v2: false,
+        raw: true,
+    };
+}
+
+/// How much one read may return. At least one event is returned when one exists, even if
+/// it alone exceeds `max_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLimits {
+    pub max_events: usize,
+    /// Sum of the requested payload bytes (a raw frame counts once, with its first event).
+    pub max_bytes: usize,
+}
+
+impl ReadLimits {
+    pub const fn events(max_events: usize) -> Self {
+        Self {
+            max_events,
+            max_bytes: usize::MAX,
+        }
+    }
+}
+
+/// Oldest and newest events held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    pub oldest_seq: u64,
+    pub oldest_time_us: i64,
+    pub newest_seq: u64,
+    pub newest_time_us: i64,
+    pub oldest_upstream_seq: i64,
+    pub newest_upstream_seq: i64,
+}
+
+/// A retention unit, oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub first_time_us: i64,
+    pub last_time_us: i64,
+    pub first_upstream_seq: i64,
+    pub last_upstream_seq: i64,
+    /// Stored (compressed) bytes of this segment.
+    pub bytes: u64,
+}
+
+/// What opening a store found and repaired.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segments at the tail that failed verification and were removed.
+    pub dropped_segments: u64,
+    /// Events in those segments.
+    pub dropped_events: u64,
+    /// Human-readable notes on what was found (torn tail, resume record disagreement...).
+    pub notes: Vec<String>,
+}
+
+impl RecoveryReport {
+    pub fn is_clean(&self) -> bool {
+        self.dropped_segments == 0 && self.notes.is_empty()
+    }
+}
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum LogError {
+    /// The requested seq was deleted by retention (or never stored).
+    #[error("seq {requested} is older than the oldest retained event {oldest}")]
+    TooOld { requested: u64, oldest: u64 },
+    /// Appended events do not continue the log's seq space.
+    #[error("append out of order: expected seq {expected}, got {got}")]
+    OutOfOrder { expected: u64, got: u64 },
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("storage backend: {0}")]
+    Backend(String),
+    #[error("the log is closed")]
+    Closed,
+}
+
+/// The durable store. Implementations are internally synchronized: one writer (the
+/// group-commit thread), one retention task and any number of readers call concurrently.
+pub trait EventStore: Send + Sync + 'static {
+    /// Where stamping resumes: `next_seq` = last durable seq + 1, `upstream_cursor` = the
+    /// upstream seq of the last durable event, as written by the last [`append`].
+    ///
+    /// [`append`]: EventStore::append
+    fn resume_state(&self) -> StampState;
+
+    /// Appends `events` (consecutive seqs continuing the store, whole frames) and `resume`
+    /// in ONE atomic, durable step: after it returns, both survive a crash; if it fails or
+    /// the process dies inside it, neither is visible after restart.
+    fn append(&self, events: &[SharedEvent], resume: StampState) -> Result<(), LogError>;
+
+    /// Events with seq >= `from_seq`, in order, starting exactly at `from_seq` unless it
+    /// is beyond the newest (empty result). `TooOld` if `from_seq` is below the oldest.
+    fn read(
+        &self,
+        from_seq: u64,
+        limits: ReadLimits,
+        payloads: Payloads,
+    ) -> Result<Vec<Event>, LogError>;
+
+    /// The first seq whose `time_us` >= `time_us` (inclusive), `None` if all are older.
+    fn seq_at_or_after_time(&self, time_us: i64) -> Result<Option<u64>, LogError>;
+
+    /// The first seq whose upstream seq is > `upstream_seq` (exclusive), `None` if none.
+    /// Assumes upstream seqs increase along sluice's seq space (one upstream numbering).
+    fn seq_after_upstream(&self, upstream_seq: i64) -> Result<Option<u64>, LogError>;
+
+    /// Deletes every whole segment whose last seq is < `seq`; returns events deleted.
+    /// Must not rewrite retained data.
+    fn delete_before(&self, seq: u64) -> Result<u64, LogError>;
+
+    /// Oldest and newest durable events, `None` when empty.
+    fn bounds(&self) -> Option<Bounds>;
+
+    /// Up to `max` segments, oldest first.
+    fn segments(&self, max: usize) -> Vec<Segment>;
+
+    /// Stored bytes of retained segments (what retention by size counts).
+    fn size_bytes(&self) -> u64;
+
+    /// Bytes the backend may use beyond `size_bytes` (journals, not yet reclaimed files):
+    /// retention keeps `size_bytes` under the cap minus this, so the total stays under the
+    /// cap. Zero for backends without such overhead.
+    fn overhead_bytes(&self) -> u64 {
+        0
+    }
+
+    /// Bytes actually used on the medium, when the backend can tell.
+    fn disk_bytes(&self) -> u64 {
+        self.size_bytes()
+    }
+}

@@ -1,0 +1,199 @@
+//! Group commit: one thread turns queued appends into durable store batches.
+//!
+//! Owns: the bounded hand-off queue between the ingest thread and the store, the commit
+//! cadence, and advancing the durable seq. Must never: let the queue grow past its byte
+//! bound (a full queue blocks the appender, which stops ingest, which stops reading the
+//! upstream socket: backpressure instead of memory growth), drop or reorder a batch, or
+//! mark an event durable before the store said so.
+//!
+//! Cadence: a commit starts when `commit_max_events` are queued or `commit_interval` after
+//! the first uncommitted event arrived, whichever is first. Trade-off: a longer interval
+//! or a larger batch means fewer fsyncs and larger, better-compressed segments (higher
+//! throughput, smaller disk) but a longer window of events that live readers saw and a
+//! crash loses; those are re-fetched from the upstream after restart and re-stamped with
+//! the same seqs (see the crate-level invariant in [`super`]), so the window costs
+//! re-download time, never a gap. While a commit runs the next batch accumulates, so under
+//! load batches grow by themselves and the fsync rate stays bounded.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use crate::ingest::StampState;
+use crate::logging::RateLimited;
+
+use super::store::{EventStore, LogError, SharedEvent};
+use super::tail::HotTail;
+
+struct QueueState {
+    items: VecDeque<(Vec<SharedEvent>, usize)>,
+    bytes: usize,
+    closed: bool,
+}
+
+/// A queue bounded by bytes: `push` blocks while full.
+pub struct Queue {
+    state: Mutex<QueueState>,
+    not_empty: Condvar,
+    not_full: Condvar,
+    max_bytes: usize,
+}
+
+impl Queue {
+    pub fn new(max_bytes: usize) -> Self {
+        Self {
+            state: Mutex::new(QueueState {
+                items: VecDeque::new(),
+                bytes: 0,
+                closed: false,
+            }),
+            not_empty: Condvar::new(),
+            not_full: Condvar::new(),
+            max_bytes: max_bytes.max(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Enqueues, blocking while the queue holds `max_bytes` (an item larger than the bound
+    /// waits for an empty queue).
+    pub fn push(&self, events: Vec<SharedEvent>, bytes: usize) -> Result<(), LogError> {
+        let mut st = self.lock();
+        while !st.closed && !st.items.is_empty() && st.bytes + bytes > self.max_bytes {
+            st = self.not_full.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        if st.closed {
+            return Err(LogError::Closed);
+        }
+        st.bytes += bytes;
+        st.items.push_back((events, bytes));
+        drop(st);
+        self.not_empty.notify_one();
+        Ok(())
+    }
+
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.not_empty.notify_all();
+        self.not_full.notify_all();
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// The next group to commit; `None` once closed and drained.
+    fn take_group(&self, max_events: usize, interval: Duration) -> Option<Vec<SharedEvent>> {
+        let mut st = self.lock();
+        while st.items.is_empty() && !st.closed {
+            st = self.not_empty.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        if st.items.is_empty() {
+            return None;
+        }
+        let deadline = Instant::now() + interval;
+        let mut group: Vec<SharedEvent> = Vec::new();
+        loop {
+            while group.len() < max_events {
+                let Some((events, bytes)) = st.items.pop_front() else {
+                    break;
+                };
+                st.bytes -= bytes;
+                group.extend(events);
+            }
+            self.not_full.notify_all();
+            let now = Instant::now();
+            if group.len() >= max_events || st.closed || now >= deadline {
+                return Some(group);
+            }
+            st = self
+                .not_empty
+                .wait_timeout(st, deadline - now)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
+        }
+    }
+}
+
+/// Counters of the writer, readable from anywhere.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    pub commits: AtomicU64,
+    pub events_committed: AtomicU64,
+    pub commit_failures: AtomicU64,
+    /// Duration of the last commit, µs.
+    pub last_commit_us: AtomicU64,
+}
+
+pub struct WriterConfig {
+    pub commit_interval: Duration,
+    pub commit_max_events: usize,
+}
+
+/// Runs until the queue is closed and drained. Retries a failing commit with backoff,
+/// holding its batch (so the queue fills and ingest stops); after the queue is closed it
+/// gives up after a few retries and returns the error.
+pub fn run(
+    queue: Arc<Queue>,
+    store: Arc<dyn EventStore>,
+    tail: Arc<HotTail>,
+    durable: watch::Sender<u64>,
+    stats: Arc<WriterStats>,
+    config: WriterConfig,
+) -> Result<(), LogError> {
+    let mut failure_log = RateLimited::new(5, Duration::from_secs(30));
+    let max_events = config.commit_max_events.max(1);
+    while let Some(group) = queue.take_group(max_events, config.commit_interval) {
+        let Some(last) = group.last() else { continue };
+        let resume = StampState {
+            next_seq: last.seq + 1,
+            last_time_us: last.time_us,
+            upstream_cursor: Some(last.upstream_seq),
+        };
+        let mut backoff = Duration::from_millis(50);
+        let mut attempts_after_close = 0;
+        loop {
+            let started = Instant::now();
+            match store.append(&group, resume) {
+                Ok(()) => {
+                    stats.commits.fetch_add(1, Ordering::Relaxed);
+                    stats
+                        .events_committed
+                        .fetch_add(group.len() as u64, Ordering::Relaxed);
+                    stats.last_commit_us.store(
+                        u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                        Ordering::Relaxed,
+                    );
+                    tail.set_durable(last.seq);
+                    durable.send_replace(last.seq);
+                    break;
+                }
+                Err(LogError::OutOfOrder { expected, got }) => {
+                    // Cannot heal by retrying: the store and the log disagree.
+                    tracing::error!(expected, got, "event store refused an out-of-order batch");
+                    return Err(LogError::OutOfOrder { expected, got });
+                }
+                Err(e) => {
+                    stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+                    if let (true, suppressed) = failure_log.check() {
+                        tracing::error!(error = %e, suppressed, first_seq = group[0].seq, "event store commit failed; retrying (ingest is held back)");
+                    }
+                    if queue.lock().closed {
+                        attempts_after_close += 1;
+                        if attempts_after_close >= 5 {
+                            return Err(e);
+                        }
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+    Ok(())
+}
