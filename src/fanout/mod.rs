@@ -1,0 +1,707 @@
+//! Fan-out: routes each logged event to the subscribers that want it.
+//!
+//! Owns the subscriber registry, the routing index (collection / namespace prefix / DID /
+//! everyone), each subscriber's bounded queue of shared events, and the switch between the
+//! live path and catch-up from the log. Must never: copy an event per subscriber (queues
+//! hold `Arc`s of pre-encoded events), block on a subscriber, let a queue grow past its
+//! bounds, or let a subscriber see a gap, a duplicate or a reordering.
+//!
+//! # Live and catch-up
+//!
+//! One dispatcher task follows the log and pushes each event into the queues of matching
+//! *live* subscribers. A queue that would exceed its bounds is marked overflowed and its
+//! subscriber leaves the index: under the default `catchup` policy it first drains what
+//! its queue holds, then reads the log itself from the seq after the last one it saw, at
+//! its own pace, and rejoins the index once it has seen everything the dispatcher has
+//! dispatched (the check and the rejoin happen under the dispatcher's lock, so no event
+//! falls between the two paths; any overlap is dropped by seq). Under `disconnect` it is
+//! ended with `ConsumerTooSlow`. A subscriber that starts from a cursor begins in catch-up.
+
+pub mod filter;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::event::{Event, EventKind};
+use crate::log::{LogError, LogReader, SharedEvent};
+use filter::{collection_prefixes, Filter};
+
+/// The wire a subscriber speaks: decides which payload it receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WireKind {
+    JetstreamV1,
+    JetstreamV2,
+    Raw,
+}
+
+impl WireKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WireKind::JetstreamV1 => "jetstream_v1",
+            WireKind::JetstreamV2 => "jetstream_v2",
+            WireKind::Raw => "raw",
+        }
+    }
+
+    /// The bytes this wire carries for the event, when it carries the event at all.
+    pub fn payload(self, event: &Event) -> Option<&Bytes> {
+        match self {
+            WireKind::JetstreamV1 => event.v1_json.as_ref(),
+            WireKind::JetstreamV2 => event.v2_json.as_ref(),
+            WireKind::Raw => (!event.raw_frame.is_empty()).then_some(&event.raw_frame),
+        }
+    }
+
+    /// Whether the event is sent on this wire to a subscriber with `filter`. The raw wire
+    /// sends a frame once: with its first event, or with the first event that matches a
+    /// collection filter (the connection drops later events of the same frame).
+    fn visible(self, event: &Event, filter: &Filter) -> bool {
+        match self {
+            WireKind::Raw if !filter.has_collections() => event.op_index == 0,
+            WireKind::Raw => true,
+            _ => self.payload(event).is_some(),
+        }
+    }
+
+    fn payloads(self) -> crate::log::Payloads {
+        match self {
+            WireKind::JetstreamV1 => crate::log::Payloads::V1,
+            WireKind::JetstreamV2 => crate::log::Payloads::V2,
+            WireKind::Raw => crate::log::Payloads::RAW,
+        }
+    }
+}
+
+/// What happens to a subscriber whose queue overflows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlowPolicy {
+    /// Lossless: leave the live path, read the log at its own pace, rejoin when caught up.
+    Catchup,
+    /// The strict relay behaviour: `ConsumerTooSlow`, then close.
+    Disconnect,
+}
+
+impl std::str::FromStr for SlowPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "catchup" => Ok(SlowPolicy::Catchup),
+            "disconnect" => Ok(SlowPolicy::Disconnect),
+            other => Err(format!("slow-consumer policy must be catchup or disconnect, not {other:?}")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HubConfig {
+    /// Per-subscriber queue bound, events.
+    pub queue_max_events: usize,
+    /// Per-subscriber queue bound, bytes of the subscriber's wire payload.
+    pub queue_max_bytes: usize,
+    /// Events read from the log per catch-up step.
+    pub catchup_batch: usize,
+    /// Concurrent reads below the hot tail (cold replays), across all subscribers.
+    pub cold_read_concurrency: usize,
+    /// Per-connection ceiling while catching up, events per second.
+    pub catchup_events_per_sec: u64,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        Self {
+            queue_max_events: 4096,
+            queue_max_bytes: 8 * 1024 * 1024,
+            catchup_batch: 512,
+            cold_read_concurrency: 4,
+            catchup_events_per_sec: 200_000,
+        }
+    }
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    pub dispatched_events: AtomicU64,
+    pub enqueued: AtomicU64,
+    pub overflows: AtomicU64,
+    pub rejoins: AtomicU64,
+    pub catchups_active: AtomicU64,
+    pub cold_reads: AtomicU64,
+    pub subscribers: [AtomicU64; 3],
+}
+
+impl HubStats {
+    pub fn subscribers(&self, wire: WireKind) -> u64 {
+        self.subscribers[wire_slot(wire)].load(Ordering::Relaxed)
+    }
+}
+
+fn wire_slot(wire: WireKind) -> usize {
+    match wire {
+        WireKind::JetstreamV1 => 0,
+        WireKind::JetstreamV2 => 1,
+        WireKind::Raw => 2,
+    }
+}
+
+/// Why a subscription ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum End {
+    /// Its position fell out of retention; `oldest` is the oldest seq still held.
+    TooOld { oldest: u64 },
+    /// Queue overflow under the `disconnect` policy.
+    TooSlow,
+    /// The log closed (shutdown).
+    Closed,
+    /// The log failed to read.
+    ReadFailed(String),
+}
+
+struct Queue {
+    events: VecDeque<SharedEvent>,
+    bytes: usize,
+    overflowed: bool,
+}
+
+struct SubShared {
+    queue: Mutex<Queue>,
+    notify: Notify,
+}
+
+struct Entry {
+    shared: Arc<SubShared>,
+    filter: Filter,
+    wire: WireKind,
+    /// Live subscribers are in the index; overflowed ones are not.
+    live: bool,
+    last_pushed: u64,
+}
+
+#[derive(Default)]
+struct Index {
+    everyone: Vec<u64>,
+    by_did: HashMap<String, Vec<u64>>,
+    by_collection: HashMap<String, Vec<u64>>,
+    by_prefix: HashMap<String, Vec<u64>>,
+    /// Collection-filtered subscribers (no DID filter): they still get non-commit events.
+    non_commit: Vec<u64>,
+}
+
+fn add(list: &mut Vec<u64>, id: u64) {
+    list.push(id);
+}
+
+fn remove(list: &mut Vec<u64>, id: u64) {
+    if let Some(pos) = list.iter().position(|&x| x == id) {
+        list.swap_remove(pos);
+    }
+}
+
+fn remove_keyed(map: &mut HashMap<String, Vec<u64>>, key: &str, id: u64) {
+    if let Some(list) = map.get_mut(key) {
+        remove(list, id);
+        if list.is_empty() {
+            map.remove(key);
+        }
+    }
+}
+
+impl Index {
+    fn insert(&mut self, id: u64, filter: &Filter) {
+        if !filter.dids.is_empty() {
+            for did in &filter.dids {
+                add(self.by_did.entry(did.clone()).or_default(), id);
+            }
+        } else if filter.has_collections() {
+            for c in &filter.collections {
+                add(self.by_collection.entry(c.clone()).or_default(), id);
+            }
+            for p in &filter.prefixes {
+                add(self.by_prefix.entry(p.clone()).or_default(), id);
+            }
+            add(&mut self.non_commit, id);
+        } else {
+            add(&mut self.everyone, id);
+        }
+    }
+
+    fn remove(&mut self, id: u64, filter: &Filter) {
+        if !filter.dids.is_empty() {
+            for did in &filter.dids {
+                remove_keyed(&mut self.by_did, did, id);
+            }
+        } else if filter.has_collections() {
+            for c in &filter.collections {
+                remove_keyed(&mut self.by_collection, c, id);
+            }
+            for p in &filter.prefixes {
+                remove_keyed(&mut self.by_prefix, p, id);
+            }
+            remove(&mut self.non_commit, id);
+        } else {
+            remove(&mut self.everyone, id);
+        }
+    }
+
+    /// Calls `f` with every subscriber that may want the event (possibly twice; the caller
+    /// dedups by seq). Cost is proportional to the candidates, not to all subscribers.
+    fn candidates(&self, event: &Event, mut f: impl FnMut(u64)) {
+        self.everyone.iter().for_each(|&id| f(id));
+        if let Some(list) = self.by_did.get(&event.did) {
+            list.iter().for_each(|&id| f(id));
+        }
+        match (&event.kind, &event.collection) {
+            (EventKind::Commit, Some(collection)) => {
+                if let Some(list) = self.by_collection.get(collection) {
+                    list.iter().for_each(|&id| f(id));
+                }
+                if !self.by_prefix.is_empty() {
+                    for prefix in collection_prefixes(collection) {
+                        if let Some(list) = self.by_prefix.get(prefix) {
+                            list.iter().for_each(|&id| f(id));
+                        }
+                    }
+                }
+            }
+            _ => self.non_commit.iter().for_each(|&id| f(id)),
+        }
+    }
+}
+
+struct HubState {
+    /// Every event up to this seq has been offered to the live subscribers.
+    dispatched_through: u64,
+    entries: HashMap<u64, Entry>,
+    index: Index,
+    next_id: u64,
+}
+
+struct HubInner {
+    reader: LogReader,
+    config: HubConfig,
+    state: Mutex<HubState>,
+    stats: HubStats,
+    cold_reads: Semaphore,
+    /// Bumped after each dispatched batch, for subscribers waiting to rejoin.
+    dispatched: tokio::sync::watch::Sender<u64>,
+}
+
+/// The fan-out hub. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+/// Where a new subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Start {
+    /// With the next event dispatched.
+    Live,
+    /// At this seq (inclusive), read from the log.
+    From(u64),
+}
+
+impl Hub {
+    /// Creates the hub and starts its dispatcher, which follows the log from its newest
+    /// event. Must be called inside a tokio runtime.
+    pub fn start(reader: LogReader, config: HubConfig) -> Hub {
+        let newest = reader.newest_seq();
+        let (dispatched, _) = tokio::sync::watch::channel(newest);
+        let inner = Arc::new(HubInner {
+            cold_reads: Semaphore::new(config.cold_read_concurrency.max(1)),
+            reader,
+            config,
+            state: Mutex::new(HubState {
+                dispatched_through: newest,
+                entries: HashMap::new(),
+                index: Index::default(),
+                next_id: 1,
+            }),
+            stats: HubStats::default(),
+            dispatched,
+        });
+        tokio::spawn(dispatch_loop(inner.clone()));
+        Hub { inner }
+    }
+
+    pub fn stats(&self) -> &HubStats {
+        &self.inner.stats
+    }
+
+    pub fn reader(&self) -> &LogReader {
+        &self.inner.reader
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.inner.config
+    }
+
+    /// Registers a subscriber.
+    pub fn subscribe(
+        &self,
+        wire: WireKind,
+        filter: Filter,
+        policy: SlowPolicy,
+        start: Start,
+    ) -> Subscription {
+        let shared = Arc::new(SubShared {
+            queue: Mutex::new(Queue {
+                events: VecDeque::new(),
+                bytes: 0,
+                overflowed: false,
+            }),
+            notify: Notify::new(),
+        });
+        let mut state = self.inner.state.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        let (mode, seen_through, live) = match start {
+            Start::Live => (Mode::Live, state.dispatched_through, true),
+            Start::From(seq) => (Mode::CatchUp { next: seq.max(1) }, seq.max(1) - 1, false),
+        };
+        if live {
+            state.index.insert(id, &filter);
+        } else {
+            self.inner.stats.catchups_active.fetch_add(1, Ordering::Relaxed);
+        }
+        state.entries.insert(
+            id,
+            Entry {
+                shared: shared.clone(),
+                filter: filter.clone(),
+                wire,
+                live,
+                last_pushed: seen_through,
+            },
+        );
+        drop(state);
+        self.inner.stats.subscribers[wire_slot(wire)].fetch_add(1, Ordering::Relaxed);
+        Subscription {
+            hub: self.inner.clone(),
+            id,
+            shared,
+            wire,
+            filter,
+            policy,
+            mode,
+            seen_through,
+            tokens: TokenBucket::new(self.inner.config.catchup_events_per_sec),
+        }
+    }
+}
+
+async fn dispatch_loop(inner: Arc<HubInner>) {
+    let mut newest = inner.reader.watch_newest();
+    loop {
+        let from = inner.state.lock().dispatched_through + 1;
+        if inner.reader.newest_seq() < from {
+            if newest.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        match inner.reader.read_from(from, 1024, 64 * 1024 * 1024) {
+            Ok(events) => dispatch(&inner, &events),
+            Err(LogError::TooOld { .. }) | Err(_) => {
+                // The dispatcher fell out of the log (it should never lag that far): move
+                // every live subscriber to catch-up, which handles it per subscriber, and
+                // jump to the newest event.
+                let mut state = inner.state.lock();
+                let newest_seq = inner.reader.newest_seq();
+                tracing::error!(from, newest_seq, "fan-out dispatcher could not read the log; moving live subscribers to catch-up");
+                let ids: Vec<u64> = state.entries.iter().filter(|(_, e)| e.live).map(|(&id, _)| id).collect();
+                for id in ids {
+                    overflow(&inner, &mut state, id);
+                }
+                state.dispatched_through = newest_seq;
+            }
+        }
+    }
+}
+
+fn dispatch(inner: &HubInner, events: &[SharedEvent]) {
+    let mut state = inner.state.lock();
+    let mut overflowed = Vec::new();
+    for event in events {
+        if event.seq <= state.dispatched_through {
+            continue;
+        }
+        let HubState { entries, index, .. } = &mut *state;
+        index.candidates(event, |id| {
+            let Some(entry) = entries.get_mut(&id) else { return };
+            if entry.last_pushed >= event.seq || !entry.live {
+                return;
+            }
+            entry.last_pushed = event.seq;
+            if !entry.filter.matches(event) || !entry.wire.visible(event, &entry.filter) {
+                return;
+            }
+            let size = entry.wire.payload(event).map_or(0, Bytes::len);
+            let mut queue = entry.shared.queue.lock();
+            if queue.events.len() >= inner.config.queue_max_events
+                || (queue.bytes + size > inner.config.queue_max_bytes && !queue.events.is_empty())
+            {
+                queue.overflowed = true;
+                drop(queue);
+                entry.shared.notify.notify_one();
+                overflowed.push(id);
+                return;
+            }
+            queue.events.push_back(event.clone());
+            queue.bytes += size;
+            drop(queue);
+            inner.stats.enqueued.fetch_add(1, Ordering::Relaxed);
+            entry.shared.notify.notify_one();
+        });
+        for id in overflowed.drain(..) {
+            overflow(inner, &mut state, id);
+        }
+        state.dispatched_through = event.seq;
+        inner.stats.dispatched_events.fetch_add(1, Ordering::Relaxed);
+    }
+    let through = state.dispatched_through;
+    drop(state);
+    inner.dispatched.send_replace(through);
+}
+
+fn overflow(inner: &HubInner, state: &mut HubState, id: u64) {
+    let HubState { entries, index, .. } = state;
+    if let Some(entry) = entries.get_mut(&id) {
+        if entry.live {
+            entry.live = false;
+            index.remove(id, &entry.filter);
+            entry.shared.queue.lock().overflowed = true;
+            entry.shared.notify.notify_one();
+            inner.stats.overflows.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+enum Mode {
+    Live,
+    CatchUp { next: u64 },
+}
+
+/// One subscriber's view of the stream. Dropping it unregisters the subscriber.
+pub struct Subscription {
+    hub: Arc<HubInner>,
+    id: u64,
+    shared: Arc<SubShared>,
+    wire: WireKind,
+    filter: Filter,
+    policy: SlowPolicy,
+    mode: Mode,
+    /// Every event up to this seq has been delivered or filtered out.
+    seen_through: u64,
+    tokens: TokenBucket,
+}
+
+impl Subscription {
+    pub fn wire(&self) -> WireKind {
+        self.wire
+    }
+
+    pub fn is_live(&self) -> bool {
+        matches!(self.mode, Mode::Live)
+    }
+
+    /// The last seq delivered or filtered out: where a resume would continue from.
+    pub fn seen_through(&self) -> u64 {
+        self.seen_through
+    }
+
+    /// Replaces the filter (Jetstream v1 `options_update`), effective from the next event.
+    pub fn set_filter(&mut self, filter: Filter) {
+        let mut state = self.hub.state.lock();
+        let HubState { entries, index, .. } = &mut *state;
+        if let Some(entry) = entries.get_mut(&self.id) {
+            if entry.live {
+                index.remove(self.id, &entry.filter);
+                index.insert(self.id, &filter);
+            }
+            entry.filter = filter.clone();
+        }
+        self.filter = filter;
+    }
+
+    /// The next events for this subscriber, in seq order, at most `max`. Waits while there
+    /// are none. Never returns an empty batch.
+    pub async fn next_batch(&mut self, max: usize) -> Result<Vec<SharedEvent>, End> {
+        let max = max.max(1);
+        loop {
+            match self.mode {
+                Mode::Live => {
+                    let (mut batch, drained_overflow) = {
+                        let mut queue = self.shared.queue.lock();
+                        let n = queue.events.len().min(max);
+                        let batch: Vec<SharedEvent> = queue.events.drain(..n).collect();
+                        let freed: usize = batch
+                            .iter()
+                            .map(|e| self.wire.payload(e).map_or(0, Bytes::len))
+                            .sum();
+                        queue.bytes = queue.bytes.saturating_sub(freed);
+                        (batch, queue.overflowed && queue.events.is_empty())
+                    };
+                    batch.retain(|e| e.seq > self.seen_through);
+                    if let Some(last) = batch.last() {
+                        self.seen_through = last.seq;
+                        return Ok(batch);
+                    }
+                    if drained_overflow {
+                        if self.policy == SlowPolicy::Disconnect {
+                            return Err(End::TooSlow);
+                        }
+                        tracing::debug!(id = self.id, seen_through = self.seen_through, "subscriber moved to catch-up");
+                        self.hub.stats.catchups_active.fetch_add(1, Ordering::Relaxed);
+                        self.mode = Mode::CatchUp {
+                            next: self.seen_through + 1,
+                        };
+                        continue;
+                    }
+                    self.shared.notify.notified().await;
+                }
+                Mode::CatchUp { next } => {
+                    let events = self.read_log(next, max).await?;
+                    let Some(last) = events.last() else {
+                        if self.try_rejoin(next) {
+                            continue;
+                        }
+                        // The dispatcher has not caught up with the log yet; wait for it.
+                        let mut dispatched = self.hub.dispatched.subscribe();
+                        let _ = tokio::time::timeout(
+                            Duration::from_millis(50),
+                            dispatched.wait_for(|&d| d + 1 >= next),
+                        )
+                        .await;
+                        continue;
+                    };
+                    let last_seq = last.seq;
+                    let wanted: Vec<SharedEvent> = events
+                        .into_iter()
+                        .filter(|e| {
+                            e.seq > self.seen_through
+                                && self.filter.matches(e)
+                                && self.wire.visible(e, &self.filter)
+                        })
+                        .collect();
+                    self.seen_through = self.seen_through.max(last_seq);
+                    self.mode = Mode::CatchUp { next: last_seq + 1 };
+                    if !wanted.is_empty() {
+                        return Ok(wanted);
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+    }
+
+    async fn read_log(&mut self, next: u64, max: usize) -> Result<Vec<SharedEvent>, End> {
+        let max = max.min(self.hub.config.catchup_batch.max(1));
+        self.tokens.take(max as u64).await;
+        let reader = self.hub.reader.clone();
+        let cold = next < reader.tail().oldest_seq();
+        let result = if cold {
+            let _permit = self
+                .hub
+                .cold_reads
+                .acquire()
+                .await
+                .map_err(|_| End::Closed)?;
+            self.hub.stats.cold_reads.fetch_add(1, Ordering::Relaxed);
+            let limits = crate::log::ReadLimits {
+                max_events: max,
+                max_bytes: 16 * 1024 * 1024,
+            };
+            let payloads = self.wire.payloads();
+            tokio::task::spawn_blocking(move || reader.read_from_with(next, limits, payloads))
+                .await
+                .map_err(|e| End::ReadFailed(e.to_string()))?
+        } else {
+            reader.read_from(next, max, 16 * 1024 * 1024)
+        };
+        match result {
+            Ok(events) => Ok(events),
+            Err(LogError::TooOld { oldest, .. }) => Err(End::TooOld { oldest }),
+            Err(LogError::Closed) => Err(End::Closed),
+            Err(e) => Err(End::ReadFailed(e.to_string())),
+        }
+    }
+
+    /// Rejoins the live path if this subscriber has seen everything dispatched so far.
+    fn try_rejoin(&mut self, next: u64) -> bool {
+        let mut state = self.hub.state.lock();
+        if next.saturating_sub(1) < state.dispatched_through {
+            return false;
+        }
+        let HubState { entries, index, .. } = &mut *state;
+        let Some(entry) = entries.get_mut(&self.id) else {
+            return false;
+        };
+        {
+            let mut queue = self.shared.queue.lock();
+            queue.events.clear();
+            queue.bytes = 0;
+            queue.overflowed = false;
+        }
+        entry.live = true;
+        entry.last_pushed = self.seen_through;
+        index.insert(self.id, &entry.filter);
+        drop(state);
+        self.mode = Mode::Live;
+        self.hub.stats.rejoins.fetch_add(1, Ordering::Relaxed);
+        self.hub.stats.catchups_active.fetch_sub(1, Ordering::Relaxed);
+        true
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut state = self.hub.state.lock();
+        let HubState { entries, index, .. } = &mut *state;
+        if let Some(entry) = entries.remove(&self.id) {
+            if entry.live {
+                index.remove(self.id, &entry.filter);
+            }
+        }
+        drop(state);
+        if !self.is_live() {
+            self.hub.stats.catchups_active.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.hub.stats.subscribers[wire_slot(self.wire)].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Paces one connection's catch-up reads.
+struct TokenBucket {
+    rate: u64,
+    available: f64,
+    last: tokio::time::Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u64) -> Self {
+        Self {
+            rate: rate.max(1),
+            available: rate.max(1) as f64,
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    async fn take(&mut self, n: u64) {
+        let now = tokio::time::Instant::now();
+        let rate = self.rate as f64;
+        self.available =
+            (self.available + now.duration_since(self.last).as_secs_f64() * rate).min(rate);
+        self.last = now;
+        self.available -= n as f64;
+        if self.available < 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(-self.available / rate)).await;
+        }
+    }
+}
