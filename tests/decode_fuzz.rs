@@ -35,7 +35,8 @@ use proptest::sample::Index;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
 use sluice::decode::dagcbor_encode::cid_for_dag_cbor;
 use sluice::decode::{
-    decode_frame, Body, DecodeError, DecodeLimits, DecodedFrame, Message, RecordState,
+    decode_frame, decode_frame_hand_rolled, Body, DecodeError, DecodeLimits, DecodedFrame, Message,
+    RecordState,
 };
 use sluice::upstream::capture::{read_all, upstream_fixtures_dir};
 
@@ -305,6 +306,24 @@ fn check_input(
     let t0 = Instant::now();
     let first = decode_caught(input, limits)?;
     let mut fastest = t0.elapsed();
+    // The hand-rolled tokenizer drives the same decoding logic: an independent oracle.
+    let other = catch_unwind(AssertUnwindSafe(|| decode_frame_hand_rolled(input, limits)))
+        .map_err(|p| {
+            format!(
+                "decode_frame_hand_rolled PANICKED: {}\nlimits: {limits:?}\ninput ({} bytes): {}",
+                panic_message(&*p),
+                input.len(),
+                hex(input)
+            )
+        })?;
+    if other != first {
+        return Err(format!(
+            "tokenizers disagree: decode_frame = {first:?}, decode_frame_hand_rolled = {other:?}\n\
+             limits: {limits:?}\ninput ({} bytes): {}",
+            input.len(),
+            hex(input)
+        ));
+    }
     if let Err(e) = &first {
         if !STABLE_REASONS.contains(&e.reason()) {
             return Err(format!(
@@ -673,6 +692,15 @@ fn small_limits() -> DecodeLimits {
     }
 }
 
+/// No limit at all: what is left bounds the work, and nesting must not use the call stack.
+fn unlimited() -> DecodeLimits {
+    DecodeLimits {
+        max_depth: usize::MAX,
+        max_ops: usize::MAX,
+        max_blocks: usize::MAX,
+    }
+}
+
 fn fuzz_cases() -> u32 {
     match std::env::var("SLUICE_FUZZ_CASES") {
         Ok(v) => v
@@ -721,21 +749,29 @@ fn run_mutation_property(name: &str, corpus: &Corpus) {
     let strategy = (
         any::<Index>(),
         prop::collection::vec(mutation(), 1..=4),
-        prop::bool::weighted(0.1),
+        prop_oneof![16 => Just(0u8), 2 => Just(1u8), 1 => Just(2u8), 1 => Just(3u8)],
     );
     let watchdog = Watchdog::start(format!("{name}, SLUICE_FUZZ_SEED={seed}"));
     let budget = case_budget();
-    let default_limits = DecodeLimits::default();
-    let tight = small_limits();
+    let limit_sets = [
+        DecodeLimits::default(),
+        small_limits(),
+        DecodeLimits {
+            max_depth: 0,
+            max_ops: 0,
+            max_blocks: 0,
+        },
+        unlimited(),
+    ];
     let started = Instant::now();
     let outcomes: Mutex<std::collections::BTreeMap<&'static str, u64>> = Mutex::default();
-    let result = runner.run(&strategy, |(which, muts, small)| {
+    let result = runner.run(&strategy, |(which, muts, limits_choice)| {
         let s = &corpus.seeds[which.index(corpus.seeds.len())];
         let mut buf = s.bytes.clone();
         for m in &muts {
             apply(&mut buf, m, s, &corpus.seeds);
         }
-        let limits = if small { &tight } else { &default_limits };
+        let limits = &limit_sets[usize::from(limits_choice)];
         let label = watchdog
             .check(&buf, limits, budget)
             .map_err(TestCaseError::fail)?;
@@ -1242,6 +1278,38 @@ fn nested_arrays_1m_deep_in_header() {
     let r = decode_bounded(&f, &limits);
     assert_eq!(r, Err(DecodeError::TooDeep(limits.max_depth)));
     assert!(t.elapsed() < case_budget() * 4, "took {:?}", t.elapsed());
+}
+
+/// With the depth limit lifted, 100k levels of arrays, maps and tag-42-free nesting decode
+/// (or skip) without recursion: a recursive decoder would overflow the stack and abort.
+#[test]
+fn nesting_100k_deep_without_depth_limit_uses_no_recursion() {
+    let limits = unlimited();
+    for (what, value) in [
+        ("arrays", repeated(&[0x81], 100_000, &[0x00])),
+        ("maps", repeated(&[0xa1, 0x61, 0x61], 100_000, &[0x00])),
+    ] {
+        // Skipped (unknown header key), converted to JSON (non-commit body), and as a record.
+        let mut f = header(1, Some("#identity"), Some(&value));
+        f.extend_from_slice(
+            &other_frame("#identity", None)[header(1, Some("#identity"), None).len()..],
+        );
+        message(decode_bounded(&f, &limits), what);
+        let m = message(
+            decode_bounded(&other_frame("#identity", Some(&value)), &limits),
+            what,
+        );
+        let Body::Other { json } = m.body else {
+            panic!("{what}: not Other")
+        };
+        assert!(json.len() > 200_000, "{what}: {} bytes of JSON", json.len());
+        let mut rec = Vec::new();
+        push_head(&mut rec, 5, 1);
+        text(&mut rec, "x");
+        rec.extend_from_slice(&value);
+        let recs = commit_ops(decode_bounded(&commit_with_record(&rec), &limits), what);
+        assert!(matches!(recs[0], RecordState::Json(_)), "{what}: {recs:?}");
+    }
 }
 
 /// Wide but legal nesting: 100k sibling arrays in one value is linear work, and accepted.
