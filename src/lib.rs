@@ -14,5 +14,6 @@ pub mod ingest;
 pub mod log;
 pub mod logging;
 pub mod systemd;
+pub mod systemd;
 pub mod upstream;
 pub mod wire;

@@ -1,0 +1,116 @@
+//! `systemd/sluice.service` passes `systemd-analyze verify`, with ExecStart pointed at the
+//! binary this test suite built, and keeps the settings the operations issue requires.
+//! Fails loudly when `systemd-analyze` is missing (Debian package `systemd`; `.ci/run`
+//! installs it).
+
+use std::path::Path;
+use std::process::Command;
+
+const UNIT: &str = include_str!("../systemd/sluice.service");
+const INSTALLED_BINARY: &str = "/usr/local/bin/sluice";
+
+fn directives(unit: &str) -> Vec<(String, String)> {
+    unit.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#') && !l.starts_with('['))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect()
+}
+
+fn value<'a>(all: &'a [(String, String)], key: &str) -> Vec<&'a str> {
+    all.iter()
+        .filter(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+#[test]
+fn unit_passes_systemd_analyze_verify() {
+    let analyze = Command::new("systemd-analyze").arg("--version").output();
+    match analyze {
+        Ok(out) if out.status.success() => {}
+        other => panic!(
+            "systemd-analyze is required for this test (Debian package `systemd`, \
+             installed by .ci/run): {other:?}"
+        ),
+    }
+    let binary = env!("CARGO_BIN_EXE_sluice");
+    assert!(Path::new(binary).exists(), "{binary} missing");
+    assert!(UNIT.contains(INSTALLED_BINARY));
+    let dir = tempfile::tempdir().unwrap();
+    let unit_path = dir.path().join("sluice.service");
+    std::fs::write(&unit_path, UNIT.replace(INSTALLED_BINARY, binary)).unwrap();
+
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit_path)
+        .env("SYSTEMD_LOG_LEVEL", "notice")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "systemd-analyze verify failed:\n{stdout}\n{stderr}"
+    );
+    // verify exits 0 on some problems (unknown keys, bad values) and only prints them;
+    // any line about our unit is a failure.
+    let complaints: Vec<&str> = stderr
+        .lines()
+        .chain(stdout.lines())
+        .filter(|l| l.contains("sluice.service"))
+        .collect();
+    assert!(
+        complaints.is_empty(),
+        "systemd-analyze verify complained:\n{}",
+        complaints.join("\n")
+    );
+}
+
+#[test]
+fn unit_keeps_the_required_settings() {
+    let all = directives(UNIT);
+    let one = |key: &str| -> String {
+        let v = value(&all, key);
+        assert_eq!(v.len(), 1, "{key} set {} times", v.len());
+        v[0].to_string()
+    };
+    assert_eq!(one("Type"), "notify");
+    assert_eq!(
+        one("ExecStart"),
+        "/usr/local/bin/sluice serve --config /etc/sluice/sluice.toml"
+    );
+    assert_eq!(one("ExecReload"), "/bin/kill -HUP $MAINPID");
+    assert_eq!(one("KillSignal"), "SIGTERM");
+    assert_eq!(one("Restart"), "on-failure");
+    assert_eq!(one("StateDirectory"), "sluice");
+    assert_eq!(one("User"), "sluice");
+    assert_eq!(one("ProtectSystem"), "strict");
+    assert_eq!(one("NoNewPrivileges"), "yes");
+    assert_eq!(one("PrivateTmp"), "yes");
+    assert_eq!(one("CapabilityBoundingSet"), "");
+    assert_eq!(one("RestrictAddressFamilies"), "AF_INET AF_INET6 AF_UNIX");
+    assert_eq!(one("LimitNOFILE"), "1048576");
+    let watchdog: u64 = one("WatchdogSec").parse().unwrap();
+    assert_eq!(watchdog, 30);
+    // The stop timeout must leave headroom above sluice's own shutdown timeout
+    // (systemd/sluice.example.toml's shutdown_timeout_secs).
+    let stop: u64 = one("TimeoutStopSec").parse().unwrap();
+    let example = include_str!("../systemd/sluice.example.toml");
+    let shutdown: u64 = example
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .trim_start_matches('#')
+                .trim()
+                .strip_prefix("shutdown_timeout_secs")
+        })
+        .and_then(|rest| rest.trim().strip_prefix('='))
+        .map(|v| v.trim().parse().unwrap())
+        .expect("example config sets shutdown_timeout_secs");
+    assert!(
+        stop >= shutdown + 5,
+        "TimeoutStopSec={stop} leaves too little over shutdown_timeout_secs={shutdown}"
+    );
+}
