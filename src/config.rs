@@ -1,79 +1,416 @@
-//! Configuration: every setting as a flag and as a `SLUICE_*` environment variable
-//! (flags win). Owns names, defaults and validation of settings; must never read files or
-//! the network itself.
+//! Configuration: every setting is a flag, a `SLUICE_*` environment variable, and a key in
+//! the TOML file given by `--config` (the key is the flag name with `_` for `-`).
+//! Precedence: flag, then environment, then file, then the built-in default.
+//!
+//! Owns names, defaults and validation of settings. Must never read anything but the
+//! config file, and never start anything.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches};
 
 use crate::daemon::IngestConfig;
+use crate::fanout::filter::FilterLimits;
+use crate::fanout::{HubConfig, SlowPolicy};
+use crate::http::admission::AdmissionConfig;
+use crate::http::session::SessionConfig;
+use crate::log::{LogConfig, RetentionConfig};
 use crate::upstream::client::{UpstreamConfig, DEFAULT_UPSTREAM};
 
-/// Settings of the upstream subscription and ingest.
+const MIB: u64 = 1024 * 1024;
+
+/// Every setting of `sluice serve`. Defaults suit a small VPS (2 cores, 2-4 GB).
 #[derive(Debug, Clone, Args)]
-pub struct IngestArgs {
+pub struct ServeArgs {
+    /// TOML file with settings (keys are flag names with `_`); flags and env vars win.
+    #[arg(long, env = "SLUICE_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    // ---- upstream and ingest
     /// Relay to subscribe to: a host (bsky.network) or a full ws:// or wss:// URL.
     #[arg(long, env = "SLUICE_UPSTREAM", default_value = DEFAULT_UPSTREAM)]
     pub upstream: String,
-
-    /// Directory for durable state (checkpoint, and the log once it exists).
-    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
-    pub data_dir: PathBuf,
-
-    /// Largest upstream frame read, in bytes (the relay's own limit is 5 MiB). A larger
-    /// frame is counted, logged and skipped by reconnecting past it.
-    #[arg(long, env = "SLUICE_MAX_FRAME_BYTES", default_value_t = 5 * 1024 * 1024,
-          value_parser = clap::value_parser!(u64).range(1024..=1024 * 1024 * 1024))]
+    /// Largest upstream frame read, bytes (the relay's own limit is 5 MiB). A larger one is
+    /// counted, logged with its size and skipped by resuming past it.
+    #[arg(long, env = "SLUICE_MAX_FRAME_BYTES", default_value_t = 5 * MIB,
+          value_parser = clap::value_parser!(u64).range(1024..=1024 * MIB))]
     pub max_frame_bytes: u64,
-
     /// Seconds without a frame or a pong before the upstream connection is replaced.
     #[arg(long, env = "SLUICE_STALL_TIMEOUT_SECS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub stall_timeout_secs: u64,
-
-    /// Smallest reconnect backoff ceiling, milliseconds (full jitter below it).
+    /// Reconnect backoff ceiling at the first attempt, ms (full jitter below it).
     #[arg(long, env = "SLUICE_BACKOFF_MIN_MS", default_value_t = 250,
           value_parser = clap::value_parser!(u64).range(1..=600_000))]
     pub backoff_min_ms: u64,
-
-    /// Largest reconnect backoff, milliseconds.
+    /// Largest reconnect backoff, ms.
     #[arg(long, env = "SLUICE_BACKOFF_MAX_MS", default_value_t = 30_000,
           value_parser = clap::value_parser!(u64).range(1..=3_600_000))]
     pub backoff_max_ms: u64,
-
     /// Frames buffered between the upstream socket and ingest.
     #[arg(long, env = "SLUICE_FRAME_QUEUE", default_value_t = 1024,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub frame_queue: u64,
-
-    /// Maximum CBOR nesting depth accepted in a frame.
+    /// Deepest CBOR nesting accepted in a frame.
     #[arg(long, env = "SLUICE_MAX_CBOR_DEPTH", default_value_t = 64,
           value_parser = clap::value_parser!(u64).range(4..=4096))]
     pub max_cbor_depth: u64,
+
+    // ---- log
+    /// Directory of the embedded event log.
+    #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
+    pub data_dir: PathBuf,
+    /// In-memory hot tail of recent events, MiB.
+    #[arg(long, env = "SLUICE_TAIL_MAX_MIB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..=1024 * 1024))]
+    pub tail_max_mib: u64,
+    /// Group commit: commit at least this often while events are pending, ms. Longer
+    /// means fewer, larger writes; an event is durable at most this long after ingest.
+    #[arg(long, env = "SLUICE_COMMIT_INTERVAL_MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub commit_interval_ms: u64,
+    /// Group commit: commit as soon as this many events are pending.
+    #[arg(long, env = "SLUICE_COMMIT_MAX_EVENTS", default_value_t = 20_000,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub commit_max_events: u64,
+    /// Retention by age, hours (by source time).
+    #[arg(long, env = "SLUICE_RETENTION_HOURS", default_value_t = 72,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub retention_hours: u64,
+    /// Retention by size of the stored log, GiB.
+    #[arg(long, env = "SLUICE_RETENTION_MAX_GIB", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub retention_max_gib: u64,
+
+    // ---- subscribers
+    /// Address of the subscriber endpoints (/subscribe, subscribeEvents, subscribeRepos).
+    #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:6008")]
+    pub listen: SocketAddr,
+    /// Per-subscriber live queue bound, events.
+    #[arg(long, env = "SLUICE_QUEUE_MAX_EVENTS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub queue_max_events: u64,
+    /// Per-subscriber live queue bound, KiB of encoded events.
+    #[arg(long, env = "SLUICE_QUEUE_MAX_KIB", default_value_t = 8192,
+          value_parser = clap::value_parser!(u64).range(1..=16 * 1024 * 1024))]
+    pub queue_max_kib: u64,
+    /// What happens to a subscriber whose queue overflows: catchup (lossless, reads the
+    /// log at its own pace) or disconnect (ConsumerTooSlow). Clients may choose with
+    /// `slowConsumer=`.
+    #[arg(long, env = "SLUICE_SLOW_CONSUMER", default_value = "catchup")]
+    pub slow_consumer: SlowPolicy,
+    /// Concurrent log reads below the hot tail (cold replays), across all subscribers.
+    #[arg(long, env = "SLUICE_COLD_READ_CONCURRENCY", default_value_t = 4,
+          value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub cold_read_concurrency: u64,
+    /// Per-connection ceiling while replaying, events per second.
+    #[arg(long, env = "SLUICE_REPLAY_EVENTS_PER_SEC", default_value_t = 200_000,
+          value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
+    pub replay_events_per_sec: u64,
+    /// Largest message sent to any subscriber, bytes; larger events are not sent, counted,
+    /// and the subscriber is told.
+    #[arg(long, env = "SLUICE_MAX_MESSAGE_BYTES", default_value_t = 8 * MIB,
+          value_parser = clap::value_parser!(u64).range(1024..=1024 * MIB))]
+    pub max_message_bytes: u64,
+    /// Maximum concurrent subscribers (over it: HTTP 503 with Retry-After).
+    #[arg(long, env = "SLUICE_MAX_SUBSCRIBERS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_subscribers: u64,
+    /// New subscriber connections per second, sustained (over it: HTTP 429).
+    #[arg(long, env = "SLUICE_CONNECTS_PER_SEC", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub connects_per_sec: u64,
+    /// Burst allowance of new connections.
+    #[arg(long, env = "SLUICE_CONNECT_BURST", default_value_t = 2_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub connect_burst: u64,
+    /// Concurrent subscribers per client IP (over it: HTTP 429).
+    #[arg(long, env = "SLUICE_MAX_PER_IP", default_value_t = 2_500,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub max_per_ip: u64,
+    /// Base of retry hints (Retry-After, close reasons), seconds; jitter of up to as much
+    /// again is added so retries spread out.
+    #[arg(long, env = "SLUICE_RETRY_AFTER_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub retry_after_secs: u64,
+    /// Seconds a subscriber write may take before the subscriber is dropped.
+    #[arg(long, env = "SLUICE_WRITE_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub write_timeout_secs: u64,
+    /// Seconds between pings to subscribers.
+    #[arg(long, env = "SLUICE_PING_INTERVAL_SECS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub ping_interval_secs: u64,
+    /// Seconds without any message from a subscriber before it is considered dead.
+    #[arg(long, env = "SLUICE_PONG_TIMEOUT_SECS", default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub pong_timeout_secs: u64,
+    /// Most collections one subscriber may name.
+    #[arg(long, env = "SLUICE_MAX_COLLECTIONS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub max_collections: u64,
+    /// Most DIDs one subscriber may name.
+    #[arg(long, env = "SLUICE_MAX_DIDS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_dids: u64,
+    /// zstd dictionary for Jetstream v1 `compress=true` (e.g. the one v1 clients embed).
+    /// Without it sluice trains its own and serves it at /zstd-dictionary.
+    #[arg(long, env = "SLUICE_ZSTD_DICTIONARY")]
+    pub zstd_dictionary: Option<PathBuf>,
+    /// Seconds allowed for a graceful shutdown before exiting anyway.
+    #[arg(long, env = "SLUICE_SHUTDOWN_TIMEOUT_SECS", default_value_t = 20,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub shutdown_timeout_secs: u64,
+    /// Seconds between progress summaries in the log (0 = never).
+    #[arg(long, env = "SLUICE_STATS_INTERVAL_SECS", default_value_t = 60)]
+    pub stats_interval_secs: u64,
 }
 
-impl IngestArgs {
-    pub fn to_config(&self) -> anyhow::Result<IngestConfig> {
+/// Everything `serve` runs with, derived from [`ServeArgs`].
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub ingest: IngestConfig,
+    pub log: LogConfig,
+    pub hub: HubConfig,
+    pub session: SessionConfig,
+    pub admission: AdmissionConfig,
+    pub filter_limits: FilterLimits,
+    pub listen: SocketAddr,
+    pub slow_policy: SlowPolicy,
+    pub zstd_dictionary: Option<PathBuf>,
+    pub shutdown_timeout: Duration,
+    pub stats_interval: Option<Duration>,
+}
+
+fn usize_of(v: u64) -> anyhow::Result<usize> {
+    usize::try_from(v).map_err(|_| anyhow::anyhow!("{v} does not fit this platform"))
+}
+
+impl ServeArgs {
+    /// Validates and derives the runtime configuration.
+    pub fn to_config(&self) -> anyhow::Result<ServeConfig> {
         if self.backoff_min_ms > self.backoff_max_ms {
             anyhow::bail!(
-                "--backoff-min-ms ({}) is larger than --backoff-max-ms ({})",
+                "backoff_min_ms ({}) is larger than backoff_max_ms ({})",
                 self.backoff_min_ms,
                 self.backoff_max_ms
             );
         }
+        if self.pong_timeout_secs <= self.ping_interval_secs {
+            anyhow::bail!(
+                "pong_timeout_secs ({}) must exceed ping_interval_secs ({})",
+                self.pong_timeout_secs,
+                self.ping_interval_secs
+            );
+        }
         crate::upstream::client::subscribe_url(&self.upstream, None)?;
+        if let Some(dict) = &self.zstd_dictionary {
+            if !dict.is_file() {
+                anyhow::bail!("zstd_dictionary {} is not a readable file", dict.display());
+            }
+        }
         let upstream = UpstreamConfig {
             upstream: self.upstream.clone(),
-            max_frame_bytes: usize::try_from(self.max_frame_bytes)?,
+            max_frame_bytes: usize_of(self.max_frame_bytes)?,
             stall_timeout: Duration::from_secs(self.stall_timeout_secs),
             backoff_min: Duration::from_millis(self.backoff_min_ms),
             backoff_max: Duration::from_millis(self.backoff_max_ms),
             ..UpstreamConfig::default()
         };
-        let mut config = IngestConfig::new(upstream, self.data_dir.clone());
-        config.frame_queue = usize::try_from(self.frame_queue)?;
-        config.decode_limits.max_depth = usize::try_from(self.max_cbor_depth)?;
-        Ok(config)
+        let mut ingest = IngestConfig::new(upstream);
+        ingest.frame_queue = usize_of(self.frame_queue)?;
+        ingest.decode_limits.max_depth = usize_of(self.max_cbor_depth)?;
+        let mut log = LogConfig::new(self.data_dir.clone());
+        log.tail_max_bytes = usize_of(self.tail_max_mib * MIB)?;
+        log.commit_interval = Duration::from_millis(self.commit_interval_ms);
+        log.commit_max_events = usize_of(self.commit_max_events)?;
+        log.retention = RetentionConfig {
+            max_age: Duration::from_secs(self.retention_hours * 3600),
+            max_bytes: self.retention_max_gib * 1024 * MIB,
+            ..RetentionConfig::default()
+        };
+        let hub = HubConfig {
+            queue_max_events: usize_of(self.queue_max_events)?,
+            queue_max_bytes: usize_of(self.queue_max_kib * 1024)?,
+            cold_read_concurrency: usize_of(self.cold_read_concurrency)?,
+            catchup_events_per_sec: self.replay_events_per_sec,
+            ..HubConfig::default()
+        };
+        let session = SessionConfig {
+            write_timeout: Duration::from_secs(self.write_timeout_secs),
+            ping_interval: Duration::from_secs(self.ping_interval_secs),
+            pong_timeout: Duration::from_secs(self.pong_timeout_secs),
+            server_max_message_bytes: usize_of(self.max_message_bytes)?,
+            retry_after_secs: self.retry_after_secs,
+            ..SessionConfig::default()
+        };
+        let admission = AdmissionConfig {
+            max_subscribers: usize_of(self.max_subscribers)?,
+            connects_per_sec: self.connects_per_sec as f64,
+            connect_burst: self.connect_burst as f64,
+            max_per_ip: usize_of(self.max_per_ip)?,
+            retry_after_secs: self.retry_after_secs,
+        };
+        Ok(ServeConfig {
+            ingest,
+            log,
+            hub,
+            session,
+            admission,
+            filter_limits: FilterLimits {
+                max_collections: usize_of(self.max_collections)?,
+                max_dids: usize_of(self.max_dids)?,
+            },
+            listen: self.listen,
+            slow_policy: self.slow_consumer,
+            zstd_dictionary: self.zstd_dictionary.clone(),
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
+            stats_interval: (self.stats_interval_secs > 0)
+                .then(|| Duration::from_secs(self.stats_interval_secs)),
+        })
+    }
+}
+
+/// A command wrapping [`ServeArgs`], for parsing settings outside the main CLI.
+#[derive(Debug, clap::Parser)]
+struct ServeOnly {
+    #[command(flatten)]
+    args: ServeArgs,
+}
+
+/// Applies the `--config` TOML file under flags and env vars: every key the file sets is
+/// used only where the command line and environment left the default.
+pub fn with_config_file(args: ServeArgs, matches: &ArgMatches) -> anyhow::Result<ServeArgs> {
+    let Some(path) = args.config.clone() else {
+        return Ok(args);
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| anyhow::anyhow!("cannot read config {}: {e}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| anyhow::anyhow!("config {} is not valid TOML: {e}", path.display()))?;
+    let command = ServeOnly::command();
+    let mut argv = vec!["sluice-serve".to_string()];
+    for (key, value) in &table {
+        let id = key.as_str();
+        if id == "config" {
+            anyhow::bail!("config {}: `config` cannot be set from a config file", path.display());
+        }
+        if !command.get_arguments().any(|a| a.get_id() == id) {
+            anyhow::bail!("config {}: unknown setting {key:?}", path.display());
+        }
+        let explicit = matches!(
+            matches.value_source(id),
+            Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+        );
+        if explicit {
+            continue;
+        }
+        let rendered = match value {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => anyhow::bail!(
+                "config {}: {key} must be a string, number or boolean, not {}",
+                path.display(),
+                other.type_str()
+            ),
+        };
+        argv.push(format!("--{}", id.replace('_', "-")));
+        argv.push(rendered);
+    }
+    // Re-parse so the file's values get the same validation as flags; explicit values come
+    // from the original parse.
+    let from_file = ServeOnly::command()
+        .try_get_matches_from(&argv)
+        .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+    let mut merged = ServeOnly::from_arg_matches(&from_file)?.args;
+    let original = ServeOnly::from_arg_matches(matches)?.args;
+    overlay_explicit(&mut merged, &original, matches);
+    merged.config = Some(path);
+    Ok(merged)
+}
+
+/// Copies every explicitly given (flag or env) value from `original` into `merged`.
+fn overlay_explicit(merged: &mut ServeArgs, original: &ServeArgs, matches: &ArgMatches) {
+    macro_rules! keep {
+        ($($field:ident),* $(,)?) => {$(
+            if matches!(
+                matches.value_source(stringify!($field)),
+                Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+            ) {
+                merged.$field = original.$field.clone();
+            }
+        )*};
+    }
+    keep!(
+        upstream, max_frame_bytes, stall_timeout_secs, backoff_min_ms, backoff_max_ms,
+        frame_queue, max_cbor_depth, data_dir, tail_max_mib, commit_interval_ms,
+        commit_max_events, retention_hours, retention_max_gib, listen, queue_max_events,
+        queue_max_kib, slow_consumer, cold_read_concurrency, replay_events_per_sec,
+        max_message_bytes, max_subscribers, connects_per_sec, connect_burst, max_per_ip,
+        retry_after_secs, write_timeout_secs, ping_interval_secs, pong_timeout_secs,
+        max_collections, max_dids, zstd_dictionary, shutdown_timeout_secs,
+        stats_interval_secs,
+    );
+}
+
+/// Parses serve settings from an argument list (the program name first), applying the
+/// config file. Used by `sluice serve` and `sluice config check`.
+pub fn parse_serve_args<I, T>(argv: I) -> anyhow::Result<ServeArgs>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let matches = ServeOnly::command().try_get_matches_from(argv)?;
+    let args = ServeOnly::from_arg_matches(&matches)?.args;
+    with_config_file(args, &matches)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_fills_defaults_but_flags_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(
+            &path,
+            "upstream = \"ws://127.0.0.1:9\"\nqueue_max_events = 77\nretention_hours = 5\n",
+        )
+        .unwrap();
+        let args = parse_serve_args([
+            "x",
+            "--config",
+            path.to_str().unwrap(),
+            "--retention-hours",
+            "9",
+        ])
+        .unwrap();
+        assert_eq!(args.upstream, "ws://127.0.0.1:9");
+        assert_eq!(args.queue_max_events, 77);
+        assert_eq!(args.retention_hours, 9, "the flag wins over the file");
+        assert_eq!(args.stall_timeout_secs, 30, "untouched settings keep defaults");
+        args.to_config().unwrap();
+    }
+
+    #[test]
+    fn bad_files_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "no_such_setting = 1\n").unwrap();
+        let err = parse_serve_args(["x", "--config", path.to_str().unwrap()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown setting"), "{err}");
+        std::fs::write(&path, "queue_max_events = -3\n").unwrap();
+        assert!(parse_serve_args(["x", "--config", path.to_str().unwrap()]).is_err());
+        std::fs::write(&path, "ping_interval_secs = 90\n").unwrap();
+        let args = parse_serve_args(["x", "--config", path.to_str().unwrap()]).unwrap();
+        assert!(args.to_config().unwrap_err().to_string().contains("pong_timeout"));
     }
 }

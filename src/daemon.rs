@@ -3,52 +3,53 @@
 //! Owns the wiring between stages and their lifecycles. Must never hold events itself:
 //! the ingest thread hands each batch to the sink and keeps only its stamp state.
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
 use crate::decode::DecodeLimits;
 use crate::event::Event;
 use crate::ingest::{IngestOutcome, IngestStats, Ingestor, StampState};
-use crate::log::checkpoint::Checkpoint;
 use crate::logging::RateLimited;
 use crate::upstream::client::{self, ReceivedFrame, UpstreamConfig, UpstreamShared};
 
-/// Receives stamped events in order. Runs on the ingest thread: it must not block for long.
+/// Receives stamped events in order, on the ingest thread. It may block (backpressure from
+/// the log); an error stops ingest, since events could not be kept.
 pub trait EventSink: Send + 'static {
-    fn append(&mut self, events: Vec<Event>);
+    fn append(&mut self, events: Vec<Event>) -> anyhow::Result<()>;
 }
 
-impl<F: FnMut(Vec<Event>) + Send + 'static> EventSink for F {
-    fn append(&mut self, events: Vec<Event>) {
+impl<F: FnMut(Vec<Event>) -> anyhow::Result<()> + Send + 'static> EventSink for F {
+    fn append(&mut self, events: Vec<Event>) -> anyhow::Result<()> {
         self(events)
+    }
+}
+
+/// The log is the production sink: events are stored with their resume state.
+impl EventSink for std::sync::Arc<crate::log::Log> {
+    fn append(&mut self, events: Vec<Event>) -> anyhow::Result<()> {
+        crate::log::Log::append(self, events).map_err(|e| anyhow::anyhow!("event log: {e}"))
     }
 }
 
 #[derive(Debug, Clone)]
 pub struct IngestConfig {
     pub upstream: UpstreamConfig,
-    pub data_dir: PathBuf,
     pub decode_limits: DecodeLimits,
     /// Frames buffered between the socket and ingest; the socket is not read past it.
     pub frame_queue: usize,
-    /// Seqs leased per checkpoint write (see `log::checkpoint`).
-    pub seq_lease_block: u64,
-    /// How often the upstream cursor is saved.
-    pub checkpoint_interval: Duration,
+    /// The ingest loop wakes at least this often when idle (liveness for the watchdog).
+    pub idle_tick: Duration,
 }
 
 impl IngestConfig {
-    pub fn new(upstream: UpstreamConfig, data_dir: PathBuf) -> Self {
+    pub fn new(upstream: UpstreamConfig) -> Self {
         Self {
             upstream,
-            data_dir,
             decode_limits: DecodeLimits::default(),
             frame_queue: 1024,
-            seq_lease_block: 100_000,
-            checkpoint_interval: Duration::from_secs(1),
+            idle_tick: Duration::from_secs(1),
         }
     }
 }
@@ -74,21 +75,24 @@ impl IngestHandle {
     }
 }
 
-/// Starts the upstream client and the ingest thread. Must be called inside a runtime.
-pub fn start_ingest(config: IngestConfig, sink: impl EventSink) -> anyhow::Result<IngestHandle> {
-    let (checkpoint, state) = Checkpoint::open(&config.data_dir, config.seq_lease_block)?;
+/// Starts the upstream client and the ingest thread, stamping from `state` (where the log
+/// left off). Must be called inside a runtime.
+pub fn start_ingest(
+    config: IngestConfig,
+    state: StampState,
+    sink: impl EventSink,
+) -> anyhow::Result<IngestHandle> {
     tracing::info!(
         next_seq = state.next_seq,
         upstream_cursor = ?state.upstream_cursor,
-        data_dir = %config.data_dir.display(),
-        "resuming"
+        "resuming ingest"
     );
     let shared = Arc::new(UpstreamShared::new(state.upstream_cursor));
     let (frames_tx, frames_rx) = mpsc::channel(config.frame_queue.max(1));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let ingest_shared = shared.clone();
     let limits = config.decode_limits.clone();
-    let interval = config.checkpoint_interval;
+    let interval = config.idle_tick;
     let runtime = tokio::runtime::Handle::current();
     let ingest = std::thread::Builder::new()
         .name("sluice-ingest".into())
@@ -97,7 +101,6 @@ pub fn start_ingest(config: IngestConfig, sink: impl EventSink) -> anyhow::Resul
                 &runtime,
                 frames_rx,
                 Ingestor::new(state, limits),
-                checkpoint,
                 sink,
                 ingest_shared,
                 interval,
@@ -121,43 +124,35 @@ fn ingest_loop(
     runtime: &tokio::runtime::Handle,
     mut frames: mpsc::Receiver<ReceivedFrame>,
     mut ingestor: Ingestor,
-    mut checkpoint: Checkpoint,
     mut sink: impl EventSink,
     shared: Arc<UpstreamShared>,
-    checkpoint_interval: Duration,
+    idle_tick: Duration,
 ) -> anyhow::Result<IngestStats> {
     let mut decode_log = RateLimited::new(10, Duration::from_secs(10));
     let mut regression_log = RateLimited::new(10, Duration::from_secs(10));
     let mut last_accepted: Option<(u64, i64)> = None;
-    let mut last_saved = Instant::now();
-    let mut saved_state: StampState = ingestor.state();
     loop {
-        // Wake at least once per checkpoint interval so an idle stream still gets its
-        // cursor saved.
+        // Wake at least once per tick so liveness is visible even when the stream is idle.
+        shared.ingest_heartbeat.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let next = runtime.block_on(async {
-            tokio::time::timeout(checkpoint_interval, frames.recv()).await
+            tokio::time::timeout(idle_tick, frames.recv()).await
         });
         let frame = match next {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
-            Err(_elapsed) => {
-                if ingestor.state() != saved_state {
-                    saved_state = ingestor.state();
-                    checkpoint.save(&saved_state)?;
-                    last_saved = Instant::now();
-                }
-                continue;
-            }
+            Err(_elapsed) => continue,
         };
         let connection = frame.connection;
         match ingestor.ingest(frame.bytes, frame.received_us) {
             IngestOutcome::Events(events) => {
                 if let Some(last) = events.last() {
-                    checkpoint.ensure_leased(last.seq, &ingestor.state())?;
                     last_accepted = Some((connection, last.upstream_seq));
                 }
                 shared.set_cursor(ingestor.state().upstream_cursor);
-                sink.append(events);
+                if let Err(err) = sink.append(events) {
+                    shared.frame_processed();
+                    return Err(err);
+                }
             }
             IngestOutcome::Duplicate { upstream_seq } => {
                 if let Some((conn, accepted)) = last_accepted {
@@ -208,12 +203,107 @@ fn ingest_loop(
             }
         }
         shared.frame_processed();
-        if last_saved.elapsed() >= checkpoint_interval && ingestor.state() != saved_state {
-            saved_state = ingestor.state();
-            checkpoint.save(&saved_state)?;
-            last_saved = Instant::now();
-        }
     }
-    checkpoint.save(&ingestor.state())?;
     Ok(ingestor.stats().clone())
+}
+
+/// The whole daemon: log, fan-out hub, subscriber endpoints and ingest.
+pub struct Daemon {
+    /// Where the subscriber endpoints listen (useful when the configured port was 0).
+    pub addr: std::net::SocketAddr,
+    pub log: Arc<crate::log::Log>,
+    pub hub: crate::fanout::Hub,
+    pub app: Arc<crate::http::AppState>,
+    ingest: IngestHandle,
+    shutdown: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    shutdown_timeout: Duration,
+}
+
+impl Daemon {
+    /// Opens the log, starts the hub, binds the listener and starts ingest.
+    pub async fn start(config: crate::config::ServeConfig) -> anyhow::Result<Daemon> {
+        let log_config = config.log.clone();
+        let (log, state) =
+            tokio::task::spawn_blocking(move || crate::log::Log::open(log_config))
+                .await?
+                .map_err(|e| anyhow::anyhow!("cannot open the event log: {e}"))?;
+        let log = Arc::new(log);
+        let zstd = {
+            let dictionary = match &config.zstd_dictionary {
+                Some(path) => std::fs::read(path).map_err(|e| {
+                    anyhow::anyhow!("cannot read zstd dictionary {}: {e}", path.display())
+                })?,
+                None => tokio::task::spawn_blocking(crate::wire::jetstream_v1::default_dictionary)
+                    .await?
+                    .map_err(|e| anyhow::anyhow!("cannot train the zstd dictionary: {e}"))?,
+            };
+            Arc::new(crate::wire::jetstream_v1::Zstd::new(dictionary, 3))
+        };
+        let hub = crate::fanout::Hub::start(log.reader(), config.hub.clone());
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+        let addr = listener.local_addr()?;
+        let app = Arc::new(crate::http::AppState {
+            hub: hub.clone(),
+            admission: crate::http::admission::Admission::new(config.admission.clone()),
+            session: config.session.clone(),
+            filter_limits: config.filter_limits,
+            slow_policy: config.slow_policy,
+            shutdown: shutdown_rx.clone(),
+            stats: crate::http::HttpStats::default(),
+            zstd: Some(zstd),
+        });
+        let server = tokio::spawn(crate::http::serve(
+            listener,
+            crate::http::router(app.clone()),
+            shutdown_rx,
+        ));
+        let ingest = start_ingest(config.ingest.clone(), state, log.clone())?;
+        tracing::info!(%addr, "subscriber endpoints listening");
+        Ok(Daemon {
+            addr,
+            log,
+            hub,
+            app,
+            ingest,
+            shutdown: shutdown_tx,
+            server,
+            shutdown_timeout: config.shutdown_timeout,
+        })
+    }
+
+    pub fn upstream(&self) -> &Arc<UpstreamShared> {
+        &self.ingest.shared
+    }
+
+    /// Stops accepting, stops ingest, makes the log durable, closes every subscriber with
+    /// 1012 and a retry hint. Bounded by the configured shutdown timeout.
+    pub async fn shutdown(self) -> anyhow::Result<IngestStats> {
+        let timeout = self.shutdown_timeout;
+        let work = async move {
+            let _ = self.shutdown.send(true);
+            let stats = self.ingest.shutdown().await?;
+            let log = self.log.clone();
+            tokio::task::spawn_blocking(move || {
+                if !log.flush(Duration::from_secs(10)) {
+                    tracing::error!("event log did not become durable in time");
+                }
+                log.close()
+            })
+            .await?
+            .map_err(|e| anyhow::anyhow!("closing the event log: {e}"))?;
+            match self.server.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "subscriber server ended with an error"),
+                Err(e) => tracing::warn!(error = %e, "subscriber server task failed"),
+            }
+            Ok::<_, anyhow::Error>(stats)
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| anyhow::anyhow!("shutdown took longer than {} s", timeout.as_secs()))?
+    }
 }

@@ -1,13 +1,10 @@
 //! The `sluice` command line. Parses arguments and calls into the library; nothing else.
 
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use sluice::config::IngestArgs;
-use sluice::daemon;
-use sluice::event::Event;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -36,13 +33,24 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Subscribe to the upstream relay and ingest its events.
-    Serve(ServeArgs),
+    Serve(sluice::config::ServeArgs),
+    /// Validate the configuration and print the effective settings.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
     /// Record the upstream's frames to a capture file ([u32 LE length][frame] ...).
     Record(RecordArgs),
     /// Serve a capture file as a local subscribeRepos upstream, honouring `cursor`.
     Replay(ReplayArgs),
     /// Generate realistic synthetic frames into a capture file.
     Synth(SynthArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigAction {
+    /// Validate flags, environment and --config file; print the effective settings.
+    Check(sluice::config::ServeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -101,18 +109,13 @@ struct SynthArgs {
     dids: usize,
 }
 
-#[derive(Debug, clap::Args)]
-struct ServeArgs {
-    #[command(flatten)]
-    ingest: IngestArgs,
-
-    /// Seconds between progress summaries in the log (0 = never).
-    #[arg(long, env = "SLUICE_STATS_INTERVAL_SECS", default_value_t = 10)]
-    stats_interval_secs: u64,
-}
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let matches = <Cli as clap::CommandFactory>::command().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(err) => err.exit(),
+    };
     if let Err(err) = sluice::logging::init(&cli.log_format, &cli.log) {
         eprintln!("sluice: {err:#}");
         return std::process::ExitCode::from(2);
@@ -129,7 +132,19 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => match sub_matches(&matches, &["serve"]) {
+                Some(m) => match sluice::config::with_config_file(args, m) {
+                    Ok(args) => serve(args).await,
+                    Err(e) => Err(e),
+                },
+                None => Err(anyhow::anyhow!("internal: serve arguments missing")),
+            },
+            Command::Config {
+                action: ConfigAction::Check(args),
+            } => match sub_matches(&matches, &["config", "check"]) {
+                Some(m) => sluice::config::with_config_file(args, m).and_then(config_check),
+                None => Err(anyhow::anyhow!("internal: config arguments missing")),
+            },
             Command::Record(args) => record(args).await,
             Command::Replay(args) => replay(args).await,
             Command::Synth(args) => synth(args),
@@ -145,57 +160,51 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// Per-second view of ingest for the progress log.
-#[derive(Default)]
-struct Progress {
-    events: u64,
-    last: Option<(u64, i64, i64)>,
+fn sub_matches<'a>(matches: &'a clap::ArgMatches, path: &[&str]) -> Option<&'a clap::ArgMatches> {
+    path.iter()
+        .try_fold(matches, |m, name| m.subcommand_matches(name))
 }
 
-async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let config = args.ingest.to_config()?;
-    let progress = std::sync::Arc::new(std::sync::Mutex::new(Progress::default()));
-    let sink_progress = progress.clone();
-    let sink = move |events: Vec<Event>| {
-        if let Ok(mut p) = sink_progress.lock() {
-            p.events += events.len() as u64;
-            if let Some(e) = events.last() {
-                p.last = Some((e.seq, e.time_us, e.upstream_seq));
-            }
-        }
-    };
-    let handle = daemon::start_ingest(config, sink)?;
-    let shared = handle.shared.clone();
-    let interval = Duration::from_secs(args.stats_interval_secs.max(1));
-    let report = args.stats_interval_secs > 0;
-    let started = Instant::now();
-    let mut ticker = tokio::time::interval(interval);
+fn config_check(args: sluice::config::ServeArgs) -> anyhow::Result<()> {
+    let config = args.to_config()?;
+    println!("configuration is valid\n");
+    println!("{args:#?}");
+    let _ = config;
+    Ok(())
+}
+
+async fn serve(args: sluice::config::ServeArgs) -> anyhow::Result<()> {
+    let config = args.to_config()?;
+    let stats_interval = config.stats_interval;
+    let daemon = sluice::daemon::Daemon::start(config).await?;
+    let reader = daemon.log.reader();
+    let upstream = daemon.upstream().clone();
+    let hub = daemon.hub.clone();
+    let mut ticker = tokio::time::interval(stats_interval.unwrap_or(Duration::from_secs(3600)));
     ticker.tick().await;
     loop {
         tokio::select! {
             _ = shutdown_signal() => break,
-            _ = ticker.tick(), if report => {
-                let (events, last) = match progress.lock() {
-                    Ok(p) => (p.events, p.last),
-                    Err(_) => (0, None),
-                };
-                let lag_s = last.map(|(_, t, _)| (sluice::ingest::now_us() - t) as f64 / 1e6);
+            _ = ticker.tick(), if stats_interval.is_some() => {
+                let bounds = reader.bounds();
+                let lag_s = bounds.map(|b| (sluice::ingest::now_us() - b.newest_time_us) as f64 / 1e6);
                 tracing::info!(
-                    events,
-                    rate = events as f64 / started.elapsed().as_secs_f64(),
-                    last_seq = last.map(|l| l.0),
-                    upstream_seq = last.map(|l| l.2),
+                    newest_seq = reader.newest_seq(),
+                    oldest_seq = bounds.map(|b| b.oldest_seq),
                     lag_s,
-                    connected = shared.connected.load(Ordering::Relaxed),
-                    reconnects = shared.reconnects.load(Ordering::Relaxed),
-                    "ingest progress"
+                    connected = upstream.connected.load(Ordering::Relaxed),
+                    reconnects = upstream.reconnects.load(Ordering::Relaxed),
+                    subscribers_v1 = hub.stats().subscribers(sluice::fanout::WireKind::JetstreamV1),
+                    subscribers_v2 = hub.stats().subscribers(sluice::fanout::WireKind::JetstreamV2),
+                    subscribers_raw = hub.stats().subscribers(sluice::fanout::WireKind::Raw),
+                    "progress"
                 );
             }
         }
     }
-    tracing::info!("shutting down");
-    let stats = handle.shutdown().await?;
-    tracing::info!(?stats, "ingest stopped");
+    tracing::info!("shutting down: closing subscribers, flushing the log");
+    let stats = daemon.shutdown().await?;
+    tracing::info!(?stats, "stopped");
     Ok(())
 }
 

@@ -109,6 +109,9 @@ pub struct UpstreamShared {
     sent: AtomicU64,
     processed: AtomicU64,
     pub connected: AtomicBool,
+    /// Bumped by every ingest loop iteration (at least once per idle tick): the watchdog's
+    /// evidence that ingest is alive.
+    pub ingest_heartbeat: AtomicU64,
     pub connects: AtomicU64,
     pub reconnects: AtomicU64,
     pub oversized_frames: AtomicU64,

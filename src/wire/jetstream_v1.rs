@@ -87,3 +87,356 @@ pub fn wrapped(seq: u64, time_us: i64, did: &str, kind: &str, body_json: &str) -
     out.push(b'}');
     out
 }
+
+// ---- compression -------------------------------------------------------------------
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+const CACHE_SLOTS: usize = 8192;
+
+/// zstd compression of v1 events with a dictionary, shared by every compressing
+/// subscriber: each event is compressed once (the first subscriber to need it fills a
+/// small cache keyed by seq), never once per subscriber.
+pub struct Zstd {
+    dictionary: Bytes,
+    prepared: &'static zstd::dict::EncoderDictionary<'static>,
+    compressors: Mutex<Vec<zstd::bulk::Compressor<'static>>>,
+    cache: Vec<Mutex<Option<(u64, Bytes)>>>,
+}
+
+impl Zstd {
+    /// Prepares `dictionary` (raw zstd dictionary bytes) at `level`. The prepared
+    /// dictionary lives for the rest of the process: there is one per daemon.
+    pub fn new(dictionary: Vec<u8>, level: i32) -> Self {
+        let prepared: &'static zstd::dict::EncoderDictionary<'static> = Box::leak(Box::new(
+            zstd::dict::EncoderDictionary::copy(&dictionary, level),
+        ));
+        Self {
+            dictionary: Bytes::from(dictionary),
+            prepared,
+            compressors: Mutex::new(Vec::new()),
+            cache: (0..CACHE_SLOTS).map(|_| Mutex::new(None)).collect(),
+        }
+    }
+
+    /// Trains a dictionary of at most `max_size` bytes from sample v1 events.
+    pub fn train(samples: &[Bytes], max_size: usize) -> std::io::Result<Vec<u8>> {
+        zstd::dict::from_samples(samples, max_size)
+    }
+
+    pub fn dictionary(&self) -> &Bytes {
+        &self.dictionary
+    }
+
+    /// The compressed form of an event's v1 JSON.
+    pub fn compressed(&self, seq: u64, json: &Bytes) -> Option<Bytes> {
+        let slot = &self.cache[(seq % CACHE_SLOTS as u64) as usize];
+        if let Some((cached_seq, bytes)) = &*slot.lock() {
+            if *cached_seq == seq {
+                return Some(bytes.clone());
+            }
+        }
+        let compressor = self.compressors.lock().pop();
+        let mut compressor = match compressor {
+            Some(c) => c,
+            None => zstd::bulk::Compressor::with_prepared_dictionary(self.prepared).ok()?,
+        };
+        let out = compressor.compress(json).ok().map(Bytes::from);
+        let mut pool = self.compressors.lock();
+        if pool.len() < 16 {
+            pool.push(compressor);
+        }
+        drop(pool);
+        if let Some(bytes) = &out {
+            *slot.lock() = Some((seq, bytes.clone()));
+        }
+        out
+    }
+}
+
+/// A dictionary trained on synthetic traffic: deterministic, so it is the same after every
+/// restart and clients that fetched it keep working.
+pub fn default_dictionary() -> std::io::Result<Vec<u8>> {
+    use crate::decode::DecodeLimits;
+    use crate::ingest::{IngestOutcome, Ingestor, StampState};
+    use crate::upstream::synth::{SynthOptions, Synth};
+    let opts = SynthOptions {
+        seed: 7,
+        count: 3000,
+        ..SynthOptions::default()
+    };
+    let mut ingestor = Ingestor::new(StampState::fresh(), DecodeLimits::default());
+    let mut samples = Vec::new();
+    for frame in Synth::new(&opts) {
+        if let IngestOutcome::Events(events) = ingestor.ingest(Bytes::from(frame), i64::MAX / 2) {
+            samples.extend(events.into_iter().filter_map(|e| e.v1_json));
+        }
+    }
+    Zstd::train(&samples, 64 * 1024)
+}
+
+// ---- the subscriber endpoint -------------------------------------------------------
+
+use std::net::SocketAddr;
+
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::response::{IntoResponse, Response};
+use futures_util::StreamExt;
+
+use crate::event::Event;
+use crate::fanout::filter::Filter;
+use crate::fanout::{End, SlowPolicy, Start, Subscription, WireKind};
+use crate::http::session::{self, WireSession};
+use crate::http::{bad_request, parse_bool, query_pairs, AppState};
+use crate::log::{Cursor, Resolved};
+
+/// How long a `requireHello` client has to send its first `options_update`.
+const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+struct Params {
+    collections: Vec<String>,
+    dids: Vec<String>,
+    cursor: Option<i64>,
+    compress: bool,
+    max_message_bytes: usize,
+    require_hello: bool,
+    notices: bool,
+    policy: Option<SlowPolicy>,
+}
+
+fn parse(pairs: &[(String, String)]) -> Result<Params, String> {
+    let mut p = Params {
+        collections: Vec::new(),
+        dids: Vec::new(),
+        cursor: None,
+        compress: false,
+        max_message_bytes: 0,
+        require_hello: false,
+        notices: false,
+        policy: None,
+    };
+    for (key, value) in pairs {
+        match key.as_str() {
+            "wantedCollections" => p.collections.push(value.clone()),
+            "wantedDids" => p.dids.push(value.clone()),
+            "cursor" => {
+                p.cursor = Some(value.parse::<i64>().map_err(|_| {
+                    format!("cursor must be unix microseconds, not {value:?}")
+                })?)
+            }
+            "compress" => p.compress = parse_bool(key, value)?,
+            "requireHello" => p.require_hello = parse_bool(key, value)?,
+            "notices" => p.notices = parse_bool(key, value)?,
+            "maxMessageSizeBytes" => {
+                p.max_message_bytes = value.parse::<u32>().map_err(|_| {
+                    format!("maxMessageSizeBytes must be an integer 0..=4294967295, not {value:?}")
+                })? as usize
+            }
+            "slowConsumer" => p.policy = Some(value.parse::<SlowPolicy>()?),
+            // Unknown parameters are ignored, as Jetstream v1 does.
+            _ => {}
+        }
+    }
+    Ok(p)
+}
+
+/// `options_update` payload.
+#[derive(serde::Deserialize)]
+struct OptionsUpdate {
+    #[serde(rename = "type")]
+    kind: String,
+    payload: OptionsPayload,
+}
+
+#[derive(serde::Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct OptionsPayload {
+    #[serde(default)]
+    wanted_collections: Vec<String>,
+    #[serde(default)]
+    wanted_dids: Vec<String>,
+    #[serde(default)]
+    max_message_size_bytes: Option<u32>,
+}
+
+fn parse_options(text: &str) -> Result<OptionsPayload, String> {
+    let update: OptionsUpdate =
+        serde_json::from_str(text).map_err(|e| format!("invalid options_update: {e}"))?;
+    if update.kind != "options_update" {
+        return Err(format!("unknown message type {:?}", update.kind));
+    }
+    Ok(update.payload)
+}
+
+/// `GET /subscribe`: Jetstream v1.
+pub async fn subscribe(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(query): RawQuery,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let params = match parse(&query_pairs(&query)) {
+        Ok(p) => p,
+        Err(message) => return bad_request(&state, "InvalidRequest", message),
+    };
+    let filter = match Filter::build(&params.collections, &params.dids, &[], &state.filter_limits) {
+        Ok(f) => f,
+        Err(message) => return bad_request(&state, "InvalidRequest", message),
+    };
+    if params.compress && state.zstd.is_none() {
+        return bad_request(&state, "InvalidRequest", "compression is disabled on this server".into());
+    }
+    let start = match params.cursor {
+        None => Start::Live,
+        Some(t) => match state.hub.reader().resolve(Cursor::TimeUs(t)) {
+            Ok(Resolved::From(seq)) => Start::From(seq),
+            Ok(Resolved::TooOld { oldest }) => {
+                // Jetstream v1 starts at the oldest event it has.
+                state
+                    .stats
+                    .v1_cursor_clamped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Start::From(oldest)
+            }
+            Ok(_) => Start::Live,
+            Err(e) => {
+                return (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("log unavailable: {e}"))
+                    .into_response()
+            }
+        },
+    };
+    let permit = match crate::http::admit(&state, peer) {
+        Ok(p) => p,
+        Err(response) => return response,
+    };
+    let policy = params.policy.unwrap_or(state.slow_policy);
+    upgrade.on_upgrade(move |mut socket| async move {
+        let mut wire = V1Session {
+            zstd: if params.compress { state.zstd.clone() } else { None },
+            max_message_bytes: params.max_message_bytes,
+            notices: params.notices,
+            limits: state.filter_limits,
+        };
+        let mut filter = filter;
+        if params.require_hello {
+            match wait_for_hello(&mut socket).await {
+                Ok(options) => match wire.apply(options) {
+                    Ok(f) => filter = f,
+                    Err(_) => return,
+                },
+                Err(_) => return,
+            }
+        }
+        let sub = state.hub.subscribe(WireKind::JetstreamV1, filter, policy, start);
+        let (end, totals) = session::run(
+            socket,
+            sub,
+            wire,
+            state.session.clone(),
+            state.shutdown.clone(),
+            Vec::new(),
+        )
+        .await;
+        state.stats.record_session(WireKind::JetstreamV1, &end, totals);
+        drop(permit);
+    })
+}
+
+async fn wait_for_hello(socket: &mut WebSocket) -> Result<OptionsPayload, ()> {
+    let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
+    loop {
+        match tokio::time::timeout_at(deadline, socket.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => return parse_options(text.as_str()).map_err(|_| ()),
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) | Err(_) => {
+                return Err(())
+            }
+            Ok(Some(Ok(_))) => continue,
+        }
+    }
+}
+
+struct V1Session {
+    zstd: Option<Arc<Zstd>>,
+    max_message_bytes: usize,
+    notices: bool,
+    limits: crate::fanout::filter::FilterLimits,
+}
+
+impl V1Session {
+    fn apply(&mut self, options: OptionsPayload) -> Result<Filter, String> {
+        let filter = Filter::build(&options.wanted_collections, &options.wanted_dids, &[], &self.limits)?;
+        if let Some(max) = options.max_message_size_bytes {
+            self.max_message_bytes = max as usize;
+        }
+        Ok(filter)
+    }
+}
+
+impl WireSession for V1Session {
+    fn message(&mut self, event: &Event) -> Option<Message> {
+        let json = event.v1_json.as_ref()?;
+        match &self.zstd {
+            Some(zstd) => zstd.compressed(event.seq, json).map(Message::Binary),
+            None => axum::extract::ws::Utf8Bytes::try_from(json.clone())
+                .ok()
+                .map(Message::Text),
+        }
+    }
+
+    fn client_max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
+
+    fn oversized_notice(&self, event: &Event, size: usize, limit: usize) -> Option<Message> {
+        if !self.notices {
+            return None;
+        }
+        let mut out = Vec::with_capacity(256);
+        out.push(b'{');
+        push_key(&mut out, "did");
+        push_str(&mut out, &event.did);
+        out.push(b',');
+        push_key(&mut out, "time_us");
+        push_i64(&mut out, event.time_us);
+        out.push(b',');
+        push_key(&mut out, "cursor");
+        push_u64(&mut out, event.seq);
+        out.extend_from_slice(b",\"kind\":\"notice\",\"notice\":{\"name\":\"EventTooBig\",");
+        push_key(&mut out, "size");
+        push_u64(&mut out, size as u64);
+        out.push(b',');
+        push_key(&mut out, "limit");
+        push_u64(&mut out, limit as u64);
+        out.push(b',');
+        push_key(&mut out, "fetch");
+        push_str(&mut out, &format!("/event/{}?wire=v1", event.seq));
+        out.extend_from_slice(b"}}");
+        axum::extract::ws::Utf8Bytes::try_from(Bytes::from(out))
+            .ok()
+            .map(Message::Text)
+    }
+
+    fn ending(&self, end: &End) -> (Option<Message>, u16, String) {
+        match end {
+            End::TooSlow => (None, 1008, "ConsumerTooSlow".into()),
+            End::TooOld { oldest } => (
+                None,
+                1008,
+                format!("CursorTooOld: position fell out of retention (oldest seq {oldest})"),
+            ),
+            End::Closed => (None, 1012, "sluice is restarting".into()),
+            End::ReadFailed(_) => (None, 1011, "InternalError".into()),
+        }
+    }
+
+    fn on_text(&mut self, text: &str, sub: &mut Subscription) -> Result<(), String> {
+        let options = parse_options(text)?;
+        let filter = self.apply(options)?;
+        sub.set_filter(filter);
+        Ok(())
+    }
+}

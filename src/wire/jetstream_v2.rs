@@ -89,3 +89,254 @@ pub fn commit_too_big(seq: u64, time_us: i64, did: &str, commit: &Commit) -> Vec
     out.extend_from_slice(b"]}}");
     out
 }
+
+// ---- the subscriber endpoint -------------------------------------------------------
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::ws::{Message, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::response::{IntoResponse, Response};
+
+use crate::event::Event;
+use crate::fanout::filter::{Filter, Kind};
+use crate::fanout::{End, SlowPolicy, Start, Subscription, WireKind};
+use crate::http::session::{self, WireSession};
+use crate::http::{bad_request, parse_bool, query_pairs, AppState};
+use crate::log::{Cursor, Resolved};
+
+/// The `xrpc.v1.json` subprotocol of proposal 0015.
+pub const SUBPROTOCOL: &str = "xrpc.v1.json";
+/// Cursors at or above this are unix µs, not seqs (as Jetstream v2 does).
+const TIME_CURSOR_FLOOR: u64 = 1_000_000_000_000_000;
+
+struct Params {
+    filter: Filter,
+    cursor: Option<u64>,
+    max_message_bytes: usize,
+    policy: Option<SlowPolicy>,
+}
+
+fn parse(pairs: &[(String, String)], state: &AppState) -> Result<Params, String> {
+    let (mut collections, mut dids, mut kinds) = (Vec::new(), Vec::new(), Vec::new());
+    let mut cursor = None;
+    let mut max_message_bytes = 0usize;
+    let mut policy = None;
+    for (key, value) in pairs {
+        match key.as_str() {
+            "collections" => collections.push(value.clone()),
+            "dids" => dids.push(value.clone()),
+            "kinds" => kinds.push(
+                Kind::parse(value)
+                    .ok_or_else(|| format!("kinds: unknown kind {value:?} (commit, identity, account, sync)"))?,
+            ),
+            "cursor" => {
+                cursor = Some(
+                    value
+                        .parse::<u64>()
+                        .map_err(|_| format!("cursor must be a non-negative integer, not {value:?}"))?,
+                )
+            }
+            "maxMessageSizeBytes" => {
+                max_message_bytes = value
+                    .parse::<u32>()
+                    .map_err(|_| format!("maxMessageSizeBytes must be an integer 0..=4294967295, not {value:?}"))?
+                    as usize
+            }
+            "slowConsumer" => policy = Some(value.parse::<SlowPolicy>()?),
+            "wantedCollections" | "wantedDids" | "requireHello" | "compress" => {
+                return Err(format!(
+                    "{key} is a Jetstream v1 parameter; this endpoint takes collections, dids, kinds and cursor"
+                ))
+            }
+            "zstdDictionary" => {
+                return Err("zstdDictionary is not supported by this server; omit it".to_string())
+            }
+            other => return Err(format!("unknown parameter {other:?}")),
+        }
+    }
+    let _ = parse_bool; // v2 has no boolean parameters
+    if !collections.is_empty() && !kinds.is_empty() && !kinds.contains(&Kind::Commit) {
+        return Err("collections given but kinds excludes commit: the filter could never apply".into());
+    }
+    let filter = Filter::build(&collections, &dids, &kinds, &state.filter_limits)?;
+    Ok(Params {
+        filter,
+        cursor,
+        max_message_bytes,
+        policy,
+    })
+}
+
+fn info(name: &str, message: &str) -> Message {
+    let mut out = Vec::with_capacity(128 + message.len());
+    out.extend_from_slice(b"{\"$type\":\"message\",\"payload\":{\"$type\":\"");
+    out.extend_from_slice(NSID.as_bytes());
+    out.extend_from_slice(b"#info\",");
+    push_key(&mut out, "name");
+    push_str(&mut out, name);
+    out.push(b',');
+    push_key(&mut out, "message");
+    push_str(&mut out, message);
+    out.extend_from_slice(b"}}");
+    text(out)
+}
+
+fn error_frame(error: &str, message: &str) -> Message {
+    let mut out = Vec::with_capacity(64 + message.len());
+    out.extend_from_slice(b"{\"$type\":\"error\",");
+    push_key(&mut out, "error");
+    push_str(&mut out, error);
+    out.push(b',');
+    push_key(&mut out, "message");
+    push_str(&mut out, message);
+    out.push(b'}');
+    text(out)
+}
+
+fn text(bytes: Vec<u8>) -> Message {
+    match axum::extract::ws::Utf8Bytes::try_from(bytes::Bytes::from(bytes)) {
+        Ok(t) => Message::Text(t),
+        Err(_) => Message::Text("{}".into()),
+    }
+}
+
+/// `GET /xrpc/network.bsky.jetstream.subscribeEvents`.
+pub async fn subscribe(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    RawQuery(query): RawQuery,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let params = match parse(&query_pairs(&query), &state) {
+        Ok(p) => p,
+        Err(message) => return bad_request(&state, "InvalidRequest", message),
+    };
+    let reader = state.hub.reader();
+    let mut initial = Vec::new();
+    let start = match params.cursor {
+        None => Start::Live,
+        Some(c) => {
+            let cursor = if c >= TIME_CURSOR_FLOOR {
+                Cursor::TimeUs(i64::try_from(c).unwrap_or(i64::MAX))
+            } else {
+                Cursor::Seq(c)
+            };
+            match reader.resolve(cursor) {
+                Ok(Resolved::From(seq)) => Start::From(seq),
+                Ok(Resolved::TooOld { oldest }) => match cursor {
+                    Cursor::TimeUs(_) => {
+                        initial.push(info(
+                            "OutdatedCursor",
+                            &format!("cursor is older than retention; resuming from seq {oldest}"),
+                        ));
+                        Start::From(oldest)
+                    }
+                    _ => {
+                        return bad_request(
+                            &state,
+                            "CursorTooOld",
+                            format!("cursor {c} is below the retention floor; the oldest seq held is {oldest}"),
+                        )
+                    }
+                },
+                Ok(Resolved::Live { .. }) | Ok(Resolved::Future { .. }) => {
+                    if matches!(cursor, Cursor::Seq(s) if s > reader.newest_seq() + 1) {
+                        initial.push(info(
+                            "FutureCursor",
+                            &format!("cursor {c} is beyond the newest seq {}; starting at the live tip", reader.newest_seq()),
+                        ));
+                    }
+                    Start::Live
+                }
+                Err(e) => {
+                    return (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("log unavailable: {e}"))
+                        .into_response()
+                }
+            }
+        }
+    };
+    let permit = match crate::http::admit(&state, peer) {
+        Ok(p) => p,
+        Err(response) => return response,
+    };
+    let policy = params.policy.unwrap_or(state.slow_policy);
+    upgrade
+        .protocols([SUBPROTOCOL])
+        .on_upgrade(move |socket| async move {
+            let sub = state
+                .hub
+                .subscribe(WireKind::JetstreamV2, params.filter, policy, start);
+            let wire = V2Session {
+                max_message_bytes: params.max_message_bytes,
+            };
+            let (end, totals) = session::run(
+                socket,
+                sub,
+                wire,
+                state.session.clone(),
+                state.shutdown.clone(),
+                initial,
+            )
+            .await;
+            state.stats.record_session(WireKind::JetstreamV2, &end, totals);
+            drop(permit);
+        })
+}
+
+struct V2Session {
+    max_message_bytes: usize,
+}
+
+impl WireSession for V2Session {
+    fn message(&mut self, event: &Event) -> Option<Message> {
+        let bytes = event.v2_json.as_ref()?;
+        axum::extract::ws::Utf8Bytes::try_from(bytes.clone())
+            .ok()
+            .map(Message::Text)
+    }
+
+    fn client_max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
+
+    fn oversized_notice(&self, event: &Event, size: usize, limit: usize) -> Option<Message> {
+        Some(info(
+            "EventTooBig",
+            &format!(
+                "event seq {} is {size} bytes, over this subscription's limit of {limit}; fetch it at /event/{}?wire=v2",
+                event.seq, event.seq
+            ),
+        ))
+    }
+
+    fn ending(&self, end: &End) -> (Option<Message>, u16, String) {
+        match end {
+            End::TooSlow => (
+                Some(error_frame("ConsumerTooSlow", "subscriber queue overflowed")),
+                1008,
+                "ConsumerTooSlow".into(),
+            ),
+            End::TooOld { oldest } => (
+                Some(error_frame(
+                    "CursorTooOld",
+                    &format!("position fell out of retention; the oldest seq held is {oldest}"),
+                )),
+                1008,
+                "CursorTooOld".into(),
+            ),
+            End::Closed => (None, 1012, "sluice is restarting".into()),
+            End::ReadFailed(e) => (
+                Some(error_frame("InternalError", e)),
+                1011,
+                "InternalError".into(),
+            ),
+        }
+    }
+
+    fn on_text(&mut self, _text: &str, _sub: &mut Subscription) -> Result<(), String> {
+        // v2 clients send nothing; ignore rather than punish.
+        Ok(())
+    }
+}

@@ -1,0 +1,178 @@
+//! Admission control for subscriber connections.
+//!
+//! Owns the limits checked before a websocket upgrade: total subscribers, new connections
+//! per second (a token bucket) and connections per IP. Must never admit past a limit, and
+//! never refuse without a jittered `Retry-After`, so a reconnect storm spreads itself out.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+
+#[derive(Debug, Clone)]
+pub struct AdmissionConfig {
+    pub max_subscribers: usize,
+    /// Sustained new connections per second; bursts up to `connect_burst`.
+    pub connects_per_sec: f64,
+    pub connect_burst: f64,
+    pub max_per_ip: usize,
+    /// Base of the `Retry-After` hint, seconds; up to as much again is added as jitter.
+    pub retry_after_secs: u64,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        Self {
+            max_subscribers: 10_000,
+            connects_per_sec: 500.0,
+            connect_burst: 2_000.0,
+            max_per_ip: 2_500,
+            retry_after_secs: 5,
+        }
+    }
+}
+
+/// Why a connection was refused: HTTP status and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub reason: &'static str,
+    pub retry_after_secs: u64,
+}
+
+struct State {
+    tokens: f64,
+    last: Instant,
+    per_ip: HashMap<IpAddr, usize>,
+    total: usize,
+}
+
+/// Shared admission state.
+#[derive(Clone)]
+pub struct Admission {
+    config: Arc<Mutex<AdmissionConfig>>,
+    state: Arc<Mutex<State>>,
+}
+
+/// Held for the life of an admitted connection; releases its slot on drop.
+pub struct Permit {
+    state: Arc<Mutex<State>>,
+    ip: IpAddr,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        let mut state = self.state.lock();
+        state.total = state.total.saturating_sub(1);
+        if let Some(n) = state.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                state.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Admission {
+    pub fn new(config: AdmissionConfig) -> Self {
+        let tokens = config.connect_burst;
+        Self {
+            config: Arc::new(Mutex::new(config)),
+            state: Arc::new(Mutex::new(State {
+                tokens,
+                last: Instant::now(),
+                per_ip: HashMap::new(),
+                total: 0,
+            })),
+        }
+    }
+
+    /// Replaces the limits (SIGHUP); admitted connections are kept.
+    pub fn reconfigure(&self, config: AdmissionConfig) {
+        *self.config.lock() = config;
+    }
+
+    pub fn admitted(&self) -> usize {
+        self.state.lock().total
+    }
+
+    pub fn admit(&self, ip: IpAddr) -> Result<Permit, Refusal> {
+        let config = self.config.lock().clone();
+        let retry = crate::http::session::retry_after(config.retry_after_secs);
+        let mut state = self.state.lock();
+        let now = Instant::now();
+        let elapsed = now.duration_since(state.last).as_secs_f64();
+        state.tokens = (state.tokens + elapsed * config.connects_per_sec).min(config.connect_burst);
+        state.last = now;
+        if state.total >= config.max_subscribers {
+            return Err(Refusal {
+                status: 503,
+                reason: "subscriber limit reached",
+                retry_after_secs: retry,
+            });
+        }
+        if state.per_ip.get(&ip).copied().unwrap_or(0) >= config.max_per_ip {
+            return Err(Refusal {
+                status: 429,
+                reason: "too many connections from this address",
+                retry_after_secs: retry,
+            });
+        }
+        if state.tokens < 1.0 {
+            return Err(Refusal {
+                status: 429,
+                reason: "too many new connections; retry later",
+                retry_after_secs: retry,
+            });
+        }
+        state.tokens -= 1.0;
+        state.total += 1;
+        *state.per_ip.entry(ip).or_default() += 1;
+        Ok(Permit {
+            state: self.state.clone(),
+            ip,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_total_per_ip_and_rate() {
+        let admission = Admission::new(AdmissionConfig {
+            max_subscribers: 3,
+            connects_per_sec: 0.0001,
+            connect_burst: 10.0,
+            max_per_ip: 2,
+            retry_after_secs: 2,
+        });
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let p1 = admission.admit(a).unwrap();
+        let _p2 = admission.admit(a).unwrap();
+        let refused = admission.admit(a).err().unwrap();
+        assert_eq!(refused.status, 429);
+        assert!((2..=4).contains(&refused.retry_after_secs));
+        let _p3 = admission.admit(b).unwrap();
+        assert_eq!(admission.admit(b).err().unwrap().status, 503);
+        drop(p1);
+        assert!(admission.admit(b).is_ok());
+    }
+
+    #[test]
+    fn token_bucket_refuses_a_burst() {
+        let admission = Admission::new(AdmissionConfig {
+            connects_per_sec: 0.0001,
+            connect_burst: 3.0,
+            ..AdmissionConfig::default()
+        });
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        let permits: Vec<_> = (0..3).map(|_| admission.admit(ip).unwrap()).collect();
+        drop(permits);
+        assert_eq!(admission.admit(ip).err().unwrap().status, 429);
+    }
+}

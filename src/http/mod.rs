@@ -1,0 +1,229 @@
+//! The HTTP side: subscriber endpoints (one per wire) and the event lookup endpoint.
+//!
+//! Owns routing, admission before upgrade, and the shared state handed to each session.
+//! Must never: do per-event work outside a subscriber's own session task, or upgrade a
+//! connection whose parameters are invalid (those get an HTTP 400 naming the problem).
+
+pub mod admission;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, Path, RawQuery, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio::sync::watch;
+
+use crate::fanout::filter::FilterLimits;
+use crate::fanout::{Hub, SlowPolicy, WireKind};
+use admission::{Admission, Permit, Refusal};
+use session::{SessionConfig, SessionEnd, SessionTotals};
+
+/// Counters for metrics, summed over sessions.
+#[derive(Debug, Default)]
+pub struct HttpStats {
+    pub refused_rate: AtomicU64,
+    pub refused_full: AtomicU64,
+    pub refused_invalid: AtomicU64,
+    pub delivered_events: [AtomicU64; 3],
+    pub delivered_bytes: [AtomicU64; 3],
+    pub oversized: [AtomicU64; 3],
+    pub v1_cursor_clamped: AtomicU64,
+    pub ended: parking_lot::Mutex<std::collections::BTreeMap<&'static str, u64>>,
+}
+
+impl HttpStats {
+    pub fn record_session(&self, wire: WireKind, end: &SessionEnd, totals: SessionTotals) {
+        let slot = match wire {
+            WireKind::JetstreamV1 => 0,
+            WireKind::JetstreamV2 => 1,
+            WireKind::Raw => 2,
+        };
+        self.delivered_events[slot].fetch_add(totals.events, Ordering::Relaxed);
+        self.delivered_bytes[slot].fetch_add(totals.bytes, Ordering::Relaxed);
+        self.oversized[slot].fetch_add(totals.oversized, Ordering::Relaxed);
+        *self.ended.lock().entry(end.reason()).or_default() += 1;
+    }
+}
+
+/// Everything a request handler needs.
+pub struct AppState {
+    pub hub: Hub,
+    pub admission: Admission,
+    pub session: SessionConfig,
+    pub filter_limits: FilterLimits,
+    pub slow_policy: SlowPolicy,
+    pub shutdown: watch::Receiver<bool>,
+    pub stats: HttpStats,
+    pub zstd: Option<Arc<crate::wire::jetstream_v1::Zstd>>,
+}
+
+/// The subscriber-facing router.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/subscribe", get(crate::wire::jetstream_v1::subscribe))
+        .route(
+            "/xrpc/network.bsky.jetstream.subscribeEvents",
+            get(crate::wire::jetstream_v2::subscribe),
+        )
+        .route(
+            "/xrpc/com.atproto.sync.subscribeRepos",
+            get(crate::wire::raw::subscribe),
+        )
+        .route("/event/{seq}", get(event_by_seq))
+        .route("/zstd-dictionary", get(zstd_dictionary))
+        .with_state(state)
+}
+
+/// Serves `router` on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = shutdown.wait_for(|&s| s).await;
+    })
+    .await
+}
+
+/// Query pairs in order, repeated keys kept.
+pub fn query_pairs(raw: &Option<String>) -> Vec<(String, String)> {
+    match raw {
+        Some(q) => url::form_urlencoded::parse(q.as_bytes())
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect(),
+        None => Vec::new(),
+    }
+}
+
+/// Parses a boolean query value.
+pub fn parse_bool(name: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "true" | "1" => Ok(true),
+        "false" | "0" | "" => Ok(false),
+        other => Err(format!("{name} must be true or false, not {other:?}")),
+    }
+}
+
+/// An HTTP 400 with a plain or XRPC-style JSON body.
+pub fn bad_request(state: &AppState, error: &str, message: String) -> Response {
+    state.stats.refused_invalid.fetch_add(1, Ordering::Relaxed);
+    let body = serde_json::json!({"error": error, "message": message}).to_string();
+    (
+        StatusCode::BAD_REQUEST,
+        [(header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
+/// Admits the connection or answers 429/503 with a jittered `Retry-After`.
+pub fn admit(state: &AppState, peer: SocketAddr) -> Result<Permit, Response> {
+    if *state.shutdown.borrow() {
+        return Err(refusal_response(&Refusal {
+            status: 503,
+            reason: "shutting down",
+            retry_after_secs: session::retry_after(state.session.retry_after_secs),
+        }));
+    }
+    state.admission.admit(peer.ip()).map_err(|refusal| {
+        let counter = if refusal.status == 503 {
+            &state.stats.refused_full
+        } else {
+            &state.stats.refused_rate
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        refusal_response(&refusal)
+    })
+}
+
+fn refusal_response(refusal: &Refusal) -> Response {
+    let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    let mut response = (
+        status,
+        serde_json::json!({"error": "Unavailable", "message": refusal.reason}).to_string(),
+    )
+        .into_response();
+    if let Ok(value) = HeaderValue::from_str(&refusal.retry_after_secs.to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
+}
+
+/// `GET /event/{seq}?wire=v1|v2|raw`: any retained event in any wire's format, so a
+/// subscriber told that an event was too big for it can still fetch it.
+async fn event_by_seq(
+    State(state): State<Arc<AppState>>,
+    Path(seq): Path<u64>,
+    RawQuery(query): RawQuery,
+    _peer: ConnectInfo<SocketAddr>,
+) -> Response {
+    let wire = query_pairs(&query)
+        .into_iter()
+        .find(|(k, _)| k == "wire")
+        .map(|(_, v)| v)
+        .unwrap_or_else(|| "v2".to_string());
+    let wire = match wire.as_str() {
+        "v1" => WireKind::JetstreamV1,
+        "v2" => WireKind::JetstreamV2,
+        "raw" => WireKind::Raw,
+        other => {
+            return bad_request(
+                &state,
+                "InvalidRequest",
+                format!("wire must be v1, v2 or raw, not {other:?}"),
+            )
+        }
+    };
+    let reader = state.hub.reader().clone();
+    let read = tokio::task::spawn_blocking(move || reader.read_from(seq, 1, 64 * 1024 * 1024)).await;
+    let event = match read {
+        Ok(Ok(events)) => events.into_iter().next().filter(|e| e.seq == seq),
+        Ok(Err(crate::log::LogError::TooOld { oldest, .. })) => {
+            return (
+                StatusCode::GONE,
+                format!("seq {seq} is older than retention (oldest is {oldest})"),
+            )
+                .into_response()
+        }
+        _ => None,
+    };
+    let Some(event) = event else {
+        return (StatusCode::NOT_FOUND, format!("no event with seq {seq}")).into_response();
+    };
+    match wire.payload(&event) {
+        Some(bytes) => {
+            let content_type = if wire == WireKind::Raw {
+                "application/vnd.ipld.dag-cbor"
+            } else {
+                "application/json"
+            };
+            ([(header::CONTENT_TYPE, content_type)], bytes.clone()).into_response()
+        }
+        None => (
+            StatusCode::NOT_FOUND,
+            format!("event {seq} is not carried on the {} wire", wire.as_str()),
+        )
+            .into_response(),
+    }
+}
+
+async fn zstd_dictionary(State(state): State<Arc<AppState>>) -> Response {
+    match &state.zstd {
+        Some(zstd) => (
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            zstd.dictionary().clone(),
+        )
+            .into_response(),
+        None => (StatusCode::NOT_FOUND, "compression is disabled").into_response(),
+    }
+}

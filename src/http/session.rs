@@ -1,0 +1,237 @@
+//! One subscriber's websocket session: the writer loop shared by every wire.
+//!
+//! Owns batching (feed many, flush once), the write timeout, ping/pong keepalive with
+//! dead-peer detection, per-subscriber message size limits, and the close on shutdown.
+//! Must never: encode an event (wires hand over pre-encoded bytes), wait on a peer without
+//! a timeout, or keep reading from the log after the peer is gone.
+
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::watch;
+
+use crate::event::Event;
+use crate::fanout::{End, Subscription};
+
+/// Limits of one session.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// A flush that takes longer than this ends the session (the peer is not reading).
+    pub write_timeout: Duration,
+    pub ping_interval: Duration,
+    /// No pong (or any message) for this long ends the session.
+    pub pong_timeout: Duration,
+    /// Events written per flush.
+    pub max_batch: usize,
+    /// Largest message sent to any subscriber, bytes (clients may ask for less).
+    pub server_max_message_bytes: usize,
+    /// Base of the retry hint sent on shutdown, seconds; jitter of the same size is added.
+    pub retry_after_secs: u64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            write_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(20),
+            pong_timeout: Duration::from_secs(60),
+            max_batch: 256,
+            server_max_message_bytes: 8 * 1024 * 1024,
+            retry_after_secs: 5,
+        }
+    }
+}
+
+/// What a wire decides for each session.
+pub trait WireSession: Send + 'static {
+    /// The message carrying this event, or `None` to skip it (e.g. the rest of a raw frame).
+    fn message(&mut self, event: &Event) -> Option<Message>;
+    /// The client's own message size limit (0 = none).
+    fn client_max_message_bytes(&self) -> usize;
+    /// What to tell the subscriber about an event it will not get because of its size.
+    fn oversized_notice(&self, event: &Event, size: usize, limit: usize) -> Option<Message>;
+    /// The last message before closing for `end`, and the close code and reason.
+    fn ending(&self, end: &End) -> (Option<Message>, u16, String);
+    /// A text message from the client (e.g. `options_update`); Err closes the session.
+    fn on_text(&mut self, text: &str, sub: &mut Subscription) -> Result<(), String>;
+}
+
+/// Counters kept per session and summed by the caller into metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SessionTotals {
+    pub events: u64,
+    pub bytes: u64,
+    pub oversized: u64,
+}
+
+/// Why a session ended, for metrics and logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    PeerClosed,
+    PeerDead,
+    WriteTimeout,
+    WriteFailed,
+    Shutdown,
+    Stream(End),
+    Protocol(String),
+}
+
+impl SessionEnd {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SessionEnd::PeerClosed => "peer_closed",
+            SessionEnd::PeerDead => "peer_dead",
+            SessionEnd::WriteTimeout => "write_timeout",
+            SessionEnd::WriteFailed => "write_failed",
+            SessionEnd::Shutdown => "shutdown",
+            SessionEnd::Stream(End::TooOld { .. }) => "too_old",
+            SessionEnd::Stream(End::TooSlow) => "too_slow",
+            SessionEnd::Stream(End::Closed) => "log_closed",
+            SessionEnd::Stream(End::ReadFailed(_)) => "read_failed",
+            SessionEnd::Protocol(_) => "protocol",
+        }
+    }
+}
+
+/// Jittered retry hint: base plus up to base again.
+pub fn retry_after(base_secs: u64) -> u64 {
+    use rand::Rng;
+    base_secs + rand::thread_rng().gen_range(0..=base_secs.max(1))
+}
+
+/// Runs the session until the peer leaves, the stream ends, or shutdown.
+pub async fn run(
+    socket: WebSocket,
+    mut sub: Subscription,
+    mut wire: impl WireSession,
+    config: SessionConfig,
+    mut shutdown: watch::Receiver<bool>,
+    initial: Vec<Message>,
+) -> (SessionEnd, SessionTotals) {
+    let (mut sink, mut stream) = socket.split();
+    let mut totals = SessionTotals::default();
+    for message in initial {
+        if sink.send(message).await.is_err() {
+            return (SessionEnd::WriteFailed, totals);
+        }
+    }
+    let mut ping = tokio::time::interval(config.ping_interval);
+    ping.tick().await;
+    let mut last_heard = tokio::time::Instant::now();
+    let end = loop {
+        let dead_at = last_heard + config.pong_timeout;
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => break SessionEnd::Shutdown,
+            incoming = stream.next() => match incoming {
+                Some(Ok(Message::Text(text))) => {
+                    last_heard = tokio::time::Instant::now();
+                    if let Err(problem) = wire.on_text(text.as_str(), &mut sub) {
+                        break SessionEnd::Protocol(problem);
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => break SessionEnd::PeerClosed,
+                Some(Ok(_)) => last_heard = tokio::time::Instant::now(),
+                Some(Err(_)) => break SessionEnd::PeerClosed,
+            },
+            _ = ping.tick() => {
+                if tokio::time::timeout(config.write_timeout, sink.send(Message::Ping(Default::default()))).await.is_err() {
+                    break SessionEnd::WriteTimeout;
+                }
+            }
+            _ = tokio::time::sleep_until(dead_at) => break SessionEnd::PeerDead,
+            batch = sub.next_batch(config.max_batch) => {
+                let events = match batch {
+                    Ok(events) => events,
+                    Err(end) => break SessionEnd::Stream(end),
+                };
+                // Read per batch: `options_update` may change it mid-stream.
+                let limit = match wire.client_max_message_bytes() {
+                    0 => config.server_max_message_bytes,
+                    n => n.min(config.server_max_message_bytes),
+                };
+                let mut fed = false;
+                let mut failed = false;
+                for event in &events {
+                    let Some(message) = wire.message(event) else { continue };
+                    let size = message_len(&message);
+                    let message = if size > limit {
+                        totals.oversized += 1;
+                        match wire.oversized_notice(event, size, limit) {
+                            Some(notice) => notice,
+                            None => continue,
+                        }
+                    } else {
+                        totals.events += 1;
+                        totals.bytes += size as u64;
+                        message
+                    };
+                    if sink.feed(message).await.is_err() {
+                        failed = true;
+                        break;
+                    }
+                    fed = true;
+                }
+                if failed {
+                    break SessionEnd::WriteFailed;
+                }
+                if fed {
+                    match tokio::time::timeout(config.write_timeout, sink.flush()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => break SessionEnd::WriteFailed,
+                        Err(_) => break SessionEnd::WriteTimeout,
+                    }
+                }
+            }
+        }
+    };
+    let (last, code, reason) = match &end {
+        SessionEnd::Shutdown => (
+            None,
+            1012,
+            format!(
+                "sluice is restarting; resume with your cursor in {} s",
+                retry_after(config.retry_after_secs)
+            ),
+        ),
+        SessionEnd::Stream(stream_end) => wire.ending(stream_end),
+        SessionEnd::Protocol(problem) => (None, 1008, problem.clone()),
+        SessionEnd::PeerDead => (None, 1001, "no pong".to_string()),
+        _ => (None, 1000, String::new()),
+    };
+    if !matches!(end, SessionEnd::PeerClosed | SessionEnd::WriteFailed | SessionEnd::WriteTimeout) {
+        let close = async {
+            if let Some(last) = last {
+                sink.send(last).await?;
+            }
+            sink.send(Message::Close(Some(CloseFrame {
+                code,
+                reason: truncate_reason(reason).into(),
+            })))
+            .await
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+    }
+    (end, totals)
+}
+
+fn message_len(message: &Message) -> usize {
+    match message {
+        Message::Text(t) => t.len(),
+        Message::Binary(b) => b.len(),
+        _ => 0,
+    }
+}
+
+/// Close reasons are limited to 123 bytes by the websocket protocol.
+fn truncate_reason(mut reason: String) -> String {
+    if reason.len() > 123 {
+        let mut cut = 123;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+    }
+    reason
+}
