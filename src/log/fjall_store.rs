@@ -51,6 +51,9 @@ pub struct FjallConfig {
     pub max_journal_bytes: u64,
     /// Block and blob cache.
     pub cache_bytes: u64,
+    /// Memtable size of the blob partitions: data leaves the journal for blob files when
+    /// a memtable of this size is flushed.
+    pub memtable_bytes: u32,
     pub compression: Compression,
 }
 
@@ -62,6 +65,7 @@ impl FjallConfig {
             blob_file_bytes: 64 * 1024 * 1024,
             max_journal_bytes: 128 * 1024 * 1024,
             cache_bytes: 64 * 1024 * 1024,
+            memtable_bytes: 32 * 1024 * 1024,
             compression: Compression::default(),
         }
     }
@@ -177,11 +181,13 @@ impl FjallStore {
                 ))
             })?;
         let kv = || {
-            PartitionCreateOptions::default().with_kv_separation(
-                KvSeparationOptions::default()
-                    .file_target_size(config.blob_file_bytes.max(1024 * 1024))
-                    .separation_threshold(512),
-            )
+            PartitionCreateOptions::default()
+                .max_memtable_size(config.memtable_bytes.max(1024 * 1024))
+                .with_kv_separation(
+                    KvSeparationOptions::default()
+                        .file_target_size(config.blob_file_bytes.max(1024 * 1024))
+                        .separation_threshold(512),
+                )
         };
         let events = keyspace.open_partition("events", kv()).map_err(backend)?;
         let frames = keyspace.open_partition("frames", kv()).map_err(backend)?;

@@ -26,7 +26,6 @@
 //! own cursor (last seq + 1) and calls again; [`LogReader::wait_for_newer`] parks it until
 //! the log moves past a seq.
 
-pub mod checkpoint;
 pub mod codec;
 pub mod fjall_store;
 pub mod retention;
@@ -74,6 +73,8 @@ pub struct LogConfig {
     pub blob_file_bytes: u64,
     /// Journal budget of the embedded store (at least 24 MiB).
     pub max_journal_bytes: u64,
+    /// Memtable size of the embedded store's blob partitions.
+    pub memtable_bytes: u32,
     pub compression: Compression,
 }
 
@@ -90,6 +91,7 @@ impl LogConfig {
             segment_target_bytes: store.segment_target_bytes,
             blob_file_bytes: store.blob_file_bytes,
             max_journal_bytes: store.max_journal_bytes,
+            memtable_bytes: store.memtable_bytes,
             compression: store.compression,
         }
     }
@@ -100,6 +102,7 @@ impl LogConfig {
         c.segment_target_bytes = self.segment_target_bytes;
         c.blob_file_bytes = self.blob_file_bytes;
         c.max_journal_bytes = self.max_journal_bytes;
+        c.memtable_bytes = self.memtable_bytes;
         c.compression = self.compression;
         c
     }

@@ -30,7 +30,17 @@ pub fn template_frames() -> Vec<Vec<Event>> {
             path.display()
         );
         for i in 0..50u64 {
-            let raw = Bytes::from(vec![(i % 251) as u8; 2000 + (i as usize * 37) % 3000]);
+            // Pseudo-random bytes: compress about as badly as real frames' CIDs.
+            let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ i;
+            let raw: Bytes = (0..2000 + (i as usize * 37) % 3000)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect::<Vec<u8>>()
+                .into();
             let ops = 1 + (i % 3) as u16;
             out.push(
                 (0..ops)
