@@ -63,7 +63,7 @@ pub struct IngestHandle {
 }
 
 impl IngestHandle {
-    /// Stops reading upstream, lets ingest finish what it has, saves the checkpoint.
+    /// Stops reading upstream, lets ingest finish what it has; the log keeps the resume state.
     pub async fn shutdown(self) -> anyhow::Result<IngestStats> {
         let _ = self.shutdown.send(true);
         self.client

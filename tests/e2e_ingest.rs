@@ -13,6 +13,8 @@ use serde_json::json;
 use sluice::daemon::{start_ingest, IngestConfig, IngestHandle};
 use sluice::decode::dagcbor_encode::encode_dag_cbor;
 use sluice::event::{Event, EventKind};
+use sluice::ingest::StampState;
+use sluice::log::{Log, LogConfig};
 use sluice::upstream::capture::{read_all, upstream_fixtures_dir};
 use sluice::upstream::client::UpstreamConfig;
 use sluice::upstream::replay::{self, Listen, ReplayOptions, ReplaySource, Speed};
@@ -37,26 +39,36 @@ async fn start_replay(frames: Vec<Bytes>) -> (SocketAddr, tokio::task::JoinHandl
     (addr, task)
 }
 
-fn config(addr: SocketAddr, data_dir: &Path) -> IngestConfig {
+fn config(addr: SocketAddr) -> IngestConfig {
     let upstream = UpstreamConfig {
         upstream: format!("ws://{addr}"),
         backoff_min: Duration::from_millis(20),
         backoff_max: Duration::from_millis(200),
         ..UpstreamConfig::default()
     };
-    let mut config = IngestConfig::new(upstream, data_dir.to_path_buf());
-    config.checkpoint_interval = Duration::from_millis(50);
-    config
+    IngestConfig::new(upstream)
 }
 
-fn start(config: IngestConfig) -> (IngestHandle, Collected) {
+fn start(config: IngestConfig, state: StampState) -> (IngestHandle, Collected) {
     let collected: Collected = Arc::default();
     let sink_events = collected.clone();
-    let handle = start_ingest(config, move |events: Vec<Event>| {
-        sink_events.lock().unwrap().extend(events)
+    let handle = start_ingest(config, state, move |events: Vec<Event>| {
+        sink_events.lock().unwrap().extend(events);
+        Ok(())
     })
     .unwrap();
     (handle, collected)
+}
+
+/// Ingest into a real event log under `dir`, as `serve` does.
+fn start_logged(config: IngestConfig, dir: &Path) -> (IngestHandle, Arc<Log>) {
+    let mut log_config = LogConfig::new(dir);
+    // The corpus is months old; keep it despite age-based retention.
+    log_config.retention.max_age = Duration::from_secs(100 * 365 * 24 * 3600);
+    let (log, state) = Log::open(log_config).unwrap();
+    let log = Arc::new(log);
+    let handle = start_ingest(config, state, log.clone()).unwrap();
+    (handle, log)
 }
 
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
@@ -97,8 +109,7 @@ fn identity(seq: i64, handle: &str) -> Bytes {
 async fn replay_of_the_real_capture_is_ingested_with_correct_stamps() {
     let frames = corpus();
     let (addr, _replay) = start_replay(frames.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let (handle, collected) = start(config(addr, dir.path()));
+    let (handle, collected) = start(config(addr), StampState::fresh());
     wait_for("152 events", || collected.lock().unwrap().len() >= 152).await;
     let stats = handle.shutdown().await.unwrap();
     let events = collected.lock().unwrap().clone();
@@ -123,37 +134,46 @@ async fn replay_of_the_real_capture_is_ingested_with_correct_stamps() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restart_resumes_from_the_cursor_and_never_reuses_a_seq() {
+async fn restart_resumes_from_the_log_without_gap_or_duplicate() {
     let frames = corpus();
     let dir = tempfile::tempdir().unwrap();
     // First run sees only the first 100 frames.
     let (addr, replay_task) = start_replay(frames[..100].to_vec()).await;
-    let (handle, first) = start(config(addr, dir.path()));
-    let first_count = {
-        wait_for("first 100 frames", || {
-            handle.shared.cursor() == Some(31_527_015_421)
-        })
-        .await;
-        handle.shutdown().await.unwrap();
-        first.lock().unwrap().len()
-    };
+    let (handle, log) = start_logged(config(addr), dir.path());
+    wait_for("first 100 frames", || {
+        handle.shared.cursor() == Some(31_527_015_421)
+    })
+    .await;
+    handle.shutdown().await.unwrap();
+    assert!(log.flush(Duration::from_secs(10)));
+    log.close().unwrap();
+    drop(log);
     replay_task.abort();
     // Second run: the upstream now has all 150; only the last 50 are new.
     let (addr, _replay) = start_replay(frames.clone()).await;
-    let (handle, second) = start(config(addr, dir.path()));
+    let (handle, log) = start_logged(config(addr), dir.path());
     wait_for("the rest", || {
         handle.shared.cursor() == Some(31_527_015_471)
     })
     .await;
     let stats = handle.shutdown().await.unwrap();
-    let first = first.lock().unwrap().clone();
-    let second = second.lock().unwrap().clone();
-    assert_eq!(first_count + second.len(), 152, "every event exactly once");
     assert_eq!(stats.duplicates_dropped, 0, "resumed with ?cursor, nothing re-sent");
-    let last_first = first.last().unwrap();
-    assert!(second[0].seq > last_first.seq, "no seq reuse after restart");
-    assert!(second[0].upstream_seq > last_first.upstream_seq);
-    assert!(second.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+    let reader = log.reader();
+    let mut events = Vec::new();
+    while let Some(next) = events.last().map_or(Some(1), |e: &Arc<Event>| {
+        (e.seq < reader.newest_seq()).then_some(e.seq + 1)
+    }) {
+        events.extend(reader.read_from(next, 1000, usize::MAX).unwrap());
+    }
+    assert_eq!(events.len(), 152, "every event exactly once");
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e.seq, i as u64 + 1, "gapless across the restart");
+    }
+    let raw: Vec<Bytes> = events
+        .iter()
+        .filter_map(|e| sluice::wire::raw::frame_of(e).cloned())
+        .collect();
+    assert_eq!(raw, frames, "every upstream frame once, in order");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,10 +181,9 @@ async fn an_oversized_frame_is_counted_and_skipped_without_losing_the_rest() {
     let mut frames: Vec<Bytes> = (1..=10).map(|s| identity(s, "ok.test")).collect();
     frames[4] = identity(5, &"x".repeat(100_000));
     let (addr, _replay) = start_replay(frames).await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(addr, dir.path());
+    let mut cfg = config(addr);
     cfg.upstream.max_frame_bytes = 64 * 1024;
-    let (handle, collected) = start(cfg);
+    let (handle, collected) = start(cfg, StampState::fresh());
     wait_for("the 9 small frames", || collected.lock().unwrap().len() >= 9).await;
     let shared = handle.shared.clone();
     handle.shutdown().await.unwrap();
@@ -196,10 +215,9 @@ async fn a_stalled_upstream_is_detected_and_replaced() {
             }
         }
     });
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(addr, dir.path());
+    let mut cfg = config(addr);
     cfg.upstream.stall_timeout = Duration::from_millis(600);
-    let (handle, _) = start(cfg);
+    let (handle, _) = start(cfg, StampState::fresh());
     wait_for("a second connection after a stall", || {
         accepts.load(Ordering::SeqCst) >= 2
     })
@@ -212,14 +230,13 @@ async fn a_stalled_upstream_is_detected_and_replaced() {
 async fn future_cursor_makes_ingest_follow_the_new_numbering() {
     let frames: Vec<Bytes> = (1..=5).map(|s| identity(s, "ok.test")).collect();
     let (addr, _replay) = start_replay(frames).await;
-    let dir = tempfile::tempdir().unwrap();
-    // A checkpoint from a relay whose seqs were far higher.
-    std::fs::write(
-        dir.path().join("checkpoint.json"),
-        br#"{"seq_leased_through":500,"last_time_us":0,"upstream_cursor":999999}"#,
-    )
-    .unwrap();
-    let (handle, collected) = start(config(addr, dir.path()));
+    // Resume state from a relay whose seqs were far higher.
+    let state = StampState {
+        next_seq: 501,
+        last_time_us: 0,
+        upstream_cursor: Some(999_999),
+    };
+    let (handle, collected) = start(config(addr), state);
     wait_for("5 events after FutureCursor", || {
         collected.lock().unwrap().len() >= 5
     })
