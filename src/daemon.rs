@@ -229,17 +229,27 @@ impl Daemon {
                 .await?
                 .map_err(|e| anyhow::anyhow!("cannot open the event log: {e}"))?;
         let log = Arc::new(log);
-        let zstd = {
-            let dictionary = match &config.zstd_dictionary {
-                Some(path) => std::fs::read(path).map_err(|e| {
+        let zstd = Arc::new(std::sync::OnceLock::new());
+        match &config.zstd_dictionary {
+            Some(path) => {
+                let dictionary = std::fs::read(path).map_err(|e| {
                     anyhow::anyhow!("cannot read zstd dictionary {}: {e}", path.display())
-                })?,
-                None => tokio::task::spawn_blocking(crate::wire::jetstream_v1::default_dictionary)
-                    .await?
-                    .map_err(|e| anyhow::anyhow!("cannot train the zstd dictionary: {e}"))?,
-            };
-            Arc::new(crate::wire::jetstream_v1::Zstd::new(dictionary, 3))
-        };
+                })?;
+                let _ = zstd.set(Arc::new(crate::wire::jetstream_v1::Zstd::new(dictionary, 3)));
+            }
+            None => {
+                let slot = zstd.clone();
+                tokio::task::spawn_blocking(move || {
+                    match crate::wire::jetstream_v1::default_dictionary() {
+                        Ok(dictionary) => {
+                            let _ = slot.set(Arc::new(crate::wire::jetstream_v1::Zstd::new(dictionary, 3)));
+                            tracing::info!("zstd dictionary trained; compress=true is available");
+                        }
+                        Err(e) => tracing::error!(error = %e, "cannot train the zstd dictionary; compress=true stays unavailable"),
+                    }
+                });
+            }
+        }
         let hub = crate::fanout::Hub::start(log.reader(), config.hub.clone());
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -254,7 +264,7 @@ impl Daemon {
             slow_policy: config.slow_policy,
             shutdown: shutdown_rx.clone(),
             stats: crate::http::HttpStats::default(),
-            zstd: Some(zstd),
+            zstd,
         });
         let server = tokio::spawn(crate::http::serve(
             listener,

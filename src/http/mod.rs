@@ -59,7 +59,9 @@ pub struct AppState {
     pub slow_policy: SlowPolicy,
     pub shutdown: watch::Receiver<bool>,
     pub stats: HttpStats,
-    pub zstd: Option<Arc<crate::wire::jetstream_v1::Zstd>>,
+    /// Set once the v1 compression dictionary is ready (loaded, or trained in the
+    /// background at start); until then `compress=true` gets a 503 with Retry-After.
+    pub zstd: Arc<std::sync::OnceLock<Arc<crate::wire::jetstream_v1::Zstd>>>,
 }
 
 /// The subscriber-facing router.
@@ -146,7 +148,7 @@ pub fn admit(state: &AppState, peer: SocketAddr) -> Result<Permit, Response> {
     })
 }
 
-fn refusal_response(refusal: &Refusal) -> Response {
+pub fn refusal_response(refusal: &Refusal) -> Response {
     let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let mut response = (
         status,
@@ -218,12 +220,12 @@ async fn event_by_seq(
 }
 
 async fn zstd_dictionary(State(state): State<Arc<AppState>>) -> Response {
-    match &state.zstd {
+    match state.zstd.get() {
         Some(zstd) => (
             [(header::CONTENT_TYPE, "application/octet-stream")],
             zstd.dictionary().clone(),
         )
             .into_response(),
-        None => (StatusCode::NOT_FOUND, "compression is disabled").into_response(),
+        None => (StatusCode::SERVICE_UNAVAILABLE, "the dictionary is still being trained").into_response(),
     }
 }

@@ -287,9 +287,17 @@ pub async fn subscribe(
         Ok(f) => f,
         Err(message) => return bad_request(&state, "InvalidRequest", message),
     };
-    if params.compress && state.zstd.is_none() {
-        return bad_request(&state, "InvalidRequest", "compression is disabled on this server".into());
-    }
+    let zstd = match (params.compress, state.zstd.get()) {
+        (false, _) => None,
+        (true, Some(zstd)) => Some(zstd.clone()),
+        (true, None) => {
+            return crate::http::refusal_response(&crate::http::admission::Refusal {
+                status: 503,
+                reason: "the compression dictionary is not ready yet",
+                retry_after_secs: crate::http::session::retry_after(state.session.retry_after_secs),
+            })
+        }
+    };
     let start = match params.cursor {
         None => Start::Live,
         Some(t) => match state.hub.reader().resolve(Cursor::TimeUs(t)) {
@@ -316,7 +324,7 @@ pub async fn subscribe(
     let policy = params.policy.unwrap_or(state.slow_policy);
     upgrade.on_upgrade(move |mut socket| async move {
         let mut wire = V1Session {
-            zstd: if params.compress { state.zstd.clone() } else { None },
+            zstd,
             max_message_bytes: params.max_message_bytes,
             notices: params.notices,
             limits: state.filter_limits,
