@@ -100,12 +100,7 @@ fn unit_keeps_the_required_settings() {
     let example = include_str!("../systemd/sluice.example.toml");
     let shutdown: u64 = example
         .lines()
-        .find_map(|l| {
-            l.trim()
-                .trim_start_matches('#')
-                .trim()
-                .strip_prefix("shutdown_timeout_secs")
-        })
+        .find_map(|l| l.trim().strip_prefix("shutdown_timeout_secs"))
         .and_then(|rest| rest.trim().strip_prefix('='))
         .map(|v| v.trim().parse().unwrap())
         .expect("example config sets shutdown_timeout_secs");
@@ -113,4 +108,25 @@ fn unit_keeps_the_required_settings() {
         stop >= shutdown + 5,
         "TimeoutStopSec={stop} leaves too little over shutdown_timeout_secs={shutdown}"
     );
+}
+
+#[test]
+fn example_config_passes_config_check() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/sluice.example.toml");
+    let mut check = Command::new(env!("CARGO_BIN_EXE_sluice"));
+    check.args(["config", "check", "--config", example]);
+    // Only the file may speak: SLUICE_* variables would override it.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("SLUICE_") {
+            check.env_remove(key);
+        }
+    }
+    let out = check.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "sluice config check rejected the example:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("/var/lib/sluice"), "{stdout}");
 }
