@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::{
     handshake::server::{ErrorResponse, Request, Response},
     http::StatusCode,
+    protocol::{frame::coding::CloseCode, CloseFrame},
     Message,
 };
 
@@ -72,6 +73,8 @@ enum Mode {
     DropFirstAfter(usize),
     /// Refuse every handshake with this status.
     Refuse(u16),
+    /// Close the first connection with this code and reason after this many events.
+    CloseFirstAfter(usize, u16, &'static str),
 }
 
 struct Server {
@@ -144,6 +147,17 @@ async fn start_server(events: Vec<(i64, String)>, mode: Mode) -> Server {
                         if this_connection == 1 && sent == k {
                             // Abrupt: no close frame, the TCP connection just goes away.
                             drop(ws);
+                            return;
+                        }
+                    }
+                    if let Mode::CloseFirstAfter(k, code, reason) = mode {
+                        if this_connection == 1 && sent == k {
+                            let frame = CloseFrame {
+                                code: CloseCode::from(code),
+                                reason: reason.into(),
+                            };
+                            let _ = ws.close(Some(frame)).await;
+                            while let Some(Ok(_)) = ws.next().await {}
                             return;
                         }
                     }
@@ -441,4 +455,72 @@ async fn bad_filters_are_rejected_before_connecting() {
     .await;
     assert!(result.is_err());
     assert!(server.queries().is_empty());
+}
+
+#[tokio::test]
+async fn a_restarting_server_is_resumed_after_its_retry_hint() {
+    let evs = events(12);
+    let all: Vec<String> = evs.iter().map(|(_, j)| j.clone()).collect();
+    let server = start_server(
+        evs.clone(),
+        Mode::CloseFirstAfter(
+            5,
+            1012,
+            "sluice is restarting; resume with your cursor in 1 s",
+        ),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let (lines, summary) = run_tail(args(
+        server.addr,
+        &[
+            "--format",
+            "jsonl",
+            "--cursor",
+            &evs[0].0.to_string(),
+            "--count",
+            "12",
+        ],
+    ))
+    .await;
+    assert_eq!(lines, all);
+    assert_eq!(summary.connections, 2);
+    assert!(
+        started.elapsed() >= Duration::from_millis(950),
+        "reconnected before the server's hint: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        param(&server.queries()[1], "cursor"),
+        [evs[4].0.to_string()]
+    );
+}
+
+#[tokio::test]
+async fn a_cursor_out_of_retention_stops_instead_of_skipping() {
+    let evs = events(6);
+    let server = start_server(
+        evs.clone(),
+        Mode::CloseFirstAfter(
+            2,
+            1008,
+            "CursorTooOld: position fell out of retention (oldest seq 9)",
+        ),
+    )
+    .await;
+    let out = SharedOut::default();
+    let result = tokio::time::timeout(
+        LIMIT,
+        tail::tail(
+            &args(server.addr, &["--format", "jsonl"]),
+            out.clone(),
+            std::future::pending::<()>(),
+        ),
+    )
+    .await
+    .unwrap();
+    let err = result.expect_err("CursorTooOld is fatal");
+    assert!(format!("{err:#}").contains("CursorTooOld"), "{err:#}");
+    assert_eq!(out.lines().len(), 2);
+    assert_eq!(server.queries().len(), 1);
 }

@@ -6,8 +6,10 @@
 //! Owns the client side of the v1 wire only. Must never: print an event twice or skip one
 //! across a reconnect or restart (the cursor is inclusive; [`cursor::Position`] dedups the
 //! overlap), save a cursor past output that has not been flushed, write anything but
-//! events to stdout, or retry a request the server rejected as invalid (HTTP 4xx other
-//! than 429).
+//! events to stdout, retry a request the server rejected as invalid (HTTP 4xx other
+//! than 429), or move past a cursor the server no longer retains (`CursorTooOld`) on its
+//! own. Server retry hints (HTTP `Retry-After`, "in N s" in a 1012 close reason) are
+//! honoured.
 
 pub mod cursor;
 pub mod endpoint;
@@ -435,13 +437,7 @@ impl<W: Write> Tailer<'_, W> {
                         );
                     }
                 }
-                Some(Ok(Message::Close(frame))) => {
-                    let why = match frame {
-                        Some(f) => format!("server closed: {} {}", u16::from(f.code), f.reason),
-                        None => "server closed".to_string(),
-                    };
-                    return dropped(progressed, why);
-                }
+                Some(Ok(Message::Close(frame))) => return closed_by_server(progressed, frame),
                 Some(Ok(_)) => last_heard = Instant::now(),
                 Some(Err(err)) => return dropped(progressed, format!("read failed: {err}")),
                 None => return dropped(progressed, "connection ended"),
@@ -552,6 +548,50 @@ fn dropped(progressed: bool, why: impl Into<String>) -> End {
     }
 }
 
+/// The server closed the stream: resume from the cursor (after its retry hint, if it gave
+/// one), except when resuming cannot work.
+fn closed_by_server(progressed: bool, frame: Option<CloseFrame>) -> End {
+    let Some(frame) = frame else {
+        return dropped(progressed, "server closed");
+    };
+    let code = u16::from(frame.code);
+    let reason = frame.reason.as_str();
+    let why = format!("server closed: {code} {reason}");
+    if reason.starts_with("CursorTooOld") {
+        // Reconnecting with the same cursor cannot succeed, and moving it silently would
+        // skip events: the operator decides.
+        return End::Fatal(anyhow::anyhow!(
+            "{why}; events after the saved cursor are no longer retained. Start again with an \
+             explicit --cursor (or without the cursor file) to accept the gap"
+        ));
+    }
+    if code == 1008 && !reason.starts_with("ConsumerTooSlow") {
+        return End::Fatal(anyhow::anyhow!("{why}"));
+    }
+    End::Dropped {
+        progressed,
+        retry_after: retry_hint(reason),
+        why,
+    }
+}
+
+/// A server-advised delay in a close reason: "... in 7 s", "... in 7 seconds".
+fn retry_hint(reason: &str) -> Option<Duration> {
+    let words: Vec<&str> = reason
+        .split(|c: char| c.is_whitespace() || c == ';' || c == ',')
+        .filter(|w| !w.is_empty())
+        .collect();
+    words.windows(3).find_map(|w| {
+        let unit_ok = matches!(w[2].trim_end_matches('.'), "s" | "sec" | "secs" | "seconds");
+        if w[0] == "in" && unit_ok {
+            let secs: f64 = w[1].parse().ok()?;
+            (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(3600.0)))
+        } else {
+            None
+        }
+    })
+}
+
 /// A failed handshake: retry unless the server said the request itself is wrong.
 fn refused(err: tungstenite::Error) -> End {
     let tungstenite::Error::Http(response) = &err else {
@@ -617,6 +657,20 @@ mod tests {
         assert!((ago - expect).abs() < 5_000_000);
         assert!(parse_cursor("-5").is_err());
         assert!(parse_cursor("yesterday-ish").is_err());
+    }
+
+    #[test]
+    fn reads_retry_hints() {
+        assert_eq!(
+            retry_hint("sluice is restarting; resume with your cursor in 7 s"),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            retry_hint("try again in 2.5 seconds."),
+            Some(Duration::from_millis(2500))
+        );
+        assert_eq!(retry_hint("sluice is restarting"), None);
+        assert_eq!(retry_hint("in x s"), None);
     }
 
     #[test]
