@@ -643,3 +643,25 @@ fn mutated_frames_never_panic() {
         let _ = decode(&f);
     }
 }
+
+#[test]
+fn duplicate_op_cids_share_one_conversion() {
+    // Small identical records named by several ops all decode, identically.
+    let rec = like();
+    let f = cat(&[
+        &commit_header(),
+        &enc(&commit_body(&[&rec, &rec, &rec], &car(&[&rec]))),
+    ]);
+    let c = commit_of(decode(&f));
+    assert_eq!(c.ops.len(), 3);
+    assert!(matches!(c.ops[0].record, RecordState::Json(_)));
+    assert!(c.ops.iter().all(|o| o.record == c.ops[0].record));
+    // A large record named by many ops would be O(ops x record); it is refused instead.
+    let big = enc(&json!({ "$type": "x", "text": "a".repeat(64 * 1024) }));
+    let refs: Vec<&[u8]> = vec![&big; 40];
+    let f = cat(&[&commit_header(), &enc(&commit_body(&refs, &car(&[&big])))]);
+    assert_eq!(
+        decode(&f),
+        Err(DecodeError::LimitExceeded("record JSON per frame"))
+    );
+}

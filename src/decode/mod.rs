@@ -282,8 +282,15 @@ fn decode_commit<'a, S: Source<'a>>(
     let blocks = blocks.unwrap_or(&[]);
     let found = find_blocks::<S>(&ops, blocks, limits)?;
 
+    // Ops naming the same CID share one block; converting it once per op would make the output
+    // O(ops x record) instead of O(frame). Each block is converted once, repeats are copies,
+    // and all record JSON of a frame is capped at a multiple of the frame's own size (a single
+    // conversion expands by at most ~6x, for text made of control characters).
+    let budget = r.input().len().saturating_mul(8).saturating_add(64 * 1024);
+    let mut json_total: usize = 0;
+    let mut first_use: std::collections::HashMap<usize, usize> = std::collections::HashMap::new();
     let mut writer = JsonWriter::new();
-    let mut out_ops = Vec::with_capacity(ops.len());
+    let mut out_ops: Vec<Op> = Vec::with_capacity(ops.len());
     for (op, block) in ops.iter().zip(found) {
         let (collection, rkey) = op
             .path
@@ -293,12 +300,37 @@ fn decode_commit<'a, S: Source<'a>>(
             (Action::Delete, _) => RecordState::None,
             (_, None) => RecordState::Missing,
             (_, Some(data)) => {
-                let mut json = String::with_capacity(data.len() + data.len() / 2);
-                match json::record_to_json_into::<S>(data, limits.max_depth, &mut json, &mut writer)
-                {
-                    Ok(()) => RecordState::Json(json),
-                    Err(_) => RecordState::Undecodable,
+                let key = data.as_ptr() as usize;
+                let earlier = if ops.len() > 1 {
+                    first_use.get(&key).copied()
+                } else {
+                    None
+                };
+                let record = match earlier {
+                    Some(i) => out_ops[i].record.clone(),
+                    None => {
+                        if ops.len() > 1 {
+                            first_use.insert(key, out_ops.len());
+                        }
+                        let mut json = String::with_capacity(data.len() + data.len() / 2);
+                        match json::record_to_json_into::<S>(
+                            data,
+                            limits.max_depth,
+                            &mut json,
+                            &mut writer,
+                        ) {
+                            Ok(()) => RecordState::Json(json),
+                            Err(_) => RecordState::Undecodable,
+                        }
+                    }
+                };
+                if let RecordState::Json(j) = &record {
+                    json_total = json_total.saturating_add(j.len());
+                    if json_total > budget {
+                        return Err(DecodeError::LimitExceeded("record JSON per frame"));
+                    }
                 }
+                record
             }
         };
         out_ops.push(Op {
