@@ -88,6 +88,14 @@ pub struct ServeArgs {
     /// Address of the subscriber endpoints (/subscribe, subscribeEvents, subscribeRepos).
     #[arg(long, env = "SLUICE_LISTEN", default_value = "127.0.0.1:6008")]
     pub listen: SocketAddr,
+    /// Address of the admin endpoints (/metrics, /healthz, /readyz, status page at /).
+    /// Keep it private: it is not rate limited.
+    #[arg(long, env = "SLUICE_ADMIN_LISTEN", default_value = "127.0.0.1:6009")]
+    pub admin_listen: SocketAddr,
+    /// /readyz fails while the newest event is more than this many seconds behind now.
+    #[arg(long, env = "SLUICE_READY_MAX_LAG_SECS", default_value_t = 120,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub ready_max_lag_secs: u64,
     /// Per-subscriber live queue bound, events.
     #[arg(long, env = "SLUICE_QUEUE_MAX_EVENTS", default_value_t = 4096,
           value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
@@ -178,6 +186,8 @@ pub struct ServeConfig {
     pub admission: AdmissionConfig,
     pub filter_limits: FilterLimits,
     pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub ready_max_lag: Duration,
     pub slow_policy: SlowPolicy,
     pub zstd_dictionary: Option<PathBuf>,
     pub shutdown_timeout: Duration,
@@ -264,6 +274,8 @@ impl ServeArgs {
                 max_dids: usize_of(self.max_dids)?,
             },
             listen: self.listen,
+            admin_listen: self.admin_listen,
+            ready_max_lag: Duration::from_secs(self.ready_max_lag_secs),
             slow_policy: self.slow_consumer,
             zstd_dictionary: self.zstd_dictionary.clone(),
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
@@ -349,7 +361,8 @@ fn overlay_explicit(merged: &mut ServeArgs, original: &ServeArgs, matches: &ArgM
     keep!(
         upstream, max_frame_bytes, stall_timeout_secs, backoff_min_ms, backoff_max_ms,
         frame_queue, max_cbor_depth, data_dir, tail_max_mib, commit_interval_ms,
-        commit_max_events, retention_hours, retention_max_gib, listen, queue_max_events,
+        commit_max_events, retention_hours, retention_max_gib, listen, admin_listen,
+        ready_max_lag_secs, queue_max_events,
         queue_max_kib, slow_consumer, cold_read_concurrency, replay_events_per_sec,
         max_message_bytes, max_subscribers, connects_per_sec, connect_burst, max_per_ip,
         retry_after_secs, write_timeout_secs, ping_interval_secs, pong_timeout_secs,

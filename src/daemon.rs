@@ -57,6 +57,8 @@ impl IngestConfig {
 /// A running ingest pipeline.
 pub struct IngestHandle {
     pub shared: Arc<UpstreamShared>,
+    /// A snapshot of the ingest counters, refreshed every idle tick or 1,000 frames.
+    pub stats: Arc<parking_lot::Mutex<IngestStats>>,
     shutdown: watch::Sender<bool>,
     client: tokio::task::JoinHandle<anyhow::Result<()>>,
     ingest: std::thread::JoinHandle<anyhow::Result<IngestStats>>,
@@ -91,6 +93,8 @@ pub fn start_ingest(
     let (frames_tx, frames_rx) = mpsc::channel(config.frame_queue.max(1));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let ingest_shared = shared.clone();
+    let stats = Arc::new(parking_lot::Mutex::new(IngestStats::default()));
+    let ingest_stats = stats.clone();
     let limits = config.decode_limits.clone();
     let interval = config.idle_tick;
     let runtime = tokio::runtime::Handle::current();
@@ -103,6 +107,7 @@ pub fn start_ingest(
                 Ingestor::new(state, limits),
                 sink,
                 ingest_shared,
+                ingest_stats,
                 interval,
             )
         })?;
@@ -114,6 +119,7 @@ pub fn start_ingest(
     ));
     Ok(IngestHandle {
         shared,
+        stats,
         shutdown: shutdown_tx,
         client,
         ingest,
@@ -126,8 +132,10 @@ fn ingest_loop(
     mut ingestor: Ingestor,
     mut sink: impl EventSink,
     shared: Arc<UpstreamShared>,
+    published: Arc<parking_lot::Mutex<IngestStats>>,
     idle_tick: Duration,
 ) -> anyhow::Result<IngestStats> {
+    let mut since_publish = 0u32;
     let mut decode_log = RateLimited::new(10, Duration::from_secs(10));
     let mut regression_log = RateLimited::new(10, Duration::from_secs(10));
     let mut last_accepted: Option<(u64, i64)> = None;
@@ -140,8 +148,17 @@ fn ingest_loop(
         let frame = match next {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
-            Err(_elapsed) => continue,
+            Err(_elapsed) => {
+                *published.lock() = ingestor.stats().clone();
+                since_publish = 0;
+                continue;
+            }
         };
+        since_publish += 1;
+        if since_publish >= 1000 {
+            *published.lock() = ingestor.stats().clone();
+            since_publish = 0;
+        }
         let connection = frame.connection;
         match ingestor.ingest(frame.bytes, frame.received_us) {
             IngestOutcome::Events(events) => {
@@ -204,6 +221,7 @@ fn ingest_loop(
         }
         shared.frame_processed();
     }
+    *published.lock() = ingestor.stats().clone();
     Ok(ingestor.stats().clone())
 }
 
@@ -214,9 +232,13 @@ pub struct Daemon {
     pub log: Arc<crate::log::Log>,
     pub hub: crate::fanout::Hub,
     pub app: Arc<crate::http::AppState>,
+    /// Where the admin endpoints listen.
+    pub admin_addr: std::net::SocketAddr,
+    pub admin: Arc<crate::http::admin::AdminState>,
     ingest: IngestHandle,
     shutdown: watch::Sender<bool>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
+    admin_server: tokio::task::JoinHandle<std::io::Result<()>>,
     shutdown_timeout: Duration,
 }
 
@@ -271,16 +293,38 @@ impl Daemon {
             crate::http::router(app.clone()),
             shutdown_rx,
         ));
+        let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {} (admin): {e}", config.admin_listen))?;
+        let admin_addr = admin_listener.local_addr()?;
         let ingest = start_ingest(config.ingest.clone(), state, log.clone())?;
-        tracing::info!(%addr, "subscriber endpoints listening");
+        let admin = Arc::new(crate::http::admin::AdminState::new(
+            log.clone(),
+            hub.clone(),
+            app.clone(),
+            ingest.shared.clone(),
+            ingest.stats.clone(),
+            config.ready_max_lag,
+            config.log.queue_max_bytes,
+        ));
+        let admin_shutdown = shutdown_tx.subscribe();
+        let admin_server = tokio::spawn(crate::http::serve(
+            admin_listener,
+            crate::http::admin::router(admin.clone()),
+            admin_shutdown,
+        ));
+        tracing::info!(%addr, %admin_addr, "subscriber and admin endpoints listening");
         Ok(Daemon {
             addr,
             log,
             hub,
             app,
+            admin_addr,
+            admin,
             ingest,
             shutdown: shutdown_tx,
             server,
+            admin_server,
             shutdown_timeout: config.shutdown_timeout,
         })
     }
@@ -305,6 +349,7 @@ impl Daemon {
             })
             .await?
             .map_err(|e| anyhow::anyhow!("closing the event log: {e}"))?;
+            let _ = self.admin_server.await;
             match self.server.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::warn!(error = %e, "subscriber server ended with an error"),

@@ -35,9 +35,19 @@ impl StampState {
     }
 }
 
+/// Most distinct collections counted by name; the rest are counted as `other`, so a flood
+/// of made-up NSIDs cannot grow memory or metric cardinality.
+pub const MAX_COUNTED_COLLECTIONS: usize = 256;
+
 /// Counters kept by the ingestor; exported as metrics by whoever owns it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IngestStats {
+    /// Events by kind (`EventKind::as_str`).
+    pub events_by_kind: std::collections::BTreeMap<&'static str, u64>,
+    /// Commit op events by collection (bounded, see [`MAX_COUNTED_COLLECTIONS`]).
+    pub events_by_collection: std::collections::BTreeMap<String, u64>,
+    /// Decode failures by `DecodeError::reason`.
+    pub decode_errors_by_reason: std::collections::BTreeMap<&'static str, u64>,
     pub frames: u64,
     pub events: u64,
     pub decode_errors: u64,
@@ -125,6 +135,11 @@ impl Ingestor {
             Ok(decoded) => decoded,
             Err(err) => {
                 self.stats.decode_errors += 1;
+                *self
+                    .stats
+                    .decode_errors_by_reason
+                    .entry(err.reason())
+                    .or_default() += 1;
                 return IngestOutcome::DecodeFailed(err);
             }
         };
@@ -160,6 +175,19 @@ impl Ingestor {
         };
         let events = self.stamp(message, upstream_seq, source_us, received_us, frame);
         self.stats.events += events.len() as u64;
+        for event in &events {
+            *self.stats.events_by_kind.entry(event.kind.as_str()).or_default() += 1;
+            if let Some(collection) = &event.collection {
+                let counted = &mut self.stats.events_by_collection;
+                if let Some(n) = counted.get_mut(collection.as_str()) {
+                    *n += 1;
+                } else if counted.len() < MAX_COUNTED_COLLECTIONS {
+                    counted.insert(collection.clone(), 1);
+                } else {
+                    *counted.entry("other".to_string()).or_default() += 1;
+                }
+            }
+        }
         IngestOutcome::Events(events)
     }
 

@@ -334,6 +334,16 @@ impl Hub {
         &self.inner.stats
     }
 
+    /// Events waiting in all live queues.
+    pub fn queued_events(&self) -> usize {
+        let state = self.inner.state.lock();
+        state
+            .entries
+            .values()
+            .map(|e| e.shared.queue.lock().events.len())
+            .sum()
+    }
+
     pub fn reader(&self) -> &LogReader {
         &self.inner.reader
     }

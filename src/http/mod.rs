@@ -4,6 +4,7 @@
 //! Must never: do per-event work outside a subscriber's own session task, or upgrade a
 //! connection whose parameters are invalid (those get an HTTP 400 naming the problem).
 
+pub mod admin;
 pub mod admission;
 pub mod session;
 
@@ -21,7 +22,16 @@ use tokio::sync::watch;
 use crate::fanout::filter::FilterLimits;
 use crate::fanout::{Hub, SlowPolicy, WireKind};
 use admission::{Admission, Permit, Refusal};
-use session::{SessionConfig, SessionEnd, SessionTotals};
+use session::{SessionConfig, SessionEnd};
+
+/// Index of a wire in per-wire arrays.
+pub fn wire_slot(wire: WireKind) -> usize {
+    match wire {
+        WireKind::JetstreamV1 => 0,
+        WireKind::JetstreamV2 => 1,
+        WireKind::Raw => 2,
+    }
+}
 
 /// Counters for metrics, summed over sessions.
 #[derive(Debug, Default)]
@@ -29,23 +39,18 @@ pub struct HttpStats {
     pub refused_rate: AtomicU64,
     pub refused_full: AtomicU64,
     pub refused_invalid: AtomicU64,
-    pub delivered_events: [AtomicU64; 3],
-    pub delivered_bytes: [AtomicU64; 3],
-    pub oversized: [AtomicU64; 3],
+    /// Indexed by [`wire_slot`].
+    pub wires: [session::WireCounters; 3],
     pub v1_cursor_clamped: AtomicU64,
     pub ended: parking_lot::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
 impl HttpStats {
-    pub fn record_session(&self, wire: WireKind, end: &SessionEnd, totals: SessionTotals) {
-        let slot = match wire {
-            WireKind::JetstreamV1 => 0,
-            WireKind::JetstreamV2 => 1,
-            WireKind::Raw => 2,
-        };
-        self.delivered_events[slot].fetch_add(totals.events, Ordering::Relaxed);
-        self.delivered_bytes[slot].fetch_add(totals.bytes, Ordering::Relaxed);
-        self.oversized[slot].fetch_add(totals.oversized, Ordering::Relaxed);
+    pub fn counters(&self, wire: WireKind) -> &session::WireCounters {
+        &self.wires[wire_slot(wire)]
+    }
+
+    pub fn record_end(&self, end: &SessionEnd) {
         *self.ended.lock().entry(end.reason()).or_default() += 1;
     }
 }

@@ -5,6 +5,7 @@
 //! Must never: encode an event (wires hand over pre-encoded bytes), wait on a peer without
 //! a timeout, or keep reading from the log after the peer is gone.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -57,12 +58,12 @@ pub trait WireSession: Send + 'static {
     fn on_text(&mut self, text: &str, sub: &mut Subscription) -> Result<(), String>;
 }
 
-/// Counters kept per session and summed by the caller into metrics.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SessionTotals {
-    pub events: u64,
-    pub bytes: u64,
-    pub oversized: u64,
+/// Live counters of one wire, shared by its sessions and read by metrics.
+#[derive(Debug, Default)]
+pub struct WireCounters {
+    pub events: AtomicU64,
+    pub bytes: AtomicU64,
+    pub oversized: AtomicU64,
 }
 
 /// Why a session ended, for metrics and logs.
@@ -108,12 +109,12 @@ pub async fn run(
     config: SessionConfig,
     mut shutdown: watch::Receiver<bool>,
     initial: Vec<Message>,
-) -> (SessionEnd, SessionTotals) {
+    counters: &WireCounters,
+) -> SessionEnd {
     let (mut sink, mut stream) = socket.split();
-    let mut totals = SessionTotals::default();
     for message in initial {
         if sink.send(message).await.is_err() {
-            return (SessionEnd::WriteFailed, totals);
+            return SessionEnd::WriteFailed;
         }
     }
     let mut ping = tokio::time::interval(config.ping_interval);
@@ -153,18 +154,19 @@ pub async fn run(
                 };
                 let mut fed = false;
                 let mut failed = false;
+                let (mut sent, mut sent_bytes, mut oversized) = (0u64, 0u64, 0u64);
                 for event in &events {
                     let Some(message) = wire.message(event) else { continue };
                     let size = message_len(&message);
                     let message = if size > limit {
-                        totals.oversized += 1;
+                        oversized += 1;
                         match wire.oversized_notice(event, size, limit) {
                             Some(notice) => notice,
                             None => continue,
                         }
                     } else {
-                        totals.events += 1;
-                        totals.bytes += size as u64;
+                        sent += 1;
+                        sent_bytes += size as u64;
                         message
                     };
                     if sink.feed(message).await.is_err() {
@@ -173,6 +175,9 @@ pub async fn run(
                     }
                     fed = true;
                 }
+                counters.events.fetch_add(sent, Ordering::Relaxed);
+                counters.bytes.fetch_add(sent_bytes, Ordering::Relaxed);
+                counters.oversized.fetch_add(oversized, Ordering::Relaxed);
                 if failed {
                     break SessionEnd::WriteFailed;
                 }
@@ -213,7 +218,7 @@ pub async fn run(
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
     }
-    (end, totals)
+    end
 }
 
 fn message_len(message: &Message) -> usize {

@@ -340,16 +340,17 @@ pub async fn subscribe(
             }
         }
         let sub = state.hub.subscribe(WireKind::JetstreamV1, filter, policy, start);
-        let (end, totals) = session::run(
+        let end = session::run(
             socket,
             sub,
             wire,
             state.session.clone(),
             state.shutdown.clone(),
             Vec::new(),
+            state.stats.counters(WireKind::JetstreamV1),
         )
         .await;
-        state.stats.record_session(WireKind::JetstreamV1, &end, totals);
+        state.stats.record_end(&end);
         drop(permit);
     })
 }

@@ -271,16 +271,17 @@ pub async fn subscribe(
             let wire = V2Session {
                 max_message_bytes: params.max_message_bytes,
             };
-            let (end, totals) = session::run(
+            let end = session::run(
                 socket,
                 sub,
                 wire,
                 state.session.clone(),
                 state.shutdown.clone(),
                 initial,
+                state.stats.counters(WireKind::JetstreamV2),
             )
             .await;
-            state.stats.record_session(WireKind::JetstreamV2, &end, totals);
+            state.stats.record_end(&end);
             drop(permit);
         })
 }

@@ -137,7 +137,7 @@ pub async fn subscribe(
             return;
         }
         let sub = state.hub.subscribe(WireKind::Raw, filter, policy, start);
-        let (end, totals) = session::run(
+        let end = session::run(
             socket,
             sub,
             RawSession {
@@ -146,9 +146,10 @@ pub async fn subscribe(
             state.session.clone(),
             state.shutdown.clone(),
             initial,
+            state.stats.counters(WireKind::Raw),
         )
         .await;
-        state.stats.record_session(WireKind::Raw, &end, totals);
+        state.stats.record_end(&end);
         drop(permit);
     })
 }
