@@ -28,7 +28,6 @@
 
 /// The old seq-lease file, still used by `daemon.rs` until it is wired to [`Log`];
 /// delete together with that change.
-pub mod checkpoint;
 pub mod codec;
 pub mod fjall_store;
 pub mod retention;
