@@ -16,9 +16,9 @@
 //! every N seconds. [`Watchdog`] checks its heartbeats every `N / 2` (the check period) and
 //! pings only if **every** heartbeat advanced since the previous check. A heartbeat is a
 //! counter bumped once per iteration of a loop that must keep running: for sluice that is
-//! the ingest thread's loop, which iterates at least once per checkpoint interval (1 s by
-//! default) even when the upstream is idle or disconnected, because it waits for frames
-//! with that timeout. An upstream that is merely disconnected therefore does not trigger
+//! the ingest thread's loop (`UpstreamShared::ingest_heartbeat`), which iterates at least
+//! once per idle tick (1 s by default) even when the upstream is idle or disconnected,
+//! because it waits for frames with that timeout. An upstream that is merely disconnected therefore does not trigger
 //! a restart (readiness reports that); an ingest loop that deadlocks, spins inside one
 //! iteration or dies does, within `N` to `1.5 N` seconds. When a heartbeat stalls, the
 //! watchdog logs an error naming it and sets `STATUS=` so `systemctl status` shows why.
@@ -236,35 +236,71 @@ pub fn watchdog_interval_from(
     Some(Duration::from_micros(usec))
 }
 
-/// A progress counter a loop bumps once per iteration; cheap to clone and to bump.
-#[derive(Debug, Clone)]
+/// A progress counter a loop bumps once per iteration; cheap to clone and to bump. It
+/// either owns its counter ([`Heartbeat::new`] + [`Heartbeat::beat`]) or reads one that
+/// already exists ([`Heartbeat::from_probe`], e.g. a field of a shared stats struct).
+#[derive(Clone)]
 pub struct Heartbeat {
     name: Arc<str>,
-    beats: Arc<AtomicU64>,
+    source: Source,
+}
+
+type Probe = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+#[derive(Clone)]
+enum Source {
+    Counter(Arc<AtomicU64>),
+    Probe(Probe),
 }
 
 impl Heartbeat {
-    /// A heartbeat named for logs and `STATUS=` (e.g. `"ingest loop"`).
+    /// A heartbeat with its own counter, named for logs and `STATUS=` (e.g.
+    /// `"ingest loop"`).
     pub fn new(name: &str) -> Self {
         Heartbeat {
             name: Arc::from(name),
-            beats: Arc::new(AtomicU64::new(0)),
+            source: Source::Counter(Arc::new(AtomicU64::new(0))),
         }
     }
 
-    /// Records one iteration of the watched loop.
+    /// A heartbeat that reads an existing progress counter, e.g.
+    /// `Heartbeat::from_probe("ingest loop", move || shared.ingest_heartbeat.load(Relaxed))`.
+    /// The probe must be cheap and must not block: it runs on the watchdog thread.
+    pub fn from_probe(name: &str, probe: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
+        Heartbeat {
+            name: Arc::from(name),
+            source: Source::Probe(Arc::new(probe)),
+        }
+    }
+
+    /// Records one iteration of the watched loop. No effect on a probe heartbeat, which
+    /// advances with the counter it reads.
     pub fn beat(&self) {
-        self.beats.fetch_add(1, Ordering::Relaxed);
+        if let Source::Counter(c) = &self.source {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Iterations recorded so far.
     pub fn count(&self) -> u64 {
-        self.beats.load(Ordering::Relaxed)
+        match &self.source {
+            Source::Counter(c) => c.load(Ordering::Relaxed),
+            Source::Probe(p) => p(),
+        }
     }
 
     /// The name given at creation.
     pub fn name(&self) -> &str {
         &self.name
+    }
+}
+
+impl std::fmt::Debug for Heartbeat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Heartbeat")
+            .field("name", &self.name)
+            .field("count", &self.count())
+            .finish()
     }
 }
 
@@ -457,6 +493,19 @@ mod tests {
     #[test]
     fn status_is_one_line() {
         assert_eq!(one_line("a\nb\rc"), "a b c");
+    }
+
+    #[test]
+    fn probe_heartbeats_read_their_source() {
+        let shared = Arc::new(AtomicU64::new(7));
+        let reader = shared.clone();
+        let hb = Heartbeat::from_probe("ingest loop", move || reader.load(Ordering::Relaxed));
+        assert_eq!(hb.count(), 7);
+        hb.beat();
+        assert_eq!(hb.count(), 7);
+        shared.fetch_add(1, Ordering::Relaxed);
+        assert_eq!(hb.count(), 8);
+        assert!(format!("{hb:?}").contains("ingest loop"));
     }
 
     #[test]
