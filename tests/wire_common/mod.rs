@@ -35,8 +35,14 @@ pub const RAW_PATH: &str = "/xrpc/com.atproto.sync.subscribeRepos";
 
 /// The 150 real relay frames of the shared corpus (July 2026).
 pub fn corpus() -> Vec<Bytes> {
-    let path =
-        sluice::upstream::capture::upstream_fixtures_dir().join("jetstream-corpus/frames.bin");
+    // Resolved here rather than with `sluice::upstream::capture::upstream_fixtures_dir`,
+    // whose `CARGO_MANIFEST_DIR` is baked into the library build: with a target directory
+    // shared between worktrees it may point at another checkout.
+    let dir = match std::env::var_os("SLUICE_UPSTREAM_FIXTURES") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures-upstream"),
+    };
+    let path = dir.join("jetstream-corpus/frames.bin");
     let frames = sluice::upstream::capture::read_all(&path, 64 << 20)
         .unwrap_or_else(|e| panic!("the shared corpus is required ({}): {e}", path.display()));
     assert_eq!(frames.len(), 150, "corpus frame count");
@@ -51,6 +57,21 @@ pub fn synth(count: usize, seed: u64, age: Duration) -> Vec<Bytes> {
         count,
         start_seq: 1_000_000,
         start_time_ms: now_ms - age.as_millis() as i64,
+        dids: 300,
+    };
+    sluice::upstream::synth::generate(&opts)
+        .into_iter()
+        .map(Bytes::from)
+        .collect()
+}
+
+/// `count` synthetic frames from `start_seq`, the first at unix ms `start_time_ms`.
+pub fn synth_at(count: usize, seed: u64, start_seq: u64, start_time_ms: i64) -> Vec<Bytes> {
+    let opts = sluice::upstream::synth::SynthOptions {
+        seed,
+        count,
+        start_seq,
+        start_time_ms,
         dids: 300,
     };
     sluice::upstream::synth::generate(&opts)
@@ -225,6 +246,40 @@ impl Env {
             replay,
             dir,
         }
+    }
+
+    /// An upstream whose first 400 frames are from 2020 and the next 400 from ten minutes
+    /// ago, with one hour of age retention checked every 50 ms in small segments: once it
+    /// returns, retention has deleted a prefix of the log (the oldest held seq is > 1).
+    pub async fn with_deleted_prefix() -> Env {
+        let now_ms = sluice::ingest::now_us() / 1000;
+        let mut frames = synth_at(400, 3, 1_000_000, 1_590_000_000_000);
+        frames.extend(synth_at(400, 4, 2_000_000, now_ms - 600_000));
+        let env = Env::start(frames, Speed::Max, false, |c| {
+            c.log.retention.max_age = Duration::from_secs(3600);
+            c.log.retention.check_interval = Duration::from_millis(50);
+            c.log.segment_target_bytes = 4096;
+        })
+        .await;
+        env.wait_all_ingested().await;
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        loop {
+            let oldest = env.daemon.log.reader().bounds().map_or(0, |b| b.oldest_seq);
+            if oldest > 100 {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "retention did not delete the 2020 events (oldest seq {oldest})"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        env
+    }
+
+    /// The oldest seq retention still holds.
+    pub fn oldest_seq(&self) -> u64 {
+        self.daemon.log.reader().bounds().unwrap().oldest_seq
     }
 
     pub fn addr(&self) -> SocketAddr {
