@@ -322,6 +322,19 @@ impl Env {
         self.wait_upstream(last).await;
     }
 
+    /// Waits until everything in the log is durable in the store (not only in the tail).
+    pub async fn wait_durable(&self) {
+        let deadline = tokio::time::Instant::now() + LIMIT;
+        let reader = self.daemon.log.reader();
+        while reader.store().bounds().map_or(0, |b| b.newest_seq) < reader.newest_seq() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "log never became durable"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Waits until the log holds at least `seq`.
     pub async fn wait_seq(&self, seq: u64) {
         let deadline = tokio::time::Instant::now() + LIMIT * 3;
