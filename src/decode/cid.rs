@@ -92,21 +92,29 @@ pub fn push_cid_string(out: &mut String, raw: &[u8]) {
     }
     out.reserve(1 + (raw.len() * 8).div_ceil(5));
     out.push('b');
-    let mut acc: u32 = 0;
-    let mut bits = 0u32;
-    for &b in raw {
-        acc = (acc << 8) | u32::from(b);
-        bits += 8;
-        while bits >= 5 {
-            bits -= 5;
-            out.push(char::from(BASE32_LOWER[((acc >> bits) & 31) as usize]));
+    // Five bytes make exactly eight base32 digits; doing whole groups keeps the common
+    // 36-byte CID to seven 40-bit shifts-and-masks plus one short tail.
+    let mut chunks = raw.chunks_exact(5);
+    for c in &mut chunks {
+        let v = (u64::from(c[0]) << 32)
+            | (u64::from(c[1]) << 24)
+            | (u64::from(c[2]) << 16)
+            | (u64::from(c[3]) << 8)
+            | u64::from(c[4]);
+        for shift in [35, 30, 25, 20, 15, 10, 5, 0] {
+            out.push(char::from(BASE32_LOWER[((v >> shift) & 31) as usize]));
         }
-        acc &= (1 << bits) - 1;
     }
-    if bits > 0 {
-        out.push(char::from(
-            BASE32_LOWER[((acc << (5 - bits)) & 31) as usize],
-        ));
+    let tail = chunks.remainder();
+    if !tail.is_empty() {
+        let mut v: u64 = 0;
+        for (i, &b) in tail.iter().enumerate() {
+            v |= u64::from(b) << (32 - 8 * i);
+        }
+        let digits = (tail.len() * 8).div_ceil(5);
+        for shift in [35, 30, 25, 20, 15, 10, 5, 0].into_iter().take(digits) {
+            out.push(char::from(BASE32_LOWER[((v >> shift) & 31) as usize]));
+        }
     }
 }
 
@@ -139,5 +147,41 @@ fn push_base58btc(out: &mut String, raw: &[u8]) {
     }
     for &d in digits.iter().rev() {
         out.push(char::from(ALPHABET[d as usize]));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every tail length of the base32 encoder, checked against the `cid` crate.
+    #[test]
+    fn strings_match_the_cid_crate() {
+        for digest_len in 0..=64u8 {
+            let mut raw = vec![0x01, 0x71, 0x12, digest_len];
+            raw.extend((0..digest_len).map(|i| i.wrapping_mul(37).wrapping_add(digest_len)));
+            validate_cid(&raw).expect("well-formed");
+            let theirs = ::cid::Cid::try_from(raw.as_slice()).expect("cid crate parses");
+            assert_eq!(
+                cid_string(&raw),
+                theirs.to_string(),
+                "digest length {digest_len}"
+            );
+        }
+        let mut v0 = vec![0x12, 0x20];
+        v0.extend(1..=32u8);
+        let theirs = ::cid::Cid::try_from(v0.as_slice()).expect("v0");
+        assert_eq!(cid_string(&v0), theirs.to_string());
+        assert!(cid_string(&v0).starts_with("Qm"));
+    }
+
+    #[test]
+    fn varints() {
+        assert_eq!(read_varint(&[0x00]), Ok((0, 1)));
+        assert_eq!(read_varint(&[0xac, 0x02]), Ok((300, 2)));
+        assert_eq!(read_varint(&[0x80, 0x00]), Err(VarintError::Invalid));
+        assert_eq!(read_varint(&[0x80]), Err(VarintError::Truncated));
+        assert_eq!(read_varint(&[0xff; 12]), Err(VarintError::Invalid));
+        assert_eq!(read_varint(&[]), Err(VarintError::Truncated));
     }
 }
