@@ -171,6 +171,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_SHUTDOWN_TIMEOUT_SECS", default_value_t = 20,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub shutdown_timeout_secs: u64,
+    /// Log filter (tracing EnvFilter syntax, e.g. `info` or `sluice=debug`); overrides the
+    /// global --log. Re-read on SIGHUP.
+    #[arg(long, env = "SLUICE_LOG_FILTER")]
+    pub log_filter: Option<String>,
     /// Seconds between progress summaries in the log (0 = never).
     #[arg(long, env = "SLUICE_STATS_INTERVAL_SECS", default_value_t = 60)]
     pub stats_interval_secs: u64,
@@ -308,7 +312,10 @@ pub fn with_config_file(args: ServeArgs, matches: &ArgMatches) -> anyhow::Result
     for (key, value) in &table {
         let id = key.as_str();
         if id == "config" {
-            anyhow::bail!("config {}: `config` cannot be set from a config file", path.display());
+            anyhow::bail!(
+                "config {}: `config` cannot be set from a config file",
+                path.display()
+            );
         }
         if !command.get_arguments().any(|a| a.get_id() == id) {
             anyhow::bail!("config {}: unknown setting {key:?}", path.display());
@@ -334,41 +341,30 @@ pub fn with_config_file(args: ServeArgs, matches: &ArgMatches) -> anyhow::Result
         argv.push(format!("--{}", id.replace('_', "-")));
         argv.push(rendered);
     }
-    // Re-parse so the file's values get the same validation as flags; explicit values come
-    // from the original parse.
-    let from_file = ServeOnly::command()
+    // Explicit values (flags and env vars) are passed again, after the file's, so one parse
+    // gives every value the same validation and the precedence stays flag > env > file.
+    for arg in command.get_arguments() {
+        let id = arg.get_id().as_str();
+        let explicit = matches!(
+            matches.value_source(id),
+            Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+        );
+        let (Some(long), true) = (arg.get_long(), explicit) else {
+            continue;
+        };
+        if let Some(values) = matches.get_raw(id) {
+            for value in values {
+                argv.push(format!("--{long}"));
+                argv.push(value.to_string_lossy().into_owned());
+            }
+        }
+    }
+    let merged = ServeOnly::command()
         .try_get_matches_from(&argv)
         .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
-    let mut merged = ServeOnly::from_arg_matches(&from_file)?.args;
-    let original = ServeOnly::from_arg_matches(matches)?.args;
-    overlay_explicit(&mut merged, &original, matches);
-    merged.config = Some(path);
-    Ok(merged)
-}
-
-/// Copies every explicitly given (flag or env) value from `original` into `merged`.
-fn overlay_explicit(merged: &mut ServeArgs, original: &ServeArgs, matches: &ArgMatches) {
-    macro_rules! keep {
-        ($($field:ident),* $(,)?) => {$(
-            if matches!(
-                matches.value_source(stringify!($field)),
-                Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
-            ) {
-                merged.$field = original.$field.clone();
-            }
-        )*};
-    }
-    keep!(
-        upstream, max_frame_bytes, stall_timeout_secs, backoff_min_ms, backoff_max_ms,
-        frame_queue, max_cbor_depth, data_dir, tail_max_mib, commit_interval_ms,
-        commit_max_events, retention_hours, retention_max_gib, listen, admin_listen,
-        ready_max_lag_secs, queue_max_events,
-        queue_max_kib, slow_consumer, cold_read_concurrency, replay_events_per_sec,
-        max_message_bytes, max_subscribers, connects_per_sec, connect_burst, max_per_ip,
-        retry_after_secs, write_timeout_secs, ping_interval_secs, pong_timeout_secs,
-        max_collections, max_dids, zstd_dictionary, shutdown_timeout_secs,
-        stats_interval_secs,
-    );
+    let mut args = ServeOnly::from_arg_matches(&merged)?.args;
+    args.config = Some(path);
+    Ok(args)
 }
 
 /// Parses serve settings from an argument list (the program name first), applying the
@@ -407,7 +403,10 @@ mod tests {
         assert_eq!(args.upstream, "ws://127.0.0.1:9");
         assert_eq!(args.queue_max_events, 77);
         assert_eq!(args.retention_hours, 9, "the flag wins over the file");
-        assert_eq!(args.stall_timeout_secs, 30, "untouched settings keep defaults");
+        assert_eq!(
+            args.stall_timeout_secs, 30,
+            "untouched settings keep defaults"
+        );
         args.to_config().unwrap();
     }
 
@@ -424,6 +423,10 @@ mod tests {
         assert!(parse_serve_args(["x", "--config", path.to_str().unwrap()]).is_err());
         std::fs::write(&path, "ping_interval_secs = 90\n").unwrap();
         let args = parse_serve_args(["x", "--config", path.to_str().unwrap()]).unwrap();
-        assert!(args.to_config().unwrap_err().to_string().contains("pong_timeout"));
+        assert!(args
+            .to_config()
+            .unwrap_err()
+            .to_string()
+            .contains("pong_timeout"));
     }
 }

@@ -6,19 +6,47 @@
 
 use std::time::{Duration, Instant};
 
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
+
+/// Changes the log filter of the running process (SIGHUP).
+#[derive(Clone)]
+pub struct LogControl {
+    handle: reload::Handle<EnvFilter, Registry>,
+}
+
+impl LogControl {
+    pub fn set_filter(&self, filter: &str) -> anyhow::Result<()> {
+        let parsed = EnvFilter::try_new(filter)
+            .map_err(|e| anyhow::anyhow!("invalid log filter {filter:?}: {e}"))?;
+        self.handle
+            .reload(parsed)
+            .map_err(|e| anyhow::anyhow!("cannot change the log filter: {e}"))
+    }
+}
+
 /// Installs the global subscriber: `pretty` for humans, `json` for log shippers.
-pub fn init(format: &str, filter: &str) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+pub fn init(format: &str, filter: &str) -> anyhow::Result<LogControl> {
+    let filter = EnvFilter::try_new(filter)
         .map_err(|e| anyhow::anyhow!("invalid log filter {filter:?}: {e}"))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
-        "json" => builder.json().try_init(),
-        "pretty" => builder.try_init(),
+        "json" => registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .try_init(),
+        "pretty" => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .try_init(),
         other => anyhow::bail!("unknown log format {other:?} (use pretty or json)"),
     };
-    result.map_err(|e| anyhow::anyhow!("cannot install logger: {e}"))
+    result.map_err(|e| anyhow::anyhow!("cannot install logger: {e}"))?;
+    Ok(LogControl { handle })
 }
 
 /// Allows `burst` messages per `interval`; counts the rest.

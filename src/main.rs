@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-
 #[derive(Debug, Parser)]
 #[command(
     name = "sluice",
@@ -45,6 +44,8 @@ enum Command {
     Replay(ReplayArgs),
     /// Generate realistic synthetic frames into a capture file.
     Synth(SynthArgs),
+    /// Print events from a Jetstream v1 endpoint (sluice's /subscribe or any Jetstream).
+    Tail(sluice::tail::TailArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -109,17 +110,19 @@ struct SynthArgs {
     dids: usize,
 }
 
-
 fn main() -> std::process::ExitCode {
     let matches = <Cli as clap::CommandFactory>::command().get_matches();
     let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(err) => err.exit(),
     };
-    if let Err(err) = sluice::logging::init(&cli.log_format, &cli.log) {
-        eprintln!("sluice: {err:#}");
-        return std::process::ExitCode::from(2);
-    }
+    let log_control = match sluice::logging::init(&cli.log_format, &cli.log) {
+        Ok(control) => control,
+        Err(err) => {
+            eprintln!("sluice: {err:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -134,7 +137,7 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Serve(args) => match sub_matches(&matches, &["serve"]) {
                 Some(m) => match sluice::config::with_config_file(args, m) {
-                    Ok(args) => serve(args).await,
+                    Ok(args) => serve(args, log_control).await,
                     Err(e) => Err(e),
                 },
                 None => Err(anyhow::anyhow!("internal: serve arguments missing")),
@@ -148,6 +151,7 @@ fn main() -> std::process::ExitCode {
             Command::Record(args) => record(args).await,
             Command::Replay(args) => replay(args).await,
             Command::Synth(args) => synth(args),
+            Command::Tail(args) => sluice::tail::run(args).await,
         }
     });
     match result {
@@ -173,39 +177,100 @@ fn config_check(args: sluice::config::ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(args: sluice::config::ServeArgs) -> anyhow::Result<()> {
+/// Re-reads the serve settings the process was started with (flags, env, config file).
+fn reread_serve_args() -> anyhow::Result<sluice::config::ServeArgs> {
+    let matches = <Cli as clap::CommandFactory>::command().try_get_matches()?;
+    let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches)?;
+    match (cli.command, sub_matches(&matches, &["serve"])) {
+        (Command::Serve(args), Some(m)) => sluice::config::with_config_file(args, m),
+        _ => anyhow::bail!("not started as `sluice serve`"),
+    }
+}
+
+async fn serve(
+    args: sluice::config::ServeArgs,
+    log_control: sluice::logging::LogControl,
+) -> anyhow::Result<()> {
+    use sluice::systemd;
+    if let Some(filter) = &args.log_filter {
+        log_control.set_filter(filter)?;
+    }
     let config = args.to_config()?;
     let stats_interval = config.stats_interval;
     let daemon = sluice::daemon::Daemon::start(config).await?;
     let reader = daemon.log.reader();
     let upstream = daemon.upstream().clone();
     let hub = daemon.hub.clone();
+    // READY once the log is open and both listeners are bound.
+    if let Err(e) = systemd::notify_ready() {
+        tracing::warn!(error = %e, "sd_notify READY failed");
+    }
+    let heartbeat = {
+        let upstream = upstream.clone();
+        systemd::Heartbeat::from_probe("ingest loop", move || {
+            upstream.ingest_heartbeat.load(Ordering::Relaxed)
+        })
+    };
+    let watchdog = systemd::Watchdog::from_env(vec![heartbeat])?;
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
     let mut ticker = tokio::time::interval(stats_interval.unwrap_or(Duration::from_secs(3600)));
     ticker.tick().await;
     loop {
         tokio::select! {
             _ = shutdown_signal() => break,
+            _ = hangup.recv() => {
+                let _ = systemd::notify_reloading();
+                match reread_serve_args().and_then(|a| Ok((a.to_config()?, a.log_filter))) {
+                    Ok((new, filter)) => {
+                        daemon.app.admission.reconfigure(new.admission.clone());
+                        if let Some(filter) = filter {
+                            if let Err(e) = log_control.set_filter(&filter) {
+                                tracing::error!(error = %e, "SIGHUP: log filter not changed");
+                            }
+                        }
+                        tracing::info!(admission = ?new.admission, "SIGHUP: limits and log filter reloaded; no subscriber dropped");
+                    }
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: configuration invalid, nothing changed"),
+                }
+                let _ = systemd::notify_ready();
+            }
             _ = ticker.tick(), if stats_interval.is_some() => {
                 let bounds = reader.bounds();
                 let lag_s = bounds.map(|b| (sluice::ingest::now_us() - b.newest_time_us) as f64 / 1e6);
+                let subscribers = [
+                    sluice::fanout::WireKind::JetstreamV1,
+                    sluice::fanout::WireKind::JetstreamV2,
+                    sluice::fanout::WireKind::Raw,
+                ]
+                .map(|w| hub.stats().subscribers(w));
                 tracing::info!(
                     newest_seq = reader.newest_seq(),
                     oldest_seq = bounds.map(|b| b.oldest_seq),
                     lag_s,
                     connected = upstream.connected.load(Ordering::Relaxed),
                     reconnects = upstream.reconnects.load(Ordering::Relaxed),
-                    subscribers_v1 = hub.stats().subscribers(sluice::fanout::WireKind::JetstreamV1),
-                    subscribers_v2 = hub.stats().subscribers(sluice::fanout::WireKind::JetstreamV2),
-                    subscribers_raw = hub.stats().subscribers(sluice::fanout::WireKind::Raw),
+                    subscribers_v1 = subscribers[0],
+                    subscribers_v2 = subscribers[1],
+                    subscribers_raw = subscribers[2],
                     "progress"
                 );
+                let _ = systemd::notify_status(&format!(
+                    "seq {} · lag {:.1} s · {} subscribers",
+                    reader.newest_seq(),
+                    lag_s.unwrap_or(0.0),
+                    subscribers.iter().sum::<u64>()
+                ));
             }
         }
     }
+    let _ = systemd::notify_stopping();
     tracing::info!("shutting down: closing subscribers, flushing the log");
-    let stats = daemon.shutdown().await?;
-    tracing::info!(?stats, "stopped");
-    Ok(())
+    let stats = daemon.shutdown().await;
+    if let Some(watchdog) = watchdog {
+        watchdog.stop();
+    }
+    tracing::info!(stats = ?stats.as_ref().ok(), "stopped");
+    stats.map(|_| ())
 }
 
 async fn record(args: RecordArgs) -> anyhow::Result<()> {

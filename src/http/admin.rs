@@ -105,15 +105,22 @@ impl AdminState {
                 counter!("sluice_decode_errors_total", "reason" => *reason).absolute(*n);
             }
             counter!("sluice_upstream_frames_total").absolute(ingest.frames);
-            counter!("sluice_upstream_duplicates_dropped_total").absolute(ingest.duplicates_dropped);
+            counter!("sluice_upstream_duplicates_dropped_total")
+                .absolute(ingest.duplicates_dropped);
             counter!("sluice_upstream_seq_regressions_total").absolute(ingest.seq_regressions);
             counter!("sluice_records_missing_total").absolute(ingest.records_missing);
             counter!("sluice_too_big_commits_total").absolute(ingest.too_big_commits);
             let up = &self.upstream;
-            gauge!("sluice_upstream_connected").set(if up.connected.load(Ordering::Relaxed) { 1.0 } else { 0.0 });
-            counter!("sluice_upstream_reconnects_total").absolute(up.reconnects.load(Ordering::Relaxed));
+            gauge!("sluice_upstream_connected").set(if up.connected.load(Ordering::Relaxed) {
+                1.0
+            } else {
+                0.0
+            });
+            counter!("sluice_upstream_reconnects_total")
+                .absolute(up.reconnects.load(Ordering::Relaxed));
             counter!("sluice_upstream_stalls_total").absolute(up.stalls.load(Ordering::Relaxed));
-            counter!("sluice_upstream_oversized_frames_total").absolute(up.oversized_frames.load(Ordering::Relaxed));
+            counter!("sluice_upstream_oversized_frames_total")
+                .absolute(up.oversized_frames.load(Ordering::Relaxed));
             if let Some(lag) = self.lag_seconds() {
                 gauge!("sluice_upstream_lag_seconds").set(lag);
             }
@@ -122,19 +129,27 @@ impl AdminState {
                 let name = wire.as_str();
                 gauge!("sluice_subscribers", "wire" => name).set(hub.subscribers(wire) as f64);
                 let c = self.app.stats.counters(wire);
-                counter!("sluice_delivered_events_total", "wire" => name).absolute(c.events.load(Ordering::Relaxed));
-                counter!("sluice_delivered_bytes_total", "wire" => name).absolute(c.bytes.load(Ordering::Relaxed));
-                counter!("sluice_oversized_events_total", "wire" => name).absolute(c.oversized.load(Ordering::Relaxed));
+                counter!("sluice_delivered_events_total", "wire" => name)
+                    .absolute(c.events.load(Ordering::Relaxed));
+                counter!("sluice_delivered_bytes_total", "wire" => name)
+                    .absolute(c.bytes.load(Ordering::Relaxed));
+                counter!("sluice_oversized_events_total", "wire" => name)
+                    .absolute(c.oversized.load(Ordering::Relaxed));
             }
             gauge!("sluice_queued_events").set(self.hub.queued_events() as f64);
-            counter!("sluice_slow_consumer_transitions_total", "to" => "catchup").absolute(hub.overflows.load(Ordering::Relaxed));
-            counter!("sluice_slow_consumer_transitions_total", "to" => "live").absolute(hub.rejoins.load(Ordering::Relaxed));
+            counter!("sluice_slow_consumer_transitions_total", "to" => "catchup")
+                .absolute(hub.overflows.load(Ordering::Relaxed));
+            counter!("sluice_slow_consumer_transitions_total", "to" => "live")
+                .absolute(hub.rejoins.load(Ordering::Relaxed));
             for (reason, n) in self.app.stats.ended.lock().iter() {
                 counter!("sluice_subscriber_disconnects_total", "reason" => *reason).absolute(*n);
             }
-            counter!("sluice_admission_refused_total", "reason" => "rate").absolute(self.app.stats.refused_rate.load(Ordering::Relaxed));
-            counter!("sluice_admission_refused_total", "reason" => "full").absolute(self.app.stats.refused_full.load(Ordering::Relaxed));
-            counter!("sluice_admission_refused_total", "reason" => "invalid").absolute(self.app.stats.refused_invalid.load(Ordering::Relaxed));
+            counter!("sluice_admission_refused_total", "reason" => "rate")
+                .absolute(self.app.stats.refused_rate.load(Ordering::Relaxed));
+            counter!("sluice_admission_refused_total", "reason" => "full")
+                .absolute(self.app.stats.refused_full.load(Ordering::Relaxed));
+            counter!("sluice_admission_refused_total", "reason" => "invalid")
+                .absolute(self.app.stats.refused_invalid.load(Ordering::Relaxed));
             gauge!("sluice_active_replays").set(hub.catchups_active.load(Ordering::Relaxed) as f64);
             counter!("sluice_cold_reads_total").absolute(hub.cold_reads.load(Ordering::Relaxed));
             let reader = self.log.reader();
@@ -142,9 +157,20 @@ impl AdminState {
             gauge!("sluice_log_disk_bytes").set(reader.store().disk_bytes() as f64);
             gauge!("sluice_log_tail_bytes").set(reader.tail().bytes() as f64);
             gauge!("sluice_log_writer_queue_bytes").set(self.log.queued_bytes() as f64);
-            counter!("sluice_log_commits_total").absolute(self.log.writer_stats().commits.load(Ordering::Relaxed));
-            counter!("sluice_log_commit_failures_total").absolute(self.log.writer_stats().commit_failures.load(Ordering::Relaxed));
-            counter!("sluice_log_retention_deleted_events_total").absolute(self.log.retention_stats().deleted_events.load(Ordering::Relaxed));
+            counter!("sluice_log_commits_total")
+                .absolute(self.log.writer_stats().commits.load(Ordering::Relaxed));
+            counter!("sluice_log_commit_failures_total").absolute(
+                self.log
+                    .writer_stats()
+                    .commit_failures
+                    .load(Ordering::Relaxed),
+            );
+            counter!("sluice_log_retention_deleted_events_total").absolute(
+                self.log
+                    .retention_stats()
+                    .deleted_events
+                    .load(Ordering::Relaxed),
+            );
             if let Some(b) = reader.bounds() {
                 gauge!("sluice_log_oldest_seq").set(b.oldest_seq as f64);
                 gauge!("sluice_log_newest_seq").set(b.newest_seq as f64);

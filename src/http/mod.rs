@@ -134,13 +134,13 @@ pub fn bad_request(state: &AppState, error: &str, message: String) -> Response {
 }
 
 /// Admits the connection or answers 429/503 with a jittered `Retry-After`.
-pub fn admit(state: &AppState, peer: SocketAddr) -> Result<Permit, Response> {
+pub fn admit(state: &AppState, peer: SocketAddr) -> Result<Permit, Box<Response>> {
     if *state.shutdown.borrow() {
-        return Err(refusal_response(&Refusal {
+        return Err(Box::new(refusal_response(&Refusal {
             status: 503,
             reason: "shutting down",
             retry_after_secs: session::retry_after(state.session.retry_after_secs),
-        }));
+        })));
     }
     state.admission.admit(peer.ip()).map_err(|refusal| {
         let counter = if refusal.status == 503 {
@@ -149,7 +149,7 @@ pub fn admit(state: &AppState, peer: SocketAddr) -> Result<Permit, Response> {
             &state.stats.refused_rate
         };
         counter.fetch_add(1, Ordering::Relaxed);
-        refusal_response(&refusal)
+        Box::new(refusal_response(&refusal))
     })
 }
 
@@ -192,7 +192,8 @@ async fn event_by_seq(
         }
     };
     let reader = state.hub.reader().clone();
-    let read = tokio::task::spawn_blocking(move || reader.read_from(seq, 1, 64 * 1024 * 1024)).await;
+    let read =
+        tokio::task::spawn_blocking(move || reader.read_from(seq, 1, 64 * 1024 * 1024)).await;
     let event = match read {
         Ok(Ok(events)) => events.into_iter().next().filter(|e| e.seq == seq),
         Ok(Err(crate::log::LogError::TooOld { oldest, .. })) => {
@@ -231,6 +232,10 @@ async fn zstd_dictionary(State(state): State<Arc<AppState>>) -> Response {
             zstd.dictionary().clone(),
         )
             .into_response(),
-        None => (StatusCode::SERVICE_UNAVAILABLE, "the dictionary is still being trained").into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the dictionary is still being trained",
+        )
+            .into_response(),
     }
 }

@@ -205,7 +205,10 @@ pub async fn run(
         SessionEnd::PeerDead => (None, 1001, "no pong".to_string()),
         _ => (None, 1000, String::new()),
     };
-    if !matches!(end, SessionEnd::PeerClosed | SessionEnd::WriteFailed | SessionEnd::WriteTimeout) {
+    if !matches!(
+        end,
+        SessionEnd::PeerClosed | SessionEnd::WriteFailed | SessionEnd::WriteTimeout
+    ) {
         let close = async {
             if let Some(last) = last {
                 sink.send(last).await?;

@@ -162,7 +162,7 @@ impl Zstd {
 pub fn default_dictionary() -> std::io::Result<Vec<u8>> {
     use crate::decode::DecodeLimits;
     use crate::ingest::{IngestOutcome, Ingestor, StampState};
-    use crate::upstream::synth::{SynthOptions, Synth};
+    use crate::upstream::synth::{Synth, SynthOptions};
     let opts = SynthOptions {
         seed: 7,
         count: 3000,
@@ -224,9 +224,11 @@ fn parse(pairs: &[(String, String)]) -> Result<Params, String> {
             "wantedCollections" => p.collections.push(value.clone()),
             "wantedDids" => p.dids.push(value.clone()),
             "cursor" => {
-                p.cursor = Some(value.parse::<i64>().map_err(|_| {
-                    format!("cursor must be unix microseconds, not {value:?}")
-                })?)
+                p.cursor = Some(
+                    value
+                        .parse::<i64>()
+                        .map_err(|_| format!("cursor must be unix microseconds, not {value:?}"))?,
+                )
             }
             "compress" => p.compress = parse_bool(key, value)?,
             "requireHello" => p.require_hello = parse_bool(key, value)?,
@@ -312,14 +314,17 @@ pub async fn subscribe(
             }
             Ok(_) => Start::Live,
             Err(e) => {
-                return (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("log unavailable: {e}"))
+                return (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    format!("log unavailable: {e}"),
+                )
                     .into_response()
             }
         },
     };
     let permit = match crate::http::admit(&state, peer) {
         Ok(p) => p,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let policy = params.policy.unwrap_or(state.slow_policy);
     upgrade.on_upgrade(move |mut socket| async move {
@@ -339,7 +344,9 @@ pub async fn subscribe(
                 Err(_) => return,
             }
         }
-        let sub = state.hub.subscribe(WireKind::JetstreamV1, filter, policy, start);
+        let sub = state
+            .hub
+            .subscribe(WireKind::JetstreamV1, filter, policy, start);
         let end = session::run(
             socket,
             sub,
@@ -359,7 +366,9 @@ async fn wait_for_hello(socket: &mut WebSocket) -> Result<OptionsPayload, ()> {
     let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
     loop {
         match tokio::time::timeout_at(deadline, socket.next()).await {
-            Ok(Some(Ok(Message::Text(text)))) => return parse_options(text.as_str()).map_err(|_| ()),
+            Ok(Some(Ok(Message::Text(text)))) => {
+                return parse_options(text.as_str()).map_err(|_| ())
+            }
             Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) | Err(_) => {
                 return Err(())
             }
@@ -377,7 +386,12 @@ struct V1Session {
 
 impl V1Session {
     fn apply(&mut self, options: OptionsPayload) -> Result<Filter, String> {
-        let filter = Filter::build(&options.wanted_collections, &options.wanted_dids, &[], &self.limits)?;
+        let filter = Filter::build(
+            &options.wanted_collections,
+            &options.wanted_dids,
+            &[],
+            &self.limits,
+        )?;
         if let Some(max) = options.max_message_size_bytes {
             self.max_message_bytes = max as usize;
         }

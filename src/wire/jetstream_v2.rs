@@ -158,7 +158,9 @@ fn parse(pairs: &[(String, String)], state: &AppState) -> Result<Params, String>
     }
     let _ = parse_bool; // v2 has no boolean parameters
     if !collections.is_empty() && !kinds.is_empty() && !kinds.contains(&Kind::Commit) {
-        return Err("collections given but kinds excludes commit: the filter could never apply".into());
+        return Err(
+            "collections given but kinds excludes commit: the filter could never apply".into(),
+        );
     }
     let filter = Filter::build(&collections, &dids, &kinds, &state.filter_limits)?;
     Ok(Params {
@@ -259,7 +261,7 @@ pub async fn subscribe(
     };
     let permit = match crate::http::admit(&state, peer) {
         Ok(p) => p,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let policy = params.policy.unwrap_or(state.slow_policy);
     upgrade
@@ -315,7 +317,10 @@ impl WireSession for V2Session {
     fn ending(&self, end: &End) -> (Option<Message>, u16, String) {
         match end {
             End::TooSlow => (
-                Some(error_frame("ConsumerTooSlow", "subscriber queue overflowed")),
+                Some(error_frame(
+                    "ConsumerTooSlow",
+                    "subscriber queue overflowed",
+                )),
                 1008,
                 "ConsumerTooSlow".into(),
             ),

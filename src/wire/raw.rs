@@ -121,7 +121,7 @@ pub async fn subscribe(
     };
     let permit = match crate::http::admit(&state, peer) {
         Ok(p) => p,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let policy = policy.unwrap_or(state.slow_policy);
     upgrade.on_upgrade(move |mut socket| async move {
@@ -184,7 +184,10 @@ impl WireSession for RawSession {
     fn ending(&self, end: &End) -> (Option<Message>, u16, String) {
         match end {
             End::TooSlow => (
-                Some(error_frame("ConsumerTooSlow", "subscriber queue overflowed")),
+                Some(error_frame(
+                    "ConsumerTooSlow",
+                    "subscriber queue overflowed",
+                )),
                 1008,
                 "ConsumerTooSlow".into(),
             ),
@@ -197,7 +200,11 @@ impl WireSession for RawSession {
                 "OutdatedCursor".into(),
             ),
             End::Closed => (None, 1012, "sluice is restarting".into()),
-            End::ReadFailed(e) => (Some(error_frame("InternalError", e)), 1011, "InternalError".into()),
+            End::ReadFailed(e) => (
+                Some(error_frame("InternalError", e)),
+                1011,
+                "InternalError".into(),
+            ),
         }
     }
 
