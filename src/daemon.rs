@@ -141,10 +141,10 @@ fn ingest_loop(
     let mut last_accepted: Option<(u64, i64)> = None;
     loop {
         // Wake at least once per tick so liveness is visible even when the stream is idle.
-        shared.ingest_heartbeat.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let next = runtime.block_on(async {
-            tokio::time::timeout(idle_tick, frames.recv()).await
-        });
+        shared
+            .ingest_heartbeat
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let next = runtime.block_on(async { tokio::time::timeout(idle_tick, frames.recv()).await });
         let frame = match next {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
@@ -246,10 +246,9 @@ impl Daemon {
     /// Opens the log, starts the hub, binds the listener and starts ingest.
     pub async fn start(config: crate::config::ServeConfig) -> anyhow::Result<Daemon> {
         let log_config = config.log.clone();
-        let (log, state) =
-            tokio::task::spawn_blocking(move || crate::log::Log::open(log_config))
-                .await?
-                .map_err(|e| anyhow::anyhow!("cannot open the event log: {e}"))?;
+        let (log, state) = tokio::task::spawn_blocking(move || crate::log::Log::open(log_config))
+            .await?
+            .map_err(|e| anyhow::anyhow!("cannot open the event log: {e}"))?;
         let log = Arc::new(log);
         let zstd = Arc::new(std::sync::OnceLock::new());
         match &config.zstd_dictionary {
@@ -257,17 +256,23 @@ impl Daemon {
                 let dictionary = std::fs::read(path).map_err(|e| {
                     anyhow::anyhow!("cannot read zstd dictionary {}: {e}", path.display())
                 })?;
-                let _ = zstd.set(Arc::new(crate::wire::jetstream_v1::Zstd::new(dictionary, 3)));
+                let _ = zstd.set(Arc::new(crate::wire::jetstream_v1::Zstd::new(
+                    dictionary, 3,
+                )));
             }
             None => {
                 let slot = zstd.clone();
                 tokio::task::spawn_blocking(move || {
                     match crate::wire::jetstream_v1::default_dictionary() {
                         Ok(dictionary) => {
-                            let _ = slot.set(Arc::new(crate::wire::jetstream_v1::Zstd::new(dictionary, 3)));
+                            let _ = slot.set(Arc::new(crate::wire::jetstream_v1::Zstd::new(
+                                dictionary, 3,
+                            )));
                             tracing::info!("zstd dictionary trained; compress=true is available");
                         }
-                        Err(e) => tracing::error!(error = %e, "cannot train the zstd dictionary; compress=true stays unavailable"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot train the zstd dictionary; compress=true stays unavailable")
+                        }
                     }
                 });
             }
@@ -295,7 +300,9 @@ impl Daemon {
         ));
         let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {} (admin): {e}", config.admin_listen))?;
+            .map_err(|e| {
+                anyhow::anyhow!("cannot listen on {} (admin): {e}", config.admin_listen)
+            })?;
         let admin_addr = admin_listener.local_addr()?;
         let ingest = start_ingest(config.ingest.clone(), state, log.clone())?;
         let admin = Arc::new(crate::http::admin::AdminState::new(

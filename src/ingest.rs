@@ -176,7 +176,11 @@ impl Ingestor {
         let events = self.stamp(message, upstream_seq, source_us, received_us, frame);
         self.stats.events += events.len() as u64;
         for event in &events {
-            *self.stats.events_by_kind.entry(event.kind.as_str()).or_default() += 1;
+            *self
+                .stats
+                .events_by_kind
+                .entry(event.kind.as_str())
+                .or_default() += 1;
             if let Some(collection) = &event.collection {
                 let counted = &mut self.stats.events_by_collection;
                 if let Some(n) = counted.get_mut(collection.as_str()) {

@@ -84,7 +84,10 @@ async fn start() -> (Daemon, tempfile::TempDir, usize) {
 async fn metrics_and_readiness_show_the_real_state() {
     let (daemon, _dir, frames) = start().await;
     let admin = daemon.admin_addr;
-    let url = format!("ws://{}/subscribe?wantedCollections=app.bsky.feed.post", daemon.addr);
+    let url = format!(
+        "ws://{}/subscribe?wantedCollections=app.bsky.feed.post",
+        daemon.addr
+    );
     let (mut client, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     let mut ingested = 0.0;
     for _ in 0..500 {
@@ -108,11 +111,17 @@ async fn metrics_and_readiness_show_the_real_state() {
     assert_eq!(metric(&text, "sluice_upstream_connected"), Some(1.0));
     assert!(metric(&text, r#"sluice_ingested_events_total{kind="commit"}"#).unwrap() > 300.0);
     assert!(
-        metric(&text, r#"sluice_ingested_commit_ops_total{collection="app.bsky.feed.like"}"#)
-            .unwrap()
+        metric(
+            &text,
+            r#"sluice_ingested_commit_ops_total{collection="app.bsky.feed.like"}"#
+        )
+        .unwrap()
             > 100.0
     );
-    assert_eq!(metric(&text, r#"sluice_subscribers{wire="jetstream_v1"}"#), Some(1.0));
+    assert_eq!(
+        metric(&text, r#"sluice_subscribers{wire="jetstream_v1"}"#),
+        Some(1.0)
+    );
     assert!(metric(&text, "sluice_log_newest_seq").unwrap() > 400.0);
     assert!(metric(&text, "sluice_upstream_lag_seconds").unwrap() < 120.0);
     let (status, body) = tokio::task::spawn_blocking(move || get(admin, "/readyz"))
@@ -137,8 +146,15 @@ async fn metrics_and_readiness_show_the_real_state() {
 async fn status_page_renders_live_data_in_chromium() {
     let chromium = ["chromium", "chromium-browser"]
         .into_iter()
-        .find(|c| std::process::Command::new(c).arg("--version").output().is_ok())
-        .expect("chromium is required for this test (Debian package `chromium`; .ci/run installs it)");
+        .find(|c| {
+            std::process::Command::new(c)
+                .arg("--version")
+                .output()
+                .is_ok()
+        })
+        .expect(
+            "chromium is required for this test (Debian package `chromium`; .ci/run installs it)",
+        );
     let (daemon, dir, _) = start().await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let url = format!("http://{}/", daemon.admin_addr);
@@ -172,7 +188,10 @@ async fn status_page_renders_live_data_in_chromium() {
     .await
     .unwrap();
     let dom = String::from_utf8_lossy(&dom.stdout).to_string();
-    assert!(dom.contains("class=\"ok\">ready"), "page shows readiness: {dom}");
+    assert!(
+        dom.contains("class=\"ok\">ready"),
+        "page shows readiness: {dom}"
+    );
     assert!(dom.contains("app.bsky.feed.like"), "page shows collections");
     assert!(dom.contains("jetstream_v1"), "page shows wires");
     let shot_arg = format!("--screenshot={}", shot.display());
@@ -187,9 +206,16 @@ async fn status_page_renders_live_data_in_chromium() {
     })
     .await
     .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let png = std::fs::read(&shot).unwrap();
-    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "a real screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "a real screenshot"
+    );
     if let Some(keep) = std::env::var_os("SLUICE_KEEP_SCREENSHOT") {
         std::fs::write(keep, &png).unwrap();
     }

@@ -127,9 +127,18 @@ async fn replay_of_the_real_capture_is_ingested_with_correct_stamps() {
             raw.push(frame.clone());
         }
     }
-    assert_eq!(raw, frames, "every frame arrives once, byte for byte, in order");
-    let identity = events.iter().filter(|e| e.kind == EventKind::Identity).count();
-    let account = events.iter().filter(|e| e.kind == EventKind::Account).count();
+    assert_eq!(
+        raw, frames,
+        "every frame arrives once, byte for byte, in order"
+    );
+    let identity = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Identity)
+        .count();
+    let account = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Account)
+        .count();
     assert_eq!((identity, account), (1, 1));
 }
 
@@ -157,7 +166,10 @@ async fn restart_resumes_from_the_log_without_gap_or_duplicate() {
     })
     .await;
     let stats = handle.shutdown().await.unwrap();
-    assert_eq!(stats.duplicates_dropped, 0, "resumed with ?cursor, nothing re-sent");
+    assert_eq!(
+        stats.duplicates_dropped, 0,
+        "resumed with ?cursor, nothing re-sent"
+    );
     let reader = log.reader();
     let mut events = Vec::new();
     while let Some(next) = events.last().map_or(Some(1), |e: &Arc<Event>| {
@@ -184,7 +196,10 @@ async fn an_oversized_frame_is_counted_and_skipped_without_losing_the_rest() {
     let mut cfg = config(addr);
     cfg.upstream.max_frame_bytes = 64 * 1024;
     let (handle, collected) = start(cfg, StampState::fresh());
-    wait_for("the 9 small frames", || collected.lock().unwrap().len() >= 9).await;
+    wait_for("the 9 small frames", || {
+        collected.lock().unwrap().len() >= 9
+    })
+    .await;
     let shared = handle.shared.clone();
     handle.shutdown().await.unwrap();
     let seqs: Vec<i64> = collected

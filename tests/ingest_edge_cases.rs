@@ -78,7 +78,10 @@ fn a_too_big_commit_becomes_one_event_naming_repo_rev_and_paths() {
     assert_eq!(events.len(), 1);
     assert_eq!(events[0].kind, EventKind::CommitTooBig);
     assert_eq!(ingestor.stats().too_big_commits, 1);
-    assert!(events[0].v1_json.is_none(), "strict v1 clients reject unknown kinds");
+    assert!(
+        events[0].v1_json.is_none(),
+        "strict v1 clients reject unknown kinds"
+    );
     let v2 = parse(&events[0].v2_json);
     let p = &v2["payload"];
     assert_eq!(p["did"], DID);
@@ -99,9 +102,15 @@ fn sync_is_v2_only_and_unknown_types_are_carried_on_the_raw_wire() {
     };
     assert_eq!(events[0].kind, EventKind::Sync);
     assert!(events[0].v1_json.is_none());
-    assert_eq!(parse(&events[0].v2_json)["payload"]["sync"]["rev"], "3mptbyplj5d2a");
+    assert_eq!(
+        parse(&events[0].v2_json)["payload"]["sync"]["rev"],
+        "3mptbyplj5d2a"
+    );
 
-    let unknown = frame("#futureThing", json!({"did": DID, "seq": 10, "novel": [1, 2]}));
+    let unknown = frame(
+        "#futureThing",
+        json!({"did": DID, "seq": 10, "novel": [1, 2]}),
+    );
     let (IngestOutcome::Events(events), ingestor) = ingest(unknown.clone()) else {
         panic!()
     };
@@ -122,7 +131,10 @@ fn error_frames_and_info_are_reported_not_stamped() {
     );
     assert_eq!(ingestor.state().next_seq, 1);
 
-    let info = frame("#info", json!({"name": "OutdatedCursor", "message": "too old"}));
+    let info = frame(
+        "#info",
+        json!({"name": "OutdatedCursor", "message": "too old"}),
+    );
     let (outcome, ingestor) = ingest(info);
     assert!(
         matches!(&outcome, IngestOutcome::Info { name, .. } if name == "OutdatedCursor"),
@@ -134,6 +146,9 @@ fn error_frames_and_info_are_reported_not_stamped() {
 #[test]
 fn garbage_is_a_counted_decode_error() {
     let (outcome, ingestor) = ingest(Bytes::from_static(&[0xa2, 0x61, 0x74, 0xff, 0x00]));
-    assert!(matches!(outcome, IngestOutcome::DecodeFailed(_)), "{outcome:?}");
+    assert!(
+        matches!(outcome, IngestOutcome::DecodeFailed(_)),
+        "{outcome:?}"
+    );
     assert_eq!(ingestor.stats().decode_errors, 1);
 }

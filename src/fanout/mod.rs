@@ -93,7 +93,9 @@ impl std::str::FromStr for SlowPolicy {
         match s {
             "catchup" => Ok(SlowPolicy::Catchup),
             "disconnect" => Ok(SlowPolicy::Disconnect),
-            other => Err(format!("slow-consumer policy must be catchup or disconnect, not {other:?}")),
+            other => Err(format!(
+                "slow-consumer policy must be catchup or disconnect, not {other:?}"
+            )),
         }
     }
 }
@@ -378,7 +380,10 @@ impl Hub {
         if live {
             state.index.insert(id, &filter);
         } else {
-            self.inner.stats.catchups_active.fetch_add(1, Ordering::Relaxed);
+            self.inner
+                .stats
+                .catchups_active
+                .fetch_add(1, Ordering::Relaxed);
         }
         state.entries.insert(
             id,
@@ -425,7 +430,12 @@ async fn dispatch_loop(inner: Arc<HubInner>) {
                 let mut state = inner.state.lock();
                 let newest_seq = inner.reader.newest_seq();
                 tracing::error!(from, newest_seq, "fan-out dispatcher could not read the log; moving live subscribers to catch-up");
-                let ids: Vec<u64> = state.entries.iter().filter(|(_, e)| e.live).map(|(&id, _)| id).collect();
+                let ids: Vec<u64> = state
+                    .entries
+                    .iter()
+                    .filter(|(_, e)| e.live)
+                    .map(|(&id, _)| id)
+                    .collect();
                 for id in ids {
                     overflow(&inner, &mut state, id);
                 }
@@ -444,7 +454,9 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent]) {
         }
         let HubState { entries, index, .. } = &mut *state;
         index.candidates(event, |id| {
-            let Some(entry) = entries.get_mut(&id) else { return };
+            let Some(entry) = entries.get_mut(&id) else {
+                return;
+            };
             if entry.last_pushed >= event.seq || !entry.live {
                 return;
             }
@@ -473,7 +485,10 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent]) {
             overflow(inner, &mut state, id);
         }
         state.dispatched_through = event.seq;
-        inner.stats.dispatched_events.fetch_add(1, Ordering::Relaxed);
+        inner
+            .stats
+            .dispatched_events
+            .fetch_add(1, Ordering::Relaxed);
     }
     let through = state.dispatched_through;
     drop(state);
@@ -567,8 +582,15 @@ impl Subscription {
                         if self.policy == SlowPolicy::Disconnect {
                             return Err(End::TooSlow);
                         }
-                        tracing::debug!(id = self.id, seen_through = self.seen_through, "subscriber moved to catch-up");
-                        self.hub.stats.catchups_active.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(
+                            id = self.id,
+                            seen_through = self.seen_through,
+                            "subscriber moved to catch-up"
+                        );
+                        self.hub
+                            .stats
+                            .catchups_active
+                            .fetch_add(1, Ordering::Relaxed);
                         self.mode = Mode::CatchUp {
                             next: self.seen_through + 1,
                         };
@@ -665,7 +687,10 @@ impl Subscription {
         drop(state);
         self.mode = Mode::Live;
         self.hub.stats.rejoins.fetch_add(1, Ordering::Relaxed);
-        self.hub.stats.catchups_active.fetch_sub(1, Ordering::Relaxed);
+        self.hub
+            .stats
+            .catchups_active
+            .fetch_sub(1, Ordering::Relaxed);
         true
     }
 }
@@ -681,7 +706,10 @@ impl Drop for Subscription {
         }
         drop(state);
         if !self.is_live() {
-            self.hub.stats.catchups_active.fetch_sub(1, Ordering::Relaxed);
+            self.hub
+                .stats
+                .catchups_active
+                .fetch_sub(1, Ordering::Relaxed);
         }
         self.hub.stats.subscribers[wire_slot(self.wire)].fetch_sub(1, Ordering::Relaxed);
     }

@@ -40,7 +40,10 @@ impl<R: Read> CaptureReader<R> {
         }
         let mut frame = vec![0u8; len];
         self.inner.read_exact(&mut frame).map_err(|e| {
-            io::Error::new(e.kind(), format!("capture ends inside a {len}-byte frame: {e}"))
+            io::Error::new(
+                e.kind(),
+                format!("capture ends inside a {len}-byte frame: {e}"),
+            )
         })?;
         Ok(Some(frame))
     }
@@ -74,7 +77,10 @@ pub fn read_all(path: &std::path::Path, max_frame: usize) -> io::Result<Vec<Vec<
 /// Appends one frame in capture format.
 pub fn write_frame(w: &mut impl Write, frame: &[u8]) -> io::Result<()> {
     let len = u32::try_from(frame.len()).map_err(|_| {
-        io::Error::new(io::ErrorKind::InvalidInput, "frame longer than u32::MAX bytes")
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "frame longer than u32::MAX bytes",
+        )
     })?;
     w.write_all(&len.to_le_bytes())?;
     w.write_all(frame)
@@ -85,6 +91,8 @@ pub fn write_frame(w: &mut impl Write, frame: &[u8]) -> io::Result<()> {
 pub fn upstream_fixtures_dir() -> std::path::PathBuf {
     match std::env::var_os("SLUICE_UPSTREAM_FIXTURES") {
         Some(dir) => dir.into(),
-        None => std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures-upstream"),
+        None => {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures-upstream")
+        }
     }
 }
