@@ -251,31 +251,15 @@ impl Daemon {
             .map_err(|e| anyhow::anyhow!("cannot open the event log: {e}"))?;
         let log = Arc::new(log);
         let zstd = Arc::new(std::sync::OnceLock::new());
-        match &config.zstd_dictionary {
-            Some(path) => {
-                let dictionary = std::fs::read(path).map_err(|e| {
-                    anyhow::anyhow!("cannot read zstd dictionary {}: {e}", path.display())
-                })?;
-                let _ = zstd.set(Arc::new(crate::wire::jetstream_v1::Zstd::new(
-                    dictionary, 3,
-                )));
-            }
-            None => {
-                let slot = zstd.clone();
-                tokio::task::spawn_blocking(move || {
-                    match crate::wire::jetstream_v1::default_dictionary() {
-                        Ok(dictionary) => {
-                            let _ = slot.set(Arc::new(crate::wire::jetstream_v1::Zstd::new(
-                                dictionary, 3,
-                            )));
-                            tracing::info!("zstd dictionary trained; compress=true is available");
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot train the zstd dictionary; compress=true stays unavailable")
-                        }
-                    }
-                });
-            }
+        // Without a file the dictionary is trained on first use (see `http::ensure_zstd`),
+        // so restarts stay cheap.
+        if let Some(path) = &config.zstd_dictionary {
+            let dictionary = std::fs::read(path).map_err(|e| {
+                anyhow::anyhow!("cannot read zstd dictionary {}: {e}", path.display())
+            })?;
+            let _ = zstd.set(Arc::new(crate::wire::jetstream_v1::Zstd::new(
+                dictionary, 3,
+            )));
         }
         let hub = crate::fanout::Hub::start(log.reader(), config.hub.clone());
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -292,6 +276,7 @@ impl Daemon {
             shutdown: shutdown_rx.clone(),
             stats: crate::http::HttpStats::default(),
             zstd,
+            zstd_training: std::sync::atomic::AtomicBool::new(false),
         });
         let server = tokio::spawn(crate::http::serve(
             listener,

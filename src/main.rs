@@ -197,6 +197,9 @@ async fn serve(
     }
     let config = args.to_config()?;
     let stats_interval = config.stats_interval;
+    // Listen for signals before starting, so a SIGTERM during start-up is a clean stop too.
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
     let daemon = sluice::daemon::Daemon::start(config).await?;
     let reader = daemon.log.reader();
     let upstream = daemon.upstream().clone();
@@ -217,7 +220,7 @@ async fn serve(
     ticker.tick().await;
     loop {
         tokio::select! {
-            _ = shutdown_signal() => break,
+            _ = &mut stop => break,
             _ = hangup.recv() => {
                 let _ = systemd::notify_reloading();
                 match reread_serve_args().and_then(|a| Ok((a.to_config()?, a.log_filter))) {
@@ -325,18 +328,24 @@ fn synth(args: SynthArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(err) => {
-            tracing::warn!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops sluice");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, not
+/// when it is first polled.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                tracing::warn!("cannot listen for SIGTERM/SIGINT; falling back to Ctrl-C");
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }

@@ -64,9 +64,11 @@ pub struct AppState {
     pub slow_policy: SlowPolicy,
     pub shutdown: watch::Receiver<bool>,
     pub stats: HttpStats,
-    /// Set once the v1 compression dictionary is ready (loaded, or trained in the
-    /// background at start); until then `compress=true` gets a 503 with Retry-After.
+    /// Set once the v1 compression dictionary is ready: loaded at start from
+    /// `--zstd-dictionary`, or trained in the background when the first client asks for
+    /// compression (until then `compress=true` gets a 503 with Retry-After).
     pub zstd: Arc<std::sync::OnceLock<Arc<crate::wire::jetstream_v1::Zstd>>>,
+    pub zstd_training: std::sync::atomic::AtomicBool,
 }
 
 /// The subscriber-facing router.
@@ -225,7 +227,27 @@ async fn event_by_seq(
     }
 }
 
+/// Starts training the default dictionary if nobody has yet.
+pub fn ensure_zstd(state: &AppState) {
+    if state.zstd.get().is_some() || state.zstd_training.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    let slot = state.zstd.clone();
+    tokio::task::spawn_blocking(
+        move || match crate::wire::jetstream_v1::default_dictionary() {
+            Ok(dictionary) => {
+                let _ = slot.set(Arc::new(crate::wire::jetstream_v1::Zstd::new(
+                    dictionary, 3,
+                )));
+                tracing::info!("zstd dictionary trained; compress=true is available");
+            }
+            Err(e) => tracing::error!(error = %e, "cannot train the zstd dictionary"),
+        },
+    );
+}
+
 async fn zstd_dictionary(State(state): State<Arc<AppState>>) -> Response {
+    ensure_zstd(&state);
     match state.zstd.get() {
         Some(zstd) => (
             [(header::CONTENT_TYPE, "application/octet-stream")],

@@ -293,11 +293,12 @@ pub async fn subscribe(
         (false, _) => None,
         (true, Some(zstd)) => Some(zstd.clone()),
         (true, None) => {
+            crate::http::ensure_zstd(&state);
             return crate::http::refusal_response(&crate::http::admission::Refusal {
                 status: 503,
                 reason: "the compression dictionary is not ready yet",
                 retry_after_secs: crate::http::session::retry_after(state.session.retry_after_secs),
-            })
+            });
         }
     };
     let start = match params.cursor {
