@@ -594,3 +594,31 @@ async fn v1_oversized_events_are_skipped_noticed_on_request_and_fetchable() {
     assert_eq!(read_json(&mut ws, all.len()).await.len(), all.len());
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_cursor_older_than_retention_starts_at_the_oldest_held_event() {
+    let env = Env::with_deleted_prefix().await;
+    let oldest = env.oldest_seq();
+    let want: Vec<u64> = env
+        .events_from(oldest)
+        .iter()
+        .filter(|e| e.v1_json.is_some())
+        .map(|e| e.seq)
+        .collect();
+    // A 2020 cursor (deleted by age retention), and a cursor before any event at all.
+    for cursor in [1_590_000_000_000_000i64, 1] {
+        let mut ws = connect(&env.url(&format!("/subscribe?cursor={cursor}"))).await;
+        let got = read_json(&mut ws, want.len()).await;
+        assert_eq!(seqs_of(&got), want, "cursor {cursor}");
+        assert_quiet(&mut ws, "after the held events").await;
+    }
+    assert_eq!(
+        env.daemon
+            .app
+            .stats
+            .v1_cursor_clamped
+            .load(Ordering::Relaxed),
+        2
+    );
+    env.stop().await;
+}
