@@ -665,3 +665,48 @@ fn duplicate_op_cids_share_one_conversion() {
         Err(DecodeError::LimitExceeded("record JSON per frame"))
     );
 }
+
+#[test]
+fn duplicate_fields_the_decoder_reads_are_refused() {
+    // Header: {"op": 1, "t": "#identity", "op": 1} (hand-built: JSON objects cannot repeat).
+    let h = cat(&[
+        &[0xa3, 0x62, b'o', b'p', 0x01, 0x61, b't'],
+        &enc(&json!("#identity")),
+        &[0x62, b'o', b'p', 0x01],
+    ]);
+    let body = enc(&json!({"did": "did:plc:x", "seq": 1}));
+    assert_eq!(
+        decode(&cat(&[&h, &body])),
+        Err(DecodeError::InvalidHeader("duplicate header field"))
+    );
+    // Commit body with `repo` twice: append a second pair and bump the map's count.
+    let rec = like();
+    let mut b = enc(&commit_body(&[&rec], &car(&[&rec])));
+    b[0] += 1;
+    let b = cat(&[
+        &b,
+        &[0x64, b'r', b'e', b'p', b'o'],
+        &enc(&json!("did:plc:evil")),
+    ]);
+    assert_eq!(
+        decode(&cat(&[&commit_header(), &b])),
+        Err(DecodeError::InvalidBody(
+            "#commit field `repo` appears twice".into()
+        ))
+    );
+    // Error frame with `error` twice.
+    let e = cat(&[
+        &[0xa2, 0x65],
+        b"error",
+        &enc(&json!("A")),
+        &[0x65],
+        b"error",
+        &enc(&json!("B")),
+    ]);
+    assert_eq!(
+        decode(&cat(&[&enc(&json!({"op": -1})), &e])),
+        Err(DecodeError::InvalidBody(
+            "error frame field `error` appears twice".into()
+        ))
+    );
+}

@@ -89,6 +89,9 @@ fn read_header<'a, S: Source<'a>>(
         let Token::Text(key) = r.next_token()? else {
             return Err(DecodeError::InvalidHeader("header key is not text"));
         };
+        if (key == "op" && op.is_some()) || (key == "t" && t.is_some()) {
+            return Err(DecodeError::InvalidHeader("duplicate header field"));
+        }
         match key {
             "op" => {
                 op = Some(
@@ -107,6 +110,22 @@ fn read_header<'a, S: Source<'a>>(
         op.ok_or(DecodeError::InvalidHeader("header without op"))?,
         t,
     ))
+}
+
+/// Refuses a second occurrence of a field the decoder reads: which one to believe would be a
+/// guess. `fields` lists the known names; unknown keys are skipped and not tracked.
+#[inline]
+fn once(seen: &mut u32, fields: &[&str], t: &str, key: &str) -> Result<(), DecodeError> {
+    if let Some(i) = fields.iter().position(|f| *f == key) {
+        let bit = 1u32 << i;
+        if *seen & bit != 0 {
+            return Err(DecodeError::InvalidBody(format!(
+                "{t} field `{key}` appears twice"
+            )));
+        }
+        *seen |= bit;
+    }
+    Ok(())
 }
 
 fn wrong_type(t: &str, key: &str) -> DecodeError {
@@ -134,8 +153,11 @@ fn decode_error_body<'a, S: Source<'a>>(
     let n = body_map(r)?;
     let mut error = None;
     let mut message = None;
+    let mut seen = 0;
     for _ in 0..n {
-        match body_key(r)? {
+        let key = body_key(r)?;
+        once(&mut seen, &["error", "message"], "error frame", key)?;
+        match key {
             "error" => match r.next_token()? {
                 Token::Text(s) => error = Some(s),
                 _ => return Err(wrong_type("error frame", "error")),
@@ -186,8 +208,10 @@ fn parse_op<'a, S: Source<'a>>(r: &mut S, limits: &DecodeLimits) -> Result<RawOp
         return Err(DecodeError::InvalidBody("#commit op is not a map".into()));
     };
     let (mut action, mut path, mut cid, mut prev) = (None, None, None, None);
+    let mut seen = 0;
     for _ in 0..n {
         let key = body_key(r)?;
+        once(&mut seen, &["action", "path", "cid", "prev"], T, key)?;
         match key {
             "action" => {
                 action = Some(match r.next_token()? {
@@ -228,8 +252,14 @@ fn decode_commit<'a, S: Source<'a>>(
     let (mut repo, mut rev, mut since, mut commit, mut prev_data) = (None, None, None, None, None);
     let (mut too_big, mut rebase, mut seq, mut time, mut blocks) = (false, false, None, None, None);
     let mut ops: Vec<RawOp<'a>> = Vec::new();
+    const FIELDS: &[&str] = &[
+        "repo", "rev", "since", "commit", "prevData", "tooBig", "rebase", "seq", "time", "blocks",
+        "ops",
+    ];
+    let mut seen = 0;
     for _ in 0..n {
         let key = body_key(r)?;
+        once(&mut seen, FIELDS, T, key)?;
         match key {
             "repo" => match r.next_token()? {
                 Token::Text(s) => repo = Some(s),
