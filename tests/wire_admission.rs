@@ -179,7 +179,6 @@ async fn shutdown_closes_every_client_with_1012() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: a requireHello client still waiting for its hello is not closed with 1012 on shutdown (src/wire/jetstream_v1.rs wait_for_hello ignores the shutdown signal; HELLO_TIMEOUT is 30 s)"]
 async fn shutdown_closes_a_client_waiting_for_its_hello_with_1012() {
     let env = Env::start(corpus(), Speed::Max, false, |_| {}).await;
     let mut ws = connect(&env.url("/subscribe?requireHello=true")).await;

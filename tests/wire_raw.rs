@@ -70,7 +70,6 @@ async fn raw_frames_are_byte_for_byte_with_an_exclusive_upstream_cursor() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: raw cursor = oldest upstream seq - 1 resolves to the live tip (all retained events skipped) while the store has no segment yet (src/log/mod.rs:477-482 LogReader::resolve)"]
 async fn raw_cursor_just_below_the_oldest_event_before_the_first_commit() {
     // A long commit interval keeps every event in the hot tail only, as in the first
     // 100 ms of a fresh log (or once retention has deleted every stored segment).

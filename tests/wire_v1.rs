@@ -383,7 +383,6 @@ async fn v1_require_hello_waits_for_options_and_applies_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: an invalid requireHello hello drops the socket without a close frame or reason (src/wire/jetstream_v1.rs wait_for_hello/apply `Err(_) => return`)"]
 async fn v1_invalid_hello_is_closed_with_a_reason() {
     let env = Env::start(corpus(), Speed::Max, false, |_| {}).await;
     let dids: Vec<String> = (0..10_001).map(|i| format!("did:plc:n{i}")).collect();

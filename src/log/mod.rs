@@ -464,7 +464,10 @@ impl LogReader {
             Cursor::TimeUs(t) => {
                 let found = match self.shared.tail.seq_at_or_after_time(t) {
                     Some(found) => found,
-                    None => self.shared.store.seq_at_or_after_time(t)?,
+                    // The tail starts after `t`: the answer is in the store, or, when the
+                    // store has nothing that late (e.g. before the first commit), it is the
+                    // tail's first event.
+                    None => self.shared.store.seq_at_or_after_time(t)?.or(self.tail_front()),
                 };
                 found.map_or(Resolved::Live { next }, Resolved::From)
             }
@@ -479,11 +482,17 @@ impl LogReader {
             Cursor::UpstreamAfter(u) => {
                 let found = match self.shared.tail.seq_after_upstream(u) {
                     Some(found) => found,
-                    None => self.shared.store.seq_after_upstream(u)?,
+                    // As for time: the store, else the tail's first event.
+                    None => self.shared.store.seq_after_upstream(u)?.or(self.tail_front()),
                 };
                 found.map_or(Resolved::Live { next }, Resolved::From)
             }
         })
+    }
+
+    /// The oldest seq in the hot tail, if it holds any event.
+    fn tail_front(&self) -> Option<u64> {
+        self.shared.tail.oldest().map(|(seq, _)| seq)
     }
 
     /// The durable store, for metrics (size, disk bytes, segments).

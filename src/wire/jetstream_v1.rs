@@ -337,12 +337,32 @@ pub async fn subscribe(
         };
         let mut filter = filter;
         if params.require_hello {
-            match wait_for_hello(&mut socket).await {
-                Ok(options) => match wire.apply(options) {
-                    Ok(f) => filter = f,
-                    Err(_) => return,
-                },
-                Err(_) => return,
+            let mut shutdown = state.shutdown.clone();
+            let outcome = tokio::select! {
+                hello = wait_for_hello(&mut socket) => hello.and_then(|options| wire.apply(options).map_err(HelloEnd::Invalid)),
+                _ = shutdown.wait_for(|&s| s) => Err(HelloEnd::Shutdown),
+            };
+            match outcome {
+                Ok(f) => filter = f,
+                Err(end) => {
+                    let (code, reason) = match end {
+                        HelloEnd::Shutdown => (
+                            1012,
+                            format!(
+                                "sluice is restarting; resume with your cursor in {} s",
+                                session::retry_after(state.session.retry_after_secs)
+                            ),
+                        ),
+                        HelloEnd::Invalid(problem) => (1008, problem),
+                        HelloEnd::Gone => return,
+                    };
+                    let close = Message::Close(Some(axum::extract::ws::CloseFrame {
+                        code,
+                        reason: reason.chars().take(120).collect::<String>().into(),
+                    }));
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), socket.send(close)).await;
+                    return;
+                }
             }
         }
         let sub = state
@@ -363,15 +383,31 @@ pub async fn subscribe(
     })
 }
 
-async fn wait_for_hello(socket: &mut WebSocket) -> Result<OptionsPayload, ()> {
+/// Why a `requireHello` connection ended before its hello.
+enum HelloEnd {
+    /// The client left.
+    Gone,
+    /// The hello was invalid or late: close 1008 with this reason.
+    Invalid(String),
+    /// The server is shutting down: close 1012.
+    Shutdown,
+}
+
+async fn wait_for_hello(socket: &mut WebSocket) -> Result<OptionsPayload, HelloEnd> {
     let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
     loop {
         match tokio::time::timeout_at(deadline, socket.next()).await {
             Ok(Some(Ok(Message::Text(text)))) => {
-                return parse_options(text.as_str()).map_err(|_| ())
+                return parse_options(text.as_str()).map_err(HelloEnd::Invalid)
             }
-            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) | Err(_) => {
-                return Err(())
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => {
+                return Err(HelloEnd::Gone)
+            }
+            Err(_) => {
+                return Err(HelloEnd::Invalid(format!(
+                    "requireHello: no options_update within {} s",
+                    HELLO_TIMEOUT.as_secs()
+                )))
             }
             Ok(Some(Ok(_))) => continue,
         }
