@@ -67,5 +67,27 @@ fn bench_decode_frame_only(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_decode, bench_decode_frame_only);
+/// The whole ingest step per frame: decode, stamp, and encode the v1 and v2 JSON once.
+fn bench_ingest(c: &mut Criterion) {
+    use sluice::ingest::{IngestOutcome, Ingestor, StampState};
+    let frames: Vec<bytes::Bytes> = corpus_frames().into_iter().map(bytes::Bytes::from).collect();
+    let mut g = c.benchmark_group("ingest");
+    g.throughput(Throughput::Elements(frames.len() as u64));
+    g.bench_function("corpus_decode_stamp_v1_v2", |b| {
+        b.iter(|| {
+            let mut ingestor = Ingestor::new(StampState::fresh(), DecodeLimits::default());
+            for f in &frames {
+                match ingestor.ingest(f.clone(), i64::MAX / 2) {
+                    IngestOutcome::Events(events) => {
+                        black_box(events);
+                    }
+                    other => panic!("corpus frame did not ingest: {other:?}"),
+                }
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench_decode, bench_decode_frame_only, bench_ingest);
 criterion_main!(benches);
