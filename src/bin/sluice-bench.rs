@@ -10,7 +10,7 @@
 //! hands each frame to the socket, keyed by the frame's upstream `seq` and by its commit
 //! `(repo DID, rev)`. A raw-wire subscriber reads the `seq` back out of the CBOR frame it
 //! receives; a Jetstream v1/v2 subscriber reads `did` and `rev` out of the JSON event (all
-//! events of one commit share its send instant; identity/account/sync events carry no rev
+//! events of one commit share its send instant; identity/account events carry no rev
 //! and are counted but not timed). Latency = receive instant − send instant, both from the
 //! bench's one monotonic clock. Frames are generated fresh (never looped), so every key is
 //! unique within a run.
@@ -325,7 +325,7 @@ enum FrameType {
 
 struct FrameMeta {
     seq: Option<i64>,
-    /// hash of (repo DID, rev) for commits.
+    /// hash of (repo DID, rev) for commits and syncs.
     commit_key: Option<u64>,
     ftype: FrameType,
     /// Union of the classes of the frame's ops (plus CLS_NONCOMMIT for non-commits).
@@ -465,19 +465,21 @@ fn frame_meta(frame: &[u8]) -> FrameMeta {
     walk_map(frame, body, |k, v| {
         match k {
             "seq" => meta.seq = int_at(frame, v),
-            "repo" => repo = text_at(frame, v).map(|(s, _)| s),
+            // `#commit` names the repo `repo`, `#sync` names it `did`.
+            "repo" | "did" => repo = text_at(frame, v).map(|(s, _)| s),
             "rev" => rev = text_at(frame, v).map(|(s, _)| s),
             "ops" => ops_pos = Some(v),
             _ => {}
         }
         true
     });
+    // v2 shows `#sync` events with their rev too, so they are timed like commits.
+    if let (Some(repo), Some(rev)) = (repo, rev) {
+        meta.commit_key = Some(commit_key(repo, rev));
+    }
     if meta.ftype != FrameType::Commit {
         meta.mask = CLS_NONCOMMIT;
         return meta;
-    }
-    if let (Some(repo), Some(rev)) = (repo, rev) {
-        meta.commit_key = Some(commit_key(repo, rev));
     }
     if let Some(Some((Header::Array(Some(n)), mut at))) = ops_pos.map(|p| head_at(frame, p)) {
         for _ in 0..n {
@@ -1016,7 +1018,7 @@ async fn run_sub(
                 me.hist.lock()[phase].record(us);
             }
             None => {
-                // identity/account/sync on v1/v2 carry no rev: not timed.
+                // identity/account events carry no rev: not timed.
                 if matches!(msg, Message::Binary(_)) || key.is_some() {
                     me.unmatched.fetch_add(1, Ordering::Relaxed);
                 }
@@ -1334,6 +1336,9 @@ async fn run_phase(
     let tag = format!("{}-{run}", target.name().replace('/', "-"));
     eprintln!("== run {run}: {} ==", target.name());
     let mut running = start_target(args, target, &tag).await?;
+    for p in &running.procs {
+        eprintln!("  {} pid {}", p.name, p.pid());
+    }
     let sinks = std::mem::replace(&mut running.sinks, tokio::sync::mpsc::channel(1).1);
 
     let ctl = Arc::new(Control {
@@ -1457,6 +1462,8 @@ async fn run_phase(
     let m0 = machine_jiffies();
     let t0 = Instant::now();
     ctl.phase.store(PH_MEASURE, Ordering::Relaxed);
+    let rss_start_measure = rss_total(&running.procs);
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let mut rss_max_measure = 0;
     let measure_end = t0 + Duration::from_secs(args.duration);
     while Instant::now() < measure_end {
@@ -1538,6 +1545,8 @@ async fn run_phase(
             "rss_max_kb": rss_max,
             "rss_end_kb": samples.last().copied().unwrap_or(rss_start),
             "rss_growth_pct": growth,
+            "rss_slope_kb_s": (samples.last().copied().unwrap_or(rss_start) as f64 - rss_start as f64)
+                / args.stall_secs as f64,
             "rss_samples_kb": samples,
             "others_p50_us": q(&others, 0.5),
             "others_p99_us": q(&others, 0.99),
@@ -1620,6 +1629,9 @@ async fn run_phase(
         "idle_bytes_per_subscriber": per_sub_idle,
         "rss_end_measure_kb": rss_end_measure,
         "rss_max_measure_kb": rss_max_measure,
+        "rss_start_measure_kb": rss_start_measure,
+        "rss_slope_measure_kb_s": (rss_end_measure as f64 - rss_start_measure as f64) / secs,
+        "loadavg_at_measure": loadavg.trim(),
         "publisher": {
             "sent": pubstats.sent,
             "underruns": pubstats.underruns,
@@ -1654,7 +1666,7 @@ fn print_phase(r: &serde_json::Value) {
     eprintln!(
         "  {} mix={} subs={}/{} rate={} (achieved {}/s): delivered {}/s (ratio {}), \
          CPU {} us/event ({}% of a core), p50 {} us p99 {} us max {} us, \
-         RSS base {} KiB idle {} KiB ({} B/sub) end {} KiB; bench CPU {}%, machine busy {}%",
+         RSS base {} KiB idle {} KiB ({} B/sub) end {} KiB (slope {} KiB/s); bench CPU {}%, machine busy {}%, load {}",
         r["target"].as_str().unwrap_or(""),
         r["mix"].as_str().unwrap_or(""),
         f(&r["connected"]),
@@ -1672,13 +1684,15 @@ fn print_phase(r: &serde_json::Value) {
         f(&r["rss_idle_kb"]),
         f(&r["idle_bytes_per_subscriber"]),
         f(&r["rss_end_measure_kb"]),
+        f(&r["rss_slope_measure_kb_s"]),
         f(&r["bench_cpu_pct"]),
         f(&r["machine_busy_pct"]),
+        r["loadavg_at_measure"].as_str().unwrap_or(""),
     );
     let s = &r["stall"];
     if !s.is_null() {
         eprintln!(
-            "  stall {}s of {} subs: RSS start {} max {} end {} KiB (growth {}%); others p99 {} us max {} us; \
+            "  stall {}s of {} subs: RSS start {} max {} end {} KiB (growth {}%, slope {} KiB/s); others p99 {} us max {} us; \
              stalled ended {} resumed {}; others ended {}",
             f(&s["secs"]),
             f(&s["stalled_subscribers"]),
@@ -1686,6 +1700,7 @@ fn print_phase(r: &serde_json::Value) {
             f(&s["rss_max_kb"]),
             f(&s["rss_end_kb"]),
             f(&s["rss_growth_pct"]),
+            f(&s["rss_slope_kb_s"]),
             f(&s["others_p99_us"]),
             f(&s["others_max_us"]),
             f(&s["stalled_ended"]),
