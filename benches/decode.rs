@@ -70,7 +70,10 @@ fn bench_decode_frame_only(c: &mut Criterion) {
 /// The whole ingest step per frame: decode, stamp, and encode the v1 and v2 JSON once.
 fn bench_ingest(c: &mut Criterion) {
     use sluice::ingest::{IngestOutcome, Ingestor, StampState};
-    let frames: Vec<bytes::Bytes> = corpus_frames().into_iter().map(bytes::Bytes::from).collect();
+    let frames: Vec<bytes::Bytes> = corpus_frames()
+        .into_iter()
+        .map(bytes::Bytes::from)
+        .collect();
     let mut g = c.benchmark_group("ingest");
     g.throughput(Throughput::Elements(frames.len() as u64));
     g.bench_function("corpus_decode_stamp_v1_v2", |b| {

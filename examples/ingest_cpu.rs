@@ -16,7 +16,12 @@ fn cpu_seconds() -> f64 {
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
     let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }
 
@@ -34,7 +39,10 @@ fn main() {
         }
     };
     let limits = DecodeLimits::default();
-    for (label, ingest_too) in [("decode_frame only", false), ("ingest (decode + stamp + v1 + v2)", true)] {
+    for (label, ingest_too) in [
+        ("decode_frame only", false),
+        ("ingest (decode + stamp + v1 + v2)", true),
+    ] {
         let (cpu0, wall0) = (cpu_seconds(), std::time::Instant::now());
         let mut events = 0usize;
         for _ in 0..iterations {
