@@ -65,8 +65,28 @@ fn bench_dir() -> tempfile::TempDir {
     }
 }
 
+fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok()?.parse().ok()
+}
+
+/// The default store settings, except what `SLUICE_BENCH_JSON_LEVEL`,
+/// `SLUICE_BENCH_RAW_LEVEL`, `SLUICE_BENCH_SEGMENT_BYTES` and `SLUICE_BENCH_ENCODE_THREADS`
+/// override (to compare settings on the same events; unset for the recorded numbers).
 fn store_config(dir: &std::path::Path) -> FjallConfig {
-    FjallConfig::new(dir.join("events"))
+    let mut c = FjallConfig::new(dir.join("events"));
+    if let Some(l) = env_num("SLUICE_BENCH_JSON_LEVEL") {
+        c.compression.json_level = l;
+    }
+    if let Some(l) = env_num("SLUICE_BENCH_RAW_LEVEL") {
+        c.compression.raw_level = l;
+    }
+    if let Some(b) = env_num("SLUICE_BENCH_SEGMENT_BYTES") {
+        c.segment_target_bytes = b;
+    }
+    if let Some(t) = env_num("SLUICE_BENCH_ENCODE_THREADS") {
+        c.encode_threads = t;
+    }
+    c
 }
 
 /// Stored bytes per event for a set of frames written once, as one stream.
@@ -197,6 +217,10 @@ fn bench_append(c: &mut Criterion) {
     let dir = bench_dir();
     let mut config = LogConfig::new(dir.path());
     config.tail_max_bytes = 64 << 20;
+    let store = store_config(dir.path());
+    config.compression = store.compression;
+    config.segment_target_bytes = store.segment_target_bytes;
+    config.encode_threads = store.encode_threads;
     let (log, mut state) = Log::open(config).expect("log");
     let mut g = c.benchmark_group("log_append");
     g.sample_size(10);

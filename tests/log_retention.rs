@@ -177,21 +177,18 @@ fn background_retention_reclaims_disk_and_cursors_see_the_floor() {
     drop(reader);
     log.close().unwrap();
     drop(log);
-    // Deleted data leaves the disk: blob files wholly deleted are dropped (not rewritten).
-    let blobs = |p: &str| -> u64 {
-        std::fs::read_dir(dir.path().join("events/partitions").join(p).join("blobs"))
-            .map(|rd| {
-                rd.filter_map(|e| e.ok()?.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0)
-    };
-    let on_disk = blobs("frames") + blobs("events");
-    eprintln!("stored {stored} B, blob files {on_disk} B (after close)");
+    // Deleted data leaves the disk: data files wholly deleted are removed (not rewritten).
+    let on_disk: u64 = std::fs::read_dir(dir.path().join("events/data"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0);
+    eprintln!("stored {stored} B, data files {on_disk} B (after close)");
     assert!(
         on_disk <= budget + 4 * config.blob_file_bytes,
-        "blob files {on_disk} B exceed the budget {budget} B by more than the reclaim granularity"
+        "data files {on_disk} B exceed the budget {budget} B by more than the reclaim granularity"
     );
     if std::env::var_os("SLUICE_TEST_LIST").is_some() {
         let out = std::process::Command::new("find")

@@ -253,20 +253,21 @@ fn torn_journal_tail_is_truncated_and_resumed() {
 #[test]
 fn corrupt_newest_segment_is_dropped_and_reported() {
     let (durable, total) = damage_and_recover(|dir| {
-        // Overwrite the newest segment's events value with garbage, as a torn blob write
-        // would leave it.
-        let ks = fjall::Config::new(dir.join("events")).open().unwrap();
-        let opts = fjall::PartitionCreateOptions::default()
-            .with_kv_separation(fjall::KvSeparationOptions::default());
-        let events = ks.open_partition("events", opts).unwrap();
-        let (k, v) = events.last_key_value().unwrap().unwrap();
-        let mut bad = v.to_vec();
+        // Garble the second half of the newest data file, as a torn write under the
+        // newest segment's values would leave it.
+        let data = dir.join("events").join("data");
+        let mut files: Vec<_> = std::fs::read_dir(&data)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        files.sort();
+        let path = files.pop().expect("a data file");
+        let mut bad = std::fs::read(&path).unwrap();
         let n = bad.len();
         for b in &mut bad[n / 2..] {
             *b ^= 0xA5;
         }
-        events.insert(k, bad).unwrap();
-        ks.persist(fjall::PersistMode::SyncAll).unwrap();
+        std::fs::write(&path, bad).unwrap();
     });
     assert!(durable < total, "the damaged segment was dropped");
 }

@@ -26,8 +26,6 @@
 //! own cursor (last seq + 1) and calls again; [`LogReader::wait_for_newer`] parks it until
 //! the log moves past a seq.
 
-/// The old seq-lease file, still used by `daemon.rs` until it is wired to [`Log`];
-/// delete together with that change.
 pub mod codec;
 pub mod fjall_store;
 pub mod retention;
@@ -78,6 +76,9 @@ pub struct LogConfig {
     /// Memtable size of the embedded store's blob partitions.
     pub memtable_bytes: u32,
     pub compression: Compression,
+    /// Threads compressing one commit's segments in parallel (default: available
+    /// parallelism, at most 4).
+    pub encode_threads: usize,
 }
 
 impl LogConfig {
@@ -95,6 +96,7 @@ impl LogConfig {
             max_journal_bytes: store.max_journal_bytes,
             memtable_bytes: store.memtable_bytes,
             compression: store.compression,
+            encode_threads: store.encode_threads,
         }
     }
 
@@ -106,6 +108,7 @@ impl LogConfig {
         c.max_journal_bytes = self.max_journal_bytes;
         c.memtable_bytes = self.memtable_bytes;
         c.compression = self.compression;
+        c.encode_threads = self.encode_threads;
         c
     }
 }
@@ -467,7 +470,11 @@ impl LogReader {
                     // The tail starts after `t`: the answer is in the store, or, when the
                     // store has nothing that late (e.g. before the first commit), it is the
                     // tail's first event.
-                    None => self.shared.store.seq_at_or_after_time(t)?.or(self.tail_front()),
+                    None => self
+                        .shared
+                        .store
+                        .seq_at_or_after_time(t)?
+                        .or(self.tail_front()),
                 };
                 found.map_or(Resolved::Live { next }, Resolved::From)
             }
@@ -483,7 +490,11 @@ impl LogReader {
                 let found = match self.shared.tail.seq_after_upstream(u) {
                     Some(found) => found,
                     // As for time: the store, else the tail's first event.
-                    None => self.shared.store.seq_after_upstream(u)?.or(self.tail_front()),
+                    None => self
+                        .shared
+                        .store
+                        .seq_after_upstream(u)?
+                        .or(self.tail_front()),
                 };
                 found.map_or(Resolved::Live { next }, Resolved::From)
             }

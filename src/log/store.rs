@@ -14,6 +14,8 @@ use std::sync::Arc;
 use crate::event::Event;
 use crate::ingest::StampState;
 
+use super::codec::EncodedSegment;
+
 /// An event shared between the hot tail, the writer and every reader.
 pub type SharedEvent = Arc<Event>;
 
@@ -138,6 +140,28 @@ pub trait EventStore: Send + Sync + 'static {
     /// in ONE atomic, durable step: after it returns, both survive a crash; if it fails or
     /// the process dies inside it, neither is visible after restart.
     fn append(&self, events: &[SharedEvent], resume: StampState) -> Result<(), LogError>;
+
+    /// The CPU half of [`append`]: compresses `events` into stored segments without
+    /// touching storage, so the writer can encode the next batch while the previous one
+    /// commits. Backends that encode inside `append` keep the default (nothing).
+    ///
+    /// [`append`]: EventStore::append
+    fn encode(&self, events: &[SharedEvent]) -> Result<Vec<EncodedSegment>, LogError> {
+        let _ = events;
+        Ok(Vec::new())
+    }
+
+    /// The I/O half: commits `events`, as `encoded` by [`encode`](EventStore::encode), and
+    /// `resume`, with exactly the guarantees of [`append`](EventStore::append).
+    fn append_encoded(
+        &self,
+        events: &[SharedEvent],
+        encoded: &[EncodedSegment],
+        resume: StampState,
+    ) -> Result<(), LogError> {
+        let _ = encoded;
+        self.append(events, resume)
+    }
 
     /// Events with seq >= `from_seq`, in order, starting exactly at `from_seq` unless it
     /// is beyond the newest (empty result). `TooOld` if `from_seq` is below the oldest.

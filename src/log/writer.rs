@@ -14,10 +14,16 @@
 //! the same seqs (see the crate-level invariant in [`super`]), so the window costs
 //! re-download time, never a gap. While a commit runs the next batch accumulates, so under
 //! load batches grow by themselves and the fsync rate stays bounded.
+//!
+//! Pipeline: the writer thread encodes (compresses) a group while a committer thread
+//! writes and syncs the previous one; they meet in a rendezvous channel, so besides the
+//! byte-bounded queue at most two groups (`2 * commit_max_events` events) are in flight.
+//! Those are the only events in the hot tail beyond its byte bound (it cannot evict what
+//! is not durable).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -25,6 +31,7 @@ use tokio::sync::watch;
 use crate::ingest::StampState;
 use crate::logging::RateLimited;
 
+use super::codec::EncodedSegment;
 use super::store::{EventStore, LogError, SharedEvent};
 use super::tail::HotTail;
 
@@ -135,9 +142,15 @@ pub struct WriterConfig {
     pub commit_max_events: usize,
 }
 
-/// Runs until the queue is closed and drained. Retries a failing commit with backoff,
-/// holding its batch (so the queue fills and ingest stops); after the queue is closed it
-/// gives up after a few retries and returns the error.
+/// Runs until the queue is closed and drained, in two stages: this thread takes a group
+/// and encodes it (compression, the CPU-heavy part, itself spread over the store's encode
+/// threads) while a committer thread writes and syncs the previous group. The hand-off
+/// is a rendezvous, so at most two groups are outside the queue (one encoding, one
+/// committing), and groups commit strictly in order.
+///
+/// Retries a failing encode or commit with backoff, holding its batch (so the queue fills
+/// and ingest stops); after the queue is closed it gives up after a few retries and
+/// returns the error.
 pub fn run(
     queue: Arc<Queue>,
     store: Arc<dyn EventStore>,
@@ -146,9 +159,67 @@ pub fn run(
     stats: Arc<WriterStats>,
     config: WriterConfig,
 ) -> Result<(), LogError> {
-    let mut failure_log = RateLimited::new(5, Duration::from_secs(30));
     let max_events = config.commit_max_events.max(1);
-    while let Some(group) = queue.take_group(max_events, config.commit_interval) {
+    let (tx, rx) = mpsc::sync_channel::<(Vec<SharedEvent>, Vec<EncodedSegment>)>(0);
+    std::thread::scope(|s| {
+        let committer = std::thread::Builder::new()
+            .name("sluice-log-commit".into())
+            .spawn_scoped(s, || {
+                commit_loop(rx, &*store, &tail, &durable, &stats, &queue)
+            })
+            .map_err(|e| LogError::Backend(format!("cannot start the commit thread: {e}")))?;
+        let mut encoded_result = Ok(());
+        let mut failure_log = RateLimited::new(5, Duration::from_secs(30));
+        'groups: while let Some(group) = queue.take_group(max_events, config.commit_interval) {
+            if group.is_empty() {
+                continue;
+            }
+            let mut backoff = Duration::from_millis(50);
+            let mut attempts_after_close = 0;
+            let encoded = loop {
+                match store.encode(&group) {
+                    Ok(encoded) => break encoded,
+                    Err(e) => {
+                        stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+                        if let (true, suppressed) = failure_log.check() {
+                            tracing::error!(error = %e, suppressed, first_seq = group[0].seq, "event store encode failed; retrying (ingest is held back)");
+                        }
+                        if queue.lock().closed {
+                            attempts_after_close += 1;
+                            if attempts_after_close >= 5 {
+                                encoded_result = Err(e);
+                                break 'groups;
+                            }
+                        }
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            };
+            if tx.send((group, encoded)).is_err() {
+                // The committer stopped on an error it returns below.
+                break;
+            }
+        }
+        drop(tx);
+        let committed = committer
+            .join()
+            .map_err(|_| LogError::Backend("log commit thread panicked".into()))?;
+        committed.and(encoded_result)
+    })
+}
+
+/// Commits encoded groups in order, advancing the durable seq after each.
+fn commit_loop(
+    rx: mpsc::Receiver<(Vec<SharedEvent>, Vec<EncodedSegment>)>,
+    store: &dyn EventStore,
+    tail: &HotTail,
+    durable: &watch::Sender<u64>,
+    stats: &WriterStats,
+    queue: &Queue,
+) -> Result<(), LogError> {
+    let mut failure_log = RateLimited::new(5, Duration::from_secs(30));
+    for (group, encoded) in rx {
         let Some(last) = group.last() else { continue };
         let resume = StampState {
             next_seq: last.seq + 1,
@@ -159,7 +230,7 @@ pub fn run(
         let mut attempts_after_close = 0;
         loop {
             let started = Instant::now();
-            match store.append(&group, resume) {
+            match store.append_encoded(&group, &encoded, resume) {
                 Ok(()) => {
                     stats.commits.fetch_add(1, Ordering::Relaxed);
                     stats
