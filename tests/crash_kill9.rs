@@ -118,7 +118,7 @@ async fn twenty_kill_nines_lose_and_duplicate_nothing() {
                 if let Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(frame))) =
                     ws.next().await
                 {
-                    if &frame == frames.last().unwrap() {
+                    if Some(&frame) == frames.last() {
                         return;
                     }
                 }

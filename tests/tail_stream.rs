@@ -2,6 +2,9 @@
 //! filters and cursor as query parameters, cursor-file save/resume across a restart with
 //! no duplicate and no gap, reconnect after the server drops, refusals, bounded runs.
 
+// tungstenite's handshake callback fixes the large `Err` type of the server below.
+#![allow(clippy::result_large_err)]
+
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
