@@ -143,6 +143,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_RETRY_AFTER_SECS", default_value_t = 5,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub retry_after_secs: u64,
+    /// Kernel send buffer per subscriber socket, KiB. Bounds kernel memory per subscriber
+    /// and lets a slow consumer show up in its queue instead of in the kernel.
+    #[arg(long, env = "SLUICE_SOCKET_SEND_BUFFER_KIB", default_value_t = 128,
+          value_parser = clap::value_parser!(u64).range(4..=65536))]
+    pub socket_send_buffer_kib: u64,
     /// Seconds a subscriber write may take before the subscriber is dropped.
     #[arg(long, env = "SLUICE_WRITE_TIMEOUT_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -258,6 +263,7 @@ impl ServeArgs {
             pong_timeout: Duration::from_secs(self.pong_timeout_secs),
             server_max_message_bytes: usize_of(self.max_message_bytes)?,
             retry_after_secs: self.retry_after_secs,
+            socket_send_buffer: usize_of(self.socket_send_buffer_kib * 1024)?,
             ..SessionConfig::default()
         };
         let admission = AdmissionConfig {

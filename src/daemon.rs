@@ -282,6 +282,7 @@ impl Daemon {
             listener,
             crate::http::router(app.clone()),
             shutdown_rx,
+            Some(config.session.socket_send_buffer),
         ));
         let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
             .await
@@ -304,6 +305,7 @@ impl Daemon {
             admin_listener,
             crate::http::admin::router(admin.clone()),
             admin_shutdown,
+            None,
         ));
         tracing::info!(%addr, %admin_addr, "subscriber and admin endpoints listening");
         Ok(Daemon {

@@ -88,12 +88,25 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown` turns true.
+/// Serves `router` on `listener` until `shutdown` turns true. Each accepted socket's
+/// kernel send buffer is set to `send_buffer_bytes` (when given): without a bound the
+/// kernel grows it to megabytes per connection, which both costs memory per subscriber and
+/// hides a slow consumer from its queue.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     mut shutdown: watch::Receiver<bool>,
+    send_buffer_bytes: Option<usize>,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(move |tcp| {
+        let _ = tcp.set_nodelay(true);
+        if let Some(bytes) = send_buffer_bytes {
+            if let Err(e) = socket2::SockRef::from(&*tcp).set_send_buffer_size(bytes) {
+                tracing::debug!(error = %e, "cannot set the subscriber send buffer");
+            }
+        }
+    });
     axum::serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),

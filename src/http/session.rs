@@ -29,6 +29,8 @@ pub struct SessionConfig {
     pub server_max_message_bytes: usize,
     /// Base of the retry hint sent on shutdown, seconds; jitter of the same size is added.
     pub retry_after_secs: u64,
+    /// Kernel send buffer of each subscriber socket, bytes.
+    pub socket_send_buffer: usize,
 }
 
 impl Default for SessionConfig {
@@ -40,6 +42,7 @@ impl Default for SessionConfig {
             max_batch: 256,
             server_max_message_bytes: 8 * 1024 * 1024,
             retry_after_secs: 5,
+            socket_send_buffer: 128 * 1024,
         }
     }
 }
