@@ -148,6 +148,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_SOCKET_SEND_BUFFER_KIB", default_value_t = 128,
           value_parser = clap::value_parser!(u64).range(4..=65536))]
     pub socket_send_buffer_kib: u64,
+    /// Microseconds a subscriber session waits for more events before flushing a small
+    /// batch (fewer syscalls at light load, at most this much added latency; 0 = off).
+    #[arg(long, env = "SLUICE_COALESCE_US", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(0..=100_000))]
+    pub coalesce_us: u64,
     /// Seconds a subscriber write may take before the subscriber is dropped.
     #[arg(long, env = "SLUICE_WRITE_TIMEOUT_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -264,6 +269,7 @@ impl ServeArgs {
             server_max_message_bytes: usize_of(self.max_message_bytes)?,
             retry_after_secs: self.retry_after_secs,
             socket_send_buffer: usize_of(self.socket_send_buffer_kib * 1024)?,
+            coalesce: Duration::from_micros(self.coalesce_us),
             ..SessionConfig::default()
         };
         let admission = AdmissionConfig {

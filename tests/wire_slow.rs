@@ -64,7 +64,7 @@ fn plain(wire: Wire) -> Follow {
         wire,
         pause_after: None,
         pause: Duration::ZERO,
-        deadline: tokio::time::Instant::now() + Duration::from_secs(40),
+        deadline: tokio::time::Instant::now() + Duration::from_secs(90),
     }
 }
 

@@ -148,6 +148,19 @@ pub fn bad_request(state: &AppState, error: &str, message: String) -> Response {
         .into_response()
 }
 
+/// Largest message a subscriber may send (an `options_update` with 10,000 DIDs is ~0.5 MB).
+pub const MAX_CLIENT_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
+
+/// Per-connection websocket settings for subscribers: they send almost nothing, so a small
+/// read buffer (tungstenite zero-fills its whole read buffer before each read: a 128 KiB
+/// default cost 40% of the CPU and ~130 KB per idle connection) and a bounded message size.
+pub fn tune(upgrade: axum::extract::ws::WebSocketUpgrade) -> axum::extract::ws::WebSocketUpgrade {
+    upgrade
+        .read_buffer_size(4096)
+        .max_message_size(MAX_CLIENT_MESSAGE_BYTES)
+        .max_frame_size(MAX_CLIENT_MESSAGE_BYTES)
+}
+
 /// Admits the connection or answers 429/503 with a jittered `Retry-After`.
 pub fn admit(state: &AppState, peer: SocketAddr) -> Result<Permit, Box<Response>> {
     if *state.shutdown.borrow() {

@@ -264,7 +264,7 @@ pub async fn subscribe(
         Err(response) => return *response,
     };
     let policy = params.policy.unwrap_or(state.slow_policy);
-    upgrade
+    crate::http::tune(upgrade)
         .protocols([SUBPROTOCOL])
         .on_upgrade(move |socket| async move {
             let sub = state
