@@ -34,25 +34,31 @@ pub fn commit_op(seq: u64, time_us: i64, did: &str, rev: &str, op: &Op) -> Vec<u
     open(&mut out, did, time_us, seq, "commit");
     push_key(&mut out, "commit");
     out.push(b'{');
-    push_key(&mut out, "rev");
-    push_str(&mut out, rev);
-    out.push(b',');
-    push_key(&mut out, "operation");
-    push_str(&mut out, op.action.as_str());
-    out.push(b',');
-    push_key(&mut out, "collection");
-    push_str(&mut out, &op.collection);
-    out.push(b',');
-    push_key(&mut out, "rkey");
-    push_str(&mut out, &op.rkey);
-    push_record_fields(&mut out, op);
+    push_op_fields(&mut out, rev, op);
     out.extend_from_slice(b"}}");
     out
 }
 
-/// The `record`/`cid` fields of a commit op, shared with the v2 wire: a record that was
-/// expected but could not be produced is marked rather than silently absent.
-pub(crate) fn push_record_fields(out: &mut Vec<u8>, op: &Op) {
+/// `rev, operation, collection, rkey[, record | recordMissing | recordUndecodable][, cid]`
+/// of a commit op: the same fields on the v1 and v2 wires.
+pub(crate) fn push_op_fields(out: &mut Vec<u8>, rev: &str, op: &Op) {
+    push_key(out, "rev");
+    push_str(out, rev);
+    out.push(b',');
+    push_key(out, "operation");
+    push_str(out, op.action.as_str());
+    out.push(b',');
+    push_key(out, "collection");
+    push_str(out, &op.collection);
+    out.push(b',');
+    push_key(out, "rkey");
+    push_str(out, &op.rkey);
+    push_record_fields(out, op);
+}
+
+/// The `record`/`cid` fields of a commit op: a record that was expected but could not be
+/// produced is marked rather than silently absent.
+fn push_record_fields(out: &mut Vec<u8>, op: &Op) {
     match &op.record {
         RecordState::Json(json) => {
             out.push(b',');

@@ -35,18 +35,7 @@ pub fn commit_op(seq: u64, time_us: i64, did: &str, rev: &str, op: &Op) -> Vec<u
     let mut out = Vec::with_capacity(256 + record_len + did.len() + op.collection.len());
     open(&mut out, "commit", seq, time_us, did);
     out.push(b',');
-    push_key(&mut out, "rev");
-    push_str(&mut out, rev);
-    out.push(b',');
-    push_key(&mut out, "operation");
-    push_str(&mut out, op.action.as_str());
-    out.push(b',');
-    push_key(&mut out, "collection");
-    push_str(&mut out, &op.collection);
-    out.push(b',');
-    push_key(&mut out, "rkey");
-    push_str(&mut out, &op.rkey);
-    super::jetstream_v1::push_record_fields(&mut out, op);
+    super::jetstream_v1::push_op_fields(&mut out, rev, op);
     out.extend_from_slice(b"}}");
     out
 }
