@@ -11,11 +11,10 @@ use serde_json::Value;
 use sluice::upstream::replay::Speed;
 use wire_common::*;
 
+/// The corpus, committed to the store too, so these tests read it back from disk as well
+/// as from the hot tail (the first-commit edge has its own test below).
 async fn corpus_env() -> Env {
-    let env = Env::start(corpus(), Speed::Max, false, |_| {}).await;
-    env.wait_all_ingested().await;
-    // Until the first commit a cursor just below the oldest event resolves wrongly (see
-    // `raw_cursor_just_below_the_oldest_event_before_the_first_commit`).
+    let env = wire_common::corpus_env().await;
     env.wait_durable().await;
     env
 }

@@ -16,12 +16,6 @@ use sluice::event::{Event, EventKind};
 use sluice::upstream::replay::Speed;
 use wire_common::*;
 
-async fn corpus_env() -> Env {
-    let env = Env::start(corpus(), Speed::Max, false, |_| {}).await;
-    env.wait_all_ingested().await;
-    env
-}
-
 fn v1_events(env: &Env) -> Vec<Arc<Event>> {
     env.events()
         .into_iter()

@@ -15,12 +15,6 @@ use wire_common::*;
 
 const NSID: &str = "network.bsky.jetstream.subscribeEvents";
 
-async fn corpus_env() -> Env {
-    let env = Env::start(corpus(), Speed::Max, false, |_| {}).await;
-    env.wait_all_ingested().await;
-    env
-}
-
 fn v2_events(env: &Env) -> Vec<Arc<Event>> {
     env.events()
         .into_iter()

@@ -41,6 +41,15 @@ pub enum WireKind {
 }
 
 impl WireKind {
+    /// Position of this wire in per-wire counter arrays.
+    pub fn index(self) -> usize {
+        match self {
+            WireKind::JetstreamV1 => 0,
+            WireKind::JetstreamV2 => 1,
+            WireKind::Raw => 2,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             WireKind::JetstreamV1 => "jetstream_v1",
@@ -63,7 +72,9 @@ impl WireKind {
     /// collection filter (the connection drops later events of the same frame).
     fn visible(self, event: &Event, filter: &Filter) -> bool {
         match self {
-            WireKind::Raw if !filter.has_collections() => event.op_index == 0,
+            WireKind::Raw if !filter.has_collections() => {
+                crate::wire::raw::frame_of(event).is_some()
+            }
             WireKind::Raw => true,
             _ => self.payload(event).is_some(),
         }
@@ -140,15 +151,7 @@ pub struct HubStats {
 
 impl HubStats {
     pub fn subscribers(&self, wire: WireKind) -> u64 {
-        self.subscribers[wire_slot(wire)].load(Ordering::Relaxed)
-    }
-}
-
-fn wire_slot(wire: WireKind) -> usize {
-    match wire {
-        WireKind::JetstreamV1 => 0,
-        WireKind::JetstreamV2 => 1,
-        WireKind::Raw => 2,
+        self.subscribers[wire.index()].load(Ordering::Relaxed)
     }
 }
 
@@ -396,7 +399,7 @@ impl Hub {
             },
         );
         drop(state);
-        self.inner.stats.subscribers[wire_slot(wire)].fetch_add(1, Ordering::Relaxed);
+        self.inner.stats.subscribers[wire.index()].fetch_add(1, Ordering::Relaxed);
         Subscription {
             hub: self.inner.clone(),
             id,
@@ -423,7 +426,7 @@ async fn dispatch_loop(inner: Arc<HubInner>) {
         }
         match inner.reader.read_from(from, 1024, 64 * 1024 * 1024) {
             Ok(events) => dispatch(&inner, &events),
-            Err(LogError::TooOld { .. }) | Err(_) => {
+            Err(_) => {
                 // The dispatcher fell out of the log (it should never lag that far): move
                 // every live subscriber to catch-up, which handles it per subscriber, and
                 // jump to the newest event.
@@ -711,7 +714,7 @@ impl Drop for Subscription {
                 .catchups_active
                 .fetch_sub(1, Ordering::Relaxed);
         }
-        self.hub.stats.subscribers[wire_slot(self.wire)].fetch_sub(1, Ordering::Relaxed);
+        self.hub.stats.subscribers[self.wire.index()].fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -24,22 +24,13 @@ use crate::fanout::{Hub, SlowPolicy, WireKind};
 use admission::{Admission, Permit, Refusal};
 use session::{SessionConfig, SessionEnd};
 
-/// Index of a wire in per-wire arrays.
-pub fn wire_slot(wire: WireKind) -> usize {
-    match wire {
-        WireKind::JetstreamV1 => 0,
-        WireKind::JetstreamV2 => 1,
-        WireKind::Raw => 2,
-    }
-}
-
 /// Counters for metrics, summed over sessions.
 #[derive(Debug, Default)]
 pub struct HttpStats {
     pub refused_rate: AtomicU64,
     pub refused_full: AtomicU64,
     pub refused_invalid: AtomicU64,
-    /// Indexed by [`wire_slot`].
+    /// Indexed by [`WireKind::index`].
     pub wires: [session::WireCounters; 3],
     pub v1_cursor_clamped: AtomicU64,
     pub ended: parking_lot::Mutex<std::collections::BTreeMap<&'static str, u64>>,
@@ -47,7 +38,7 @@ pub struct HttpStats {
 
 impl HttpStats {
     pub fn counters(&self, wire: WireKind) -> &session::WireCounters {
-        &self.wires[wire_slot(wire)]
+        &self.wires[wire.index()]
     }
 
     pub fn record_end(&self, end: &SessionEnd) {

@@ -489,22 +489,7 @@ impl Synth {
             text.push_str(" #");
             let start = text.len() - 1;
             text.push_str(tag);
-            facets.push(Cbor::Map(vec![
-                (
-                    "index",
-                    Cbor::Map(vec![
-                        ("byteStart", Cbor::Uint(start as u64)),
-                        ("byteEnd", Cbor::Uint(text.len() as u64)),
-                    ]),
-                ),
-                (
-                    "features",
-                    Cbor::Array(vec![Cbor::Map(vec![
-                        ("$type", Cbor::text("app.bsky.richtext.facet#tag")),
-                        ("tag", Cbor::text(tag)),
-                    ])]),
-                ),
-            ]));
+            facets.push(facet(start, text.len(), "tag", "tag", Cbor::text(tag)));
         }
         if self.rng.gen_bool(0.05) {
             let slug = self.words(12).to_lowercase().replace([' ', '.'], "-");
@@ -512,22 +497,7 @@ impl Synth {
             text.push(' ');
             let start = text.len();
             text.push_str(&uri);
-            facets.push(Cbor::Map(vec![
-                (
-                    "index",
-                    Cbor::Map(vec![
-                        ("byteStart", Cbor::Uint(start as u64)),
-                        ("byteEnd", Cbor::Uint(text.len() as u64)),
-                    ]),
-                ),
-                (
-                    "features",
-                    Cbor::Array(vec![Cbor::Map(vec![
-                        ("$type", Cbor::text("app.bsky.richtext.facet#link")),
-                        ("uri", Cbor::text(uri)),
-                    ])]),
-                ),
-            ]));
+            facets.push(facet(start, text.len(), "link", "uri", Cbor::text(uri)));
         }
         let lang = {
             let mut roll = self.rng.gen_range(0..100);
@@ -980,6 +950,30 @@ impl Iterator for Synth {
 }
 
 impl ExactSizeIterator for Synth {}
+
+/// An `app.bsky.richtext.facet` over bytes `start..end` with one feature of `kind`
+/// (`tag`, `link`) whose value is under `key`.
+fn facet(start: usize, end: usize, kind: &str, key: &'static str, value: Cbor) -> Cbor {
+    Cbor::Map(vec![
+        (
+            "index",
+            Cbor::Map(vec![
+                ("byteStart", Cbor::Uint(start as u64)),
+                ("byteEnd", Cbor::Uint(end as u64)),
+            ]),
+        ),
+        (
+            "features",
+            Cbor::Array(vec![Cbor::Map(vec![
+                (
+                    "$type",
+                    Cbor::text(format!("app.bsky.richtext.facet#{kind}")),
+                ),
+                (key, value),
+            ])]),
+        ),
+    ])
+}
 
 #[cfg(test)]
 mod tests {

@@ -92,7 +92,7 @@ use crate::event::Event;
 use crate::fanout::filter::{Filter, Kind};
 use crate::fanout::{End, SlowPolicy, Start, Subscription, WireKind};
 use crate::http::session::{self, WireSession};
-use crate::http::{bad_request, parse_bool, query_pairs, AppState};
+use crate::http::{bad_request, query_pairs, AppState};
 use crate::log::{Cursor, Resolved};
 
 /// The `xrpc.v1.json` subprotocol of proposal 0015.
@@ -145,7 +145,6 @@ fn parse(pairs: &[(String, String)], state: &AppState) -> Result<Params, String>
             other => return Err(format!("unknown parameter {other:?}")),
         }
     }
-    let _ = parse_bool; // v2 has no boolean parameters
     if !collections.is_empty() && !kinds.is_empty() && !kinds.contains(&Kind::Commit) {
         return Err(
             "collections given but kinds excludes commit: the filter could never apply".into(),

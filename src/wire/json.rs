@@ -44,20 +44,43 @@ pub fn push_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
-/// Appends unix µs as an RFC 3339 UTC string with microsecond precision, quoted.
+/// Appends unix µs as an RFC 3339 UTC string with microsecond precision, quoted. Runs once
+/// per v2 event, so it writes digits straight into `out` instead of formatting a String.
 pub fn push_time_us(out: &mut Vec<u8>, time_us: i64) {
     let secs = time_us.div_euclid(1_000_000);
     let micros = time_us.rem_euclid(1_000_000);
     let days = secs.div_euclid(86_400);
     let sod = secs.rem_euclid(86_400);
     let (y, m, d) = civil_from_days(days);
-    let s = format!(
-        "\"{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z\"",
-        sod / 3600,
-        (sod / 60) % 60,
-        sod % 60
-    );
-    out.extend_from_slice(s.as_bytes());
+    out.push(b'"');
+    push_padded(out, y, 4);
+    out.push(b'-');
+    push_padded(out, i64::from(m), 2);
+    out.push(b'-');
+    push_padded(out, i64::from(d), 2);
+    out.push(b'T');
+    push_padded(out, sod / 3600, 2);
+    out.push(b':');
+    push_padded(out, (sod / 60) % 60, 2);
+    out.push(b':');
+    push_padded(out, sod % 60, 2);
+    out.push(b'.');
+    push_padded(out, micros, 6);
+    out.extend_from_slice(b"Z\"");
+}
+
+/// Zero-padded to `width` digits (a negative year keeps its sign, as `{:04}` does).
+fn push_padded(out: &mut Vec<u8>, value: i64, width: usize) {
+    let mut buf = itoa::Buffer::new();
+    let digits = buf.format(value.unsigned_abs());
+    if value < 0 {
+        out.push(b'-');
+    }
+    let sign = usize::from(value < 0);
+    for _ in digits.len() + sign..width {
+        out.push(b'0');
+    }
+    out.extend_from_slice(digits.as_bytes());
 }
 
 /// Days since 1970-01-01 to (year, month, day) in the proleptic Gregorian calendar.
