@@ -140,8 +140,6 @@ impl Default for HubConfig {
 /// Counters for metrics.
 #[derive(Debug, Default)]
 pub struct HubStats {
-    pub dispatched_events: AtomicU64,
-    pub enqueued: AtomicU64,
     pub overflows: AtomicU64,
     pub rejoins: AtomicU64,
     pub catchups_active: AtomicU64,
@@ -481,17 +479,12 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent]) {
             queue.events.push_back(event.clone());
             queue.bytes += size;
             drop(queue);
-            inner.stats.enqueued.fetch_add(1, Ordering::Relaxed);
             entry.shared.notify.notify_one();
         });
         for id in overflowed.drain(..) {
             overflow(inner, &mut state, id);
         }
         state.dispatched_through = event.seq;
-        inner
-            .stats
-            .dispatched_events
-            .fetch_add(1, Ordering::Relaxed);
     }
     let through = state.dispatched_through;
     drop(state);
