@@ -27,8 +27,18 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn spawn(upstream: &str, data: &std::path::Path, port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_sluice"))
+/// A `sluice serve` child that is killed if the test panics before stopping it.
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn(upstream: &str, data: &std::path::Path, port: u16) -> Serve {
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
         .args(["serve", "--upstream", upstream, "--data-dir"])
         .arg(data)
         .args(["--listen", &format!("127.0.0.1:{port}")])
@@ -52,7 +62,8 @@ fn spawn(upstream: &str, data: &std::path::Path, port: u16) -> Child {
                 .unwrap(),
         )
         .spawn()
-        .unwrap()
+        .unwrap();
+    Serve(child)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,8 +93,8 @@ async fn twenty_kill_nines_lose_and_duplicate_nothing() {
         let mut child = spawn(&upstream, &data, free_port());
         let wait = Duration::from_millis(rng.gen_range(150..700));
         tokio::time::sleep(wait).await;
-        child.kill().unwrap(); // SIGKILL
-        child.wait().unwrap();
+        child.0.kill().unwrap(); // SIGKILL
+        child.0.wait().unwrap();
         let (log, state) = Log::open(long_retention(&data)).unwrap();
         durable_after_kill.push(state.next_seq - 1);
         drop(log);
@@ -130,11 +141,11 @@ async fn twenty_kill_nines_lose_and_duplicate_nothing() {
         .await
         .expect("the final run ingests everything within 90 s");
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
-    let exit = child.wait().unwrap();
+    let exit = child.0.wait().unwrap();
     assert!(
         exit.success(),
         "clean exit after SIGTERM: {exit:?}\n{}",

@@ -245,14 +245,14 @@ async fn a_slow_consumer_catches_up_losslessly_on_every_wire() {
             format!("{V2_PATH}?slowConsumer=catchup"),
         ),
     ] {
-        let ws = connect_small_buffer(&env.url(&path), 2048).await;
+        let ws = connect_small_buffer(&env.url(&path), SMALL_RCVBUF).await;
         clients.push(spawn_client(name, ws, slow(wire)));
     }
     let fast = connect(&env.url("/subscribe")).await;
     clients.push(spawn_client("fast v1", fast, plain(Wire::V1)));
     let too_slow = connect_small_buffer(
         &env.url(&format!("{V2_PATH}?slowConsumer=disconnect")),
-        2048,
+        SMALL_RCVBUF,
     )
     .await;
     clients.push(spawn_client(
@@ -306,7 +306,7 @@ async fn the_disconnect_policy_sends_consumer_too_slow_on_every_wire() {
             "/subscribe?slowConsumer=catchup".to_string(),
         ),
     ] {
-        let ws = connect_small_buffer(&env.url(&path), 2048).await;
+        let ws = connect_small_buffer(&env.url(&path), SMALL_RCVBUF).await;
         clients.push(spawn_client(name, ws, slow(wire)));
     }
     let results = finish(&env, clients).await;

@@ -411,6 +411,12 @@ pub async fn connect_protocol(url: &str, protocol: &str) -> (Ws, HeaderMap) {
     (ws, response.headers().clone())
 }
 
+/// A receive buffer small next to the streams the tests send (megabytes), so a client that
+/// stops reading pushes back on the server quickly, yet at least one loopback segment
+/// (64 KiB MSS): a window below one segment leaves the sender on TCP's persist timer, whose
+/// backoff stalls even a reading client for seconds, which no real client would see.
+pub const SMALL_RCVBUF: u32 = 64 * 1024;
+
 /// Connects through a socket with a small receive buffer, so that a client that stops
 /// reading pushes back on the server quickly.
 pub async fn connect_small_buffer(url: &str, rcvbuf: u32) -> Ws {
