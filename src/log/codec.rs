@@ -43,7 +43,7 @@ impl Default for Compression {
     fn default() -> Self {
         Self {
             json_level: 1,
-            raw_level: -1,
+            raw_level: -3,
         }
     }
 }
