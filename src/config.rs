@@ -148,8 +148,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_SOCKET_SEND_BUFFER_KIB", default_value_t = 128,
           value_parser = clap::value_parser!(u64).range(4..=65536))]
     pub socket_send_buffer_kib: u64,
-    /// Microseconds a subscriber session waits for more events before flushing a small
-    /// batch (fewer syscalls at light load, at most this much added latency; 0 = off).
+    /// Least microseconds between two writes to one subscriber: an event after a quiet
+    /// spell is sent at once, a busy stream is written once per interval with everything
+    /// queued by then (fewer syscalls, at most this much added latency; 0 = every batch
+    /// at once).
     #[arg(long, env = "SLUICE_COALESCE_US", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub coalesce_us: u64,

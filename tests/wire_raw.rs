@@ -6,6 +6,8 @@
 
 mod wire_common;
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use serde_json::Value;
 use sluice::upstream::replay::Speed;
@@ -278,5 +280,45 @@ async fn raw_invalid_parameters_get_400_naming_the_problem() {
         let message = v["message"].as_str().unwrap();
         assert!(message.contains(needle), "{}: {message}", short(&query));
     }
+    env.stop().await;
+}
+
+/// `--coalesce-us` bounds how often one subscriber is written to: under a steady stream
+/// (~400 frames/s, 1–4 ms apart) with a 100 ms interval, frames arrive in bursts about
+/// 100 ms apart, each carrying tens of frames, instead of one write per frame.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_writes_are_coalesced_to_one_flush_per_interval() {
+    let frames = synth(3000, 41, Duration::from_secs(1200));
+    let env = Env::start_with(
+        frames,
+        Speed::Factor(1.0),
+        false,
+        false,
+        &["--coalesce-us", "100000"],
+        |_| {},
+    )
+    .await;
+    env.wait_seq(1).await;
+    let mut ws = connect(&env.url(RAW_PATH)).await;
+    let window = Duration::from_secs(2);
+    let started = tokio::time::Instant::now();
+    let mut arrivals = Vec::new();
+    while started.elapsed() < window {
+        match next(&mut ws, LIMIT).await {
+            Got::Binary(_) => arrivals.push(tokio::time::Instant::now()),
+            other => panic!("after {} frames: {other:?}", arrivals.len()),
+        }
+    }
+    let bursts = 1 + arrivals
+        .windows(2)
+        .filter(|w| w[1] - w[0] >= Duration::from_millis(40))
+        .count();
+    let per_burst = arrivals.len() / bursts;
+    assert!(
+        (8..=22).contains(&bursts) && per_burst >= 10,
+        "{} frames in {window:?} came in {bursts} bursts ({per_burst} per burst); expected \
+         about one burst per 100 ms",
+        arrivals.len()
+    );
     env.stop().await;
 }

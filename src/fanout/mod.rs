@@ -558,20 +558,8 @@ impl Subscription {
         loop {
             match self.mode {
                 Mode::Live => {
-                    let (mut batch, drained_overflow) = {
-                        let mut queue = self.shared.queue.lock();
-                        let n = queue.events.len().min(max);
-                        let batch: Vec<SharedEvent> = queue.events.drain(..n).collect();
-                        let freed: usize = batch
-                            .iter()
-                            .map(|e| self.wire.payload(e).map_or(0, Bytes::len))
-                            .sum();
-                        queue.bytes = queue.bytes.saturating_sub(freed);
-                        (batch, queue.overflowed && queue.events.is_empty())
-                    };
-                    batch.retain(|e| e.seq > self.seen_through);
-                    if let Some(last) = batch.last() {
-                        self.seen_through = last.seq;
+                    let (batch, drained_overflow) = self.take_queued(max);
+                    if !batch.is_empty() {
                         return Ok(batch);
                     }
                     if drained_overflow {
@@ -627,6 +615,38 @@ impl Subscription {
                 }
             }
         }
+    }
+
+    /// What is already queued for a live subscriber, at most `max`, without waiting: empty
+    /// when nothing is, or while catching up (catch-up reads are large already). Lets a
+    /// session that paused to coalesce writes pick up what arrived meanwhile without being
+    /// woken once per event.
+    pub fn try_next_batch(&mut self, max: usize) -> Vec<SharedEvent> {
+        match self.mode {
+            Mode::Live => self.take_queued(max.max(1)).0,
+            Mode::CatchUp { .. } => Vec::new(),
+        }
+    }
+
+    /// Takes up to `max` queued events newer than `seen_through`, and whether the queue
+    /// had overflowed and is now empty (time to switch to catch-up).
+    fn take_queued(&mut self, max: usize) -> (Vec<SharedEvent>, bool) {
+        let (mut batch, drained_overflow) = {
+            let mut queue = self.shared.queue.lock();
+            let n = queue.events.len().min(max);
+            let batch: Vec<SharedEvent> = queue.events.drain(..n).collect();
+            let freed: usize = batch
+                .iter()
+                .map(|e| self.wire.payload(e).map_or(0, Bytes::len))
+                .sum();
+            queue.bytes = queue.bytes.saturating_sub(freed);
+            (batch, queue.overflowed && queue.events.is_empty())
+        };
+        batch.retain(|e| e.seq > self.seen_through);
+        if let Some(last) = batch.last() {
+            self.seen_through = last.seq;
+        }
+        (batch, drained_overflow)
     }
 
     async fn read_log(&mut self, next: u64, max: usize) -> Result<Vec<SharedEvent>, End> {

@@ -31,9 +31,10 @@ pub struct SessionConfig {
     pub retry_after_secs: u64,
     /// Kernel send buffer of each subscriber socket, bytes.
     pub socket_send_buffer: usize,
-    /// After a batch smaller than `max_batch`, wait up to this long for more events before
-    /// flushing: at light load this turns one syscall per event into one per few events,
-    /// for at most this much added latency. Zero flushes at once.
+    /// Least time between two flushes to one subscriber: an event that finds the last
+    /// flush older than this goes out at once; otherwise the session waits out the rest
+    /// and sends everything queued by then in one write (one syscall per few events in a
+    /// busy stream, at most this much added latency). Zero flushes every batch at once.
     pub coalesce: Duration,
 }
 
@@ -128,6 +129,7 @@ pub async fn run(
     let mut ping = tokio::time::interval(config.ping_interval);
     ping.tick().await;
     let mut last_heard = tokio::time::Instant::now();
+    let mut last_flush: Option<tokio::time::Instant> = None;
     let end = loop {
         let dead_at = last_heard + config.pong_timeout;
         tokio::select! {
@@ -155,19 +157,14 @@ pub async fn run(
                     Ok(events) => events,
                     Err(end) => break SessionEnd::Stream(end),
                 };
-                let mut ended = None;
-                if events.len() < config.max_batch && !config.coalesce.is_zero() {
-                    // next_batch is cancel-safe (the select above relies on it too).
-                    let deadline = tokio::time::Instant::now() + config.coalesce;
-                    while events.len() < config.max_batch {
-                        match tokio::time::timeout_at(deadline, sub.next_batch(config.max_batch - events.len())).await {
-                            Ok(Ok(more)) => events.extend(more),
-                            Ok(Err(end)) => {
-                                ended = Some(end);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
+                // At most one flush per `coalesce`: an event after a quiet spell goes out at
+                // once; in a busy stream the session sleeps out the rest of the interval and
+                // then takes everything that queued meanwhile, so it is woken once per flush
+                // rather than once per event.
+                if let Some(earliest) = last_flush.map(|t| t + config.coalesce) {
+                    if events.len() < config.max_batch && tokio::time::Instant::now() < earliest {
+                        tokio::time::sleep_until(earliest).await;
+                        events.extend(sub.try_next_batch(config.max_batch - events.len()));
                     }
                 }
                 // Read per batch: `options_update` may change it mid-stream.
@@ -210,9 +207,7 @@ pub async fn run(
                         Ok(Err(_)) => break SessionEnd::WriteFailed,
                         Err(_) => break SessionEnd::WriteTimeout,
                     }
-                }
-                if let Some(end) = ended {
-                    break SessionEnd::Stream(end);
+                    last_flush = Some(tokio::time::Instant::now());
                 }
             }
         }
