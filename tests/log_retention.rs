@@ -205,3 +205,42 @@ fn background_retention_reclaims_disk_and_cursors_see_the_floor() {
         }
     }
 }
+
+/// Retention decides what exists, even for events the hot tail still holds: reading below
+/// the store's oldest seq is `TooOld`, as `resolve` says, not served from memory.
+#[test]
+fn events_deleted_by_retention_are_not_served_from_the_hot_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.retention.max_bytes = 3 * 1024 * 1024;
+    config.retention.check_interval = Duration::from_millis(20);
+    config.segment_target_bytes = 32 * 1024;
+    config.tail_max_bytes = 256 * 1024 * 1024;
+    config.memtable_bytes = 1024 * 1024;
+    let (log, state) = Log::open(config).unwrap();
+    let mut gen = EventGen::new(state);
+    for _ in 0..4000 {
+        log.append(gen.next_frame()).unwrap();
+    }
+    assert!(log.flush(Duration::from_secs(60)));
+    let reader = log.reader();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while reader.bounds().unwrap().oldest_seq <= 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let oldest = reader.bounds().unwrap().oldest_seq;
+    assert!(oldest > 1, "retention deleted nothing");
+    assert!(
+        reader.tail().oldest_seq() < oldest,
+        "the test needs deleted events still in the tail"
+    );
+    assert!(matches!(
+        reader.read_from(1, 10, usize::MAX),
+        Err(LogError::TooOld { oldest: o, .. }) if o == oldest
+    ));
+    assert_eq!(
+        reader.read_from(oldest, 1, usize::MAX).unwrap()[0].seq,
+        oldest
+    );
+    log.close().unwrap();
+}

@@ -358,6 +358,16 @@ impl LogReader {
         limits: ReadLimits,
         payloads: Payloads,
     ) -> Result<Vec<SharedEvent>, LogError> {
+        // Retention decides what exists: an event it deleted from the store may still sit
+        // in the hot tail, but serving it would contradict `resolve` and the wires' floors.
+        if let Some(bounds) = self.shared.store.bounds() {
+            if seq < bounds.oldest_seq {
+                return Err(LogError::TooOld {
+                    requested: seq,
+                    oldest: bounds.oldest_seq,
+                });
+            }
+        }
         match self
             .shared
             .tail
