@@ -125,15 +125,22 @@ fn retention_by_size_keeps_the_newest_under_the_cap() {
     assert_readable_from_oldest(&store, newest);
 }
 
-#[test]
-fn background_retention_reclaims_disk_and_cursors_see_the_floor() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
+/// A log capped at 3 MiB, checked every 20 ms, in 32 KiB segments, with a hot tail of
+/// `tail_max_bytes`.
+fn size_capped_config(dir: &std::path::Path, tail_max_bytes: usize) -> sluice::log::LogConfig {
+    let mut config = test_config(dir);
     config.retention.max_bytes = 3 * 1024 * 1024;
     config.retention.check_interval = Duration::from_millis(20);
     config.segment_target_bytes = 32 * 1024;
-    config.tail_max_bytes = 256 * 1024;
+    config.tail_max_bytes = tail_max_bytes;
     config.memtable_bytes = 1024 * 1024;
+    config
+}
+
+#[test]
+fn background_retention_reclaims_disk_and_cursors_see_the_floor() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = size_capped_config(dir.path(), 256 * 1024);
     let (log, state) = Log::open(config.clone()).unwrap();
     let mut gen = EventGen::new(state);
     for _ in 0..4000 {
@@ -211,13 +218,7 @@ fn background_retention_reclaims_disk_and_cursors_see_the_floor() {
 #[test]
 fn events_deleted_by_retention_are_not_served_from_the_hot_tail() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.retention.max_bytes = 3 * 1024 * 1024;
-    config.retention.check_interval = Duration::from_millis(20);
-    config.segment_target_bytes = 32 * 1024;
-    config.tail_max_bytes = 256 * 1024 * 1024;
-    config.memtable_bytes = 1024 * 1024;
-    let (log, state) = Log::open(config).unwrap();
+    let (log, state) = Log::open(size_capped_config(dir.path(), 256 * 1024 * 1024)).unwrap();
     let mut gen = EventGen::new(state);
     for _ in 0..4000 {
         log.append(gen.next_frame()).unwrap();
