@@ -155,7 +155,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_COALESCE_US", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub coalesce_us: u64,
-    /// Seconds a subscriber write may take before the subscriber is dropped.
+    /// Seconds a subscriber may take to accept 256 KiB of writes (or one larger message)
+    /// before it is dropped.
     #[arg(long, env = "SLUICE_WRITE_TIMEOUT_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub write_timeout_secs: u64,

@@ -319,3 +319,44 @@ async fn the_disconnect_policy_sends_consumer_too_slow_on_every_wire() {
     }
     env.stop().await;
 }
+
+/// A subscriber that stops reading in the middle of a large replay batch is dropped once
+/// the write timeout passes without progress: the session must not wait forever inside a
+/// batch (tungstenite's `feed` blocks once its buffer is full), where it would see neither
+/// pings nor shutdown. Reading again, the client gets what the sockets held and then the
+/// end of the connection, long before the whole replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_replay_is_dropped_after_the_write_timeout() {
+    let frames = synth(3000, 43, Duration::from_secs(1200));
+    let total = frames.len();
+    let env = Env::start_with(
+        frames,
+        Speed::Max,
+        false,
+        false,
+        &["--write-timeout-secs", "1"],
+        |_| {},
+    )
+    .await;
+    env.wait_all_ingested().await;
+    // Replay from the first frame, and read nothing for a while.
+    let mut ws =
+        connect_small_buffer(&env.url(&format!("{RAW_PATH}?cursor=0")), SMALL_RCVBUF).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut received = 0usize;
+    let end = loop {
+        match next(&mut ws, LIMIT).await {
+            Got::Binary(_) => received += 1,
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(end, Got::Gone(_) | Got::Closed(_)),
+        "expected the connection to end, got {end:?} after {received} frames"
+    );
+    assert!(
+        received < total,
+        "the stalled subscriber was not dropped: it got all {received} of {total} frames"
+    );
+    env.stop().await;
+}

@@ -18,7 +18,8 @@ use crate::fanout::{End, Subscription};
 /// Limits of one session.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// A flush that takes longer than this ends the session (the peer is not reading).
+    /// No progress for this long ends the session (the peer is not reading): feeding and
+    /// flushing one chunk of `FLUSH_CHUNK_BYTES` (or one larger message) must fit in it.
     pub write_timeout: Duration,
     pub ping_interval: Duration,
     /// No pong (or any message) for this long ends the session.
@@ -172,8 +173,13 @@ pub async fn run(
                     0 => config.server_max_message_bytes,
                     n => n.min(config.server_max_message_bytes),
                 };
-                let mut fed = false;
-                let mut failed = false;
+                let mut unflushed = 0usize;
+                let mut fed_any = false;
+                let mut outcome = Ok(());
+                // The write timeout bounds the time to make progress, not a whole batch: it
+                // restarts after every flushed chunk of `FLUSH_CHUNK_BYTES`, and covers the
+                // `feed`s too, which wait on the socket once tungstenite's buffer is full.
+                let mut deadline = tokio::time::Instant::now() + config.write_timeout;
                 let (mut sent, mut sent_bytes, mut oversized) = (0u64, 0u64, 0u64);
                 for event in &events {
                     let Some(message) = wire.message(event) else { continue };
@@ -189,24 +195,28 @@ pub async fn run(
                         sent_bytes += size as u64;
                         message
                     };
-                    if sink.feed(message).await.is_err() {
-                        failed = true;
+                    unflushed += message_len(&message).max(1);
+                    fed_any = true;
+                    outcome = write_step(tokio::time::timeout_at(deadline, sink.feed(message)).await);
+                    if outcome.is_ok() && unflushed >= FLUSH_CHUNK_BYTES {
+                        outcome = write_step(tokio::time::timeout_at(deadline, sink.flush()).await);
+                        unflushed = 0;
+                        deadline = tokio::time::Instant::now() + config.write_timeout;
+                    }
+                    if outcome.is_err() {
                         break;
                     }
-                    fed = true;
+                }
+                if outcome.is_ok() && unflushed > 0 {
+                    outcome = write_step(tokio::time::timeout_at(deadline, sink.flush()).await);
                 }
                 counters.events.fetch_add(sent, Ordering::Relaxed);
                 counters.bytes.fetch_add(sent_bytes, Ordering::Relaxed);
                 counters.oversized.fetch_add(oversized, Ordering::Relaxed);
-                if failed {
-                    break SessionEnd::WriteFailed;
+                if let Err(end) = outcome {
+                    break end;
                 }
-                if fed {
-                    match tokio::time::timeout(config.write_timeout, sink.flush()).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => break SessionEnd::WriteFailed,
-                        Err(_) => break SessionEnd::WriteTimeout,
-                    }
+                if fed_any {
                     last_flush = Some(tokio::time::Instant::now());
                 }
             }
@@ -243,6 +253,21 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
     }
     end
+}
+
+/// Bytes fed to a subscriber between two flushes at most (plus one message): the unit of
+/// progress the write timeout waits for.
+const FLUSH_CHUNK_BYTES: usize = 256 * 1024;
+
+/// What one timed feed or flush means for the session.
+fn write_step<E>(
+    result: Result<Result<(), E>, tokio::time::error::Elapsed>,
+) -> Result<(), SessionEnd> {
+    match result {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(SessionEnd::WriteFailed),
+        Err(_) => Err(SessionEnd::WriteTimeout),
+    }
 }
 
 fn message_len(message: &Message) -> usize {
