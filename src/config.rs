@@ -151,7 +151,8 @@ pub struct ServeArgs {
     /// Least microseconds between two writes to one subscriber: an event after a quiet
     /// spell is sent at once, a busy stream is written once per interval with everything
     /// queued by then (fewer syscalls, at most this much added latency; 0 = every batch
-    /// at once).
+    /// at once). The runtime's timers tick every millisecond, so a wait ends on the next
+    /// tick at or after the interval.
     #[arg(long, env = "SLUICE_COALESCE_US", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub coalesce_us: u64,
