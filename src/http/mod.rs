@@ -139,6 +139,16 @@ pub fn bad_request(state: &AppState, error: &str, message: String) -> Response {
         .into_response()
 }
 
+/// An HTTP 503 for a subscription whose cursor could not be resolved because the log
+/// failed to answer.
+pub fn log_unavailable(error: &crate::log::LogError) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("log unavailable: {error}"),
+    )
+        .into_response()
+}
+
 /// Largest message a subscriber may send (an `options_update` with 10,000 DIDs is ~0.5 MB).
 pub const MAX_CLIENT_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
 

@@ -170,30 +170,22 @@ pub fn run(
             .map_err(|e| LogError::Backend(format!("cannot start the commit thread: {e}")))?;
         let mut encoded_result = Ok(());
         let mut failure_log = RateLimited::new(5, Duration::from_secs(30));
-        'groups: while let Some(group) = queue.take_group(max_events, config.commit_interval) {
+        while let Some(group) = queue.take_group(max_events, config.commit_interval) {
             if group.is_empty() {
                 continue;
             }
-            let mut backoff = Duration::from_millis(50);
-            let mut attempts_after_close = 0;
-            let encoded = loop {
-                match store.encode(&group) {
-                    Ok(encoded) => break encoded,
-                    Err(e) => {
-                        stats.commit_failures.fetch_add(1, Ordering::Relaxed);
-                        if let (true, suppressed) = failure_log.check() {
-                            tracing::error!(error = %e, suppressed, first_seq = group[0].seq, "event store encode failed; retrying (ingest is held back)");
-                        }
-                        if queue.lock().closed {
-                            attempts_after_close += 1;
-                            if attempts_after_close >= 5 {
-                                encoded_result = Err(e);
-                                break 'groups;
-                            }
-                        }
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
+            let encoded = match retry(
+                "encode",
+                group[0].seq,
+                &stats,
+                &queue,
+                &mut failure_log,
+                || store.encode(&group),
+            ) {
+                Ok(encoded) => encoded,
+                Err(e) => {
+                    encoded_result = Err(e);
+                    break;
                 }
             };
             if tx.send((group, encoded)).is_err() {
@@ -226,45 +218,70 @@ fn commit_loop(
             last_time_us: last.time_us,
             upstream_cursor: Some(last.upstream_seq),
         };
-        let mut backoff = Duration::from_millis(50);
-        let mut attempts_after_close = 0;
-        loop {
-            let started = Instant::now();
-            match store.append_encoded(&group, &encoded, resume) {
-                Ok(()) => {
-                    stats.commits.fetch_add(1, Ordering::Relaxed);
-                    stats
-                        .events_committed
-                        .fetch_add(group.len() as u64, Ordering::Relaxed);
-                    stats.last_commit_us.store(
-                        u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
-                        Ordering::Relaxed,
-                    );
-                    tail.set_durable(last.seq);
-                    durable.send_replace(last.seq);
-                    break;
-                }
-                Err(LogError::OutOfOrder { expected, got }) => {
-                    // Cannot heal by retrying: the store and the log disagree.
-                    tracing::error!(expected, got, "event store refused an out-of-order batch");
-                    return Err(LogError::OutOfOrder { expected, got });
-                }
-                Err(e) => {
-                    stats.commit_failures.fetch_add(1, Ordering::Relaxed);
-                    if let (true, suppressed) = failure_log.check() {
-                        tracing::error!(error = %e, suppressed, first_seq = group[0].seq, "event store commit failed; retrying (ingest is held back)");
-                    }
-                    if queue.lock().closed {
-                        attempts_after_close += 1;
-                        if attempts_after_close >= 5 {
-                            return Err(e);
-                        }
-                    }
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        }
+        // The last successful attempt's duration, not the retries'.
+        let mut took = Duration::ZERO;
+        retry(
+            "commit",
+            group[0].seq,
+            stats,
+            queue,
+            &mut failure_log,
+            || {
+                let started = Instant::now();
+                let result = store.append_encoded(&group, &encoded, resume);
+                took = started.elapsed();
+                result
+            },
+        )?;
+        stats.commits.fetch_add(1, Ordering::Relaxed);
+        stats
+            .events_committed
+            .fetch_add(group.len() as u64, Ordering::Relaxed);
+        stats.last_commit_us.store(
+            u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        tail.set_durable(last.seq);
+        durable.send_replace(last.seq);
     }
     Ok(())
+}
+
+/// Runs `attempt` (an encode or commit of the group starting at `first_seq`) until it
+/// succeeds, holding the group meanwhile so the queue fills and ingest stops. Each failure
+/// is counted and logged (rate-limited), then retried after a backoff doubling from 50 ms
+/// to 5 s. Gives up after five failures once the queue is closed, and at once on
+/// `OutOfOrder`, which retrying cannot heal (the store and the log disagree).
+fn retry<T>(
+    what: &str,
+    first_seq: u64,
+    stats: &WriterStats,
+    queue: &Queue,
+    failure_log: &mut RateLimited,
+    mut attempt: impl FnMut() -> Result<T, LogError>,
+) -> Result<T, LogError> {
+    let mut backoff = Duration::from_millis(50);
+    let mut failures_after_close = 0;
+    loop {
+        let e = match attempt() {
+            Ok(value) => return Ok(value),
+            Err(e @ LogError::OutOfOrder { .. }) => {
+                tracing::error!(error = %e, "event store refused an out-of-order batch");
+                return Err(e);
+            }
+            Err(e) => e,
+        };
+        stats.commit_failures.fetch_add(1, Ordering::Relaxed);
+        if let (true, suppressed) = failure_log.check() {
+            tracing::error!(error = %e, suppressed, first_seq, "event store {what} failed; retrying (ingest is held back)");
+        }
+        if queue.lock().closed {
+            failures_after_close += 1;
+            if failures_after_close >= 5 {
+                return Err(e);
+            }
+        }
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
 }

@@ -190,7 +190,7 @@ use std::net::SocketAddr;
 
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, RawQuery, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use futures_util::StreamExt;
 
 use crate::event::Event;
@@ -320,13 +320,7 @@ pub async fn subscribe(
                 Start::From(oldest)
             }
             Ok(_) => Start::Live,
-            Err(e) => {
-                return (
-                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                    format!("log unavailable: {e}"),
-                )
-                    .into_response()
-            }
+            Err(e) => return crate::http::log_unavailable(&e),
         },
     };
     let permit = match crate::http::admit(&state, peer) {

@@ -86,7 +86,7 @@ use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, RawQuery, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
 use crate::event::Event;
 use crate::fanout::filter::{Filter, Kind};
@@ -240,10 +240,7 @@ pub async fn subscribe(
                     }
                     Start::Live
                 }
-                Err(e) => {
-                    return (axum::http::StatusCode::SERVICE_UNAVAILABLE, format!("log unavailable: {e}"))
-                        .into_response()
-                }
+                Err(e) => return crate::http::log_unavailable(&e),
             }
         }
     };

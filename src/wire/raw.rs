@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, RawQuery, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 
 use crate::fanout::filter::Filter;
 use crate::fanout::{End, SlowPolicy, Start, Subscription, WireKind};
@@ -110,13 +110,7 @@ pub async fn subscribe(
                 Start::Live
             }
             Ok(Resolved::Live { .. }) => Start::Live,
-            Err(e) => {
-                return (
-                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                    format!("log unavailable: {e}"),
-                )
-                    .into_response()
-            }
+            Err(e) => return crate::http::log_unavailable(&e),
         },
     };
     let permit = match crate::http::admit(&state, peer) {
