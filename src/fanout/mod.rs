@@ -304,7 +304,7 @@ pub struct Hub {
 /// Where a new subscription starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Start {
-    /// With the next event dispatched.
+    /// With the first event logged after the subscription is made.
     Live,
     /// At this seq (inclusive), read from the log.
     From(u64),
@@ -375,7 +375,13 @@ impl Hub {
         let id = state.next_id;
         state.next_id += 1;
         let (mode, seen_through, live) = match start {
-            Start::Live => (Mode::Live, state.dispatched_through, true),
+            // Live means "after what is logged now": the dispatcher can trail the log for
+            // a moment, and events logged before the connection are not live to it.
+            Start::Live => (
+                Mode::Live,
+                state.dispatched_through.max(self.inner.reader.newest_seq()),
+                true,
+            ),
             Start::From(seq) => (Mode::CatchUp { next: seq.max(1) }, seq.max(1) - 1, false),
         };
         if live {
