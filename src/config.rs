@@ -165,7 +165,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_PING_INTERVAL_SECS", default_value_t = 20,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub ping_interval_secs: u64,
-    /// Seconds without any message from a subscriber before it is considered dead.
+    /// Seconds without any message from a subscriber before it is considered dead (checked
+    /// at each ping: it is closed within one ping interval after this).
     #[arg(long, env = "SLUICE_PONG_TIMEOUT_SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub pong_timeout_secs: u64,

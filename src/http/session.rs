@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::event::Event;
 use crate::fanout::{End, Subscription};
+use crate::log::SharedEvent;
 
 /// Limits of one session.
 #[derive(Debug, Clone)]
@@ -22,7 +23,7 @@ pub struct SessionConfig {
     /// flushing one chunk of `FLUSH_CHUNK_BYTES` (or one larger message) must fit in it.
     pub write_timeout: Duration,
     pub ping_interval: Duration,
-    /// No pong (or any message) for this long ends the session.
+    /// No pong (or any message) for this long ends the session (checked at each ping).
     pub pong_timeout: Duration,
     /// Events written per flush.
     pub max_batch: usize,
@@ -132,94 +133,53 @@ pub async fn run(
     let mut last_heard = tokio::time::Instant::now();
     let mut last_flush: Option<tokio::time::Instant> = None;
     let end = loop {
-        let dead_at = last_heard + config.pong_timeout;
-        tokio::select! {
+        let mut batch = tokio::select! {
             biased;
             _ = shutdown.changed() => break SessionEnd::Shutdown,
-            incoming = stream.next() => match incoming {
-                Some(Ok(Message::Text(text))) => {
-                    last_heard = tokio::time::Instant::now();
-                    if let Err(problem) = wire.on_text(text.as_str(), &mut sub) {
-                        break SessionEnd::Protocol(problem);
+            incoming = stream.next() => {
+                match incoming {
+                    Some(Ok(Message::Text(text))) => {
+                        last_heard = tokio::time::Instant::now();
+                        if let Err(problem) = wire.on_text(text.as_str(), &mut sub) {
+                            break SessionEnd::Protocol(problem);
+                        }
                     }
+                    Some(Ok(Message::Close(_))) | None => break SessionEnd::PeerClosed,
+                    Some(Ok(_)) => last_heard = tokio::time::Instant::now(),
+                    Some(Err(_)) => break SessionEnd::PeerClosed,
                 }
-                Some(Ok(Message::Close(_))) | None => break SessionEnd::PeerClosed,
-                Some(Ok(_)) => last_heard = tokio::time::Instant::now(),
-                Some(Err(_)) => break SessionEnd::PeerClosed,
-            },
+                continue;
+            }
             _ = ping.tick() => {
+                // Checked per ping rather than with a timer of its own (re-armed on every
+                // wakeup): a dead peer is noticed within one ping interval of the timeout.
+                if last_heard.elapsed() >= config.pong_timeout {
+                    break SessionEnd::PeerDead;
+                }
                 if tokio::time::timeout(config.write_timeout, sink.send(Message::Ping(Default::default()))).await.is_err() {
                     break SessionEnd::WriteTimeout;
                 }
+                continue;
             }
-            _ = tokio::time::sleep_until(dead_at) => break SessionEnd::PeerDead,
-            batch = sub.next_batch(config.max_batch) => {
-                let mut events = match batch {
-                    Ok(events) => events,
-                    Err(end) => break SessionEnd::Stream(end),
-                };
-                // At most one flush per `coalesce`: an event after a quiet spell goes out at
-                // once; in a busy stream the session sleeps out the rest of the interval and
-                // then takes everything that queued meanwhile, so it is woken once per flush
-                // rather than once per event.
-                if let Some(earliest) = last_flush.map(|t| t + config.coalesce) {
-                    if events.len() < config.max_batch && tokio::time::Instant::now() < earliest {
-                        tokio::time::sleep_until(earliest).await;
-                        events.extend(sub.try_next_batch(config.max_batch - events.len()));
-                    }
-                }
-                // Read per batch: `options_update` may change it mid-stream.
-                let limit = match wire.client_max_message_bytes() {
-                    0 => config.server_max_message_bytes,
-                    n => n.min(config.server_max_message_bytes),
-                };
-                let mut unflushed = 0usize;
-                let mut fed_any = false;
-                let mut outcome = Ok(());
-                // The write timeout bounds the time to make progress, not a whole batch: it
-                // restarts after every flushed chunk of `FLUSH_CHUNK_BYTES`, and covers the
-                // `feed`s too, which wait on the socket once tungstenite's buffer is full.
-                let mut deadline = tokio::time::Instant::now() + config.write_timeout;
-                let (mut sent, mut sent_bytes, mut oversized) = (0u64, 0u64, 0u64);
-                for event in &events {
-                    let Some(message) = wire.message(event) else { continue };
-                    let size = message_len(&message);
-                    let message = if size > limit {
-                        oversized += 1;
-                        match wire.oversized_notice(event, size, limit) {
-                            Some(notice) => notice,
-                            None => continue,
-                        }
-                    } else {
-                        sent += 1;
-                        sent_bytes += size as u64;
-                        message
-                    };
-                    unflushed += message_len(&message).max(1);
-                    fed_any = true;
-                    outcome = write_step(tokio::time::timeout_at(deadline, sink.feed(message)).await);
-                    if outcome.is_ok() && unflushed >= FLUSH_CHUNK_BYTES {
-                        outcome = write_step(tokio::time::timeout_at(deadline, sink.flush()).await);
-                        unflushed = 0;
-                        deadline = tokio::time::Instant::now() + config.write_timeout;
-                    }
-                    if outcome.is_err() {
-                        break;
-                    }
-                }
-                if outcome.is_ok() && unflushed > 0 {
-                    outcome = write_step(tokio::time::timeout_at(deadline, sink.flush()).await);
-                }
-                counters.events.fetch_add(sent, Ordering::Relaxed);
-                counters.bytes.fetch_add(sent_bytes, Ordering::Relaxed);
-                counters.oversized.fetch_add(oversized, Ordering::Relaxed);
-                if let Err(end) = outcome {
-                    break end;
-                }
-                if fed_any {
-                    last_flush = Some(tokio::time::Instant::now());
-                }
+            batch = sub.next_batch(config.max_batch) => match batch {
+                Ok(events) => events,
+                Err(end) => break SessionEnd::Stream(end),
+            },
+        };
+        // At most one flush per `coalesce`: an event after a quiet spell goes out at once;
+        // in a busy stream the session sleeps out the rest of the interval and then takes
+        // everything that queued meanwhile, so it is woken once per flush rather than once
+        // per event.
+        if let Some(earliest) = last_flush.map(|t| t + config.coalesce) {
+            if batch.len() < config.max_batch && tokio::time::Instant::now() < earliest {
+                tokio::time::sleep_until(earliest).await;
+                batch.extend(sub.try_next_batch(config.max_batch - batch.len()));
             }
+        }
+        match write_batch(&mut sink, &mut wire, &batch, &config, counters).await {
+            Ok(true) => last_flush = Some(tokio::time::Instant::now()),
+            Ok(false) => {}
+            Err(end) => break end,
         }
     };
     let (last, code, reason) = match &end {
@@ -253,6 +213,67 @@ pub async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
     }
     end
+}
+
+/// Feeds the batch's messages and flushes them; whether anything was written.
+async fn write_batch<S>(
+    sink: &mut S,
+    wire: &mut impl WireSession,
+    events: &[SharedEvent],
+    config: &SessionConfig,
+    counters: &WireCounters,
+) -> Result<bool, SessionEnd>
+where
+    S: futures_util::Sink<Message> + Unpin,
+{
+    // Read per batch: `options_update` may change it mid-stream.
+    let limit = match wire.client_max_message_bytes() {
+        0 => config.server_max_message_bytes,
+        n => n.min(config.server_max_message_bytes),
+    };
+    let mut unflushed = 0usize;
+    let mut fed_any = false;
+    let mut outcome = Ok(());
+    // The write timeout bounds the time to make progress, not a whole batch: it restarts
+    // after every flushed chunk of `FLUSH_CHUNK_BYTES`, and covers the `feed`s too, which
+    // wait on the socket once tungstenite's buffer is full.
+    let mut deadline = tokio::time::Instant::now() + config.write_timeout;
+    let (mut sent, mut sent_bytes, mut oversized) = (0u64, 0u64, 0u64);
+    for event in events {
+        let Some(message) = wire.message(event) else {
+            continue;
+        };
+        let size = message_len(&message);
+        let message = if size > limit {
+            oversized += 1;
+            match wire.oversized_notice(event, size, limit) {
+                Some(notice) => notice,
+                None => continue,
+            }
+        } else {
+            sent += 1;
+            sent_bytes += size as u64;
+            message
+        };
+        unflushed += message_len(&message).max(1);
+        fed_any = true;
+        outcome = write_step(tokio::time::timeout_at(deadline, sink.feed(message)).await);
+        if outcome.is_ok() && unflushed >= FLUSH_CHUNK_BYTES {
+            outcome = write_step(tokio::time::timeout_at(deadline, sink.flush()).await);
+            unflushed = 0;
+            deadline = tokio::time::Instant::now() + config.write_timeout;
+        }
+        if outcome.is_err() {
+            break;
+        }
+    }
+    if outcome.is_ok() && unflushed > 0 {
+        outcome = write_step(tokio::time::timeout_at(deadline, sink.flush()).await);
+    }
+    counters.events.fetch_add(sent, Ordering::Relaxed);
+    counters.bytes.fetch_add(sent_bytes, Ordering::Relaxed);
+    counters.oversized.fetch_add(oversized, Ordering::Relaxed);
+    outcome.map(|()| fed_any)
 }
 
 /// Bytes fed to a subscriber between two flushes at most (plus one message): the unit of
