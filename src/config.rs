@@ -445,5 +445,12 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("pong_timeout"));
+        let missing = dir.path().join("no-such-dictionary");
+        let args = parse_serve_args(["x", "--zstd-dictionary", missing.to_str().unwrap()]).unwrap();
+        let err = args.to_config().unwrap_err().to_string();
+        assert!(
+            err.contains("zstd_dictionary") && err.contains("no-such-dictionary"),
+            "{err}"
+        );
     }
 }

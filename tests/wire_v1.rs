@@ -525,6 +525,40 @@ async fn v1_compress_uses_the_served_dictionary() {
     env.stop().await;
 }
 
+/// `--zstd-dictionary FILE` (what the harness passes unless a test trains its own): the
+/// file's bytes are served at once and are the dictionary of every compressed message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_compress_uses_the_operator_supplied_dictionary() {
+    let env = corpus_env().await;
+    let all = v1_events(&env);
+    let supplied = std::fs::read(env.dir.path().join("raw-dictionary")).unwrap();
+    let (status, _, served) = http_get(env.addr(), "/zstd-dictionary").await;
+    assert_eq!(status, 200, "the supplied dictionary is ready at start");
+    assert_eq!(served, supplied, "served bytes are the operator's file");
+    let mut ws = connect(&env.url("/subscribe?compress=true&cursor=1")).await;
+    let got = read_binaries(&mut ws, all.len()).await;
+    let mut with_supplied = zstd::bulk::Decompressor::with_dictionary(&supplied).unwrap();
+    for (bytes, event) in got.iter().zip(&all) {
+        let out = with_supplied.decompress(bytes, 1 << 20).unwrap();
+        assert_eq!(
+            out,
+            event.v1_json.as_ref().unwrap().to_vec(),
+            "seq {}",
+            event.seq
+        );
+    }
+    // And only with it: a message does not decode without the dictionary.
+    let without = got
+        .iter()
+        .filter(|b| zstd::bulk::decompress(b, 1 << 20).is_ok_and(|out| !out.is_empty()))
+        .count();
+    assert!(
+        without < got.len(),
+        "every message decoded without the dictionary"
+    );
+    env.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_oversized_events_are_skipped_noticed_on_request_and_fetchable() {
     let env = corpus_env().await;
