@@ -406,3 +406,26 @@ async fn v2_server_message_cap_applies_without_a_client_limit() {
     assert_eq!(infos, big);
     env.stop().await;
 }
+
+/// A client resuming with the next seq (cursor = newest + 1) while ingest runs gets exactly
+/// that seq first: an event logged between the cursor's resolution and the subscription
+/// (after the upgrade) is not skipped. Each attempt races the live stream (~1,600
+/// frames/s) against that window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_cursor_at_the_tip_loses_nothing_logged_while_connecting() {
+    let frames = synth(8000, 61, Duration::from_secs(1200));
+    let env = Env::start(frames, Speed::Factor(4.0), false, |_| {}).await;
+    env.wait_seq(5).await;
+    for attempt in 0..300 {
+        let cursor = env.daemon.log.reader().newest_seq() + 1;
+        let mut ws = connect(&env.url(&format!("{V2_PATH}?cursor={cursor}"))).await;
+        let first = read_json(&mut ws, 1).await.remove(0);
+        assert_eq!(info_name(&first), None, "attempt {attempt}: {first}");
+        assert_eq!(
+            seqs_of(&[first]),
+            vec![cursor],
+            "attempt {attempt}: the first event after cursor {cursor}"
+        );
+    }
+    env.stop().await;
+}

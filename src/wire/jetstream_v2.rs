@@ -231,15 +231,19 @@ pub async fn subscribe(
                         )
                     }
                 },
-                Ok(Resolved::Live { .. }) | Ok(Resolved::Future { .. }) => {
-                    if matches!(cursor, Cursor::Seq(s) if s > reader.newest_seq() + 1) {
+                Ok(Resolved::Live { next }) => {
+                    if matches!(cursor, Cursor::Seq(s) if s > next) {
                         initial.push(info(
                             "FutureCursor",
-                            &format!("cursor {c} is beyond the newest seq {}; starting at the live tip", reader.newest_seq()),
+                            &format!("cursor {c} is beyond the newest seq {}; starting at the live tip", next - 1),
                         ));
                     }
-                    Start::Live
+                    // From the tip as resolved, not from whatever is newest once
+                    // subscribed: a client resuming with the next seq loses nothing logged
+                    // in between.
+                    Start::From(next)
                 }
+                Ok(Resolved::Future { .. }) => Start::Live,
                 Err(e) => return crate::http::log_unavailable(&e),
             }
         }
