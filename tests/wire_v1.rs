@@ -11,6 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use serde_json::{json, Value};
 use sluice::event::{Event, EventKind};
 use sluice::upstream::replay::Speed;
@@ -502,9 +503,23 @@ async fn v1_compress_uses_the_served_dictionary() {
     let mut ws = connect(&env.url("/subscribe?compress=true&cursor=1")).await;
     let got = read_binaries(&mut ws, all.len()).await;
     assert_quiet(&mut ws, "compressed stream").await;
-    let mut decompressor = zstd::bulk::Decompressor::with_dictionary(&dictionary).unwrap();
+    let (compressed, plain) = assert_decompress_to_v1(&got, &all, &dictionary);
+    assert!(
+        compressed * 2 < plain,
+        "dictionary compression {compressed} of {plain} bytes"
+    );
+    // compress=false is plain text.
+    let mut ws = connect(&env.url("/subscribe?compress=false&cursor=1")).await;
+    assert_eq!(read_texts(&mut ws, 1).await[0], v1_text(&all[0]));
+    env.stop().await;
+}
+
+/// Each message decompresses with `dictionary` to its event's v1 JSON; the compressed and
+/// plain byte totals.
+fn assert_decompress_to_v1(got: &[Bytes], all: &[Arc<Event>], dictionary: &[u8]) -> (usize, usize) {
+    let mut decompressor = zstd::bulk::Decompressor::with_dictionary(dictionary).unwrap();
     let (mut compressed, mut plain) = (0usize, 0usize);
-    for (bytes, event) in got.iter().zip(&all) {
+    for (bytes, event) in got.iter().zip(all) {
         let out = decompressor.decompress(bytes, 1 << 20).unwrap();
         assert_eq!(
             out,
@@ -515,14 +530,7 @@ async fn v1_compress_uses_the_served_dictionary() {
         compressed += bytes.len();
         plain += out.len();
     }
-    assert!(
-        compressed * 2 < plain,
-        "dictionary compression {compressed} of {plain} bytes"
-    );
-    // compress=false is plain text.
-    let mut ws = connect(&env.url("/subscribe?compress=false&cursor=1")).await;
-    assert_eq!(read_texts(&mut ws, 1).await[0], v1_text(&all[0]));
-    env.stop().await;
+    (compressed, plain)
 }
 
 /// `--zstd-dictionary FILE` (what the harness passes unless a test trains its own): the
@@ -537,16 +545,7 @@ async fn v1_compress_uses_the_operator_supplied_dictionary() {
     assert_eq!(served, supplied, "served bytes are the operator's file");
     let mut ws = connect(&env.url("/subscribe?compress=true&cursor=1")).await;
     let got = read_binaries(&mut ws, all.len()).await;
-    let mut with_supplied = zstd::bulk::Decompressor::with_dictionary(&supplied).unwrap();
-    for (bytes, event) in got.iter().zip(&all) {
-        let out = with_supplied.decompress(bytes, 1 << 20).unwrap();
-        assert_eq!(
-            out,
-            event.v1_json.as_ref().unwrap().to_vec(),
-            "seq {}",
-            event.seq
-        );
-    }
+    assert_decompress_to_v1(&got, &all, &supplied);
     // And only with it: a message does not decode without the dictionary.
     let without = got
         .iter()
