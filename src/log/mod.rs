@@ -132,7 +132,9 @@ pub enum Resolved {
     /// The cursor is older than retention; `oldest` is the oldest seq held (v1 starts
     /// there, v2 answers `CursorTooOld`, raw sends `OutdatedCursor` then starts there).
     TooOld { oldest: u64 },
-    /// Nothing at or after the cursor yet: follow live from `next`.
+    /// Nothing at or after the cursor yet: follow live from `next`. Subscribe with
+    /// `Start::From(next)`, not `Start::Live`: the subscription is made only after the
+    /// websocket upgrade, and an event logged meanwhile belongs to this client.
     Live { next: u64 },
     /// Raw only: the upstream cursor is beyond anything seen (`FutureCursor`).
     Future { newest_upstream_seq: i64 },

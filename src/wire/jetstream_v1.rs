@@ -319,8 +319,6 @@ pub async fn subscribe(
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Start::From(oldest)
             }
-            // From the tip as resolved, not from whatever is newest once subscribed:
-            // an event logged in between is not lost.
             Ok(Resolved::Live { next }) => Start::From(next),
             Ok(Resolved::Future { .. }) => Start::Live,
             Err(e) => return crate::http::log_unavailable(&e),

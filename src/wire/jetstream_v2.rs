@@ -238,9 +238,6 @@ pub async fn subscribe(
                             &format!("cursor {c} is beyond the newest seq {}; starting at the live tip", next - 1),
                         ));
                     }
-                    // From the tip as resolved, not from whatever is newest once
-                    // subscribed: a client resuming with the next seq loses nothing logged
-                    // in between.
                     Start::From(next)
                 }
                 Ok(Resolved::Future { .. }) => Start::Live,

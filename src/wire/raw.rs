@@ -109,8 +109,6 @@ pub async fn subscribe(
                 future = Some(newest_upstream_seq);
                 Start::Live
             }
-            // From the tip as resolved: an event logged before the subscription is made
-            // is not lost.
             Ok(Resolved::Live { next }) => Start::From(next),
             Err(e) => return crate::http::log_unavailable(&e),
         },

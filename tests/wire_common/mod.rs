@@ -33,7 +33,6 @@ pub const RAW_PATH: &str = "/xrpc/com.atproto.sync.subscribeRepos";
 
 // ---- upstream frames ----------------------------------------------------------------
 
-/// The 150 real relay frames of the shared corpus (July 2026).
 /// A daemon fed the real corpus at full speed, with every frame ingested.
 pub async fn corpus_env() -> Env {
     let env = Env::start(corpus(), Speed::Max, false, |_| {}).await;
@@ -41,6 +40,7 @@ pub async fn corpus_env() -> Env {
     env
 }
 
+/// The 150 real relay frames of the shared corpus (July 2026).
 pub fn corpus() -> Vec<Bytes> {
     // Resolved here rather than with `sluice::upstream::capture::upstream_fixtures_dir`,
     // whose `CARGO_MANIFEST_DIR` is baked into the library build: with a target directory
