@@ -123,10 +123,19 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // Serve settings are resolved before the runtime starts: they size it.
+    let serve_args = match &cli.command {
+        Command::Serve(args) => Some(match sub_matches(&matches, &["serve"]) {
+            Some(m) => sluice::config::with_config_file(args.clone(), m),
+            None => Err(anyhow::anyhow!("internal: serve arguments missing")),
+        }),
+        _ => None,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(Ok(args)) = &serve_args {
+        builder.worker_threads(args.runtime_worker_threads());
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(err) => {
             eprintln!("sluice: cannot start the async runtime: {err}");
@@ -135,11 +144,9 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => match sub_matches(&matches, &["serve"]) {
-                Some(m) => match sluice::config::with_config_file(args, m) {
-                    Ok(args) => serve(args, log_control).await,
-                    Err(e) => Err(e),
-                },
+            Command::Serve(_) => match serve_args {
+                Some(Ok(args)) => serve(args, log_control).await,
+                Some(Err(e)) => Err(e),
                 None => Err(anyhow::anyhow!("internal: serve arguments missing")),
             },
             Command::Config {

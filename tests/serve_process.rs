@@ -223,3 +223,64 @@ async fn sigterm_during_fan_out_loses_nothing() {
     }
     drop(serve);
 }
+
+/// The value of an unlabelled metric on the admin listener, once it answers.
+fn metric_from(admin: u16, name: &str) -> Option<f64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", admin)) {
+            use std::io::{Read, Write};
+            let request = "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+            let mut text = String::new();
+            if stream.write_all(request.as_bytes()).is_ok()
+                && stream.read_to_string(&mut text).is_ok()
+            {
+                return text.lines().find_map(|line| {
+                    let (key, value) = line.rsplit_once(' ')?;
+                    (key == name).then(|| value.parse().ok())?
+                });
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("admin listener on {admin} did not answer within 30 s");
+}
+
+/// `worker_threads` sizes the async runtime, and is read from the config file too, which is
+/// resolved before the runtime starts. The default leaves one core to ingest and the log.
+#[test]
+fn worker_threads_sizes_the_runtime_from_flag_or_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sluice.toml");
+    std::fs::write(&config, "worker_threads = 3\n").unwrap();
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let cases: [(&[&str], usize); 3] = [
+        (&["--worker-threads", "2"], 2),
+        (&["--config", config.to_str().unwrap()], 3),
+        (&[], cores.saturating_sub(1).max(1)),
+    ];
+    for (i, (extra, want)) in cases.into_iter().enumerate() {
+        let admin = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+            // Nothing listens upstream: the daemon keeps retrying, its listeners still serve.
+            .args([
+                "serve",
+                "--upstream",
+                &format!("ws://127.0.0.1:{}", free_port()),
+            ])
+            .arg("--data-dir")
+            .arg(dir.path().join(format!("data{i}")))
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .args(extra)
+            .env_remove("SLUICE_WORKER_THREADS")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let serve = Serve { child, port: 0 };
+        let workers = metric_from(admin, "sluice_runtime_worker_threads");
+        drop(serve);
+        assert_eq!(workers, Some(want as f64), "case {extra:?}");
+    }
+}

@@ -177,6 +177,9 @@ impl AdminState {
                 gauge!("sluice_log_oldest_time_seconds").set(b.oldest_time_us as f64 / 1e6);
                 gauge!("sluice_log_newest_time_seconds").set(b.newest_time_us as f64 / 1e6);
             }
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                gauge!("sluice_runtime_worker_threads").set(runtime.metrics().num_workers() as f64);
+            }
             gauge!("sluice_ready").set(if self.not_ready().is_none() { 1.0 } else { 0.0 });
         });
         self.handle.render()
