@@ -149,9 +149,10 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(4..=65536))]
     pub socket_send_buffer_kib: u64,
     /// Threads running the subscriber sessions, the dispatcher and the HTTP listeners
-    /// (0 = one fewer than the machine's cores, at least 1). Ingest and the log writer have
-    /// threads of their own. Fewer workers mean fewer cross-thread wakeups per event: on 2
-    /// cores one worker spends 15-25% less CPU per delivered event than two (BENCHMARKS.md).
+    /// (0 = one per core). Ingest and the log writer have threads of their own. Fewer
+    /// workers mean fewer cross-thread wakeups: on 2 cores one worker spent 5-16% less CPU
+    /// per delivered event while the fan-out fitted in one core, but fell seconds behind
+    /// under overload where two kept up (BENCHMARKS.md).
     #[arg(long, env = "SLUICE_WORKER_THREADS", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=1024))]
     pub worker_threads: u64,
@@ -226,12 +227,10 @@ fn usize_of(v: u64) -> anyhow::Result<usize> {
 
 impl ServeArgs {
     /// Validates and derives the runtime configuration.
-    /// Async worker threads to start: `--worker-threads`, or one fewer than the cores.
+    /// Async worker threads to start: `--worker-threads`, or one per core.
     pub fn runtime_worker_threads(&self) -> usize {
         match self.worker_threads {
-            0 => std::thread::available_parallelism()
-                .map_or(1, |cores| cores.get().saturating_sub(1))
-                .max(1),
+            0 => std::thread::available_parallelism().map_or(1, |cores| cores.get()),
             n => usize::try_from(n).unwrap_or(1),
         }
     }

@@ -247,7 +247,7 @@ fn metric_from(admin: u16, name: &str) -> Option<f64> {
 }
 
 /// `worker_threads` sizes the async runtime, and is read from the config file too, which is
-/// resolved before the runtime starts. The default leaves one core to ingest and the log.
+/// resolved before the runtime starts. The default is one worker per core.
 #[test]
 fn worker_threads_sizes_the_runtime_from_flag_or_config_file() {
     let dir = tempfile::tempdir().unwrap();
@@ -255,9 +255,9 @@ fn worker_threads_sizes_the_runtime_from_flag_or_config_file() {
     std::fs::write(&config, "worker_threads = 3\n").unwrap();
     let cores = std::thread::available_parallelism().unwrap().get();
     let cases: [(&[&str], usize); 3] = [
-        (&["--worker-threads", "2"], 2),
+        (&["--worker-threads", "1"], 1),
         (&["--config", config.to_str().unwrap()], 3),
-        (&[], cores.saturating_sub(1).max(1)),
+        (&[], cores),
     ];
     for (i, (extra, want)) in cases.into_iter().enumerate() {
         let admin = free_port();
