@@ -658,10 +658,14 @@ fn start_generator(seed: u64, dids: usize, ahead: usize) -> (Receiver<GenFrame>,
     let made = Arc::new(AtomicU64::new(0));
     let made2 = Arc::clone(&made);
     std::thread::spawn(move || {
+        // Frames are dated from now, like a live firehose: with the synthesizer's fixed
+        // 2025 date, sluice's retention (by source time) deleted each segment as it was
+        // committed, and a subscriber that fell into catch-up was ended as too old.
         let synth = Synth::new(&SynthOptions {
             seed,
             count: usize::MAX,
             dids,
+            start_time_ms: sluice::ingest::now_us() / 1000,
             ..SynthOptions::default()
         });
         for frame in synth {
