@@ -151,8 +151,7 @@ pub struct ServeArgs {
     /// Threads running the subscriber sessions, the dispatcher and the HTTP listeners
     /// (0 = one per core). Ingest and the log writer have threads of their own. Fewer
     /// workers mean fewer cross-thread wakeups: on 2 cores one worker spent 5-16% less CPU
-    /// per delivered event while the fan-out fitted in one core, but fell seconds behind
-    /// under overload where two kept up (BENCHMARKS.md).
+    /// per delivered event, but it caps the fan-out at one core (BENCHMARKS.md).
     #[arg(long, env = "SLUICE_WORKER_THREADS", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=1024))]
     pub worker_threads: u64,
