@@ -39,6 +39,13 @@ struct QueueState {
     items: VecDeque<(Vec<SharedEvent>, usize)>,
     bytes: usize,
     closed: bool,
+    /// Events queued (an empty append counts as one).
+    events: usize,
+    /// Queued events at which an append wakes the writer: 1 while it waits for a first
+    /// event, what would fill its group while it gathers one, never while it is encoding.
+    /// Waking it for every append, when all it can do is wait out the interval, cost a
+    /// futex call and a context switch per upstream frame.
+    wake_at: usize,
 }
 
 /// A queue bounded by bytes: `push` blocks while full.
@@ -56,6 +63,8 @@ impl Queue {
                 items: VecDeque::new(),
                 bytes: 0,
                 closed: false,
+                events: 0,
+                wake_at: 1,
             }),
             not_empty: Condvar::new(),
             not_full: Condvar::new(),
@@ -78,9 +87,13 @@ impl Queue {
             return Err(LogError::Closed);
         }
         st.bytes += bytes;
+        st.events += events.len().max(1);
         st.items.push_back((events, bytes));
+        let wake = st.events >= st.wake_at;
         drop(st);
-        self.not_empty.notify_one();
+        if wake {
+            self.not_empty.notify_one();
+        }
         Ok(())
     }
 
@@ -98,6 +111,7 @@ impl Queue {
     fn take_group(&self, max_events: usize, interval: Duration) -> Option<Vec<SharedEvent>> {
         let mut st = self.lock();
         while st.items.is_empty() && !st.closed {
+            st.wake_at = 1;
             st = self.not_empty.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         if st.items.is_empty() {
@@ -111,13 +125,16 @@ impl Queue {
                     break;
                 };
                 st.bytes -= bytes;
+                st.events -= events.len().max(1);
                 group.extend(events);
             }
             self.not_full.notify_all();
             let now = Instant::now();
             if group.len() >= max_events || st.closed || now >= deadline {
+                st.wake_at = usize::MAX;
                 return Some(group);
             }
+            st.wake_at = max_events - group.len();
             st = self
                 .not_empty
                 .wait_timeout(st, deadline - now)
@@ -283,5 +300,97 @@ fn retry<T>(
         }
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Event, EventKind};
+
+    fn events(n: usize) -> Vec<SharedEvent> {
+        (0..n)
+            .map(|i| {
+                Arc::new(Event {
+                    seq: i as u64 + 1,
+                    time_us: 0,
+                    upstream_seq: 0,
+                    received_us: 0,
+                    kind: EventKind::Identity,
+                    did: String::new(),
+                    collection: None,
+                    op_index: 0,
+                    v1_json: None,
+                    v2_json: None,
+                    raw_frame: bytes::Bytes::new(),
+                })
+            })
+            .collect()
+    }
+
+    /// Runs `take_group` on another thread; its group, or `None` if it took over 5 s (a
+    /// missed wakeup: the writer would sleep until the interval, or forever).
+    fn take_in_background(
+        queue: &Arc<Queue>,
+        max_events: usize,
+        interval: Duration,
+    ) -> mpsc::Receiver<Option<Vec<SharedEvent>>> {
+        let (tx, rx) = mpsc::channel();
+        let queue = Arc::clone(queue);
+        std::thread::spawn(move || {
+            let _ = tx.send(queue.take_group(max_events, interval));
+        });
+        rx
+    }
+
+    fn group_len(rx: &mpsc::Receiver<Option<Vec<SharedEvent>>>) -> Option<usize> {
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("take_group did not return within 5 s")
+            .map(|g| g.len())
+    }
+
+    #[test]
+    fn a_first_append_wakes_an_idle_writer() {
+        let queue = Arc::new(Queue::new(1 << 20));
+        let rx = take_in_background(&queue, 1000, Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(50));
+        queue.push(events(2), 10).unwrap();
+        assert_eq!(group_len(&rx), Some(2));
+    }
+
+    #[test]
+    fn appends_that_fill_the_group_wake_the_writer_before_the_interval() {
+        let queue = Arc::new(Queue::new(1 << 20));
+        let started = Instant::now();
+        let rx = take_in_background(&queue, 3, Duration::from_secs(60));
+        for _ in 0..3 {
+            std::thread::sleep(Duration::from_millis(20));
+            queue.push(events(1), 10).unwrap();
+        }
+        assert_eq!(group_len(&rx), Some(3));
+        assert!(started.elapsed() < Duration::from_secs(5));
+        // What did not fit stays queued for the next group.
+        queue.push(events(2), 10).unwrap();
+        let rx = take_in_background(&queue, 1, Duration::from_secs(60));
+        assert_eq!(group_len(&rx), Some(2), "a whole append is taken at once");
+    }
+
+    #[test]
+    fn a_partial_group_is_taken_at_the_interval_and_close_ends_the_writer() {
+        let queue = Arc::new(Queue::new(1 << 20));
+        queue.push(events(4), 10).unwrap();
+        let started = Instant::now();
+        let rx = take_in_background(&queue, 1000, Duration::from_millis(100));
+        assert_eq!(group_len(&rx), Some(4));
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        assert_eq!(queue.queued_bytes(), 0);
+
+        let rx = take_in_background(&queue, 1000, Duration::from_secs(60));
+        queue.push(events(1), 10).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        queue.close();
+        assert_eq!(group_len(&rx), Some(1), "close hands over what was gathered");
+        let rx = take_in_background(&queue, 1000, Duration::from_secs(60));
+        assert_eq!(group_len(&rx), None);
     }
 }
