@@ -389,7 +389,11 @@ mod tests {
         queue.push(events(1), 10).unwrap();
         std::thread::sleep(Duration::from_millis(50));
         queue.close();
-        assert_eq!(group_len(&rx), Some(1), "close hands over what was gathered");
+        assert_eq!(
+            group_len(&rx),
+            Some(1),
+            "close hands over what was gathered"
+        );
         let rx = take_in_background(&queue, 1000, Duration::from_secs(60));
         assert_eq!(group_len(&rx), None);
     }
