@@ -225,7 +225,6 @@ fn usize_of(v: u64) -> anyhow::Result<usize> {
 }
 
 impl ServeArgs {
-    /// Validates and derives the runtime configuration.
     /// Async worker threads to start: `--worker-threads`, or one per core.
     pub fn runtime_worker_threads(&self) -> usize {
         match self.worker_threads {
@@ -234,6 +233,7 @@ impl ServeArgs {
         }
     }
 
+    /// Validates and derives the runtime configuration.
     pub fn to_config(&self) -> anyhow::Result<ServeConfig> {
         if self.backoff_min_ms > self.backoff_max_ms {
             anyhow::bail!(

@@ -328,8 +328,7 @@ mod tests {
             .collect()
     }
 
-    /// Runs `take_group` on another thread; its group, or `None` if it took over 5 s (a
-    /// missed wakeup: the writer would sleep until the interval, or forever).
+    /// Runs `take_group` on another thread and hands back its result.
     fn take_in_background(
         queue: &Arc<Queue>,
         max_events: usize,
@@ -343,6 +342,8 @@ mod tests {
         rx
     }
 
+    /// The size of the group taken; panics after 5 s (a missed wakeup: the writer would
+    /// sleep until the interval, or forever).
     fn group_len(rx: &mpsc::Receiver<Option<Vec<SharedEvent>>>) -> Option<usize> {
         rx.recv_timeout(Duration::from_secs(5))
             .expect("take_group did not return within 5 s")
@@ -369,7 +370,7 @@ mod tests {
         }
         assert_eq!(group_len(&rx), Some(3));
         assert!(started.elapsed() < Duration::from_secs(5));
-        // What did not fit stays queued for the next group.
+        // A group takes whole appends: one larger than the group is not split.
         queue.push(events(2), 10).unwrap();
         let rx = take_in_background(&queue, 1, Duration::from_secs(60));
         assert_eq!(group_len(&rx), Some(2), "a whole append is taken at once");
