@@ -148,6 +148,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_SOCKET_SEND_BUFFER_KIB", default_value_t = 128,
           value_parser = clap::value_parser!(u64).range(4..=65536))]
     pub socket_send_buffer_kib: u64,
+    /// Largest message a subscriber may send, KiB (an `options_update` naming 10,000 DIDs
+    /// is ~500 KiB). Bounds what one connection can make the daemon buffer; a larger
+    /// message closes that connection with 1009.
+    #[arg(long, env = "SLUICE_MAX_CLIENT_MESSAGE_KIB", default_value_t = 2048,
+          value_parser = clap::value_parser!(u64).range(1..=65536))]
+    pub max_client_message_kib: u64,
     /// Threads running the subscriber sessions, the dispatcher and the HTTP listeners
     /// (0 = one per core). Ingest and the log writer have threads of their own. Fewer
     /// workers mean fewer cross-thread wakeups: on 2 cores one worker spent 5-16% less CPU
@@ -289,6 +295,7 @@ impl ServeArgs {
             server_max_message_bytes: usize_of(self.max_message_bytes)?,
             retry_after_secs: self.retry_after_secs,
             socket_send_buffer: usize_of(self.socket_send_buffer_kib * 1024)?,
+            client_max_message_bytes: usize_of(self.max_client_message_kib * 1024)?,
             coalesce: Duration::from_micros(self.coalesce_us),
             ..SessionConfig::default()
         };

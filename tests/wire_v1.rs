@@ -377,6 +377,41 @@ async fn v1_require_hello_waits_for_options_and_applies_them() {
     env.stop().await;
 }
 
+/// A message over `--max-client-message-kib` closes that connection with 1009 and a
+/// reason; a subscriber beside it keeps its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_a_client_message_over_the_limit_is_closed_with_1009() {
+    let env = Env::start(corpus(), Speed::Max, false, |c| {
+        c.session.client_max_message_bytes = 1024;
+    })
+    .await;
+    env.wait_all_ingested().await;
+    let mut bystander = connect(&env.url("/subscribe?cursor=0")).await;
+    assert!(matches!(next(&mut bystander, LIMIT).await, Got::Text(_)));
+
+    let dids: Vec<String> = (0..100).map(|i| format!("did:plc:n{i:020}")).collect();
+    let big = options(json!({ "wantedDids": dids }));
+    assert!(big.len() > 2048, "{} bytes", big.len());
+    let small = options(json!({ "wantedDids": ["did:plc:n1"] }));
+    let mut ws = connect(&env.url("/subscribe")).await;
+    send_text(&mut ws, small).await;
+    send_text(&mut ws, big).await;
+    match next(&mut ws, LIMIT).await {
+        Got::Closed(Some(frame)) => {
+            assert_eq!(u16::from(frame.code), 1009);
+            assert!(frame.reason.contains("1024"), "{}", frame.reason);
+        }
+        other => panic!("expected a 1009 close, got {other:?}"),
+    }
+    for _ in 0..50 {
+        match next(&mut bystander, LIMIT).await {
+            Got::Text(_) => {}
+            other => panic!("the bystander lost its stream: {other:?}"),
+        }
+    }
+    env.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_invalid_hello_is_closed_with_a_reason() {
     let env = Env::start(corpus(), Speed::Max, false, |_| {}).await;

@@ -149,19 +149,19 @@ pub fn log_unavailable(error: &crate::log::LogError) -> Response {
         .into_response()
 }
 
-/// Largest message a subscriber may send (an `options_update` with 10,000 DIDs is ~0.5 MB).
-pub const MAX_CLIENT_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
-
 /// Per-connection websocket settings for subscribers: they send almost nothing, so a small
 /// read buffer (tungstenite zero-fills its whole read buffer before each read: a 128 KiB
 /// default cost 40% of the CPU and ~130 KB per idle connection; 512 B instead of 4 KiB
 /// saves ~3 KB per idle subscriber, a 0.5 MB `options_update` then takes ~1,000 reads)
-/// and a bounded message size.
-pub fn tune(upgrade: axum::extract::ws::WebSocketUpgrade) -> axum::extract::ws::WebSocketUpgrade {
+/// and the message size bound of `--max-client-message-kib`.
+pub fn tune(
+    upgrade: axum::extract::ws::WebSocketUpgrade,
+    session: &SessionConfig,
+) -> axum::extract::ws::WebSocketUpgrade {
     upgrade
         .read_buffer_size(512)
-        .max_message_size(MAX_CLIENT_MESSAGE_BYTES)
-        .max_frame_size(MAX_CLIENT_MESSAGE_BYTES)
+        .max_message_size(session.client_max_message_bytes)
+        .max_frame_size(session.client_max_message_bytes)
 }
 
 /// Admits the connection or answers 429/503 with a jittered `Retry-After`.

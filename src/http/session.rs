@@ -33,6 +33,9 @@ pub struct SessionConfig {
     pub retry_after_secs: u64,
     /// Kernel send buffer of each subscriber socket, bytes.
     pub socket_send_buffer: usize,
+    /// Largest message a subscriber may send, bytes: what one connection can make the
+    /// daemon buffer. A larger one closes the session with 1009.
+    pub client_max_message_bytes: usize,
     /// Least time between two flushes to one subscriber: an event that finds the last
     /// flush older than this goes out at once; otherwise the session waits out the rest
     /// and sends everything queued by then in one write (one syscall per few events in a
@@ -50,6 +53,8 @@ impl Default for SessionConfig {
             server_max_message_bytes: 8 * 1024 * 1024,
             retry_after_secs: 5,
             socket_send_buffer: 128 * 1024,
+            // An `options_update` with 10,000 DIDs is ~0.5 MB.
+            client_max_message_bytes: 2 * 1024 * 1024,
             coalesce: Duration::from_micros(1000),
         }
     }
@@ -87,6 +92,8 @@ pub enum SessionEnd {
     Shutdown,
     Stream(End),
     Protocol(String),
+    /// The subscriber sent a message over `client_max_message_bytes`.
+    MessageTooBig,
 }
 
 impl SessionEnd {
@@ -102,6 +109,7 @@ impl SessionEnd {
             SessionEnd::Stream(End::Closed) => "log_closed",
             SessionEnd::Stream(End::ReadFailed(_)) => "read_failed",
             SessionEnd::Protocol(_) => "protocol",
+            SessionEnd::MessageTooBig => "message_too_big",
         }
     }
 }
@@ -146,6 +154,7 @@ pub async fn run(
                     }
                     Some(Ok(Message::Close(_))) | None => break SessionEnd::PeerClosed,
                     Some(Ok(_)) => last_heard = tokio::time::Instant::now(),
+                    Some(Err(e)) if is_capacity_error(&e) => break SessionEnd::MessageTooBig,
                     Some(Err(_)) => break SessionEnd::PeerClosed,
                 }
                 continue;
@@ -194,6 +203,11 @@ pub async fn run(
         SessionEnd::Stream(stream_end) => wire.ending(stream_end),
         SessionEnd::Protocol(problem) => (None, 1008, problem.clone()),
         SessionEnd::PeerDead => (None, 1001, "no pong".to_string()),
+        SessionEnd::MessageTooBig => (
+            None,
+            1009,
+            format!("message over {} bytes", config.client_max_message_bytes),
+        ),
         _ => (None, 1000, String::new()),
     };
     if !matches!(
@@ -289,6 +303,14 @@ fn write_step<E>(
         Ok(Err(_)) => Err(SessionEnd::WriteFailed),
         Err(_) => Err(SessionEnd::WriteTimeout),
     }
+}
+
+/// Whether a read failed because the subscriber's message was over the size limit.
+fn is_capacity_error(error: &axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::Error;
+    std::error::Error::source(error)
+        .and_then(|inner| inner.downcast_ref::<Error>())
+        .is_some_and(|e| matches!(e, Error::Capacity(_)))
 }
 
 fn message_len(message: &Message) -> usize {

@@ -329,7 +329,7 @@ pub async fn subscribe(
         Err(response) => return *response,
     };
     let policy = params.policy.unwrap_or(state.slow_policy);
-    crate::http::tune(upgrade).on_upgrade(move |mut socket| async move {
+    crate::http::tune(upgrade, &state.session).on_upgrade(move |mut socket| async move {
         let mut wire = V1Session {
             zstd,
             max_message_bytes: params.max_message_bytes,

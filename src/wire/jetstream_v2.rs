@@ -250,7 +250,7 @@ pub async fn subscribe(
         Err(response) => return *response,
     };
     let policy = params.policy.unwrap_or(state.slow_policy);
-    crate::http::tune(upgrade)
+    crate::http::tune(upgrade, &state.session)
         .protocols([SUBPROTOCOL])
         .on_upgrade(move |socket| async move {
             let sub = state

@@ -118,7 +118,7 @@ pub async fn subscribe(
         Err(response) => return *response,
     };
     let policy = policy.unwrap_or(state.slow_policy);
-    crate::http::tune(upgrade).on_upgrade(move |mut socket| async move {
+    crate::http::tune(upgrade, &state.session).on_upgrade(move |mut socket| async move {
         if let Some(newest) = future {
             let _ = socket
                 .send(error_frame(
