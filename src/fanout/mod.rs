@@ -375,13 +375,10 @@ impl Hub {
         let id = state.next_id;
         state.next_id += 1;
         let (mode, seen_through, live) = match start {
-            // Live means "after what is logged now": the dispatcher can trail the log for
-            // a moment, and events logged before the connection are not live to it.
-            Start::Live => (
-                Mode::Live,
-                state.dispatched_through.max(self.inner.reader.newest_seq()),
-                true,
-            ),
+            // Live means "after what is logged now", not "after what is dispatched": the
+            // dispatcher can trail the log (never lead it), and events logged before the
+            // connection are not live to it.
+            Start::Live => (Mode::Live, self.inner.reader.newest_seq(), true),
             Start::From(seq) => (Mode::CatchUp { next: seq.max(1) }, seq.max(1) - 1, false),
         };
         if live {
