@@ -60,25 +60,27 @@ pub struct IngestHandle {
     /// A snapshot of the ingest counters, refreshed every idle tick or 1,000 frames.
     pub stats: Arc<parking_lot::Mutex<IngestStats>>,
     shutdown: watch::Sender<bool>,
-    client: tokio::task::JoinHandle<anyhow::Result<()>>,
-    ingest: std::thread::JoinHandle<anyhow::Result<IngestStats>>,
+    thread: std::thread::JoinHandle<anyhow::Result<IngestStats>>,
 }
 
 impl IngestHandle {
     /// Stops reading upstream, lets ingest finish what it has; the log keeps the resume state.
     pub async fn shutdown(self) -> anyhow::Result<IngestStats> {
         let _ = self.shutdown.send(true);
-        self.client
-            .await
-            .map_err(|e| anyhow::anyhow!("upstream task panicked: {e}"))??;
-        tokio::task::spawn_blocking(move || self.ingest.join())
+        let thread = self.thread;
+        tokio::task::spawn_blocking(move || thread.join())
             .await?
             .map_err(|_| anyhow::anyhow!("ingest thread panicked"))?
     }
 }
 
-/// Starts the upstream client and the ingest thread, stamping from `state` (where the log
-/// left off). Must be called inside a runtime.
+/// Starts the ingest thread, which runs the upstream client and the ingest loop, stamping
+/// from `state` (where the log left off).
+///
+/// Both run on one single-threaded runtime on that thread: a frame read from the socket
+/// reaches the decoder without waking another thread, and the rest of the daemon's runtime
+/// is left to the subscribers. The bounded frame queue between them still lets the client
+/// read ahead while a burst is decoded.
 pub fn start_ingest(
     config: IngestConfig,
     state: StampState,
@@ -92,42 +94,54 @@ pub fn start_ingest(
     let shared = Arc::new(UpstreamShared::new(state.upstream_cursor));
     let (frames_tx, frames_rx) = mpsc::channel(config.frame_queue.max(1));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let ingest_shared = shared.clone();
     let stats = Arc::new(parking_lot::Mutex::new(IngestStats::default()));
-    let ingest_stats = stats.clone();
-    let limits = config.decode_limits.clone();
-    let interval = config.idle_tick;
-    let runtime = tokio::runtime::Handle::current();
-    let ingest = std::thread::Builder::new()
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let thread_shared = shared.clone();
+    let thread_stats = stats.clone();
+    let thread = std::thread::Builder::new()
         .name("sluice-ingest".into())
         .spawn(move || {
-            ingest_loop(
-                &runtime,
-                frames_rx,
-                Ingestor::new(state, limits),
-                sink,
-                ingest_shared,
-                ingest_stats,
-                interval,
-            )
+            runtime.block_on(async move {
+                let client = tokio::spawn(client::run(
+                    config.upstream,
+                    thread_shared.clone(),
+                    frames_tx,
+                    shutdown_rx,
+                ));
+                let ingested = ingest_loop(
+                    frames_rx,
+                    Ingestor::new(state, config.decode_limits),
+                    sink,
+                    thread_shared,
+                    thread_stats,
+                    config.idle_tick,
+                )
+                .await;
+                if ingested.is_err() {
+                    // Nothing will take its frames any more.
+                    client.abort();
+                }
+                let upstream = client.await;
+                let stats = ingested?;
+                match upstream {
+                    Ok(result) => result?,
+                    Err(e) if e.is_cancelled() => {}
+                    Err(e) => anyhow::bail!("upstream task panicked: {e}"),
+                }
+                Ok(stats)
+            })
         })?;
-    let client = tokio::spawn(client::run(
-        config.upstream,
-        shared.clone(),
-        frames_tx,
-        shutdown_rx,
-    ));
     Ok(IngestHandle {
         shared,
         stats,
         shutdown: shutdown_tx,
-        client,
-        ingest,
+        thread,
     })
 }
 
-fn ingest_loop(
-    runtime: &tokio::runtime::Handle,
+async fn ingest_loop(
     mut frames: mpsc::Receiver<ReceivedFrame>,
     mut ingestor: Ingestor,
     mut sink: impl EventSink,
@@ -144,7 +158,7 @@ fn ingest_loop(
         shared
             .ingest_heartbeat
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let next = runtime.block_on(async { tokio::time::timeout(idle_tick, frames.recv()).await });
+        let next = tokio::time::timeout(idle_tick, frames.recv()).await;
         let frame = match next {
             Ok(Some(frame)) => frame,
             Ok(None) => break,
