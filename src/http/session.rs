@@ -121,8 +121,12 @@ pub fn retry_after(base_secs: u64) -> u64 {
 }
 
 /// Runs the session until the peer leaves, the stream ends, or shutdown.
+///
+/// The socket is not split into halves: it is read only by the `select!` futures and
+/// written only after one of them completes, so one owner suffices and no read or write
+/// pays for the lock a split pair shares.
 pub async fn run(
-    socket: WebSocket,
+    mut socket: WebSocket,
     mut sub: Subscription,
     mut wire: impl WireSession,
     config: SessionConfig,
@@ -130,9 +134,8 @@ pub async fn run(
     initial: Vec<Message>,
     counters: &WireCounters,
 ) -> SessionEnd {
-    let (mut sink, mut stream) = socket.split();
     for message in initial {
-        if sink.send(message).await.is_err() {
+        if socket.send(message).await.is_err() {
             return SessionEnd::WriteFailed;
         }
     }
@@ -144,7 +147,7 @@ pub async fn run(
         let mut batch = tokio::select! {
             biased;
             _ = shutdown.changed() => break SessionEnd::Shutdown,
-            incoming = stream.next() => {
+            incoming = socket.next() => {
                 match incoming {
                     Some(Ok(Message::Text(text))) => {
                         last_heard = tokio::time::Instant::now();
@@ -165,7 +168,7 @@ pub async fn run(
                 if last_heard.elapsed() >= config.pong_timeout {
                     break SessionEnd::PeerDead;
                 }
-                if tokio::time::timeout(config.write_timeout, sink.send(Message::Ping(Default::default()))).await.is_err() {
+                if tokio::time::timeout(config.write_timeout, socket.send(Message::Ping(Default::default()))).await.is_err() {
                     break SessionEnd::WriteTimeout;
                 }
                 continue;
@@ -185,7 +188,7 @@ pub async fn run(
                 batch.extend(sub.try_next_batch(config.max_batch - batch.len()));
             }
         }
-        match write_batch(&mut sink, &mut wire, &batch, &config, counters).await {
+        match write_batch(&mut socket, &mut wire, &batch, &config, counters).await {
             Ok(true) => last_flush = Some(tokio::time::Instant::now()),
             Ok(false) => {}
             Err(end) => break end,
@@ -216,13 +219,14 @@ pub async fn run(
     ) {
         let close = async {
             if let Some(last) = last {
-                sink.send(last).await?;
+                socket.send(last).await?;
             }
-            sink.send(Message::Close(Some(CloseFrame {
-                code,
-                reason: truncate_reason(reason).into(),
-            })))
-            .await
+            socket
+                .send(Message::Close(Some(CloseFrame {
+                    code,
+                    reason: truncate_reason(reason).into(),
+                })))
+                .await
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
     }
