@@ -1,6 +1,6 @@
 //! End to end over real websockets: a `replay` upstream on 127.0.0.1 feeding the ingest
 //! pipeline. Covers the real capture, restart without seq reuse, oversized frames, a stalled
-//! upstream and a `FutureCursor` error frame. Every wait is bounded.
+//! upstream, a held-up sink that is not one, and a `FutureCursor` error frame. Every wait is bounded.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -238,6 +238,66 @@ async fn a_stalled_upstream_is_detected_and_replaced() {
     })
     .await;
     assert!(handle.shared.stalls.load(Ordering::Relaxed) >= 1);
+    handle.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_held_up_longer_than_the_stall_timeout_is_not_an_upstream_stall() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    // A live upstream: a frame every 10 ms (bounded), answering pings as it reads.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let accepts_in_task = accepts.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else {
+                continue;
+            };
+            accepts_in_task.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut sink, mut stream) = ws.split();
+                tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+                for seq in 1..=1000 {
+                    let frame = identity(seq, &format!("h{seq}.test"));
+                    if sink.send(Message::Binary(frame)).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            });
+        }
+    });
+    let mut cfg = config(addr);
+    cfg.upstream.stall_timeout = Duration::from_millis(500);
+    let collected: Collected = Arc::default();
+    let sink_events = collected.clone();
+    let mut held = false;
+    // The first append holds the ingest thread three stall timeouts long, as a log append
+    // waiting on backpressure would; frames keep arriving in the socket meanwhile.
+    let handle = start_ingest(cfg, StampState::fresh(), move |events: Vec<Event>| {
+        if !held {
+            held = true;
+            std::thread::sleep(Duration::from_millis(1500));
+        }
+        sink_events.lock().unwrap().extend(events);
+        Ok(())
+    })
+    .unwrap();
+    wait_for("frames well past the hold", || {
+        collected.lock().unwrap().len() >= 300
+    })
+    .await;
+    assert_eq!(handle.shared.stalls.load(Ordering::Relaxed), 0);
+    assert_eq!(accepts.load(Ordering::SeqCst), 1);
+    let seqs: Vec<i64> = collected
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| e.upstream_seq)
+        .collect();
+    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>());
     handle.shutdown().await.unwrap();
 }
 

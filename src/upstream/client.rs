@@ -294,7 +294,10 @@ async fn connect_and_read(
     let mut progressed = false;
     let ended = loop {
         let deadline = last_heard + config.stall_timeout;
+        // Biased, stall check last: after the thread was held up (a log append waiting on
+        // backpressure), a frame already in the socket must count before the deadline does.
         tokio::select! {
+            biased;
             _ = shutdown.changed() => {
                 let close = CloseFrame { code: CloseCode::Away, reason: "sluice shutting down".into() };
                 let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(close)))).await;
@@ -305,11 +308,6 @@ async fn connect_and_read(
                     tracing::warn!(error = %err, "upstream ping failed");
                     break Ended::Failed;
                 }
-            }
-            _ = tokio::time::sleep_until(deadline) => {
-                shared.stalls.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(stall_timeout_s = config.stall_timeout.as_secs(), "upstream stalled: no frame and no pong; replacing the connection");
-                break Ended::Failed;
             }
             next = source.next() => match next {
                 Some(Ok(Message::Binary(bytes))) => {
@@ -339,6 +337,11 @@ async fn connect_and_read(
                     tracing::warn!("upstream connection ended");
                     break Ended::Failed;
                 }
+            },
+            _ = tokio::time::sleep_until(deadline) => {
+                shared.stalls.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(stall_timeout_s = config.stall_timeout.as_secs(), "upstream stalled: no frame and no pong; replacing the connection");
+                break Ended::Failed;
             }
         }
     };
