@@ -71,6 +71,15 @@ fn start_logged(config: IngestConfig, dir: &Path) -> (IngestHandle, Arc<Log>) {
     (handle, log)
 }
 
+fn upstream_seqs(collected: &Collected) -> Vec<i64> {
+    collected
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|e| e.upstream_seq)
+        .collect()
+}
+
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
     for _ in 0..1000 {
         if done() {
@@ -202,12 +211,7 @@ async fn an_oversized_frame_is_counted_and_skipped_without_losing_the_rest() {
     .await;
     let shared = handle.shared.clone();
     handle.shutdown().await.unwrap();
-    let seqs: Vec<i64> = collected
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|e| e.upstream_seq)
-        .collect();
+    let seqs = upstream_seqs(&collected);
     assert_eq!(seqs, vec![1, 2, 3, 4, 6, 7, 8, 9, 10]);
     assert!(shared.oversized_frames.load(Ordering::Relaxed) >= 1);
     assert_eq!(shared.skipped_oversized.load(Ordering::Relaxed), 1);
@@ -291,12 +295,7 @@ async fn a_sink_held_up_longer_than_the_stall_timeout_is_not_an_upstream_stall()
     .await;
     assert_eq!(handle.shared.stalls.load(Ordering::Relaxed), 0);
     assert_eq!(accepts.load(Ordering::SeqCst), 1);
-    let seqs: Vec<i64> = collected
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|e| e.upstream_seq)
-        .collect();
+    let seqs = upstream_seqs(&collected);
     assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>());
     handle.shutdown().await.unwrap();
 }
