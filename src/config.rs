@@ -154,6 +154,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_MAX_CLIENT_MESSAGE_KIB", default_value_t = 2048,
           value_parser = clap::value_parser!(u64).range(1..=65536))]
     pub max_client_message_kib: u64,
+    /// Text messages (v1 `options_update`) one subscriber may send per second, with a burst
+    /// of as many. Each can rebuild that subscriber's filter under the fan-out's lock, so
+    /// one more closes the connection with 1008 instead of slowing every other subscriber.
+    #[arg(long, env = "SLUICE_MAX_CLIENT_UPDATES_PER_SEC", default_value_t = 10,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_client_updates_per_sec: u32,
     /// Threads running the subscriber sessions, the dispatcher and the HTTP listeners
     /// (0 = one per core). Ingest and the log writer have threads of their own. Fewer
     /// workers mean fewer cross-thread wakeups: on 2 cores one worker spent 5-16% less CPU
@@ -296,6 +302,7 @@ impl ServeArgs {
             retry_after_secs: self.retry_after_secs,
             socket_send_buffer: usize_of(self.socket_send_buffer_kib * 1024)?,
             client_max_message_bytes: usize_of(self.max_client_message_kib * 1024)?,
+            client_updates_per_sec: self.max_client_updates_per_sec,
             coalesce: Duration::from_micros(self.coalesce_us),
             ..SessionConfig::default()
         };

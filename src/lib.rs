@@ -14,6 +14,7 @@ pub mod http;
 pub mod ingest;
 pub mod log;
 pub mod logging;
+pub mod rate;
 pub mod systemd;
 pub mod tail;
 pub mod upstream;

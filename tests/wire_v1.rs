@@ -412,6 +412,52 @@ async fn v1_a_client_message_over_the_limit_is_closed_with_1009() {
     env.stop().await;
 }
 
+/// `options_update` faster than `--max-client-updates-per-sec` closes that connection with
+/// 1008 and a reason; a burst within the limit is applied, and a bystander keeps its stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_options_updates_over_the_rate_limit_are_closed_with_1008() {
+    let env = Env::start(corpus(), Speed::Max, false, |c| {
+        c.session.client_updates_per_sec = 3;
+    })
+    .await;
+    env.wait_all_ingested().await;
+    let mut bystander = connect(&env.url("/subscribe?cursor=0")).await;
+    assert!(matches!(next(&mut bystander, LIMIT).await, Got::Text(_)));
+
+    let update = |i: usize| options(json!({ "wantedDids": [format!("did:plc:n{i:020}")] }));
+    let mut within = connect(&env.url("/subscribe")).await;
+    for i in 0..3 {
+        send_text(&mut within, update(i)).await;
+    }
+    let mut flood = connect(&env.url("/subscribe")).await;
+    for i in 0..20 {
+        send_text(&mut flood, update(i)).await;
+    }
+    match next(&mut flood, LIMIT).await {
+        Got::Closed(Some(frame)) => {
+            assert_eq!(u16::from(frame.code), 1008);
+            assert!(
+                frame.reason.contains("3 messages per second"),
+                "{}",
+                frame.reason
+            );
+        }
+        other => panic!("expected a 1008 close, got {other:?}"),
+    }
+    // The burst was within the limit: that connection is still open (no close, no error).
+    assert!(matches!(
+        next(&mut within, Duration::from_millis(300)).await,
+        Got::Timeout
+    ));
+    for _ in 0..50 {
+        match next(&mut bystander, LIMIT).await {
+            Got::Text(_) => {}
+            other => panic!("the bystander lost its stream: {other:?}"),
+        }
+    }
+    env.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_invalid_hello_is_closed_with_a_reason() {
     let env = Env::start(corpus(), Speed::Max, false, |_| {}).await;

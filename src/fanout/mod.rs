@@ -30,6 +30,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::event::{Event, EventKind};
 use crate::log::{LogError, LogReader, SharedEvent};
+use crate::rate::TokenBucket;
 use filter::{collection_prefixes, Filter};
 
 /// The wire a subscriber speaks: decides which payload it receives.
@@ -410,7 +411,10 @@ impl Hub {
             policy,
             mode,
             seen_through,
-            tokens: TokenBucket::new(self.inner.config.catchup_events_per_sec),
+            tokens: TokenBucket::new(
+                self.inner.config.catchup_events_per_sec as f64,
+                self.inner.config.catchup_events_per_sec as f64,
+            ),
         }
     }
 }
@@ -523,6 +527,7 @@ pub struct Subscription {
     mode: Mode,
     /// Every event up to this seq has been delivered or filtered out.
     seen_through: u64,
+    /// Paces this connection's catch-up reads (`--replay-events-per-sec`).
     tokens: TokenBucket,
 }
 
@@ -654,7 +659,10 @@ impl Subscription {
 
     async fn read_log(&mut self, next: u64, max: usize) -> Result<Vec<SharedEvent>, End> {
         let max = max.min(self.hub.config.catchup_batch.max(1));
-        self.tokens.take(max as u64).await;
+        let wait = self.tokens.take_on_credit(max as f64);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
         let reader = self.hub.reader.clone();
         let cold = next < reader.tail().oldest_seq();
         let result = if cold {
@@ -731,34 +739,5 @@ impl Drop for Subscription {
                 .fetch_sub(1, Ordering::Relaxed);
         }
         self.hub.stats.subscribers[self.wire.index()].fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// Paces one connection's catch-up reads.
-struct TokenBucket {
-    rate: u64,
-    available: f64,
-    last: tokio::time::Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: u64) -> Self {
-        Self {
-            rate: rate.max(1),
-            available: rate.max(1) as f64,
-            last: tokio::time::Instant::now(),
-        }
-    }
-
-    async fn take(&mut self, n: u64) {
-        let now = tokio::time::Instant::now();
-        let rate = self.rate as f64;
-        self.available =
-            (self.available + now.duration_since(self.last).as_secs_f64() * rate).min(rate);
-        self.last = now;
-        self.available -= n as f64;
-        if self.available < 0.0 {
-            tokio::time::sleep(Duration::from_secs_f64(-self.available / rate)).await;
-        }
     }
 }

@@ -7,9 +7,10 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use parking_lot::Mutex;
+
+use crate::rate::TokenBucket;
 
 #[derive(Debug, Clone)]
 pub struct AdmissionConfig {
@@ -43,8 +44,8 @@ pub struct Refusal {
 }
 
 struct State {
-    tokens: f64,
-    last: Instant,
+    /// New connections, at `connects_per_sec` with a burst of `connect_burst`.
+    connects: TokenBucket,
     per_ip: HashMap<IpAddr, usize>,
     total: usize,
 }
@@ -77,12 +78,11 @@ impl Drop for Permit {
 
 impl Admission {
     pub fn new(config: AdmissionConfig) -> Self {
-        let tokens = config.connect_burst;
+        let connects = TokenBucket::new(config.connects_per_sec, config.connect_burst);
         Self {
             config: Arc::new(Mutex::new(config)),
             state: Arc::new(Mutex::new(State {
-                tokens,
-                last: Instant::now(),
+                connects,
                 per_ip: HashMap::new(),
                 total: 0,
             })),
@@ -102,10 +102,10 @@ impl Admission {
         let config = self.config.lock().clone();
         let retry = crate::http::session::retry_after(config.retry_after_secs);
         let mut state = self.state.lock();
-        let now = Instant::now();
-        let elapsed = now.duration_since(state.last).as_secs_f64();
-        state.tokens = (state.tokens + elapsed * config.connects_per_sec).min(config.connect_burst);
-        state.last = now;
+        // Read per call: SIGHUP may have changed them.
+        state
+            .connects
+            .set_limits(config.connects_per_sec, config.connect_burst);
         if state.total >= config.max_subscribers {
             return Err(Refusal {
                 status: 503,
@@ -120,14 +120,13 @@ impl Admission {
                 retry_after_secs: retry,
             });
         }
-        if state.tokens < 1.0 {
+        if !state.connects.try_take(1.0) {
             return Err(Refusal {
                 status: 429,
                 reason: "too many new connections; retry later",
                 retry_after_secs: retry,
             });
         }
-        state.tokens -= 1.0;
         state.total += 1;
         *state.per_ip.entry(ip).or_default() += 1;
         Ok(Permit {

@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::event::Event;
 use crate::fanout::{End, Subscription};
 use crate::log::SharedEvent;
+use crate::rate::TokenBucket;
 
 /// Limits of one session.
 #[derive(Debug, Clone)]
@@ -36,6 +37,10 @@ pub struct SessionConfig {
     /// Largest message a subscriber may send, bytes: what one connection can make the
     /// daemon buffer. A larger one closes the session with 1009.
     pub client_max_message_bytes: usize,
+    /// Text messages (v1 `options_update`) a subscriber may send per second, with a burst
+    /// of as many. Each one can rebuild its filter under the hub's lock, so one more closes
+    /// the connection with 1008 rather than let it slow everyone's dispatch.
+    pub client_updates_per_sec: u32,
     /// Least time between two flushes to one subscriber: an event that finds the last
     /// flush older than this goes out at once; otherwise the session waits out the rest
     /// and sends everything queued by then in one write (one syscall per few events in a
@@ -55,6 +60,7 @@ impl Default for SessionConfig {
             socket_send_buffer: 128 * 1024,
             // An `options_update` with 10,000 DIDs is ~0.5 MB.
             client_max_message_bytes: 2 * 1024 * 1024,
+            client_updates_per_sec: 10,
             coalesce: Duration::from_micros(1000),
         }
     }
@@ -94,6 +100,8 @@ pub enum SessionEnd {
     Protocol(String),
     /// The subscriber sent a message over `client_max_message_bytes`.
     MessageTooBig,
+    /// The subscriber sent text messages faster than `client_updates_per_sec`.
+    UpdatesTooFast,
 }
 
 impl SessionEnd {
@@ -110,6 +118,7 @@ impl SessionEnd {
             SessionEnd::Stream(End::ReadFailed(_)) => "read_failed",
             SessionEnd::Protocol(_) => "protocol",
             SessionEnd::MessageTooBig => "message_too_big",
+            SessionEnd::UpdatesTooFast => "updates_too_fast",
         }
     }
 }
@@ -142,6 +151,8 @@ pub async fn run(
     let mut ping = tokio::time::interval(config.ping_interval);
     ping.tick().await;
     let mut last_heard = tokio::time::Instant::now();
+    let updates_per_sec = f64::from(config.client_updates_per_sec);
+    let mut updates = TokenBucket::new(updates_per_sec, updates_per_sec);
     let mut last_flush: Option<tokio::time::Instant> = None;
     let end = loop {
         let mut batch = tokio::select! {
@@ -151,6 +162,9 @@ pub async fn run(
                 match incoming {
                     Some(Ok(Message::Text(text))) => {
                         last_heard = tokio::time::Instant::now();
+                        if !updates.try_take(1.0) {
+                            break SessionEnd::UpdatesTooFast;
+                        }
                         if let Err(problem) = wire.on_text(text.as_str(), &mut sub) {
                             break SessionEnd::Protocol(problem);
                         }
@@ -210,6 +224,14 @@ pub async fn run(
             None,
             1009,
             format!("message over {} bytes", config.client_max_message_bytes),
+        ),
+        SessionEnd::UpdatesTooFast => (
+            None,
+            1008,
+            format!(
+                "more than {} messages per second",
+                config.client_updates_per_sec
+            ),
         ),
         _ => (None, 1000, String::new()),
     };
