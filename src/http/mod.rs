@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod admission;
 pub mod session;
+pub mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -154,14 +155,14 @@ pub fn log_unavailable(error: &crate::log::LogError) -> Response {
 /// default cost 40% of the CPU and ~130 KB per idle connection; 512 B instead of 4 KiB
 /// saves ~3 KB per idle subscriber, a 0.5 MB `options_update` then takes ~1,000 reads)
 /// and the message size bound of `--max-client-message-kib`.
-pub fn tune(
-    upgrade: axum::extract::ws::WebSocketUpgrade,
-    session: &SessionConfig,
-) -> axum::extract::ws::WebSocketUpgrade {
-    upgrade
-        .read_buffer_size(512)
-        .max_message_size(session.client_max_message_bytes)
-        .max_frame_size(session.client_max_message_bytes)
+pub fn tune(upgrade: websocket::Upgrade, session: &SessionConfig) -> websocket::Upgrade {
+    use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+    upgrade.config(
+        WebSocketConfig::default()
+            .read_buffer_size(512)
+            .max_message_size(Some(session.client_max_message_bytes))
+            .max_frame_size(Some(session.client_max_message_bytes)),
+    )
 }
 
 /// Admits the connection or answers 429/503 with a jittered `Retry-After`.

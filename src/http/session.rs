@@ -8,14 +8,15 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
-use futures_util::{SinkExt, StreamExt};
 use tokio::sync::watch;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::event::Event;
 use crate::fanout::{End, Subscription};
 use crate::log::SharedEvent;
 use crate::rate::TokenBucket;
+
+use super::websocket::{Frame, Socket};
 
 /// Limits of one session.
 #[derive(Debug, Clone)]
@@ -69,13 +70,13 @@ impl Default for SessionConfig {
 /// What a wire decides for each session.
 pub trait WireSession: Send + 'static {
     /// The message carrying this event, or `None` to skip it (e.g. the rest of a raw frame).
-    fn message(&mut self, event: &Event) -> Option<Message>;
+    fn message(&mut self, event: &Event) -> Option<Frame>;
     /// The client's own message size limit (0 = none).
     fn client_max_message_bytes(&self) -> usize;
     /// What to tell the subscriber about an event it will not get because of its size.
-    fn oversized_notice(&self, event: &Event, size: usize, limit: usize) -> Option<Message>;
+    fn oversized_notice(&self, event: &Event, size: usize, limit: usize) -> Option<Frame>;
     /// The last message before closing for `end`, and the close code and reason.
-    fn ending(&self, end: &End) -> (Option<Message>, u16, String);
+    fn ending(&self, end: &End) -> (Option<Frame>, u16, String);
     /// A text message from the client (e.g. `options_update`); Err closes the session.
     fn on_text(&mut self, text: &str, sub: &mut Subscription) -> Result<(), String>;
 }
@@ -135,19 +136,21 @@ pub fn retry_after(base_secs: u64) -> u64 {
 /// written only after one of them completes, so one owner suffices and no read or write
 /// pays for the lock a split pair shares.
 pub async fn run(
-    mut socket: WebSocket,
+    mut socket: Socket,
     mut sub: Subscription,
     mut wire: impl WireSession,
     config: SessionConfig,
     mut shutdown: watch::Receiver<bool>,
-    initial: Vec<Message>,
+    initial: Vec<Frame>,
     counters: &WireCounters,
 ) -> SessionEnd {
-    for message in initial {
-        if socket.send(message).await.is_err() {
-            return SessionEnd::WriteFailed;
-        }
+    let deadline = tokio::time::Instant::now() + config.write_timeout;
+    if let Err(end) =
+        write_step(tokio::time::timeout_at(deadline, socket.write_frames(&initial)).await)
+    {
+        return end;
     }
+    let mut frames = Vec::with_capacity(config.max_batch);
     let mut ping = tokio::time::interval(config.ping_interval);
     ping.tick().await;
     let mut last_heard = tokio::time::Instant::now();
@@ -158,7 +161,7 @@ pub async fn run(
         let mut batch = tokio::select! {
             biased;
             _ = shutdown.changed() => break SessionEnd::Shutdown,
-            incoming = socket.next() => {
+            incoming = socket.recv() => {
                 match incoming {
                     Some(Ok(Message::Text(text))) => {
                         last_heard = tokio::time::Instant::now();
@@ -171,7 +174,7 @@ pub async fn run(
                     }
                     Some(Ok(Message::Close(_))) | None => break SessionEnd::PeerClosed,
                     Some(Ok(_)) => last_heard = tokio::time::Instant::now(),
-                    Some(Err(e)) if is_capacity_error(&e) => break SessionEnd::MessageTooBig,
+                    Some(Err(WsError::Capacity(_))) => break SessionEnd::MessageTooBig,
                     Some(Err(_)) => break SessionEnd::PeerClosed,
                 }
                 continue;
@@ -182,7 +185,7 @@ pub async fn run(
                 if last_heard.elapsed() >= config.pong_timeout {
                     break SessionEnd::PeerDead;
                 }
-                if tokio::time::timeout(config.write_timeout, socket.send(Message::Ping(Default::default()))).await.is_err() {
+                if tokio::time::timeout(config.write_timeout, socket.ping()).await.is_err() {
                     break SessionEnd::WriteTimeout;
                 }
                 continue;
@@ -202,7 +205,16 @@ pub async fn run(
                 batch.extend(sub.try_next_batch(config.max_batch - batch.len()));
             }
         }
-        match write_batch(&mut socket, &mut wire, &batch, &config, counters).await {
+        match write_batch(
+            &mut socket,
+            &mut wire,
+            &batch,
+            &mut frames,
+            &config,
+            counters,
+        )
+        .await
+        {
             Ok(true) => last_flush = Some(tokio::time::Instant::now()),
             Ok(false) => {}
             Err(end) => break end,
@@ -241,86 +253,73 @@ pub async fn run(
     ) {
         let close = async {
             if let Some(last) = last {
-                socket.send(last).await?;
+                socket.write_frames(&[last]).await?;
             }
-            socket
-                .send(Message::Close(Some(CloseFrame {
-                    code,
-                    reason: truncate_reason(reason).into(),
-                })))
-                .await
+            socket.close(code, &reason).await
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
     }
     end
 }
 
-/// Feeds the batch's messages and flushes them; whether anything was written.
-async fn write_batch<S>(
-    sink: &mut S,
+/// Writes the batch's messages, a chunk of `FLUSH_CHUNK_BYTES` per `writev` at most;
+/// whether anything was written. `frames` is scratch space kept across batches.
+async fn write_batch(
+    socket: &mut Socket,
     wire: &mut impl WireSession,
     events: &[SharedEvent],
+    frames: &mut Vec<Frame>,
     config: &SessionConfig,
     counters: &WireCounters,
-) -> Result<bool, SessionEnd>
-where
-    S: futures_util::Sink<Message> + Unpin,
-{
+) -> Result<bool, SessionEnd> {
     // Read per batch: `options_update` may change it mid-stream.
     let limit = match wire.client_max_message_bytes() {
         0 => config.server_max_message_bytes,
         n => n.min(config.server_max_message_bytes),
     };
-    let mut unflushed = 0usize;
-    let mut fed_any = false;
-    let mut outcome = Ok(());
-    // The write timeout bounds the time to make progress, not a whole batch: it restarts
-    // after every flushed chunk of `FLUSH_CHUNK_BYTES`, and covers the `feed`s too, which
-    // wait on the socket once tungstenite's buffer is full.
-    let mut deadline = tokio::time::Instant::now() + config.write_timeout;
+    frames.clear();
     let (mut sent, mut sent_bytes, mut oversized) = (0u64, 0u64, 0u64);
     for event in events {
-        let Some(message) = wire.message(event) else {
+        let Some(frame) = wire.message(event) else {
             continue;
         };
-        let size = message_len(&message);
-        let message = if size > limit {
+        let size = frame.len();
+        if size > limit {
             oversized += 1;
-            match wire.oversized_notice(event, size, limit) {
-                Some(notice) => notice,
-                None => continue,
-            }
+            frames.extend(wire.oversized_notice(event, size, limit));
         } else {
             sent += 1;
             sent_bytes += size as u64;
-            message
-        };
-        unflushed += message_len(&message).max(1);
-        fed_any = true;
-        outcome = write_step(tokio::time::timeout_at(deadline, sink.feed(message)).await);
-        if outcome.is_ok() && unflushed >= FLUSH_CHUNK_BYTES {
-            outcome = write_step(tokio::time::timeout_at(deadline, sink.flush()).await);
-            unflushed = 0;
-            deadline = tokio::time::Instant::now() + config.write_timeout;
-        }
-        if outcome.is_err() {
-            break;
+            frames.push(frame);
         }
     }
-    if outcome.is_ok() && unflushed > 0 {
-        outcome = write_step(tokio::time::timeout_at(deadline, sink.flush()).await);
+    // The write timeout bounds the time to make progress, not a whole batch: it restarts
+    // for every chunk, so a large batch to a reader that keeps up is not cut off.
+    let mut outcome = Ok(());
+    let mut rest = &frames[..];
+    while !rest.is_empty() && outcome.is_ok() {
+        let mut take = 0;
+        let mut bytes = 0;
+        while take < rest.len() && (take == 0 || bytes + rest[take].len() <= FLUSH_CHUNK_BYTES) {
+            bytes += rest[take].len();
+            take += 1;
+        }
+        let deadline = tokio::time::Instant::now() + config.write_timeout;
+        outcome =
+            write_step(tokio::time::timeout_at(deadline, socket.write_frames(&rest[..take])).await);
+        rest = &rest[take..];
     }
     counters.events.fetch_add(sent, Ordering::Relaxed);
     counters.bytes.fetch_add(sent_bytes, Ordering::Relaxed);
     counters.oversized.fetch_add(oversized, Ordering::Relaxed);
-    outcome.map(|()| fed_any)
+    outcome.map(|()| !frames.is_empty())
 }
 
-/// Bytes fed to a subscriber between two flushes at most (plus one message): the unit of
-/// progress the write timeout waits for.
+/// Bytes written to a subscriber per `writev` at most (or one larger message): the unit
+/// of progress the write timeout waits for.
 const FLUSH_CHUNK_BYTES: usize = 256 * 1024;
 
-/// What one timed feed or flush means for the session.
+/// What one timed write means for the session.
 fn write_step<E>(
     result: Result<Result<(), E>, tokio::time::error::Elapsed>,
 ) -> Result<(), SessionEnd> {
@@ -329,32 +328,4 @@ fn write_step<E>(
         Ok(Err(_)) => Err(SessionEnd::WriteFailed),
         Err(_) => Err(SessionEnd::WriteTimeout),
     }
-}
-
-/// Whether a read failed because the subscriber's message was over the size limit.
-fn is_capacity_error(error: &axum::Error) -> bool {
-    use tokio_tungstenite::tungstenite::Error;
-    std::error::Error::source(error)
-        .and_then(|inner| inner.downcast_ref::<Error>())
-        .is_some_and(|e| matches!(e, Error::Capacity(_)))
-}
-
-fn message_len(message: &Message) -> usize {
-    match message {
-        Message::Text(t) => t.len(),
-        Message::Binary(b) => b.len(),
-        _ => 0,
-    }
-}
-
-/// Close reasons are limited to 123 bytes by the websocket protocol.
-fn truncate_reason(mut reason: String) -> String {
-    if reason.len() > 123 {
-        let mut cut = 123;
-        while !reason.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        reason.truncate(cut);
-    }
-    reason
 }

@@ -188,15 +188,15 @@ pub fn default_dictionary() -> std::io::Result<Vec<u8>> {
 
 use std::net::SocketAddr;
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::response::Response;
-use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::event::Event;
 use crate::fanout::filter::Filter;
 use crate::fanout::{End, SlowPolicy, Start, Subscription, WireKind};
 use crate::http::session::{self, WireSession};
+use crate::http::websocket::{Frame, Socket, Upgrade};
 use crate::http::{bad_request, parse_bool, query_pairs, AppState};
 use crate::log::{Cursor, Resolved};
 
@@ -285,7 +285,7 @@ pub async fn subscribe(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
-    upgrade: WebSocketUpgrade,
+    upgrade: Upgrade,
 ) -> Response {
     let params = match parse(&query_pairs(&query)) {
         Ok(p) => p,
@@ -357,11 +357,7 @@ pub async fn subscribe(
                         HelloEnd::Invalid(problem) => (1008, problem),
                         HelloEnd::Gone => return,
                     };
-                    let close = Message::Close(Some(axum::extract::ws::CloseFrame {
-                        code,
-                        reason: reason.chars().take(120).collect::<String>().into(),
-                    }));
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), socket.send(close)).await;
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), socket.close(code, &reason)).await;
                     return;
                 }
             }
@@ -394,10 +390,10 @@ enum HelloEnd {
     Shutdown,
 }
 
-async fn wait_for_hello(socket: &mut WebSocket) -> Result<OptionsPayload, HelloEnd> {
+async fn wait_for_hello(socket: &mut Socket) -> Result<OptionsPayload, HelloEnd> {
     let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
     loop {
-        match tokio::time::timeout_at(deadline, socket.next()).await {
+        match tokio::time::timeout_at(deadline, socket.recv()).await {
             Ok(Some(Ok(Message::Text(text)))) => {
                 return parse_options(text.as_str()).map_err(HelloEnd::Invalid)
             }
@@ -438,13 +434,11 @@ impl V1Session {
 }
 
 impl WireSession for V1Session {
-    fn message(&mut self, event: &Event) -> Option<Message> {
+    fn message(&mut self, event: &Event) -> Option<Frame> {
         let json = event.v1_json.as_ref()?;
         match &self.zstd {
-            Some(zstd) => zstd.compressed(event.seq, json).map(Message::Binary),
-            None => axum::extract::ws::Utf8Bytes::try_from(json.clone())
-                .ok()
-                .map(Message::Text),
+            Some(zstd) => zstd.compressed(event.seq, json).map(Frame::Binary),
+            None => Some(Frame::Text(json.clone())),
         }
     }
 
@@ -452,7 +446,7 @@ impl WireSession for V1Session {
         self.max_message_bytes
     }
 
-    fn oversized_notice(&self, event: &Event, size: usize, limit: usize) -> Option<Message> {
+    fn oversized_notice(&self, event: &Event, size: usize, limit: usize) -> Option<Frame> {
         if !self.notices {
             return None;
         }
@@ -476,12 +470,10 @@ impl WireSession for V1Session {
         push_key(&mut out, "fetch");
         push_str(&mut out, &format!("/event/{}?wire=v1", event.seq));
         out.extend_from_slice(b"}}");
-        axum::extract::ws::Utf8Bytes::try_from(Bytes::from(out))
-            .ok()
-            .map(Message::Text)
+        Some(Frame::Text(Bytes::from(out)))
     }
 
-    fn ending(&self, end: &End) -> (Option<Message>, u16, String) {
+    fn ending(&self, end: &End) -> (Option<Frame>, u16, String) {
         match end {
             End::TooSlow => (None, 1008, "ConsumerTooSlow".into()),
             End::TooOld { oldest } => (

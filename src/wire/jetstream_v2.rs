@@ -84,7 +84,6 @@ pub fn commit_too_big(seq: u64, time_us: i64, did: &str, commit: &Commit) -> Vec
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::response::Response;
 
@@ -92,6 +91,7 @@ use crate::event::Event;
 use crate::fanout::filter::{Filter, Kind};
 use crate::fanout::{End, SlowPolicy, Start, Subscription, WireKind};
 use crate::http::session::{self, WireSession};
+use crate::http::websocket::{Frame, Upgrade};
 use crate::http::{bad_request, query_pairs, AppState};
 use crate::log::{Cursor, Resolved};
 
@@ -159,7 +159,7 @@ fn parse(pairs: &[(String, String)], state: &AppState) -> Result<Params, String>
     })
 }
 
-fn info(name: &str, message: &str) -> Message {
+fn info(name: &str, message: &str) -> Frame {
     let mut out = Vec::with_capacity(128 + message.len());
     out.extend_from_slice(b"{\"$type\":\"message\",\"payload\":{\"$type\":\"");
     out.extend_from_slice(NSID.as_bytes());
@@ -170,10 +170,10 @@ fn info(name: &str, message: &str) -> Message {
     push_key(&mut out, "message");
     push_str(&mut out, message);
     out.extend_from_slice(b"}}");
-    text(out)
+    Frame::Text(out.into())
 }
 
-fn error_frame(error: &str, message: &str) -> Message {
+fn error_frame(error: &str, message: &str) -> Frame {
     let mut out = Vec::with_capacity(64 + message.len());
     out.extend_from_slice(b"{\"$type\":\"error\",");
     push_key(&mut out, "error");
@@ -182,14 +182,7 @@ fn error_frame(error: &str, message: &str) -> Message {
     push_key(&mut out, "message");
     push_str(&mut out, message);
     out.push(b'}');
-    text(out)
-}
-
-fn text(bytes: Vec<u8>) -> Message {
-    match axum::extract::ws::Utf8Bytes::try_from(bytes::Bytes::from(bytes)) {
-        Ok(t) => Message::Text(t),
-        Err(_) => Message::Text("{}".into()),
-    }
+    Frame::Text(out.into())
 }
 
 /// `GET /xrpc/network.bsky.jetstream.subscribeEvents`.
@@ -197,7 +190,7 @@ pub async fn subscribe(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
-    upgrade: WebSocketUpgrade,
+    upgrade: Upgrade,
 ) -> Response {
     let params = match parse(&query_pairs(&query), &state) {
         Ok(p) => p,
@@ -279,18 +272,15 @@ struct V2Session {
 }
 
 impl WireSession for V2Session {
-    fn message(&mut self, event: &Event) -> Option<Message> {
-        let bytes = event.v2_json.as_ref()?;
-        axum::extract::ws::Utf8Bytes::try_from(bytes.clone())
-            .ok()
-            .map(Message::Text)
+    fn message(&mut self, event: &Event) -> Option<Frame> {
+        event.v2_json.clone().map(Frame::Text)
     }
 
     fn client_max_message_bytes(&self) -> usize {
         self.max_message_bytes
     }
 
-    fn oversized_notice(&self, event: &Event, size: usize, limit: usize) -> Option<Message> {
+    fn oversized_notice(&self, event: &Event, size: usize, limit: usize) -> Option<Frame> {
         Some(info(
             "EventTooBig",
             &format!(
@@ -300,7 +290,7 @@ impl WireSession for V2Session {
         ))
     }
 
-    fn ending(&self, end: &End) -> (Option<Message>, u16, String) {
+    fn ending(&self, end: &End) -> (Option<Frame>, u16, String) {
         match end {
             End::TooSlow => (
                 Some(error_frame(

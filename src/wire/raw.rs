@@ -16,25 +16,25 @@ pub fn frame_of(event: &Event) -> Option<&bytes::Bytes> {
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::ws::{Message, WebSocketUpgrade};
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::response::Response;
 
 use crate::fanout::filter::Filter;
 use crate::fanout::{End, SlowPolicy, Start, Subscription, WireKind};
 use crate::http::session::{self, WireSession};
+use crate::http::websocket::{Frame, Upgrade};
 use crate::http::{bad_request, query_pairs, AppState};
 use crate::log::{Cursor, Resolved};
 
 /// A `subscribeRepos` frame: CBOR header then CBOR body, built from JSON (rare frames only).
-fn cbor_frame(header: serde_json::Value, body: serde_json::Value) -> Message {
+fn cbor_frame(header: serde_json::Value, body: serde_json::Value) -> Frame {
     let mut out = crate::decode::dagcbor_encode::encode_dag_cbor(&header).unwrap_or_default();
     out.extend(crate::decode::dagcbor_encode::encode_dag_cbor(&body).unwrap_or_default());
-    Message::Binary(out.into())
+    Frame::Binary(out.into())
 }
 
 /// `#info` frame.
-pub fn info_frame(name: &str, message: &str) -> Message {
+pub fn info_frame(name: &str, message: &str) -> Frame {
     cbor_frame(
         serde_json::json!({"op": 1, "t": "#info"}),
         serde_json::json!({"name": name, "message": message}),
@@ -42,7 +42,7 @@ pub fn info_frame(name: &str, message: &str) -> Message {
 }
 
 /// Error frame (`op: -1`); the stream ends after it.
-pub fn error_frame(error: &str, message: &str) -> Message {
+pub fn error_frame(error: &str, message: &str) -> Frame {
     cbor_frame(
         serde_json::json!({"op": -1}),
         serde_json::json!({"error": error, "message": message}),
@@ -55,7 +55,7 @@ pub async fn subscribe(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
-    upgrade: WebSocketUpgrade,
+    upgrade: Upgrade,
 ) -> Response {
     let mut collections = Vec::new();
     let mut cursor = None;
@@ -120,13 +120,16 @@ pub async fn subscribe(
     let policy = policy.unwrap_or(state.slow_policy);
     crate::http::tune(upgrade, &state.session).on_upgrade(move |mut socket| async move {
         if let Some(newest) = future {
-            let _ = socket
-                .send(error_frame(
-                    "FutureCursor",
-                    &format!("cursor is beyond the newest upstream seq {newest}"),
-                ))
-                .await;
-            let _ = socket.send(Message::Close(None)).await;
+            let goodbye = async {
+                socket
+                    .write_frames(&[error_frame(
+                        "FutureCursor",
+                        &format!("cursor is beyond the newest upstream seq {newest}"),
+                    )])
+                    .await?;
+                socket.close(1000, "").await
+            };
+            let _ = tokio::time::timeout(state.session.write_timeout, goodbye).await;
             drop(permit);
             return;
         }
@@ -153,19 +156,19 @@ struct RawSession {
 }
 
 impl WireSession for RawSession {
-    fn message(&mut self, event: &Event) -> Option<Message> {
+    fn message(&mut self, event: &Event) -> Option<Frame> {
         if self.last_upstream_seq == Some(event.upstream_seq) || event.raw_frame.is_empty() {
             return None;
         }
         self.last_upstream_seq = Some(event.upstream_seq);
-        Some(Message::Binary(event.raw_frame.clone()))
+        Some(Frame::Binary(event.raw_frame.clone()))
     }
 
     fn client_max_message_bytes(&self) -> usize {
         0
     }
 
-    fn oversized_notice(&self, event: &Event, size: usize, limit: usize) -> Option<Message> {
+    fn oversized_notice(&self, event: &Event, size: usize, limit: usize) -> Option<Frame> {
         Some(info_frame(
             "EventTooBig",
             &format!(
@@ -175,7 +178,7 @@ impl WireSession for RawSession {
         ))
     }
 
-    fn ending(&self, end: &End) -> (Option<Message>, u16, String) {
+    fn ending(&self, end: &End) -> (Option<Frame>, u16, String) {
         match end {
             End::TooSlow => (
                 Some(error_frame(

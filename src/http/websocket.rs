@@ -1,0 +1,434 @@
+//! The subscriber websocket: the upgrade handshake and a socket whose data frames are
+//! written straight from the shared event payloads.
+//!
+//! Owns the server side of RFC 6455 for subscribers: validating the upgrade request,
+//! answering it, and writing data frames with one `writev` per batch (a frame header of a
+//! few bytes per message, the payload itself borrowed from the event every subscriber
+//! shares). tungstenite still reads every client frame (unmasking, fragments, size limits,
+//! automatic pongs) and writes the control frames (ping, close).
+//! Must never: copy an event payload per subscriber, or let a control frame from
+//! tungstenite's buffer and a data frame from the batch interleave on the wire.
+//!
+//! Why not axum's `WebSocket`: it owns the stream behind tungstenite, which copies every
+//! message into its write buffer and frames it per subscriber (DECISIONS, "Subscriber
+//! writes"). The handshake here does what axum's does for HTTP/1.1; HTTP/2 websockets are
+//! not served (the daemon speaks HTTP/1.1 only).
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+
+use axum::body::Body;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+/// One data message for a subscriber. The payload is shared (a refcount, never a copy);
+/// the frame header is written per subscriber because its length encoding is all it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// UTF-8 by construction: every text payload is built by the wires' JSON writers from
+    /// `str`s, and events read back from the log are checksummed, so no per-subscriber
+    /// validation is done.
+    Text(Bytes),
+    Binary(Bytes),
+}
+
+impl Frame {
+    pub fn payload(&self) -> &Bytes {
+        match self {
+            Frame::Text(b) | Frame::Binary(b) => b,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.payload().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.payload().is_empty()
+    }
+
+    fn opcode(&self) -> OpCode {
+        match self {
+            Frame::Text(_) => OpCode::Data(Data::Text),
+            Frame::Binary(_) => OpCode::Data(Data::Binary),
+        }
+    }
+}
+
+/// A validated websocket upgrade request (HTTP/1.1 only), extracted like axum's own
+/// `WebSocketUpgrade` so a handler can still refuse with a plain HTTP response.
+pub struct Upgrade {
+    key: HeaderValue,
+    requested_protocols: Vec<HeaderValue>,
+    protocol: Option<HeaderValue>,
+    config: WebSocketConfig,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+}
+
+/// Why a request is not a websocket upgrade: an HTTP 4xx naming the problem.
+#[derive(Debug)]
+pub struct NotAnUpgrade(StatusCode, &'static str);
+
+impl IntoResponse for NotAnUpgrade {
+    fn into_response(self) -> Response {
+        (self.0, self.1).into_response()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = NotAnUpgrade;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        if parts.method != Method::GET {
+            return Err(NotAnUpgrade(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "websocket upgrades use GET",
+            ));
+        }
+        if !header_has_token(&parts.headers, header::CONNECTION, "upgrade") {
+            return Err(NotAnUpgrade(
+                StatusCode::BAD_REQUEST,
+                "Connection header must include 'upgrade'",
+            ));
+        }
+        if !header_has_token(&parts.headers, header::UPGRADE, "websocket") {
+            return Err(NotAnUpgrade(
+                StatusCode::BAD_REQUEST,
+                "Upgrade header must be 'websocket'",
+            ));
+        }
+        if parts
+            .headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .is_none_or(|v| v.as_bytes() != b"13")
+        {
+            return Err(NotAnUpgrade(
+                StatusCode::BAD_REQUEST,
+                "Sec-WebSocket-Version must be 13",
+            ));
+        }
+        let key = parts
+            .headers
+            .get(header::SEC_WEBSOCKET_KEY)
+            .cloned()
+            .ok_or(NotAnUpgrade(
+                StatusCode::BAD_REQUEST,
+                "Sec-WebSocket-Key header missing",
+            ))?;
+        let on_upgrade = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or(NotAnUpgrade(
+                StatusCode::UPGRADE_REQUIRED,
+                "connection cannot be upgraded",
+            ))?;
+        let requested_protocols = parts
+            .headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .flat_map(|value| value.as_bytes().split(|&b| b == b','))
+            .filter_map(|name| HeaderValue::from_bytes(name.trim_ascii()).ok())
+            .collect();
+        Ok(Self {
+            key,
+            requested_protocols,
+            protocol: None,
+            config: WebSocketConfig::default(),
+            on_upgrade,
+        })
+    }
+}
+
+impl Upgrade {
+    /// Settings for reading client frames (buffer size, message and frame limits).
+    pub fn config(mut self, config: WebSocketConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Selects the first of `protocols` the client asked for, if any.
+    pub fn protocols(mut self, protocols: impl IntoIterator<Item = &'static str>) -> Self {
+        self.protocol = protocols
+            .into_iter()
+            .map(HeaderValue::from_static)
+            .find(|p| self.requested_protocols.contains(p));
+        self
+    }
+
+    /// Answers 101 and runs `callback` with the socket once hyper hands the connection over.
+    pub fn on_upgrade<C, Fut>(self, callback: C) -> Response
+    where
+        C: FnOnce(Socket) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Upgrade {
+            key,
+            protocol,
+            config,
+            on_upgrade,
+            ..
+        } = self;
+        tokio::spawn(async move {
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let stream = WebSocketStream::from_raw_socket(
+                        TokioIo::new(upgraded),
+                        Role::Server,
+                        Some(config),
+                    )
+                    .await;
+                    callback(Socket::new(stream)).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
+            }
+        });
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let mut response = Response::new(Body::empty());
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        if let Ok(accept) = HeaderValue::from_str(&accept) {
+            headers.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+        }
+        if let Some(protocol) = protocol {
+            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, protocol);
+        }
+        response
+    }
+}
+
+/// Whether a comma-separated header holds `token` (case-insensitive).
+fn header_has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value
+            .as_bytes()
+            .split(|&b| b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    })
+}
+
+/// The upgraded connection of one subscriber.
+pub struct Socket<S = TokioIo<hyper::upgrade::Upgraded>> {
+    stream: WebSocketStream<S>,
+    /// Frame headers of the batch being written; kept to reuse its allocation.
+    headers: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
+    pub fn new(stream: WebSocketStream<S>) -> Self {
+        Self {
+            stream,
+            headers: Vec::new(),
+        }
+    }
+
+    /// The next message from the client; tungstenite answers pings on its own.
+    pub async fn recv(&mut self) -> Option<Result<Message, WsError>> {
+        self.stream.next().await
+    }
+
+    /// Sends a ping.
+    pub async fn ping(&mut self) -> Result<(), WsError> {
+        self.stream.send(Message::Ping(Bytes::new())).await
+    }
+
+    /// Sends a close frame with `code` and `reason` (cut to the protocol's 123 bytes).
+    pub async fn close(&mut self, code: u16, reason: &str) -> Result<(), WsError> {
+        let frame = CloseFrame {
+            code: code.into(),
+            reason: truncate_reason(reason).into_owned().into(),
+        };
+        self.stream.send(Message::Close(Some(frame))).await
+    }
+
+    /// Writes `frames` in order, one `writev` per call the kernel accepts.
+    ///
+    /// Anything tungstenite still holds (a pong it queued while reading) is flushed first,
+    /// so a control frame is never cut by a data frame. Not cancel-safe: a write abandoned
+    /// half-way leaves a partial frame on the wire, so a session that times out here must
+    /// end the connection (it does, with `WriteTimeout`).
+    pub async fn write_frames(&mut self, frames: &[Frame]) -> Result<(), WsError> {
+        self.stream.flush().await?;
+        self.headers.clear();
+        for frame in frames {
+            let header = FrameHeader {
+                opcode: frame.opcode(),
+                ..FrameHeader::default()
+            };
+            header.format(frame.len() as u64, &mut self.headers)?;
+        }
+        let mut slices = Vec::with_capacity(frames.len() * 2);
+        let mut at = 0;
+        for frame in frames {
+            let header_len = header_len(frame.len());
+            slices.push(IoSlice::new(&self.headers[at..at + header_len]));
+            at += header_len;
+            if !frame.is_empty() {
+                slices.push(IoSlice::new(frame.payload()));
+            }
+        }
+        write_all_vectored(self.stream.get_mut(), &mut slices).await?;
+        Ok(())
+    }
+}
+
+/// Bytes of an unmasked server frame header for a payload of `len` bytes.
+fn header_len(len: usize) -> usize {
+    match len {
+        0..=125 => 2,
+        126..=65535 => 4,
+        _ => 10,
+    }
+}
+
+async fn write_all_vectored<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    mut slices: &mut [IoSlice<'_>],
+) -> io::Result<()> {
+    while !slices.is_empty() {
+        let written =
+            std::future::poll_fn(|cx| Pin::new(&mut *writer).poll_write_vectored(cx, slices))
+                .await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, written);
+    }
+    Ok(())
+}
+
+/// Close reasons are limited to 123 bytes by the websocket protocol.
+pub fn truncate_reason(reason: &str) -> Cow<'_, str> {
+    if reason.len() <= 123 {
+        return Cow::Borrowed(reason);
+    }
+    let mut cut = 123;
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    Cow::Owned(reason[..cut].to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn pair(
+        capacity: usize,
+    ) -> (
+        Socket<tokio::io::DuplexStream>,
+        WebSocketStream<tokio::io::DuplexStream>,
+    ) {
+        let (server, client) = tokio::io::duplex(capacity);
+        let server = WebSocketStream::from_raw_socket(server, Role::Server, None).await;
+        let client = WebSocketStream::from_raw_socket(client, Role::Client, None).await;
+        (Socket::new(server), client)
+    }
+
+    fn payload(i: usize, len: usize) -> Bytes {
+        Bytes::from((0..len).map(|j| (i * 31 + j) as u8).collect::<Vec<u8>>())
+    }
+
+    /// Every length encoding (7-bit, 16-bit, 64-bit), text and binary, written through a
+    /// pipe far smaller than the batch so `writev` is cut mid-header and mid-payload.
+    #[tokio::test]
+    async fn frames_arrive_whole_and_in_order_through_partial_writes() {
+        let (mut server, mut client) = pair(333).await;
+        let lengths = [0usize, 1, 125, 126, 127, 1000, 65535, 65536, 70_000, 3];
+        let frames: Vec<Frame> = lengths
+            .iter()
+            .enumerate()
+            .map(|(i, &len)| {
+                if i % 2 == 0 {
+                    Frame::Binary(payload(i, len))
+                } else {
+                    Frame::Text(Bytes::from("é".repeat(len / 2) + &"x".repeat(len % 2)))
+                }
+            })
+            .collect();
+        let expected = frames.clone();
+        let writer =
+            tokio::spawn(async move { server.write_frames(&frames).await.map(|()| server) });
+        for frame in &expected {
+            let got = client.next().await;
+            match (frame, got) {
+                (Frame::Binary(want), Some(Ok(Message::Binary(got)))) => assert_eq!(&got, want),
+                (Frame::Text(want), Some(Ok(Message::Text(got)))) => {
+                    assert_eq!(got.as_bytes(), &want[..])
+                }
+                (want, got) => panic!("wanted {} bytes as {want:?}, got {got:?}", want.len()),
+            }
+        }
+        assert!(writer.await.is_ok_and(|r| r.is_ok()));
+    }
+
+    /// A pong tungstenite queued while reading goes out whole before the next data frames,
+    /// even when the pipe took only part of it during the read.
+    #[tokio::test]
+    async fn a_queued_pong_is_not_cut_by_data_frames() {
+        let (mut server, mut client) = pair(200).await;
+        // Leave the server-to-client pipe room for only part of a 127-byte pong.
+        let filler = Frame::Binary(payload(0, 150));
+        assert!(server
+            .write_frames(std::slice::from_ref(&filler))
+            .await
+            .is_ok());
+        let ping = Message::Ping(payload(7, 125));
+        assert!(client.send(ping).await.is_ok());
+        assert!(client.send(Message::Text("hello".into())).await.is_ok());
+        // Reading the ping queues the pong, and the pipe takes only part of it.
+        assert!(matches!(server.recv().await, Some(Ok(Message::Ping(_)))));
+        let hello = server.recv().await;
+        assert!(matches!(hello, Some(Ok(Message::Text(t))) if t.as_str() == "hello"));
+        let frames = vec![
+            Frame::Binary(payload(1, 5000)),
+            Frame::Text(Bytes::from_static(b"{}")),
+        ];
+        let writer =
+            tokio::spawn(async move { server.write_frames(&frames).await.map(|()| server) });
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            got.push(client.next().await);
+        }
+        assert!(matches!(&got[0], Some(Ok(Message::Binary(b))) if b == filler.payload()));
+        assert!(matches!(&got[1], Some(Ok(Message::Pong(p))) if *p == payload(7, 125)));
+        assert!(matches!(&got[2], Some(Ok(Message::Binary(b))) if *b == payload(1, 5000)));
+        assert!(matches!(&got[3], Some(Ok(Message::Text(t))) if t.as_str() == "{}"));
+        assert!(writer.await.is_ok_and(|r| r.is_ok()));
+    }
+
+    #[test]
+    fn header_len_matches_tungstenite() {
+        for len in [0usize, 125, 126, 65535, 65536, 1 << 40] {
+            let mut out = Vec::new();
+            let header = FrameHeader {
+                opcode: OpCode::Data(Data::Binary),
+                ..FrameHeader::default()
+            };
+            assert!(header.format(len as u64, &mut out).is_ok());
+            assert_eq!(out.len(), header_len(len), "payload of {len} bytes");
+        }
+    }
+
+    #[test]
+    fn close_reasons_are_cut_on_a_char_boundary() {
+        let long = "é".repeat(100);
+        let cut = truncate_reason(&long);
+        assert!(cut.len() <= 123 && cut.len() >= 121);
+        assert_eq!(truncate_reason("short"), "short");
+    }
+}
