@@ -1,6 +1,6 @@
 //! One subscriber's websocket session: the writer loop shared by every wire.
 //!
-//! Owns batching (feed many, flush once), the write timeout, ping/pong keepalive with
+//! Owns batching (many events, one write), the write timeout, ping/pong keepalive with
 //! dead-peer detection, per-subscriber message size limits, and the close on shutdown.
 //! Must never: encode an event (wires hand over pre-encoded bytes), wait on a peer without
 //! a timeout, or keep reading from the log after the peer is gone.
@@ -21,13 +21,13 @@ use super::websocket::{Frame, Socket};
 /// Limits of one session.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// No progress for this long ends the session (the peer is not reading): feeding and
-    /// flushing one chunk of `FLUSH_CHUNK_BYTES` (or one larger message) must fit in it.
+    /// No progress for this long ends the session (the peer is not reading): writing one
+    /// chunk of `WRITE_CHUNK_BYTES` (or one larger message) must fit in it.
     pub write_timeout: Duration,
     pub ping_interval: Duration,
     /// No pong (or any message) for this long ends the session (checked at each ping).
     pub pong_timeout: Duration,
-    /// Events written per flush.
+    /// Events taken from the queue per write.
     pub max_batch: usize,
     /// Largest message sent to any subscriber, bytes (clients may ask for less).
     pub server_max_message_bytes: usize,
@@ -42,10 +42,10 @@ pub struct SessionConfig {
     /// of as many. Each one can rebuild its filter under the hub's lock, so one more closes
     /// the connection with 1008 rather than let it slow everyone's dispatch.
     pub client_updates_per_sec: u32,
-    /// Least time between two flushes to one subscriber: an event that finds the last
-    /// flush older than this goes out at once; otherwise the session waits out the rest
+    /// Least time between two writes to one subscriber: an event that finds the last
+    /// write older than this goes out at once; otherwise the session waits out the rest
     /// and sends everything queued by then in one write (one syscall per few events in a
-    /// busy stream, at most this much added latency). Zero flushes every batch at once.
+    /// busy stream, at most this much added latency). Zero writes every batch at once.
     pub coalesce: Duration,
 }
 
@@ -150,13 +150,14 @@ pub async fn run(
     {
         return end;
     }
-    let mut frames = Vec::with_capacity(config.max_batch);
+    // Grows to the batches this subscriber actually gets: an idle one holds nothing.
+    let mut frames = Vec::new();
     let mut ping = tokio::time::interval(config.ping_interval);
     ping.tick().await;
     let mut last_heard = tokio::time::Instant::now();
     let updates_per_sec = f64::from(config.client_updates_per_sec);
     let mut updates = TokenBucket::new(updates_per_sec, updates_per_sec);
-    let mut last_flush: Option<tokio::time::Instant> = None;
+    let mut last_write: Option<tokio::time::Instant> = None;
     let end = loop {
         let mut batch = tokio::select! {
             biased;
@@ -195,11 +196,11 @@ pub async fn run(
                 Err(end) => break SessionEnd::Stream(end),
             },
         };
-        // At most one flush per `coalesce`: an event after a quiet spell goes out at once;
+        // At most one write per `coalesce`: an event after a quiet spell goes out at once;
         // in a busy stream the session sleeps out the rest of the interval and then takes
-        // everything that queued meanwhile, so it is woken once per flush rather than once
+        // everything that queued meanwhile, so it is woken once per write rather than once
         // per event.
-        if let Some(earliest) = last_flush.map(|t| t + config.coalesce) {
+        if let Some(earliest) = last_write.map(|t| t + config.coalesce) {
             if batch.len() < config.max_batch && tokio::time::Instant::now() < earliest {
                 tokio::time::sleep_until(earliest).await;
                 batch.extend(sub.try_next_batch(config.max_batch - batch.len()));
@@ -215,7 +216,7 @@ pub async fn run(
         )
         .await
         {
-            Ok(true) => last_flush = Some(tokio::time::Instant::now()),
+            Ok(true) => last_write = Some(tokio::time::Instant::now()),
             Ok(false) => {}
             Err(end) => break end,
         }
@@ -262,7 +263,7 @@ pub async fn run(
     end
 }
 
-/// Writes the batch's messages, a chunk of `FLUSH_CHUNK_BYTES` per `writev` at most;
+/// Writes the batch's messages, a chunk of `WRITE_CHUNK_BYTES` per `writev` at most;
 /// whether anything was written. `frames` is scratch space kept across batches.
 async fn write_batch(
     socket: &mut Socket,
@@ -300,7 +301,7 @@ async fn write_batch(
     while !rest.is_empty() && outcome.is_ok() {
         let mut take = 0;
         let mut bytes = 0;
-        while take < rest.len() && (take == 0 || bytes + rest[take].len() <= FLUSH_CHUNK_BYTES) {
+        while take < rest.len() && (take == 0 || bytes + rest[take].len() <= WRITE_CHUNK_BYTES) {
             bytes += rest[take].len();
             take += 1;
         }
@@ -317,7 +318,7 @@ async fn write_batch(
 
 /// Bytes written to a subscriber per `writev` at most (or one larger message): the unit
 /// of progress the write timeout waits for.
-const FLUSH_CHUNK_BYTES: usize = 256 * 1024;
+const WRITE_CHUNK_BYTES: usize = 256 * 1024;
 
 /// What one timed write means for the session.
 fn write_step<E>(
