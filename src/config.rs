@@ -160,6 +160,15 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_MAX_CLIENT_UPDATES_PER_SEC", default_value_t = 10,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub max_client_updates_per_sec: u32,
+    /// Routing-index entries (a DID, or a collection) that subscribes and filter changes
+    /// may add per second across the whole server, with a burst of as many; each addition
+    /// also pays for its later removal. It bounds how long filter changes can hold the
+    /// lock every event's dispatch needs (~0.1 µs per entry). A subscribe that would wait
+    /// more than 5 s gets HTTP 503 with Retry-After, an `options_update` a close with 1013.
+    /// Must be at least twice `--max-dids`.
+    #[arg(long, env = "SLUICE_MAX_INDEX_CHANGES_PER_SEC", default_value_t = 200_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    pub max_index_changes_per_sec: u64,
     /// Threads running the subscriber sessions, the dispatcher and the HTTP listeners
     /// (0 = one per core). Ingest and the log writer have threads of their own. Fewer
     /// workers mean fewer cross-thread wakeups: on 2 cores one worker spent 5-16% less CPU
@@ -247,6 +256,14 @@ impl ServeArgs {
 
     /// Validates and derives the runtime configuration.
     pub fn to_config(&self) -> anyhow::Result<ServeConfig> {
+        if self.max_index_changes_per_sec < 2 * self.max_dids {
+            anyhow::bail!(
+                "--max-index-changes-per-sec ({}) must be at least twice --max-dids ({}): a \
+                 subscriber naming that many DIDs could never be admitted",
+                self.max_index_changes_per_sec,
+                self.max_dids
+            );
+        }
         if self.backoff_min_ms > self.backoff_max_ms {
             anyhow::bail!(
                 "backoff_min_ms ({}) is larger than backoff_max_ms ({})",
@@ -292,6 +309,7 @@ impl ServeArgs {
             queue_max_bytes: usize_of(self.queue_max_kib * 1024)?,
             cold_read_concurrency: usize_of(self.cold_read_concurrency)?,
             catchup_events_per_sec: self.replay_events_per_sec,
+            index_changes_per_sec: self.max_index_changes_per_sec,
             ..HubConfig::default()
         };
         let session = SessionConfig {
@@ -454,6 +472,35 @@ mod tests {
             "untouched settings keep defaults"
         );
         args.to_config().unwrap();
+    }
+
+    #[test]
+    fn an_index_budget_that_cannot_admit_the_largest_filter_is_refused() {
+        let args = parse_serve_args([
+            "x",
+            "--max-dids",
+            "10000",
+            "--max-index-changes-per-sec",
+            "19999",
+        ]);
+        let err = args
+            .and_then(|a| a.to_config())
+            .err()
+            .map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("twice --max-dids")),
+            "{err:?}"
+        );
+        let args = parse_serve_args([
+            "x",
+            "--max-dids",
+            "10000",
+            "--max-index-changes-per-sec",
+            "20000",
+        ]);
+        let config = args.and_then(|a| a.to_config());
+        assert!(config.is_ok_and(|c| c.hub.index_changes_per_sec == 20_000));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The one rate limiter: a token bucket, used for new connections (admission), catch-up
-//! reads (events per second per subscriber) and subscriber updates (messages per second
-//! per connection).
+//! reads (events per second per subscriber), subscriber updates (messages per second per
+//! connection) and routing-index changes (entries per second, hub-wide).
 //!
 //! Owns: refilling by elapsed time and taking tokens. Must never: sleep or block (the
 //! caller decides whether to wait, refuse or close), or hold more than its burst.
@@ -61,6 +61,25 @@ impl TokenBucket {
         }
     }
 
+    /// Takes `n` tokens if the debt that leaves is paid off within `max_wait`, and returns
+    /// that wait (zero when there is no debt); takes nothing and returns the wait it would
+    /// have been otherwise. For costs that may be deferred a little but not queued without
+    /// end.
+    pub fn take_within(&mut self, n: f64, max_wait: Duration) -> Result<Duration, Duration> {
+        self.refill();
+        let short = n - self.tokens;
+        let wait = if short <= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::try_from_secs_f64(short / self.rate).unwrap_or(Duration::MAX)
+        };
+        if wait > max_wait {
+            return Err(wait);
+        }
+        self.tokens -= n;
+        Ok(wait)
+    }
+
     fn refill(&mut self) {
         let now = Instant::now();
         let elapsed = now.duration_since(self.last).as_secs_f64();
@@ -117,5 +136,22 @@ mod tests {
         let mut bucket = TokenBucket::new(0.0, 0.0);
         assert!(!bucket.try_take(1.0));
         assert!(bucket.take_on_credit(1.0) > Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn take_within_takes_only_what_is_paid_off_in_time() {
+        let mut bucket = TokenBucket::new(100.0, 100.0);
+        assert_eq!(bucket.take_within(60.0, Duration::ZERO), Ok(Duration::ZERO));
+        // 40 left: 100 more is 60 short, 0.6 s at 100/s.
+        let refused = bucket.take_within(100.0, Duration::from_millis(100));
+        assert!(matches!(refused, Err(w) if w > Duration::from_millis(500)));
+        // Refusing took nothing: 40 are still there.
+        assert_eq!(bucket.take_within(40.0, Duration::ZERO), Ok(Duration::ZERO));
+        let waited = bucket.take_within(50.0, Duration::from_secs(1));
+        assert!(
+            matches!(waited, Ok(w) if w > Duration::from_millis(400) && w <= Duration::from_millis(500))
+        );
+        // In debt now: even one token must wait.
+        assert!(bucket.take_within(1.0, Duration::ZERO).is_err());
     }
 }

@@ -191,3 +191,64 @@ async fn shutdown_closes_a_client_waiting_for_its_hello_with_1012() {
     }
     env.replay.abort();
 }
+
+/// Subscribes and `options_update`s share one routing-index budget: past it they wait,
+/// and one that would wait more than 5 s gets a 503 (subscribe) or a 1013 close (update),
+/// each with a way to retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filters_beyond_the_index_budget_wait_then_get_503_or_1013() {
+    let env = Env::start(corpus(), Speed::Max, false, |c| {
+        // 100 DIDs in and out is 200 entries: one such subscriber per second.
+        c.hub.index_changes_per_sec = 200;
+        c.filter_limits.max_dids = 100;
+    })
+    .await;
+    let dids: Vec<String> = (0..100).map(|i| format!("did:plc:budget{i:08}")).collect();
+    let mut v1 = connect(&env.url("/subscribe")).await;
+    let query: String = dids.iter().map(|d| format!("&dids={d}")).collect();
+    let v2_url = env.url(&format!("{V2_PATH}?kinds=commit{query}"));
+    let mut waiting = Vec::new();
+    let refusal = loop {
+        match try_connect(&v2_url).await {
+            Ok(ws) => waiting.push(ws),
+            Err(refusal) => break refusal,
+        }
+        assert!(
+            waiting.len() <= 7,
+            "7 subscribers of 100 DIDs each admitted at 200 entries per second"
+        );
+    };
+    // Five waits of up to 5 s fit (the first pays nothing); the next would be longer.
+    assert!(
+        (5..=7).contains(&waiting.len()),
+        "{} admitted before the refusal",
+        waiting.len()
+    );
+    let (status, headers, body) = refusal;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("busy with filter changes"), "{body}");
+    let retry: u64 = headers
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no Retry-After: {headers:?}"));
+    assert!(
+        retry >= 6,
+        "Retry-After {retry} is sooner than the budget allows"
+    );
+    // The budget owes about 5 s now: an update naming 100 DIDs would wait longer still.
+    let update = serde_json::json!({
+        "type": "options_update",
+        "payload": {"wantedDids": dids},
+    });
+    send_text(&mut v1, update.to_string()).await;
+    let (_, close) = read_until_close(&mut v1, 1_000_000).await;
+    let close = close.expect("closed without a close frame");
+    assert_eq!(u16::from(close.code), 1013, "{}", close.reason);
+    assert!(
+        close.reason.contains("busy with filter changes"),
+        "{}",
+        close.reason
+    );
+    env.stop().await;
+}

@@ -119,6 +119,18 @@ impl Filter {
         Ok(filter)
     }
 
+    /// Keys this filter occupies in the routing index, which is what adding or removing it
+    /// costs under the hub's lock (`fanout::Index::insert` keys it the same way).
+    pub fn index_entries(&self) -> usize {
+        if !self.dids.is_empty() {
+            self.dids.len()
+        } else if self.has_collections() {
+            self.collections.len() + self.prefixes.len() + 1
+        } else {
+            1
+        }
+    }
+
     pub fn has_collections(&self) -> bool {
         !self.collections.is_empty() || !self.prefixes.is_empty()
     }

@@ -124,7 +124,14 @@ pub struct HubConfig {
     pub cold_read_concurrency: usize,
     /// Per-connection ceiling while catching up, events per second.
     pub catchup_events_per_sec: u64,
+    /// Routing-index entries added or removed per second, hub-wide (burst as many): the
+    /// bound on how long filter changes can hold the lock every dispatch needs.
+    pub index_changes_per_sec: u64,
 }
+
+/// Longest a subscribe or filter change waits for the index budget; one that would wait
+/// longer is refused (HTTP 503 or close 1013) instead of queueing without end.
+pub const MAX_INDEX_WAIT: Duration = Duration::from_secs(5);
 
 impl Default for HubConfig {
     fn default() -> Self {
@@ -134,6 +141,7 @@ impl Default for HubConfig {
             catchup_batch: 512,
             cold_read_concurrency: 4,
             catchup_events_per_sec: 200_000,
+            index_changes_per_sec: 200_000,
         }
     }
 }
@@ -146,6 +154,13 @@ pub struct HubStats {
     pub catchups_active: AtomicU64,
     pub cold_reads: AtomicU64,
     pub subscribers: [AtomicU64; 3],
+    /// Subscribes and filter changes that waited for the index budget.
+    pub index_waits: AtomicU64,
+    /// Subscribes and filter changes refused because the wait would exceed
+    /// [`MAX_INDEX_WAIT`].
+    pub index_refusals: AtomicU64,
+    /// Caught-up subscribers that stayed on the log one more round for want of budget.
+    pub rejoins_deferred: AtomicU64,
 }
 
 impl HubStats {
@@ -217,6 +232,7 @@ fn remove_keyed(map: &mut HashMap<String, Vec<u64>>, key: &str, id: u64) {
 }
 
 impl Index {
+    /// Keyed as `Filter::index_entries` counts, which prices this for the index budget.
     fn insert(&mut self, id: u64, filter: &Filter) {
         if !filter.dids.is_empty() {
             for did in &filter.dids {
@@ -294,6 +310,29 @@ struct HubInner {
     cold_reads: Semaphore,
     /// Bumped after each dispatched batch, for subscribers waiting to rejoin.
     dispatched: tokio::sync::watch::Sender<u64>,
+    /// Index entries that may still change this second. Every insertion pays for itself
+    /// and for its removal later, which cannot be refused (a disconnect, an overflow).
+    index_budget: Mutex<TokenBucket>,
+}
+
+impl HubInner {
+    /// Reserves the index work of putting `filter` into the index (and later taking it
+    /// out): how long to wait before doing it, or the wait it would have been when that
+    /// exceeds `max_wait` (nothing is reserved then).
+    fn reserve_index(&self, filter: &Filter, max_wait: Duration) -> Result<Duration, Duration> {
+        let cost = 2.0 * filter.index_entries() as f64;
+        let reserved = self.index_budget.lock().take_within(cost, max_wait);
+        match reserved {
+            Ok(wait) if !wait.is_zero() => {
+                self.stats.index_waits.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(_) if !max_wait.is_zero() => {
+                self.stats.index_refusals.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        reserved
+    }
 }
 
 /// The fan-out hub. Cheap to clone.
@@ -317,7 +356,9 @@ impl Hub {
     pub fn start(reader: LogReader, config: HubConfig) -> Hub {
         let newest = reader.newest_seq();
         let (dispatched, _) = tokio::sync::watch::channel(newest);
+        let index_rate = config.index_changes_per_sec as f64;
         let inner = Arc::new(HubInner {
+            index_budget: Mutex::new(TokenBucket::new(index_rate, index_rate)),
             cold_reads: Semaphore::new(config.cold_read_concurrency.max(1)),
             reader,
             config,
@@ -356,7 +397,19 @@ impl Hub {
         &self.inner.config
     }
 
-    /// Registers a subscriber.
+    /// Reserves the index work of a subscription with `filter` from `start`: how long to
+    /// wait before [`Hub::subscribe`], or (nothing reserved) the wait over
+    /// [`MAX_INDEX_WAIT`] it would have been. A subscription that starts from the log
+    /// enters the index only when it catches up, and pays then.
+    pub fn reserve_subscribe(&self, filter: &Filter, start: Start) -> Result<Duration, Duration> {
+        match start {
+            Start::Live => self.inner.reserve_index(filter, MAX_INDEX_WAIT),
+            Start::From(_) => Ok(Duration::ZERO),
+        }
+    }
+
+    /// Registers a subscriber. Callers reserve its index work first
+    /// ([`Hub::reserve_subscribe`]).
     pub fn subscribe(
         &self,
         wire: WireKind,
@@ -516,6 +569,18 @@ enum Mode {
     CatchUp { next: u64 },
 }
 
+/// What an attempt to rejoin the live path came to.
+enum Rejoin {
+    Done,
+    /// The dispatcher has not reached this subscriber's position yet.
+    Behind,
+    /// The index budget cannot pay for this filter for this long.
+    NoBudget(Duration),
+}
+
+/// Longest a caught-up subscriber waits before trying to rejoin again.
+const REJOIN_RETRY: Duration = Duration::from_millis(50);
+
 /// One subscriber's view of the stream. Dropping it unregisters the subscriber.
 pub struct Subscription {
     hub: Arc<HubInner>,
@@ -545,7 +610,16 @@ impl Subscription {
         self.seen_through
     }
 
+    /// Reserves the index work of replacing the filter with `filter`: how long to wait
+    /// before [`Subscription::set_filter`], or (nothing reserved) the wait over
+    /// [`MAX_INDEX_WAIT`] it would have been. The old filter's removal was paid when it
+    /// went in.
+    pub fn reserve_filter_change(&self, filter: &Filter) -> Result<Duration, Duration> {
+        self.hub.reserve_index(filter, MAX_INDEX_WAIT)
+    }
+
     /// Replaces the filter (Jetstream v1 `options_update`), effective from the next event.
+    /// Callers reserve its index work first ([`Subscription::reserve_filter_change`]).
     pub fn set_filter(&mut self, filter: Filter) {
         let mut state = self.hub.state.lock();
         let HubState { entries, index, .. } = &mut *state;
@@ -593,16 +667,22 @@ impl Subscription {
                 Mode::CatchUp { next } => {
                     let events = self.read_log(next, max).await?;
                     let Some(last) = events.last() else {
-                        if self.try_rejoin(next) {
-                            continue;
+                        match self.try_rejoin(next) {
+                            Rejoin::Done => {}
+                            Rejoin::Behind => {
+                                // The dispatcher has not caught up with the log yet.
+                                let mut dispatched = self.hub.dispatched.subscribe();
+                                let _ = tokio::time::timeout(
+                                    REJOIN_RETRY,
+                                    dispatched.wait_for(|&d| d + 1 >= next),
+                                )
+                                .await;
+                            }
+                            // Whatever is logged meanwhile is read from the log next round.
+                            Rejoin::NoBudget(wait) => {
+                                tokio::time::sleep(wait.min(REJOIN_RETRY)).await
+                            }
                         }
-                        // The dispatcher has not caught up with the log yet; wait for it.
-                        let mut dispatched = self.hub.dispatched.subscribe();
-                        let _ = tokio::time::timeout(
-                            Duration::from_millis(50),
-                            dispatched.wait_for(|&d| d + 1 >= next),
-                        )
-                        .await;
                         continue;
                     };
                     let last_seq = last.seq;
@@ -693,15 +773,25 @@ impl Subscription {
     }
 
     /// Rejoins the live path if this subscriber has seen everything dispatched so far.
-    fn try_rejoin(&mut self, next: u64) -> bool {
+    fn try_rejoin(&mut self, next: u64) -> Rejoin {
         let mut state = self.hub.state.lock();
         if next.saturating_sub(1) < state.dispatched_through {
-            return false;
+            return Rejoin::Behind;
         }
         let HubState { entries, index, .. } = &mut *state;
         let Some(entry) = entries.get_mut(&self.id) else {
-            return false;
+            return Rejoin::Behind;
         };
+        // Without budget the subscriber stays on the log a while longer: it loses
+        // nothing, and one that cycles between live and catch-up cannot churn the index
+        // faster than the budget allows.
+        if let Err(wait) = self.hub.reserve_index(&entry.filter, Duration::ZERO) {
+            self.hub
+                .stats
+                .rejoins_deferred
+                .fetch_add(1, Ordering::Relaxed);
+            return Rejoin::NoBudget(wait);
+        }
         {
             let mut queue = self.shared.queue.lock();
             queue.events.clear();
@@ -718,7 +808,7 @@ impl Subscription {
             .stats
             .catchups_active
             .fetch_sub(1, Ordering::Relaxed);
-        true
+        Rejoin::Done
     }
 }
 

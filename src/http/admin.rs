@@ -152,6 +152,12 @@ impl AdminState {
                 .absolute(self.app.stats.refused_invalid.load(Ordering::Relaxed));
             gauge!("sluice_active_replays").set(hub.catchups_active.load(Ordering::Relaxed) as f64);
             counter!("sluice_cold_reads_total").absolute(hub.cold_reads.load(Ordering::Relaxed));
+            counter!("sluice_index_budget_total", "outcome" => "waited")
+                .absolute(hub.index_waits.load(Ordering::Relaxed));
+            counter!("sluice_index_budget_total", "outcome" => "refused")
+                .absolute(hub.index_refusals.load(Ordering::Relaxed));
+            counter!("sluice_index_budget_total", "outcome" => "rejoin_deferred")
+                .absolute(hub.rejoins_deferred.load(Ordering::Relaxed));
             let reader = self.log.reader();
             gauge!("sluice_log_bytes").set(reader.store().size_bytes() as f64);
             gauge!("sluice_log_disk_bytes").set(reader.store().disk_bytes() as f64);

@@ -185,6 +185,16 @@ pub fn admit(state: &AppState, peer: SocketAddr) -> Result<Permit, Box<Response>
     })
 }
 
+/// HTTP 503 for a subscription whose filter the index budget cannot pay for within
+/// `fanout::MAX_INDEX_WAIT`; `wait` is how long it would have taken.
+pub fn index_busy_response(wait: std::time::Duration) -> Response {
+    refusal_response(&Refusal {
+        status: 503,
+        reason: "busy with filter changes; retry later",
+        retry_after_secs: wait.as_secs() + 1,
+    })
+}
+
 pub fn refusal_response(refusal: &Refusal) -> Response {
     let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let mut response = (

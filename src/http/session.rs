@@ -12,6 +12,7 @@ use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::event::Event;
+use crate::fanout::filter::Filter;
 use crate::fanout::{End, Subscription};
 use crate::log::SharedEvent;
 use crate::rate::TokenBucket;
@@ -77,8 +78,9 @@ pub trait WireSession: Send + 'static {
     fn oversized_notice(&self, event: &Event, size: usize, limit: usize) -> Option<Frame>;
     /// The last message before closing for `end`, and the close code and reason.
     fn ending(&self, end: &End) -> (Option<Frame>, u16, String);
-    /// A text message from the client (e.g. `options_update`); Err closes the session.
-    fn on_text(&mut self, text: &str, sub: &mut Subscription) -> Result<(), String>;
+    /// A text message from the client (e.g. `options_update`): the filter it asks for, if
+    /// any (the session pays its index work and applies it); Err closes the session.
+    fn on_text(&mut self, text: &str) -> Result<Option<Filter>, String>;
 }
 
 /// Live counters of one wire, shared by its sessions and read by metrics.
@@ -103,6 +105,9 @@ pub enum SessionEnd {
     MessageTooBig,
     /// The subscriber sent text messages faster than `client_updates_per_sec`.
     UpdatesTooFast,
+    /// The hub-wide index budget could not pay for the filter change within
+    /// `fanout::MAX_INDEX_WAIT`; this is how long it would have taken.
+    IndexBusy(Duration),
 }
 
 impl SessionEnd {
@@ -120,8 +125,28 @@ impl SessionEnd {
             SessionEnd::Protocol(_) => "protocol",
             SessionEnd::MessageTooBig => "message_too_big",
             SessionEnd::UpdatesTooFast => "updates_too_fast",
+            SessionEnd::IndexBusy(_) => "index_busy",
         }
     }
+}
+
+/// Waits out `wait` unless shutdown comes first; whether it was waited out.
+pub async fn pause(wait: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    if wait.is_zero() {
+        return true;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => true,
+        _ = shutdown.wait_for(|&s| s) => false,
+    }
+}
+
+/// The close reason for a filter the index budget could not pay for in time.
+pub fn index_busy_reason(wait: Duration) -> String {
+    format!(
+        "the server is busy with filter changes; retry in {} s",
+        wait.as_secs() + 1
+    )
 }
 
 /// Jittered retry hint: base plus up to base again.
@@ -169,8 +194,18 @@ pub async fn run(
                         if !updates.try_take(1.0) {
                             break SessionEnd::UpdatesTooFast;
                         }
-                        if let Err(problem) = wire.on_text(text.as_str(), &mut sub) {
-                            break SessionEnd::Protocol(problem);
+                        match wire.on_text(text.as_str()) {
+                            Err(problem) => break SessionEnd::Protocol(problem),
+                            Ok(None) => {}
+                            Ok(Some(filter)) => match sub.reserve_filter_change(&filter) {
+                                Ok(wait) => {
+                                    if !pause(wait, &mut shutdown).await {
+                                        break SessionEnd::Shutdown;
+                                    }
+                                    sub.set_filter(filter);
+                                }
+                                Err(wait) => break SessionEnd::IndexBusy(wait),
+                            },
                         }
                     }
                     Some(Ok(Message::Close(_))) | None => break SessionEnd::PeerClosed,
@@ -246,6 +281,7 @@ pub async fn run(
                 config.client_updates_per_sec
             ),
         ),
+        SessionEnd::IndexBusy(wait) => (None, 1013, index_busy_reason(*wait)),
         _ => (None, 1000, String::new()),
     };
     if !matches!(

@@ -194,7 +194,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::event::Event;
 use crate::fanout::filter::Filter;
-use crate::fanout::{End, SlowPolicy, Start, Subscription, WireKind};
+use crate::fanout::{End, SlowPolicy, Start, WireKind};
 use crate::http::session::{self, WireSession};
 use crate::http::websocket::{Frame, Socket, Upgrade};
 use crate::http::{bad_request, parse_bool, query_pairs, AppState};
@@ -328,6 +328,15 @@ pub async fn subscribe(
         Ok(p) => p,
         Err(response) => return *response,
     };
+    // A `requireHello` filter comes later and is paid for then.
+    let index_wait = if params.require_hello {
+        std::time::Duration::ZERO
+    } else {
+        match state.hub.reserve_subscribe(&filter, start) {
+            Ok(wait) => wait,
+            Err(wait) => return crate::http::index_busy_response(wait),
+        }
+    };
     let policy = params.policy.unwrap_or(state.slow_policy);
     crate::http::tune(upgrade, &state.session).on_upgrade(move |mut socket| async move {
         let mut wire = V1Session {
@@ -337,14 +346,23 @@ pub async fn subscribe(
             limits: state.filter_limits,
         };
         let mut filter = filter;
+        let mut index_wait = index_wait;
         if params.require_hello {
             let mut shutdown = state.shutdown.clone();
             let outcome = tokio::select! {
-                hello = wait_for_hello(&mut socket) => hello.and_then(|options| wire.apply(options).map_err(HelloEnd::Invalid)),
+                hello = wait_for_hello(&mut socket) => hello
+                    .and_then(|options| wire.apply(options).map_err(HelloEnd::Invalid))
+                    .and_then(|filter| match state.hub.reserve_subscribe(&filter, start) {
+                        Ok(wait) => Ok((filter, wait)),
+                        Err(wait) => Err(HelloEnd::IndexBusy(wait)),
+                    }),
                 _ = shutdown.wait_for(|&s| s) => Err(HelloEnd::Shutdown),
             };
             match outcome {
-                Ok(f) => filter = f,
+                Ok((f, wait)) => {
+                    filter = f;
+                    index_wait = wait;
+                }
                 Err(end) => {
                     let (code, reason) = match end {
                         HelloEnd::Shutdown => (
@@ -355,12 +373,20 @@ pub async fn subscribe(
                             ),
                         ),
                         HelloEnd::Invalid(problem) => (1008, problem),
+                        HelloEnd::IndexBusy(wait) => (1013, session::index_busy_reason(wait)),
                         HelloEnd::Gone => return,
                     };
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), socket.close(code, &reason)).await;
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_secs(2),
+                        socket.close(code, &reason),
+                    )
+                    .await;
                     return;
                 }
             }
+        }
+        if !session::pause(index_wait, &mut state.shutdown.clone()).await {
+            return;
         }
         let sub = state
             .hub
@@ -388,6 +414,9 @@ enum HelloEnd {
     Invalid(String),
     /// The server is shutting down: close 1012.
     Shutdown,
+    /// The index budget could not pay for the filter within `fanout::MAX_INDEX_WAIT`: close
+    /// 1013.
+    IndexBusy(std::time::Duration),
 }
 
 async fn wait_for_hello(socket: &mut Socket) -> Result<OptionsPayload, HelloEnd> {
@@ -486,10 +515,8 @@ impl WireSession for V1Session {
         }
     }
 
-    fn on_text(&mut self, text: &str, sub: &mut Subscription) -> Result<(), String> {
+    fn on_text(&mut self, text: &str) -> Result<Option<Filter>, String> {
         let options = parse_options(text)?;
-        let filter = self.apply(options)?;
-        sub.set_filter(filter);
-        Ok(())
+        self.apply(options).map(Some)
     }
 }

@@ -89,7 +89,7 @@ use axum::response::Response;
 
 use crate::event::Event;
 use crate::fanout::filter::{Filter, Kind};
-use crate::fanout::{End, SlowPolicy, Start, Subscription, WireKind};
+use crate::fanout::{End, SlowPolicy, Start, WireKind};
 use crate::http::session::{self, WireSession};
 use crate::http::websocket::{Frame, Upgrade};
 use crate::http::{bad_request, query_pairs, AppState};
@@ -242,10 +242,18 @@ pub async fn subscribe(
         Ok(p) => p,
         Err(response) => return *response,
     };
+    let index_wait = match state.hub.reserve_subscribe(&params.filter, start) {
+        Ok(wait) => wait,
+        Err(wait) => return crate::http::index_busy_response(wait),
+    };
     let policy = params.policy.unwrap_or(state.slow_policy);
     crate::http::tune(upgrade, &state.session)
         .protocols([SUBPROTOCOL])
         .on_upgrade(move |socket| async move {
+            if !session::pause(index_wait, &mut state.shutdown.clone()).await {
+                drop(permit);
+                return;
+            }
             let sub = state
                 .hub
                 .subscribe(WireKind::JetstreamV2, params.filter, policy, start);
@@ -317,8 +325,8 @@ impl WireSession for V2Session {
         }
     }
 
-    fn on_text(&mut self, _text: &str, _sub: &mut Subscription) -> Result<(), String> {
+    fn on_text(&mut self, _text: &str) -> Result<Option<Filter>, String> {
         // v2 clients send nothing; ignore rather than punish.
-        Ok(())
+        Ok(None)
     }
 }

@@ -20,7 +20,7 @@ use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::response::Response;
 
 use crate::fanout::filter::Filter;
-use crate::fanout::{End, SlowPolicy, Start, Subscription, WireKind};
+use crate::fanout::{End, SlowPolicy, Start, WireKind};
 use crate::http::session::{self, WireSession};
 use crate::http::websocket::{Frame, Upgrade};
 use crate::http::{bad_request, query_pairs, AppState};
@@ -117,6 +117,10 @@ pub async fn subscribe(
         Ok(p) => p,
         Err(response) => return *response,
     };
+    let index_wait = match state.hub.reserve_subscribe(&filter, start) {
+        Ok(wait) => wait,
+        Err(wait) => return crate::http::index_busy_response(wait),
+    };
     let policy = policy.unwrap_or(state.slow_policy);
     crate::http::tune(upgrade, &state.session).on_upgrade(move |mut socket| async move {
         if let Some(newest) = future {
@@ -130,6 +134,10 @@ pub async fn subscribe(
                 socket.close(1000, "").await
             };
             let _ = tokio::time::timeout(state.session.write_timeout, goodbye).await;
+            drop(permit);
+            return;
+        }
+        if !session::pause(index_wait, &mut state.shutdown.clone()).await {
             drop(permit);
             return;
         }
@@ -205,7 +213,7 @@ impl WireSession for RawSession {
         }
     }
 
-    fn on_text(&mut self, _text: &str, _sub: &mut Subscription) -> Result<(), String> {
-        Ok(())
+    fn on_text(&mut self, _text: &str) -> Result<Option<Filter>, String> {
+        Ok(None)
     }
 }
