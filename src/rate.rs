@@ -51,14 +51,8 @@ impl TokenBucket {
     /// until the debt is paid off (zero when there was none), which is how long a caller
     /// that paces itself should wait.
     pub fn take_on_credit(&mut self, n: f64) -> Duration {
-        self.refill();
-        self.tokens -= n;
-        if self.tokens >= 0.0 {
-            Duration::ZERO
-        } else {
-            // Saturates: a debt at a near-zero rate is longer than a Duration holds.
-            Duration::try_from_secs_f64(-self.tokens / self.rate).unwrap_or(Duration::MAX)
-        }
+        // No wait exceeds `Duration::MAX`, so this always takes.
+        self.take_within(n, Duration::MAX).unwrap_or(Duration::MAX)
     }
 
     /// Takes `n` tokens if the debt that leaves is paid off within `max_wait`, and returns
@@ -71,6 +65,7 @@ impl TokenBucket {
         let wait = if short <= 0.0 {
             Duration::ZERO
         } else {
+            // Saturates: a debt at a near-zero rate is longer than a Duration holds.
             Duration::try_from_secs_f64(short / self.rate).unwrap_or(Duration::MAX)
         };
         if wait > max_wait {

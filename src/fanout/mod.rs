@@ -318,18 +318,22 @@ struct HubInner {
 impl HubInner {
     /// Reserves the index work of putting `filter` into the index (and later taking it
     /// out): how long to wait before doing it, or the wait it would have been when that
-    /// exceeds `max_wait` (nothing is reserved then).
+    /// exceeds `max_wait` (nothing is reserved then; the caller counts why).
     fn reserve_index(&self, filter: &Filter, max_wait: Duration) -> Result<Duration, Duration> {
         let cost = 2.0 * filter.index_entries() as f64;
         let reserved = self.index_budget.lock().take_within(cost, max_wait);
-        match reserved {
-            Ok(wait) if !wait.is_zero() => {
-                self.stats.index_waits.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(_) if !max_wait.is_zero() => {
-                self.stats.index_refusals.fetch_add(1, Ordering::Relaxed);
-            }
-            _ => {}
+        if reserved.is_ok_and(|wait| !wait.is_zero()) {
+            self.stats.index_waits.fetch_add(1, Ordering::Relaxed);
+        }
+        reserved
+    }
+
+    /// [`HubInner::reserve_index`] for a client's subscribe or filter change: waits up to
+    /// [`MAX_INDEX_WAIT`], and a refusal is counted.
+    fn reserve_index_for_client(&self, filter: &Filter) -> Result<Duration, Duration> {
+        let reserved = self.reserve_index(filter, MAX_INDEX_WAIT);
+        if reserved.is_err() {
+            self.stats.index_refusals.fetch_add(1, Ordering::Relaxed);
         }
         reserved
     }
@@ -403,7 +407,7 @@ impl Hub {
     /// enters the index only when it catches up, and pays then.
     pub fn reserve_subscribe(&self, filter: &Filter, start: Start) -> Result<Duration, Duration> {
         match start {
-            Start::Live => self.inner.reserve_index(filter, MAX_INDEX_WAIT),
+            Start::Live => self.inner.reserve_index_for_client(filter),
             Start::From(_) => Ok(Duration::ZERO),
         }
     }
@@ -615,7 +619,7 @@ impl Subscription {
     /// [`MAX_INDEX_WAIT`] it would have been. The old filter's removal was paid when it
     /// went in.
     pub fn reserve_filter_change(&self, filter: &Filter) -> Result<Duration, Duration> {
-        self.hub.reserve_index(filter, MAX_INDEX_WAIT)
+        self.hub.reserve_index_for_client(filter)
     }
 
     /// Replaces the filter (Jetstream v1 `options_update`), effective from the next event.

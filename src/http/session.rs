@@ -169,10 +169,7 @@ pub async fn run(
     initial: Vec<Frame>,
     counters: &WireCounters,
 ) -> SessionEnd {
-    let deadline = tokio::time::Instant::now() + config.write_timeout;
-    if let Err(end) =
-        write_step(tokio::time::timeout_at(deadline, socket.write_frames(&initial)).await)
-    {
+    if let Err(end) = write_chunked(&mut socket, &initial, &config).await {
         return end;
     }
     // Grows to the batches this subscriber actually gets: an idle one holds nothing.
@@ -330,11 +327,23 @@ async fn write_batch(
             frames.push(frame);
         }
     }
-    // The write timeout bounds the time to make progress, not a whole batch: it restarts
-    // for every chunk, so a large batch to a reader that keeps up is not cut off.
-    let mut outcome = Ok(());
-    let mut rest = &frames[..];
-    while !rest.is_empty() && outcome.is_ok() {
+    let outcome = write_chunked(socket, frames, config).await;
+    counters.events.fetch_add(sent, Ordering::Relaxed);
+    counters.bytes.fetch_add(sent_bytes, Ordering::Relaxed);
+    counters.oversized.fetch_add(oversized, Ordering::Relaxed);
+    outcome.map(|()| !frames.is_empty())
+}
+
+/// Writes `frames` in chunks of at most `WRITE_CHUNK_BYTES` (or one larger message), each
+/// under the write timeout: it bounds the time to make progress, not a whole batch, so a
+/// large batch to a reader that keeps up is not cut off.
+async fn write_chunked(
+    socket: &mut Socket,
+    frames: &[Frame],
+    config: &SessionConfig,
+) -> Result<(), SessionEnd> {
+    let mut rest = frames;
+    while !rest.is_empty() {
         let mut take = 0;
         let mut bytes = 0;
         while take < rest.len() && (take == 0 || bytes + rest[take].len() <= WRITE_CHUNK_BYTES) {
@@ -342,14 +351,10 @@ async fn write_batch(
             take += 1;
         }
         let deadline = tokio::time::Instant::now() + config.write_timeout;
-        outcome =
-            write_step(tokio::time::timeout_at(deadline, socket.write_frames(&rest[..take])).await);
+        write_step(tokio::time::timeout_at(deadline, socket.write_frames(&rest[..take])).await)?;
         rest = &rest[take..];
     }
-    counters.events.fetch_add(sent, Ordering::Relaxed);
-    counters.bytes.fetch_add(sent_bytes, Ordering::Relaxed);
-    counters.oversized.fetch_add(oversized, Ordering::Relaxed);
-    outcome.map(|()| !frames.is_empty())
+    Ok(())
 }
 
 /// Bytes written to a subscriber per `writev` at most (or one larger message): the unit
