@@ -135,6 +135,12 @@ async fn v2_replays_by_inclusive_seq_with_the_subprotocol() {
         );
         assert_quiet(&mut ws, "µs cursor").await;
     }
+    // Seq 0 is the "nothing yet" sentinel: cursor=0 replays from seq 1, as Jetstream v2 does.
+    let mut ws = connect(&env.url(&format!("{V2_PATH}?cursor=0"))).await;
+    let got = read_json(&mut ws, all.len()).await;
+    assert_eq!(seqs_of(&got), all.iter().map(|e| e.seq).collect::<Vec<_>>());
+    assert_eq!(got[0]["payload"]["seq"].as_u64(), Some(1));
+    assert_quiet(&mut ws, "cursor=0").await;
     // The next seq to be written is the live tip with no notice.
     let next = all.last().unwrap().seq + 1;
     let mut ws = connect(&env.url(&format!("{V2_PATH}?cursor={next}"))).await;
@@ -240,7 +246,6 @@ async fn v2_invalid_parameters_and_v1_names_get_400_naming_the_problem() {
             "maxMessageSizeBytes",
         ),
         ("slowConsumer=never".into(), "InvalidRequest", "never"),
-        ("cursor=0".into(), "CursorTooOld", "oldest seq held is 1"),
     ];
     for (query, error, needle) in cases {
         let (status, _, body) = refused(&env.url(&format!("{V2_PATH}?{query}"))).await;
@@ -273,6 +278,19 @@ async fn v2_cursor_below_retention_is_a_400_naming_the_floor() {
     assert_eq!(v["error"], "CursorTooOld");
     assert!(
         v["message"].as_str().unwrap().contains(&oldest.to_string()),
+        "{body}"
+    );
+
+    // cursor=0 is seq 1, which retention has passed: the same 400 naming the floor.
+    let (status, _, body) = refused(&env.url(&format!("{V2_PATH}?cursor=0"))).await;
+    assert_eq!(status, 400, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "CursorTooOld");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("oldest seq held is {oldest}")),
         "{body}"
     );
 

@@ -204,7 +204,9 @@ pub async fn subscribe(
             let cursor = if c >= TIME_CURSOR_FLOOR {
                 Cursor::TimeUs(i64::try_from(c).unwrap_or(i64::MAX))
             } else {
-                Cursor::Seq(c)
+                // Seq 0 is never allocated: it is the "nothing yet" sentinel a fresh client
+                // sends, meaning "before the first event". It is judged as seq 1 from here on.
+                Cursor::Seq(c.max(1))
             };
             match reader.resolve(cursor) {
                 Ok(Resolved::From(seq)) => Start::From(seq),
