@@ -217,6 +217,27 @@ async fn an_oversized_frame_is_counted_and_skipped_without_losing_the_rest() {
     assert_eq!(shared.skipped_oversized.load(Ordering::Relaxed), 1);
 }
 
+/// An oversized frame that repeats the last good seq must not cost the frame after it:
+/// sluice cannot read a refused frame's seq, so it first resumes from the last good cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_frame_repeating_a_seq_does_not_cost_its_neighbour() {
+    let mut frames: Vec<Bytes> = (1..=4).map(|s| identity(s, "ok.test")).collect();
+    // A (seq 4), an oversized frame carrying seq 4 again, B (seq 5), C (seq 6).
+    frames.push(identity(4, &"x".repeat(100_000)));
+    frames.push(identity(5, "ok.test"));
+    frames.push(identity(6, "ok.test"));
+    let (addr, _replay) = start_replay(frames).await;
+    let mut cfg = config(addr);
+    cfg.upstream.max_frame_bytes = 64 * 1024;
+    let (handle, collected) = start(cfg, StampState::fresh());
+    wait_for("every valid frame", || collected.lock().unwrap().len() >= 6).await;
+    let shared = handle.shared.clone();
+    handle.shutdown().await.unwrap();
+    assert_eq!(upstream_seqs(&collected), vec![1, 2, 3, 4, 5, 6]);
+    assert!(shared.oversized_frames.load(Ordering::Relaxed) >= 1);
+    assert_eq!(shared.skipped_oversized.load(Ordering::Relaxed), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_upstream_is_detected_and_replaced() {
     // Accepts the websocket, then never reads or writes: pings go unanswered.

@@ -159,6 +159,14 @@ enum Ended {
     Oversized,
 }
 
+/// Where oversized frames were met: the resume cursor they followed, and how many seqs past
+/// it the next connection resumes (0: retry from the cursor itself).
+#[derive(Clone, Copy)]
+struct OversizedAt {
+    at: i64,
+    skip: i64,
+}
+
 /// Runs the subscription until `shutdown` turns true, sending frames to ingest.
 pub async fn run(
     config: UpstreamConfig,
@@ -169,9 +177,13 @@ pub async fn run(
     subscribe_url(&config.upstream, None)?;
     let mut attempt: u32 = 0;
     let mut connection: u64 = 0;
-    // Consecutive oversized frames at the same resume cursor: the frame after the cursor
-    // is the oversized one, so resuming past it is the only way forward.
-    let mut oversized_at: Option<(Option<i64>, i64)> = None;
+    // Oversized frames met at the same resume cursor, and how far to step past it. sluice
+    // cannot read the seq of a frame it refused, so the first time it resumes from the last
+    // good cursor (a refused frame that repeated an old seq is then simply not resent, and
+    // the frame after it is not lost); only when that same position yields an oversized
+    // frame again is the frame after the cursor known to be the oversized one, and the
+    // client steps past it, one more seq each time.
+    let mut oversized_at: Option<OversizedAt> = None;
     loop {
         if *shutdown.borrow() {
             return Ok(());
@@ -179,7 +191,7 @@ pub async fn run(
         wait_for_ingest(&shared, &mut shutdown).await;
         let cursor = shared.cursor();
         let resume = match (oversized_at, cursor) {
-            (Some((at, skip)), Some(c)) if at == Some(c) => {
+            (Some(OversizedAt { at, skip }), Some(c)) if at == c && skip > 0 => {
                 shared.skipped_oversized.fetch_add(1, Ordering::Relaxed);
                 tracing::error!(
                     upstream_cursor = c,
@@ -207,8 +219,11 @@ pub async fn run(
                 wait_for_ingest(&shared, &mut shutdown).await;
                 let now = shared.cursor();
                 oversized_at = match (oversized_at, now) {
-                    (Some((at, skip)), Some(_)) if at == now => Some((at, skip + 1)),
-                    (_, Some(_)) => Some((now, 1)),
+                    (Some(OversizedAt { at, skip }), Some(c)) if at == c => {
+                        Some(OversizedAt { at, skip: skip + 1 })
+                    }
+                    // First time at this position: retry from the last good cursor.
+                    (_, Some(c)) => Some(OversizedAt { at: c, skip: 0 }),
                     // No cursor: resuming live skips the frame by itself.
                     (_, None) => None,
                 };
