@@ -311,8 +311,11 @@ impl Daemon {
             app.clone(),
             ingest.shared.clone(),
             ingest.stats.clone(),
-            config.ready_max_lag,
-            config.log.queue_max_bytes,
+            crate::http::admin::AdminLimits {
+                ready_max_lag: config.ready_max_lag,
+                log_queue_max_bytes: config.log.queue_max_bytes,
+                log_max_bytes: config.log.retention.max_bytes,
+            },
         ));
         let admin_shutdown = shutdown_tx.subscribe();
         let admin_server = tokio::spawn(crate::http::serve(

@@ -23,6 +23,17 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// Every kind, so metrics can show each one from the first scrape.
+    pub const ALL: [EventKind; 7] = [
+        EventKind::Commit,
+        EventKind::CommitTooBig,
+        EventKind::CommitEmpty,
+        EventKind::Identity,
+        EventKind::Account,
+        EventKind::Sync,
+        EventKind::Unknown,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             EventKind::Commit => "commit",

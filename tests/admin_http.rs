@@ -221,3 +221,177 @@ async fn status_page_renders_live_data_in_chromium() {
     }
     daemon.shutdown().await.unwrap();
 }
+
+/// Every metric family, with each of its known label values, as a dashboard or an alert
+/// expects to find it on a healthy daemon that has seen no error at all.
+const EXPECTED_SERIES: &[&str] = &[
+    r#"sluice_ingested_events_total{kind="commit"}"#,
+    r#"sluice_ingested_events_total{kind="sync"}"#,
+    r#"sluice_ingested_events_total{kind="unknown"}"#,
+    r#"sluice_decode_errors_total{reason="truncated"}"#,
+    r#"sluice_decode_errors_total{reason="invalid_cbor"}"#,
+    r#"sluice_decode_errors_total{reason="limit_exceeded"}"#,
+    "sluice_upstream_frames_total",
+    "sluice_upstream_duplicates_dropped_total",
+    "sluice_upstream_seq_regressions_total",
+    "sluice_records_missing_total",
+    "sluice_too_big_commits_total",
+    "sluice_upstream_connected",
+    "sluice_upstream_reconnects_total",
+    "sluice_upstream_stalls_total",
+    "sluice_upstream_oversized_frames_total",
+    "sluice_upstream_lag_seconds",
+    r#"sluice_subscribers{wire="jetstream_v2"}"#,
+    r#"sluice_delivered_events_total{wire="raw"}"#,
+    r#"sluice_delivered_bytes_total{wire="jetstream_v1"}"#,
+    r#"sluice_oversized_events_total{wire="jetstream_v2"}"#,
+    "sluice_queued_events",
+    r#"sluice_slow_consumer_transitions_total{to="catchup"}"#,
+    r#"sluice_slow_consumer_transitions_total{to="live"}"#,
+    r#"sluice_subscriber_disconnects_total{reason="peer_closed"}"#,
+    r#"sluice_subscriber_disconnects_total{reason="write_timeout"}"#,
+    r#"sluice_subscriber_disconnects_total{reason="too_slow"}"#,
+    r#"sluice_subscriber_disconnects_total{reason="index_busy"}"#,
+    r#"sluice_admission_refused_total{reason="rate"}"#,
+    r#"sluice_admission_refused_total{reason="full"}"#,
+    r#"sluice_admission_refused_total{reason="invalid"}"#,
+    "sluice_active_replays",
+    "sluice_cold_reads_total",
+    r#"sluice_index_budget_total{outcome="refused"}"#,
+    "sluice_log_bytes",
+    "sluice_log_disk_bytes",
+    "sluice_log_max_bytes",
+    "sluice_log_tail_bytes",
+    "sluice_log_writer_queue_bytes",
+    "sluice_log_commits_total",
+    "sluice_log_commit_failures_total",
+    "sluice_log_retention_deleted_events_total",
+    "sluice_log_oldest_seq",
+    "sluice_log_newest_seq",
+    "sluice_log_oldest_time_seconds",
+    "sluice_log_newest_time_seconds",
+    "sluice_ready",
+];
+
+fn promtool() -> &'static str {
+    let ok = std::process::Command::new("promtool")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "promtool is required (Debian package `prometheus`; .ci/run installs it)"
+    );
+    "promtool"
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_metric_family_exists_from_the_first_scrape_and_passes_promtool() {
+    let (daemon, _dir, frames) = start().await;
+    let admin = daemon.admin_addr;
+    let mut text = String::new();
+    for _ in 0..500 {
+        text = tokio::task::spawn_blocking(move || get(admin, "/metrics").1)
+            .await
+            .unwrap();
+        if metric(&text, "sluice_upstream_frames_total") >= Some(frames as f64) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        metric(&text, "sluice_upstream_frames_total"),
+        Some(frames as f64)
+    );
+    for series in EXPECTED_SERIES {
+        assert!(
+            metric(&text, series).is_some(),
+            "{series} is missing from the scrape:\n{text}"
+        );
+    }
+    // Only valid frames were ingested: every error counter is present and 0.
+    assert_eq!(
+        metric(
+            &text,
+            r#"sluice_decode_errors_total{reason="invalid_cbor"}"#
+        ),
+        Some(0.0)
+    );
+    let mut check = std::process::Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    check
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = check.wait_with_output().unwrap();
+    let complaints = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && complaints.trim().is_empty(),
+        "promtool check metrics complained:\n{complaints}"
+    );
+    // The shipped alert rules and dashboard query only families this scrape has.
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    for file in ["sluice.rules.yml", "sluice.grafana.json"] {
+        let shipped = std::fs::read_to_string(docs.join(file)).unwrap();
+        let names = metric_names(&shipped);
+        assert!(names.len() >= 8, "{file} names {names:?}");
+        for name in names {
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&format!("{name}{{"))
+                        || l.starts_with(&format!("{name} "))),
+                "{file} uses {name}, which /metrics does not export"
+            );
+        }
+    }
+    daemon.shutdown().await.unwrap();
+}
+
+/// The `sluice_*` metric names a rules file or dashboard mentions.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("sluice_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        // Alert names are CamelCase (`Sluice...`), so only metric names match here.
+        names.insert(name.to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn alerting_rules_pass_promtool_and_fire_as_their_tests_say() {
+    let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
+    for args in [
+        ["check", "rules", "sluice.rules.yml"],
+        ["test", "rules", "sluice.rules.test.yml"],
+    ] {
+        let out = std::process::Command::new(promtool())
+            .args(args)
+            .current_dir(&docs)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

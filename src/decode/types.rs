@@ -146,6 +146,20 @@ pub enum DecodeError {
 }
 
 impl DecodeError {
+    /// Every `reason()` label, so metrics can show each one at 0 from the first scrape.
+    pub const REASONS: [&'static str; 10] = [
+        "truncated",
+        "trailing_bytes",
+        "invalid_cbor",
+        "too_deep",
+        "length_too_large",
+        "invalid_header",
+        "invalid_body",
+        "invalid_car",
+        "invalid_cid",
+        "limit_exceeded",
+    ];
+
     pub fn reason(&self) -> &'static str {
         match self {
             DecodeError::Truncated => "truncated",
@@ -159,5 +173,28 @@ impl DecodeError {
             DecodeError::InvalidCid(_) => "invalid_cid",
             DecodeError::LimitExceeded(_) => "limit_exceeded",
         }
+    }
+}
+
+#[cfg(test)]
+mod reason_tests {
+    use super::DecodeError;
+
+    #[test]
+    fn every_reason_is_listed_once() {
+        let all = [
+            DecodeError::Truncated,
+            DecodeError::TrailingBytes(1),
+            DecodeError::InvalidCbor("x"),
+            DecodeError::TooDeep(1),
+            DecodeError::LengthTooLarge(1),
+            DecodeError::InvalidHeader("x"),
+            DecodeError::InvalidBody("x".into()),
+            DecodeError::InvalidCar("x"),
+            DecodeError::InvalidCid("x"),
+            DecodeError::LimitExceeded("x"),
+        ];
+        let reasons: Vec<&str> = all.iter().map(DecodeError::reason).collect();
+        assert_eq!(reasons, DecodeError::REASONS);
     }
 }

@@ -16,7 +16,10 @@ use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use serde_json::json;
 
+use crate::decode::DecodeError;
+use crate::event::EventKind;
 use crate::fanout::{Hub, WireKind};
+use crate::http::session::SessionEnd;
 use crate::http::AppState;
 use crate::ingest::{now_us, IngestStats};
 use crate::log::Log;
@@ -31,12 +34,20 @@ pub struct AdminState {
     pub app: Arc<AppState>,
     pub upstream: Arc<UpstreamShared>,
     pub ingest_stats: Arc<parking_lot::Mutex<IngestStats>>,
+    pub limits: AdminLimits,
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+}
+
+/// The configured bounds readiness and metrics are judged against.
+#[derive(Debug, Clone, Copy)]
+pub struct AdminLimits {
     /// Ready only while the newest event is at most this far behind the wall clock.
     pub ready_max_lag: Duration,
     /// The log's writer queue bound: ready only while the queue is below 90% of it.
     pub log_queue_max_bytes: usize,
-    recorder: PrometheusRecorder,
-    handle: PrometheusHandle,
+    /// The log's size cap (`--retention-max-gib`), exported so alerts can compare.
+    pub log_max_bytes: u64,
 }
 
 impl AdminState {
@@ -46,10 +57,10 @@ impl AdminState {
         app: Arc<AppState>,
         upstream: Arc<UpstreamShared>,
         ingest_stats: Arc<parking_lot::Mutex<IngestStats>>,
-        ready_max_lag: Duration,
-        log_queue_max_bytes: usize,
+        limits: AdminLimits,
     ) -> Self {
         let recorder = PrometheusBuilder::new().build_recorder();
+        metrics::with_local_recorder(&recorder, describe_metrics);
         let handle = recorder.handle();
         Self {
             log,
@@ -57,8 +68,7 @@ impl AdminState {
             app,
             upstream,
             ingest_stats,
-            ready_max_lag,
-            log_queue_max_bytes,
+            limits,
             recorder,
             handle,
         }
@@ -76,14 +86,14 @@ impl AdminState {
         if !self.upstream.connected.load(Ordering::Relaxed) {
             return Some("upstream not connected".into());
         }
-        if self.log.queued_bytes() * 10 >= self.log_queue_max_bytes * 9 {
+        if self.log.queued_bytes() * 10 >= self.limits.log_queue_max_bytes * 9 {
             return Some("event log is not keeping up (writer queue full)".into());
         }
         match self.lag_seconds() {
             None => Some("no events ingested yet".into()),
-            Some(lag) if lag > self.ready_max_lag.as_secs_f64() => Some(format!(
+            Some(lag) if lag > self.limits.ready_max_lag.as_secs_f64() => Some(format!(
                 "upstream lag {lag:.1} s exceeds {} s",
-                self.ready_max_lag.as_secs()
+                self.limits.ready_max_lag.as_secs()
             )),
             Some(_) => None,
         }
@@ -94,15 +104,23 @@ impl AdminState {
         use metrics::{counter, gauge};
         metrics::with_local_recorder(&self.recorder, || {
             let ingest = self.ingest_stats.lock().clone();
-            for (kind, n) in &ingest.events_by_kind {
-                counter!("sluice_ingested_events_total", "kind" => *kind).absolute(*n);
+            // Every known label value is exported from the first scrape, at 0 until it
+            // happens, so `rate()` and `absent()` work on a healthy daemon.
+            for kind in EventKind::ALL.map(EventKind::as_str) {
+                let n = ingest.events_by_kind.get(kind).copied().unwrap_or(0);
+                counter!("sluice_ingested_events_total", "kind" => kind).absolute(n);
             }
             for (collection, n) in &ingest.events_by_collection {
                 counter!("sluice_ingested_commit_ops_total", "collection" => collection.clone())
                     .absolute(*n);
             }
-            for (reason, n) in &ingest.decode_errors_by_reason {
-                counter!("sluice_decode_errors_total", "reason" => *reason).absolute(*n);
+            for reason in DecodeError::REASONS {
+                let n = ingest
+                    .decode_errors_by_reason
+                    .get(reason)
+                    .copied()
+                    .unwrap_or(0);
+                counter!("sluice_decode_errors_total", "reason" => reason).absolute(n);
             }
             counter!("sluice_upstream_frames_total").absolute(ingest.frames);
             counter!("sluice_upstream_duplicates_dropped_total")
@@ -121,9 +139,9 @@ impl AdminState {
             counter!("sluice_upstream_stalls_total").absolute(up.stalls.load(Ordering::Relaxed));
             counter!("sluice_upstream_oversized_frames_total")
                 .absolute(up.oversized_frames.load(Ordering::Relaxed));
-            if let Some(lag) = self.lag_seconds() {
-                gauge!("sluice_upstream_lag_seconds").set(lag);
-            }
+            // Before the first event there is no lag to speak of: NaN, which no threshold
+            // alert fires on (`sluice_upstream_connected` and readiness cover that case).
+            gauge!("sluice_upstream_lag_seconds").set(self.lag_seconds().unwrap_or(f64::NAN));
             let hub = self.hub.stats();
             for wire in WIRES {
                 let name = wire.as_str();
@@ -141,8 +159,10 @@ impl AdminState {
                 .absolute(hub.overflows.load(Ordering::Relaxed));
             counter!("sluice_slow_consumer_transitions_total", "to" => "live")
                 .absolute(hub.rejoins.load(Ordering::Relaxed));
-            for (reason, n) in self.app.stats.ended.lock().iter() {
-                counter!("sluice_subscriber_disconnects_total", "reason" => *reason).absolute(*n);
+            let ended = self.app.stats.ended.lock().clone();
+            for reason in SessionEnd::REASONS {
+                let n = ended.get(reason).copied().unwrap_or(0);
+                counter!("sluice_subscriber_disconnects_total", "reason" => reason).absolute(n);
             }
             counter!("sluice_admission_refused_total", "reason" => "rate")
                 .absolute(self.app.stats.refused_rate.load(Ordering::Relaxed));
@@ -161,6 +181,7 @@ impl AdminState {
             let reader = self.log.reader();
             gauge!("sluice_log_bytes").set(reader.store().size_bytes() as f64);
             gauge!("sluice_log_disk_bytes").set(reader.store().disk_bytes() as f64);
+            gauge!("sluice_log_max_bytes").set(self.limits.log_max_bytes as f64);
             gauge!("sluice_log_tail_bytes").set(reader.tail().bytes() as f64);
             gauge!("sluice_log_writer_queue_bytes").set(self.log.queued_bytes() as f64);
             counter!("sluice_log_commits_total")
@@ -177,12 +198,14 @@ impl AdminState {
                     .deleted_events
                     .load(Ordering::Relaxed),
             );
-            if let Some(b) = reader.bounds() {
-                gauge!("sluice_log_oldest_seq").set(b.oldest_seq as f64);
-                gauge!("sluice_log_newest_seq").set(b.newest_seq as f64);
-                gauge!("sluice_log_oldest_time_seconds").set(b.oldest_time_us as f64 / 1e6);
-                gauge!("sluice_log_newest_time_seconds").set(b.newest_time_us as f64 / 1e6);
-            }
+            // An empty log reads as seq 0 ("nothing yet") and time 0.
+            let b = reader.bounds();
+            gauge!("sluice_log_oldest_seq").set(b.map_or(0.0, |b| b.oldest_seq as f64));
+            gauge!("sluice_log_newest_seq").set(b.map_or(0.0, |b| b.newest_seq as f64));
+            gauge!("sluice_log_oldest_time_seconds")
+                .set(b.map_or(0.0, |b| b.oldest_time_us as f64 / 1e6));
+            gauge!("sluice_log_newest_time_seconds")
+                .set(b.map_or(0.0, |b| b.newest_time_us as f64 / 1e6));
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 gauge!("sluice_runtime_worker_threads").set(runtime.metrics().num_workers() as f64);
             }
@@ -240,6 +263,102 @@ impl AdminState {
                 "tail_bytes": reader.tail().bytes(),
             },
         })
+    }
+}
+
+/// Help text for every family `/metrics` exports (Prometheus shows it as `# HELP`).
+const COUNTERS: &[(&str, &str)] = &[
+    ("sluice_ingested_events_total", "Events ingested, by kind (one per repo op for commits)."),
+    ("sluice_ingested_commit_ops_total", "Commit op events ingested, by collection (the first 256 collections seen; the rest as \"other\")."),
+    ("sluice_decode_errors_total", "Upstream frames that could not be decoded, by reason; each is skipped and logged."),
+    ("sluice_upstream_frames_total", "Frames read from the upstream relay."),
+    ("sluice_upstream_duplicates_dropped_total", "Upstream frames at or below the resume cursor, dropped."),
+    ("sluice_upstream_seq_regressions_total", "Upstream frames whose seq went backwards within one connection (an anomaly), dropped."),
+    ("sluice_records_missing_total", "Create or update ops whose record block was missing from the commit."),
+    ("sluice_too_big_commits_total", "Commits flagged tooBig by the relay."),
+    ("sluice_upstream_reconnects_total", "Reconnections to the upstream relay."),
+    ("sluice_upstream_stalls_total", "Upstream connections replaced after --stall-timeout-secs without a frame or pong."),
+    ("sluice_upstream_oversized_frames_total", "Upstream frames over --max-frame-bytes, refused."),
+    ("sluice_delivered_events_total", "Events written to subscribers, by wire."),
+    ("sluice_delivered_bytes_total", "Bytes written to subscribers, by wire."),
+    ("sluice_oversized_events_total", "Events not sent because they exceeded a subscriber's message size limit, by wire."),
+    ("sluice_slow_consumer_transitions_total", "Subscribers moved to catch-up from the log (to=catchup) and back to live (to=live)."),
+    ("sluice_subscriber_disconnects_total", "Subscriber sessions ended, by reason."),
+    ("sluice_admission_refused_total", "Subscribe requests refused before the upgrade, by reason."),
+    ("sluice_cold_reads_total", "Log reads below the hot tail (from the durable store)."),
+    ("sluice_index_budget_total", "Routing-index changes that waited for, were refused by, or were deferred by the hub-wide budget."),
+    ("sluice_log_commits_total", "Group commits of the event log."),
+    ("sluice_log_commit_failures_total", "Group commits of the event log that failed (retried)."),
+    ("sluice_log_retention_deleted_events_total", "Events deleted from the log by retention."),
+];
+
+const GAUGES: &[(&str, &str)] = &[
+    (
+        "sluice_upstream_connected",
+        "1 while the upstream websocket is connected.",
+    ),
+    (
+        "sluice_upstream_lag_seconds",
+        "Wall clock minus the newest event's source time, in seconds (NaN before the first event).",
+    ),
+    ("sluice_subscribers", "Connected subscribers, by wire."),
+    (
+        "sluice_queued_events",
+        "Events waiting in subscribers' live queues.",
+    ),
+    (
+        "sluice_active_replays",
+        "Subscribers reading the log in catch-up.",
+    ),
+    (
+        "sluice_log_bytes",
+        "Bytes of events held by the log's store.",
+    ),
+    (
+        "sluice_log_disk_bytes",
+        "Bytes the log's data directory takes on disk.",
+    ),
+    (
+        "sluice_log_max_bytes",
+        "The log's size cap (--retention-max-gib), in bytes.",
+    ),
+    (
+        "sluice_log_tail_bytes",
+        "Bytes of events in the in-memory hot tail.",
+    ),
+    (
+        "sluice_log_writer_queue_bytes",
+        "Bytes of events waiting for the log writer.",
+    ),
+    (
+        "sluice_log_oldest_seq",
+        "The oldest seq the log holds (0 when empty).",
+    ),
+    (
+        "sluice_log_newest_seq",
+        "The newest seq the log holds (0 when empty).",
+    ),
+    (
+        "sluice_log_oldest_time_seconds",
+        "Source time of the oldest event held, unix seconds (0 when empty).",
+    ),
+    (
+        "sluice_log_newest_time_seconds",
+        "Source time of the newest event held, unix seconds (0 when empty).",
+    ),
+    (
+        "sluice_runtime_worker_threads",
+        "Async worker threads of the main runtime.",
+    ),
+    ("sluice_ready", "1 while /readyz answers ready."),
+];
+
+fn describe_metrics() {
+    for &(name, help) in COUNTERS {
+        metrics::describe_counter!(name, help);
+    }
+    for &(name, help) in GAUGES {
+        metrics::describe_gauge!(name, help);
     }
 }
 

@@ -111,6 +111,23 @@ pub enum SessionEnd {
 }
 
 impl SessionEnd {
+    /// Every `reason()` label, so metrics can show each one at 0 from the first scrape.
+    pub const REASONS: [&'static str; 13] = [
+        "peer_closed",
+        "peer_dead",
+        "write_timeout",
+        "write_failed",
+        "shutdown",
+        "too_old",
+        "too_slow",
+        "log_closed",
+        "read_failed",
+        "protocol",
+        "message_too_big",
+        "updates_too_fast",
+        "index_busy",
+    ];
+
     pub fn reason(&self) -> &'static str {
         match self {
             SessionEnd::PeerClosed => "peer_closed",
@@ -369,5 +386,32 @@ fn write_step<E>(
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(SessionEnd::WriteFailed),
         Err(_) => Err(SessionEnd::WriteTimeout),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{End, SessionEnd};
+    use std::time::Duration;
+
+    #[test]
+    fn every_end_reason_is_listed_once() {
+        let all = [
+            SessionEnd::PeerClosed,
+            SessionEnd::PeerDead,
+            SessionEnd::WriteTimeout,
+            SessionEnd::WriteFailed,
+            SessionEnd::Shutdown,
+            SessionEnd::Stream(End::TooOld { oldest: 1 }),
+            SessionEnd::Stream(End::TooSlow),
+            SessionEnd::Stream(End::Closed),
+            SessionEnd::Stream(End::ReadFailed("x".into())),
+            SessionEnd::Protocol("x".into()),
+            SessionEnd::MessageTooBig,
+            SessionEnd::UpdatesTooFast,
+            SessionEnd::IndexBusy(Duration::ZERO),
+        ];
+        let reasons: Vec<&str> = all.iter().map(SessionEnd::reason).collect();
+        assert_eq!(reasons, SessionEnd::REASONS);
     }
 }
