@@ -66,6 +66,16 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_TAIL_MAX_MIB", default_value_t = 256,
           value_parser = clap::value_parser!(u64).range(1..=1024 * 1024))]
     pub tail_max_mib: u64,
+    /// Bound of the log writer's queue, MiB: events ingested but not yet committed. When
+    /// it is full, ingest stops reading the upstream until the writer catches up.
+    #[arg(long, env = "SLUICE_LOG_QUEUE_MIB", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=64 * 1024))]
+    pub log_queue_mib: u64,
+    /// Block cache of the log's index, MiB (the event data itself is read from its files
+    /// through the OS page cache, which the kernel sizes and reclaims).
+    #[arg(long, env = "SLUICE_LOG_INDEX_CACHE_MIB", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..=64 * 1024))]
+    pub log_index_cache_mib: u64,
     /// Group commit: commit at least this often while events are pending, ms. Longer
     /// means fewer, larger writes; an event is durable at most this long after ingest.
     #[arg(long, env = "SLUICE_COMMIT_INTERVAL_MS", default_value_t = 100,
@@ -75,7 +85,9 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_COMMIT_MAX_EVENTS", default_value_t = 20_000,
           value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub commit_max_events: u64,
-    /// Retention by age, hours (by source time).
+    /// Retention by age, hours: events whose source time is more than this older than the
+    /// newest event's are deleted (measured back from the newest event, not the clock, so a
+    /// replayed old capture is kept and a long upstream outage does not empty the log).
     #[arg(long, env = "SLUICE_RETENTION_HOURS", default_value_t = 72,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub retention_hours: u64,
@@ -297,6 +309,8 @@ impl ServeArgs {
         ingest.decode_limits.max_depth = usize_of(self.max_cbor_depth)?;
         let mut log = LogConfig::new(self.data_dir.clone());
         log.tail_max_bytes = usize_of(self.tail_max_mib * MIB)?;
+        log.queue_max_bytes = usize_of(self.log_queue_mib * MIB)?;
+        log.index_cache_bytes = self.log_index_cache_mib * MIB;
         log.commit_interval = Duration::from_millis(self.commit_interval_ms);
         log.commit_max_events = usize_of(self.commit_max_events)?;
         log.retention = RetentionConfig {

@@ -12,13 +12,6 @@ use sluice::upstream::synth::{generate, SynthOptions};
 
 const KILLS: usize = 20;
 
-/// The synthetic frames are dated 2025: keep them despite age-based retention.
-fn long_retention(data: &std::path::Path) -> LogConfig {
-    let mut config = LogConfig::new(data);
-    config.retention.max_age = Duration::from_secs(100 * 365 * 24 * 3600);
-    config
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -52,7 +45,6 @@ fn spawn(upstream: &str, data: &std::path::Path, port: u16) -> Serve {
             "--backoff-max-ms",
             "200",
         ])
-        .args(["--retention-hours", "100000"])
         .stdout(Stdio::null())
         .stderr(
             std::fs::OpenOptions::new()
@@ -95,7 +87,7 @@ async fn twenty_kill_nines_lose_and_duplicate_nothing() {
         tokio::time::sleep(wait).await;
         child.0.kill().unwrap(); // SIGKILL
         child.0.wait().unwrap();
-        let (log, state) = Log::open(long_retention(&data)).unwrap();
+        let (log, state) = Log::open(LogConfig::new(&data)).unwrap();
         durable_after_kill.push(state.next_seq - 1);
         drop(log);
     }
@@ -151,7 +143,7 @@ async fn twenty_kill_nines_lose_and_duplicate_nothing() {
         "clean exit after SIGTERM: {exit:?}\n{}",
         std::fs::read_to_string(data.with_extension("log")).unwrap_or_default()
     );
-    let (log, state) = Log::open(long_retention(&data)).unwrap();
+    let (log, state) = Log::open(LogConfig::new(&data)).unwrap();
     assert_eq!(state.upstream_cursor, Some(last_upstream));
     let reader = log.reader();
     let mut events = Vec::new();

@@ -62,10 +62,8 @@ fn start(config: IngestConfig, state: StampState) -> (IngestHandle, Collected) {
 
 /// Ingest into a real event log under `dir`, as `serve` does.
 fn start_logged(config: IngestConfig, dir: &Path) -> (IngestHandle, Arc<Log>) {
-    let mut log_config = LogConfig::new(dir);
-    // The corpus is months old; keep it despite age-based retention.
-    log_config.retention.max_age = Duration::from_secs(100 * 365 * 24 * 3600);
-    let (log, state) = Log::open(log_config).unwrap();
+    // The corpus is months old: age retention counts back from the newest event, so it stays.
+    let (log, state) = Log::open(LogConfig::new(dir)).unwrap();
     let log = Arc::new(log);
     let handle = start_ingest(config, state, log.clone()).unwrap();
     (handle, log)

@@ -61,15 +61,16 @@ fn retention_by_age_deletes_only_whole_expired_segments() {
     let dir = tempfile::tempdir().unwrap();
     let (store, all) = store_with(dir.path(), 600);
     let newest = all.last().unwrap().seq;
+    // An age such that the first ~third of the events are older than it, counted back from
+    // the newest event (not from the wall clock: these events are from 2025).
+    let cutoff_event = &all[all.len() / 3];
+    let newest_time = all.last().unwrap().time_us;
     let config = RetentionConfig {
-        max_age: Duration::from_secs(3600),
+        max_age: Duration::from_micros((newest_time - cutoff_event.time_us) as u64),
         max_bytes: u64::MAX,
         check_interval: Duration::from_secs(1),
     };
-    // "now" such that the first ~third of the events are older than max_age.
-    let cutoff_event = &all[all.len() / 3];
-    let now = cutoff_event.time_us + 3600 * 1_000_000;
-    let pass = retention::run_once(&store, &config, now).unwrap();
+    let pass = retention::run_once(&store, &config).unwrap();
     assert!(
         pass.segments_by_age > 0 && pass.segments_by_size == 0,
         "{pass:?}"
@@ -87,9 +88,7 @@ fn retention_by_age_deletes_only_whole_expired_segments() {
     assert_readable_from_oldest(&store, newest);
     // A second pass at the same time deletes nothing more.
     assert_eq!(
-        retention::run_once(&store, &config, now)
-            .unwrap()
-            .deleted_events,
+        retention::run_once(&store, &config).unwrap().deleted_events,
         0
     );
 }
@@ -106,7 +105,7 @@ fn retention_by_size_keeps_the_newest_under_the_cap() {
         check_interval: Duration::from_secs(1),
     };
     let budget = retention::data_budget(&store, &config);
-    let pass = retention::run_once(&store, &config, all[0].time_us).unwrap();
+    let pass = retention::run_once(&store, &config).unwrap();
     assert!(
         pass.segments_by_size > 0 && pass.segments_by_age == 0,
         "{pass:?}"
@@ -244,4 +243,44 @@ fn events_deleted_by_retention_are_not_served_from_the_hot_tail() {
         oldest
     );
     log.close().unwrap();
+}
+
+/// Age is counted back from the newest event, not from the clock: a capture dated years ago
+/// (here 2023) is kept whole by the background thread when it spans less than the limit.
+#[test]
+fn an_old_capture_is_kept_when_it_spans_less_than_the_age_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.retention.max_age = Duration::from_secs(3600);
+    config.retention.check_interval = Duration::from_millis(10);
+    let (log, state) = Log::open(config).unwrap();
+    let mut gen = EventGen::new(state);
+    for _ in 0..500 {
+        log.append(gen.next_frame()).unwrap();
+    }
+    assert!(log.flush(Duration::from_secs(60)));
+    let passes = || {
+        log.retention_stats()
+            .passes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let first = passes();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while passes() < first + 5 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(passes() >= first + 5, "retention ran several passes");
+    let reader = log.reader();
+    let bounds = reader.bounds().unwrap();
+    assert!(
+        bounds.newest_time_us < sluice::ingest::now_us() - 365 * 24 * 3600 * 1_000_000,
+        "the events are old by the clock"
+    );
+    assert_eq!(bounds.oldest_seq, 1, "nothing was deleted");
+    assert_eq!(
+        log.retention_stats()
+            .deleted_events
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 }

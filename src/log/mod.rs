@@ -75,6 +75,8 @@ pub struct LogConfig {
     pub max_journal_bytes: u64,
     /// Memtable size of the embedded store's blob partitions.
     pub memtable_bytes: u32,
+    /// Block cache of the store's index keyspace.
+    pub index_cache_bytes: u64,
     pub compression: Compression,
     /// Threads compressing one commit's segments in parallel (default: available
     /// parallelism, at most 4).
@@ -95,6 +97,7 @@ impl LogConfig {
             blob_file_bytes: store.blob_file_bytes,
             max_journal_bytes: store.max_journal_bytes,
             memtable_bytes: store.memtable_bytes,
+            index_cache_bytes: store.cache_bytes,
             compression: store.compression,
             encode_threads: store.encode_threads,
         }
@@ -107,6 +110,7 @@ impl LogConfig {
         c.blob_file_bytes = self.blob_file_bytes;
         c.max_journal_bytes = self.max_journal_bytes;
         c.memtable_bytes = self.memtable_bytes;
+        c.cache_bytes = self.index_cache_bytes;
         c.compression = self.compression;
         c.encode_threads = self.encode_threads;
         c

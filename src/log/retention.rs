@@ -1,5 +1,9 @@
 //! Retention: deletes the oldest segments by age and by size, whichever limit is hit first.
 //!
+//! Age is measured back from the newest event's source time, not from the wall clock: a
+//! capture recorded last week and replayed into `serve` is kept like live traffic, and an
+//! upstream that has been down for days does not empty the log.
+//!
 //! Owns: the retention policy and its background thread. Must never: delete anything but
 //! whole oldest segments through [`EventStore::delete_before`] (no rewriting of retained
 //! data), or block the writer or readers for longer than one store deletion.
@@ -18,7 +22,8 @@ use super::store::{EventStore, LogError};
 
 #[derive(Debug, Clone)]
 pub struct RetentionConfig {
-    /// Events whose `time_us` is older than this are deleted (default 72 h).
+    /// Events whose `time_us` is more than this older than the newest event's are deleted
+    /// (default 72 h).
     pub max_age: Duration,
     /// Size cap for the store (default 20 GiB).
     pub max_bytes: u64,
@@ -59,14 +64,16 @@ pub fn data_budget(store: &dyn EventStore, config: &RetentionConfig) -> u64 {
         .max(config.max_bytes / 2)
 }
 
-/// One retention pass at wall clock `now_us`.
+/// One retention pass: by age back from the newest stored event's source time, then by size.
 pub fn run_once(
     store: &dyn EventStore,
     config: &RetentionConfig,
-    now_us: i64,
 ) -> Result<RetentionPass, LogError> {
+    let Some(newest_us) = store.bounds().map(|b| b.newest_time_us) else {
+        return Ok(RetentionPass::default());
+    };
     let age_us = i64::try_from(config.max_age.as_micros()).unwrap_or(i64::MAX);
-    let cutoff = now_us.saturating_sub(age_us);
+    let cutoff = newest_us.saturating_sub(age_us);
     let budget = data_budget(store, config);
     let mut size = store.size_bytes();
     let mut pass = RetentionPass::default();
@@ -96,7 +103,7 @@ pub fn run(
     stop: mpsc::Receiver<()>,
 ) {
     loop {
-        match run_once(store.as_ref(), &config, crate::ingest::now_us()) {
+        match run_once(store.as_ref(), &config) {
             Ok(pass) => {
                 stats.passes.fetch_add(1, Ordering::Relaxed);
                 if pass.deleted_events > 0 {

@@ -121,8 +121,6 @@ pub fn test_config(dir: &std::path::Path) -> LogConfig {
     c.max_journal_bytes = 24 * 1024 * 1024;
     c.blob_file_bytes = 1024 * 1024;
     c.segment_target_bytes = 64 * 1024;
-    // Test events carry 2023 timestamps: keep age retention out of the way.
-    c.retention.max_age = Duration::from_secs(100 * 365 * 24 * 3600);
     c
 }
 

@@ -205,13 +205,10 @@ pub fn serve_config(
         argv.push(dict);
     }
     argv.extend(extra.iter().map(|s| s.to_string()));
-    let mut config = sluice::config::parse_serve_args(argv)
+    sluice::config::parse_serve_args(argv)
         .unwrap()
         .to_config()
-        .unwrap();
-    // The real corpus is from July 2026: keep it whatever its age.
-    config.log.retention.max_age = Duration::from_secs(100 * 365 * 24 * 3600);
-    config
+        .unwrap()
 }
 
 /// An upstream plus a daemon, torn down by [`Env::stop`] (or dropped at the test's end).
