@@ -62,13 +62,15 @@ pub struct ServeArgs {
     /// Directory of the embedded event log.
     #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
     pub data_dir: PathBuf,
-    /// In-memory hot tail of recent events, MiB.
-    #[arg(long, env = "SLUICE_TAIL_MAX_MIB", default_value_t = 256,
+    /// In-memory hot tail of recent events, MiB: ~4 s of the firehose at 2,000 events/s,
+    /// ~16 s at 500/s. Live subscribers and those a little behind read it without copies;
+    /// older reads go to the store (docs/DECISIONS.md, "Memory at the defaults").
+    #[arg(long, env = "SLUICE_TAIL_MAX_MIB", default_value_t = 32,
           value_parser = clap::value_parser!(u64).range(1..=1024 * 1024))]
     pub tail_max_mib: u64,
     /// Bound of the log writer's queue, MiB: events ingested but not yet committed. When
     /// it is full, ingest stops reading the upstream until the writer catches up.
-    #[arg(long, env = "SLUICE_LOG_QUEUE_MIB", default_value_t = 64,
+    #[arg(long, env = "SLUICE_LOG_QUEUE_MIB", default_value_t = 32,
           value_parser = clap::value_parser!(u64).range(1..=64 * 1024))]
     pub log_queue_mib: u64,
     /// Block cache of the log's index, MiB (the event data itself is read from its files
@@ -129,6 +131,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_REPLAY_EVENTS_PER_SEC", default_value_t = 200_000,
           value_parser = clap::value_parser!(u64).range(1..=100_000_000))]
     pub replay_events_per_sec: u64,
+    /// Bytes one subscriber reads from the log per catch-up step, KiB (always at least one
+    /// event). Held while that batch is written, so with N subscribers in catch-up, catch-up
+    /// keeps at most N times this resident.
+    #[arg(long, env = "SLUICE_CATCHUP_BATCH_KIB", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(16..=1024 * 1024))]
+    pub catchup_batch_kib: u64,
     /// Largest message sent to any subscriber, bytes; larger events are not sent, counted,
     /// and the subscriber is told.
     #[arg(long, env = "SLUICE_MAX_MESSAGE_BYTES", default_value_t = 8 * MIB,
@@ -323,6 +331,7 @@ impl ServeArgs {
             queue_max_bytes: usize_of(self.queue_max_kib * 1024)?,
             cold_read_concurrency: usize_of(self.cold_read_concurrency)?,
             catchup_events_per_sec: self.replay_events_per_sec,
+            catchup_batch_bytes: usize_of(self.catchup_batch_kib * 1024)?,
             index_changes_per_sec: self.max_index_changes_per_sec,
             ..HubConfig::default()
         };

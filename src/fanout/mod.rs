@@ -120,6 +120,10 @@ pub struct HubConfig {
     pub queue_max_bytes: usize,
     /// Events read from the log per catch-up step.
     pub catchup_batch: usize,
+    /// Bytes read from the log per catch-up step (at least one event). A subscriber holds
+    /// its batch while writing it, and a batch read below the hot tail is its own copy, so
+    /// this times the subscribers in catch-up bounds what catch-up keeps resident.
+    pub catchup_batch_bytes: usize,
     /// Concurrent reads below the hot tail (cold replays), across all subscribers.
     pub cold_read_concurrency: usize,
     /// Per-connection ceiling while catching up, events per second.
@@ -139,6 +143,7 @@ impl Default for HubConfig {
             queue_max_events: 4096,
             queue_max_bytes: 8 * 1024 * 1024,
             catchup_batch: 512,
+            catchup_batch_bytes: 1024 * 1024,
             cold_read_concurrency: 4,
             catchup_events_per_sec: 200_000,
             index_changes_per_sec: 200_000,
@@ -759,14 +764,14 @@ impl Subscription {
             self.hub.stats.cold_reads.fetch_add(1, Ordering::Relaxed);
             let limits = crate::log::ReadLimits {
                 max_events: max,
-                max_bytes: 16 * 1024 * 1024,
+                max_bytes: self.hub.config.catchup_batch_bytes,
             };
             let payloads = self.wire.payloads();
             tokio::task::spawn_blocking(move || reader.read_from_with(next, limits, payloads))
                 .await
                 .map_err(|e| End::ReadFailed(e.to_string()))?
         } else {
-            reader.read_from(next, max, 16 * 1024 * 1024)
+            reader.read_from(next, max, self.hub.config.catchup_batch_bytes)
         };
         match result {
             Ok(events) => Ok(events),

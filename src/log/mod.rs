@@ -58,13 +58,14 @@ pub use writer::WriterStats;
 pub struct LogConfig {
     /// The embedded store lives in `<data_dir>/events`.
     pub data_dir: PathBuf,
-    /// Hot tail bound, bytes of payload (default 256 MiB).
+    /// Hot tail bound, bytes of payload (default 32 MiB, docs/DECISIONS.md "Memory at the
+    /// defaults").
     pub tail_max_bytes: usize,
     /// Commit at least this often while events are pending (default 100 ms).
     pub commit_interval: Duration,
     /// ...or as soon as this many events are pending (default 20,000).
     pub commit_max_events: usize,
-    /// Bytes of payload queued for the writer before `append` blocks (default 64 MiB).
+    /// Bytes of payload queued for the writer before `append` blocks (default 32 MiB).
     pub queue_max_bytes: usize,
     pub retention: RetentionConfig,
     /// Uncompressed bytes per stored segment (default 256 KiB).
@@ -88,10 +89,10 @@ impl LogConfig {
         let store = FjallConfig::new("");
         Self {
             data_dir: data_dir.into(),
-            tail_max_bytes: 256 * 1024 * 1024,
+            tail_max_bytes: 32 * 1024 * 1024,
             commit_interval: Duration::from_millis(100),
             commit_max_events: 20_000,
-            queue_max_bytes: 64 * 1024 * 1024,
+            queue_max_bytes: 32 * 1024 * 1024,
             retention: RetentionConfig::default(),
             segment_target_bytes: store.segment_target_bytes,
             blob_file_bytes: store.blob_file_bytes,
