@@ -18,6 +18,7 @@ use crate::http::admission::AdmissionConfig;
 use crate::http::session::SessionConfig;
 use crate::log::{LogConfig, RetentionConfig};
 use crate::upstream::client::{UpstreamConfig, DEFAULT_UPSTREAM};
+use crate::wire::zstd::DictionarySource;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -226,10 +227,17 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_MAX_DIDS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_dids: u64,
-    /// zstd dictionary for Jetstream v1 `compress=true` (e.g. the one v1 clients embed).
-    /// Without it sluice trains its own and serves it at /zstd-dictionary.
-    #[arg(long, env = "SLUICE_ZSTD_DICTIONARY")]
-    pub zstd_dictionary: Option<PathBuf>,
+    /// zstd dictionary of Jetstream v1 `compress=true`: `jetstream` (the one every v1
+    /// client embeds, built in), `trained` (sluice's own, trained at first use; clients
+    /// must fetch it from /zstd-dictionary) or a file.
+    #[arg(long, env = "SLUICE_ZSTD_DICTIONARY", default_value = "jetstream")]
+    pub zstd_dictionary: String,
+    /// zstd dictionary of Jetstream v2 `zstdDictionary=<id>`, served at
+    /// /xrpc/network.bsky.jetstream.getZstdDictionary: `jetstream` (Jetstream's, ID
+    /// 20260811, built in) or a file holding a structured dictionary (its header carries
+    /// the ID clients ask for).
+    #[arg(long, env = "SLUICE_ZSTD_DICTIONARY_V2", default_value = "jetstream")]
+    pub zstd_dictionary_v2: String,
     /// Seconds allowed for a graceful shutdown before exiting anyway.
     #[arg(long, env = "SLUICE_SHUTDOWN_TIMEOUT_SECS", default_value_t = 20,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -256,7 +264,8 @@ pub struct ServeConfig {
     pub admin_listen: SocketAddr,
     pub ready_max_lag: Duration,
     pub slow_policy: SlowPolicy,
-    pub zstd_dictionary: Option<PathBuf>,
+    pub zstd_dictionary: DictionarySource,
+    pub zstd_dictionary_v2: DictionarySource,
     pub shutdown_timeout: Duration,
     pub stats_interval: Option<Duration>,
 }
@@ -299,10 +308,31 @@ impl ServeArgs {
             );
         }
         crate::upstream::client::subscribe_url(&self.upstream, None)?;
-        if let Some(dict) = &self.zstd_dictionary {
-            if !dict.is_file() {
-                anyhow::bail!("zstd_dictionary {} is not a readable file", dict.display());
+        let zstd_dictionary = DictionarySource::parse(&self.zstd_dictionary);
+        let zstd_dictionary_v2 = DictionarySource::parse(&self.zstd_dictionary_v2);
+        for (name, source) in [
+            ("zstd_dictionary", &zstd_dictionary),
+            ("zstd_dictionary_v2", &zstd_dictionary_v2),
+        ] {
+            if let DictionarySource::File(path) = source {
+                if !path.is_file() {
+                    anyhow::bail!(
+                        "{name} {} is not a readable file (or jetstream{})",
+                        path.display(),
+                        if name == "zstd_dictionary" {
+                            ", trained"
+                        } else {
+                            ""
+                        }
+                    );
+                }
             }
+        }
+        if zstd_dictionary_v2 == DictionarySource::Trained {
+            anyhow::bail!(
+                "zstd_dictionary_v2 cannot be trained: v2 clients fetch a dictionary by its ID; \
+                 use jetstream or a file"
+            );
         }
         let upstream = UpstreamConfig {
             upstream: self.upstream.clone(),
@@ -368,7 +398,8 @@ impl ServeArgs {
             admin_listen: self.admin_listen,
             ready_max_lag: Duration::from_secs(self.ready_max_lag_secs),
             slow_policy: self.slow_consumer,
-            zstd_dictionary: self.zstd_dictionary.clone(),
+            zstd_dictionary,
+            zstd_dictionary_v2,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             stats_interval: (self.stats_interval_secs > 0)
                 .then(|| Duration::from_secs(self.stats_interval_secs)),

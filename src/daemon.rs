@@ -13,6 +13,7 @@ use crate::event::Event;
 use crate::ingest::{IngestOutcome, IngestStats, Ingestor, StampState};
 use crate::logging::RateLimited;
 use crate::upstream::client::{self, ReceivedFrame, UpstreamConfig, UpstreamShared};
+use crate::wire::zstd::Zstd;
 
 /// Receives stamped events in order, on the ingest thread. It may block (backpressure from
 /// the log); an error stops ingest, since events could not be kept.
@@ -264,17 +265,7 @@ impl Daemon {
             .await?
             .map_err(|e| anyhow::anyhow!("cannot open the event log: {e}"))?;
         let log = Arc::new(log);
-        let zstd = Arc::new(std::sync::OnceLock::new());
-        // Without a file the dictionary is trained on first use (see `http::ensure_zstd`),
-        // so restarts stay cheap.
-        if let Some(path) = &config.zstd_dictionary {
-            let dictionary = std::fs::read(path).map_err(|e| {
-                anyhow::anyhow!("cannot read zstd dictionary {}: {e}", path.display())
-            })?;
-            let _ = zstd.set(Arc::new(crate::wire::jetstream_v1::Zstd::new(
-                dictionary, 3,
-            )));
-        }
+        let (zstd_v1, zstd_v2) = load_dictionaries(&config)?;
         let hub = crate::fanout::Hub::start(log.reader(), config.hub.clone());
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -289,8 +280,9 @@ impl Daemon {
             slow_policy: config.slow_policy,
             shutdown: shutdown_rx.clone(),
             stats: crate::http::HttpStats::default(),
-            zstd,
-            zstd_training: std::sync::atomic::AtomicBool::new(false),
+            zstd_v1,
+            zstd_v1_training: std::sync::atomic::AtomicBool::new(false),
+            zstd_v2,
         });
         let server = tokio::spawn(crate::http::serve(
             listener,
@@ -372,4 +364,34 @@ impl Daemon {
             .await
             .map_err(|_| anyhow::anyhow!("shutdown took longer than {} s", timeout.as_secs()))?
     }
+}
+
+/// The v1 and v2 compression schemes of `config`. A v1 `trained` dictionary is left unset:
+/// it is trained on first use (`http::ensure_zstd_v1`), so restarts stay cheap.
+#[allow(clippy::type_complexity)]
+fn load_dictionaries(
+    config: &crate::config::ServeConfig,
+) -> anyhow::Result<(Arc<std::sync::OnceLock<Arc<Zstd>>>, Arc<Zstd>)> {
+    use crate::wire::zstd::DictionarySource;
+    let read = |path: &std::path::Path| {
+        std::fs::read(path)
+            .map_err(|e| anyhow::anyhow!("cannot read zstd dictionary {}: {e}", path.display()))
+    };
+    let v1 = Arc::new(std::sync::OnceLock::new());
+    match &config.zstd_dictionary {
+        DictionarySource::Jetstream => {
+            let _ = v1.set(Arc::new(Zstd::jetstream_v1()));
+        }
+        DictionarySource::File(path) => {
+            let _ = v1.set(Arc::new(Zstd::new(read(path)?)));
+        }
+        DictionarySource::Trained => {}
+    }
+    let v2 = match &config.zstd_dictionary_v2 {
+        DictionarySource::File(path) => Zstd::with_id(read(path)?).map_err(|e| {
+            anyhow::anyhow!("zstd dictionary {} cannot serve v2: {e}", path.display())
+        })?,
+        _ => Zstd::jetstream_v2(),
+    };
+    Ok((v1, Arc::new(v2)))
 }

@@ -613,13 +613,29 @@ fn assert_decompress_to_v1(got: &[Bytes], all: &[Arc<Event>], dictionary: &[u8])
     (compressed, plain)
 }
 
-/// `--zstd-dictionary FILE` (what the harness passes unless a test trains its own): the
-/// file's bytes are served at once and are the dictionary of every compressed message.
+/// `--zstd-dictionary FILE`: the file's bytes are served at once and are the dictionary of
+/// every compressed message, here a raw-content one (no header, no ID).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v1_compress_uses_the_operator_supplied_dictionary() {
-    let env = corpus_env().await;
+    let files = tempfile::tempdir().unwrap();
+    let path = files.path().join("raw-dictionary");
+    std::fs::write(
+        &path,
+        br#"{"did":"did:plc:","time_us":,"cursor":,"kind":"commit","commit":{"rev":"","operation":"create","collection":"app.bsky.feed.","rkey":"","record":{"$type":"app.bsky.feed.","createdAt":"","text":""},"cid":"bafyrei"}}"#,
+    )
+    .unwrap();
+    let env = Env::start_with(
+        corpus(),
+        Speed::Max,
+        false,
+        false,
+        &["--zstd-dictionary", path.to_str().unwrap()],
+        |_| {},
+    )
+    .await;
+    env.wait_all_ingested().await;
     let all = v1_events(&env);
-    let supplied = std::fs::read(env.dir.path().join("raw-dictionary")).unwrap();
+    let supplied = std::fs::read(&path).unwrap();
     let (status, _, served) = http_get(env.addr(), "/zstd-dictionary").await;
     assert_eq!(status, 200, "the supplied dictionary is ready at start");
     assert_eq!(served, supplied, "served bytes are the operator's file");

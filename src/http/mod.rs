@@ -22,6 +22,7 @@ use tokio::sync::watch;
 
 use crate::fanout::filter::FilterLimits;
 use crate::fanout::{Hub, SlowPolicy, WireKind};
+use crate::wire::zstd::Zstd;
 use admission::{Admission, Permit, Refusal};
 use session::{SessionConfig, SessionEnd};
 
@@ -56,11 +57,14 @@ pub struct AppState {
     pub slow_policy: SlowPolicy,
     pub shutdown: watch::Receiver<bool>,
     pub stats: HttpStats,
-    /// Set once the v1 compression dictionary is ready: loaded at start from
-    /// `--zstd-dictionary`, or trained in the background when the first client asks for
-    /// compression (until then `compress=true` gets a 503 with Retry-After).
-    pub zstd: Arc<std::sync::OnceLock<Arc<crate::wire::jetstream_v1::Zstd>>>,
-    pub zstd_training: std::sync::atomic::AtomicBool,
+    /// v1 `compress=true`: set at start (Jetstream's dictionary, or the operator's
+    /// `--zstd-dictionary FILE`), or, with `--zstd-dictionary trained`, once sluice's own
+    /// is trained in the background after the first client asks (until then
+    /// `compress=true` gets a 503 with Retry-After).
+    pub zstd_v1: Arc<std::sync::OnceLock<Arc<Zstd>>>,
+    pub zstd_v1_training: std::sync::atomic::AtomicBool,
+    /// v2 `zstdDictionary=<id>`: the one current dictionary (`--zstd-dictionary-v2`).
+    pub zstd_v2: Arc<Zstd>,
 }
 
 /// The subscriber-facing router.
@@ -77,6 +81,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/event/{seq}", get(event_by_seq))
         .route("/zstd-dictionary", get(zstd_dictionary))
+        .route(
+            "/xrpc/network.bsky.jetstream.getZstdDictionary",
+            get(get_zstd_dictionary),
+        )
         .with_state(state)
 }
 
@@ -267,18 +275,17 @@ async fn event_by_seq(
     }
 }
 
-/// Starts training the default dictionary if nobody has yet.
-pub fn ensure_zstd(state: &AppState) {
-    if state.zstd.get().is_some() || state.zstd_training.swap(true, Ordering::AcqRel) {
+/// With `--zstd-dictionary trained`: starts training sluice's own v1 dictionary if nobody
+/// has yet.
+pub fn ensure_zstd_v1(state: &AppState) {
+    if state.zstd_v1.get().is_some() || state.zstd_v1_training.swap(true, Ordering::AcqRel) {
         return;
     }
-    let slot = state.zstd.clone();
+    let slot = state.zstd_v1.clone();
     tokio::task::spawn_blocking(
-        move || match crate::wire::jetstream_v1::default_dictionary() {
+        move || match crate::wire::jetstream_v1::trained_dictionary() {
             Ok(dictionary) => {
-                let _ = slot.set(Arc::new(crate::wire::jetstream_v1::Zstd::new(
-                    dictionary, 3,
-                )));
+                let _ = slot.set(Arc::new(Zstd::new(dictionary)));
                 tracing::info!("zstd dictionary trained; compress=true is available");
             }
             Err(e) => tracing::error!(error = %e, "cannot train the zstd dictionary"),
@@ -286,9 +293,10 @@ pub fn ensure_zstd(state: &AppState) {
     );
 }
 
+/// `GET /zstd-dictionary`: the dictionary of v1 `compress=true` (Jetstream's by default).
 async fn zstd_dictionary(State(state): State<Arc<AppState>>) -> Response {
-    ensure_zstd(&state);
-    match state.zstd.get() {
+    ensure_zstd_v1(&state);
+    match state.zstd_v1.get() {
         Some(zstd) => (
             [(header::CONTENT_TYPE, "application/octet-stream")],
             zstd.dictionary().clone(),
@@ -300,4 +308,65 @@ async fn zstd_dictionary(State(state): State<Arc<AppState>>) -> Response {
         )
             .into_response(),
     }
+}
+
+/// The HTTP 400 for a v2 client naming a dictionary ID that is not the current one: the
+/// message names the current ID, so the client can fetch it and reconnect.
+pub fn unknown_zstd_dictionary(state: &AppState, asked: &str) -> Response {
+    let current = state.zstd_v2.id().unwrap_or_default();
+    bad_request(
+        state,
+        "UnknownZstdDictionary",
+        format!(
+            "unknown zstd dictionary id {asked}; the current dictionary id is {current} \
+             (GET /xrpc/network.bsky.jetstream.getZstdDictionary, then reconnect with \
+             zstdDictionary={current})"
+        ),
+    )
+}
+
+/// `GET /xrpc/network.bsky.jetstream.getZstdDictionary[?id=N]`: the v2 dictionary as raw
+/// bytes. Asked for by ID it is immutable, and cacheable as such; without one it is the
+/// current dictionary, which a restart with another `--zstd-dictionary-v2` may change.
+async fn get_zstd_dictionary(
+    State(state): State<Arc<AppState>>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    let current = state.zstd_v2.id().unwrap_or_default();
+    let mut by_id = false;
+    for (key, value) in query_pairs(&query) {
+        match key.as_str() {
+            "id" => {
+                if value.parse::<u32>().ok() != Some(current) {
+                    return unknown_zstd_dictionary(&state, &value);
+                }
+                by_id = true;
+            }
+            other => {
+                return bad_request(
+                    &state,
+                    "InvalidRequest",
+                    format!("unknown parameter {other:?}; this endpoint takes id"),
+                )
+            }
+        }
+    }
+    let cache = if by_id {
+        "public, max-age=31536000, immutable"
+    } else {
+        "public, max-age=300"
+    };
+    let etag = format!("\"zstd-dictionary-{current}\"");
+    let mut response = (
+        [
+            (header::CONTENT_TYPE, "application/octet-stream"),
+            (header::CACHE_CONTROL, cache),
+        ],
+        state.zstd_v2.dictionary().clone(),
+    )
+        .into_response();
+    if let Ok(value) = HeaderValue::from_str(&etag) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    response
 }

@@ -2,7 +2,8 @@
 //!
 //! Owns batching (many events, one write), the write timeout, ping/pong keepalive with
 //! dead-peer detection, per-subscriber message size limits, and the close on shutdown.
-//! Must never: encode an event (wires hand over pre-encoded bytes), wait on a peer without
+//! Must never: encode an event itself (wires hand over pre-encoded bytes, compressed once
+//! per scheme and shared), wait on a peer without
 //! a timeout, or keep reading from the log after the peer is gone.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -70,8 +71,18 @@ impl Default for SessionConfig {
 
 /// What a wire decides for each session.
 pub trait WireSession: Send + 'static {
-    /// The message carrying this event, or `None` to skip it (e.g. the rest of a raw frame).
+    /// The message carrying this event, or `None` to skip it (e.g. the rest of a raw frame),
+    /// uncompressed: the size limits apply to it.
     fn message(&mut self, event: &Event) -> Option<Frame>;
+    /// A message as it goes on this subscriber's wire: compressed if it asked for it.
+    /// `seq` names the event the message carries (its compressed form is shared by every
+    /// subscriber of the scheme), `None` for a message of this subscriber's own (a notice,
+    /// an error frame). `None` back: it could not be encoded (counted by the wire) and is
+    /// not sent.
+    fn encode(&self, frame: Frame, seq: Option<u64>) -> Option<Frame> {
+        let _ = seq;
+        Some(frame)
+    }
     /// The client's own message size limit (0 = none).
     fn client_max_message_bytes(&self) -> usize;
     /// What to tell the subscriber about an event it will not get because of its size.
@@ -186,6 +197,10 @@ pub async fn run(
     initial: Vec<Frame>,
     counters: &WireCounters,
 ) -> SessionEnd {
+    let initial: Vec<Frame> = initial
+        .into_iter()
+        .filter_map(|frame| wire.encode(frame, None))
+        .collect();
     if let Err(end) = write_chunked(&mut socket, &initial, &config).await {
         return end;
     }
@@ -303,7 +318,7 @@ pub async fn run(
         SessionEnd::PeerClosed | SessionEnd::WriteFailed | SessionEnd::WriteTimeout
     ) {
         let close = async {
-            if let Some(last) = last {
+            if let Some(last) = last.and_then(|frame| wire.encode(frame, None)) {
                 socket.write_frames(&[last]).await?;
             }
             socket.close(code, &reason).await
@@ -334,13 +349,15 @@ async fn write_batch(
         let Some(frame) = wire.message(event) else {
             continue;
         };
+        // The limit applies to the uncompressed message, whatever the wire encoding.
         let size = frame.len();
         if size > limit {
             oversized += 1;
-            frames.extend(wire.oversized_notice(event, size, limit));
-        } else {
+            let notice = wire.oversized_notice(event, size, limit);
+            frames.extend(notice.and_then(|frame| wire.encode(frame, None)));
+        } else if let Some(frame) = wire.encode(frame, Some(event.seq)) {
             sent += 1;
-            sent_bytes += size as u64;
+            sent_bytes += frame.len() as u64;
             frames.push(frame);
         }
     }

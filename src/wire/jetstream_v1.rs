@@ -99,73 +99,14 @@ pub fn wrapped(seq: u64, time_us: i64, did: &str, kind: &str, body_json: &str) -
 use std::sync::Arc;
 
 use bytes::Bytes;
-use parking_lot::Mutex;
 
-const CACHE_SLOTS: usize = 8192;
+use super::zstd::Zstd;
 
-/// zstd compression of v1 events with a dictionary, shared by every compressing
-/// subscriber: each event is compressed once (the first subscriber to need it fills a
-/// small cache keyed by seq), never once per subscriber.
-pub struct Zstd {
-    dictionary: Bytes,
-    prepared: &'static zstd::dict::EncoderDictionary<'static>,
-    compressors: Mutex<Vec<zstd::bulk::Compressor<'static>>>,
-    cache: Vec<Mutex<Option<(u64, Bytes)>>>,
-}
-
-impl Zstd {
-    /// Prepares `dictionary` (raw zstd dictionary bytes) at `level`. The prepared
-    /// dictionary lives for the rest of the process: there is one per daemon.
-    pub fn new(dictionary: Vec<u8>, level: i32) -> Self {
-        let prepared: &'static zstd::dict::EncoderDictionary<'static> = Box::leak(Box::new(
-            zstd::dict::EncoderDictionary::copy(&dictionary, level),
-        ));
-        Self {
-            dictionary: Bytes::from(dictionary),
-            prepared,
-            compressors: Mutex::new(Vec::new()),
-            cache: (0..CACHE_SLOTS).map(|_| Mutex::new(None)).collect(),
-        }
-    }
-
-    /// Trains a dictionary of at most `max_size` bytes from sample v1 events.
-    pub fn train(samples: &[Bytes], max_size: usize) -> std::io::Result<Vec<u8>> {
-        zstd::dict::from_samples(samples, max_size)
-    }
-
-    pub fn dictionary(&self) -> &Bytes {
-        &self.dictionary
-    }
-
-    /// The compressed form of an event's v1 JSON.
-    pub fn compressed(&self, seq: u64, json: &Bytes) -> Option<Bytes> {
-        let slot = &self.cache[(seq % CACHE_SLOTS as u64) as usize];
-        if let Some((cached_seq, bytes)) = &*slot.lock() {
-            if *cached_seq == seq {
-                return Some(bytes.clone());
-            }
-        }
-        let compressor = self.compressors.lock().pop();
-        let mut compressor = match compressor {
-            Some(c) => c,
-            None => zstd::bulk::Compressor::with_prepared_dictionary(self.prepared).ok()?,
-        };
-        let out = compressor.compress(json).ok().map(Bytes::from);
-        let mut pool = self.compressors.lock();
-        if pool.len() < 16 {
-            pool.push(compressor);
-        }
-        drop(pool);
-        if let Some(bytes) = &out {
-            *slot.lock() = Some((seq, bytes.clone()));
-        }
-        out
-    }
-}
-
-/// A dictionary trained on synthetic traffic: deterministic, so it is the same after every
-/// restart and clients that fetched it keep working.
-pub fn default_dictionary() -> std::io::Result<Vec<u8>> {
+/// sluice's own dictionary (`--zstd-dictionary trained`), trained on synthetic traffic:
+/// deterministic, so it is the same after every restart and clients that fetched it from
+/// `/zstd-dictionary` keep working. Existing v1 clients cannot decode with it: they embed
+/// Jetstream's, the default.
+pub fn trained_dictionary() -> std::io::Result<Vec<u8>> {
     use crate::decode::DecodeLimits;
     use crate::ingest::{IngestOutcome, Ingestor, StampState};
     use crate::upstream::synth::{Synth, SynthOptions};
@@ -189,6 +130,7 @@ pub fn default_dictionary() -> std::io::Result<Vec<u8>> {
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::http::HeaderMap;
 use axum::response::Response;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -280,26 +222,54 @@ fn parse_options(text: &str) -> Result<OptionsPayload, String> {
     Ok(update.payload)
 }
 
+/// Whether any value of header `name` holds `token` (comma-separated, case-insensitive,
+/// parameters after `;` ignored).
+fn header_has(headers: &HeaderMap, name: &str, token: &str) -> bool {
+    headers.get_all(name).iter().any(|value| {
+        value.to_str().is_ok_and(|v| {
+            v.split(',').any(|item| {
+                item.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case(token))
+            })
+        })
+    })
+}
+
 /// `GET /subscribe`: Jetstream v1.
 pub async fn subscribe(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     RawQuery(query): RawQuery,
+    headers: HeaderMap,
     upgrade: Upgrade,
 ) -> Response {
-    let params = match parse(&query_pairs(&query)) {
+    let mut params = match parse(&query_pairs(&query)) {
         Ok(p) => p,
         Err(message) => return bad_request(&state, "InvalidRequest", message),
     };
+    // Jetstream's two opt-ins to zstd: the query parameter and this header.
+    if header_has(&headers, "socket-encoding", "zstd") {
+        params.compress = true;
+    }
+    if params.compress && header_has(&headers, "sec-websocket-extensions", "permessage-deflate") {
+        return bad_request(
+            &state,
+            "InvalidRequest",
+            "choose one compression: zstd (compress=true or Socket-Encoding: zstd) or \
+             permessage-deflate, not both"
+                .into(),
+        );
+    }
     let filter = match Filter::build(&params.collections, &params.dids, &[], &state.filter_limits) {
         Ok(f) => f,
         Err(message) => return bad_request(&state, "InvalidRequest", message),
     };
-    let zstd = match (params.compress, state.zstd.get()) {
+    let zstd = match (params.compress, state.zstd_v1.get()) {
         (false, _) => None,
         (true, Some(zstd)) => Some(zstd.clone()),
         (true, None) => {
-            crate::http::ensure_zstd(&state);
+            crate::http::ensure_zstd_v1(&state);
             return crate::http::refusal_response(&crate::http::admission::Refusal {
                 status: 503,
                 reason: "the compression dictionary is not ready yet",
@@ -464,11 +434,11 @@ impl V1Session {
 
 impl WireSession for V1Session {
     fn message(&mut self, event: &Event) -> Option<Frame> {
-        let json = event.v1_json.as_ref()?;
-        match &self.zstd {
-            Some(zstd) => zstd.compressed(event.seq, json).map(Frame::Binary),
-            None => Some(Frame::Text(json.clone())),
-        }
+        event.v1_json.clone().map(Frame::Text)
+    }
+
+    fn encode(&self, frame: Frame, seq: Option<u64>) -> Option<Frame> {
+        super::zstd::encode(self.zstd.as_deref(), frame, seq)
     }
 
     fn client_max_message_bytes(&self) -> usize {

@@ -105,6 +105,8 @@ struct Params {
     cursor: Option<u64>,
     max_message_bytes: usize,
     policy: Option<SlowPolicy>,
+    /// The dictionary ID asked for with `zstdDictionary`, as given.
+    zstd_dictionary: Option<String>,
 }
 
 fn parse(pairs: &[(String, String)], state: &AppState) -> Result<Params, String> {
@@ -112,6 +114,7 @@ fn parse(pairs: &[(String, String)], state: &AppState) -> Result<Params, String>
     let mut cursor = None;
     let mut max_message_bytes = 0usize;
     let mut policy = None;
+    let mut zstd_dictionary = None;
     for (key, value) in pairs {
         match key.as_str() {
             "collections" => collections.push(value.clone()),
@@ -134,14 +137,19 @@ fn parse(pairs: &[(String, String)], state: &AppState) -> Result<Params, String>
                     as usize
             }
             "slowConsumer" => policy = Some(value.parse::<SlowPolicy>()?),
-            "wantedCollections" | "wantedDids" | "requireHello" | "compress" => {
+            "wantedCollections" | "wantedDids" | "requireHello" => {
                 return Err(format!(
                     "{key} is a Jetstream v1 parameter; this endpoint takes collections, dids, kinds and cursor"
                 ))
             }
-            "zstdDictionary" => {
-                return Err("zstdDictionary is not supported by this server; omit it".to_string())
+            "compress" => {
+                return Err(
+                    "compress is a Jetstream v1 parameter; for compression here, fetch \
+                     network.bsky.jetstream.getZstdDictionary and pass zstdDictionary=<its id>"
+                        .to_string(),
+                )
             }
+            "zstdDictionary" => zstd_dictionary = Some(value.clone()),
             other => return Err(format!("unknown parameter {other:?}")),
         }
     }
@@ -156,6 +164,7 @@ fn parse(pairs: &[(String, String)], state: &AppState) -> Result<Params, String>
         cursor,
         max_message_bytes,
         policy,
+        zstd_dictionary,
     })
 }
 
@@ -195,6 +204,20 @@ pub async fn subscribe(
     let params = match parse(&query_pairs(&query), &state) {
         Ok(p) => p,
         Err(message) => return bad_request(&state, "InvalidRequest", message),
+    };
+    // Compression is by dictionary ID, checked before anything else is resolved.
+    let zstd = match &params.zstd_dictionary {
+        None => None,
+        Some(asked) => {
+            if asked
+                .parse::<u32>()
+                .ok()
+                .is_none_or(|id| Some(id) != state.zstd_v2.id())
+            {
+                return crate::http::unknown_zstd_dictionary(&state, asked);
+            }
+            Some(state.zstd_v2.clone())
+        }
     };
     let reader = state.hub.reader();
     let mut initial = Vec::new();
@@ -261,6 +284,7 @@ pub async fn subscribe(
                 .subscribe(WireKind::JetstreamV2, params.filter, policy, start);
             let wire = V2Session {
                 max_message_bytes: params.max_message_bytes,
+                zstd,
             };
             let end = session::run(
                 socket,
@@ -279,11 +303,18 @@ pub async fn subscribe(
 
 struct V2Session {
     max_message_bytes: usize,
+    /// With `zstdDictionary`: every message (events, `#info`, error frames) goes out as one
+    /// zstd frame of its text, in a binary message.
+    zstd: Option<Arc<super::zstd::Zstd>>,
 }
 
 impl WireSession for V2Session {
     fn message(&mut self, event: &Event) -> Option<Frame> {
         event.v2_json.clone().map(Frame::Text)
+    }
+
+    fn encode(&self, frame: Frame, seq: Option<u64>) -> Option<Frame> {
+        super::zstd::encode(self.zstd.as_deref(), frame, seq)
     }
 
     fn client_max_message_bytes(&self) -> usize {

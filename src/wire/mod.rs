@@ -5,3 +5,4 @@ pub mod jetstream_v1;
 pub mod jetstream_v2;
 mod json;
 pub mod raw;
+pub mod zstd;

@@ -141,6 +141,19 @@ pub fn frame_collections(frame: &[u8]) -> Vec<String> {
 
 // ---- upstream and daemon ------------------------------------------------------------
 
+/// Jetstream's dictionaries as shipped to clients (`SLUICE_JETSTREAM_DICTIONARIES`, default
+/// `../shared/jetstream-dictionaries`): tests decode with these files, not with sluice's
+/// embedded copy.
+pub fn jetstream_dictionary(name: &str) -> Vec<u8> {
+    let dir = match std::env::var_os("SLUICE_JETSTREAM_DICTIONARIES") {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/jetstream-dictionaries"),
+    };
+    let path = dir.join(name);
+    std::fs::read(&path)
+        .unwrap_or_else(|e| panic!("Jetstream's dictionary {} is required: {e}", path.display()))
+}
+
 /// A `replay` upstream on 127.0.0.1.
 pub async fn start_replay(
     frames: Vec<Bytes>,
@@ -164,8 +177,8 @@ pub async fn start_replay(
 }
 
 /// A daemon configuration for tests: listens on an ephemeral port, keeps everything by age,
-/// reconnects quickly, and (unless `train_dictionary`) loads a small raw-content zstd
-/// dictionary instead of training one, which saves a few seconds of CPU per daemon.
+/// reconnects quickly, and compresses v1 with Jetstream's dictionary (the default) or,
+/// with `train_dictionary`, with sluice's own trained at first use.
 pub fn serve_config(
     upstream: SocketAddr,
     dir: &Path,
@@ -175,8 +188,6 @@ pub fn serve_config(
     let upstream_url = format!("ws://{upstream}");
     let data = dir.join("data");
     let data = data.to_str().unwrap().to_string();
-    let dict_path = dir.join("raw-dictionary");
-    let dict = dict_path.to_str().unwrap().to_string();
     let mut argv: Vec<String> = [
         "x",
         "--upstream",
@@ -195,14 +206,9 @@ pub fn serve_config(
     .iter()
     .map(|s| s.to_string())
     .collect();
-    if !train_dictionary {
-        std::fs::write(
-            &dict_path,
-            br#"{"did":"did:plc:","time_us":,"cursor":,"kind":"commit","commit":{"rev":"","operation":"create","collection":"app.bsky.feed.","rkey":"","record":{"$type":"app.bsky.feed.","createdAt":"","text":""},"cid":"bafyrei"}}"#,
-        )
-        .unwrap();
+    if train_dictionary {
         argv.push("--zstd-dictionary".into());
-        argv.push(dict);
+        argv.push("trained".into());
     }
     argv.extend(extra.iter().map(|s| s.to_string()));
     sluice::config::parse_serve_args(argv)
