@@ -238,6 +238,12 @@ pub struct ServeArgs {
     /// the ID clients ask for).
     #[arg(long, env = "SLUICE_ZSTD_DICTIONARY_V2", default_value = "jetstream")]
     pub zstd_dictionary_v2: String,
+    /// MiB of compressed events kept per compression scheme (v1, v2) so each event is
+    /// compressed once for all its subscribers; past it an event is compressed for each
+    /// subscriber that needs it instead of being kept.
+    #[arg(long, env = "SLUICE_ZSTD_CACHE_MIB", default_value_t = 32,
+          value_parser = clap::value_parser!(u64).range(1..=4096))]
+    pub zstd_cache_mib: u64,
     /// Seconds allowed for a graceful shutdown before exiting anyway.
     #[arg(long, env = "SLUICE_SHUTDOWN_TIMEOUT_SECS", default_value_t = 20,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
@@ -266,6 +272,8 @@ pub struct ServeConfig {
     pub slow_policy: SlowPolicy,
     pub zstd_dictionary: DictionarySource,
     pub zstd_dictionary_v2: DictionarySource,
+    /// Bytes of compressed events kept per scheme.
+    pub zstd_cache_bytes: usize,
     pub shutdown_timeout: Duration,
     pub stats_interval: Option<Duration>,
 }
@@ -400,6 +408,7 @@ impl ServeArgs {
             slow_policy: self.slow_consumer,
             zstd_dictionary,
             zstd_dictionary_v2,
+            zstd_cache_bytes: usize_of(self.zstd_cache_mib * MIB)?,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             stats_interval: (self.stats_interval_secs > 0)
                 .then(|| Duration::from_secs(self.stats_interval_secs)),

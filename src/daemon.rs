@@ -283,6 +283,7 @@ impl Daemon {
             zstd_v1,
             zstd_v1_training: std::sync::atomic::AtomicBool::new(false),
             zstd_v2,
+            zstd_cache_bytes: config.zstd_cache_bytes,
         });
         let server = tokio::spawn(crate::http::serve(
             listener,
@@ -377,13 +378,14 @@ fn load_dictionaries(
         std::fs::read(path)
             .map_err(|e| anyhow::anyhow!("cannot read zstd dictionary {}: {e}", path.display()))
     };
+    let cache = config.zstd_cache_bytes;
     let v1 = Arc::new(std::sync::OnceLock::new());
     match &config.zstd_dictionary {
         DictionarySource::Jetstream => {
-            let _ = v1.set(Arc::new(Zstd::jetstream_v1()));
+            let _ = v1.set(Arc::new(Zstd::jetstream_v1().with_cache_limit(cache)));
         }
         DictionarySource::File(path) => {
-            let _ = v1.set(Arc::new(Zstd::new(read(path)?)));
+            let _ = v1.set(Arc::new(Zstd::new(read(path)?).with_cache_limit(cache)));
         }
         DictionarySource::Trained => {}
     }
@@ -393,5 +395,5 @@ fn load_dictionaries(
         })?,
         _ => Zstd::jetstream_v2(),
     };
-    Ok((v1, Arc::new(v2)))
+    Ok((v1, Arc::new(v2.with_cache_limit(cache))))
 }

@@ -57,6 +57,17 @@ async fn connect_with(url: &str, headers: &[(&str, &str)]) -> Result<Ws, (u16, S
     }
 }
 
+/// `sluice_zstd_compressed_events_total{scheme}` from the daemon's metrics.
+fn compressed_events(env: &Env, scheme: &str) -> u64 {
+    let metrics = env.daemon.admin.render_metrics();
+    let key = format!("sluice_zstd_compressed_events_total{{scheme=\"{scheme}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in the metrics"))
+}
+
 /// Messages until `n` have come, every one binary.
 async fn binaries(ws: &mut Ws, n: usize) -> Vec<Bytes> {
     let got = read_binaries(ws, n).await;
@@ -100,6 +111,9 @@ async fn v1_compressed_messages_decode_with_jetstreams_v1_dictionary() {
             "{how}: {compressed} compressed bytes of {uncompressed}"
         );
     }
+
+    // Two subscribers, each event compressed once.
+    assert_eq!(compressed_events(&env, "v1"), n as u64);
 
     // The dictionary endpoint serves exactly the file clients embed.
     let (status, _, served) = http_get(env.addr(), "/zstd-dictionary").await;
@@ -263,6 +277,9 @@ async fn v2_dictionary_negotiation_decodes_every_frame() {
         .collect();
     assert_eq!(infos.len(), 1, "one event over the limit: {infos:?}");
     assert!(infos[0].contains("EventTooBig"), "{}", infos[0]);
+
+    // Two subscribers got every event compressed: each was compressed once.
+    assert_eq!(compressed_events(&env, "v2"), n as u64);
 
     // Refusals before the upgrade.
     for (query, error, needle) in [

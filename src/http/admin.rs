@@ -170,6 +170,17 @@ impl AdminState {
                 .absolute(self.app.stats.refused_full.load(Ordering::Relaxed));
             counter!("sluice_admission_refused_total", "reason" => "invalid")
                 .absolute(self.app.stats.refused_invalid.load(Ordering::Relaxed));
+            let v1 = self.app.zstd_v1.get();
+            for (scheme, zstd) in [("v1", v1.map(|z| &**z)), ("v2", Some(&*self.app.zstd_v2))] {
+                counter!("sluice_zstd_compressed_events_total", "scheme" => scheme)
+                    .absolute(zstd.map_or(0, |z| z.compressed_count()));
+                counter!("sluice_zstd_failures_total", "scheme" => scheme)
+                    .absolute(zstd.map_or(0, |z| z.failed_count()));
+                counter!("sluice_zstd_uncached_events_total", "scheme" => scheme)
+                    .absolute(zstd.map_or(0, |z| z.uncached_count()));
+                gauge!("sluice_zstd_cache_bytes", "scheme" => scheme)
+                    .set(zstd.map_or(0, |z| z.cache_bytes()) as f64);
+            }
             gauge!("sluice_active_replays").set(hub.catchups_active.load(Ordering::Relaxed) as f64);
             counter!("sluice_cold_reads_total").absolute(hub.cold_reads.load(Ordering::Relaxed));
             counter!("sluice_index_budget_total", "outcome" => "waited")
@@ -286,6 +297,9 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_subscriber_disconnects_total", "Subscriber sessions ended, by reason."),
     ("sluice_admission_refused_total", "Subscribe requests refused before the upgrade, by reason."),
     ("sluice_cold_reads_total", "Log reads below the hot tail (from the durable store)."),
+    ("sluice_zstd_compressed_events_total", "Events compressed, by scheme (v1 compress=true, v2 zstdDictionary): once per event and scheme, shared by its subscribers."),
+    ("sluice_zstd_uncached_events_total", "Events compressed but not kept because the scheme's cache was at --zstd-cache-mib, by scheme: the next subscriber compresses them again."),
+    ("sluice_zstd_failures_total", "Messages that could not be compressed and so were not sent, by scheme (logged)."),
     ("sluice_index_budget_total", "Routing-index changes that waited for, were refused by, or were deferred by the hub-wide budget."),
     ("sluice_log_commits_total", "Group commits of the event log."),
     ("sluice_log_commit_failures_total", "Group commits of the event log that failed (retried)."),
@@ -349,6 +363,10 @@ const GAUGES: &[(&str, &str)] = &[
     (
         "sluice_runtime_worker_threads",
         "Async worker threads of the main runtime.",
+    ),
+    (
+        "sluice_zstd_cache_bytes",
+        "Bytes of compressed events a compression scheme keeps for its subscribers, by scheme.",
     ),
     ("sluice_ready", "1 while /readyz answers ready."),
 ];

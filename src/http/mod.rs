@@ -65,6 +65,8 @@ pub struct AppState {
     pub zstd_v1_training: std::sync::atomic::AtomicBool,
     /// v2 `zstdDictionary=<id>`: the one current dictionary (`--zstd-dictionary-v2`).
     pub zstd_v2: Arc<Zstd>,
+    /// Bytes of compressed events each scheme keeps (`--zstd-cache-mib`).
+    pub zstd_cache_bytes: usize,
 }
 
 /// The subscriber-facing router.
@@ -282,10 +284,11 @@ pub fn ensure_zstd_v1(state: &AppState) {
         return;
     }
     let slot = state.zstd_v1.clone();
+    let cache = state.zstd_cache_bytes;
     tokio::task::spawn_blocking(
         move || match crate::wire::jetstream_v1::trained_dictionary() {
             Ok(dictionary) => {
-                let _ = slot.set(Arc::new(Zstd::new(dictionary)));
+                let _ = slot.set(Arc::new(Zstd::new(dictionary).with_cache_limit(cache)));
                 tracing::info!("zstd dictionary trained; compress=true is available");
             }
             Err(e) => tracing::error!(error = %e, "cannot train the zstd dictionary"),

@@ -9,7 +9,7 @@
 //! Must never compress an event once per subscriber, or produce a message whose frame
 //! lacks the dictionary ID (clients pick the dictionary by that ID).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
 use bytes::Bytes;
@@ -38,6 +38,9 @@ pub const WINDOW_LOG: u32 = 17;
 /// at most a few hundred events, so the subscribers of one scheme that are near each
 /// other in the stream (live ones are all at the tip) find what the first compressed.
 const CACHE_SLOTS: usize = 8192;
+/// Default bound of the bytes the cache of one scheme holds: 8,192 events of ~270 bytes
+/// (the corpus's v1 mean compressed) are ~2 MiB, so this leaves room for large records.
+pub const DEFAULT_CACHE_BYTES: usize = 32 << 20;
 /// Idle compression contexts kept per scheme (one per concurrently compressing session).
 const POOL_MAX: usize = 16;
 
@@ -105,6 +108,12 @@ pub struct Zstd {
     prepared: &'static zstd::dict::EncoderDictionary<'static>,
     compressors: Mutex<Vec<zstd::bulk::Compressor<'static>>>,
     cache: Vec<Mutex<Option<(u64, Bytes)>>>,
+    /// Bytes the cache holds, and its bound (`--zstd-cache-mib`): an event that would
+    /// take the cache past it is compressed for the subscriber that needs it and not
+    /// kept (counted in `uncached`).
+    cache_bytes: AtomicUsize,
+    cache_max_bytes: usize,
+    uncached: AtomicU64,
     /// Events compressed (cache misses) and messages that could not be compressed.
     compressed: AtomicU64,
     failed: AtomicU64,
@@ -153,6 +162,9 @@ impl Zstd {
             prepared,
             compressors: Mutex::new(Vec::new()),
             cache: (0..CACHE_SLOTS).map(|_| Mutex::new(None)).collect(),
+            cache_bytes: AtomicUsize::new(0),
+            cache_max_bytes: DEFAULT_CACHE_BYTES,
+            uncached: AtomicU64::new(0),
             compressed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
         }
@@ -194,8 +206,39 @@ impl Zstd {
         }
         let out = self.compress(message)?;
         self.compressed.fetch_add(1, Ordering::Relaxed);
-        *slot.lock() = Some((seq, out.clone()));
+        let mut slot = slot.lock();
+        let freed = slot.as_ref().map_or(0, |(_, old)| old.len());
+        // The slot is locked, so what it holds is this update's to free.
+        let fits = self
+            .cache_bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+                let after = held.saturating_sub(freed) + out.len();
+                (after <= self.cache_max_bytes).then_some(after)
+            })
+            .is_ok();
+        if fits {
+            *slot = Some((seq, out.clone()));
+        } else {
+            self.uncached.fetch_add(1, Ordering::Relaxed);
+        }
         Ok(out)
+    }
+
+    /// Bounds the bytes the shared cache may hold (`--zstd-cache-mib`).
+    pub fn with_cache_limit(mut self, max_bytes: usize) -> Self {
+        self.cache_max_bytes = max_bytes;
+        self
+    }
+
+    /// Bytes the shared cache holds now.
+    pub fn cache_bytes(&self) -> usize {
+        self.cache_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Events compressed but not cached because the cache was at its byte bound: each such
+    /// event is compressed again for the next subscriber that needs it.
+    pub fn uncached_count(&self) -> u64 {
+        self.uncached.load(Ordering::Relaxed)
     }
 
     /// Compresses a message that belongs to one subscriber (a notice, an error frame): not
@@ -286,6 +329,33 @@ mod tests {
             Zstd::with_id(b"raw content".to_vec()),
             Err(ZstdError::NoDictionaryId)
         ));
+    }
+
+    #[test]
+    fn the_cache_stays_within_its_byte_bound_and_still_compresses() {
+        let message = vec![b'x'; 4096];
+        let one = Zstd::jetstream_v1().compress(&message).unwrap().len();
+        let zstd = Zstd::jetstream_v1().with_cache_limit(one * 3);
+        for seq in 0..10 {
+            assert!(!zstd.compressed(seq, &message).unwrap().is_empty());
+            assert!(
+                zstd.cache_bytes() <= one * 3,
+                "seq {seq}: {}",
+                zstd.cache_bytes()
+            );
+        }
+        assert_eq!(zstd.cache_bytes(), one * 3);
+        assert_eq!(zstd.uncached_count(), 7);
+        // An uncached event is compressed again for the next subscriber; a cached one is not.
+        zstd.compressed(9, &message).unwrap();
+        zstd.compressed(0, &message).unwrap();
+        assert_eq!(zstd.compressed_count(), 11);
+        // Replacing a slot frees what it held.
+        let slots = CACHE_SLOTS as u64;
+        zstd.compressed(slots, &message).unwrap();
+        assert_eq!(zstd.cache_bytes(), one * 3);
+        assert_eq!(zstd.compressed(slots, &message).unwrap().len(), one);
+        assert_eq!(zstd.compressed_count(), 12);
     }
 
     #[test]
