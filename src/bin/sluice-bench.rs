@@ -161,6 +161,10 @@ enum Wire {
     Raw,
     V1,
     V2,
+    /// v1 with `compress=true` (Jetstream's v1 zstd dictionary).
+    V1z,
+    /// v2 with `zstdDictionary=<id>` (Jetstream's v2 zstd dictionary).
+    V2z,
 }
 
 impl Wire {
@@ -169,6 +173,8 @@ impl Wire {
             Wire::Raw => "raw",
             Wire::V1 => "v1",
             Wire::V2 => "v2",
+            Wire::V1z => "v1z",
+            Wire::V2z => "v2z",
         }
     }
 }
@@ -625,13 +631,13 @@ impl Tally {
                     .map(|m| ld(&self.by_mask[m]))
                     .sum(),
             },
-            Wire::V1 | Wire::V2 => {
+            Wire::V1 | Wire::V2 | Wire::V1z | Wire::V2z => {
                 let bits = [CLS_POST, CLS_LIKE, CLS_FOLLOW, CLS_OTHER];
                 let ops: u64 = (0..4)
                     .filter(|i| filter.is_none_or(|f| f & bits[*i] != 0))
                     .map(|i| ld(&self.ops[i]))
                     .sum();
-                let sync = if target.wire() == Wire::V2 {
+                let sync = if matches!(target.wire(), Wire::V2 | Wire::V2z) {
                     ld(&self.sync)
                 } else {
                     0
@@ -884,6 +890,12 @@ impl SubShared {
 struct SubSpec {
     url: String,
     v2: bool,
+    /// A compressed wire (v1z, v2z).
+    compressed: bool,
+    /// The zstd dictionary of a compressed wire for the subscribers that decompress each
+    /// message to time it: one in `TIMED_EVERY`, so that decompressing in the bench's own
+    /// process does not starve the publisher and the other subscribers (it did at 200).
+    dictionary: Option<&'static zstd::dict::DecoderDictionary<'static>>,
     /// CLS_* mask, None = everything.
     filter: Option<u8>,
     stalls: bool,
@@ -923,12 +935,33 @@ fn realistic_filter(seed: u64, i: usize) -> Option<u8> {
     Some(bits[..k].iter().fold(0, |a, b| a | b))
 }
 
+/// On a compressed wire, one subscriber in this many decompresses (and times) every message;
+/// the others count what they receive.
+const TIMED_EVERY: usize = 10;
+
+/// Jetstream's v1 (1) or v2 (2) dictionary, prepared once for the bench's subscribers.
+fn decoder_dictionary(version: u8) -> &'static zstd::dict::DecoderDictionary<'static> {
+    static V1: std::sync::OnceLock<zstd::dict::DecoderDictionary<'static>> =
+        std::sync::OnceLock::new();
+    static V2: std::sync::OnceLock<zstd::dict::DecoderDictionary<'static>> =
+        std::sync::OnceLock::new();
+    if version == 1 {
+        V1.get_or_init(|| {
+            zstd::dict::DecoderDictionary::copy(sluice::wire::zstd::JETSTREAM_V1_DICTIONARY)
+        })
+    } else {
+        V2.get_or_init(|| {
+            zstd::dict::DecoderDictionary::copy(sluice::wire::zstd::JETSTREAM_V2_DICTIONARY)
+        })
+    }
+}
+
 fn sub_url(target: Target, port: u16, filter: Option<u8>) -> String {
     let base = format!("ws://127.0.0.1:{port}");
     let (path, param) = match target {
         Target::Sluice(Wire::Raw) => ("/xrpc/com.atproto.sync.subscribeRepos", "wantedCollections"),
-        Target::Sluice(Wire::V1) => ("/subscribe", "wantedCollections"),
-        Target::Sluice(Wire::V2) => (
+        Target::Sluice(Wire::V1 | Wire::V1z) => ("/subscribe", "wantedCollections"),
+        Target::Sluice(Wire::V2 | Wire::V2z) => (
             "/xrpc/network.bsky.jetstream.subscribeEvents",
             "collections",
         ),
@@ -942,6 +975,18 @@ fn sub_url(target: Target, port: u16, filter: Option<u8>) -> String {
             url.push('=');
             url.push_str(c);
         }
+    }
+    let opt_in = match target {
+        Target::Sluice(Wire::V1z) => Some("compress=true".to_string()),
+        Target::Sluice(Wire::V2z) => Some(format!(
+            "zstdDictionary={}",
+            sluice::wire::zstd::JETSTREAM_V2_DICTIONARY_ID
+        )),
+        _ => None,
+    };
+    if let Some(opt_in) = opt_in {
+        url.push(if url.contains('?') { '&' } else { '?' });
+        url.push_str(&opt_in);
     }
     url
 }
@@ -981,6 +1026,9 @@ async fn run_sub(
     me: Arc<SubShared>,
 ) {
     let (_sink, mut source) = ws.split();
+    let mut decompressor = spec
+        .dictionary
+        .and_then(|d| zstd::bulk::Decompressor::with_prepared_dictionary(d).ok());
     me.connected.store(true, Ordering::Relaxed);
     loop {
         if spec.stalls && ctl.stall_active.load(Ordering::Relaxed) {
@@ -1000,6 +1048,13 @@ async fn run_sub(
         };
         let now = now_ns();
         let key = match &msg {
+            Message::Binary(b) if spec.compressed => decompressor
+                .as_mut()
+                .and_then(|d| d.decompress(b, 64 << 20).ok())
+                .and_then(|plain| {
+                    let t = std::str::from_utf8(&plain).ok()?;
+                    Some(commit_key(json_str(t, "did")?, json_str(t, "rev")?))
+                }),
             Message::Binary(b) => frame_seq(b).map(seq_key),
             Message::Text(t) => {
                 let t = t.as_str();
@@ -1023,7 +1078,7 @@ async fn run_sub(
             }
             None => {
                 // identity/account events carry no rev: not timed.
-                if matches!(msg, Message::Binary(_)) || key.is_some() {
+                if (matches!(msg, Message::Binary(_)) && !spec.compressed) || key.is_some() {
                     me.unmatched.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -1247,6 +1302,8 @@ async fn start_target(args: &FanoutArgs, target: Target, tag: &str) -> anyhow::R
             let ws = connect_sub(&SubSpec {
                 url: format!("ws://127.0.0.1:{port}/"),
                 v2: false,
+                compressed: false,
+                dictionary: None,
                 filter: None,
                 stalls: false,
             })
@@ -1381,7 +1438,14 @@ async fn run_phase(
             };
             Arc::new(SubSpec {
                 url: sub_url(target, running.port, filter),
-                v2: target == Target::Sluice(Wire::V2),
+                v2: matches!(target.wire(), Wire::V2 | Wire::V2z) && is_sluice,
+                compressed: matches!(target.wire(), Wire::V1z | Wire::V2z),
+                dictionary: match target {
+                    _ if i % TIMED_EVERY != 0 => None,
+                    Target::Sluice(Wire::V1z) => Some(decoder_dictionary(1)),
+                    Target::Sluice(Wire::V2z) => Some(decoder_dictionary(2)),
+                    _ => None,
+                },
                 filter,
                 stalls: is_sluice
                     && stall_every != usize::MAX
