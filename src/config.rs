@@ -592,4 +592,33 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn dictionaries_default_to_jetstreams_and_v2_cannot_be_trained() {
+        let config = parse_serve_args(["x"]).unwrap().to_config().unwrap();
+        assert_eq!(config.zstd_dictionary, DictionarySource::Jetstream);
+        assert_eq!(config.zstd_dictionary_v2, DictionarySource::Jetstream);
+        assert_eq!(config.zstd_cache_bytes, 32 << 20);
+        let config = parse_serve_args(["x", "--zstd-dictionary", "trained"])
+            .unwrap()
+            .to_config()
+            .unwrap();
+        assert_eq!(config.zstd_dictionary, DictionarySource::Trained);
+        let err = parse_serve_args(["x", "--zstd-dictionary-v2", "trained"])
+            .unwrap()
+            .to_config()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("zstd_dictionary_v2"), "{err}");
+        let err = parse_serve_args(["x", "--zstd-dictionary-v2", "/no/such/file"])
+            .unwrap()
+            .to_config()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("zstd_dictionary_v2") && err.contains("/no/such/file"),
+            "{err}"
+        );
+        assert!(parse_serve_args(["x", "--zstd-cache-mib", "0"]).is_err());
+    }
 }

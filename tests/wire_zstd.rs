@@ -342,3 +342,59 @@ async fn v2_compressed_error_frame_ends_a_too_slow_stream() {
     );
     env.stop().await;
 }
+
+/// `--zstd-dictionary-v2 FILE`: the file is served and its header's ID is the one to ask
+/// for; a file without an ID (raw content) cannot serve v2 and stops the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_operator_dictionary_replaces_the_default_by_its_id() {
+    let files = tempfile::tempdir().unwrap();
+    // Any structured dictionary will do: Jetstream's v1 one, ID 1612007021.
+    let own = jetstream_dictionary("legacy_subscribe.zdict");
+    let path = files.path().join("own.zdict");
+    std::fs::write(&path, &own).unwrap();
+    let env = Env::start_with(
+        corpus(),
+        Speed::Max,
+        false,
+        false,
+        &["--zstd-dictionary-v2", path.to_str().unwrap()],
+        |_| {},
+    )
+    .await;
+    env.wait_all_ingested().await;
+    let (status, _, served) = http_get(env.addr(), GET_DICTIONARY).await;
+    assert_eq!(status, 200);
+    assert!(served == own, "serves the operator's file");
+    let mut plain_ws = connect(&env.url(&format!("{V2_PATH}?cursor=1"))).await;
+    let first = read_texts(&mut plain_ws, 1).await.remove(0);
+    let mut ws = connect(&env.url(&format!(
+        "{V2_PATH}?cursor=1&zstdDictionary={V1_DICTIONARY_ID}"
+    )))
+    .await;
+    let got = read_binaries(&mut ws, 1).await.remove(0);
+    assert_eq!(decode(&got, &own, V1_DICTIONARY_ID), first);
+    let (status, _, body) =
+        refused(&env.url(&format!("{V2_PATH}?zstdDictionary={V2_DICTIONARY_ID}"))).await;
+    assert_eq!(status, 400);
+    assert!(
+        body.contains("UnknownZstdDictionary") && body.contains("1612007021"),
+        "{body}"
+    );
+    env.stop().await;
+
+    let raw = files.path().join("raw");
+    std::fs::write(&raw, b"{\"did\":\"did:plc:\",\"kind\":\"commit\"}").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let upstream: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let config = serve_config(
+        upstream,
+        dir.path(),
+        false,
+        &["--zstd-dictionary-v2", raw.to_str().unwrap()],
+    );
+    let err = match sluice::daemon::Daemon::start(config).await {
+        Ok(_) => panic!("a raw-content dictionary was accepted for v2"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("cannot serve v2"), "{err}");
+}

@@ -1,7 +1,9 @@
 //! Jetstream v1 JSON (`/subscribe`): one event per repo op, `{did, time_us, kind, ...}`.
 //!
-//! Owns the byte layout of v1 events. sluice adds `cursor` (its own seq) beside `time_us`
-//! so clients can resume exactly; clients that ignore unknown fields are unaffected.
+//! Owns the byte layout of v1 events and the v1 parameters, including the zstd opt-ins
+//! (`compress=true`, `Socket-Encoding: zstd`; the scheme itself is `wire::zstd`). sluice
+//! adds `cursor` (its own seq) beside `time_us` so clients can resume exactly; clients
+//! that ignore unknown fields are unaffected.
 //! Must never emit kinds other than `commit`, `identity` and `account`: strict v1 clients
 //! reject unknown kinds.
 

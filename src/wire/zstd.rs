@@ -358,6 +358,32 @@ mod tests {
         assert_eq!(zstd.compressed_count(), 12);
     }
 
+    /// Jetstream's window: a decoder that allows no more than 128 KiB decodes any message,
+    /// large records included.
+    #[test]
+    fn large_messages_keep_to_a_128_kib_window() {
+        let mut message = Vec::new();
+        let mut x: u32 = 1;
+        while message.len() < 1 << 20 {
+            // Text that does not repeat within the window.
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+            message.extend_from_slice(format!("{{\"k{x}\":{}}},", x % 977).as_bytes());
+        }
+        for (zstd, dictionary) in [
+            (Zstd::jetstream_v1(), JETSTREAM_V1_DICTIONARY),
+            (Zstd::jetstream_v2(), JETSTREAM_V2_DICTIONARY),
+        ] {
+            let frame = zstd.compressed(1, &message).unwrap();
+            // The window limit is enforced by the streaming decoder (as clients decode).
+            let mut d =
+                zstd::stream::read::Decoder::with_dictionary(&frame[..], dictionary).unwrap();
+            d.window_log_max(WINDOW_LOG).unwrap();
+            let mut out = Vec::new();
+            std::io::Read::read_to_end(&mut d, &mut out).unwrap();
+            assert_eq!(out, message);
+        }
+    }
+
     #[test]
     fn frames_name_their_dictionary_and_decode_with_it_only() {
         let message = br#"{"did":"did:plc:abc","time_us":1,"kind":"commit","commit":{"rev":"x","operation":"create","collection":"app.bsky.feed.like","rkey":"y"}}"#;
