@@ -15,6 +15,7 @@ use crate::daemon::IngestConfig;
 use crate::fanout::filter::FilterLimits;
 use crate::fanout::{HubConfig, SlowPolicy};
 use crate::http::admission::AdmissionConfig;
+use crate::http::listen::ListenConfig;
 use crate::http::session::SessionConfig;
 use crate::log::{LogConfig, RetentionConfig};
 use crate::upstream::client::{UpstreamConfig, DEFAULT_UPSTREAM};
@@ -219,6 +220,40 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_PONG_TIMEOUT_SECS", default_value_t = 60,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub pong_timeout_secs: u64,
+    /// Seconds a client may take to send a request's line and headers (both listeners);
+    /// slower, and the connection is closed.
+    #[arg(long, env = "SLUICE_HEADER_READ_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub header_read_timeout_secs: u64,
+    /// Seconds from accepting a connection to its websocket upgrade (both listeners); a
+    /// connection not upgraded by then is closed, so a plain HTTP connection (`/event`,
+    /// `/metrics`, keep-alive included) lives at most this long. At least
+    /// `--header-read-timeout-secs`.
+    #[arg(long, env = "SLUICE_HANDSHAKE_TIMEOUT_SECS", default_value_t = 15,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub handshake_timeout_secs: u64,
+    /// Connections accepted on the subscriber listener and not yet upgraded (or answered);
+    /// one more is answered HTTP 503 and closed. Each may hold up to
+    /// `--max-request-head-kib` of request head.
+    #[arg(long, env = "SLUICE_MAX_PENDING_CONNECTIONS", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_pending_connections: u64,
+    /// The same per client IP (both listeners); one more is answered HTTP 429 and closed.
+    #[arg(long, env = "SLUICE_MAX_PENDING_PER_IP", default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_pending_per_ip: u64,
+    /// Largest request head (request line and headers) read from a client, KiB; a URI is
+    /// at most 64 KiB whatever this says. Larger: HTTP 431.
+    #[arg(long, env = "SLUICE_MAX_REQUEST_HEAD_KIB", default_value_t = 80,
+          value_parser = clap::value_parser!(u64).range(8..=4096))]
+    pub max_request_head_kib: u64,
+    /// File descriptors kept from subscriber connections, for the log's files, the
+    /// upstream, the listeners and admin connections (which may use a quarter of it);
+    /// the subscriber listener refuses connections (HTTP 503) once it holds the open-file
+    /// limit minus this. The soft open-file limit is raised to the hard one at start.
+    #[arg(long, env = "SLUICE_FD_RESERVE", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(16..=1_000_000))]
+    pub fd_reserve: u64,
     /// Most collections one subscriber may name.
     #[arg(long, env = "SLUICE_MAX_COLLECTIONS", default_value_t = 100,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
@@ -276,6 +311,24 @@ pub struct ServeConfig {
     pub zstd_cache_bytes: usize,
     pub shutdown_timeout: Duration,
     pub stats_interval: Option<Duration>,
+    /// Limits before the upgrade on the subscriber listener (`http::listen`).
+    pub listen_limits: ListenConfig,
+    /// Descriptors kept from subscriber connections.
+    pub fd_reserve: u64,
+}
+
+impl ServeConfig {
+    /// The admin listener's limits: the subscriber listener's timeouts, at most a quarter
+    /// of the descriptor reserve pending at once, and small request heads.
+    pub fn admin_listen_limits(&self) -> ListenConfig {
+        let quarter = usize::try_from(self.fd_reserve / 4).unwrap_or(usize::MAX);
+        ListenConfig {
+            max_pending: self.listen_limits.max_pending.min(quarter),
+            max_head_bytes: 16 * 1024,
+            send_buffer_bytes: None,
+            ..self.listen_limits.clone()
+        }
+    }
 }
 
 fn usize_of(v: u64) -> anyhow::Result<usize> {
@@ -313,6 +366,13 @@ impl ServeArgs {
                 "pong_timeout_secs ({}) must exceed ping_interval_secs ({})",
                 self.pong_timeout_secs,
                 self.ping_interval_secs
+            );
+        }
+        if self.handshake_timeout_secs < self.header_read_timeout_secs {
+            anyhow::bail!(
+                "handshake_timeout_secs ({}) must be at least header_read_timeout_secs ({})",
+                self.handshake_timeout_secs,
+                self.header_read_timeout_secs
             );
         }
         crate::upstream::client::subscribe_url(&self.upstream, None)?;
@@ -412,6 +472,16 @@ impl ServeArgs {
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout_secs),
             stats_interval: (self.stats_interval_secs > 0)
                 .then(|| Duration::from_secs(self.stats_interval_secs)),
+            listen_limits: ListenConfig {
+                header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+                handshake_timeout: Duration::from_secs(self.handshake_timeout_secs),
+                max_pending: usize_of(self.max_pending_connections)?,
+                max_pending_per_ip: usize_of(self.max_pending_per_ip)?,
+                max_head_bytes: usize_of(self.max_request_head_kib * 1024)?,
+                send_buffer_bytes: None,
+                retry_after_secs: self.retry_after_secs,
+            },
+            fd_reserve: self.fd_reserve,
         })
     }
 }

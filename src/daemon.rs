@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::decode::DecodeLimits;
 use crate::event::Event;
+use crate::http::listen::{Connections, Side};
 use crate::ingest::{IngestOutcome, IngestStats, Ingestor, StampState};
 use crate::logging::RateLimited;
 use crate::upstream::client::{self, ReceivedFrame, UpstreamConfig, UpstreamShared};
@@ -240,6 +241,9 @@ async fn ingest_loop(
     Ok(ingestor.stats().clone())
 }
 
+/// Fewest descriptors that must be left for client connections after `--fd-reserve`.
+const MIN_CLIENT_FDS: u64 = 64;
+
 /// The whole daemon: log, fan-out hub, subscriber endpoints and ingest.
 pub struct Daemon {
     /// Where the subscriber endpoints listen (useful when the configured port was 0).
@@ -267,6 +271,24 @@ impl Daemon {
         let log = Arc::new(log);
         let (zstd_v1, zstd_v2) = load_dictionaries(&config)?;
         let hub = crate::fanout::Hub::start(log.reader(), config.hub.clone());
+        let connections = Arc::new(Connections::new(
+            crate::http::listen::raise_open_file_limit(),
+            config.fd_reserve,
+        ));
+        match connections.nofile() {
+            Some(nofile) if nofile < config.fd_reserve + MIN_CLIENT_FDS => anyhow::bail!(
+                "the open-file limit ({nofile}) leaves fewer than {MIN_CLIENT_FDS} descriptors \
+                 for clients after --fd-reserve ({}): raise LimitNOFILE (ulimit -n) or lower \
+                 --fd-reserve",
+                config.fd_reserve
+            ),
+            Some(nofile) => tracing::info!(
+                nofile,
+                fd_reserve = config.fd_reserve,
+                "open-file limit; subscriber connections stop short of it by the reserve"
+            ),
+            None => tracing::warn!("open-file limit unknown: no descriptor budget for clients"),
+        }
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -284,12 +306,17 @@ impl Daemon {
             zstd_v1_training: std::sync::atomic::AtomicBool::new(false),
             zstd_v2,
             zstd_cache_bytes: config.zstd_cache_bytes,
+            connections: connections.clone(),
         });
-        let server = tokio::spawn(crate::http::serve(
+        let mut listen_limits = config.listen_limits.clone();
+        listen_limits.send_buffer_bytes = Some(config.session.socket_send_buffer);
+        let server = tokio::spawn(crate::http::listen::serve(
             listener,
             crate::http::router(app.clone()),
             shutdown_rx,
-            Some(config.session.socket_send_buffer),
+            Side::Subscriber,
+            connections.clone(),
+            listen_limits,
         ));
         let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
             .await
@@ -311,11 +338,13 @@ impl Daemon {
             },
         ));
         let admin_shutdown = shutdown_tx.subscribe();
-        let admin_server = tokio::spawn(crate::http::serve(
+        let admin_server = tokio::spawn(crate::http::listen::serve(
             admin_listener,
             crate::http::admin::router(admin.clone()),
             admin_shutdown,
-            None,
+            Side::Admin,
+            connections,
+            config.admin_listen_limits(),
         ));
         tracing::info!(%addr, %admin_addr, "subscriber and admin endpoints listening");
         Ok(Daemon {

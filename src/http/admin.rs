@@ -20,6 +20,7 @@ use crate::decode::DecodeError;
 use crate::event::EventKind;
 use crate::fanout::{Hub, WireKind};
 use crate::http::session::SessionEnd;
+use crate::http::listen::{Refused, Side};
 use crate::http::AppState;
 use crate::ingest::{now_us, IngestStats};
 use crate::log::Log;
@@ -180,6 +181,37 @@ impl AdminState {
                     .absolute(zstd.map_or(0, |z| z.uncached_count()));
                 gauge!("sluice_zstd_cache_bytes", "scheme" => scheme)
                     .set(zstd.map_or(0, |z| z.cache_bytes()) as f64);
+            }
+            let connections = &self.app.connections;
+            for side in [Side::Subscriber, Side::Admin] {
+                let name = side.as_str();
+                let stats = connections.stats(side);
+                gauge!("sluice_connections_open", "listener" => name)
+                    .set(stats.open.load(Ordering::Relaxed) as f64);
+                gauge!("sluice_connections_pending", "listener" => name)
+                    .set(stats.pending.load(Ordering::Relaxed) as f64);
+                counter!("sluice_connections_accepted_total", "listener" => name)
+                    .absolute(stats.accepted.load(Ordering::Relaxed));
+                for why in Refused::ALL {
+                    counter!("sluice_connections_refused_total", "listener" => name, "reason" => why.reason())
+                        .absolute(stats.refused(why));
+                }
+                for (reason, n) in [
+                    ("header_timeout", &stats.header_timeouts),
+                    ("handshake_timeout", &stats.handshake_timeouts),
+                    ("shutdown", &stats.closed_on_shutdown),
+                ] {
+                    counter!("sluice_connections_closed_unfinished_total", "listener" => name, "reason" => reason)
+                        .absolute(n.load(Ordering::Relaxed));
+                }
+                counter!("sluice_connections_accept_errors_total", "listener" => name)
+                    .absolute(stats.accept_errors.load(Ordering::Relaxed));
+                if let Some(cap) = connections.cap(side) {
+                    gauge!("sluice_connections_fd_cap", "listener" => name).set(cap as f64);
+                }
+            }
+            if let Some(nofile) = connections.nofile() {
+                gauge!("sluice_open_file_limit").set(nofile as f64);
             }
             gauge!("sluice_active_replays").set(hub.catchups_active.load(Ordering::Relaxed) as f64);
             counter!("sluice_cold_reads_total").absolute(hub.cold_reads.load(Ordering::Relaxed));

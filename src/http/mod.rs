@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod listen;
 pub mod session;
 pub mod websocket;
 
@@ -67,6 +68,8 @@ pub struct AppState {
     pub zstd_v2: Arc<Zstd>,
     /// Bytes of compressed events each scheme keeps (`--zstd-cache-mib`).
     pub zstd_cache_bytes: usize,
+    /// Both listeners' connection counts and the descriptor budget (`http::listen`).
+    pub connections: Arc<listen::Connections>,
 }
 
 /// The subscriber-facing router.
@@ -88,35 +91,6 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(get_zstd_dictionary),
         )
         .with_state(state)
-}
-
-/// Serves `router` on `listener` until `shutdown` turns true. Each accepted socket's
-/// kernel send buffer is set to `send_buffer_bytes` (when given): without a bound the
-/// kernel grows it to megabytes per connection, which both costs memory per subscriber and
-/// hides a slow consumer from its queue.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    router: Router,
-    mut shutdown: watch::Receiver<bool>,
-    send_buffer_bytes: Option<usize>,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(move |tcp| {
-        let _ = tcp.set_nodelay(true);
-        if let Some(bytes) = send_buffer_bytes {
-            if let Err(e) = socket2::SockRef::from(&*tcp).set_send_buffer_size(bytes) {
-                tracing::debug!(error = %e, "cannot set the subscriber send buffer");
-            }
-        }
-    });
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(async move {
-        let _ = shutdown.wait_for(|&s| s).await;
-    })
-    .await
 }
 
 /// Query pairs in order, repeated keys kept.

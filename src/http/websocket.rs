@@ -128,6 +128,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
                 StatusCode::BAD_REQUEST,
                 "Sec-WebSocket-Key header missing",
             ))?;
+        if !valid_key(key.as_bytes()) {
+            return Err(NotAnUpgrade(
+                StatusCode::BAD_REQUEST,
+                "Sec-WebSocket-Key must be 16 bytes in base64",
+            ));
+        }
         let on_upgrade = parts
             .extensions
             .remove::<hyper::upgrade::OnUpgrade>()
@@ -209,6 +215,15 @@ impl Upgrade {
         }
         response
     }
+}
+
+/// Whether a `Sec-WebSocket-Key` is what RFC 6455 (4.2.1) asks for: 16 bytes in base64.
+fn valid_key(key: &[u8]) -> bool {
+    use base64::Engine;
+    key.len() == 24
+        && base64::engine::general_purpose::STANDARD
+            .decode(key)
+            .is_ok_and(|raw| raw.len() == 16)
 }
 
 /// Whether a comma-separated header holds `token` (case-insensitive).
@@ -404,6 +419,21 @@ mod tests {
         assert!(matches!(&got[2], Some(Ok(Message::Binary(b))) if *b == payload(1, 5000)));
         assert!(matches!(&got[3], Some(Ok(Message::Text(t))) if t.as_str() == "{}"));
         assert!(writer.await.is_ok_and(|r| r.is_ok()));
+    }
+
+    #[test]
+    fn keys_must_be_sixteen_bytes_of_base64() {
+        // RFC 6455's own example key.
+        assert!(valid_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        for bad in [
+            &b""[..],
+            b"  ",
+            b"dGhlIHNhbXBsZSBub25jZQ",
+            b"dGhlIHNhbXBsZSBub25jZQ=!",
+            b"YWJj",
+        ] {
+            assert!(!valid_key(bad), "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

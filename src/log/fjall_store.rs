@@ -70,6 +70,9 @@ pub struct FjallConfig {
     /// Threads that compress the segments of one commit in parallel (default: the
     /// available parallelism, at most 4).
     pub encode_threads: usize,
+    /// Files the index keyspace keeps open at most (fjall's default is 900): part of the
+    /// descriptors `--fd-reserve` keeps from clients, with one per data file.
+    pub max_open_files: usize,
 }
 
 impl FjallConfig {
@@ -85,6 +88,7 @@ impl FjallConfig {
             encode_threads: std::thread::available_parallelism()
                 .map_or(1, |n| n.get())
                 .min(4),
+            max_open_files: 256,
         }
     }
 }
@@ -233,6 +237,7 @@ impl FjallStore {
         let keyspace = Config::new(&config.dir)
             .max_journaling_size(config.max_journal_bytes.max(24 * 1024 * 1024))
             .cache_size(config.cache_bytes)
+            .max_open_files(config.max_open_files)
             .open()
             .map_err(|e| {
                 LogError::Backend(format!(
