@@ -570,6 +570,10 @@ async fn v1_compress_uses_the_served_dictionary() {
         }
         assert_eq!(status, 503);
         assert!(
+            header(&headers, "retry-after").is_some_and(|r| r.parse::<u64>().is_ok()),
+            "a 503 says when to retry: {headers:?}"
+        );
+        assert!(
             tokio::time::Instant::now() < deadline,
             "dictionary never became ready"
         );

@@ -200,9 +200,10 @@ async fn event_by_seq(
     RawQuery(query): RawQuery,
     _peer: ConnectInfo<SocketAddr>,
 ) -> Response {
+    // As on the subscribe endpoints: a parameter given twice counts with its last value.
     let wire = query_pairs(&query)
         .into_iter()
-        .find(|(k, _)| k == "wire")
+        .rfind(|(k, _)| k == "wire")
         .map(|(_, v)| v)
         .unwrap_or_else(|| "v2".to_string());
     let wire = match wire.as_str() {
@@ -279,11 +280,11 @@ async fn zstd_dictionary(State(state): State<Arc<AppState>>) -> Response {
             zstd.dictionary().clone(),
         )
             .into_response(),
-        None => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the dictionary is still being trained",
-        )
-            .into_response(),
+        None => refusal_response(&Refusal {
+            status: 503,
+            reason: "the dictionary is still being trained",
+            retry_after_secs: session::retry_after(state.session.retry_after_secs),
+        }),
     }
 }
 

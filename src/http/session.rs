@@ -119,6 +119,12 @@ pub enum SessionEnd {
     /// The hub-wide index budget could not pay for the filter change within
     /// `fanout::MAX_INDEX_WAIT`; this is how long it would have taken.
     IndexBusy(Duration),
+    /// The subscriber broke the websocket protocol (an unmasked frame, a bad opcode, an
+    /// invalid close code: 1002; text that is not UTF-8: 1007).
+    Violation {
+        code: u16,
+        problem: String,
+    },
 }
 
 impl SessionEnd {
@@ -154,6 +160,7 @@ impl SessionEnd {
             SessionEnd::MessageTooBig => "message_too_big",
             SessionEnd::UpdatesTooFast => "updates_too_fast",
             SessionEnd::IndexBusy(_) => "index_busy",
+            SessionEnd::Violation { .. } => "protocol_error",
         }
     }
 }
@@ -237,10 +244,27 @@ pub async fn run(
                             },
                         }
                     }
-                    Some(Ok(Message::Close(_))) | None => break SessionEnd::PeerClosed,
+                    Some(Ok(Message::Close(frame))) => {
+                        // tungstenite has queued the answering close (1002 for a code
+                        // the protocol does not allow); send it.
+                        let _ = tokio::time::timeout(CLOSE_WAIT, socket.flush()).await;
+                        // tungstenite hands over a close with a code the protocol does
+                        // not allow as 1002 "Protocol violation", the answer it sends.
+                        break match frame {
+                            Some(f) if u16::from(f.code) == 1002
+                                && f.reason.as_str() == TUNGSTENITE_BAD_CLOSE =>
+                            {
+                                SessionEnd::Violation {
+                                    code: 1002,
+                                    problem: "close code not allowed".to_string(),
+                                }
+                            }
+                            _ => SessionEnd::PeerClosed,
+                        };
+                    }
+                    None => break SessionEnd::PeerClosed,
                     Some(Ok(_)) => last_heard = tokio::time::Instant::now(),
-                    Some(Err(WsError::Capacity(_))) => break SessionEnd::MessageTooBig,
-                    Some(Err(_)) => break SessionEnd::PeerClosed,
+                    Some(Err(e)) => break read_error(e),
                 }
                 continue;
             }
@@ -311,6 +335,7 @@ pub async fn run(
             ),
         ),
         SessionEnd::IndexBusy(wait) => (None, 1013, index_busy_reason(*wait)),
+        SessionEnd::Violation { code, problem } => (None, *code, problem.clone()),
         _ => (None, 1000, String::new()),
     };
     if !matches!(
@@ -323,9 +348,35 @@ pub async fn run(
             }
             socket.close(code, &reason).await
         };
-        let _ = tokio::time::timeout(Duration::from_secs(2), close).await;
+        let _ = tokio::time::timeout(CLOSE_WAIT, close).await;
     }
     end
+}
+
+/// The reason tungstenite puts in place of a peer's close frame whose code the protocol
+/// does not allow (it answers with that frame).
+const TUNGSTENITE_BAD_CLOSE: &str = "Protocol violation";
+
+/// How long the closing handshake may take to write.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// How the session ends on an error reading the subscriber's messages.
+fn read_error(error: WsError) -> SessionEnd {
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
+    match error {
+        WsError::Capacity(_) => SessionEnd::MessageTooBig,
+        WsError::Utf8(problem) => SessionEnd::Violation {
+            code: 1007,
+            problem: format!("text message is not UTF-8: {problem}"),
+        },
+        // The peer went away without a closing handshake: not a violation worth a frame.
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => SessionEnd::PeerClosed,
+        WsError::Protocol(problem) => SessionEnd::Violation {
+            code: 1002,
+            problem: problem.to_string(),
+        },
+        _ => SessionEnd::PeerClosed,
+    }
 }
 
 /// Writes the batch's messages, a chunk of `WRITE_CHUNK_BYTES` per `writev` at most;

@@ -256,6 +256,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
         self.stream.next().await
     }
 
+    /// Writes out what tungstenite has queued (e.g. the answer to a close frame).
+    pub async fn flush(&mut self) -> Result<(), WsError> {
+        self.stream.flush().await
+    }
+
     /// Sends a ping.
     pub async fn ping(&mut self) -> Result<(), WsError> {
         self.stream.send(Message::Ping(Bytes::new())).await
