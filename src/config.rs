@@ -15,6 +15,7 @@ use crate::daemon::IngestConfig;
 use crate::fanout::filter::FilterLimits;
 use crate::fanout::{HubConfig, SlowPolicy};
 use crate::http::admission::AdmissionConfig;
+use crate::http::budget::MemoryConfig;
 use crate::http::listen::ListenConfig;
 use crate::http::session::SessionConfig;
 use crate::log::{LogConfig, RetentionConfig};
@@ -254,6 +255,21 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_FD_RESERVE", default_value_t = 1024,
           value_parser = clap::value_parser!(u64).range(16..=1_000_000))]
     pub fd_reserve: u64,
+    /// Memory all subscribers together may make the daemon hold, MiB: messages they have
+    /// started and not finished, and their filters (~216 B per DID). A connection whose
+    /// next bytes or filter do not fit is closed with 1013.
+    #[arg(long, env = "SLUICE_CLIENT_MEMORY_MIB", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..=1024 * 1024))]
+    pub client_memory_mib: u64,
+    /// The share of that one client IP may hold, MiB.
+    #[arg(long, env = "SLUICE_CLIENT_MEMORY_PER_IP_MIB", default_value_t = 32,
+          value_parser = clap::value_parser!(u64).range(1..=1024 * 1024))]
+    pub client_memory_per_ip_mib: u64,
+    /// Seconds a subscriber has to finish a message (all its fragments) once it started
+    /// it; later, the connection is closed with 1008. Pings do not extend it.
+    #[arg(long, env = "SLUICE_CLIENT_MESSAGE_TIMEOUT_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub client_message_timeout_secs: u64,
     /// Most collections one subscriber may name.
     #[arg(long, env = "SLUICE_MAX_COLLECTIONS", default_value_t = 100,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
@@ -315,6 +331,8 @@ pub struct ServeConfig {
     pub listen_limits: ListenConfig,
     /// Descriptors kept from subscriber connections.
     pub fd_reserve: u64,
+    /// The budget of client-held memory (`http::budget`).
+    pub client_memory: MemoryConfig,
 }
 
 impl ServeConfig {
@@ -366,6 +384,13 @@ impl ServeArgs {
                 "pong_timeout_secs ({}) must exceed ping_interval_secs ({})",
                 self.pong_timeout_secs,
                 self.ping_interval_secs
+            );
+        }
+        if self.client_memory_per_ip_mib > self.client_memory_mib {
+            anyhow::bail!(
+                "client_memory_per_ip_mib ({}) is larger than client_memory_mib ({})",
+                self.client_memory_per_ip_mib,
+                self.client_memory_mib
             );
         }
         if self.handshake_timeout_secs < self.header_read_timeout_secs {
@@ -443,6 +468,7 @@ impl ServeArgs {
             client_max_message_bytes: usize_of(self.max_client_message_kib * 1024)?,
             client_updates_per_sec: self.max_client_updates_per_sec,
             coalesce: Duration::from_micros(self.coalesce_us),
+            client_message_timeout: Duration::from_secs(self.client_message_timeout_secs),
             ..SessionConfig::default()
         };
         let admission = AdmissionConfig {
@@ -482,6 +508,11 @@ impl ServeArgs {
                 retry_after_secs: self.retry_after_secs,
             },
             fd_reserve: self.fd_reserve,
+            client_memory: MemoryConfig {
+                total_bytes: usize_of(self.client_memory_mib * MIB)?,
+                per_ip_bytes: usize_of(self.client_memory_per_ip_mib * MIB)?,
+                message_timeout: Duration::from_secs(self.client_message_timeout_secs),
+            },
         })
     }
 }

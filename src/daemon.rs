@@ -274,6 +274,9 @@ impl Daemon {
         let connections = Arc::new(Connections::new(
             crate::http::listen::raise_open_file_limit(),
             config.fd_reserve,
+            Arc::new(crate::http::budget::ClientMemory::new(
+                config.client_memory.clone(),
+            )),
         ));
         match connections.nofile() {
             Some(nofile) if nofile < config.fd_reserve + MIN_CLIENT_FDS => anyhow::bail!(

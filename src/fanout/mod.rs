@@ -627,6 +627,11 @@ impl Subscription {
         self.hub.reserve_index_for_client(filter)
     }
 
+    /// The filter in force.
+    pub fn filter(&self) -> &Filter {
+        &self.filter
+    }
+
     /// Replaces the filter (Jetstream v1 `options_update`), effective from the next event.
     /// Callers reserve its index work first ([`Subscription::reserve_filter_change`]).
     pub fn set_filter(&mut self, filter: Filter) {

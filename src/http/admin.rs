@@ -20,6 +20,7 @@ use crate::decode::DecodeError;
 use crate::event::EventKind;
 use crate::fanout::{Hub, WireKind};
 use crate::http::session::SessionEnd;
+use crate::http::budget::Spent;
 use crate::http::listen::{Refused, Side};
 use crate::http::AppState;
 use crate::ingest::{now_us, IngestStats};
@@ -209,6 +210,13 @@ impl AdminState {
                 if let Some(cap) = connections.cap(side) {
                     gauge!("sluice_connections_fd_cap", "listener" => name).set(cap as f64);
                 }
+            }
+            let memory = connections.memory();
+            gauge!("sluice_client_memory_bytes").set(memory.used() as f64);
+            gauge!("sluice_client_memory_limit_bytes").set(memory.config().total_bytes as f64);
+            for why in [Spent::Total, Spent::PerIp] {
+                counter!("sluice_client_memory_refused_total", "budget" => why.reason())
+                    .absolute(memory.refused(why));
             }
             if let Some(nofile) = connections.nofile() {
                 gauge!("sluice_open_file_limit").set(nofile as f64);

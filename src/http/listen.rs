@@ -28,6 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::http::budget::{self, ClientMemory, ConnMemory};
 use crate::logging::RateLimited;
 
 /// Limits of one listener, applied before a request reaches the router.
@@ -176,6 +177,8 @@ pub struct Connections {
     reserve: u64,
     stats: [ListenStats; 2],
     pending_by_ip: [Mutex<HashMap<IpAddr, usize>>; 2],
+    /// What subscribers' connections are charged for what they make the daemon hold.
+    memory: Arc<ClientMemory>,
 }
 
 impl Connections {
@@ -183,13 +186,19 @@ impl Connections {
     /// descriptors are kept from subscriber connections: half for the log's open files,
     /// a quarter for admin connections, a quarter for everything else (listeners, the
     /// upstream, the runtime).
-    pub fn new(nofile: Option<u64>, reserve: u64) -> Self {
+    pub fn new(nofile: Option<u64>, reserve: u64, memory: Arc<ClientMemory>) -> Self {
         Self {
             nofile,
             reserve,
             stats: Default::default(),
             pending_by_ip: Default::default(),
+            memory,
         }
+    }
+
+    /// The client-memory budget of the subscriber listener.
+    pub fn memory(&self) -> &Arc<ClientMemory> {
+        &self.memory
     }
 
     pub fn stats(&self, side: Side) -> &ListenStats {
@@ -304,10 +313,13 @@ pub fn raise_open_file_limit() -> Option<u64> {
 }
 
 /// A socket carrying its slot in the descriptor budget, so the slot is given back when
-/// the socket closes, also after it became a websocket.
+/// the socket closes, also after it became a websocket; on the subscriber listener it
+/// also charges what is read to the client-memory budget once the socket is a websocket
+/// (`ConnMemory::arm`), and fails the read that does not fit.
 struct Counted {
     tcp: TcpStream,
     _slot: OpenSlot,
+    memory: Option<Arc<ConnMemory>>,
 }
 
 impl AsyncRead for Counted {
@@ -316,7 +328,15 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().tcp).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut this.tcp).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(memory)) = (&poll, &this.memory) {
+            if let Err(why) = memory.on_read(buf.filled().len() - before) {
+                return Poll::Ready(Err(budget::read_refused(why)));
+            }
+        }
+        poll
     }
 }
 
@@ -406,10 +426,18 @@ pub async fn serve(
                 tracing::debug!(error = %e, "cannot set the send buffer");
             }
         }
-        let io = TokioIo::new(Counted { tcp, _slot: open });
+        let memory = (side == Side::Subscriber).then(|| connections.memory.connection(peer.ip()));
+        let io = TokioIo::new(Counted {
+            tcp,
+            _slot: open,
+            memory: memory.clone(),
+        });
         let router = router.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(peer));
+            if let Some(memory) = &memory {
+                request.extensions_mut().insert(memory.clone());
+            }
             let mut router = router.clone();
             tower_service::Service::call(&mut router, request)
         });
@@ -471,6 +499,10 @@ fn refuse(tcp: TcpStream, why: Refused, retry_after_secs: u64) {
 mod tests {
     use super::*;
 
+    fn memory() -> Arc<ClientMemory> {
+        Arc::new(ClientMemory::new(budget::MemoryConfig::default()))
+    }
+
     #[test]
     fn the_open_file_limit_is_known_and_not_lowered() {
         let before = rlimit::Resource::NOFILE.get().map(|(soft, _)| soft).ok();
@@ -483,7 +515,7 @@ mod tests {
 
     #[test]
     fn pending_caps_total_and_per_ip_and_give_back_on_drop() {
-        let connections = Arc::new(Connections::new(Some(100), 40));
+        let connections = Arc::new(Connections::new(Some(100), 40, memory()));
         let config = ListenConfig {
             max_pending: 3,
             max_pending_per_ip: 2,
@@ -527,7 +559,7 @@ mod tests {
 
     #[test]
     fn descriptors_in_the_reserve_are_not_given_to_clients() {
-        let connections = Arc::new(Connections::new(Some(10), 8));
+        let connections = Arc::new(Connections::new(Some(10), 8, memory()));
         let config = ListenConfig::default();
         let ip: IpAddr = "127.0.0.1".parse().unwrap();
         assert_eq!(connections.cap(Side::Subscriber), Some(2));
@@ -544,7 +576,7 @@ mod tests {
         drop(held);
         assert!(connections.open(Side::Subscriber, ip, &config).is_ok());
         // An unknown limit caps nothing.
-        let unknown = Arc::new(Connections::new(None, 8));
+        let unknown = Arc::new(Connections::new(None, 8, memory()));
         assert_eq!(unknown.cap(Side::Subscriber), None);
     }
 }

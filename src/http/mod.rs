@@ -6,6 +6,7 @@
 
 pub mod admin;
 pub mod admission;
+pub mod budget;
 pub mod listen;
 pub mod session;
 pub mod websocket;

@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use crate::event::Event;
 use crate::fanout::filter::Filter;
 use crate::fanout::{End, Subscription};
+use crate::http::budget::{spent_in, Spent};
 use crate::log::SharedEvent;
 use crate::rate::TokenBucket;
 
@@ -49,6 +50,9 @@ pub struct SessionConfig {
     /// and sends everything queued by then in one write (one syscall per few events in a
     /// busy stream, at most this much added latency). Zero writes every batch at once.
     pub coalesce: Duration,
+    /// A message from the subscriber (all its fragments) must arrive within this long of
+    /// its first byte, or the session closes with 1008.
+    pub client_message_timeout: Duration,
 }
 
 impl Default for SessionConfig {
@@ -65,6 +69,7 @@ impl Default for SessionConfig {
             client_max_message_bytes: 2 * 1024 * 1024,
             client_updates_per_sec: 10,
             coalesce: Duration::from_micros(1000),
+            client_message_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -125,6 +130,11 @@ pub enum SessionEnd {
         code: u16,
         problem: String,
     },
+    /// What the subscriber holds (a message under way, its filter) did not fit the
+    /// client-memory budget.
+    MemorySpent(Spent),
+    /// The subscriber did not finish a message within `client_message_timeout`.
+    MessageTimeout,
 }
 
 impl SessionEnd {
@@ -161,6 +171,8 @@ impl SessionEnd {
             SessionEnd::UpdatesTooFast => "updates_too_fast",
             SessionEnd::IndexBusy(_) => "index_busy",
             SessionEnd::Violation { .. } => "protocol_error",
+            SessionEnd::MemorySpent(_) => "memory_budget",
+            SessionEnd::MessageTimeout => "message_timeout",
         }
     }
 }
@@ -219,94 +231,133 @@ pub async fn run(
     let updates_per_sec = f64::from(config.client_updates_per_sec);
     let mut updates = TokenBucket::new(updates_per_sec, updates_per_sec);
     let mut last_write: Option<tokio::time::Instant> = None;
-    let end = loop {
-        let mut batch = tokio::select! {
-            biased;
-            _ = shutdown.changed() => break SessionEnd::Shutdown,
-            incoming = socket.recv() => {
-                match incoming {
-                    Some(Ok(Message::Text(text))) => {
-                        last_heard = tokio::time::Instant::now();
-                        if !updates.try_take(1.0) {
-                            break SessionEnd::UpdatesTooFast;
-                        }
-                        match wire.on_text(text.as_str()) {
-                            Err(problem) => break SessionEnd::Protocol(problem),
-                            Ok(None) => {}
-                            Ok(Some(filter)) => match sub.reserve_filter_change(&filter) {
-                                Ok(wait) => {
-                                    if !pause(wait, &mut shutdown).await {
-                                        break SessionEnd::Shutdown;
+    // Checks that a message under way is finished in time; re-armed only when it fires,
+    // so the loop does not register a timer per batch.
+    let message_check = tokio::time::sleep(config.client_message_timeout);
+    tokio::pin!(message_check);
+    let charged = match socket.memory() {
+        Some(memory) => memory.set_filter(sub.filter().memory_bytes()),
+        None => Ok(()),
+    };
+    let end = if let Err(why) = charged {
+        SessionEnd::MemorySpent(why)
+    } else {
+        loop {
+            let mut batch = tokio::select! {
+                biased;
+                _ = shutdown.changed() => break SessionEnd::Shutdown,
+                incoming = socket.recv() => {
+                    match incoming {
+                        Some(Ok(Message::Text(text))) => {
+                            last_heard = tokio::time::Instant::now();
+                            if let Some(memory) = socket.memory() {
+                                memory.message_done();
+                            }
+                            if !updates.try_take(1.0) {
+                                break SessionEnd::UpdatesTooFast;
+                            }
+                            match wire.on_text(text.as_str()) {
+                                Err(problem) => break SessionEnd::Protocol(problem),
+                                Ok(None) => {}
+                                Ok(Some(filter)) => match sub.reserve_filter_change(&filter) {
+                                    Ok(wait) => {
+                                        if !pause(wait, &mut shutdown).await {
+                                            break SessionEnd::Shutdown;
+                                        }
+                                        if let Some(memory) = socket.memory() {
+                                            if let Err(why) = memory.set_filter(filter.memory_bytes()) {
+                                                break SessionEnd::MemorySpent(why);
+                                            }
+                                        }
+                                        sub.set_filter(filter);
                                     }
-                                    sub.set_filter(filter);
-                                }
-                                Err(wait) => break SessionEnd::IndexBusy(wait),
-                            },
+                                    Err(wait) => break SessionEnd::IndexBusy(wait),
+                                },
+                            }
                         }
-                    }
-                    Some(Ok(Message::Close(frame))) => {
-                        // tungstenite has queued the answering close (1002 for a code
-                        // the protocol does not allow); send it.
-                        let _ = tokio::time::timeout(CLOSE_WAIT, socket.flush()).await;
-                        // tungstenite hands over a close with a code the protocol does
-                        // not allow as 1002 "Protocol violation", the answer it sends.
-                        break match frame {
-                            Some(f) if u16::from(f.code) == 1002
-                                && f.reason.as_str() == TUNGSTENITE_BAD_CLOSE =>
-                            {
-                                SessionEnd::Violation {
-                                    code: 1002,
-                                    problem: "close code not allowed".to_string(),
+                        Some(Ok(Message::Close(frame))) => {
+                            // tungstenite has queued the answering close (1002 for a code
+                            // the protocol does not allow); send it.
+                            let _ = tokio::time::timeout(CLOSE_WAIT, socket.flush()).await;
+                            // tungstenite hands over a close with a code the protocol does
+                            // not allow as 1002 "Protocol violation", the answer it sends.
+                            break match frame {
+                                Some(f) if u16::from(f.code) == 1002
+                                    && f.reason.as_str() == TUNGSTENITE_BAD_CLOSE =>
+                                {
+                                    SessionEnd::Violation {
+                                        code: 1002,
+                                        problem: "close code not allowed".to_string(),
+                                    }
+                                }
+                                _ => SessionEnd::PeerClosed,
+                            };
+                        }
+                        None => break SessionEnd::PeerClosed,
+                        Some(Ok(message)) => {
+                            last_heard = tokio::time::Instant::now();
+                            if let Some(memory) = socket.memory() {
+                                match &message {
+                                    // Masked client frame of up to 125 bytes: 6 bytes of header.
+                                    Message::Ping(p) | Message::Pong(p) => memory.control_done(p.len() + 6),
+                                    _ => memory.message_done(),
                                 }
                             }
-                            _ => SessionEnd::PeerClosed,
-                        };
+                        }
+                        Some(Err(e)) => break read_error(e),
                     }
-                    None => break SessionEnd::PeerClosed,
-                    Some(Ok(_)) => last_heard = tokio::time::Instant::now(),
-                    Some(Err(e)) => break read_error(e),
+                    continue;
                 }
-                continue;
-            }
-            _ = ping.tick() => {
-                // Checked per ping rather than with a timer of its own (re-armed on every
-                // wakeup): a dead peer is noticed within one ping interval of the timeout.
-                if last_heard.elapsed() >= config.pong_timeout {
-                    break SessionEnd::PeerDead;
+                _ = &mut message_check => {
+                    let timeout = config.client_message_timeout;
+                    let since = socket.memory().and_then(|m| m.partial_since());
+                    if since.is_some_and(|t| t.elapsed() >= timeout) {
+                        break SessionEnd::MessageTimeout;
+                    }
+                    let next = since.unwrap_or_else(tokio::time::Instant::now) + timeout;
+                    message_check.as_mut().reset(next);
+                    continue;
                 }
-                if tokio::time::timeout(config.write_timeout, socket.ping()).await.is_err() {
-                    break SessionEnd::WriteTimeout;
+                _ = ping.tick() => {
+                    // Checked per ping rather than with a timer of its own (re-armed on every
+                    // wakeup): a dead peer is noticed within one ping interval of the timeout.
+                    if last_heard.elapsed() >= config.pong_timeout {
+                        break SessionEnd::PeerDead;
+                    }
+                    if tokio::time::timeout(config.write_timeout, socket.ping()).await.is_err() {
+                        break SessionEnd::WriteTimeout;
+                    }
+                    continue;
                 }
-                continue;
+                batch = sub.next_batch(config.max_batch) => match batch {
+                    Ok(events) => events,
+                    Err(end) => break SessionEnd::Stream(end),
+                },
+            };
+            // At most one write per `coalesce`: an event after a quiet spell goes out at once;
+            // in a busy stream the session sleeps out the rest of the interval and then takes
+            // everything that queued meanwhile, so it is woken once per write rather than once
+            // per event.
+            if let Some(earliest) = last_write.map(|t| t + config.coalesce) {
+                if batch.len() < config.max_batch && tokio::time::Instant::now() < earliest {
+                    tokio::time::sleep_until(earliest).await;
+                    batch.extend(sub.try_next_batch(config.max_batch - batch.len()));
+                }
             }
-            batch = sub.next_batch(config.max_batch) => match batch {
-                Ok(events) => events,
-                Err(end) => break SessionEnd::Stream(end),
-            },
-        };
-        // At most one write per `coalesce`: an event after a quiet spell goes out at once;
-        // in a busy stream the session sleeps out the rest of the interval and then takes
-        // everything that queued meanwhile, so it is woken once per write rather than once
-        // per event.
-        if let Some(earliest) = last_write.map(|t| t + config.coalesce) {
-            if batch.len() < config.max_batch && tokio::time::Instant::now() < earliest {
-                tokio::time::sleep_until(earliest).await;
-                batch.extend(sub.try_next_batch(config.max_batch - batch.len()));
+            match write_batch(
+                &mut socket,
+                &mut wire,
+                &batch,
+                &mut frames,
+                &config,
+                counters,
+            )
+            .await
+            {
+                Ok(true) => last_write = Some(tokio::time::Instant::now()),
+                Ok(false) => {}
+                Err(end) => break end,
             }
-        }
-        match write_batch(
-            &mut socket,
-            &mut wire,
-            &batch,
-            &mut frames,
-            &config,
-            counters,
-        )
-        .await
-        {
-            Ok(true) => last_write = Some(tokio::time::Instant::now()),
-            Ok(false) => {}
-            Err(end) => break end,
         }
     };
     let (last, code, reason) = match &end {
@@ -336,6 +387,19 @@ pub async fn run(
         ),
         SessionEnd::IndexBusy(wait) => (None, 1013, index_busy_reason(*wait)),
         SessionEnd::Violation { code, problem } => (None, *code, problem.clone()),
+        SessionEnd::MemorySpent(why) => (
+            None,
+            1013,
+            format!("{why}; retry in {} s", retry_after(config.retry_after_secs)),
+        ),
+        SessionEnd::MessageTimeout => (
+            None,
+            1008,
+            format!(
+                "message not finished within {} s",
+                config.client_message_timeout.as_secs()
+            ),
+        ),
         _ => (None, 1000, String::new()),
     };
     if !matches!(
@@ -365,6 +429,9 @@ fn read_error(error: WsError) -> SessionEnd {
     use tokio_tungstenite::tungstenite::error::ProtocolError;
     match error {
         WsError::Capacity(_) => SessionEnd::MessageTooBig,
+        WsError::Io(e) if spent_in(&e).is_some() => {
+            SessionEnd::MemorySpent(spent_in(&e).unwrap_or(Spent::Total))
+        }
         WsError::Utf8(problem) => SessionEnd::Violation {
             code: 1007,
             problem: format!("text message is not UTF-8: {problem}"),

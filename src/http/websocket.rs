@@ -18,6 +18,7 @@ use std::borrow::Cow;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::FromRequestParts;
@@ -33,6 +34,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
+
+use crate::http::budget::ConnMemory;
 
 /// One data message for a subscriber. The payload is shared (a refcount, never a copy);
 /// the frame header is written per subscriber because its length encoding is all it holds.
@@ -76,6 +79,8 @@ pub struct Upgrade {
     protocol: Option<HeaderValue>,
     config: WebSocketConfig,
     on_upgrade: hyper::upgrade::OnUpgrade,
+    /// The connection's charge in the client-memory budget (set by `http::listen`).
+    memory: Option<Arc<ConnMemory>>,
 }
 
 /// Why a request is not a websocket upgrade: an HTTP 4xx naming the problem.
@@ -148,12 +153,14 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
             .flat_map(|value| value.as_bytes().split(|&b| b == b','))
             .filter_map(|name| HeaderValue::from_bytes(name.trim_ascii()).ok())
             .collect();
+        let memory = parts.extensions.get::<Arc<ConnMemory>>().cloned();
         Ok(Self {
             key,
             requested_protocols,
             protocol: None,
             config: WebSocketConfig::default(),
             on_upgrade,
+            memory,
         })
     }
 }
@@ -185,6 +192,7 @@ impl Upgrade {
             protocol,
             config,
             on_upgrade,
+            memory,
             ..
         } = self;
         tokio::spawn(async move {
@@ -196,7 +204,12 @@ impl Upgrade {
                         Some(config),
                     )
                     .await;
-                    callback(Socket::new(stream)).await;
+                    if let Some(memory) = &memory {
+                        memory.arm();
+                    }
+                    let mut socket = Socket::new(stream);
+                    socket.memory = memory;
+                    callback(socket).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
             }
@@ -241,6 +254,8 @@ pub struct Socket<S = TokioIo<hyper::upgrade::Upgraded>> {
     stream: WebSocketStream<S>,
     /// Frame headers of the batch being written; kept to reuse its allocation.
     headers: Vec<u8>,
+    /// What this connection is charged in the client-memory budget, if anything.
+    memory: Option<Arc<ConnMemory>>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
@@ -248,7 +263,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
         Self {
             stream,
             headers: Vec::new(),
+            memory: None,
         }
+    }
+
+    /// The connection's charge in the client-memory budget, if it has one.
+    pub fn memory(&self) -> Option<&Arc<ConnMemory>> {
+        self.memory.as_ref()
     }
 
     /// The next message from the client; tungstenite answers pings on its own.

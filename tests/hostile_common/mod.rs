@@ -325,3 +325,83 @@ impl Bystander {
 pub fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
 }
+
+// ---- raw websocket frames -----------------------------------------------------------
+
+pub const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+/// Upgrades a connection from `from` to `path` by hand; the stream after the 101, or the
+/// response head if it was not a 101.
+pub async fn raw_ws(from: IpAddr, to: SocketAddr, path: &str) -> Result<TcpStream, String> {
+    let mut stream = connect_from(from, to).await.map_err(|e| e.to_string())?;
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {WS_KEY}\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    let read_head = async {
+        while !head.ends_with(b"\r\n\r\n") {
+            match stream.read(&mut byte).await {
+                Ok(1) => head.push(byte[0]),
+                _ => return false,
+            }
+        }
+        true
+    };
+    let whole = tokio::time::timeout(Duration::from_secs(5), read_head)
+        .await
+        .unwrap_or(false);
+    let head = String::from_utf8_lossy(&head).into_owned();
+    if whole && head.starts_with("HTTP/1.1 101") {
+        Ok(stream)
+    } else {
+        Err(head)
+    }
+}
+
+/// A masked client frame; `fin` false leaves the message unfinished.
+pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mask = [0x5au8, 0x13, 0xc7, 0x81];
+    let mut frame = vec![if fin { 0x80 } else { 0 } | opcode];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// Reads server frames until a close frame and returns its code (`None`: the connection
+/// ended without one, or nothing came within `within`).
+pub async fn close_code<R: AsyncReadExt + Unpin>(stream: &mut R, within: Duration) -> Option<u16> {
+    let work = async {
+        loop {
+            let mut head = [0u8; 2];
+            stream.read_exact(&mut head).await.ok()?;
+            let len = match head[1] & 0x7f {
+                126 => u64::from(stream.read_u16().await.ok()?),
+                127 => stream.read_u64().await.ok()?,
+                n => u64::from(n),
+            };
+            let mut payload = vec![0u8; usize::try_from(len).ok()?];
+            stream.read_exact(&mut payload).await.ok()?;
+            if head[0] & 0x0f == 0x8 {
+                return payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+            }
+        }
+    };
+    tokio::time::timeout(within, work).await.ok().flatten()
+}
