@@ -192,6 +192,32 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_MAX_INDEX_CHANGES_PER_SEC", default_value_t = 200_000,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
     pub max_index_changes_per_sec: u64,
+    /// The share of `--max-index-changes-per-sec` one client IP may use (burst as many),
+    /// so one address filling the budget does not hold up everyone else's subscribes.
+    /// At least twice `--max-dids`.
+    #[arg(long, env = "SLUICE_MAX_INDEX_CHANGES_PER_SEC_PER_IP", default_value_t = 50_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    pub max_index_changes_per_sec_per_ip: u64,
+    /// Events replays (catch-up reads) may scan per second across the server, matched
+    /// or not (burst as many): bounds the CPU replays take.
+    #[arg(long, env = "SLUICE_SCAN_EVENTS_PER_SEC", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    pub scan_events_per_sec: u64,
+    /// The share of `--scan-events-per-sec` one client IP may use, however many
+    /// connections it opens.
+    #[arg(long, env = "SLUICE_SCAN_EVENTS_PER_SEC_PER_IP", default_value_t = 200_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    pub scan_events_per_sec_per_ip: u64,
+    /// New subscriber connections per second one client IP may open (burst five times
+    /// as many), its share of `--connects-per-sec` (over it: HTTP 429).
+    #[arg(long, env = "SLUICE_CONNECTS_PER_SEC_PER_IP", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub connects_per_sec_per_ip: u64,
+    /// `/event/{seq}` requests per second one client IP may make (burst as many); over
+    /// it: HTTP 429. Reads below the hot tail also wait for the cold-read pool.
+    #[arg(long, env = "SLUICE_EVENT_REQUESTS_PER_SEC_PER_IP", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub event_requests_per_sec_per_ip: u64,
     /// Threads running the subscriber sessions, the dispatcher and the HTTP listeners
     /// (0 = one per core). Ingest and the log writer have threads of their own. Fewer
     /// workers mean fewer cross-thread wakeups: on 2 cores one worker spent 5-16% less CPU
@@ -372,6 +398,14 @@ impl ServeArgs {
                 self.max_dids
             );
         }
+        if self.max_index_changes_per_sec_per_ip < 2 * self.max_dids {
+            anyhow::bail!(
+                "--max-index-changes-per-sec-per-ip ({}) must be at least twice --max-dids \
+                 ({}): a subscriber naming that many DIDs could never be admitted",
+                self.max_index_changes_per_sec_per_ip,
+                self.max_dids
+            );
+        }
         if self.backoff_min_ms > self.backoff_max_ms {
             anyhow::bail!(
                 "backoff_min_ms ({}) is larger than backoff_max_ms ({})",
@@ -456,6 +490,9 @@ impl ServeArgs {
             catchup_events_per_sec: self.replay_events_per_sec,
             catchup_batch_bytes: usize_of(self.catchup_batch_kib * 1024)?,
             index_changes_per_sec: self.max_index_changes_per_sec,
+            index_changes_per_sec_per_ip: self.max_index_changes_per_sec_per_ip,
+            scan_events_per_sec: self.scan_events_per_sec,
+            scan_events_per_sec_per_ip: self.scan_events_per_sec_per_ip,
             ..HubConfig::default()
         };
         let session = SessionConfig {
@@ -477,6 +514,8 @@ impl ServeArgs {
             connect_burst: self.connect_burst as f64,
             max_per_ip: usize_of(self.max_per_ip)?,
             retry_after_secs: self.retry_after_secs,
+            connects_per_sec_per_ip: self.connects_per_sec_per_ip as f64,
+            event_requests_per_sec_per_ip: self.event_requests_per_sec_per_ip as f64,
         };
         Ok(ServeConfig {
             ingest,

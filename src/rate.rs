@@ -1,10 +1,14 @@
 //! The one rate limiter: a token bucket, used for new connections (admission), catch-up
 //! reads (events per second per subscriber), subscriber updates (messages per second per
-//! connection) and routing-index changes (entries per second, hub-wide).
+//! connection) and routing-index changes (entries per second, hub-wide); and
+//! [`SharedBudget`], a server-wide bucket with a bucket per client beside it, for budgets
+//! one client must not be able to take whole.
 //!
 //! Owns: refilling by elapsed time and taking tokens. Must never: sleep or block (the
 //! caller decides whether to wait, refuse or close), or hold more than its burst.
 
+use std::collections::HashMap;
+use std::hash::Hash;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
@@ -75,11 +79,119 @@ impl TokenBucket {
         Ok(wait)
     }
 
+    /// Gives back `n` tokens taken for work that will not be done (up to the burst).
+    pub fn refund(&mut self, n: f64) {
+        self.refill();
+        self.tokens = (self.tokens + n).min(self.burst);
+    }
+
+    /// How long until `n` tokens could be taken without debt; zero if now.
+    pub fn wait_for(&mut self, n: f64) -> Duration {
+        self.refill();
+        let short = n - self.tokens;
+        if short <= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::try_from_secs_f64(short / self.rate).unwrap_or(Duration::MAX)
+        }
+    }
+
+    /// Whether the bucket holds its whole burst (nothing owed or recently used).
+    pub fn is_full(&mut self) -> bool {
+        self.refill();
+        self.tokens >= self.burst
+    }
+
     fn refill(&mut self) {
         let now = Instant::now();
         let elapsed = now.duration_since(self.last).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         self.last = now;
+    }
+}
+
+/// A budget shared by all clients, with a share per client beside it: taking draws on
+/// both, so one client (one key, a client IP) gets at most its share however many
+/// connections it opens, and the total stays bounded however many clients there are.
+#[derive(Debug)]
+pub struct SharedBudget<K> {
+    total: TokenBucket,
+    per_key: HashMap<K, TokenBucket>,
+    key_rate: f64,
+    key_burst: f64,
+}
+
+/// Keys tracked before idle (full) buckets are forgotten.
+const PRUNE_AT: usize = 4096;
+
+impl<K: Hash + Eq + Copy> SharedBudget<K> {
+    pub fn new(total_rate: f64, total_burst: f64, key_rate: f64, key_burst: f64) -> Self {
+        Self {
+            total: TokenBucket::new(total_rate, total_burst),
+            per_key: HashMap::new(),
+            key_rate,
+            key_burst,
+        }
+    }
+
+    /// New limits (a reload); what has accrued is kept up to the new bursts.
+    pub fn set_limits(&mut self, total_rate: f64, total_burst: f64, key_rate: f64, key_burst: f64) {
+        self.total.set_limits(total_rate, total_burst);
+        (self.key_rate, self.key_burst) = (key_rate, key_burst);
+        for bucket in self.per_key.values_mut() {
+            bucket.set_limits(key_rate, key_burst);
+        }
+    }
+
+    fn bucket(&mut self, key: K) -> &mut TokenBucket {
+        if self.per_key.len() >= PRUNE_AT && !self.per_key.contains_key(&key) {
+            self.per_key.retain(|_, bucket| !bucket.is_full());
+        }
+        let (rate, burst) = (self.key_rate, self.key_burst);
+        self.per_key
+            .entry(key)
+            .or_insert_with(|| TokenBucket::new(rate, burst))
+    }
+
+    /// Like [`TokenBucket::take_within`], from the total and from `key`'s share (when
+    /// given) together: the wait is the longer of the two, and a refusal takes nothing.
+    pub fn take_within(
+        &mut self,
+        key: Option<K>,
+        n: f64,
+        max_wait: Duration,
+    ) -> Result<Duration, Duration> {
+        let mut wait = self.total.wait_for(n);
+        if let Some(key) = key {
+            wait = wait.max(self.bucket(key).wait_for(n));
+        }
+        if wait > max_wait {
+            return Err(wait);
+        }
+        self.total.take_on_credit(n);
+        if let Some(key) = key {
+            self.bucket(key).take_on_credit(n);
+        }
+        Ok(wait)
+    }
+
+    /// Takes `n` from both on credit; how long until the debt is paid.
+    pub fn take_on_credit(&mut self, key: Option<K>, n: f64) -> Duration {
+        self.take_within(key, n, Duration::MAX)
+            .unwrap_or(Duration::MAX)
+    }
+
+    /// Gives back `n` taken for work that will not be done.
+    pub fn refund(&mut self, key: Option<K>, n: f64) {
+        self.total.refund(n);
+        if let Some(bucket) = key.and_then(|k| self.per_key.get_mut(&k)) {
+            bucket.refund(n);
+        }
+    }
+
+    /// Keys tracked now.
+    pub fn keys(&self) -> usize {
+        self.per_key.len()
     }
 }
 
@@ -131,6 +243,53 @@ mod tests {
         let mut bucket = TokenBucket::new(0.0, 0.0);
         assert!(!bucket.try_take(1.0));
         assert!(bucket.take_on_credit(1.0) > Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn a_shared_budget_gives_each_key_its_share_and_bounds_the_total() {
+        let mut budget = SharedBudget::new(100.0, 100.0, 40.0, 40.0);
+        let (a, b, c) = (1u8, 2u8, 3u8);
+        // One key takes its share and then waits, however often it asks.
+        assert_eq!(
+            budget.take_within(Some(a), 40.0, Duration::ZERO),
+            Ok(Duration::ZERO)
+        );
+        assert!(budget
+            .take_within(Some(a), 10.0, Duration::from_millis(100))
+            .is_err());
+        // Others are not held up by it.
+        assert_eq!(
+            budget.take_within(Some(b), 40.0, Duration::ZERO),
+            Ok(Duration::ZERO)
+        );
+        // The total binds across keys: 20 left of 100.
+        assert!(budget
+            .take_within(Some(c), 30.0, Duration::from_millis(50))
+            .is_err());
+        assert_eq!(
+            budget.take_within(Some(c), 20.0, Duration::ZERO),
+            Ok(Duration::ZERO)
+        );
+        // A refund gives both back.
+        budget.refund(Some(a), 40.0);
+        assert_eq!(
+            budget.take_within(Some(a), 40.0, Duration::ZERO),
+            Ok(Duration::ZERO)
+        );
+        // Without a key only the total counts (it is spent now).
+        assert!(budget.take_within(None, 1.0, Duration::ZERO).is_err());
+        assert_eq!(budget.keys(), 3);
+    }
+
+    #[test]
+    fn idle_keys_are_forgotten_when_many_are_tracked() {
+        let mut budget = SharedBudget::new(1e9, 1e9, 10.0, 10.0);
+        for key in 0..PRUNE_AT as u32 {
+            budget.take_on_credit(Some(key), 0.0);
+        }
+        budget.take_on_credit(Some(u32::MAX), 5.0);
+        // Everyone before held a full bucket: all forgotten but the newcomer.
+        assert_eq!(budget.keys(), 1);
     }
 
     #[test]

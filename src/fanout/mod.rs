@@ -20,6 +20,7 @@
 pub mod filter;
 
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +31,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use crate::event::{Event, EventKind};
 use crate::log::{LogError, LogReader, SharedEvent};
-use crate::rate::TokenBucket;
+use crate::rate::{SharedBudget, TokenBucket};
 use filter::{collection_prefixes, Filter};
 
 /// The wire a subscriber speaks: decides which payload it receives.
@@ -131,6 +132,13 @@ pub struct HubConfig {
     /// Routing-index entries added or removed per second, hub-wide (burst as many): the
     /// bound on how long filter changes can hold the lock every dispatch needs.
     pub index_changes_per_sec: u64,
+    /// The share of that one client IP may use (burst as many).
+    pub index_changes_per_sec_per_ip: u64,
+    /// Events catch-up reads may scan per second, hub-wide (burst as many), whether or
+    /// not they match: the bound on the CPU replays take.
+    pub scan_events_per_sec: u64,
+    /// The share of that one client IP may use (burst as many).
+    pub scan_events_per_sec_per_ip: u64,
 }
 
 /// Longest a subscribe or filter change waits for the index budget; one that would wait
@@ -147,6 +155,9 @@ impl Default for HubConfig {
             cold_read_concurrency: 4,
             catchup_events_per_sec: 200_000,
             index_changes_per_sec: 200_000,
+            index_changes_per_sec_per_ip: 50_000,
+            scan_events_per_sec: 1_000_000,
+            scan_events_per_sec_per_ip: 200_000,
         }
     }
 }
@@ -315,18 +326,26 @@ struct HubInner {
     cold_reads: Semaphore,
     /// Bumped after each dispatched batch, for subscribers waiting to rejoin.
     dispatched: tokio::sync::watch::Sender<u64>,
-    /// Index entries that may still change this second. Every insertion pays for itself
-    /// and for its removal later, which cannot be refused (a disconnect, an overflow).
-    index_budget: Mutex<TokenBucket>,
+    /// Index entries that may still change this second, in total and per client IP.
+    /// Every insertion pays for itself and for its removal later, which cannot be refused
+    /// (a disconnect, an overflow).
+    index_budget: Mutex<SharedBudget<IpAddr>>,
+    /// Events catch-up reads may still scan this second, in total and per client IP.
+    scan_budget: Mutex<SharedBudget<IpAddr>>,
 }
 
 impl HubInner {
     /// Reserves the index work of putting `filter` into the index (and later taking it
     /// out): how long to wait before doing it, or the wait it would have been when that
     /// exceeds `max_wait` (nothing is reserved then; the caller counts why).
-    fn reserve_index(&self, filter: &Filter, max_wait: Duration) -> Result<Duration, Duration> {
+    fn reserve_index(
+        &self,
+        filter: &Filter,
+        max_wait: Duration,
+        peer: Option<IpAddr>,
+    ) -> Result<Duration, Duration> {
         let cost = 2.0 * filter.index_entries() as f64;
-        let reserved = self.index_budget.lock().take_within(cost, max_wait);
+        let reserved = self.index_budget.lock().take_within(peer, cost, max_wait);
         if reserved.is_ok_and(|wait| !wait.is_zero()) {
             self.stats.index_waits.fetch_add(1, Ordering::Relaxed);
         }
@@ -335,8 +354,12 @@ impl HubInner {
 
     /// [`HubInner::reserve_index`] for a client's subscribe or filter change: waits up to
     /// [`MAX_INDEX_WAIT`], and a refusal is counted.
-    fn reserve_index_for_client(&self, filter: &Filter) -> Result<Duration, Duration> {
-        let reserved = self.reserve_index(filter, MAX_INDEX_WAIT);
+    fn reserve_index_for_client(
+        &self,
+        filter: &Filter,
+        peer: Option<IpAddr>,
+    ) -> Result<Duration, Duration> {
+        let reserved = self.reserve_index(filter, MAX_INDEX_WAIT, peer);
         if reserved.is_err() {
             self.stats.index_refusals.fetch_add(1, Ordering::Relaxed);
         }
@@ -366,8 +389,22 @@ impl Hub {
         let newest = reader.newest_seq();
         let (dispatched, _) = tokio::sync::watch::channel(newest);
         let index_rate = config.index_changes_per_sec as f64;
+        let index_ip_rate = config.index_changes_per_sec_per_ip as f64;
+        let scan_rate = config.scan_events_per_sec as f64;
+        let scan_ip_rate = config.scan_events_per_sec_per_ip as f64;
         let inner = Arc::new(HubInner {
-            index_budget: Mutex::new(TokenBucket::new(index_rate, index_rate)),
+            index_budget: Mutex::new(SharedBudget::new(
+                index_rate,
+                index_rate,
+                index_ip_rate,
+                index_ip_rate,
+            )),
+            scan_budget: Mutex::new(SharedBudget::new(
+                scan_rate,
+                scan_rate,
+                scan_ip_rate,
+                scan_ip_rate,
+            )),
             cold_reads: Semaphore::new(config.cold_read_concurrency.max(1)),
             reader,
             config,
@@ -411,10 +448,39 @@ impl Hub {
     /// [`MAX_INDEX_WAIT`] it would have been. A subscription that starts from the log
     /// enters the index only when it catches up, and pays then.
     pub fn reserve_subscribe(&self, filter: &Filter, start: Start) -> Result<Duration, Duration> {
+        self.reserve_subscribe_from(filter, start, None)
+    }
+
+    /// [`Hub::reserve_subscribe`] for a client at `peer`, which pays from its own share
+    /// of the index budget too.
+    pub fn reserve_subscribe_from(
+        &self,
+        filter: &Filter,
+        start: Start,
+        peer: Option<IpAddr>,
+    ) -> Result<Duration, Duration> {
         match start {
-            Start::Live => self.inner.reserve_index_for_client(filter),
+            Start::Live => self.inner.reserve_index_for_client(filter, peer),
             Start::From(_) => Ok(Duration::ZERO),
         }
+    }
+
+    /// Gives back the index work reserved for `filter` that will not be done (the client
+    /// left before it was applied).
+    pub fn refund_index(&self, filter: &Filter, peer: Option<IpAddr>) {
+        let cost = 2.0 * filter.index_entries() as f64;
+        self.inner.index_budget.lock().refund(peer, cost);
+    }
+
+    /// A permit of the fair pool for reads below the hot tail, waiting up to `max_wait`.
+    pub async fn cold_read_permit(
+        &self,
+        max_wait: Duration,
+    ) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        tokio::time::timeout(max_wait, self.inner.cold_reads.acquire())
+            .await
+            .ok()?
+            .ok()
     }
 
     /// Registers a subscriber. Callers reserve its index work first
@@ -477,6 +543,7 @@ impl Hub {
                 self.inner.config.catchup_events_per_sec as f64,
                 self.inner.config.catchup_events_per_sec as f64,
             ),
+            peer: None,
         }
     }
 }
@@ -603,6 +670,8 @@ pub struct Subscription {
     seen_through: u64,
     /// Paces this connection's catch-up reads (`--replay-events-per-sec`).
     tokens: TokenBucket,
+    /// The client's address: its share of the index and scan budgets.
+    peer: Option<IpAddr>,
 }
 
 impl Subscription {
@@ -624,7 +693,20 @@ impl Subscription {
     /// [`MAX_INDEX_WAIT`] it would have been. The old filter's removal was paid when it
     /// went in.
     pub fn reserve_filter_change(&self, filter: &Filter) -> Result<Duration, Duration> {
-        self.hub.reserve_index_for_client(filter)
+        self.hub.reserve_index_for_client(filter, self.peer)
+    }
+
+    /// Gives back what [`Subscription::reserve_filter_change`] took for a filter that
+    /// will not be applied.
+    pub fn refund_filter_change(&self, filter: &Filter) {
+        let cost = 2.0 * filter.index_entries() as f64;
+        self.hub.index_budget.lock().refund(self.peer, cost);
+    }
+
+    /// The client's address, whose shares of the index and scan budgets this
+    /// subscription draws on from now.
+    pub fn set_peer(&mut self, peer: IpAddr) {
+        self.peer = Some(peer);
     }
 
     /// The filter in force.
@@ -753,7 +835,14 @@ impl Subscription {
 
     async fn read_log(&mut self, next: u64, max: usize) -> Result<Vec<SharedEvent>, End> {
         let max = max.min(self.hub.config.catchup_batch.max(1));
-        let wait = self.tokens.take_on_credit(max as f64);
+        // Paid for every event the read may scan, matched or not: a filter that matches
+        // nothing costs the same CPU as one that matches everything.
+        let wait = self.tokens.take_on_credit(max as f64).max(
+            self.hub
+                .scan_budget
+                .lock()
+                .take_on_credit(self.peer, max as f64),
+        );
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
@@ -799,7 +888,10 @@ impl Subscription {
         // Without budget the subscriber stays on the log a while longer: it loses
         // nothing, and one that cycles between live and catch-up cannot churn the index
         // faster than the budget allows.
-        if let Err(wait) = self.hub.reserve_index(&entry.filter, Duration::ZERO) {
+        if let Err(wait) = self
+            .hub
+            .reserve_index(&entry.filter, Duration::ZERO, self.peer)
+        {
             self.hub
                 .stats
                 .rejoins_deferred

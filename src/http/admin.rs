@@ -211,6 +211,10 @@ impl AdminState {
                     gauge!("sluice_connections_fd_cap", "listener" => name).set(cap as f64);
                 }
             }
+            counter!("sluice_event_requests_refused_total", "reason" => "rate")
+                .absolute(self.app.stats.event_refused_rate.load(Ordering::Relaxed));
+            counter!("sluice_event_requests_refused_total", "reason" => "busy")
+                .absolute(self.app.stats.event_refused_busy.load(Ordering::Relaxed));
             let memory = connections.memory();
             gauge!("sluice_client_memory_bytes").set(memory.used() as f64);
             gauge!("sluice_client_memory_limit_bytes").set(memory.config().total_bytes as f64);

@@ -1,8 +1,9 @@
 //! Admission control for subscriber connections.
 //!
 //! Owns the limits checked before a websocket upgrade: total subscribers, new connections
-//! per second (a token bucket) and connections per IP. Must never admit past a limit, and
-//! never refuse without a jittered `Retry-After`, so a reconnect storm spreads itself out.
+//! per second (a token bucket, with a share per IP) and connections per IP; and the rate
+//! of `/event` requests per IP. Must never admit past a limit, and never refuse without a
+//! jittered `Retry-After`, so a reconnect storm spreads itself out.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -10,7 +11,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::rate::TokenBucket;
+use crate::rate::SharedBudget;
 
 #[derive(Debug, Clone)]
 pub struct AdmissionConfig {
@@ -21,6 +22,11 @@ pub struct AdmissionConfig {
     pub max_per_ip: usize,
     /// Base of the `Retry-After` hint, seconds; up to as much again is added as jitter.
     pub retry_after_secs: u64,
+    /// One IP's share of `connects_per_sec` (burst five times as many): one address
+    /// churning connections cannot take the others' attempts.
+    pub connects_per_sec_per_ip: f64,
+    /// `/event/{seq}` requests per second per IP (burst as many).
+    pub event_requests_per_sec_per_ip: f64,
 }
 
 impl Default for AdmissionConfig {
@@ -31,6 +37,8 @@ impl Default for AdmissionConfig {
             connect_burst: 2_000.0,
             max_per_ip: 2_500,
             retry_after_secs: 5,
+            connects_per_sec_per_ip: 100.0,
+            event_requests_per_sec_per_ip: 50.0,
         }
     }
 }
@@ -43,9 +51,15 @@ pub struct Refusal {
     pub retry_after_secs: u64,
 }
 
+/// How much burst a per-IP connect share gets, in seconds of its rate.
+const PER_IP_CONNECT_BURST_SECS: f64 = 5.0;
+
 struct State {
-    /// New connections, at `connects_per_sec` with a burst of `connect_burst`.
-    connects: TokenBucket,
+    /// New connections, at `connects_per_sec` with a burst of `connect_burst`, and each
+    /// IP's share.
+    connects: SharedBudget<IpAddr>,
+    /// `/event` requests per IP (no total: the cold-read pool bounds their work).
+    events: SharedBudget<IpAddr>,
     per_ip: HashMap<IpAddr, usize>,
     total: usize,
 }
@@ -78,11 +92,23 @@ impl Drop for Permit {
 
 impl Admission {
     pub fn new(config: AdmissionConfig) -> Self {
-        let connects = TokenBucket::new(config.connects_per_sec, config.connect_burst);
+        let connects = SharedBudget::new(
+            config.connects_per_sec,
+            config.connect_burst,
+            config.connects_per_sec_per_ip,
+            config.connects_per_sec_per_ip * PER_IP_CONNECT_BURST_SECS,
+        );
+        let events = SharedBudget::new(
+            f64::MAX,
+            f64::MAX,
+            config.event_requests_per_sec_per_ip,
+            config.event_requests_per_sec_per_ip,
+        );
         Self {
             config: Arc::new(Mutex::new(config)),
             state: Arc::new(Mutex::new(State {
                 connects,
+                events,
                 per_ip: HashMap::new(),
                 total: 0,
             })),
@@ -103,9 +129,12 @@ impl Admission {
         let retry = crate::http::session::retry_after(config.retry_after_secs);
         let mut state = self.state.lock();
         // Read per call: SIGHUP may have changed them.
-        state
-            .connects
-            .set_limits(config.connects_per_sec, config.connect_burst);
+        state.connects.set_limits(
+            config.connects_per_sec,
+            config.connect_burst,
+            config.connects_per_sec_per_ip,
+            config.connects_per_sec_per_ip * PER_IP_CONNECT_BURST_SECS,
+        );
         if state.total >= config.max_subscribers {
             return Err(Refusal {
                 status: 503,
@@ -120,7 +149,11 @@ impl Admission {
                 retry_after_secs: retry,
             });
         }
-        if !state.connects.try_take(1.0) {
+        if state
+            .connects
+            .take_within(Some(ip), 1.0, std::time::Duration::ZERO)
+            .is_err()
+        {
             return Err(Refusal {
                 status: 429,
                 reason: "too many new connections; retry later",
@@ -136,6 +169,25 @@ impl Admission {
     }
 }
 
+impl Admission {
+    /// Takes one `/event` request of `ip`'s rate, or refuses it with 429.
+    pub fn admit_event_request(&self, ip: IpAddr) -> Result<(), Refusal> {
+        let config = self.config.lock().clone();
+        let mut state = self.state.lock();
+        let rate = config.event_requests_per_sec_per_ip;
+        state.events.set_limits(f64::MAX, f64::MAX, rate, rate);
+        state
+            .events
+            .take_within(Some(ip), 1.0, std::time::Duration::ZERO)
+            .map(|_| ())
+            .map_err(|wait| Refusal {
+                status: 429,
+                reason: "too many /event requests from this address",
+                retry_after_secs: wait.as_secs() + 1,
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,6 +200,7 @@ mod tests {
             connect_burst: 10.0,
             max_per_ip: 2,
             retry_after_secs: 2,
+            ..AdmissionConfig::default()
         });
         let a: IpAddr = "127.0.0.1".parse().unwrap();
         let b: IpAddr = "127.0.0.2".parse().unwrap();
@@ -173,5 +226,44 @@ mod tests {
         let permits: Vec<_> = (0..3).map(|_| admission.admit(ip).unwrap()).collect();
         drop(permits);
         assert_eq!(admission.admit(ip).err().unwrap().status, 429);
+    }
+
+    #[test]
+    fn one_address_churning_does_not_take_the_others_connects() {
+        // A share of 1/s: a burst of 5, then one a second.
+        let admission = Admission::new(AdmissionConfig {
+            connects_per_sec: 0.0001,
+            connect_burst: 100.0,
+            connects_per_sec_per_ip: 1.0,
+            ..AdmissionConfig::default()
+        });
+        let churner: IpAddr = "127.0.0.2".parse().unwrap();
+        let other: IpAddr = "127.0.0.3".parse().unwrap();
+        let mut admitted = 0;
+        for _ in 0..50 {
+            if let Ok(permit) = admission.admit(churner) {
+                admitted += 1;
+                drop(permit);
+            }
+        }
+        assert!((1..=5).contains(&admitted), "{admitted}");
+        assert!(
+            admission.admit(other).is_ok(),
+            "the other address keeps its share"
+        );
+    }
+
+    #[test]
+    fn event_requests_are_limited_per_address() {
+        let admission = Admission::new(AdmissionConfig {
+            event_requests_per_sec_per_ip: 3.0,
+            ..AdmissionConfig::default()
+        });
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        assert!((0..3).all(|_| admission.admit_event_request(a).is_ok()));
+        let refused = admission.admit_event_request(a).err();
+        assert!(refused.is_some_and(|r| r.status == 429 && r.retry_after_secs >= 1));
+        assert!(admission.admit_event_request(b).is_ok());
     }
 }

@@ -37,6 +37,9 @@ pub struct HttpStats {
     /// Indexed by [`WireKind::index`].
     pub wires: [session::WireCounters; 3],
     pub v1_cursor_clamped: AtomicU64,
+    /// `/event` requests refused: over the per-IP rate, or no cold-read slot in time.
+    pub event_refused_rate: AtomicU64,
+    pub event_refused_busy: AtomicU64,
     pub ended: parking_lot::Mutex<std::collections::BTreeMap<&'static str, u64>>,
 }
 
@@ -193,14 +196,24 @@ pub fn refusal_response(refusal: &Refusal) -> Response {
     response
 }
 
+/// How long an `/event` read below the hot tail waits for the cold-read pool before 503.
+const EVENT_READ_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// `GET /event/{seq}?wire=v1|v2|raw`: any retained event in any wire's format, so a
 /// subscriber told that an event was too big for it can still fetch it.
 async fn event_by_seq(
     State(state): State<Arc<AppState>>,
     Path(seq): Path<u64>,
     RawQuery(query): RawQuery,
-    _peer: ConnectInfo<SocketAddr>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
 ) -> Response {
+    if let Err(refusal) = state.admission.admit_event_request(peer.ip()) {
+        state
+            .stats
+            .event_refused_rate
+            .fetch_add(1, Ordering::Relaxed);
+        return refusal_response(&refusal);
+    }
     // As on the subscribe endpoints: a parameter given twice counts with its last value.
     let wire = query_pairs(&query)
         .into_iter()
@@ -220,8 +233,25 @@ async fn event_by_seq(
         }
     };
     let reader = state.hub.reader().clone();
-    let read =
-        tokio::task::spawn_blocking(move || reader.read_from(seq, 1, 64 * 1024 * 1024)).await;
+    let read = if seq >= reader.tail().oldest_seq() {
+        // In the hot tail: a lookup in memory.
+        Ok(reader.read_from(seq, 1, 64 * 1024 * 1024))
+    } else {
+        // Below it, a read of the store: through the replays' fair pool, so a flood of
+        // lookups takes its turn with them instead of a blocking thread each.
+        let Some(_permit) = state.hub.cold_read_permit(EVENT_READ_WAIT).await else {
+            state
+                .stats
+                .event_refused_busy
+                .fetch_add(1, Ordering::Relaxed);
+            return refusal_response(&Refusal {
+                status: 503,
+                reason: "busy with log reads; retry later",
+                retry_after_secs: session::retry_after(state.session.retry_after_secs),
+            });
+        };
+        tokio::task::spawn_blocking(move || reader.read_from(seq, 1, 64 * 1024 * 1024)).await
+    };
     let event = match read {
         Ok(Ok(events)) => events.into_iter().next().filter(|e| e.seq == seq),
         Ok(Err(crate::log::LogError::TooOld { oldest, .. })) => {

@@ -188,6 +188,50 @@ pub async fn pause(wait: Duration, shutdown: &mut watch::Receiver<bool>) -> bool
     }
 }
 
+/// How waiting for the index budget before applying a filter change ended.
+enum Waited {
+    Done,
+    /// Another text message came meanwhile: it replaces the change waiting.
+    Superseded(tokio_tungstenite::tungstenite::Utf8Bytes),
+    Ended(SessionEnd),
+}
+
+/// Waits out `wait` before a filter change while still reading the client, so one that
+/// leaves (or sends a newer update) does not leave a change queued on the budget.
+async fn wait_for_budget(
+    socket: &mut Socket,
+    wait: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Waited {
+    if wait.is_zero() {
+        return Waited::Done;
+    }
+    let until = tokio::time::Instant::now() + wait;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => return Waited::Done,
+            _ = shutdown.wait_for(|&s| s) => return Waited::Ended(SessionEnd::Shutdown),
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Text(text))) => return Waited::Superseded(text),
+                Some(Ok(Message::Ping(p) | Message::Pong(p))) => {
+                    if let Some(memory) = socket.memory() {
+                        memory.control_done(p.len() + 6);
+                    }
+                }
+                Some(Ok(Message::Binary(_) | Message::Frame(_))) => {
+                    if let Some(memory) = socket.memory() {
+                        memory.message_done();
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => {
+                    return Waited::Ended(SessionEnd::PeerClosed)
+                }
+                Some(Err(e)) => return Waited::Ended(read_error(e)),
+            },
+        }
+    }
+}
+
 /// The close reason for a filter the index budget could not pay for in time.
 pub fn index_busy_reason(wait: Duration) -> String {
     format!(
@@ -235,6 +279,9 @@ pub async fn run(
     // so the loop does not register a timer per batch.
     let message_check = tokio::time::sleep(config.client_message_timeout);
     tokio::pin!(message_check);
+    if let Some(peer) = socket.peer() {
+        sub.set_peer(peer.ip());
+    }
     let charged = match socket.memory() {
         Some(memory) => memory.set_filter(sub.filter().memory_bytes()),
         None => Ok(()),
@@ -242,40 +289,56 @@ pub async fn run(
     let end = if let Err(why) = charged {
         SessionEnd::MemorySpent(why)
     } else {
-        loop {
+        'session: loop {
             let mut batch = tokio::select! {
                 biased;
                 _ = shutdown.changed() => break SessionEnd::Shutdown,
                 incoming = socket.recv() => {
                     match incoming {
                         Some(Ok(Message::Text(text))) => {
+                        // An update that arrives while an earlier one waits for the index
+                        // budget replaces it (the earlier one's reservation is refunded).
+                        let mut next_text = Some(text);
+                        while let Some(text) = next_text.take() {
                             last_heard = tokio::time::Instant::now();
                             if let Some(memory) = socket.memory() {
                                 memory.message_done();
                             }
                             if !updates.try_take(1.0) {
-                                break SessionEnd::UpdatesTooFast;
+                                break 'session SessionEnd::UpdatesTooFast;
                             }
-                            match wire.on_text(text.as_str()) {
-                                Err(problem) => break SessionEnd::Protocol(problem),
-                                Ok(None) => {}
-                                Ok(Some(filter)) => match sub.reserve_filter_change(&filter) {
-                                    Ok(wait) => {
-                                        if !pause(wait, &mut shutdown).await {
-                                            break SessionEnd::Shutdown;
-                                        }
-                                        if let Some(memory) = socket.memory() {
-                                            if let Err(why) = memory.set_filter(filter.memory_bytes()) {
-                                                break SessionEnd::MemorySpent(why);
-                                            }
-                                        }
-                                        sub.set_filter(filter);
-                                    }
-                                    Err(wait) => break SessionEnd::IndexBusy(wait),
-                                },
+                            let filter = match wire.on_text(text.as_str()) {
+                                Err(problem) => break 'session SessionEnd::Protocol(problem),
+                                Ok(None) => continue,
+                                Ok(Some(filter)) => filter,
+                            };
+                            let wait = match sub.reserve_filter_change(&filter) {
+                                Ok(wait) => wait,
+                                Err(wait) => break 'session SessionEnd::IndexBusy(wait),
+                            };
+                            match wait_for_budget(&mut socket, wait, &mut shutdown).await {
+                                Waited::Done => {}
+                                Waited::Superseded(newer) => {
+                                    sub.refund_filter_change(&filter);
+                                    next_text = Some(newer);
+                                    continue;
+                                }
+                                Waited::Ended(end) => {
+                                    // The client left (or we stop) before the change was
+                                    // applied: it costs the budget nothing.
+                                    sub.refund_filter_change(&filter);
+                                    break 'session end;
+                                }
                             }
+                            if let Some(memory) = socket.memory() {
+                                if let Err(why) = memory.set_filter(filter.memory_bytes()) {
+                                    break 'session SessionEnd::MemorySpent(why);
+                                }
+                            }
+                            sub.set_filter(filter);
                         }
-                        Some(Ok(Message::Close(frame))) => {
+                    }
+                    Some(Ok(Message::Close(frame))) => {
                             // tungstenite has queued the answering close (1002 for a code
                             // the protocol does not allow); send it.
                             let _ = tokio::time::timeout(CLOSE_WAIT, socket.flush()).await;

@@ -81,6 +81,8 @@ pub struct Upgrade {
     on_upgrade: hyper::upgrade::OnUpgrade,
     /// The connection's charge in the client-memory budget (set by `http::listen`).
     memory: Option<Arc<ConnMemory>>,
+    /// The client's address (set by `http::listen`).
+    peer: Option<std::net::SocketAddr>,
 }
 
 /// Why a request is not a websocket upgrade: an HTTP 4xx naming the problem.
@@ -154,6 +156,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
             .filter_map(|name| HeaderValue::from_bytes(name.trim_ascii()).ok())
             .collect();
         let memory = parts.extensions.get::<Arc<ConnMemory>>().cloned();
+        let peer = parts
+            .extensions
+            .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+            .map(|c| c.0);
         Ok(Self {
             key,
             requested_protocols,
@@ -161,6 +167,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
             config: WebSocketConfig::default(),
             on_upgrade,
             memory,
+            peer,
         })
     }
 }
@@ -193,6 +200,7 @@ impl Upgrade {
             config,
             on_upgrade,
             memory,
+            peer,
             ..
         } = self;
         tokio::spawn(async move {
@@ -209,6 +217,7 @@ impl Upgrade {
                     }
                     let mut socket = Socket::new(stream);
                     socket.memory = memory;
+                    socket.peer = peer;
                     callback(socket).await;
                 }
                 Err(e) => tracing::debug!(error = %e, "websocket upgrade failed"),
@@ -256,6 +265,8 @@ pub struct Socket<S = TokioIo<hyper::upgrade::Upgraded>> {
     headers: Vec<u8>,
     /// What this connection is charged in the client-memory budget, if anything.
     memory: Option<Arc<ConnMemory>>,
+    /// The client's address, when known.
+    peer: Option<std::net::SocketAddr>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
@@ -264,7 +275,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
             stream,
             headers: Vec::new(),
             memory: None,
+            peer: None,
         }
+    }
+
+    /// The client's address, when known.
+    pub fn peer(&self) -> Option<std::net::SocketAddr> {
+        self.peer
     }
 
     /// The connection's charge in the client-memory budget, if it has one.

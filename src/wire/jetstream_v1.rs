@@ -304,7 +304,10 @@ pub async fn subscribe(
     let index_wait = if params.require_hello {
         std::time::Duration::ZERO
     } else {
-        match state.hub.reserve_subscribe(&filter, start) {
+        match state
+            .hub
+            .reserve_subscribe_from(&filter, start, Some(peer.ip()))
+        {
             Ok(wait) => wait,
             Err(wait) => return crate::http::index_busy_response(wait),
         }
@@ -324,7 +327,7 @@ pub async fn subscribe(
             let outcome = tokio::select! {
                 hello = wait_for_hello(&mut socket) => hello
                     .and_then(|options| wire.apply(options).map_err(HelloEnd::Invalid))
-                    .and_then(|filter| match state.hub.reserve_subscribe(&filter, start) {
+                    .and_then(|filter| match state.hub.reserve_subscribe_from(&filter, start, Some(peer.ip())) {
                         Ok(wait) => Ok((filter, wait)),
                         Err(wait) => Err(HelloEnd::IndexBusy(wait)),
                     }),

@@ -267,7 +267,10 @@ pub async fn subscribe(
         Ok(p) => p,
         Err(response) => return *response,
     };
-    let index_wait = match state.hub.reserve_subscribe(&params.filter, start) {
+    let index_wait = match state
+        .hub
+        .reserve_subscribe_from(&params.filter, start, Some(peer.ip()))
+    {
         Ok(wait) => wait,
         Err(wait) => return crate::http::index_busy_response(wait),
     };
