@@ -54,6 +54,14 @@ pub struct Refusal {
 /// How much burst a per-IP connect share gets, in seconds of its rate.
 const PER_IP_CONNECT_BURST_SECS: f64 = 5.0;
 
+/// One IP's connect burst: five seconds of its rate, but never more than a quarter of the
+/// server's burst, so one address cannot empty the shared bucket in one go.
+fn per_ip_connect_burst(config: &AdmissionConfig) -> f64 {
+    (config.connects_per_sec_per_ip * PER_IP_CONNECT_BURST_SECS)
+        .min(config.connect_burst / 4.0)
+        .max(1.0)
+}
+
 struct State {
     /// New connections, at `connects_per_sec` with a burst of `connect_burst`, and each
     /// IP's share.
@@ -96,7 +104,7 @@ impl Admission {
             config.connects_per_sec,
             config.connect_burst,
             config.connects_per_sec_per_ip,
-            config.connects_per_sec_per_ip * PER_IP_CONNECT_BURST_SECS,
+            per_ip_connect_burst(&config),
         );
         let events = SharedBudget::new(
             f64::MAX,
@@ -133,7 +141,7 @@ impl Admission {
             config.connects_per_sec,
             config.connect_burst,
             config.connects_per_sec_per_ip,
-            config.connects_per_sec_per_ip * PER_IP_CONNECT_BURST_SECS,
+            per_ip_connect_burst(&config),
         );
         if state.total >= config.max_subscribers {
             return Err(Refusal {

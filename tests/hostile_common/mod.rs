@@ -405,3 +405,57 @@ pub async fn close_code<R: AsyncReadExt + Unpin>(stream: &mut R, within: Duratio
     };
     tokio::time::timeout(within, work).await.ok().flatten()
 }
+
+/// Threads of process `pid` now.
+pub fn threads_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// Waits until the log's newest seq (from `/metrics`) is at least `seq`.
+pub async fn wait_logged(serve: &Serve, seq: u64) {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let newest = metric(&serve.metrics().await, "sluice_log_newest_seq").unwrap_or(0.0);
+        if newest >= seq as f64 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "log reached only seq {newest}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A one-shot HTTP/1.1 GET from the loopback address `from`: the status, or `None`.
+pub async fn http_status_from(from: IpAddr, to: SocketAddr, path: &str) -> Option<u16> {
+    let exchange = async {
+        let mut stream = connect_from(from, to).await.ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.ok()?;
+        String::from_utf8_lossy(&raw)
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// A websocket client connecting from the loopback address `from`.
+pub async fn ws_from(
+    from: IpAddr,
+    to: SocketAddr,
+    path: &str,
+) -> Result<tokio_tungstenite::WebSocketStream<TcpStream>, tokio_tungstenite::tungstenite::Error> {
+    let tcp = connect_from(from, to).await?;
+    let url = format!("ws://{to}{path}");
+    let (ws, _) = tokio_tungstenite::client_async(url, tcp).await?;
+    Ok(ws)
+}
