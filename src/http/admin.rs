@@ -19,9 +19,9 @@ use serde_json::json;
 use crate::decode::DecodeError;
 use crate::event::EventKind;
 use crate::fanout::{Hub, WireKind};
-use crate::http::session::SessionEnd;
 use crate::http::budget::Spent;
 use crate::http::listen::{Refused, Side};
+use crate::http::session::SessionEnd;
 use crate::http::AppState;
 use crate::ingest::{now_us, IngestStats};
 use crate::log::Log;
@@ -348,6 +348,12 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_log_commits_total", "Group commits of the event log."),
     ("sluice_log_commit_failures_total", "Group commits of the event log that failed (retried)."),
     ("sluice_log_retention_deleted_events_total", "Events deleted from the log by retention."),
+    ("sluice_connections_accepted_total", "Connections accepted, by listener."),
+    ("sluice_connections_refused_total", "Connections refused before any request was read, by listener and reason (pending_full 503, pending_per_ip 429, fd_reserve 503)."),
+    ("sluice_connections_closed_unfinished_total", "Connections closed before their upgrade or answer, by listener and reason (header_timeout, handshake_timeout, shutdown)."),
+    ("sluice_connections_accept_errors_total", "accept() failures (e.g. out of descriptors), by listener."),
+    ("sluice_client_memory_refused_total", "Subscriber reads or filters refused (close 1013) because they did not fit the client-memory budget, by budget (total, per_ip)."),
+    ("sluice_event_requests_refused_total", "/event requests refused: over the per-IP rate (429) or no cold-read slot in time (503)."),
 ];
 
 const GAUGES: &[(&str, &str)] = &[
@@ -413,6 +419,30 @@ const GAUGES: &[(&str, &str)] = &[
         "Bytes of compressed events a compression scheme keeps for its subscribers, by scheme.",
     ),
     ("sluice_ready", "1 while /readyz answers ready."),
+    (
+        "sluice_connections_open",
+        "Connections open now (upgraded or not), by listener.",
+    ),
+    (
+        "sluice_connections_pending",
+        "Connections accepted and not yet upgraded or answered, by listener.",
+    ),
+    (
+        "sluice_connections_fd_cap",
+        "Most connections the listener holds given the open-file limit and --fd-reserve.",
+    ),
+    (
+        "sluice_open_file_limit",
+        "The process's open-file limit (RLIMIT_NOFILE) after raising the soft limit.",
+    ),
+    (
+        "sluice_client_memory_bytes",
+        "Bytes subscribers make the daemon hold now (messages under way, filters).",
+    ),
+    (
+        "sluice_client_memory_limit_bytes",
+        "The client-memory budget (--client-memory-mib), in bytes.",
+    ),
 ];
 
 fn describe_metrics() {

@@ -230,10 +230,14 @@ mod tests {
             connect_burst: 3.0,
             ..AdmissionConfig::default()
         });
-        let ip: IpAddr = "127.0.0.1".parse().unwrap();
-        let permits: Vec<_> = (0..3).map(|_| admission.admit(ip).unwrap()).collect();
+        // From three addresses (one address's burst is at most a quarter of the total).
+        let ips: Vec<IpAddr> = (1..=4).map(|i| IpAddr::from([127, 0, 0, i])).collect();
+        let permits: Vec<_> = ips[..3]
+            .iter()
+            .map(|&ip| admission.admit(ip).unwrap())
+            .collect();
         drop(permits);
-        assert_eq!(admission.admit(ip).err().unwrap().status, 429);
+        assert_eq!(admission.admit(ips[3]).err().unwrap().status, 429);
     }
 
     #[test]

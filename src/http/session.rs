@@ -139,7 +139,7 @@ pub enum SessionEnd {
 
 impl SessionEnd {
     /// Every `reason()` label, so metrics can show each one at 0 from the first scrape.
-    pub const REASONS: [&'static str; 13] = [
+    pub const REASONS: [&'static str; 16] = [
         "peer_closed",
         "peer_dead",
         "write_timeout",
@@ -153,6 +153,9 @@ impl SessionEnd {
         "message_too_big",
         "updates_too_fast",
         "index_busy",
+        "protocol_error",
+        "memory_budget",
+        "message_timeout",
     ];
 
     pub fn reason(&self) -> &'static str {
@@ -608,6 +611,12 @@ mod tests {
             SessionEnd::MessageTooBig,
             SessionEnd::UpdatesTooFast,
             SessionEnd::IndexBusy(Duration::ZERO),
+            SessionEnd::Violation {
+                code: 1002,
+                problem: "x".into(),
+            },
+            SessionEnd::MemorySpent(crate::http::budget::Spent::Total),
+            SessionEnd::MessageTimeout,
         ];
         let reasons: Vec<&str> = all.iter().map(SessionEnd::reason).collect();
         assert_eq!(reasons, SessionEnd::REASONS);
