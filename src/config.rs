@@ -209,7 +209,7 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
     pub scan_events_per_sec_per_ip: u64,
     /// New subscriber connections per second one client IP may open (burst five times
-    /// as many, at most a quarter of `--connect-burst`), its share of `--connects-per-sec`
+    /// as many, at most `--connect-burst`), its share of `--connects-per-sec`
     /// (over it: HTTP 429).
     #[arg(long, env = "SLUICE_CONNECTS_PER_SEC_PER_IP", default_value_t = 100,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]

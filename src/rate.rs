@@ -181,6 +181,23 @@ impl<K: Hash + Eq + Copy> SharedBudget<K> {
             .unwrap_or(Duration::MAX)
     }
 
+    /// Takes `n` from `key`'s share only, on credit; how long until that debt is paid.
+    /// For work paced in two steps (this, then [`SharedBudget::take_total_on_credit`]
+    /// once the wait is over), so a key whose share is in debt never draws the total
+    /// into debt for everyone: however many requests it queues, it takes from the total
+    /// at its share's rate.
+    pub fn take_share_on_credit(&mut self, key: Option<K>, n: f64) -> Duration {
+        match key {
+            Some(key) => self.bucket(key).take_on_credit(n),
+            None => Duration::ZERO,
+        }
+    }
+
+    /// Takes `n` from the total only, on credit; how long until that debt is paid.
+    pub fn take_total_on_credit(&mut self, n: f64) -> Duration {
+        self.total.take_on_credit(n)
+    }
+
     /// Gives back `n` taken for work that will not be done.
     pub fn refund(&mut self, key: Option<K>, n: f64) {
         self.total.refund(n);
@@ -279,6 +296,19 @@ mod tests {
         // Without a key only the total counts (it is spent now).
         assert!(budget.take_within(None, 1.0, Duration::ZERO).is_err());
         assert_eq!(budget.keys(), 3);
+    }
+
+    #[test]
+    fn a_share_in_debt_does_not_draw_the_total_into_debt() {
+        let mut budget = SharedBudget::new(100.0, 100.0, 10.0, 10.0);
+        // A key queueing many requests on its share: each waits longer, none touches
+        // the total.
+        let waits: Vec<Duration> = (0..5)
+            .map(|_| budget.take_share_on_credit(Some(1u8), 10.0))
+            .collect();
+        assert!(waits.windows(2).all(|w| w[1] > w[0]), "{waits:?}");
+        assert_eq!(budget.take_total_on_credit(100.0), Duration::ZERO);
+        assert_eq!(budget.take_share_on_credit(None, 1e9), Duration::ZERO);
     }
 
     #[test]

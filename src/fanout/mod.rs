@@ -836,13 +836,20 @@ impl Subscription {
     async fn read_log(&mut self, next: u64, max: usize) -> Result<Vec<SharedEvent>, End> {
         let max = max.min(self.hub.config.catchup_batch.max(1));
         // Paid for every event the read may scan, matched or not: a filter that matches
-        // nothing costs the same CPU as one that matches everything.
+        // nothing costs the same CPU as one that matches everything. First this
+        // connection's rate and its address's share, then (once those are paid) the
+        // server's total: an address with many replays queues on its own share and
+        // takes from the total only at that share's pace.
         let wait = self.tokens.take_on_credit(max as f64).max(
             self.hub
                 .scan_budget
                 .lock()
-                .take_on_credit(self.peer, max as f64),
+                .take_share_on_credit(self.peer, max as f64),
         );
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let wait = self.hub.scan_budget.lock().take_total_on_credit(max as f64);
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }

@@ -54,11 +54,12 @@ pub struct Refusal {
 /// How much burst a per-IP connect share gets, in seconds of its rate.
 const PER_IP_CONNECT_BURST_SECS: f64 = 5.0;
 
-/// One IP's connect burst: five seconds of its rate, but never more than a quarter of the
-/// server's burst, so one address cannot empty the shared bucket in one go.
+/// One IP's connect burst: five seconds of its rate, but never more than the server's
+/// burst: a larger one would let one address keep the shared bucket empty for longer
+/// than it takes to drain it once.
 fn per_ip_connect_burst(config: &AdmissionConfig) -> f64 {
     (config.connects_per_sec_per_ip * PER_IP_CONNECT_BURST_SECS)
-        .min(config.connect_burst / 4.0)
+        .min(config.connect_burst)
         .max(1.0)
 }
 
@@ -230,7 +231,7 @@ mod tests {
             connect_burst: 3.0,
             ..AdmissionConfig::default()
         });
-        // From three addresses (one address's burst is at most a quarter of the total).
+        // From three addresses: the server's burst is shared by all.
         let ips: Vec<IpAddr> = (1..=4).map(|i| IpAddr::from([127, 0, 0, i])).collect();
         let permits: Vec<_> = ips[..3]
             .iter()
