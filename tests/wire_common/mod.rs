@@ -210,6 +210,19 @@ pub fn serve_config(
         argv.push("--zstd-dictionary".into());
         argv.push("trained".into());
     }
+    // Every client of these tests connects from 127.0.0.1, standing in for many clients:
+    // the per-address shares are lifted to the server-wide limits, which are what these
+    // tests set and check (the shares are tested from several addresses in hostile_*).
+    for (flag, value) in [
+        ("--max-pending-per-ip", "1000000"),
+        ("--connects-per-sec-per-ip", "1000000"),
+        ("--event-requests-per-sec-per-ip", "1000000"),
+        ("--scan-events-per-sec-per-ip", "1000000000"),
+        ("--max-index-changes-per-sec-per-ip", "1000000000"),
+    ] {
+        argv.push(flag.into());
+        argv.push(value.into());
+    }
     argv.extend(extra.iter().map(|s| s.to_string()));
     sluice::config::parse_serve_args(argv)
         .unwrap()
