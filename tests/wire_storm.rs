@@ -139,6 +139,8 @@ async fn run_storm(storm: Storm) {
             c.admission.connect_burst = 1e6;
             c.admission.max_per_ip = 1_000_000;
             c.admission.max_subscribers = 1_000_000;
+            // All 2,000 may be mid-handshake at once: no cap before the upgrade either.
+            c.listen_limits.max_pending = 1_000_000;
         }
     })
     .await;
