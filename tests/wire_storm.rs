@@ -139,8 +139,11 @@ async fn run_storm(storm: Storm) {
             c.admission.connect_burst = 1e6;
             c.admission.max_per_ip = 1_000_000;
             c.admission.max_subscribers = 1_000_000;
-            // All 2,000 may be mid-handshake at once: no cap before the upgrade either.
+            // All 2,000 may be mid-handshake at once: no cap before the upgrade either,
+            // and on a busy machine a handshake may wait long for the server itself.
             c.listen_limits.max_pending = 1_000_000;
+            c.listen_limits.header_read_timeout = Duration::from_secs(60);
+            c.listen_limits.handshake_timeout = Duration::from_secs(60);
         }
     })
     .await;
