@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches};
 
+use crate::cluster::ClusterConfig;
 use crate::daemon::IngestConfig;
 use crate::fanout::filter::FilterLimits;
 use crate::fanout::{HubConfig, SlowPolicy};
@@ -333,6 +334,61 @@ pub struct ServeArgs {
     /// Seconds between progress summaries in the log (0 = never).
     #[arg(long, env = "SLUICE_STATS_INTERVAL_SECS", default_value_t = 60)]
     pub stats_interval_secs: u64,
+
+    // ---- cluster (Redis)
+    /// Join a cluster through this Redis (`redis://host:port/db`): one node, the leader,
+    /// ingests into a shared Redis Stream and every node serves from it. Without it, sluice
+    /// runs alone on its embedded log.
+    #[arg(long, env = "SLUICE_REDIS")]
+    pub redis: Option<String>,
+    /// Cluster name: nodes on one Redis with the same name share one seq space.
+    #[arg(long, env = "SLUICE_CLUSTER", default_value = "sluice")]
+    pub cluster: String,
+    /// This node's name in the cluster (unique per running node). Default: the host name
+    /// and the --listen port.
+    #[arg(long, env = "SLUICE_CLUSTER_NODE_ID")]
+    pub cluster_node_id: Option<String>,
+    /// Leader lease time to live, ms. The leader renews every third of it and stops
+    /// appending a fifth of it before it could expire; a standby takes over after it.
+    #[arg(long, env = "SLUICE_LEASE_TTL_MS", default_value_t = 3000,
+          value_parser = clap::value_parser!(u64).range(500..=600_000))]
+    pub lease_ttl_ms: u64,
+    /// How often a standby tries to take the lease, ms (±50% jitter).
+    #[arg(long, env = "SLUICE_STANDBY_POLL_MS", default_value_t = 250,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub standby_poll_ms: u64,
+    /// Most events the shared stream keeps (a node away longer than this rejoins with a
+    /// recorded discontinuity; deep replay stays on each node's own log).
+    #[arg(long, env = "SLUICE_CLUSTER_WINDOW_EVENTS", default_value_t = 300_000,
+          value_parser = clap::value_parser!(u64).range(1_000..=1_000_000_000))]
+    pub cluster_window_events: u64,
+    /// Most MiB of entries the shared stream keeps (wins over everything else: Redis
+    /// memory is the scarce resource).
+    #[arg(long, env = "SLUICE_CLUSTER_WINDOW_MAX_MIB", default_value_t = 768,
+          value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub cluster_window_max_mib: u64,
+    /// Events the stream always keeps, whatever the window says.
+    #[arg(long, env = "SLUICE_CLUSTER_WINDOW_FLOOR_EVENTS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000_000))]
+    pub cluster_window_floor_events: u64,
+    /// Refuse to start unless Redis has appendonly yes and appendfsync always (otherwise
+    /// a warning is logged).
+    #[arg(long, env = "SLUICE_REDIS_REQUIRE_DURABLE", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set,
+          value_parser = clap::value_parser!(bool))]
+    pub redis_require_durable: bool,
+    /// Frames queued between ingest and the Redis appender before ingest stops reading.
+    #[arg(long, env = "SLUICE_CLUSTER_APPEND_QUEUE", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub cluster_append_queue: u64,
+    /// Most events per append (one stream entry).
+    #[arg(long, env = "SLUICE_CLUSTER_BATCH_MAX_EVENTS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub cluster_batch_max_events: u64,
+    /// Deadline of one Redis command, ms (a blocking stream read adds its wait).
+    #[arg(long, env = "SLUICE_REDIS_TIMEOUT_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub redis_timeout_ms: u64,
 }
 
 /// Everything `serve` runs with, derived from [`ServeArgs`].
@@ -354,6 +410,8 @@ pub struct ServeConfig {
     pub zstd_cache_bytes: usize,
     pub shutdown_timeout: Duration,
     pub stats_interval: Option<Duration>,
+    /// Set with `--redis`: this node joins a cluster.
+    pub cluster: Option<ClusterConfig>,
     /// Limits before the upgrade on the subscriber listener (`http::listen`).
     pub listen_limits: ListenConfig,
     /// Descriptors kept from subscriber connections.
@@ -518,7 +576,43 @@ impl ServeArgs {
             connects_per_sec_per_ip: self.connects_per_sec_per_ip as f64,
             event_requests_per_sec_per_ip: self.event_requests_per_sec_per_ip as f64,
         };
+        let cluster = match &self.redis {
+            None => None,
+            Some(url) => {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    anyhow::bail!("--redis must be a redis:// URL, not {url:?}");
+                }
+                if self.cluster.is_empty()
+                    || !self
+                        .cluster
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                {
+                    anyhow::bail!(
+                        "--cluster must be letters, digits, '-', '_' or '.', not {:?}",
+                        self.cluster
+                    );
+                }
+                let node_id = match &self.cluster_node_id {
+                    Some(id) if !id.is_empty() && !id.contains(' ') => id.clone(),
+                    Some(id) => anyhow::bail!("--cluster-node-id {id:?} must be non-empty without spaces"),
+                    None => format!("{}:{}", host_name(), self.listen.port()),
+                };
+                let mut c = ClusterConfig::new(url.clone(), self.cluster.clone(), node_id);
+                c.lease_ttl = Duration::from_millis(self.lease_ttl_ms);
+                c.standby_poll = Duration::from_millis(self.standby_poll_ms);
+                c.window_events = self.cluster_window_events;
+                c.window_max_bytes = self.cluster_window_max_mib * MIB;
+                c.window_floor_events = self.cluster_window_floor_events;
+                c.require_durable = self.redis_require_durable;
+                c.append_queue_frames = usize_of(self.cluster_append_queue)?;
+                c.batch_max_events = usize_of(self.cluster_batch_max_events)?;
+                c.redis_timeout = Duration::from_millis(self.redis_timeout_ms);
+                Some(c)
+            }
+        };
         Ok(ServeConfig {
+            cluster,
             ingest,
             log,
             hub,
@@ -555,6 +649,15 @@ impl ServeArgs {
             },
         })
     }
+}
+
+/// This machine's host name, for the default cluster node id.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().replace(' ', "-"))
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "sluice".into())
 }
 
 /// A command wrapping [`ServeArgs`], for parsing settings outside the main CLI.

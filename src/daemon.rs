@@ -66,6 +66,11 @@ pub struct IngestHandle {
 }
 
 impl IngestHandle {
+    /// True once the ingest thread has ended (its sink failed, or it was shut down).
+    pub fn is_finished(&self) -> bool {
+        self.thread.is_finished()
+    }
+
     /// Stops reading upstream, lets ingest finish what it has; the log keeps the resume state.
     pub async fn shutdown(self) -> anyhow::Result<IngestStats> {
         let _ = self.shutdown.send(true);
@@ -88,15 +93,29 @@ pub fn start_ingest(
     state: StampState,
     sink: impl EventSink,
 ) -> anyhow::Result<IngestHandle> {
+    let shared = Arc::new(UpstreamShared::new(state.upstream_cursor));
+    let stats = Arc::new(parking_lot::Mutex::new(IngestStats::default()));
+    start_ingest_with(config, state, sink, shared, stats)
+}
+
+/// [`start_ingest`] with counters that outlive it: a cluster node starts ingest each time
+/// it becomes the leader and keeps one set of upstream counters for its whole life.
+pub fn start_ingest_with(
+    config: IngestConfig,
+    state: StampState,
+    sink: impl EventSink,
+    shared: Arc<UpstreamShared>,
+    stats: Arc<parking_lot::Mutex<IngestStats>>,
+) -> anyhow::Result<IngestHandle> {
     tracing::info!(
         next_seq = state.next_seq,
         upstream_cursor = ?state.upstream_cursor,
         "resuming ingest"
     );
-    let shared = Arc::new(UpstreamShared::new(state.upstream_cursor));
+    shared.set_cursor(state.upstream_cursor);
+    shared.reset_flow();
     let (frames_tx, frames_rx) = mpsc::channel(config.frame_queue.max(1));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let stats = Arc::new(parking_lot::Mutex::new(IngestStats::default()));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -254,7 +273,10 @@ pub struct Daemon {
     /// Where the admin endpoints listen.
     pub admin_addr: std::net::SocketAddr,
     pub admin: Arc<crate::http::admin::AdminState>,
-    ingest: IngestHandle,
+    /// Single node: the ingest run. In a cluster the node starts and stops ingest itself.
+    ingest: Option<IngestHandle>,
+    node: Option<crate::cluster::Node>,
+    upstream: Arc<UpstreamShared>,
     shutdown: watch::Sender<bool>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     admin_server: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -327,19 +349,44 @@ impl Daemon {
                 anyhow::anyhow!("cannot listen on {} (admin): {e}", config.admin_listen)
             })?;
         let admin_addr = admin_listener.local_addr()?;
-        let ingest = start_ingest(config.ingest.clone(), state, log.clone())?;
-        let admin = Arc::new(crate::http::admin::AdminState::new(
+        let (ingest, node, upstream, ingest_stats) = match config.cluster.clone() {
+            None => {
+                let ingest = start_ingest(config.ingest.clone(), state, log.clone())?;
+                let (upstream, stats) = (ingest.shared.clone(), ingest.stats.clone());
+                (Some(ingest), None, upstream, stats)
+            }
+            Some(cluster) => {
+                // The node ingests only while it leads; stamps come from Redis, not `state`.
+                let upstream = Arc::new(UpstreamShared::new(state.upstream_cursor));
+                let stats = Arc::new(parking_lot::Mutex::new(IngestStats::default()));
+                let node = crate::cluster::Node::start(
+                    cluster,
+                    crate::cluster::NodeParts {
+                        ingest: config.ingest.clone(),
+                        log: log.clone(),
+                        hub: hub.clone(),
+                        upstream: upstream.clone(),
+                        ingest_stats: stats.clone(),
+                    },
+                )
+                .await?;
+                (None, Some(node), upstream, stats)
+            }
+        };
+        let mut admin = crate::http::admin::AdminState::new(
             log.clone(),
             hub.clone(),
             app.clone(),
-            ingest.shared.clone(),
-            ingest.stats.clone(),
+            upstream.clone(),
+            ingest_stats,
             crate::http::admin::AdminLimits {
                 ready_max_lag: config.ready_max_lag,
                 log_queue_max_bytes: config.log.queue_max_bytes,
                 log_max_bytes: config.log.retention.max_bytes,
             },
-        ));
+        );
+        admin.cluster = node.as_ref().map(|n| n.shared.clone());
+        let admin = Arc::new(admin);
         let admin_shutdown = shutdown_tx.subscribe();
         let admin_server = tokio::spawn(crate::http::listen::serve(
             admin_listener,
@@ -358,6 +405,8 @@ impl Daemon {
             admin_addr,
             admin,
             ingest,
+            node,
+            upstream,
             shutdown: shutdown_tx,
             server,
             admin_server,
@@ -366,7 +415,7 @@ impl Daemon {
     }
 
     pub fn upstream(&self) -> &Arc<UpstreamShared> {
-        &self.ingest.shared
+        &self.upstream
     }
 
     /// Stops accepting, stops ingest, makes the log durable, closes every subscriber with
@@ -375,7 +424,15 @@ impl Daemon {
         let timeout = self.shutdown_timeout;
         let work = async move {
             let _ = self.shutdown.send(true);
-            let stats = self.ingest.shutdown().await?;
+            let stats = match (self.ingest, self.node) {
+                (Some(ingest), _) => ingest.shutdown().await?,
+                (None, Some(node)) => {
+                    // A leader hands the lease over before the log closes.
+                    node.shutdown().await;
+                    IngestStats::default()
+                }
+                (None, None) => IngestStats::default(),
+            };
             let log = self.log.clone();
             tokio::task::spawn_blocking(move || {
                 if !log.flush(Duration::from_secs(10)) {

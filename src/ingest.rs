@@ -195,6 +195,27 @@ impl Ingestor {
         IngestOutcome::Events(events)
     }
 
+    /// Re-derives the events of a frame another node stamped (cluster followers): the
+    /// same decode and encode as [`ingest`](Self::ingest), with stamps starting at
+    /// `first_seq` and `first_time_us`. Ingest stamps a frame's first event at or after
+    /// both its source time (clamped to receipt) and the previous `time_us` + 1, and each
+    /// further op at + 1, so resuming just below `first_time_us` with the leader's
+    /// `received_us` reproduces the leader's events exactly.
+    pub fn restamp(
+        &mut self,
+        frame: Bytes,
+        received_us: i64,
+        first_seq: u64,
+        first_time_us: i64,
+    ) -> IngestOutcome {
+        self.state = StampState {
+            next_seq: first_seq,
+            last_time_us: first_time_us.saturating_sub(1),
+            upstream_cursor: None,
+        };
+        self.ingest(frame, received_us)
+    }
+
     /// Records a seq that went backwards within one connection: the frame was already
     /// dropped as a duplicate, but unlike a post-reconnect overlap this is an anomaly.
     pub fn note_seq_regression(&mut self) {

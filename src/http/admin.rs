@@ -37,6 +37,8 @@ pub struct AdminState {
     pub upstream: Arc<UpstreamShared>,
     pub ingest_stats: Arc<parking_lot::Mutex<IngestStats>>,
     pub limits: AdminLimits,
+    /// Set when this node is part of a cluster.
+    pub cluster: Option<Arc<crate::cluster::ClusterShared>>,
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
 }
@@ -71,6 +73,7 @@ impl AdminState {
             upstream,
             ingest_stats,
             limits,
+            cluster: None,
             recorder,
             handle,
         }
@@ -85,8 +88,23 @@ impl AdminState {
 
     /// Why the daemon is not ready, or `None` when it is.
     pub fn not_ready(&self) -> Option<String> {
-        if !self.upstream.connected.load(Ordering::Relaxed) {
-            return Some("upstream not connected".into());
+        match &self.cluster {
+            // A standby reads the shared stream, not the upstream.
+            Some(cluster) => {
+                if let Some(why) = cluster.not_ready() {
+                    return Some(why);
+                }
+                if cluster.role() == crate::cluster::Role::Leader
+                    && !self.upstream.connected.load(Ordering::Relaxed)
+                {
+                    return Some("leader: upstream not connected".into());
+                }
+            }
+            None => {
+                if !self.upstream.connected.load(Ordering::Relaxed) {
+                    return Some("upstream not connected".into());
+                }
+            }
         }
         if self.log.queued_bytes() * 10 >= self.limits.log_queue_max_bytes * 9 {
             return Some("event log is not keeping up (writer queue full)".into());
@@ -264,6 +282,9 @@ impl AdminState {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 gauge!("sluice_runtime_worker_threads").set(runtime.metrics().num_workers() as f64);
             }
+            if let Some(cluster) = &self.cluster {
+                cluster_metrics(cluster, reader.newest_seq());
+            }
             gauge!("sluice_ready").set(if self.not_ready().is_none() { 1.0 } else { 0.0 });
         });
         self.handle.render()
@@ -309,6 +330,17 @@ impl AdminState {
                 "rejoined": hub.rejoins.load(Ordering::Relaxed),
                 "disconnects": *self.app.stats.ended.lock(),
             },
+            "cluster": self.cluster.as_ref().map(|c| json!({
+                "name": c.cluster,
+                "node": c.node_id,
+                "role": c.role().as_str(),
+                "epoch": c.epoch.load(Ordering::Relaxed),
+                "redis_up": c.redis_up.load(Ordering::Relaxed),
+                "stream_next_seq": c.stream_next_seq.load(Ordering::Relaxed),
+                "takeovers": c.takeovers.load(Ordering::Relaxed),
+                "discontinuities": c.discontinuities.load(Ordering::Relaxed),
+                "nodes": *c.nodes.lock(),
+            })),
             "log": {
                 "bounds": reader.bounds().map(|b| json!({
                     "oldest_seq": b.oldest_seq, "newest_seq": b.newest_seq,
@@ -451,6 +483,49 @@ fn describe_metrics() {
     }
     for &(name, help) in GAUGES {
         metrics::describe_gauge!(name, help);
+    }
+}
+
+/// The cluster's metrics (inside the admin recorder's scope).
+fn cluster_metrics(c: &crate::cluster::ClusterShared, local_newest: u64) {
+    use metrics::{counter, gauge};
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let role = c.role();
+    for r in [crate::cluster::Role::Leader, crate::cluster::Role::Standby] {
+        gauge!("sluice_cluster_role", "role" => r.as_str()).set(if r == role { 1.0 } else { 0.0 });
+    }
+    gauge!("sluice_cluster_lease_epoch").set(load(&c.epoch) as f64);
+    gauge!("sluice_cluster_redis_up").set(if c.redis_up.load(Ordering::Relaxed) { 1.0 } else { 0.0 });
+    let stream_next = load(&c.stream_next_seq);
+    gauge!("sluice_cluster_stream_newest_seq").set(stream_next.saturating_sub(1) as f64);
+    gauge!("sluice_cluster_tail_lag_events")
+        .set(stream_next.saturating_sub(1).saturating_sub(local_newest) as f64);
+    counter!("sluice_cluster_takeovers_total").absolute(load(&c.takeovers));
+    counter!("sluice_cluster_step_downs_total").absolute(load(&c.step_downs));
+    counter!("sluice_cluster_handovers_total").absolute(load(&c.handovers));
+    counter!("sluice_cluster_appends_total").absolute(load(&c.appends));
+    counter!("sluice_cluster_appended_events_total").absolute(load(&c.appended_events));
+    counter!("sluice_cluster_appended_bytes_total").absolute(load(&c.appended_bytes));
+    counter!("sluice_cluster_append_retries_total").absolute(load(&c.append_retries));
+    counter!("sluice_cluster_appends_refused_total").absolute(load(&c.fenced_appends));
+    counter!("sluice_cluster_trims_total").absolute(load(&c.trims));
+    counter!("sluice_cluster_trimmed_entries_total").absolute(load(&c.trimmed_entries));
+    counter!("sluice_cluster_discontinuities_total").absolute(load(&c.discontinuities));
+    counter!("sluice_cluster_discontinuity_events_total").absolute(load(&c.discontinuity_events));
+    counter!("sluice_cluster_tailed_events_total").absolute(load(&c.tailed_events));
+    counter!("sluice_cluster_tail_errors_total").absolute(load(&c.tail_errors));
+    counter!("sluice_cluster_skipped_held_events_total").absolute(load(&c.skipped_held));
+    let (buckets, sum) = c.append_latency.snapshot();
+    for (le, n) in &buckets {
+        let le = if le.is_infinite() { "+Inf".to_string() } else { le.to_string() };
+        counter!("sluice_cluster_append_seconds_bucket", "le" => le).absolute(*n);
+    }
+    counter!("sluice_cluster_append_seconds_count").absolute(buckets.last().map_or(0, |b| b.1));
+    gauge!("sluice_cluster_append_seconds_sum").set(sum);
+    for n in c.nodes.lock().iter() {
+        gauge!("sluice_cluster_node_position", "node" => n.node.clone()).set(n.position as f64);
+        gauge!("sluice_cluster_node_lag_events", "node" => n.node.clone()).set(n.lag_events as f64);
+        gauge!("sluice_cluster_node_subscribers", "node" => n.node.clone()).set(n.subscribers as f64);
     }
 }
 

@@ -825,6 +825,30 @@ impl EventStore for FjallStore {
         Err(backend("segments vanish faster than they can be read"))
     }
 
+    fn restart_at(&self, next_seq: u64) -> Result<(), LogError> {
+        let current = self.resume_state();
+        if next_seq < current.next_seq {
+            return Err(LogError::OutOfOrder {
+                expected: current.next_seq,
+                got: next_seq,
+            });
+        }
+        self.delete_before(u64::MAX)?;
+        let resume = StampState {
+            next_seq,
+            ..current
+        };
+        let _w = self.writer.lock().map_err(|_| backend("poisoned"))?;
+        let mut batch = self.keyspace.batch();
+        batch.insert(&self.state, RESUME_KEY, encode_resume(&resume));
+        batch.commit().map_err(backend)?;
+        self.keyspace
+            .persist(PersistMode::SyncAll)
+            .map_err(backend)?;
+        *self.resume.lock().map_err(|_| backend("poisoned"))? = resume;
+        Ok(())
+    }
+
     fn delete_before(&self, seq: u64) -> Result<u64, LogError> {
         let doomed: Vec<Stored> = {
             let mut segs = self.segments.write().map_err(|_| backend("poisoned"))?;

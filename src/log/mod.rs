@@ -149,6 +149,8 @@ struct Shared {
     store: Arc<dyn EventStore>,
     tail: Arc<HotTail>,
     durable: watch::Receiver<u64>,
+    /// The writer advances it; `restart_at` moves it with the seq space.
+    durable_tx: watch::Sender<u64>,
     writer_stats: Arc<WriterStats>,
     retention_stats: Arc<RetentionStats>,
 }
@@ -197,6 +199,7 @@ impl Log {
         let queue = Arc::new(writer::Queue::new(config.queue_max_bytes));
         let writer_stats = Arc::new(WriterStats::default());
         let retention_stats = Arc::new(RetentionStats::default());
+        let durable_keep = durable_tx.clone();
         let writer = {
             let (queue, store, tail, stats) = (
                 queue.clone(),
@@ -231,6 +234,7 @@ impl Log {
                 store,
                 tail,
                 durable: durable_rx,
+                durable_tx: durable_keep,
                 writer_stats,
                 retention_stats,
             }),
@@ -271,6 +275,33 @@ impl Log {
         }
         self.shared.tail.push(&shared);
         self.queue.push(shared, bytes)
+    }
+
+    /// Cluster nodes only: drops every event held and continues the seq space at
+    /// `next_seq`, durably, after a discontinuity (the node was away longer than the shared
+    /// stream's window). Readers then see `next_seq` as the oldest event: a cursor inside
+    /// the hole gets its wire's too-old answer. Waits for pending appends to be durable.
+    pub fn restart_at(&self, next_seq: u64) -> Result<(), LogError> {
+        let _guard = self.append_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.shared.tail.next_seq();
+        if next_seq < current {
+            return Err(LogError::OutOfOrder {
+                expected: current,
+                got: next_seq,
+            });
+        }
+        if next_seq == current {
+            return Ok(());
+        }
+        if !self.flush(Duration::from_secs(30)) {
+            return Err(LogError::Backend(
+                "the log did not become durable before moving its seq space".into(),
+            ));
+        }
+        self.shared.store.restart_at(next_seq)?;
+        self.shared.tail.restart_at(next_seq);
+        self.shared.durable_tx.send_replace(next_seq - 1);
+        Ok(())
     }
 
     /// A cheap, cloneable read handle.

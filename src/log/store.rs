@@ -183,6 +183,16 @@ pub trait EventStore: Send + Sync + 'static {
     /// Must not rewrite retained data.
     fn delete_before(&self, seq: u64) -> Result<u64, LogError>;
 
+    /// Drops every event held and makes `next_seq` (beyond the newest) the seq the next
+    /// append starts at, durably: a cluster node that was away longer than the shared
+    /// stream's window resumes where the stream starts. Backends without it refuse.
+    fn restart_at(&self, next_seq: u64) -> Result<(), LogError> {
+        let _ = next_seq;
+        Err(LogError::Backend(
+            "this store cannot move its seq space forward".into(),
+        ))
+    }
+
     /// Oldest and newest durable events, `None` when empty.
     fn bounds(&self) -> Option<Bounds>;
 

@@ -88,6 +88,18 @@ impl HotTail {
         self.newest.send_replace(last.seq);
     }
 
+    /// Drops every event and makes `next_seq` the next one (see `Log::restart_at`).
+    pub fn restart_at(&self, next_seq: u64) {
+        {
+            let mut inner = self.write_inner();
+            inner.events.clear();
+            inner.bytes = 0;
+            inner.next_seq = next_seq;
+            inner.durable_seq = next_seq.saturating_sub(1);
+        }
+        self.newest.send_replace(next_seq.saturating_sub(1));
+    }
+
     /// Marks everything up to `seq` durable, making it evictable.
     pub fn set_durable(&self, seq: u64) {
         let mut inner = self.write_inner();

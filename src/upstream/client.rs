@@ -144,6 +144,13 @@ impl UpstreamShared {
         self.processed.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Forgets frames a previous ingest run was handed but never finished (it was stopped):
+    /// a new run must not wait for them before reconnecting.
+    pub fn reset_flow(&self) {
+        self.processed
+            .store(self.sent.load(Ordering::Acquire), Ordering::Release);
+    }
+
     fn drained(&self) -> bool {
         self.processed.load(Ordering::Acquire) >= self.sent.load(Ordering::Acquire)
     }

@@ -1,0 +1,128 @@
+#!lua name=sluice
+-- sluice's cluster functions, loaded with FUNCTION LOAD REPLACE at every node's start.
+--
+-- Keys (one hash tag per cluster, so they live together on one Redis shard):
+--   lease  hash {node, epoch} with a TTL: who may append, and with which fencing epoch
+--   epoch  counter that only grows: every grant of the lease takes the next value
+--   state  hash {next_seq, last_time_us, upstream_cursor, epoch}: where ingest resumes
+--   stream the events, one entry per appended batch, entry id = "<last seq of batch>-0"
+--   nodes  hash node -> "next_seq ms role subscribers": what every node reported last
+--
+-- Every check that decides whether a write happens is made here, in one server-side step,
+-- so two callers can never both pass it.
+
+local function num(v)
+  if v == false or v == nil then return nil end
+  return tonumber(v)
+end
+
+-- acquire(keys: lease, epoch, state, nodes; args: node, ttl_ms, min_epoch, now_ms,
+--         local_next_seq, local_last_time_us, local_upstream_cursor|'')
+-- Returns {1, epoch, next_seq, last_time_us, upstream_cursor|'', seeded} when granted,
+-- {0, holder, pttl} when another node holds the lease, {0, '', 0, blocker} when the resume
+-- state is missing and a live node holds more of the log than the caller.
+local function acquire(keys, args)
+  local lease, epoch_key, state, nodes = keys[1], keys[2], keys[3], keys[4]
+  local node, ttl, min_epoch, now = args[1], tonumber(args[2]), tonumber(args[3]), tonumber(args[4])
+  local holder = redis.call('HGET', lease, 'node')
+  if holder and holder ~= node then
+    return {0, holder, redis.call('PTTL', lease)}
+  end
+  local seeded = 0
+  if redis.call('EXISTS', state) == 0 then
+    -- Redis lost its data (or this is a new cluster). Only the live node holding the most
+    -- of the log may re-seed, so no node ever sees a seq it holds reused for another event.
+    local mine = tonumber(args[5])
+    local reports = redis.call('HGETALL', nodes)
+    for i = 1, #reports, 2 do
+      local other, report = reports[i], reports[i + 1]
+      if other ~= node then
+        local pos, ms = string.match(report, '^(%d+) (%d+)')
+        if pos and tonumber(ms) + 3 * ttl >= now and tonumber(pos) > mine then
+          return {0, '', 0, other}
+        end
+      end
+    end
+    redis.call('HSET', state, 'next_seq', args[5], 'last_time_us', args[6], 'upstream_cursor', args[7])
+    seeded = 1
+  end
+  local epoch = redis.call('INCR', epoch_key)
+  if epoch <= min_epoch then
+    epoch = min_epoch + 1
+    redis.call('SET', epoch_key, epoch)
+  end
+  redis.call('HSET', lease, 'node', node, 'epoch', epoch)
+  redis.call('PEXPIRE', lease, ttl)
+  redis.call('HSET', state, 'epoch', epoch)
+  local s = redis.call('HMGET', state, 'next_seq', 'last_time_us', 'upstream_cursor')
+  return {1, epoch, s[1] or '1', s[2] or '0', s[3] or '', seeded}
+end
+
+local function holds(lease, node, epoch)
+  local h = redis.call('HMGET', lease, 'node', 'epoch')
+  return h[1] == node and h[2] == epoch, h[1], h[2]
+end
+
+-- renew(keys: lease; args: node, epoch, ttl_ms) -> 1, or an error FENCED.
+local function renew(keys, args)
+  local ok, holder, epoch = holds(keys[1], args[1], args[2])
+  if not ok then
+    return redis.error_reply('FENCED lease is held by ' .. tostring(holder) .. ' epoch ' .. tostring(epoch))
+  end
+  redis.call('PEXPIRE', keys[1], tonumber(args[3]))
+  return 1
+end
+
+-- release(keys: lease; args: node, epoch) -> 1 if released, 0 if not held.
+local function release(keys, args)
+  if holds(keys[1], args[1], args[2]) then
+    redis.call('DEL', keys[1])
+    return 1
+  end
+  return 0
+end
+
+-- append(keys: lease, state, stream; args: node, epoch, first_seq, last_seq, last_time_us,
+--        upstream_cursor, trim_below (0 = none), payload)
+-- Adds one entry "<last_seq>-0" and the new resume state, or writes nothing and says why:
+--   FENCED (not the lease holder), GAP expected <n> (does not continue the stream),
+--   CURSOR stored <n> (upstream cursor does not advance).
+-- Returns {next_seq, trimmed, 0}, or {next_seq, 0, 1} when this exact batch is already the
+-- stream's last (a retry after a lost reply).
+local function append(keys, args)
+  local lease, state, stream = keys[1], keys[2], keys[3]
+  local ok, holder, epoch = holds(lease, args[1], args[2])
+  if not ok then
+    return redis.error_reply('FENCED lease is held by ' .. tostring(holder) .. ' epoch ' .. tostring(epoch))
+  end
+  local first, last = tonumber(args[3]), tonumber(args[4])
+  local s = redis.call('HMGET', state, 'next_seq', 'upstream_cursor')
+  local next_seq = num(s[1])
+  if next_seq == nil then
+    return redis.error_reply('NOSTATE the resume state is missing')
+  end
+  local cursor = num(s[2])
+  local up = tonumber(args[6])
+  if last + 1 == next_seq and cursor == up then
+    return {next_seq, 0, 1}
+  end
+  if first ~= next_seq or last < first then
+    return redis.error_reply('GAP expected ' .. s[1] .. ' got ' .. args[3])
+  end
+  if cursor ~= nil and up <= cursor then
+    return redis.error_reply('CURSOR stored ' .. s[2] .. ' got ' .. args[6])
+  end
+  redis.call('XADD', stream, args[4] .. '-0', 'b', args[8])
+  redis.call('HSET', state, 'next_seq', last + 1, 'last_time_us', args[5], 'upstream_cursor', args[6])
+  local trimmed = 0
+  local below = tonumber(args[7])
+  if below > 0 then
+    trimmed = redis.call('XTRIM', stream, 'MINID', '~', below .. '-0')
+  end
+  return {last + 1, trimmed, 0}
+end
+
+redis.register_function('sluice_acquire', acquire)
+redis.register_function('sluice_renew', renew)
+redis.register_function('sluice_release', release)
+redis.register_function('sluice_append', append)

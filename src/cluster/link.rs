@@ -1,0 +1,475 @@
+//! The Redis side of the cluster: keys, the function library, and one typed call per
+//! function, over a connection that reconnects on its own.
+//!
+//! Owns: key names, loading `functions.lua`, the durability check, and turning replies
+//! and errors into [`ClusterError`]s with stable reasons. Must never: retry a write on its
+//! own (the caller decides, holding the lease), or wait on Redis without a deadline.
+
+use std::time::Duration;
+
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Value};
+
+use super::ClusterError;
+use crate::ingest::StampState;
+
+/// The function library, loaded with `FUNCTION LOAD REPLACE` at every start.
+pub const FUNCTIONS: &str = include_str!("functions.lua");
+
+/// The keys of one cluster. The `{name}` hash tag keeps them on one shard.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub lease: String,
+    pub epoch: String,
+    pub state: String,
+    pub stream: String,
+    pub nodes: String,
+}
+
+impl Keys {
+    pub fn new(cluster: &str) -> Self {
+        let k = |what: &str| format!("sluice:{{{cluster}}}:{what}");
+        Self {
+            lease: k("lease"),
+            epoch: k("epoch"),
+            state: k("state"),
+            stream: k("stream"),
+            nodes: k("nodes"),
+        }
+    }
+}
+
+/// One connection to Redis, made on first use and again after any failure.
+pub struct Link {
+    client: Client,
+    conn: Option<MultiplexedConnection>,
+    /// Deadline of every command (a blocking read adds its block time).
+    timeout: Duration,
+}
+
+/// The lease was granted: stamping resumes from `state` under `epoch`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    pub epoch: u64,
+    pub state: StampState,
+    /// The resume state was missing and was seeded from this node's own log.
+    pub seeded: bool,
+}
+
+/// The answer to an acquire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquire {
+    Granted(Grant),
+    /// Another node holds the lease for `pttl_ms` more.
+    Held { holder: String, pttl_ms: i64 },
+    /// The resume state is missing and `node`, alive, holds more of the log than we do.
+    SeedBlocked { node: String },
+}
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub next_seq: u64,
+    /// Entries removed by the trim that followed.
+    pub trimmed: u64,
+    /// The batch was already the stream's last (a retry after a lost reply).
+    pub already: bool,
+}
+
+/// One stream entry as read.
+#[derive(Debug, Clone)]
+pub struct RawEntry {
+    /// The last seq of the batch (the entry id's first part).
+    pub last_seq: u64,
+    pub payload: Vec<u8>,
+}
+
+impl Link {
+    pub fn new(url: &str, timeout: Duration) -> Result<Self, ClusterError> {
+        let client = Client::open(url).map_err(|e| ClusterError::Config(e.to_string()))?;
+        Ok(Self {
+            client,
+            conn: None,
+            timeout,
+        })
+    }
+
+    async fn conn(&mut self) -> Result<&mut MultiplexedConnection, ClusterError> {
+        if self.conn.is_none() {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(self.timeout)
+                .set_response_timeout(self.timeout + Duration::from_secs(5));
+            let conn = tokio::time::timeout(
+                self.timeout,
+                self.client
+                    .get_multiplexed_async_connection_with_config(&config),
+            )
+            .await
+            .map_err(|_| ClusterError::Unavailable("connect timed out".into()))?
+            .map_err(|e| ClusterError::Unavailable(e.to_string()))?;
+            self.conn = Some(conn);
+        }
+        self.conn
+            .as_mut()
+            .ok_or_else(|| ClusterError::Unavailable("no connection".into()))
+    }
+
+    /// Runs one command under the deadline (plus `extra` for blocking reads). A failure of
+    /// the connection drops it, so the next call reconnects.
+    pub async fn query(
+        &mut self,
+        cmd: &redis::Cmd,
+        extra: Duration,
+    ) -> Result<Value, ClusterError> {
+        let deadline = self.timeout + extra;
+        let conn = self.conn().await?;
+        match tokio::time::timeout(deadline, cmd.query_async::<Value>(conn)).await {
+            Err(_) => {
+                self.conn = None;
+                Err(ClusterError::Unavailable("command timed out".into()))
+            }
+            Ok(Err(e)) if e.code().is_some() && !e.is_io_error() => {
+                Err(ClusterError::from_server(e.code().unwrap_or(""), e.detail()))
+            }
+            Ok(Err(e)) => {
+                self.conn = None;
+                Err(ClusterError::Unavailable(e.to_string()))
+            }
+            Ok(Ok(v)) => Ok(v),
+        }
+    }
+
+    /// Loads (or replaces) the function library.
+    pub async fn load_functions(&mut self) -> Result<(), ClusterError> {
+        let mut cmd = redis::cmd("FUNCTION");
+        cmd.arg("LOAD").arg("REPLACE").arg(FUNCTIONS);
+        self.query(&cmd, Duration::ZERO).await.map(|_| ())
+    }
+
+    /// `appendonly` and `appendfsync` of the server.
+    pub async fn durability(&mut self) -> Result<(String, String), ClusterError> {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg("append*");
+        let v = self.query(&cmd, Duration::ZERO).await?;
+        let pairs = flat_pairs(&v);
+        let get = |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_default()
+        };
+        Ok((get("appendonly"), get("appendfsync")))
+    }
+
+    pub async fn acquire(
+        &mut self,
+        keys: &Keys,
+        node: &str,
+        ttl: Duration,
+        min_epoch: u64,
+        local: StampState,
+    ) -> Result<Acquire, ClusterError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg("sluice_acquire")
+            .arg(4)
+            .arg(&keys.lease)
+            .arg(&keys.epoch)
+            .arg(&keys.state)
+            .arg(&keys.nodes)
+            .arg(node)
+            .arg(ttl.as_millis() as u64)
+            .arg(min_epoch)
+            .arg(now_ms())
+            .arg(local.next_seq)
+            .arg(local.last_time_us)
+            .arg(local.upstream_cursor.map(|c| c.to_string()).unwrap_or_default());
+        let v = self.query(&cmd, Duration::ZERO).await?;
+        let items = array(&v)?;
+        let granted = items.first().and_then(int) == Some(1);
+        if granted {
+            let epoch = items.get(1).and_then(int).unwrap_or(0);
+            let next_seq = items.get(2).and_then(int).unwrap_or(1);
+            let last_time_us = items.get(3).and_then(int).unwrap_or(0);
+            let cursor = items.get(4).and_then(int);
+            return Ok(Acquire::Granted(Grant {
+                epoch: u64::try_from(epoch).unwrap_or(0),
+                state: StampState {
+                    next_seq: u64::try_from(next_seq).unwrap_or(1).max(1),
+                    last_time_us,
+                    upstream_cursor: cursor,
+                },
+                seeded: items.get(5).and_then(int) == Some(1),
+            }));
+        }
+        let holder = items.get(1).and_then(text).unwrap_or_default();
+        if holder.is_empty() {
+            let node = items.get(3).and_then(text).unwrap_or_default();
+            return Ok(Acquire::SeedBlocked { node });
+        }
+        Ok(Acquire::Held {
+            holder,
+            pttl_ms: items.get(2).and_then(int).unwrap_or(0),
+        })
+    }
+
+    pub async fn renew(
+        &mut self,
+        keys: &Keys,
+        node: &str,
+        epoch: u64,
+        ttl: Duration,
+    ) -> Result<(), ClusterError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg("sluice_renew")
+            .arg(1)
+            .arg(&keys.lease)
+            .arg(node)
+            .arg(epoch)
+            .arg(ttl.as_millis() as u64);
+        self.query(&cmd, Duration::ZERO).await.map(|_| ())
+    }
+
+    /// True if the lease was ours and is now free.
+    pub async fn release(
+        &mut self,
+        keys: &Keys,
+        node: &str,
+        epoch: u64,
+    ) -> Result<bool, ClusterError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg("sluice_release")
+            .arg(1)
+            .arg(&keys.lease)
+            .arg(node)
+            .arg(epoch);
+        let v = self.query(&cmd, Duration::ZERO).await?;
+        Ok(int(&v) == Some(1))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub async fn append(
+        &mut self,
+        keys: &Keys,
+        node: &str,
+        epoch: u64,
+        first_seq: u64,
+        last_seq: u64,
+        state: StampState,
+        trim_below: u64,
+        payload: &[u8],
+    ) -> Result<Appended, ClusterError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg("sluice_append")
+            .arg(3)
+            .arg(&keys.lease)
+            .arg(&keys.state)
+            .arg(&keys.stream)
+            .arg(node)
+            .arg(epoch)
+            .arg(first_seq)
+            .arg(last_seq)
+            .arg(state.last_time_us)
+            .arg(state.upstream_cursor.unwrap_or(i64::MIN))
+            .arg(trim_below)
+            .arg(payload);
+        let v = self.query(&cmd, Duration::ZERO).await?;
+        let items = array(&v)?;
+        Ok(Appended {
+            next_seq: items.first().and_then(int).unwrap_or(0).max(0) as u64,
+            trimmed: items.get(1).and_then(int).unwrap_or(0).max(0) as u64,
+            already: items.get(2).and_then(int) == Some(1),
+        })
+    }
+
+    /// The resume state as Redis holds it, `None` when it is missing.
+    pub async fn state(&mut self, keys: &Keys) -> Result<Option<(StampState, u64)>, ClusterError> {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(&keys.state)
+            .arg("next_seq")
+            .arg("last_time_us")
+            .arg("upstream_cursor")
+            .arg("epoch");
+        let v = self.query(&cmd, Duration::ZERO).await?;
+        let items = array(&v)?;
+        let Some(next_seq) = items.first().and_then(int) else {
+            return Ok(None);
+        };
+        Ok(Some((
+            StampState {
+                next_seq: next_seq.max(1) as u64,
+                last_time_us: items.get(1).and_then(int).unwrap_or(0),
+                upstream_cursor: items.get(2).and_then(int),
+            },
+            items.get(3).and_then(int).unwrap_or(0).max(0) as u64,
+        )))
+    }
+
+    /// Up to `count` entries with ids after `after_seq`, waiting up to `block` for one.
+    pub async fn read_after(
+        &mut self,
+        keys: &Keys,
+        after_seq: u64,
+        count: usize,
+        block: Duration,
+    ) -> Result<Vec<RawEntry>, ClusterError> {
+        let mut cmd = redis::cmd("XREAD");
+        cmd.arg("COUNT").arg(count);
+        if !block.is_zero() {
+            cmd.arg("BLOCK").arg(block.as_millis() as u64);
+        }
+        cmd.arg("STREAMS").arg(&keys.stream).arg(format!("{after_seq}-0"));
+        let v = self.query(&cmd, block).await?;
+        parse_xread(&v)
+    }
+
+    /// The oldest entry's id (its batch's last seq), `None` when the stream is empty.
+    pub async fn first_entry(&mut self, keys: &Keys) -> Result<Option<RawEntry>, ClusterError> {
+        let mut cmd = redis::cmd("XRANGE");
+        cmd.arg(&keys.stream).arg("-").arg("+").arg("COUNT").arg(1);
+        let v = self.query(&cmd, Duration::ZERO).await?;
+        Ok(parse_entries(&v)?.into_iter().next())
+    }
+
+    /// Publishes this node's position for the others and for trimming.
+    pub async fn report(
+        &mut self,
+        keys: &Keys,
+        node: &str,
+        report: &str,
+    ) -> Result<(), ClusterError> {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(&keys.nodes).arg(node).arg(report);
+        self.query(&cmd, Duration::ZERO).await.map(|_| ())
+    }
+
+    /// Every node's last report.
+    pub async fn reports(&mut self, keys: &Keys) -> Result<Vec<(String, String)>, ClusterError> {
+        let mut cmd = redis::cmd("HGETALL");
+        cmd.arg(&keys.nodes);
+        let v = self.query(&cmd, Duration::ZERO).await?;
+        Ok(flat_pairs(&v))
+    }
+
+    /// Removes reports of nodes not heard from for a long time.
+    pub async fn forget(&mut self, keys: &Keys, node: &str) -> Result<(), ClusterError> {
+        let mut cmd = redis::cmd("HDEL");
+        cmd.arg(&keys.nodes).arg(node);
+        self.query(&cmd, Duration::ZERO).await.map(|_| ())
+    }
+
+    /// Bytes Redis uses for the stream (`MEMORY USAGE`, sampling every entry).
+    pub async fn stream_memory(&mut self, keys: &Keys) -> Result<u64, ClusterError> {
+        let mut cmd = redis::cmd("MEMORY");
+        cmd.arg("USAGE").arg(&keys.stream).arg("SAMPLES").arg(0);
+        let v = self.query(&cmd, Duration::from_secs(5)).await?;
+        Ok(int(&v).unwrap_or(0).max(0) as u64)
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn array(v: &Value) -> Result<&[Value], ClusterError> {
+    match v {
+        Value::Array(items) | Value::Set(items) => Ok(items),
+        other => Err(ClusterError::Protocol(format!(
+            "expected an array, got {other:?}"
+        ))),
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(i) => Some(i.to_string()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
+        _ => None,
+    }
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(i) => Some(*i),
+        other => text(other).and_then(|s| s.parse().ok()),
+    }
+}
+
+fn flat_pairs(v: &Value) -> Vec<(String, String)> {
+    match v {
+        Value::Array(items) => items
+            .chunks(2)
+            .filter_map(|p| Some((text(p.first()?)?, text(p.get(1)?)?)))
+            .collect(),
+        Value::Map(pairs) => pairs
+            .iter()
+            .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn parse_id(v: &Value) -> Result<u64, ClusterError> {
+    let id = text(v).ok_or_else(|| ClusterError::Protocol("entry id is not text".into()))?;
+    let (ms, _) = id
+        .split_once('-')
+        .ok_or_else(|| ClusterError::Protocol(format!("entry id {id:?}")))?;
+    ms.parse()
+        .map_err(|_| ClusterError::Protocol(format!("entry id {id:?}")))
+}
+
+fn parse_entries(v: &Value) -> Result<Vec<RawEntry>, ClusterError> {
+    let mut out = Vec::new();
+    for entry in array(v)? {
+        let parts = array(entry)?;
+        let last_seq = parse_id(
+            parts
+                .first()
+                .ok_or_else(|| ClusterError::Protocol("entry without id".into()))?,
+        )?;
+        let fields = parts
+            .get(1)
+            .map(array)
+            .transpose()?
+            .unwrap_or_default();
+        let payload = fields
+            .chunks(2)
+            .find_map(|p| match (p.first(), p.get(1)) {
+                (Some(Value::BulkString(k)), Some(Value::BulkString(v))) if k == b"b" => {
+                    Some(v.clone())
+                }
+                _ => None,
+            })
+            .ok_or_else(|| ClusterError::Protocol(format!("entry {last_seq} has no payload")))?;
+        out.push(RawEntry { last_seq, payload });
+    }
+    Ok(out)
+}
+
+fn parse_xread(v: &Value) -> Result<Vec<RawEntry>, ClusterError> {
+    match v {
+        Value::Nil => Ok(Vec::new()),
+        Value::Array(streams) => match streams.first() {
+            None => Ok(Vec::new()),
+            Some(stream) => {
+                let parts = array(stream)?;
+                match parts.get(1) {
+                    Some(entries) => parse_entries(entries),
+                    None => Ok(Vec::new()),
+                }
+            }
+        },
+        Value::Map(streams) => match streams.first() {
+            None => Ok(Vec::new()),
+            Some((_, entries)) => parse_entries(entries),
+        },
+        other => Err(ClusterError::Protocol(format!(
+            "unexpected XREAD reply {other:?}"
+        ))),
+    }
+}
