@@ -389,6 +389,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_REDIS_TIMEOUT_MS", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub redis_timeout_ms: u64,
+    /// How long a subscriber's cursor just past this node's log waits for the log to reach
+    /// it, ms (a subscriber moving here from a dead node continues without a gap or a
+    /// duplicate); after it the cursor is resolved as it is.
+    #[arg(long, env = "SLUICE_CLUSTER_CURSOR_GRACE_MS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub cluster_cursor_grace_ms: u64,
 }
 
 /// Everything `serve` runs with, derived from [`ServeArgs`].
@@ -608,6 +614,7 @@ impl ServeArgs {
                 c.append_queue_frames = usize_of(self.cluster_append_queue)?;
                 c.batch_max_events = usize_of(self.cluster_batch_max_events)?;
                 c.redis_timeout = Duration::from_millis(self.redis_timeout_ms);
+                c.cursor_grace = Duration::from_millis(self.cluster_cursor_grace_ms);
                 Some(c)
             }
         };

@@ -332,6 +332,10 @@ impl Daemon {
             zstd_v2,
             zstd_cache_bytes: config.zstd_cache_bytes,
             connections: connections.clone(),
+            cursor_grace: config
+                .cluster
+                .as_ref()
+                .map_or(Duration::ZERO, |c| c.cursor_grace),
         });
         let mut listen_limits = config.listen_limits.clone();
         listen_limits.send_buffer_bytes = Some(config.session.socket_send_buffer);

@@ -60,6 +60,9 @@ pub struct ClusterConfig {
     pub max_entry_bytes: usize,
     /// Deadline of one Redis command.
     pub redis_timeout: Duration,
+    /// How long a subscriber's cursor past this node's log waits for the log to reach it
+    /// (`http::resolve_settled`).
+    pub cursor_grace: Duration,
 }
 
 impl ClusterConfig {
@@ -80,6 +83,7 @@ impl ClusterConfig {
             compression_level: 1,
             max_entry_bytes: 64 * 1024 * 1024,
             redis_timeout: Duration::from_secs(2),
+            cursor_grace: Duration::from_secs(2),
         }
     }
 }

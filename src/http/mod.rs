@@ -74,6 +74,43 @@ pub struct AppState {
     pub zstd_cache_bytes: usize,
     /// Both listeners' connection counts and the descriptor budget (`http::listen`).
     pub connections: Arc<listen::Connections>,
+    /// Cluster nodes: how long a cursor just past this node's log waits for the log to
+    /// reach it before it is resolved (zero on a single node). See [`resolve_settled`].
+    pub cursor_grace: std::time::Duration,
+}
+
+/// Resolves a subscriber's cursor. In a cluster, a cursor past what this node holds is
+/// usually one another node has already served (the subscriber moved here when its node
+/// died, and this node's reader is a few milliseconds behind): the resolution waits up to
+/// `cursor_grace` for this node's log to reach the cursor, so the subscriber continues
+/// with no gap and no duplicate. A cursor still ahead after that is resolved as it is
+/// (each wire's future-cursor answer). Single node: no wait.
+pub async fn resolve_settled(
+    state: &AppState,
+    cursor: crate::log::Cursor,
+) -> Result<crate::log::Resolved, crate::log::LogError> {
+    use crate::log::Cursor;
+    let reader = state.hub.reader();
+    if !state.cursor_grace.is_zero() {
+        let deadline = tokio::time::Instant::now() + state.cursor_grace;
+        let mut newest = reader.watch_newest();
+        loop {
+            let reached = match (cursor, reader.bounds()) {
+                (_, None) => false,
+                (Cursor::Seq(s), Some(b)) => b.newest_seq.saturating_add(1) >= s,
+                (Cursor::TimeUs(t), Some(b)) => b.newest_time_us >= t,
+                (Cursor::UpstreamAfter(u), Some(b)) => b.newest_upstream_seq >= u,
+            };
+            if reached {
+                break;
+            }
+            match tokio::time::timeout_at(deadline, newest.changed()).await {
+                Ok(Ok(())) => {}
+                _ => break,
+            }
+        }
+    }
+    reader.resolve(cursor)
 }
 
 /// The subscriber-facing router.

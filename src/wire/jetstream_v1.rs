@@ -281,7 +281,7 @@ pub async fn subscribe(
     };
     let start = match params.cursor {
         None => Start::Live,
-        Some(t) => match state.hub.reader().resolve(Cursor::TimeUs(t)) {
+        Some(t) => match crate::http::resolve_settled(&state, Cursor::TimeUs(t)).await {
             Ok(Resolved::From(seq)) => Start::From(seq),
             Ok(Resolved::TooOld { oldest }) => {
                 // Jetstream v1 starts at the oldest event it has.

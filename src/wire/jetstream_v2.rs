@@ -219,7 +219,6 @@ pub async fn subscribe(
             Some(state.zstd_v2.clone())
         }
     };
-    let reader = state.hub.reader();
     let mut initial = Vec::new();
     let start = match params.cursor {
         None => Start::Live,
@@ -231,7 +230,7 @@ pub async fn subscribe(
                 // sends, meaning "before the first event". It is judged as seq 1 from here on.
                 Cursor::Seq(c.max(1))
             };
-            match reader.resolve(cursor) {
+            match crate::http::resolve_settled(&state, cursor).await {
                 Ok(Resolved::From(seq)) => Start::From(seq),
                 Ok(Resolved::TooOld { oldest }) => match cursor {
                     Cursor::TimeUs(_) => {

@@ -94,7 +94,7 @@ pub async fn subscribe(
     let mut future = None;
     let start = match cursor {
         None => Start::Live,
-        Some(c) => match state.hub.reader().resolve(Cursor::UpstreamAfter(c)) {
+        Some(c) => match crate::http::resolve_settled(&state, Cursor::UpstreamAfter(c)).await {
             Ok(Resolved::From(seq)) => Start::From(seq),
             Ok(Resolved::TooOld { oldest }) => {
                 initial.push(info_frame(
