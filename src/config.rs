@@ -601,7 +601,9 @@ impl ServeArgs {
                 }
                 let node_id = match &self.cluster_node_id {
                     Some(id) if !id.is_empty() && !id.contains(' ') => id.clone(),
-                    Some(id) => anyhow::bail!("--cluster-node-id {id:?} must be non-empty without spaces"),
+                    Some(id) => {
+                        anyhow::bail!("--cluster-node-id {id:?} must be non-empty without spaces")
+                    }
                     None => format!("{}:{}", host_name(), self.listen.port()),
                 };
                 let mut c = ClusterConfig::new(url.clone(), self.cluster.clone(), node_id);

@@ -25,10 +25,12 @@ fn events_of(frames: &[Bytes]) -> u64 {
     let mut ingestor = Ingestor::new(StampState::fresh(), Default::default());
     frames
         .iter()
-        .map(|f| match ingestor.ingest(f.clone(), 1_900_000_000_000_000) {
-            IngestOutcome::Events(e) => e.len() as u64,
-            _ => 0,
-        })
+        .map(
+            |f| match ingestor.ingest(f.clone(), 1_900_000_000_000_000) {
+                IngestOutcome::Events(e) => e.len() as u64,
+                _ => 0,
+            },
+        )
         .sum()
 }
 
@@ -40,12 +42,20 @@ async fn follow_v2(addrs: Vec<SocketAddr>, last: u64, limit: Duration) -> (Vec<u
     let mut moves = 0;
     let mut at = 0;
     while seqs.last().copied().unwrap_or(0) < last {
-        assert!(Instant::now() < deadline, "v2 follower: {} events by the deadline", seqs.len());
+        assert!(
+            Instant::now() < deadline,
+            "v2 follower: {} events by the deadline",
+            seqs.len()
+        );
         let cursor = seqs.last().map_or(1, |s| s + 1);
         let addr = addrs[at % addrs.len()];
-        let url = format!("ws://{addr}/xrpc/network.bsky.jetstream.subscribeEvents?cursor={cursor}");
-        let Ok(Ok((mut ws, _))) =
-            tokio::time::timeout(Duration::from_secs(3), tokio_tungstenite::connect_async(&url)).await
+        let url =
+            format!("ws://{addr}/xrpc/network.bsky.jetstream.subscribeEvents?cursor={cursor}");
+        let Ok(Ok((mut ws, _))) = tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio_tungstenite::connect_async(&url),
+        )
+        .await
         else {
             at += 1;
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -75,17 +85,29 @@ async fn follow_v2(addrs: Vec<SocketAddr>, last: u64, limit: Duration) -> (Vec<u
 }
 
 /// A raw subscriber that moves between nodes with its (exclusive) upstream cursor.
-async fn follow_raw(addrs: Vec<SocketAddr>, after: i64, last: Bytes, limit: Duration) -> Vec<Bytes> {
+async fn follow_raw(
+    addrs: Vec<SocketAddr>,
+    after: i64,
+    last: Bytes,
+    limit: Duration,
+) -> Vec<Bytes> {
     let deadline = Instant::now() + limit;
     let mut frames: Vec<Bytes> = Vec::new();
     let mut at = 1;
     while frames.last() != Some(&last) {
-        assert!(Instant::now() < deadline, "raw follower: {} frames by the deadline", frames.len());
+        assert!(
+            Instant::now() < deadline,
+            "raw follower: {} frames by the deadline",
+            frames.len()
+        );
         let cursor = frames.last().map_or(after, |f| upstream_seq(f));
         let addr = addrs[at % addrs.len()];
         let url = format!("ws://{addr}/xrpc/com.atproto.sync.subscribeRepos?cursor={cursor}");
-        let Ok(Ok((mut ws, _))) =
-            tokio::time::timeout(Duration::from_secs(3), tokio_tungstenite::connect_async(&url)).await
+        let Ok(Ok((mut ws, _))) = tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio_tungstenite::connect_async(&url),
+        )
+        .await
         else {
             at += 1;
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -142,7 +164,12 @@ async fn leader_kills_lose_and_duplicate_nothing_on_any_node_or_subscriber() {
     })
     .await;
     let v2 = tokio::spawn(follow_v2(addrs.clone(), total, Duration::from_secs(120)));
-    let raw = tokio::spawn(follow_raw(addrs.clone(), first_upstream - 1, last_frame.clone(), Duration::from_secs(120)));
+    let raw = tokio::spawn(follow_raw(
+        addrs.clone(),
+        first_upstream - 1,
+        last_frame.clone(),
+        Duration::from_secs(120),
+    ));
     // ~500 frames/s (synth frames are 1-4 ms apart): ten seconds of traffic.
     tokio::spawn(replay::serve(ReplayOptions {
         frames: ReplaySource::Frames(frames.clone()),
@@ -157,16 +184,23 @@ async fn leader_kills_lose_and_duplicate_nothing_on_any_node_or_subscriber() {
         let old = wait_for("a leader", Duration::from_secs(30), || leader(&nodes)).await;
         nodes[old].kill9();
         let killed = Instant::now();
-        let new = wait_for("a new leader after the kill", Duration::from_secs(30), || leader(&nodes)).await;
+        let new = wait_for(
+            "a new leader after the kill",
+            Duration::from_secs(30),
+            || leader(&nodes),
+        )
+        .await;
         takeovers.push(killed.elapsed());
         assert_ne!(new, old, "kill {kill}: the killed node cannot lead");
         nodes[old].start();
     }
     eprintln!("takeover times (kill to a node reporting leader): {takeovers:?}");
     for n in &nodes {
-        wait_for(&format!("{} to hold all {total} events", n.id), Duration::from_secs(90), || async {
-            (n.newest_seq().await? == total).then_some(())
-        })
+        wait_for(
+            &format!("{} to hold all {total} events", n.id),
+            Duration::from_secs(90),
+            || async { (n.newest_seq().await? == total).then_some(()) },
+        )
         .await;
     }
     for n in &nodes {
@@ -178,7 +212,12 @@ async fn leader_kills_lose_and_duplicate_nothing_on_any_node_or_subscriber() {
             seqs.len()
         );
         let raw = raw_frames(n.addr(), first_upstream - 1, &last_frame).await;
-        assert_eq!(raw.len(), frames.len(), "{}: every upstream frame exactly once", n.id);
+        assert_eq!(
+            raw.len(),
+            frames.len(),
+            "{}: every upstream frame exactly once",
+            n.id
+        );
         assert!(raw == frames, "{}: in order, byte for byte", n.id);
     }
     let (seen, moves) = v2.await.unwrap();
@@ -188,7 +227,10 @@ async fn leader_kills_lose_and_duplicate_nothing_on_any_node_or_subscriber() {
         seen.len()
     );
     let seen_raw = raw.await.unwrap();
-    assert!(seen_raw == frames, "the raw subscriber saw every frame once, in order");
+    assert!(
+        seen_raw == frames,
+        "the raw subscriber saw every frame once, in order"
+    );
     let metrics = nodes[0].metrics().await;
     assert!(metrics.contains("sluice_cluster_lease_epoch"), "{metrics}");
     for n in nodes.iter_mut() {

@@ -96,20 +96,23 @@ pub fn encode(records: &[FrameRecord], level: i32) -> Result<Vec<u8>, EntryError
         plain.extend_from_slice(&r.upstream_seq.to_le_bytes());
         plain.extend_from_slice(&r.received_us.to_le_bytes());
         plain.extend_from_slice(&r.events.to_le_bytes());
-        let len = u32::try_from(r.frame.len()).map_err(|_| EntryError::TooLarge(u32::MAX as usize))?;
+        let len =
+            u32::try_from(r.frame.len()).map_err(|_| EntryError::TooLarge(u32::MAX as usize))?;
         plain.extend_from_slice(&len.to_le_bytes());
         plain.extend_from_slice(&r.frame);
     }
     let mut out = Vec::with_capacity(plain.len() / 2 + 16);
     out.push(VERSION);
-    let mut encoder = zstd::stream::Encoder::new(&mut out, level)
-        .map_err(|e| EntryError::Zstd(e.to_string()))?;
+    let mut encoder =
+        zstd::stream::Encoder::new(&mut out, level).map_err(|e| EntryError::Zstd(e.to_string()))?;
     encoder
         .include_checksum(true)
         .and_then(|_| encoder.set_pledged_src_size(Some(plain.len() as u64)))
         .map_err(|e| EntryError::Zstd(e.to_string()))?;
     std::io::Write::write_all(&mut encoder, &plain).map_err(|e| EntryError::Zstd(e.to_string()))?;
-    encoder.finish().map_err(|e| EntryError::Zstd(e.to_string()))?;
+    encoder
+        .finish()
+        .map_err(|e| EntryError::Zstd(e.to_string()))?;
     Ok(out)
 }
 
@@ -122,9 +125,10 @@ pub fn decode(field: &[u8], max_bytes: usize) -> Result<Vec<FrameRecord>, EntryE
         return Err(EntryError::Version(version));
     }
     let mut plain = Vec::new();
-    let decoder =
-        zstd::stream::Decoder::new(body).map_err(|e| EntryError::Zstd(e.to_string()))?;
-    let limit = u64::try_from(max_bytes).unwrap_or(u64::MAX).saturating_add(1);
+    let decoder = zstd::stream::Decoder::new(body).map_err(|e| EntryError::Zstd(e.to_string()))?;
+    let limit = u64::try_from(max_bytes)
+        .unwrap_or(u64::MAX)
+        .saturating_add(1);
     std::io::Read::read_to_end(&mut std::io::Read::take(decoder, limit), &mut plain)
         .map_err(|e| EntryError::Zstd(e.to_string()))?;
     if plain.len() > max_bytes {

@@ -5,7 +5,8 @@
 --   lease  hash {node, epoch} with a TTL: who may append, and with which fencing epoch
 --   epoch  counter that only grows: every grant of the lease takes the next value
 --   state  hash {next_seq, last_time_us, upstream_cursor, epoch}: where ingest resumes
---   stream the events, one entry per appended batch, entry id = "<last seq of batch>-0"
+--   stream the events, one entry per appended batch, entry id = "<last seq of batch>-0",
+--          fields b (the batch, see src/cluster/entry.rs) and e (the appender's epoch)
 --   nodes  hash node -> "next_seq ms role subscribers": what every node reported last
 --
 -- Every check that decides whether a write happens is made here, in one server-side step,
@@ -112,7 +113,7 @@ local function append(keys, args)
   if cursor ~= nil and up <= cursor then
     return redis.error_reply('CURSOR stored ' .. s[2] .. ' got ' .. args[6])
   end
-  redis.call('XADD', stream, args[4] .. '-0', 'b', args[8])
+  redis.call('XADD', stream, args[4] .. '-0', 'b', args[8], 'e', args[2])
   redis.call('HSET', state, 'next_seq', last + 1, 'last_time_us', args[5], 'upstream_cursor', args[6])
   local trimmed = 0
   local below = tonumber(args[7])

@@ -61,9 +61,14 @@ pub struct Grant {
 pub enum Acquire {
     Granted(Grant),
     /// Another node holds the lease for `pttl_ms` more.
-    Held { holder: String, pttl_ms: i64 },
+    Held {
+        holder: String,
+        pttl_ms: i64,
+    },
     /// The resume state is missing and `node`, alive, holds more of the log than we do.
-    SeedBlocked { node: String },
+    SeedBlocked {
+        node: String,
+    },
 }
 
 /// What an append did.
@@ -128,9 +133,10 @@ impl Link {
                 self.conn = None;
                 Err(ClusterError::Unavailable("command timed out".into()))
             }
-            Ok(Err(e)) if e.code().is_some() && !e.is_io_error() => {
-                Err(ClusterError::from_server(e.code().unwrap_or(""), e.detail()))
-            }
+            Ok(Err(e)) if e.code().is_some() && !e.is_io_error() => Err(ClusterError::from_server(
+                e.code().unwrap_or(""),
+                e.detail(),
+            )),
             Ok(Err(e)) => {
                 self.conn = None;
                 Err(ClusterError::Unavailable(e.to_string()))
@@ -183,7 +189,12 @@ impl Link {
             .arg(now_ms())
             .arg(local.next_seq)
             .arg(local.last_time_us)
-            .arg(local.upstream_cursor.map(|c| c.to_string()).unwrap_or_default());
+            .arg(
+                local
+                    .upstream_cursor
+                    .map(|c| c.to_string())
+                    .unwrap_or_default(),
+            );
         let v = self.query(&cmd, Duration::ZERO).await?;
         let items = array(&v)?;
         let granted = items.first().and_then(int) == Some(1);
@@ -318,7 +329,9 @@ impl Link {
         if !block.is_zero() {
             cmd.arg("BLOCK").arg(block.as_millis() as u64);
         }
-        cmd.arg("STREAMS").arg(&keys.stream).arg(format!("{after_seq}-0"));
+        cmd.arg("STREAMS")
+            .arg(&keys.stream)
+            .arg(format!("{after_seq}-0"));
         let v = self.query(&cmd, block).await?;
         parse_xread(&v)
     }
@@ -432,11 +445,7 @@ fn parse_entries(v: &Value) -> Result<Vec<RawEntry>, ClusterError> {
                 .first()
                 .ok_or_else(|| ClusterError::Protocol("entry without id".into()))?,
         )?;
-        let fields = parts
-            .get(1)
-            .map(array)
-            .transpose()?
-            .unwrap_or_default();
+        let fields = parts.get(1).map(array).transpose()?.unwrap_or_default();
         let payload = fields
             .chunks(2)
             .find_map(|p| match (p.first(), p.get(1)) {

@@ -66,7 +66,11 @@ pub struct ClusterConfig {
 }
 
 impl ClusterConfig {
-    pub fn new(redis_url: impl Into<String>, name: impl Into<String>, node_id: impl Into<String>) -> Self {
+    pub fn new(
+        redis_url: impl Into<String>,
+        name: impl Into<String>,
+        node_id: impl Into<String>,
+    ) -> Self {
         Self {
             redis_url: redis_url.into(),
             name: name.into(),
@@ -197,7 +201,10 @@ impl Histogram {
         let mut out = Vec::with_capacity(APPEND_BUCKETS.len() + 1);
         for (i, b) in self.buckets.iter().enumerate() {
             total += b.load(Ordering::Relaxed);
-            out.push((APPEND_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY), total));
+            out.push((
+                APPEND_BUCKETS.get(i).copied().unwrap_or(f64::INFINITY),
+                total,
+            ));
         }
         (out, self.sum_us.load(Ordering::Relaxed) as f64 / 1e6)
     }

@@ -73,16 +73,21 @@ impl Node {
                     );
                 } else {
                     tracing::warn!(
-                        appendonly, appendfsync = fsync,
+                        appendonly,
+                        appendfsync = fsync,
                         "redis is not set up for durable appends (appendonly yes + appendfsync \
                          always): a redis crash can lose acknowledged events (docs/OPERATIONS.md)"
                     );
                 }
             }
             Err(e) if config.require_durable => {
-                anyhow::bail!("cannot check redis durability ({e}); --redis-require-durable needs an answer")
+                anyhow::bail!(
+                    "cannot check redis durability ({e}); --redis-require-durable needs an answer"
+                )
             }
-            Err(e) => tracing::warn!(error = %e, "redis unreachable at start; serving what this node holds and retrying"),
+            Err(e) => {
+                tracing::warn!(error = %e, "redis unreachable at start; serving what this node holds and retrying")
+            }
         }
         let functions_loaded = match link.load_functions().await {
             Ok(()) => true,
@@ -186,7 +191,10 @@ impl EventSink for ClusterSink {
         let mut events = events;
         loop {
             if self.ctl.ended.load(Ordering::Acquire) {
-                anyhow::bail!("leader term ended: {}", self.ctl.why.lock().clone().unwrap_or_default());
+                anyhow::bail!(
+                    "leader term ended: {}",
+                    self.ctl.why.lock().clone().unwrap_or_default()
+                );
             }
             match self.tx.try_send(events) {
                 Ok(()) => return Ok(()),
@@ -279,7 +287,9 @@ impl LeaseLoop {
             Ok(()) => ctl.extend(sent, ttl),
             Err(ClusterError::Unavailable(e)) => {
                 if !ctl.lease_valid() {
-                    ctl.end(format!("lease could not be renewed before it may expire ({e})"));
+                    ctl.end(format!(
+                        "lease could not be renewed before it may expire ({e})"
+                    ));
                     self.step_down("lease not renewed in time").await;
                 }
             }
@@ -335,7 +345,10 @@ impl LeaseLoop {
             trim_below: AtomicU64::new(0),
         });
         // `base` is after `sent`: the lease may have been granted up to this much earlier.
-        ctl.extend(ctl.base, self.config.lease_ttl.saturating_sub(sent.elapsed()));
+        ctl.extend(
+            ctl.base,
+            self.config.lease_ttl.saturating_sub(sent.elapsed()),
+        );
         if grant.seeded {
             tracing::error!(
                 next_seq = grant.state.next_seq,
@@ -436,10 +449,18 @@ impl LeaseLoop {
         {
             Ok(true) => {
                 self.shared.handovers.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(epoch = term.epoch, "released the cluster lease for a standby to take over at once");
+                tracing::info!(
+                    epoch = term.epoch,
+                    "released the cluster lease for a standby to take over at once"
+                );
             }
-            Ok(false) => tracing::info!(epoch = term.epoch, "the lease was no longer ours to release"),
-            Err(e) => tracing::warn!(error = %e, "could not release the lease; a standby takes over when it expires"),
+            Ok(false) => tracing::info!(
+                epoch = term.epoch,
+                "the lease was no longer ours to release"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not release the lease; a standby takes over when it expires")
+            }
         }
         self.report().await;
     }
@@ -453,7 +474,11 @@ impl LeaseLoop {
             .sum();
         let now = super::link::now_ms();
         let text = NodeReport::render(position, now, self.shared.role(), subscribers);
-        if let Err(e) = self.link.report(&self.keys, &self.config.node_id, &text).await {
+        if let Err(e) = self
+            .link
+            .report(&self.keys, &self.config.node_id, &text)
+            .await
+        {
             self.shared.note_error(&e);
             return;
         }
@@ -506,8 +531,13 @@ impl LeaseLoop {
 /// (its next seq), and always keep `window_floor_events`. The byte bound is applied by the
 /// appender, which knows the bytes per event.
 fn trim_point(config: &ClusterConfig, stream_next: u64, live: &[&NodeReport]) -> u64 {
-    let by_window = stream_next.saturating_sub(config.window_events.max(config.window_floor_events));
-    let slowest = live.iter().map(|r| r.position + 1).min().unwrap_or(by_window);
+    let by_window =
+        stream_next.saturating_sub(config.window_events.max(config.window_floor_events));
+    let slowest = live
+        .iter()
+        .map(|r| r.position + 1)
+        .min()
+        .unwrap_or(by_window);
     by_window.min(slowest)
 }
 
@@ -577,7 +607,8 @@ fn append_loop(
         };
         let mut trim_below = ctl.trim_below.load(Ordering::Relaxed);
         // The byte bound wins over everything: Redis memory is the scarce resource.
-        let max_events_by_bytes = (config.window_max_bytes as f64 / bytes_per_event.max(1.0)) as u64;
+        let max_events_by_bytes =
+            (config.window_max_bytes as f64 / bytes_per_event.max(1.0)) as u64;
         let byte_floor = (last_seq + 1).saturating_sub(max_events_by_bytes);
         trim_below = trim_below.max(byte_floor);
         let mut backoff = Duration::from_millis(20);

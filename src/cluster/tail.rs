@@ -65,7 +65,9 @@ impl Tailer {
         let mut backoff = Duration::from_millis(50);
         while !*self.stop.borrow() {
             // The watchdog's evidence that this node's ingest (here: the stream) is alive.
-            self.upstream.ingest_heartbeat.fetch_add(1, Ordering::Relaxed);
+            self.upstream
+                .ingest_heartbeat
+                .fetch_add(1, Ordering::Relaxed);
             let after = self.log.reader().newest_seq();
             let step = match link.read_after(&self.keys, after, READ_COUNT, BLOCK).await {
                 Ok(entries) => {
@@ -206,4 +208,3 @@ fn outcome_summary(outcome: &IngestOutcome) -> String {
         IngestOutcome::DecodeFailed(e) => format!("decode failure {}", e.reason()),
     }
 }
-

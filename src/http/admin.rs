@@ -495,7 +495,11 @@ fn cluster_metrics(c: &crate::cluster::ClusterShared, local_newest: u64) {
         gauge!("sluice_cluster_role", "role" => r.as_str()).set(if r == role { 1.0 } else { 0.0 });
     }
     gauge!("sluice_cluster_lease_epoch").set(load(&c.epoch) as f64);
-    gauge!("sluice_cluster_redis_up").set(if c.redis_up.load(Ordering::Relaxed) { 1.0 } else { 0.0 });
+    gauge!("sluice_cluster_redis_up").set(if c.redis_up.load(Ordering::Relaxed) {
+        1.0
+    } else {
+        0.0
+    });
     let stream_next = load(&c.stream_next_seq);
     gauge!("sluice_cluster_stream_newest_seq").set(stream_next.saturating_sub(1) as f64);
     gauge!("sluice_cluster_tail_lag_events")
@@ -517,7 +521,11 @@ fn cluster_metrics(c: &crate::cluster::ClusterShared, local_newest: u64) {
     counter!("sluice_cluster_skipped_held_events_total").absolute(load(&c.skipped_held));
     let (buckets, sum) = c.append_latency.snapshot();
     for (le, n) in &buckets {
-        let le = if le.is_infinite() { "+Inf".to_string() } else { le.to_string() };
+        let le = if le.is_infinite() {
+            "+Inf".to_string()
+        } else {
+            le.to_string()
+        };
         counter!("sluice_cluster_append_seconds_bucket", "le" => le).absolute(*n);
     }
     counter!("sluice_cluster_append_seconds_count").absolute(buckets.last().map_or(0, |b| b.1));
@@ -525,7 +533,8 @@ fn cluster_metrics(c: &crate::cluster::ClusterShared, local_newest: u64) {
     for n in c.nodes.lock().iter() {
         gauge!("sluice_cluster_node_position", "node" => n.node.clone()).set(n.position as f64);
         gauge!("sluice_cluster_node_lag_events", "node" => n.node.clone()).set(n.lag_events as f64);
-        gauge!("sluice_cluster_node_subscribers", "node" => n.node.clone()).set(n.subscribers as f64);
+        gauge!("sluice_cluster_node_subscribers", "node" => n.node.clone())
+            .set(n.subscribers as f64);
     }
 }
 

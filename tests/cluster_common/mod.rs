@@ -121,7 +121,8 @@ fn ping(port: u16) -> bool {
 fn resp(port: u16, args: &[&str]) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
     let mut req = format!("*{}\r\n", args.len());
     for a in args {
         req.push_str(&format!("${}\r\n{}\r\n", a.len(), a));
@@ -250,7 +251,12 @@ impl Node {
         self.signal("TERM");
         let mut child = self.child.take().unwrap();
         let exit = child.wait().unwrap();
-        assert!(exit.success(), "{} exits cleanly after SIGTERM: {exit:?}\n{}", self.id, self.log());
+        assert!(
+            exit.success(),
+            "{} exits cleanly after SIGTERM: {exit:?}\n{}",
+            self.id,
+            self.log()
+        );
     }
 
     pub fn log(&self) -> String {
@@ -263,7 +269,11 @@ impl Node {
 
     /// `/status.json`, `None` while the node does not answer.
     pub async fn status(&self) -> Option<serde_json::Value> {
-        let body = get(SocketAddr::from(([127, 0, 0, 1], self.admin)), "/status.json").await?;
+        let body = get(
+            SocketAddr::from(([127, 0, 0, 1], self.admin)),
+            "/status.json",
+        )
+        .await?;
         serde_json::from_slice(&body.1).ok()
     }
 
@@ -294,7 +304,9 @@ impl Drop for Node {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_ref() {
             // A SIGSTOPped child must be continued to die cleanly on some kernels.
-            let _ = Command::new("kill").args(["-CONT", &child.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
         }
         self.kill9();
     }
@@ -310,17 +322,23 @@ pub async fn get(addr: SocketAddr, path: &str) -> Option<(u16, Vec<u8>)> {
         stream.read_to_end(&mut raw).await.ok()?;
         Some(raw)
     };
-    let raw = tokio::time::timeout(Duration::from_secs(5), work).await.ok()??;
+    let raw = tokio::time::timeout(Duration::from_secs(5), work)
+        .await
+        .ok()??;
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
     let head = String::from_utf8_lossy(&raw[..split]).into_owned();
     let status: u16 = head.split(' ').nth(1)?.parse().ok()?;
     let mut body = raw[split + 4..].to_vec();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         let mut out = Vec::new();
         let mut rest = &body[..];
         loop {
             let end = rest.windows(2).position(|w| w == b"\r\n")?;
-            let size = usize::from_str_radix(std::str::from_utf8(&rest[..end]).ok()?.trim(), 16).ok()?;
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&rest[..end]).ok()?.trim(), 16).ok()?;
             rest = &rest[end + 2..];
             if size == 0 {
                 break;
@@ -375,7 +393,9 @@ pub async fn v2_seqs(addr: SocketAddr, last: u64) -> Vec<u64> {
     while seqs.last().copied().unwrap_or(0) < last {
         let msg = tokio::time::timeout_at(deadline, ws.next())
             .await
-            .unwrap_or_else(|_| panic!("v2 from {addr}: only {} events by the deadline", seqs.len()));
+            .unwrap_or_else(|_| {
+                panic!("v2 from {addr}: only {} events by the deadline", seqs.len())
+            });
         match msg {
             Some(Ok(Message::Text(t))) => {
                 let v: serde_json::Value = serde_json::from_str(&t).unwrap();
@@ -399,7 +419,12 @@ pub async fn raw_frames(addr: SocketAddr, after: i64, last_frame: &Bytes) -> Vec
     while frames.last() != Some(last_frame) {
         let msg = tokio::time::timeout_at(deadline, ws.next())
             .await
-            .unwrap_or_else(|_| panic!("raw from {addr}: only {} frames by the deadline", frames.len()));
+            .unwrap_or_else(|_| {
+                panic!(
+                    "raw from {addr}: only {} frames by the deadline",
+                    frames.len()
+                )
+            });
         match msg {
             Some(Ok(Message::Binary(b))) => frames.push(b),
             Some(Ok(_)) => {}
