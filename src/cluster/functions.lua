@@ -7,7 +7,8 @@
 --   state  hash {next_seq, last_time_us, upstream_cursor, epoch}: where ingest resumes
 --   stream the events, one entry per appended batch, entry id = "<last seq of batch>-0",
 --          fields b (the batch, see src/cluster/entry.rs) and e (the appender's epoch)
---   nodes  hash node -> "next_seq ms role subscribers": what every node reported last
+--   nodes  hash node -> "position ms role subscribers": what every node reported last
+--   seed   when the state went missing (a new cluster, or Redis lost its data)
 --
 -- Every check that decides whether a write happens is made here, in one server-side step,
 -- so two callers can never both pass it.
@@ -17,13 +18,14 @@ local function num(v)
   return tonumber(v)
 end
 
--- acquire(keys: lease, epoch, state, nodes; args: node, ttl_ms, min_epoch, now_ms,
+-- acquire(keys: lease, epoch, state, nodes, seed; args: node, ttl_ms, min_epoch, now_ms,
 --         local_next_seq, local_last_time_us, local_upstream_cursor|'')
 -- Returns {1, epoch, next_seq, last_time_us, upstream_cursor|'', seeded} when granted,
--- {0, holder, pttl} when another node holds the lease, {0, '', 0, blocker} when the resume
--- state is missing and a live node holds more of the log than the caller.
+-- {0, holder, pttl} when another node holds the lease, {0, '', 0, why} when the resume
+-- state is missing and either the live nodes have not all reported since (one TTL, three
+-- reports) or one of them holds more of the log than the caller.
 local function acquire(keys, args)
-  local lease, epoch_key, state, nodes = keys[1], keys[2], keys[3], keys[4]
+  local lease, epoch_key, state, nodes, seed = keys[1], keys[2], keys[3], keys[4], keys[5]
   local node, ttl, min_epoch, now = args[1], tonumber(args[2]), tonumber(args[3]), tonumber(args[4])
   local holder = redis.call('HGET', lease, 'node')
   if holder and holder ~= node then
@@ -34,17 +36,26 @@ local function acquire(keys, args)
     -- Redis lost its data (or this is a new cluster). Only the live node holding the most
     -- of the log may re-seed, so no node ever sees a seq it holds reused for another event.
     local mine = tonumber(args[5])
+    local since = num(redis.call('GET', seed))
+    if since == nil then
+      redis.call('SET', seed, now, 'PX', 10 * ttl)
+      return {0, '', 0, 'waiting one lease TTL for every live node to report'}
+    end
+    if now - since < ttl then
+      return {0, '', 0, 'waiting one lease TTL for every live node to report'}
+    end
     local reports = redis.call('HGETALL', nodes)
     for i = 1, #reports, 2 do
       local other, report = reports[i], reports[i + 1]
       if other ~= node then
         local pos, ms = string.match(report, '^(%d+) (%d+)')
-        if pos and tonumber(ms) + 3 * ttl >= now and tonumber(pos) > mine then
+        if pos and tonumber(ms) + 3 * ttl >= now and tonumber(pos) >= mine then
           return {0, '', 0, other}
         end
       end
     end
     redis.call('HSET', state, 'next_seq', args[5], 'last_time_us', args[6], 'upstream_cursor', args[7])
+    redis.call('DEL', seed)
     seeded = 1
   end
   local epoch = redis.call('INCR', epoch_key)

@@ -24,6 +24,7 @@ pub struct Keys {
     pub state: String,
     pub stream: String,
     pub nodes: String,
+    pub seed: String,
 }
 
 impl Keys {
@@ -35,6 +36,7 @@ impl Keys {
             state: k("state"),
             stream: k("stream"),
             nodes: k("nodes"),
+            seed: k("seed"),
         }
     }
 }
@@ -65,9 +67,10 @@ pub enum Acquire {
         holder: String,
         pttl_ms: i64,
     },
-    /// The resume state is missing and `node`, alive, holds more of the log than we do.
+    /// The resume state is missing and this node may not re-seed it (yet): `why` names
+    /// the live node holding more of the log, or says the reports are awaited.
     SeedBlocked {
-        node: String,
+        why: String,
     },
 }
 
@@ -178,11 +181,12 @@ impl Link {
     ) -> Result<Acquire, ClusterError> {
         let mut cmd = redis::cmd("FCALL");
         cmd.arg("sluice_acquire")
-            .arg(4)
+            .arg(5)
             .arg(&keys.lease)
             .arg(&keys.epoch)
             .arg(&keys.state)
             .arg(&keys.nodes)
+            .arg(&keys.seed)
             .arg(node)
             .arg(ttl.as_millis() as u64)
             .arg(min_epoch)
@@ -215,8 +219,8 @@ impl Link {
         }
         let holder = items.get(1).and_then(text).unwrap_or_default();
         if holder.is_empty() {
-            let node = items.get(3).and_then(text).unwrap_or_default();
-            return Ok(Acquire::SeedBlocked { node });
+            let why = items.get(3).and_then(text).unwrap_or_default();
+            return Ok(Acquire::SeedBlocked { why });
         }
         Ok(Acquire::Held {
             holder,

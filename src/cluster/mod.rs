@@ -140,6 +140,12 @@ impl ClusterError {
         }
     }
 
+    /// Redis answered that the function library is not loaded (it lost its data, or was
+    /// replaced by an empty server): load it again.
+    pub fn is_missing_function(&self) -> bool {
+        matches!(self, ClusterError::Server { detail, .. } if detail.contains("Function not found"))
+    }
+
     fn from_server(code: &str, detail: Option<&str>) -> Self {
         let detail = detail.unwrap_or("").to_string();
         match code {

@@ -116,6 +116,7 @@ impl Node {
             parts,
             term: None,
             max_epoch: 0,
+            seed_block: None,
             stop: stop_rx,
         };
         let lease_task = tokio::spawn(lease.run());
@@ -217,6 +218,8 @@ struct LeaseLoop {
     parts: NodeParts,
     term: Option<Term>,
     max_epoch: u64,
+    /// The last reason re-seeding was refused (logged when it changes).
+    seed_block: Option<String>,
     stop: watch::Receiver<bool>,
 }
 
@@ -294,6 +297,9 @@ impl LeaseLoop {
                 }
             }
             Err(e) => {
+                if e.is_missing_function() {
+                    self.functions_loaded = false;
+                }
                 ctl.end(e.to_string());
                 self.step_down(&e.to_string()).await;
             }
@@ -327,10 +333,23 @@ impl LeaseLoop {
         match answer {
             Ok(Acquire::Granted(grant)) => self.become_leader(grant, sent),
             Ok(Acquire::Held { .. }) => {}
-            Ok(Acquire::SeedBlocked { node }) => {
-                tracing::warn!(node, "redis lost its state; waiting for {node}, which holds more of the log, to re-seed it");
+            Ok(Acquire::SeedBlocked { why }) => {
+                if self.seed_block.as_deref() != Some(why.as_str()) {
+                    tracing::warn!(
+                        why,
+                        "the cluster's resume state is missing in redis (a new cluster, or \
+                         redis lost its data); it is re-seeded by the live node holding the \
+                         most of the log"
+                    );
+                    self.seed_block = Some(why);
+                }
             }
-            Err(e) => self.shared.note_error(&e),
+            Err(e) => {
+                if e.is_missing_function() {
+                    self.functions_loaded = false;
+                }
+                self.shared.note_error(&e);
+            }
         }
     }
 
