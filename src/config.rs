@@ -820,6 +820,38 @@ mod tests {
     }
 
     #[test]
+    fn cluster_settings_come_from_flags_and_files_and_bad_ones_are_refused() {
+        let none = parse_serve_args(["x"]).unwrap().to_config().unwrap();
+        assert!(none.cluster.is_none(), "without --redis sluice runs alone");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "redis = \"redis://10.0.0.5:6379/0\"\ncluster = \"prod\"\nredis_require_durable = true\nlease_ttl_ms = 5000\n",
+        )
+        .unwrap();
+        let args = parse_serve_args(["x", "--config", path.to_str().unwrap(), "--cluster-node-id", "node-a"]).unwrap();
+        let c = args.to_config().unwrap().cluster.unwrap();
+        assert_eq!(c.redis_url, "redis://10.0.0.5:6379/0");
+        assert_eq!((c.name.as_str(), c.node_id.as_str()), ("prod", "node-a"));
+        assert!(c.require_durable);
+        assert_eq!(c.lease_ttl, Duration::from_secs(5));
+        let defaulted = parse_serve_args(["x", "--redis", "redis://h:1/0", "--listen", "127.0.0.1:7001"]).unwrap();
+        let c = defaulted.to_config().unwrap().cluster.unwrap();
+        assert!(c.node_id.ends_with(":7001"), "{}", c.node_id);
+        assert!(!c.require_durable);
+        for bad in [
+            vec!["x", "--redis", "http://h:1"],
+            vec!["x", "--redis", "redis://h:1/0", "--cluster", "a b"],
+            vec!["x", "--redis", "redis://h:1/0", "--cluster-node-id", "a b"],
+        ] {
+            let err = parse_serve_args(bad.clone()).and_then(|a| a.to_config());
+            assert!(err.is_err(), "{bad:?} is refused");
+        }
+        assert!(parse_serve_args(["x", "--lease-ttl-ms", "10"]).is_err(), "TTL has a floor");
+    }
+
+    #[test]
     fn bad_files_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");

@@ -72,7 +72,16 @@ enum Cmd {
     /// every websocket client (tokio broadcast channel of shared bytes; a lagging client
     /// skips messages, as pub/sub does).
     RedisRelay(RedisRelayArgs),
+    /// Cluster: the leader's fenced append into a real redis-server, per batch size and
+    /// zstd level (events/s, bytes per event in Redis).
+    ClusterAppend(cluster::AppendArgs),
+    /// Cluster: N nodes on one redis-server; leader SIGKILLs and graceful handovers, the
+    /// silence each causes at a surviving node's subscriber.
+    ClusterFailover(cluster::FailoverArgs),
 }
+
+#[path = "bench_cluster/mod.rs"]
+mod cluster;
 
 #[derive(Parser, Clone)]
 struct FanoutArgs {
@@ -2046,6 +2055,8 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Fanout(args) => rt.block_on(fanout(args)),
         Cmd::RedisRelay(args) => rt.block_on(redis_relay(args)),
+        Cmd::ClusterAppend(args) => rt.block_on(cluster::append(args)),
+        Cmd::ClusterFailover(args) => rt.block_on(cluster::failover(args)),
     }
 }
 

@@ -1,0 +1,567 @@
+//! `sluice-bench cluster-append` and `sluice-bench cluster-failover`: the cluster's
+//! benchmarks against a real `redis-server` (AOF on, `appendfsync always`) on 127.0.0.1.
+//!
+//! - `cluster-append` drives the leader's append path (`cluster::link::Link::append`, one
+//!   fenced call per batch, one in flight, as the appender does) with stamped events of
+//!   the real corpus or synthetic frames, for several batch sizes and zstd levels, and
+//!   reports events/s, entry bytes per event and Redis memory per event.
+//! - `cluster-failover` runs N `sluice serve --redis` nodes fed by a looped, paced
+//!   upstream; one live v2 subscriber per node records when each event arrives. The
+//!   leader is SIGKILLed (or SIGTERMed, for handovers) at random moments and restarted as
+//!   a standby; a takeover's time is the longest silence a surviving node's subscriber saw
+//!   around it (last event before to first event after).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::Parser;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use rand::{Rng, SeedableRng};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use sluice::cluster::entry;
+use sluice::cluster::link::{Acquire, Keys, Link};
+use sluice::event::Event;
+use sluice::ingest::{IngestOutcome, Ingestor, StampState};
+
+#[derive(Parser, Clone)]
+pub struct AppendArgs {
+    /// redis-server binary.
+    #[arg(long, default_value = "redis-server")]
+    pub redis_server: String,
+    /// Events appended per configuration.
+    #[arg(long, default_value_t = 200_000)]
+    pub events: usize,
+    /// `corpus` (the real frames in ../shared/fixtures-upstream, looped) or `synth`.
+    #[arg(long, default_value = "corpus")]
+    pub source: String,
+    /// Events per append (one stream entry); 0 = one frame per entry.
+    #[arg(long, value_delimiter = ',', default_value = "0,100,1000,5000")]
+    pub batch: Vec<usize>,
+    /// zstd levels of entries.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    pub level: Vec<i32>,
+    /// Where redis-server keeps its AOF.
+    #[arg(long, default_value = "/tmp")]
+    pub tmp: PathBuf,
+}
+
+#[derive(Parser, Clone)]
+pub struct FailoverArgs {
+    /// The sluice binary.
+    #[arg(long, default_value = "target/release/sluice")]
+    pub sluice: PathBuf,
+    #[arg(long, default_value = "redis-server")]
+    pub redis_server: String,
+    /// Nodes in the cluster.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Leader SIGKILLs.
+    #[arg(long, default_value_t = 20)]
+    pub kills: usize,
+    /// Graceful handovers (SIGTERM of the leader).
+    #[arg(long, default_value_t = 5)]
+    pub handovers: usize,
+    /// Upstream frames per second.
+    #[arg(long, default_value_t = 2000)]
+    pub rate: u32,
+    /// `--lease-ttl-ms` of the nodes.
+    #[arg(long, default_value_t = 3000)]
+    pub lease_ttl_ms: u64,
+    /// `--standby-poll-ms` of the nodes.
+    #[arg(long, default_value_t = 250)]
+    pub standby_poll_ms: u64,
+    #[arg(long, default_value = "/tmp")]
+    pub tmp: PathBuf,
+}
+
+/// A child process killed when dropped.
+struct Proc(Option<Child>);
+
+impl Proc {
+    fn pid(&self) -> u32 {
+        self.0.as_ref().map_or(0, |c| c.id())
+    }
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+    fn term(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.0.take() {
+            Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn start_redis(bin: &str, dir: &std::path::Path) -> anyhow::Result<(Proc, u16)> {
+    std::fs::create_dir_all(dir)?;
+    let port = free_port()?;
+    let child = Command::new(bin)
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {bin}"))?;
+    let proc = Proc(Some(child));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok((proc, port));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("redis-server did not listen on {port}")
+}
+
+fn proc_cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// Stamped events of `count` events' worth of frames, upstream seqs strictly increasing.
+fn stamped(source: &str, count: usize) -> anyhow::Result<Vec<Event>> {
+    let frames: Vec<Bytes> = if source == "synth" {
+        sluice::upstream::synth::generate(&sluice::upstream::synth::SynthOptions {
+            count: count.max(1),
+            ..Default::default()
+        })
+        .into_iter()
+        .map(Bytes::from)
+        .collect()
+    } else {
+        let dir = std::env::var_os("SLUICE_UPSTREAM_FIXTURES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("../shared/fixtures-upstream"));
+        let path = dir.join("jetstream-corpus/frames.bin");
+        sluice::upstream::capture::read_all(&path, 64 << 20)
+            .with_context(|| format!("reading {}", path.display()))?
+            .into_iter()
+            .map(Bytes::from)
+            .collect()
+    };
+    let mut ingestor = Ingestor::new(StampState::fresh(), Default::default());
+    let mut out = Vec::with_capacity(count);
+    let mut upstream = 0i64;
+    let mut seq = 1u64;
+    let mut time = 1_750_000_000_000_000i64;
+    'outer: loop {
+        for frame in &frames {
+            upstream += 1;
+            if let IngestOutcome::Events(events) = ingestor.restamp(frame.clone(), time, seq, time) {
+                for mut e in events {
+                    e.upstream_seq = upstream;
+                    seq = e.seq + 1;
+                    time = e.time_us + 1;
+                    out.push(e);
+                }
+            }
+            if out.len() >= count {
+                break 'outer;
+            }
+        }
+    }
+    Ok(out)
+}
+
+async fn redis_int(link: &mut Link, args: &[&str]) -> anyhow::Result<i64> {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    match link.query(&cmd, Duration::from_secs(10)).await? {
+        redis::Value::Int(i) => Ok(i),
+        other => bail!("{args:?}: {other:?}"),
+    }
+}
+
+async fn used_memory(link: &mut Link) -> anyhow::Result<u64> {
+    let mut cmd = redis::cmd("INFO");
+    cmd.arg("memory");
+    let text = match link.query(&cmd, Duration::ZERO).await? {
+        redis::Value::BulkString(b) => String::from_utf8_lossy(&b).into_owned(),
+        redis::Value::VerbatimString { text, .. } => text,
+        other => bail!("INFO: {other:?}"),
+    };
+    text.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("used_memory")
+}
+
+pub async fn append(args: AppendArgs) -> anyhow::Result<()> {
+    let events = stamped(&args.source, args.events)?;
+    let raw_bytes: usize = events
+        .iter()
+        .filter(|e| e.op_index == 0)
+        .map(|e| e.raw_frame.len())
+        .sum();
+    eprintln!(
+        "{} events of {} ({:.0} raw frame bytes per event)",
+        events.len(),
+        args.source,
+        raw_bytes as f64 / events.len() as f64
+    );
+    let dir = args.tmp.join(format!("sluice-bench-append-{}", std::process::id()));
+    for &level in &args.level {
+        for &batch in &args.batch {
+            let _ = std::fs::remove_dir_all(&dir);
+            let (mut redis, port) = start_redis(&args.redis_server, &dir)?;
+            let url = format!("redis://127.0.0.1:{port}/0");
+            let mut link = Link::new(&url, Duration::from_secs(5))?;
+            link.load_functions().await?;
+            let keys = Keys::new("bench");
+            let ttl = Duration::from_secs(600);
+            let grant = loop {
+                match link.acquire(&keys, "bench", ttl, 0, StampState::fresh()).await? {
+                    Acquire::Granted(g) => break g,
+                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                }
+            };
+            let mem0 = used_memory(&mut link).await?;
+            // Batches: whole frames, up to `batch` events (0: one frame per entry).
+            let mut batches: Vec<&[Event]> = Vec::new();
+            let mut start = 0;
+            for i in 1..=events.len() {
+                let frame_ends = i == events.len() || events[i].op_index == 0;
+                let full = batch == 0 || i - start >= batch;
+                if frame_ends && full {
+                    batches.push(&events[start..i]);
+                    start = i;
+                }
+            }
+            let redis_cpu0 = proc_cpu_secs(redis.pid());
+            let cpu0 = cpu_self();
+            let t0 = Instant::now();
+            let mut entry_bytes = 0usize;
+            for b in &batches {
+                let (first, last) = (&b[0], &b[b.len() - 1]);
+                let payload = entry::encode(&entry::records_of(b), level)?;
+                entry_bytes += payload.len();
+                let state = StampState {
+                    next_seq: last.seq + 1,
+                    last_time_us: last.time_us,
+                    upstream_cursor: Some(last.upstream_seq),
+                };
+                link.append(&keys, "bench", grant.epoch, first.seq, last.seq, state, 0, &payload)
+                    .await?;
+            }
+            let secs = t0.elapsed().as_secs_f64();
+            let cpu = cpu_self() - cpu0;
+            let redis_cpu = proc_cpu_secs(redis.pid()) - redis_cpu0;
+            let mem1 = used_memory(&mut link).await?;
+            let stream_mem = redis_int(
+                &mut link,
+                &["MEMORY", "USAGE", &keys.stream, "SAMPLES", "0"],
+            )
+            .await?;
+            let n = events.len() as f64;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "bench": "cluster-append",
+                    "source": args.source,
+                    "level": level,
+                    "batch_events": batch,
+                    "entries": batches.len(),
+                    "events": events.len(),
+                    "secs": secs,
+                    "events_per_sec": n / secs,
+                    "entry_bytes_per_event": entry_bytes as f64 / n,
+                    "raw_bytes_per_event": raw_bytes as f64 / n,
+                    "stream_memory_bytes_per_event": stream_mem as f64 / n,
+                    "used_memory_bytes_per_event": (mem1.saturating_sub(mem0)) as f64 / n,
+                    "bench_cpu_us_per_event": cpu * 1e6 / n,
+                    "redis_cpu_us_per_event": redis_cpu * 1e6 / n,
+                })
+            );
+            redis.kill9();
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn cpu_self() -> f64 {
+    proc_cpu_secs(std::process::id())
+}
+
+async fn http_get(addr: SocketAddr, path: &str) -> Option<Vec<u8>> {
+    let work = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await.ok()?;
+        let at = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
+        Some(raw[at + 4..].to_vec())
+    };
+    tokio::time::timeout(Duration::from_secs(2), work).await.ok()?
+}
+
+struct BenchNode {
+    id: String,
+    port: u16,
+    admin: u16,
+    args: Vec<String>,
+    proc: Proc,
+    log: PathBuf,
+}
+
+impl BenchNode {
+    fn start(&mut self, bin: &PathBuf) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(bin)
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        self.proc = Proc(Some(child));
+        Ok(())
+    }
+
+    async fn role(&self) -> Option<String> {
+        let body = http_get(SocketAddr::from(([127, 0, 0, 1], self.admin)), "/status.json").await?;
+        let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
+        Some(v["cluster"]["role"].as_str()?.to_string())
+    }
+}
+
+/// Arrival instants (ns since the bench's start) of the events one node's subscriber saw.
+type Arrivals = Arc<Mutex<Vec<u64>>>;
+
+/// Keeps a live v2 subscriber on `addr`, reconnecting with its cursor while the node is
+/// away; records each event's arrival.
+async fn subscriber(addr: SocketAddr, arrivals: Arrivals, base: Instant, stop: Arc<std::sync::atomic::AtomicBool>) {
+    let mut cursor: Option<u64> = None;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let url = match cursor {
+            Some(c) => format!("ws://{addr}/xrpc/network.bsky.jetstream.subscribeEvents?cursor={}", c + 1),
+            None => format!("ws://{addr}/xrpc/network.bsky.jetstream.subscribeEvents"),
+        };
+        let Ok(Ok((mut ws, _))) =
+            tokio::time::timeout(Duration::from_secs(2), tokio_tungstenite::connect_async(&url)).await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+            if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
+                let now = base.elapsed().as_nanos() as u64;
+                if let Some(seq) = serde_json::from_str::<serde_json::Value>(&t)
+                    .ok()
+                    .and_then(|v| v["payload"]["seq"].as_u64())
+                {
+                    cursor = Some(seq);
+                    arrivals.lock().push(now);
+                }
+            }
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+        }
+    }
+}
+
+/// The longest silence in `arrivals` that overlaps `at` (ns), within 60 s after it.
+fn silence_around(arrivals: &[u64], at: u64) -> Option<u64> {
+    let i = arrivals.partition_point(|&t| t <= at);
+    let before = *arrivals.get(i.checked_sub(1)?)?;
+    let mut longest = arrivals.get(i)?.saturating_sub(before);
+    for w in arrivals[i..].windows(2) {
+        if w[0] > at + 60_000_000_000 {
+            break;
+        }
+        longest = longest.max(w[1] - w[0]);
+    }
+    Some(longest)
+}
+
+fn quantile(v: &[f64], q: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
+    let dir = args.tmp.join(format!("sluice-bench-failover-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (_redis, rport) = start_redis(&args.redis_server, &dir.join("redis"))?;
+    // 20 s of synthetic frames (1-4 ms apart at speed 1), looped with fresh seqs and times.
+    let count = (args.rate as usize * 20).max(1000);
+    let now_ms = sluice::ingest::now_us() / 1000;
+    let frames: Vec<Bytes> = sluice::upstream::synth::generate(&sluice::upstream::synth::SynthOptions {
+        count,
+        start_time_ms: now_ms,
+        ..Default::default()
+    })
+    .into_iter()
+    .map(Bytes::from)
+    .collect();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let upstream = format!("ws://{}", listener.local_addr()?);
+    tokio::spawn(sluice::upstream::replay::serve(sluice::upstream::replay::ReplayOptions {
+        frames: sluice::upstream::replay::ReplaySource::Frames(frames),
+        listen: sluice::upstream::replay::Listen::Listener(listener),
+        speed: sluice::upstream::replay::Speed::Factor(f64::from(args.rate) / 400.0),
+        looped: true,
+    }));
+    let mut nodes = Vec::new();
+    for i in 0..args.nodes {
+        let id = format!("n{i}");
+        let (port, admin) = (free_port()?, free_port()?);
+        let args_v: Vec<String> = [
+            "serve", "--upstream", &upstream, "--data-dir", &dir.join(&id).display().to_string(),
+            "--listen", &format!("127.0.0.1:{port}"), "--admin-listen", &format!("127.0.0.1:{admin}"),
+            "--redis", &format!("redis://127.0.0.1:{rport}/0"), "--cluster", "bench",
+            "--cluster-node-id", &id, "--lease-ttl-ms", &args.lease_ttl_ms.to_string(),
+            "--standby-poll-ms", &args.standby_poll_ms.to_string(), "--log", "warn",
+            "--stats-interval-secs", "0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let mut node = BenchNode {
+            log: dir.join(format!("{id}.log")),
+            id,
+            port,
+            admin,
+            args: args_v,
+            proc: Proc(None),
+        };
+        node.start(&args.sluice)?;
+        nodes.push(node);
+    }
+    let base = Instant::now();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let arrivals: Vec<Arrivals> = nodes.iter().map(|_| Arc::new(Mutex::new(Vec::new()))).collect();
+    for (n, a) in nodes.iter().zip(&arrivals) {
+        tokio::spawn(subscriber(
+            SocketAddr::from(([127, 0, 0, 1], n.port)),
+            a.clone(),
+            base,
+            stop.clone(),
+        ));
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(20);
+    let mut results: Vec<(&'static str, f64)> = Vec::new();
+    let total = args.kills + args.handovers;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    for round in 0..total {
+        let kind = if round < args.kills { "kill" } else { "handover" };
+        let leader = {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let mut found = None;
+                for (i, n) in nodes.iter().enumerate() {
+                    if n.role().await.as_deref() == Some("leader") {
+                        found = Some(i);
+                    }
+                }
+                if let Some(i) = found {
+                    break i;
+                }
+                if Instant::now() > deadline {
+                    bail!("no leader within 60 s");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..1000))).await;
+        let at = base.elapsed().as_nanos() as u64;
+        if kind == "kill" {
+            nodes[leader].proc.kill9();
+        } else {
+            nodes[leader].proc.term()?;
+        }
+        // Wait for the stream to flow again at a surviving node, then restart.
+        let witness = (leader + 1) % nodes.len();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let flowing = arrivals[witness]
+                .lock()
+                .last()
+                .is_some_and(|&t| t > at + 200_000_000);
+            if flowing {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{kind} {round}: no events at {} within 60 s", nodes[witness].id);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let gap = silence_around(&arrivals[witness].lock(), at).unwrap_or(0) as f64 / 1e6;
+        eprintln!("{kind} {round}: leader {} down; silence at {}: {gap:.0} ms", nodes[leader].id, nodes[witness].id);
+        results.push((kind, gap));
+        nodes[leader].start(&args.sluice)?;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(2000..4000))).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for kind in ["kill", "handover"] {
+        let v: Vec<f64> = results.iter().filter(|r| r.0 == kind).map(|r| r.1).collect();
+        if v.is_empty() {
+            continue;
+        }
+        println!(
+            "{}",
+            serde_json::json!({
+                "bench": "cluster-failover",
+                "kind": kind,
+                "count": v.len(),
+                "rate": args.rate,
+                "nodes": args.nodes,
+                "lease_ttl_ms": args.lease_ttl_ms,
+                "p50_ms": quantile(&v, 0.5),
+                "p99_ms": quantile(&v, 0.99),
+                "max_ms": quantile(&v, 1.0),
+                "all_ms": v,
+            })
+        );
+    }
+    for n in nodes.iter_mut() {
+        let _ = n.proc.term();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
