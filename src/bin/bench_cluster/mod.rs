@@ -243,13 +243,17 @@ pub async fn append(args: AppendArgs) -> anyhow::Result<()> {
             let mut link = Link::new(&url, Duration::from_secs(5))?;
             link.load_functions().await?;
             let keys = Keys::new("bench");
-            let ttl = Duration::from_secs(600);
+            // A new cluster's state is seeded one TTL after the first try: keep it short,
+            // then hold the lease for the whole run.
+            let short = Duration::from_millis(200);
             let grant = loop {
-                match link.acquire(&keys, "bench", ttl, 0, StampState::fresh()).await? {
+                match link.acquire(&keys, "bench", short, 0, StampState::fresh()).await? {
                     Acquire::Granted(g) => break g,
                     _ => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
             };
+            link.renew(&keys, "bench", grant.epoch, Duration::from_secs(3600))
+                .await?;
             let mem0 = used_memory(&mut link).await?;
             // Batches: whole frames, up to `batch` events (0: one frame per entry).
             let mut batches: Vec<&[Event]> = Vec::new();
