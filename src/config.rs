@@ -830,13 +830,27 @@ mod tests {
             "redis = \"redis://10.0.0.5:6379/0\"\ncluster = \"prod\"\nredis_require_durable = true\nlease_ttl_ms = 5000\n",
         )
         .unwrap();
-        let args = parse_serve_args(["x", "--config", path.to_str().unwrap(), "--cluster-node-id", "node-a"]).unwrap();
+        let args = parse_serve_args([
+            "x",
+            "--config",
+            path.to_str().unwrap(),
+            "--cluster-node-id",
+            "node-a",
+        ])
+        .unwrap();
         let c = args.to_config().unwrap().cluster.unwrap();
         assert_eq!(c.redis_url, "redis://10.0.0.5:6379/0");
         assert_eq!((c.name.as_str(), c.node_id.as_str()), ("prod", "node-a"));
         assert!(c.require_durable);
         assert_eq!(c.lease_ttl, Duration::from_secs(5));
-        let defaulted = parse_serve_args(["x", "--redis", "redis://h:1/0", "--listen", "127.0.0.1:7001"]).unwrap();
+        let defaulted = parse_serve_args([
+            "x",
+            "--redis",
+            "redis://h:1/0",
+            "--listen",
+            "127.0.0.1:7001",
+        ])
+        .unwrap();
         let c = defaulted.to_config().unwrap().cluster.unwrap();
         assert!(c.node_id.ends_with(":7001"), "{}", c.node_id);
         assert!(!c.require_durable);
@@ -848,7 +862,10 @@ mod tests {
             let err = parse_serve_args(bad.clone()).and_then(|a| a.to_config());
             assert!(err.is_err(), "{bad:?} is refused");
         }
-        assert!(parse_serve_args(["x", "--lease-ttl-ms", "10"]).is_err(), "TTL has a floor");
+        assert!(
+            parse_serve_args(["x", "--lease-ttl-ms", "10"]).is_err(),
+            "TTL has a floor"
+        );
     }
 
     #[test]

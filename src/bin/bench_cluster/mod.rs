@@ -122,7 +122,14 @@ fn start_redis(bin: &str, dir: &std::path::Path) -> anyhow::Result<(Proc, u16)> 
     let port = free_port()?;
     let child = Command::new(bin)
         .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--appendonly", "yes", "--appendfsync", "always", "--save", ""])
+        .args([
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+        ])
         .arg("--dir")
         .arg(dir)
         .stdout(Stdio::null())
@@ -180,7 +187,8 @@ fn stamped(source: &str, count: usize) -> anyhow::Result<Vec<Event>> {
     'outer: loop {
         for frame in &frames {
             upstream += 1;
-            if let IngestOutcome::Events(events) = ingestor.restamp(frame.clone(), time, seq, time) {
+            if let IngestOutcome::Events(events) = ingestor.restamp(frame.clone(), time, seq, time)
+            {
                 for mut e in events {
                     e.upstream_seq = upstream;
                     seq = e.seq + 1;
@@ -234,7 +242,9 @@ pub async fn append(args: AppendArgs) -> anyhow::Result<()> {
         args.source,
         raw_bytes as f64 / events.len() as f64
     );
-    let dir = args.tmp.join(format!("sluice-bench-append-{}", std::process::id()));
+    let dir = args
+        .tmp
+        .join(format!("sluice-bench-append-{}", std::process::id()));
     for &level in &args.level {
         for &batch in &args.batch {
             let _ = std::fs::remove_dir_all(&dir);
@@ -247,7 +257,10 @@ pub async fn append(args: AppendArgs) -> anyhow::Result<()> {
             // then hold the lease for the whole run.
             let short = Duration::from_millis(200);
             let grant = loop {
-                match link.acquire(&keys, "bench", short, 0, StampState::fresh()).await? {
+                match link
+                    .acquire(&keys, "bench", short, 0, StampState::fresh())
+                    .await?
+                {
                     Acquire::Granted(g) => break g,
                     _ => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
@@ -279,8 +292,17 @@ pub async fn append(args: AppendArgs) -> anyhow::Result<()> {
                     last_time_us: last.time_us,
                     upstream_cursor: Some(last.upstream_seq),
                 };
-                link.append(&keys, "bench", grant.epoch, first.seq, last.seq, state, 0, &payload)
-                    .await?;
+                link.append(
+                    &keys,
+                    "bench",
+                    grant.epoch,
+                    first.seq,
+                    last.seq,
+                    state,
+                    0,
+                    &payload,
+                )
+                .await?;
             }
             let secs = t0.elapsed().as_secs_f64();
             let cpu = cpu_self() - cpu0;
@@ -325,15 +347,19 @@ fn cpu_self() -> f64 {
 async fn http_get(addr: SocketAddr, path: &str) -> Option<Vec<u8>> {
     let work = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-            .await
-            .ok()?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
         let mut raw = Vec::new();
         s.read_to_end(&mut raw).await.ok()?;
         let at = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
         Some(raw[at + 4..].to_vec())
     };
-    tokio::time::timeout(Duration::from_secs(2), work).await.ok()?
+    tokio::time::timeout(Duration::from_secs(2), work)
+        .await
+        .ok()?
 }
 
 struct BenchNode {
@@ -361,7 +387,11 @@ impl BenchNode {
     }
 
     async fn role(&self) -> Option<String> {
-        let body = http_get(SocketAddr::from(([127, 0, 0, 1], self.admin)), "/status.json").await?;
+        let body = http_get(
+            SocketAddr::from(([127, 0, 0, 1], self.admin)),
+            "/status.json",
+        )
+        .await?;
         let v: serde_json::Value = serde_json::from_slice(&body).ok()?;
         Some(v["cluster"]["role"].as_str()?.to_string())
     }
@@ -372,20 +402,32 @@ type Arrivals = Arc<Mutex<Vec<u64>>>;
 
 /// Keeps a live v2 subscriber on `addr`, reconnecting with its cursor while the node is
 /// away; records each event's arrival.
-async fn subscriber(addr: SocketAddr, arrivals: Arrivals, base: Instant, stop: Arc<std::sync::atomic::AtomicBool>) {
+async fn subscriber(
+    addr: SocketAddr,
+    arrivals: Arrivals,
+    base: Instant,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
     let mut cursor: Option<u64> = None;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         let url = match cursor {
-            Some(c) => format!("ws://{addr}/xrpc/network.bsky.jetstream.subscribeEvents?cursor={}", c + 1),
+            Some(c) => format!(
+                "ws://{addr}/xrpc/network.bsky.jetstream.subscribeEvents?cursor={}",
+                c + 1
+            ),
             None => format!("ws://{addr}/xrpc/network.bsky.jetstream.subscribeEvents"),
         };
-        let Ok(Ok((mut ws, _))) =
-            tokio::time::timeout(Duration::from_secs(2), tokio_tungstenite::connect_async(&url)).await
+        let Ok(Ok((mut ws, _))) = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio_tungstenite::connect_async(&url),
+        )
+        .await
         else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
-        while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(2), ws.next()).await
+        {
             if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
                 let now = base.elapsed().as_nanos() as u64;
                 if let Some(seq) = serde_json::from_str::<serde_json::Value>(&t)
@@ -427,40 +469,62 @@ fn quantile(v: &[f64], q: f64) -> f64 {
 }
 
 pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
-    let dir = args.tmp.join(format!("sluice-bench-failover-{}", std::process::id()));
+    let dir = args
+        .tmp
+        .join(format!("sluice-bench-failover-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
     let (_redis, rport) = start_redis(&args.redis_server, &dir.join("redis"))?;
     // 20 s of synthetic frames (1-4 ms apart at speed 1), looped with fresh seqs and times.
     let count = (args.rate as usize * 20).max(1000);
     let now_ms = sluice::ingest::now_us() / 1000;
-    let frames: Vec<Bytes> = sluice::upstream::synth::generate(&sluice::upstream::synth::SynthOptions {
-        count,
-        start_time_ms: now_ms,
-        ..Default::default()
-    })
-    .into_iter()
-    .map(Bytes::from)
-    .collect();
+    let frames: Vec<Bytes> =
+        sluice::upstream::synth::generate(&sluice::upstream::synth::SynthOptions {
+            count,
+            start_time_ms: now_ms,
+            ..Default::default()
+        })
+        .into_iter()
+        .map(Bytes::from)
+        .collect();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let upstream = format!("ws://{}", listener.local_addr()?);
-    tokio::spawn(sluice::upstream::replay::serve(sluice::upstream::replay::ReplayOptions {
-        frames: sluice::upstream::replay::ReplaySource::Frames(frames),
-        listen: sluice::upstream::replay::Listen::Listener(listener),
-        speed: sluice::upstream::replay::Speed::Factor(f64::from(args.rate) / 400.0),
-        looped: true,
-    }));
+    tokio::spawn(sluice::upstream::replay::serve(
+        sluice::upstream::replay::ReplayOptions {
+            frames: sluice::upstream::replay::ReplaySource::Frames(frames),
+            listen: sluice::upstream::replay::Listen::Listener(listener),
+            speed: sluice::upstream::replay::Speed::Factor(f64::from(args.rate) / 400.0),
+            looped: true,
+        },
+    ));
     let mut nodes = Vec::new();
     for i in 0..args.nodes {
         let id = format!("n{i}");
         let (port, admin) = (free_port()?, free_port()?);
         let args_v: Vec<String> = [
-            "serve", "--upstream", &upstream, "--data-dir", &dir.join(&id).display().to_string(),
-            "--listen", &format!("127.0.0.1:{port}"), "--admin-listen", &format!("127.0.0.1:{admin}"),
-            "--redis", &format!("redis://127.0.0.1:{rport}/0"), "--cluster", "bench",
-            "--cluster-node-id", &id, "--lease-ttl-ms", &args.lease_ttl_ms.to_string(),
-            "--standby-poll-ms", &args.standby_poll_ms.to_string(), "--log", "warn",
-            "--stats-interval-secs", "0",
+            "serve",
+            "--upstream",
+            &upstream,
+            "--data-dir",
+            &dir.join(&id).display().to_string(),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--admin-listen",
+            &format!("127.0.0.1:{admin}"),
+            "--redis",
+            &format!("redis://127.0.0.1:{rport}/0"),
+            "--cluster",
+            "bench",
+            "--cluster-node-id",
+            &id,
+            "--lease-ttl-ms",
+            &args.lease_ttl_ms.to_string(),
+            "--standby-poll-ms",
+            &args.standby_poll_ms.to_string(),
+            "--log",
+            "warn",
+            "--stats-interval-secs",
+            "0",
         ]
         .iter()
         .map(|s| s.to_string())
@@ -478,7 +542,10 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
     }
     let base = Instant::now();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let arrivals: Vec<Arrivals> = nodes.iter().map(|_| Arc::new(Mutex::new(Vec::new()))).collect();
+    let arrivals: Vec<Arrivals> = nodes
+        .iter()
+        .map(|_| Arc::new(Mutex::new(Vec::new())))
+        .collect();
     for (n, a) in nodes.iter().zip(&arrivals) {
         tokio::spawn(subscriber(
             SocketAddr::from(([127, 0, 0, 1], n.port)),
@@ -492,7 +559,11 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
     let total = args.kills + args.handovers;
     tokio::time::sleep(Duration::from_secs(5)).await;
     for round in 0..total {
-        let kind = if round < args.kills { "kill" } else { "handover" };
+        let kind = if round < args.kills {
+            "kill"
+        } else {
+            "handover"
+        };
         let leader = {
             let deadline = Instant::now() + Duration::from_secs(60);
             loop {
@@ -530,20 +601,30 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
                 break;
             }
             if Instant::now() > deadline {
-                bail!("{kind} {round}: no events at {} within 60 s", nodes[witness].id);
+                bail!(
+                    "{kind} {round}: no events at {} within 60 s",
+                    nodes[witness].id
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let gap = silence_around(&arrivals[witness].lock(), at).unwrap_or(0) as f64 / 1e6;
-        eprintln!("{kind} {round}: leader {} down; silence at {}: {gap:.0} ms", nodes[leader].id, nodes[witness].id);
+        eprintln!(
+            "{kind} {round}: leader {} down; silence at {}: {gap:.0} ms",
+            nodes[leader].id, nodes[witness].id
+        );
         results.push((kind, gap));
         nodes[leader].start(&args.sluice)?;
         tokio::time::sleep(Duration::from_millis(rng.gen_range(2000..4000))).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for kind in ["kill", "handover"] {
-        let v: Vec<f64> = results.iter().filter(|r| r.0 == kind).map(|r| r.1).collect();
+        let v: Vec<f64> = results
+            .iter()
+            .filter(|r| r.0 == kind)
+            .map(|r| r.1)
+            .collect();
         if v.is_empty() {
             continue;
         }
