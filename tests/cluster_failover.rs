@@ -232,7 +232,18 @@ async fn leader_kills_lose_and_duplicate_nothing_on_any_node_or_subscriber() {
         "the raw subscriber saw every frame once, in order"
     );
     let metrics = nodes[0].metrics().await;
-    assert!(metrics.contains("sluice_cluster_lease_epoch"), "{metrics}");
+    for family in [
+        "sluice_cluster_lease_epoch",
+        "sluice_cluster_role",
+        "sluice_cluster_takeovers_total",
+        "sluice_cluster_append_seconds_bucket",
+        "sluice_cluster_node_lag_events",
+    ] {
+        assert!(
+            metrics.contains(&format!("# HELP {family} ")),
+            "{family} is described:\n{metrics}"
+        );
+    }
     for n in nodes.iter_mut() {
         n.stop();
     }

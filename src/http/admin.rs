@@ -477,6 +477,66 @@ const GAUGES: &[(&str, &str)] = &[
     ),
 ];
 
+/// Help text of the cluster's families (exported only by nodes started with `--redis`).
+const CLUSTER_COUNTERS: &[(&str, &str)] = &[
+    ("sluice_cluster_takeovers_total", "Times this node took the cluster lease and became the ingest leader."),
+    ("sluice_cluster_step_downs_total", "Times this node stopped leading because its lease was lost, lapsed or an append was refused."),
+    ("sluice_cluster_handovers_total", "Times this node released the lease on a graceful stop."),
+    ("sluice_cluster_appends_total", "Batches this node appended to the shared stream."),
+    ("sluice_cluster_appended_events_total", "Events this node appended to the shared stream."),
+    ("sluice_cluster_appended_bytes_total", "Entry bytes this node appended to the shared stream."),
+    ("sluice_cluster_append_retries_total", "Appends retried because Redis was unreachable (ingest waits meanwhile)."),
+    ("sluice_cluster_appends_refused_total", "Appends refused (fenced, not continuing the stream, lease lapsed): nothing was written."),
+    ("sluice_cluster_trims_total", "Appends that trimmed the stream's window."),
+    ("sluice_cluster_trimmed_entries_total", "Stream entries removed by trimming."),
+    ("sluice_cluster_discontinuities_total", "Times this node rejoined past the stream's window and moved its log's floor."),
+    ("sluice_cluster_discontinuity_events_total", "Seqs this node does not hold because of discontinuities."),
+    ("sluice_cluster_tailed_events_total", "Events this node wrote from the stream into its log."),
+    ("sluice_cluster_tail_errors_total", "Failed reads or applications of the stream (retried)."),
+    ("sluice_cluster_skipped_held_events_total", "Stream events skipped because this node already held them (after a re-seed)."),
+    ("sluice_cluster_append_seconds_bucket", "Append latency histogram: appends that took at most le seconds."),
+    ("sluice_cluster_append_seconds_count", "Appends timed by the latency histogram."),
+];
+
+const CLUSTER_GAUGES: &[(&str, &str)] = &[
+    (
+        "sluice_cluster_role",
+        "1 for this node's role (leader or standby).",
+    ),
+    (
+        "sluice_cluster_lease_epoch",
+        "The fencing epoch of this node's last lease.",
+    ),
+    (
+        "sluice_cluster_redis_up",
+        "1 while this node's stream reader reaches Redis.",
+    ),
+    (
+        "sluice_cluster_stream_newest_seq",
+        "The shared stream's newest seq, as last read.",
+    ),
+    (
+        "sluice_cluster_tail_lag_events",
+        "Events the stream holds beyond this node's log.",
+    ),
+    (
+        "sluice_cluster_append_seconds_sum",
+        "Total seconds of the timed appends.",
+    ),
+    (
+        "sluice_cluster_node_position",
+        "Each node's newest seq, as it last reported.",
+    ),
+    (
+        "sluice_cluster_node_lag_events",
+        "Each node's lag behind the stream, in events.",
+    ),
+    (
+        "sluice_cluster_node_subscribers",
+        "Each node's subscribers, as it last reported.",
+    ),
+];
+
 fn describe_metrics() {
     for &(name, help) in COUNTERS {
         metrics::describe_counter!(name, help);
@@ -489,6 +549,13 @@ fn describe_metrics() {
 /// The cluster's metrics (inside the admin recorder's scope).
 fn cluster_metrics(c: &crate::cluster::ClusterShared, local_newest: u64) {
     use metrics::{counter, gauge};
+    // Described here, not at start, so a single node's /metrics has no cluster families.
+    for &(name, help) in CLUSTER_COUNTERS {
+        metrics::describe_counter!(name, help);
+    }
+    for &(name, help) in CLUSTER_GAUGES {
+        metrics::describe_gauge!(name, help);
+    }
     let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
     let role = c.role();
     for r in [crate::cluster::Role::Leader, crate::cluster::Role::Standby] {
