@@ -19,6 +19,7 @@ use crate::http::budget::MemoryConfig;
 use crate::http::listen::ListenConfig;
 use crate::http::session::SessionConfig;
 use crate::log::{LogConfig, RetentionConfig};
+use crate::sink::RedisSinkConfig;
 use crate::upstream::client::{UpstreamConfig, DEFAULT_UPSTREAM};
 use crate::wire::zstd::DictionarySource;
 
@@ -333,6 +334,45 @@ pub struct ServeArgs {
     /// Seconds between progress summaries in the log (0 = never).
     #[arg(long, env = "SLUICE_STATS_INTERVAL_SECS", default_value_t = 60)]
     pub stats_interval_secs: u64,
+
+    // ---- Redis sink
+    /// Write every event to Redis streams (one per collection and per kind), e.g.
+    /// `redis://127.0.0.1:6379/0`. Off when unset.
+    #[arg(long, env = "SLUICE_REDIS_SINK")]
+    pub redis_sink: Option<String>,
+    /// Prefix of every key the Redis sink writes.
+    #[arg(long, env = "SLUICE_REDIS_SINK_PREFIX", default_value = "sluice:")]
+    pub redis_sink_prefix: String,
+    /// Also write every event to the stream `<prefix>all`.
+    #[arg(long, env = "SLUICE_REDIS_SINK_ALL", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub redis_sink_all: bool,
+    /// Also PUBLISH each collection event's JSON on the channel `<prefix>c:<collection>`
+    /// (for consumers of a pub/sub rebroadcaster; a missed message is gone).
+    #[arg(long, env = "SLUICE_REDIS_SINK_PUBLISH", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub redis_sink_publish: bool,
+    /// Each stream is trimmed to about this many entries (0 = no length bound).
+    #[arg(long, env = "SLUICE_REDIS_SINK_MAX_LEN", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000_000))]
+    pub redis_sink_max_len: u64,
+    /// Entries whose source time is more than this many seconds older than the newest
+    /// sunk event's are trimmed (approximately; 0 = no age bound).
+    #[arg(long, env = "SLUICE_REDIS_SINK_MAX_AGE_SECS", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(0..=100_000_000))]
+    pub redis_sink_max_age_secs: u64,
+    /// Most events per write to Redis (with --redis-sink-batch-kib, the sink's memory bound).
+    #[arg(long, env = "SLUICE_REDIS_SINK_BATCH_EVENTS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub redis_sink_batch_events: u64,
+    /// Most KiB of event JSON per write to Redis.
+    #[arg(long, env = "SLUICE_REDIS_SINK_BATCH_KIB", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..=512 * 1024))]
+    pub redis_sink_batch_kib: u64,
+    /// Deadline of one Redis command of the sink, ms; past it the sink reconnects.
+    #[arg(long, env = "SLUICE_REDIS_SINK_TIMEOUT_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub redis_sink_timeout_ms: u64,
 }
 
 /// Everything `serve` runs with, derived from [`ServeArgs`].
@@ -360,6 +400,7 @@ pub struct ServeConfig {
     pub fd_reserve: u64,
     /// The budget of client-held memory (`http::budget`).
     pub client_memory: MemoryConfig,
+    pub redis_sink: Option<RedisSinkConfig>,
 }
 
 impl ServeConfig {
@@ -518,6 +559,30 @@ impl ServeArgs {
             connects_per_sec_per_ip: self.connects_per_sec_per_ip as f64,
             event_requests_per_sec_per_ip: self.event_requests_per_sec_per_ip as f64,
         };
+        let redis_sink = match &self.redis_sink {
+            None => None,
+            Some(url) => {
+                let parsed = url::Url::parse(url)
+                    .map_err(|e| anyhow::anyhow!("redis_sink {url:?} is not a URL: {e}"))?;
+                if !matches!(parsed.scheme(), "redis" | "redis+unix" | "unix") {
+                    anyhow::bail!("redis_sink {url:?} must be a redis:// (or unix://) URL");
+                }
+                if self.redis_sink_prefix.is_empty() {
+                    anyhow::bail!("redis_sink_prefix must not be empty");
+                }
+                let mut sink = RedisSinkConfig::new(url.clone());
+                sink.prefix = self.redis_sink_prefix.clone();
+                sink.all_stream = self.redis_sink_all;
+                sink.publish = self.redis_sink_publish;
+                sink.max_len = self.redis_sink_max_len;
+                sink.max_age = (self.redis_sink_max_age_secs > 0)
+                    .then(|| Duration::from_secs(self.redis_sink_max_age_secs));
+                sink.batch_max_events = usize_of(self.redis_sink_batch_events)?;
+                sink.batch_max_bytes = usize_of(self.redis_sink_batch_kib * 1024)?;
+                sink.timeout = Duration::from_millis(self.redis_sink_timeout_ms);
+                Some(sink)
+            }
+        };
         Ok(ServeConfig {
             ingest,
             log,
@@ -553,6 +618,7 @@ impl ServeArgs {
                 per_ip_bytes: usize_of(self.client_memory_per_ip_mib * MIB)?,
                 message_timeout: Duration::from_secs(self.client_message_timeout_secs),
             },
+            redis_sink,
         })
     }
 }

@@ -255,6 +255,7 @@ pub struct Daemon {
     pub admin_addr: std::net::SocketAddr,
     pub admin: Arc<crate::http::admin::AdminState>,
     ingest: IngestHandle,
+    sink: Option<crate::sink::SinkHandle>,
     shutdown: watch::Sender<bool>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     admin_server: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -328,6 +329,14 @@ impl Daemon {
             })?;
         let admin_addr = admin_listener.local_addr()?;
         let ingest = start_ingest(config.ingest.clone(), state, log.clone())?;
+        // The Redis sink is one more reader of the log: it never slows ingest.
+        let sink = match &config.redis_sink {
+            Some(sink) => Some(
+                crate::sink::start(log.reader(), sink.clone())
+                    .map_err(|e| anyhow::anyhow!("cannot start the redis sink: {e}"))?,
+            ),
+            None => None,
+        };
         let admin = Arc::new(crate::http::admin::AdminState::new(
             log.clone(),
             hub.clone(),
@@ -339,6 +348,7 @@ impl Daemon {
                 log_queue_max_bytes: config.log.queue_max_bytes,
                 log_max_bytes: config.log.retention.max_bytes,
             },
+            sink.as_ref().map(|s| s.stats.clone()),
         ));
         let admin_shutdown = shutdown_tx.subscribe();
         let admin_server = tokio::spawn(crate::http::listen::serve(
@@ -358,6 +368,7 @@ impl Daemon {
             admin_addr,
             admin,
             ingest,
+            sink,
             shutdown: shutdown_tx,
             server,
             admin_server,
@@ -376,6 +387,9 @@ impl Daemon {
         let work = async move {
             let _ = self.shutdown.send(true);
             let stats = self.ingest.shutdown().await?;
+            if let Some(sink) = self.sink {
+                sink.shutdown(timeout / 4).await;
+            }
             let log = self.log.clone();
             tokio::task::spawn_blocking(move || {
                 if !log.flush(Duration::from_secs(10)) {

@@ -1,0 +1,635 @@
+//! The Redis sink against a real `redis-server`: every event of the real corpus (plus a
+//! `tooBig` commit, a create whose record is missing, a `#sync` and an unknown type) lands
+//! in the right streams with the right ids and fields; Redis killed and restarted from its
+//! AOF mid-stream loses and repeats nothing; and `kill -9` of `sluice serve` at random
+//! moments leaves every stream holding each event exactly once, in seq order.
+
+mod redis_common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use rand::{Rng, SeedableRng};
+use redis::aio::MultiplexedConnection;
+use redis::Value;
+use redis_common::{free_port, RedisServer};
+use serde_json::json;
+use sluice::decode::dagcbor_encode::encode_dag_cbor;
+use sluice::decode::DecodeLimits;
+use sluice::event::{Event, EventKind};
+use sluice::ingest::{IngestOutcome, Ingestor, StampState};
+use sluice::log::{Log, LogConfig, LogReader};
+use sluice::sink::{RedisSinkConfig, SinkStats};
+use sluice::upstream::capture::{read_all, upstream_fixtures_dir};
+
+const DID: &str = "did:plc:sinkedgeaaaaaaaaaaaaaaaa";
+const CID: &str = "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm";
+
+fn frame(t: &str, body: serde_json::Value) -> Bytes {
+    let mut bytes = encode_dag_cbor(&json!({"op": 1, "t": t})).unwrap();
+    bytes.extend(encode_dag_cbor(&body).unwrap());
+    Bytes::from(bytes)
+}
+
+fn empty_car() -> serde_json::Value {
+    let header = encode_dag_cbor(&json!({"roots": [{"$link": CID}], "version": 1})).unwrap();
+    let mut car = vec![u8::try_from(header.len()).unwrap()];
+    car.extend(header);
+    json!({"$bytes": base64::engine::general_purpose::STANDARD_NO_PAD.encode(car)})
+}
+
+/// The real corpus, then frames it lacks: a `tooBig` commit, a commit whose created
+/// record is missing, a `#sync` and an unknown type.
+fn corpus_and_edges() -> Vec<Bytes> {
+    let path = upstream_fixtures_dir().join("jetstream-corpus/frames.bin");
+    assert!(
+        path.is_file(),
+        "real corpus missing at {} (set SLUICE_UPSTREAM_FIXTURES)",
+        path.display()
+    );
+    let mut frames: Vec<Bytes> = read_all(&path, 5 << 20)
+        .expect("read corpus")
+        .into_iter()
+        .map(Bytes::from)
+        .collect();
+    let seq = 90_000_000_000i64; // after the corpus's seqs
+    let commit = |seq: i64, too_big: bool| {
+        frame(
+            "#commit",
+            json!({
+                "repo": DID, "rev": "3mptbyplj5d2a", "since": null, "seq": seq,
+                "time": "2026-07-04T14:39:14.000Z", "commit": {"$link": CID},
+                "blocks": empty_car(), "tooBig": too_big, "rebase": false, "blobs": [],
+                "ops": [
+                    {"action": "create", "path": "app.bsky.feed.post/3mptbyplj5d2a", "cid": {"$link": CID}},
+                    {"action": "delete", "path": "app.bsky.feed.like/3mptbyplj5d2b", "cid": null},
+                ],
+            }),
+        )
+    };
+    frames.push(commit(seq, true));
+    frames.push(commit(seq + 1, false));
+    frames.push(frame(
+        "#sync",
+        json!({"did": DID, "seq": seq + 2, "time": "2026-07-04T14:39:15.000Z",
+               "rev": "3mptbyplj5d2c", "blocks": empty_car()}),
+    ));
+    frames.push(frame(
+        "#futureThing",
+        json!({"did": DID, "seq": seq + 3, "time": "2026-07-04T14:39:16.000Z"}),
+    ));
+    frames
+}
+
+fn ingest_all(frames: &[Bytes]) -> Vec<Event> {
+    let mut ingestor = Ingestor::new(StampState::fresh(), DecodeLimits::default());
+    let mut events = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        match ingestor.ingest(f.clone(), 1_900_000_000_000_000) {
+            IngestOutcome::Events(batch) => events.extend(batch),
+            other => panic!("frame {i}: {other:?}"),
+        }
+    }
+    events
+}
+
+fn sink_config(url: &str) -> RedisSinkConfig {
+    let mut c = RedisSinkConfig::new(url);
+    c.all_stream = true;
+    c.publish = true;
+    c.batch_max_events = 64; // several writes even for the small corpus
+    c.timeout = Duration::from_millis(500);
+    c.backoff_min = Duration::from_millis(20);
+    c.backoff_max = Duration::from_millis(200);
+    c
+}
+
+async fn connect(url: &str) -> MultiplexedConnection {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let client = redis::Client::open(url).unwrap();
+        match client.get_multiplexed_async_connection().await {
+            Ok(mut con) => {
+                // Past AOF loading: a real command answers.
+                let ping: redis::RedisResult<String> =
+                    redis::cmd("PING").query_async(&mut con).await;
+                if ping.is_ok() {
+                    return con;
+                }
+            }
+            Err(e) if Instant::now() > deadline => panic!("cannot connect to {url}: {e}"),
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn text(v: &Value) -> String {
+    match v {
+        Value::BulkString(b) => String::from_utf8(b.clone()).unwrap(),
+        Value::SimpleString(s) => s.clone(),
+        other => panic!("not a string: {other:?}"),
+    }
+}
+
+/// One stream entry: id and fields.
+type Entry = (String, BTreeMap<String, String>);
+
+async fn xrange(con: &mut MultiplexedConnection, key: &str) -> Vec<Entry> {
+    let reply: Value = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(con)
+        .await
+        .unwrap();
+    let Value::Array(items) = reply else {
+        panic!("{reply:?}")
+    };
+    items
+        .iter()
+        .map(|item| {
+            let Value::Array(pair) = item else {
+                panic!("{item:?}")
+            };
+            let Value::Array(fields) = &pair[1] else {
+                panic!("{pair:?}")
+            };
+            let fields = fields
+                .chunks(2)
+                .map(|kv| (text(&kv[0]), text(&kv[1])))
+                .collect();
+            (text(&pair[0]), fields)
+        })
+        .collect()
+}
+
+async fn stream_keys(con: &mut MultiplexedConnection, prefix: &str) -> BTreeSet<String> {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(con)
+        .await
+        .unwrap();
+    let mut streams = BTreeSet::new();
+    for key in keys {
+        let t: String = redis::cmd("TYPE").arg(&key).query_async(con).await.unwrap();
+        if t == "stream" {
+            streams.insert(key);
+        }
+    }
+    streams
+}
+
+async fn position(con: &mut MultiplexedConnection, config: &RedisSinkConfig) -> u64 {
+    let seq: Option<String> = redis::cmd("HGET")
+        .arg(config.position_key())
+        .arg("seq")
+        .query_async(con)
+        .await
+        .unwrap();
+    seq.map_or(0, |s| s.parse().unwrap())
+}
+
+async fn wait_for_position(stats: &SinkStats, seq: u64, within: Duration) {
+    let deadline = Instant::now() + within;
+    while stats.position.load(Ordering::Relaxed) < seq {
+        assert!(
+            Instant::now() < deadline,
+            "sink reached {} of {seq} in {within:?}",
+            stats.position.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn all_events(reader: &LogReader) -> Vec<Arc<Event>> {
+    let mut events = Vec::new();
+    let mut next = 1;
+    while next <= reader.newest_seq() {
+        let batch = reader.read_from(next, 10_000, usize::MAX).unwrap();
+        next = batch.last().unwrap().seq + 1;
+        events.extend(batch);
+    }
+    events
+}
+
+/// Every stream under the prefix holds exactly the entries the log's events call for:
+/// each once, in seq order, with id `<seq>-0` and the fields `event`, `time_us`, `seq`,
+/// `did`; and no other stream exists.
+async fn assert_streams_match(
+    con: &mut MultiplexedConnection,
+    config: &RedisSinkConfig,
+    events: &[Arc<Event>],
+) {
+    let mut expected: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
+    for event in events {
+        let Some(shaped) = sluice::sink::shape(event, config) else {
+            continue;
+        };
+        for entry in shaped.entries {
+            let fields = BTreeMap::from([
+                (
+                    "event".to_string(),
+                    String::from_utf8(shaped.json.to_vec()).unwrap(),
+                ),
+                ("time_us".to_string(), event.time_us.to_string()),
+                ("seq".to_string(), event.seq.to_string()),
+                ("did".to_string(), event.did.clone()),
+            ]);
+            expected
+                .entry(entry.key)
+                .or_default()
+                .push((format!("{}-0", event.seq), fields));
+        }
+    }
+    let keys = stream_keys(con, &config.prefix).await;
+    assert_eq!(
+        keys,
+        expected.keys().cloned().collect::<BTreeSet<_>>(),
+        "exactly the expected streams"
+    );
+    for (key, want) in &expected {
+        let got = xrange(con, key).await;
+        let got_ids: Vec<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
+        let want_ids: Vec<&str> = want.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(got_ids, want_ids, "{key}: each event once, in seq order");
+        assert!(got == *want, "{key}: fields match the log's events");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_lands_in_the_right_streams_with_ids_and_fields() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(LogConfig::new(dir.path())).unwrap();
+    let events = ingest_all(&corpus_and_edges());
+    let newest = events.last().unwrap().seq;
+    let kinds: BTreeSet<_> = events.iter().map(|e| e.kind.as_str()).collect();
+    for kind in [
+        "commit",
+        "commit_too_big",
+        "identity",
+        "account",
+        "sync",
+        "unknown",
+    ] {
+        assert!(kinds.contains(kind), "{kind} is covered: {kinds:?}");
+    }
+    let likes = events
+        .iter()
+        .filter(|e| e.collection.as_deref() == Some("app.bsky.feed.like"))
+        .count();
+    log.append(events).unwrap();
+    assert!(log.flush(Duration::from_secs(10)));
+
+    let config = sink_config(&redis.url());
+    let mut con = connect(&redis.url()).await;
+    // A consumer of the old rebroadcaster: pub/sub on the like channel.
+    let mut pubsub = redis::Client::open(redis.url())
+        .unwrap()
+        .get_async_pubsub()
+        .await
+        .unwrap();
+    pubsub
+        .subscribe(format!("{}c:app.bsky.feed.like", config.prefix))
+        .await
+        .unwrap();
+    let sink = sluice::sink::start(log.reader(), config.clone()).unwrap();
+    wait_for_position(&sink.stats, newest, Duration::from_secs(20)).await;
+    assert_eq!(position(&mut con, &config).await, newest);
+
+    let reader = log.reader();
+    let stored = all_events(&reader);
+    assert_streams_match(&mut con, &config, &stored).await;
+
+    // The same facts, checked without the sink's own shaping code.
+    for e in &stored {
+        let id = format!("{}-0", e.seq);
+        let find = |entries: &[Entry]| entries.iter().find(|(i, _)| *i == id).cloned();
+        match e.kind {
+            EventKind::Commit => {
+                let key = format!("sluice:c:{}", e.collection.as_deref().unwrap());
+                let (_, fields) = find(&xrange(&mut con, &key).await).expect("entry");
+                assert_eq!(fields["event"].as_bytes(), e.v1_json.as_deref().unwrap());
+                assert_eq!(fields["time_us"], e.time_us.to_string(), "source time");
+                assert_eq!(fields["did"], e.did);
+            }
+            EventKind::Identity | EventKind::Account => {
+                let key = format!("sluice:k:{}", e.kind.as_str());
+                let (_, fields) = find(&xrange(&mut con, &key).await).expect("entry");
+                assert_eq!(fields["event"].as_bytes(), e.v1_json.as_deref().unwrap());
+            }
+            EventKind::CommitTooBig => {
+                for key in [
+                    "sluice:c:app.bsky.feed.post",
+                    "sluice:c:app.bsky.feed.like",
+                    "sluice:k:tooBig",
+                ] {
+                    let (_, fields) = find(&xrange(&mut con, key).await)
+                        .unwrap_or_else(|| panic!("tooBig in {key}"));
+                    let v: serde_json::Value = serde_json::from_str(&fields["event"]).unwrap();
+                    assert_eq!(v["kind"], "tooBig");
+                    assert_eq!(v["did"], DID);
+                    assert_eq!(v["time_us"], e.time_us);
+                    assert_eq!(v["tooBig"]["rev"], "3mptbyplj5d2a");
+                    assert_eq!(
+                        v["tooBig"]["ops"][1]["path"],
+                        "app.bsky.feed.like/3mptbyplj5d2b"
+                    );
+                }
+            }
+            EventKind::Sync => {
+                let (_, fields) = find(&xrange(&mut con, "sluice:k:sync").await).expect("sync");
+                let v: serde_json::Value = serde_json::from_str(&fields["event"]).unwrap();
+                assert_eq!(v["kind"], "sync");
+                assert_eq!(v["sync"]["rev"], "3mptbyplj5d2c");
+                assert_eq!(v["cursor"], e.seq);
+            }
+            EventKind::CommitEmpty | EventKind::Unknown => {
+                let all = xrange(&mut con, "sluice:all").await;
+                assert!(find(&all).is_none(), "no JSON form, not written");
+            }
+        }
+    }
+    let missing = stored
+        .iter()
+        .find(|e| e.did == DID && e.kind == EventKind::Commit && e.op_index == 0)
+        .expect("the commit with a missing record");
+    let posts = xrange(&mut con, "sluice:c:app.bsky.feed.post").await;
+    let (_, fields) = posts
+        .iter()
+        .find(|(id, _)| *id == format!("{}-0", missing.seq))
+        .expect("missing-record create is written");
+    let v: serde_json::Value = serde_json::from_str(&fields["event"]).unwrap();
+    assert_eq!(v["commit"]["recordMissing"], true);
+    assert_eq!(
+        xrange(&mut con, "sluice:all").await.len(),
+        stored
+            .iter()
+            .filter(|e| !matches!(e.kind, EventKind::CommitEmpty | EventKind::Unknown))
+            .count()
+    );
+    assert_eq!(
+        sink.stats.skipped.load(Ordering::Relaxed),
+        1,
+        "the unknown type"
+    );
+    assert_eq!(sink.stats.duplicates.load(Ordering::Relaxed), 0);
+
+    // Published too: one message per like entry (the corpus's likes and the tooBig).
+    use futures_util::StreamExt;
+    let mut messages = pubsub.on_message();
+    let mut published = 0;
+    while published < likes + 1 {
+        let next = tokio::time::timeout(Duration::from_secs(5), messages.next()).await;
+        let msg = next.expect("every like is published").expect("pubsub open");
+        let payload: String = msg.get_payload().unwrap();
+        assert!(payload.contains("app.bsky.feed.like"), "{payload}");
+        published += 1;
+    }
+    sink.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_and_restarted_mid_stream_loses_and_repeats_nothing() {
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(LogConfig::new(dir.path())).unwrap();
+    let events = ingest_all(&corpus_and_edges());
+    let newest = events.last().unwrap().seq;
+    let half = events.len() / 2;
+    let mut events = events.into_iter();
+    log.append(events.by_ref().take(half).collect()).unwrap();
+    assert!(log.flush(Duration::from_secs(10)));
+
+    let config = sink_config(&redis.url());
+    let sink = sluice::sink::start(log.reader(), config.clone()).unwrap();
+    wait_for_position(&sink.stats, half as u64, Duration::from_secs(20)).await;
+
+    redis.kill9();
+    // Ingest goes on while Redis is away; the log keeps everything.
+    log.append(events.collect()).unwrap();
+    assert!(log.flush(Duration::from_secs(10)));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        sink.stats.position.load(Ordering::Relaxed) < newest,
+        "nothing can be written while Redis is away"
+    );
+    let errors: u64 = sluice::sink::SinkError::REASONS
+        .iter()
+        .map(|r| sink.stats.errors(r))
+        .sum();
+    assert!(errors > 0, "the outage is counted");
+    assert!(!sink.stats.connected.load(Ordering::Relaxed));
+
+    redis.restart();
+    wait_for_position(&sink.stats, newest, Duration::from_secs(30)).await;
+    let mut con = connect(&redis.url()).await;
+    assert_eq!(position(&mut con, &config).await, newest);
+    assert_streams_match(&mut con, &config, &all_events(&log.reader())).await;
+    assert_eq!(sink.stats.duplicates.load(Ordering::Relaxed), 0);
+    assert_eq!(sink.stats.position_conflicts.load(Ordering::Relaxed), 0);
+    sink.shutdown(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_writer_with_a_stale_position_writes_nothing() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(LogConfig::new(dir.path())).unwrap();
+    let events = ingest_all(&corpus_and_edges());
+    let newest = events.last().unwrap().seq;
+    log.append(events).unwrap();
+    assert!(log.flush(Duration::from_secs(10)));
+    let config = sink_config(&redis.url());
+    // Two sinks on one Redis (two daemons pointed at it by mistake): the position check
+    // makes the slower one resume from where the other got, never rewrite or skip.
+    let a = sluice::sink::start(log.reader(), config.clone()).unwrap();
+    let b = sluice::sink::start(log.reader(), config.clone()).unwrap();
+    wait_for_position(&a.stats, newest, Duration::from_secs(20)).await;
+    wait_for_position(&b.stats, newest, Duration::from_secs(20)).await;
+    let mut con = connect(&redis.url()).await;
+    assert_streams_match(&mut con, &config, &all_events(&log.reader())).await;
+    let written = a.stats.events.load(Ordering::Relaxed) + b.stats.events.load(Ordering::Relaxed);
+    let skipped = a.stats.skipped.load(Ordering::Relaxed) + b.stats.skipped.load(Ordering::Relaxed);
+    assert_eq!(written, newest, "each event written by exactly one of them");
+    assert!(skipped <= 1);
+    assert_eq!(
+        a.stats.duplicates.load(Ordering::Relaxed) + b.stats.duplicates.load(Ordering::Relaxed),
+        0
+    );
+    a.shutdown(Duration::from_secs(5)).await;
+    b.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A `sluice serve` child, killed if the test panics first.
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_serve(
+    upstream: &str,
+    data: &std::path::Path,
+    redis: &str,
+    admin: u16,
+    port: u16,
+) -> Serve {
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--upstream", upstream, "--data-dir"])
+        .arg(data)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args(["--redis-sink", redis, "--redis-sink-all"])
+        .args(["--redis-sink-batch-events", "200"])
+        .args(["--redis-sink-timeout-ms", "1000"])
+        .args(["--commit-interval-ms", "20"])
+        .args(["--backoff-min-ms", "20", "--backoff-max-ms", "200"])
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(data.with_extension("log"))
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap();
+    Serve(child)
+}
+
+const KILLS: usize = 5;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_nines_of_serve_leave_every_stream_exactly_once_in_order() {
+    use sluice::upstream::replay::{self, Listen, ReplayOptions, ReplaySource, Speed};
+    use sluice::upstream::synth::{generate, SynthOptions};
+    let redis = RedisServer::start();
+    let frames: Vec<Bytes> = generate(&SynthOptions {
+        count: 3000,
+        seed: 18,
+        ..SynthOptions::default()
+    })
+    .into_iter()
+    .map(Bytes::from)
+    .collect();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("ws://{}", listener.local_addr().unwrap());
+    tokio::spawn(replay::serve(ReplayOptions {
+        frames: ReplaySource::Frames(frames.clone()),
+        listen: Listen::Listener(listener),
+        // Paced so the kills land while frames are still arriving.
+        speed: Speed::Factor(1.5),
+        looped: false,
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = RedisSinkConfig {
+        all_stream: true,
+        ..RedisSinkConfig::new(redis.url())
+    };
+    let mut con = connect(&redis.url()).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(18);
+    let mut positions = Vec::new();
+    for _ in 0..KILLS {
+        let mut child = spawn_serve(&upstream, &data, &redis.url(), free_port(), free_port());
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(300..900))).await;
+        child.0.kill().unwrap(); // SIGKILL
+        child.0.wait().unwrap();
+        positions.push(position(&mut con, &config).await);
+    }
+    assert!(
+        positions.windows(2).all(|w| w[1] >= w[0]),
+        "the position never goes back: {positions:?}"
+    );
+    assert!(
+        positions.iter().filter(|&&p| p > 0).count() >= KILLS / 2,
+        "kills landed while the sink was writing: {positions:?}"
+    );
+    // A clean run until everything is in the log and in Redis.
+    let (admin, port) = (free_port(), free_port());
+    let mut child = spawn_serve(&upstream, &data, &redis.url(), admin, port);
+    let last_upstream =
+        match sluice::decode::decode_frame(frames.last().unwrap(), &Default::default()) {
+            Ok(sluice::decode::DecodedFrame::Message(m)) => m.seq.unwrap(),
+            other => panic!("{other:?}"),
+        };
+    let done = async {
+        // The raw wire delivers the last upstream frame (its cursor is exclusive)...
+        loop {
+            let url = format!(
+                "ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos?cursor={}",
+                last_upstream - 1
+            );
+            if let Ok((mut ws, _)) = tokio_tungstenite::connect_async(&url).await {
+                use futures_util::StreamExt;
+                if let Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(frame))) =
+                    ws.next().await
+                {
+                    if Some(&frame) == frames.last() {
+                        break;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // ...and the sink has written up to the log's newest event.
+        loop {
+            let status = status_json(admin).await;
+            let sink_pos = status["redis_sink"]["position"].as_u64();
+            let newest = status["log"]["bounds"]["newest_seq"].as_u64();
+            if let (Some(p), Some(n)) = (sink_pos, newest) {
+                if p == n {
+                    return n;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let newest = tokio::time::timeout(Duration::from_secs(90), done)
+        .await
+        .expect("the final run ingests and sinks everything within 90 s");
+    let status = status_json(admin).await;
+    assert_eq!(status["redis_sink"]["duplicates"], 0, "{status}");
+    Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.0.wait().unwrap().success());
+    let (log, _) = Log::open(LogConfig::new(&data)).unwrap();
+    let events = all_events(&log.reader());
+    assert_eq!(events.last().unwrap().seq, newest);
+    let raw: Vec<&Bytes> = events
+        .iter()
+        .filter_map(|e| sluice::wire::raw::frame_of(e))
+        .collect();
+    assert_eq!(raw.len(), frames.len(), "the log holds every frame once");
+    assert_eq!(position(&mut con, &config).await, newest);
+    assert_streams_match(&mut con, &config, &events).await;
+}
+
+async fn status_json(admin: u16) -> serde_json::Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", admin)).await else {
+        return serde_json::Value::Null;
+    };
+    let req = "GET /status.json HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return serde_json::Value::Null;
+    }
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out);
+    text.split_once("\r\n\r\n")
+        .and_then(|(_, body)| serde_json::from_str(body).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
