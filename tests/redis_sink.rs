@@ -633,3 +633,40 @@ async fn status_json(admin: u16) -> serde_json::Value {
         .and_then(|(_, body)| serde_json::from_str(body).ok())
         .unwrap_or(serde_json::Value::Null)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_position_rewrites_nothing_twice_and_counts_the_repeats() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(LogConfig::new(dir.path())).unwrap();
+    let events = ingest_all(&corpus_and_edges());
+    let newest = events.last().unwrap().seq;
+    let half = events.len() / 2;
+    let mut events = events.into_iter();
+    log.append(events.by_ref().take(half).collect()).unwrap();
+    assert!(log.flush(Duration::from_secs(10)));
+    let config = sink_config(&redis.url());
+    let sink = sluice::sink::start(log.reader(), config.clone()).unwrap();
+    wait_for_position(&sink.stats, half as u64, Duration::from_secs(20)).await;
+    let written = sink.stats.entries.load(Ordering::Relaxed);
+    assert!(written > 0);
+    // Someone deletes the position: the sink's next write finds it changed, starts over
+    // from seq 1, and every entry already there fails harmlessly and is counted.
+    let mut con = connect(&redis.url()).await;
+    let _: i64 = redis::cmd("DEL")
+        .arg(config.position_key())
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    log.append(events.collect()).unwrap();
+    assert!(log.flush(Duration::from_secs(10)));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while position(&mut con, &config).await < newest {
+        assert!(Instant::now() < deadline, "the sink caught up again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sink.stats.duplicates.load(Ordering::Relaxed), written);
+    assert!(sink.stats.position_conflicts.load(Ordering::Relaxed) >= 1);
+    assert_streams_match(&mut con, &config, &all_events(&log.reader())).await;
+    sink.shutdown(Duration::from_secs(5)).await;
+}

@@ -44,6 +44,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 use sluice::upstream::synth::{Synth, SynthOptions};
 
+#[path = "bench_sink/mod.rs"]
+mod bench_sink;
+
 // ---------------------------------------------------------------------------------------
 // Command line
 // ---------------------------------------------------------------------------------------
@@ -72,6 +75,9 @@ enum Cmd {
     /// every websocket client (tokio broadcast channel of shared bytes; a lagging client
     /// skips messages, as pub/sub does).
     RedisRelay(RedisRelayArgs),
+    /// Throughput of the Redis sink into a local redis-server: a log of synthetic events
+    /// written out from position 0, timed, with CPU per event of the sink and of Redis.
+    RedisSink(bench_sink::RedisSinkArgs),
 }
 
 #[derive(Parser, Clone)]
@@ -2046,6 +2052,7 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Fanout(args) => rt.block_on(fanout(args)),
         Cmd::RedisRelay(args) => rt.block_on(redis_relay(args)),
+        Cmd::RedisSink(args) => rt.block_on(bench_sink::redis_sink(args)),
     }
 }
 

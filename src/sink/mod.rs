@@ -25,8 +25,6 @@ use crate::event::{Event, EventKind};
 use crate::log::{LogError, LogReader, Payloads, ReadLimits};
 use crate::wire::json::{push_i64, push_key, push_str, push_u64};
 
-const FUNCTIONS: &str = include_str!("functions.lua");
-
 /// Everything the sink is configured with.
 #[derive(Debug, Clone)]
 pub struct RedisSinkConfig {
@@ -361,15 +359,6 @@ async fn connect(client: &redis::Client, config: &RedisSinkConfig) -> Result<Con
         ),
     )
     .await?;
-    let _: Value = with_timeout(
-        config.timeout,
-        redis::cmd("FUNCTION")
-            .arg("LOAD")
-            .arg("REPLACE")
-            .arg(FUNCTIONS)
-            .query_async(&mut con),
-    )
-    .await?;
     let stored: Option<String> = with_timeout(
         config.timeout,
         redis::cmd("HGET")
@@ -378,12 +367,7 @@ async fn connect(client: &redis::Client, config: &RedisSinkConfig) -> Result<Con
             .query_async(&mut con),
     )
     .await?;
-    let position = match stored {
-        None => 0,
-        Some(s) => s
-            .parse()
-            .map_err(|_| SinkError::Reply(format!("position {s:?} is not a seq")))?,
-    };
+    let position = parse_position(stored)?;
     Ok(Conn { con, position })
 }
 
@@ -592,6 +576,88 @@ async fn read_batch(
     Ok(events)
 }
 
+/// Writes `body` and moves the stored position to `(to_seq, to_time_us)` in one step, if
+/// the stored position is still `c.position`: `WATCH` the position, read it, and only if it
+/// is ours queue the entries and the new position in `MULTI`/`EXEC`. A transaction is
+/// applied whole or not at all (AOF records it as one unit; a torn one at the end of the
+/// file is dropped on load), so the position always describes exactly what the streams
+/// hold. If another writer moved the position in between, `EXEC` does nothing and the
+/// stored position is returned instead.
+///
+/// `tx` starts with `MULTI` and holds `body_len` commands after it; the replies of those
+/// commands are returned in order. A command can fail inside
+/// `EXEC` without undoing the others: an `XADD` whose id the stream already passed is
+/// such a failure (a harmless repeated write), which callers count.
+async fn transact(
+    c: &mut Conn,
+    config: &RedisSinkConfig,
+    mut tx: redis::Pipeline,
+    body_len: usize,
+    to_seq: u64,
+    to_time_us: i64,
+) -> Result<Result<Vec<Value>, u64>, SinkError> {
+    use redis::aio::ConnectionLike;
+    let key = config.position_key();
+    let (_, stored): (Value, Option<String>) = with_timeout(
+        config.timeout,
+        redis::pipe()
+            .cmd("WATCH")
+            .arg(&key)
+            .cmd("HGET")
+            .arg(&key)
+            .arg("seq")
+            .query_async(&mut c.con),
+    )
+    .await?;
+    let stored = parse_position(stored)?;
+    if stored != c.position {
+        let _: Value = with_timeout(
+            config.timeout,
+            redis::cmd("UNWATCH").query_async(&mut c.con),
+        )
+        .await?;
+        return Ok(Err(stored));
+    }
+    tx.cmd("HSET")
+        .arg(&key)
+        .arg("seq")
+        .arg(to_seq)
+        .arg("time_us")
+        .arg(to_time_us)
+        .cmd("EXEC");
+    let count = body_len + 3;
+    let replies = with_timeout(config.timeout, c.con.req_packed_commands(&tx, 0, count)).await?;
+    match replies.into_iter().last() {
+        Some(Value::Array(mut results)) if results.len() == body_len + 1 => {
+            results.pop(); // HSET
+            c.position = to_seq;
+            Ok(Ok(results))
+        }
+        Some(Value::Nil) => {
+            // The position changed between WATCH and EXEC: read it again.
+            let stored: Option<String> = with_timeout(
+                config.timeout,
+                redis::cmd("HGET")
+                    .arg(&key)
+                    .arg("seq")
+                    .query_async(&mut c.con),
+            )
+            .await?;
+            Ok(Err(parse_position(stored)?))
+        }
+        other => Err(SinkError::Reply(format!("EXEC answered {other:?}"))),
+    }
+}
+
+fn parse_position(stored: Option<String>) -> Result<u64, SinkError> {
+    match stored {
+        None => Ok(0),
+        Some(s) => s
+            .parse()
+            .map_err(|_| SinkError::Reply(format!("position {s:?} is not a seq"))),
+    }
+}
+
 enum Written {
     Done {
         entries: u64,
@@ -616,69 +682,84 @@ async fn write(
             skipped: 0,
         });
     };
-    let mut cmd = redis::cmd("FCALL");
-    cmd.arg("sluice_sink_write")
-        .arg(1)
-        .arg(config.position_key())
-        .arg(c.position)
-        .arg(last.seq)
-        .arg(last.time_us)
-        .arg(config.max_len)
-        .arg(minid);
+    let mut tx = redis::pipe();
+    tx.cmd("MULTI");
+    let mut body_len = 0;
     let mut skipped = 0;
+    // Which replies are XADDs (the rest are PUBLISH and XTRIM).
+    let mut is_xadd = Vec::new();
+    let mut touched: Vec<String> = Vec::new();
     for event in events {
         let Some(shaped) = shape(event, config) else {
             skipped += 1;
             continue;
         };
         for entry in &shaped.entries {
-            cmd.arg(&entry.key)
-                .arg(event.seq)
-                .arg(event.time_us)
-                .arg(&event.did)
+            let cmd = tx.cmd("XADD").arg(&entry.key);
+            if config.max_len > 0 {
+                cmd.arg("MAXLEN").arg("~").arg(config.max_len);
+            }
+            cmd.arg(format!("{}-0", event.seq))
+                .arg("event")
                 .arg(shaped.json.as_ref())
-                .arg(if entry.publish { "1" } else { "0" });
+                .arg("time_us")
+                .arg(event.time_us)
+                .arg("seq")
+                .arg(event.seq)
+                .arg("did")
+                .arg(&event.did);
+            is_xadd.push(true);
+            if entry.publish {
+                tx.cmd("PUBLISH").arg(&entry.key).arg(shaped.json.as_ref());
+                is_xadd.push(false);
+            }
+            if minid > 0 && !touched.contains(&entry.key) {
+                touched.push(entry.key.clone());
+            }
         }
     }
-    let reply: Vec<i64> = with_timeout(config.timeout, cmd.query_async(&mut c.con)).await?;
-    match reply.as_slice() {
-        [1, entries, duplicates] => {
-            c.position = last.seq;
+    for key in &touched {
+        tx.cmd("XTRIM")
+            .arg(key)
+            .arg("MINID")
+            .arg("~")
+            .arg(format!("{minid}-0"));
+        is_xadd.push(false);
+    }
+    body_len += is_xadd.len();
+    match transact(c, config, tx, body_len, last.seq, last.time_us).await? {
+        Ok(replies) => {
+            let (mut entries, mut duplicates) = (0, 0);
+            for (reply, xadd) in replies.iter().zip(&is_xadd) {
+                match (reply, xadd) {
+                    (Value::ServerError(_), true) => duplicates += 1,
+                    (_, true) => entries += 1,
+                    (Value::ServerError(e), false) => {
+                        return Err(SinkError::Reply(format!("inside EXEC: {e:?}")));
+                    }
+                    _ => {}
+                }
+            }
             Ok(Written::Done {
-                entries: u64::try_from(*entries).unwrap_or(0),
-                duplicates: u64::try_from(*duplicates).unwrap_or(0),
+                entries,
+                duplicates,
                 skipped,
             })
         }
-        [0, stored] => Ok(Written::Conflict {
-            stored: u64::try_from(*stored).unwrap_or(0),
-        }),
-        other => Err(SinkError::Reply(format!("{other:?}"))),
+        Err(stored) => Ok(Written::Conflict { stored }),
     }
 }
 
 /// Moves the stored position to `to` without entries (retention passed the sink, or the
 /// log starts after seq 1). True if it was ours to move.
 async fn write_skip(c: &mut Conn, to: u64, config: &RedisSinkConfig) -> Result<bool, SinkError> {
-    let mut cmd = redis::cmd("FCALL");
-    cmd.arg("sluice_sink_write")
-        .arg(1)
-        .arg(config.position_key())
-        .arg(c.position)
-        .arg(to)
-        .arg(0)
-        .arg(config.max_len)
-        .arg(0);
-    let reply: Vec<i64> = with_timeout(config.timeout, cmd.query_async(&mut c.con)).await?;
-    match reply.as_slice() {
-        [1, ..] => {
-            c.position = to;
-            Ok(true)
-        }
-        [0, stored] => {
-            c.position = u64::try_from(*stored).unwrap_or(0);
+    let mut tx = redis::pipe();
+    tx.cmd("MULTI");
+    match transact(c, config, tx, 0, to, 0).await? {
+        Ok(_) => Ok(true),
+        Err(stored) => {
+            c.position = stored;
             Ok(false)
         }
-        other => Err(SinkError::Reply(format!("{other:?}"))),
     }
 }
