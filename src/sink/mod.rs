@@ -4,9 +4,9 @@
 //! Owns: reading sluice's own log from the sink's position (like a catch-up subscriber),
 //! shaping each event's stream entries (`<prefix>c:<collection>`, `<prefix>k:<kind>`,
 //! optionally `<prefix>all`; entry id `<seq>-0`; fields `event`, `time_us`, `seq`, `did`),
-//! and writing each batch together with the sink's position in one atomic Redis function
-//! call (`functions.lua`), which compares and sets that position.
-//! Must never: hold more than one batch of events (`--redis-sink-batch-events`,
+//! and writing each batch together with the sink's position in one Redis transaction that
+//! compares and sets that position (`WATCH`, then `MULTI`/`EXEC`; see [`transact`]).
+//! Must never: hold more than two batches of events (`--redis-sink-batch-events`,
 //! `--redis-sink-batch-kib`), write an event the log could still lose (it sinks only what
 //! is durable), write a stream entry twice or skip one without counting it, or slow ingest
 //! and subscribers: it is one more reader of the log, and when Redis is slow or away it
@@ -383,6 +383,7 @@ async fn run(
     let mut failures = 0u32;
     let mut last_trim = Instant::now();
     let mut warned_ahead = false;
+    let mut prefetched: Option<Prepared> = None;
     tracing::info!(prefix = %config.prefix, "redis sink starting");
     while !*shutdown.borrow() {
         let c = match conn.as_mut() {
@@ -422,9 +423,14 @@ async fn run(
         }
         warned_ahead = false;
         let from = c.position + 1;
-        let batch = read_batch(&reader, from, durable_seq, &config).await;
-        let events = match batch {
-            Ok(events) => events,
+        let trim_due = config.max_age.is_some() && last_trim.elapsed() >= Duration::from_secs(1);
+        let prepared = match prefetched.take() {
+            Some(p) if p.from == from => Ok(Some(p)),
+            _ => prepare(&reader, from, durable_seq, &config, trim_due).await,
+        };
+        let batch = match prepared {
+            Ok(Some(batch)) => batch,
+            Ok(None) => continue,
             Err(SinkError::Log(LogError::TooOld { oldest, .. })) => {
                 // Only when nothing was ever sunk is starting at the oldest event held not
                 // a loss.
@@ -456,27 +462,34 @@ async fn run(
                 continue;
             }
         };
-        let Some(last) = events.last() else {
-            continue;
-        };
-        let (last_seq, last_time) = (last.seq, last.time_us);
-        let minid = match config.max_age {
-            Some(age) if last_trim.elapsed() >= Duration::from_secs(1) => {
-                last_trim = Instant::now();
-                min_seq_within(&reader, last_time, age)
+        if batch.minid > 0 {
+            last_trim = Instant::now();
+        }
+        let (last_seq, last_time, events) = (batch.last_seq, batch.last_time_us, batch.events);
+        // While Redis applies this batch, the next one is read and encoded: the sink's
+        // CPU and Redis's overlap (at most two batches are held).
+        let next_from = last_seq + 1;
+        let durable_now = reader.durable_seq();
+        let next_trim = config.max_age.is_some() && last_trim.elapsed() >= Duration::from_secs(1);
+        let (written, next) = tokio::join!(write(c, batch, &config), async {
+            if next_from <= durable_now {
+                prepare(&reader, next_from, durable_now, &config, next_trim)
+                    .await
+                    .ok()
+                    .flatten()
+            } else {
+                None
             }
-            _ => 0,
-        };
-        match write(c, &events, minid, &config).await {
+        });
+        prefetched = next;
+        match written {
             Ok(Written::Done {
                 entries,
                 duplicates,
                 skipped,
             }) => {
                 stats.skipped.fetch_add(skipped, Ordering::Relaxed);
-                stats
-                    .events
-                    .fetch_add(events.len() as u64, Ordering::Relaxed);
+                stats.events.fetch_add(events, Ordering::Relaxed);
                 stats.entries.fetch_add(entries, Ordering::Relaxed);
                 stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
                 failures = 0;
@@ -547,12 +560,54 @@ fn min_seq_within(reader: &LogReader, newest_time_us: i64, age: Duration) -> u64
     }
 }
 
-async fn read_batch(
+/// One batch, read from the log and encoded as the commands of one transaction.
+struct Prepared {
+    /// The seq the batch starts at (the position it continues is `from - 1`).
+    from: u64,
+    /// Events covered.
+    events: u64,
+    last_seq: u64,
+    last_time_us: i64,
+    /// `MULTI` and the batch's commands.
+    tx: redis::Pipeline,
+    /// For each command after `MULTI`: whether it is an `XADD` (else PUBLISH or XTRIM).
+    is_xadd: Vec<bool>,
+    /// Events with no JSON form.
+    skipped: u64,
+    /// The age trim applied with this batch (0 = none).
+    minid: u64,
+}
+
+/// Reads up to one batch of durable events from `from` and encodes it, on a blocking
+/// thread (the store read and the encoding are the sink's CPU). `None` when nothing
+/// durable is there yet. With `trim_due`, the batch also trims every stream it touches to
+/// the events within `--redis-sink-max-age-secs` of its newest.
+async fn prepare(
     reader: &LogReader,
     from: u64,
     durable_seq: u64,
     config: &RedisSinkConfig,
-) -> Result<Vec<crate::log::SharedEvent>, SinkError> {
+    trim_due: bool,
+) -> Result<Option<Prepared>, SinkError> {
+    let reader = reader.clone();
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || {
+        prepare_blocking(&reader, from, durable_seq, &config, trim_due)
+    })
+    .await
+    .map_err(|e| SinkError::Log(LogError::Backend(format!("sink read task: {e}"))))?
+}
+
+fn prepare_blocking(
+    reader: &LogReader,
+    from: u64,
+    durable_seq: u64,
+    config: &RedisSinkConfig,
+    trim_due: bool,
+) -> Result<Option<Prepared>, SinkError> {
+    if from > durable_seq {
+        return Ok(None);
+    }
     let max_events = config
         .batch_max_events
         .min(usize::try_from(durable_seq - from + 1).unwrap_or(usize::MAX))
@@ -561,19 +616,73 @@ async fn read_batch(
         max_events,
         max_bytes: config.batch_max_bytes,
     };
-    let reader = reader.clone();
     let payloads = Payloads {
         v1: true,
         v2: true,
         raw: false,
     };
-    let mut events =
-        tokio::task::spawn_blocking(move || reader.read_from_with(from, limits, payloads))
-            .await
-            .map_err(|e| SinkError::Log(LogError::Backend(format!("read task: {e}"))))??;
+    let mut events = reader.read_from_with(from, limits, payloads)?;
     // Only what is durable: an event the log could still lose is never in Redis.
     events.retain(|e| e.seq <= durable_seq);
-    Ok(events)
+    let Some(last) = events.last() else {
+        return Ok(None);
+    };
+    let minid = match config.max_age {
+        Some(age) if trim_due => min_seq_within(reader, last.time_us, age),
+        _ => 0,
+    };
+    let mut tx = redis::pipe();
+    tx.cmd("MULTI");
+    let mut skipped = 0;
+    let mut is_xadd = Vec::new();
+    let mut touched: Vec<String> = Vec::new();
+    for event in &events {
+        let Some(shaped) = shape(event, config) else {
+            skipped += 1;
+            continue;
+        };
+        for entry in &shaped.entries {
+            let cmd = tx.cmd("XADD").arg(&entry.key);
+            if config.max_len > 0 {
+                cmd.arg("MAXLEN").arg("~").arg(config.max_len);
+            }
+            cmd.arg(format!("{}-0", event.seq))
+                .arg("event")
+                .arg(shaped.json.as_ref())
+                .arg("time_us")
+                .arg(event.time_us)
+                .arg("seq")
+                .arg(event.seq)
+                .arg("did")
+                .arg(&event.did);
+            is_xadd.push(true);
+            if entry.publish {
+                tx.cmd("PUBLISH").arg(&entry.key).arg(shaped.json.as_ref());
+                is_xadd.push(false);
+            }
+            if minid > 0 && !touched.contains(&entry.key) {
+                touched.push(entry.key.clone());
+            }
+        }
+    }
+    for key in &touched {
+        tx.cmd("XTRIM")
+            .arg(key)
+            .arg("MINID")
+            .arg("~")
+            .arg(format!("{minid}-0"));
+        is_xadd.push(false);
+    }
+    Ok(Some(Prepared {
+        from,
+        events: events.len() as u64,
+        last_seq: last.seq,
+        last_time_us: last.time_us,
+        tx,
+        is_xadd,
+        skipped,
+        minid,
+    }))
 }
 
 /// Writes `body` and moves the stored position to `(to_seq, to_time_us)` in one step, if
@@ -671,63 +780,18 @@ enum Written {
 
 async fn write(
     c: &mut Conn,
-    events: &[crate::log::SharedEvent],
-    minid: u64,
+    batch: Prepared,
     config: &RedisSinkConfig,
 ) -> Result<Written, SinkError> {
-    let Some(last) = events.last() else {
-        return Ok(Written::Done {
-            entries: 0,
-            duplicates: 0,
-            skipped: 0,
-        });
-    };
-    let mut tx = redis::pipe();
-    tx.cmd("MULTI");
-    let mut body_len = 0;
-    let mut skipped = 0;
-    // Which replies are XADDs (the rest are PUBLISH and XTRIM).
-    let mut is_xadd = Vec::new();
-    let mut touched: Vec<String> = Vec::new();
-    for event in events {
-        let Some(shaped) = shape(event, config) else {
-            skipped += 1;
-            continue;
-        };
-        for entry in &shaped.entries {
-            let cmd = tx.cmd("XADD").arg(&entry.key);
-            if config.max_len > 0 {
-                cmd.arg("MAXLEN").arg("~").arg(config.max_len);
-            }
-            cmd.arg(format!("{}-0", event.seq))
-                .arg("event")
-                .arg(shaped.json.as_ref())
-                .arg("time_us")
-                .arg(event.time_us)
-                .arg("seq")
-                .arg(event.seq)
-                .arg("did")
-                .arg(&event.did);
-            is_xadd.push(true);
-            if entry.publish {
-                tx.cmd("PUBLISH").arg(&entry.key).arg(shaped.json.as_ref());
-                is_xadd.push(false);
-            }
-            if minid > 0 && !touched.contains(&entry.key) {
-                touched.push(entry.key.clone());
-            }
-        }
-    }
-    for key in &touched {
-        tx.cmd("XTRIM")
-            .arg(key)
-            .arg("MINID")
-            .arg("~")
-            .arg(format!("{minid}-0"));
-        is_xadd.push(false);
-    }
-    body_len += is_xadd.len();
-    match transact(c, config, tx, body_len, last.seq, last.time_us).await? {
+    let Prepared {
+        tx,
+        is_xadd,
+        skipped,
+        last_seq,
+        last_time_us,
+        ..
+    } = batch;
+    match transact(c, config, tx, is_xadd.len(), last_seq, last_time_us).await? {
         Ok(replies) => {
             let (mut entries, mut duplicates) = (0, 0);
             for (reply, xadd) in replies.iter().zip(&is_xadd) {
