@@ -774,6 +774,41 @@ mod tests {
     }
 
     #[test]
+    fn redis_sink_settings_from_flags_env_style_values_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(
+            &path,
+            "redis_sink = \"redis://127.0.0.1:6390/2\"\nredis_sink_publish = true\nredis_sink_max_age_secs = 0\n",
+        )
+        .unwrap();
+        let args = parse_serve_args([
+            "x",
+            "--config",
+            path.to_str().unwrap(),
+            "--redis-sink-all",
+            "--redis-sink-prefix",
+            "fh:",
+        ])
+        .unwrap();
+        let sink = args.to_config().unwrap().redis_sink.unwrap();
+        assert_eq!(sink.url, "redis://127.0.0.1:6390/2");
+        assert_eq!(sink.prefix, "fh:");
+        assert!(sink.all_stream, "a bare flag is true");
+        assert!(sink.publish, "a TOML boolean works");
+        assert_eq!(sink.max_age, None, "0 means no age bound");
+        assert_eq!(sink.max_len, 1_000_000);
+        let off = parse_serve_args(["x"]).unwrap().to_config().unwrap();
+        assert!(off.redis_sink.is_none(), "off unless asked for");
+        let bad = parse_serve_args(["x", "--redis-sink", "http://example.com"])
+            .unwrap()
+            .to_config()
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("redis://"), "{bad}");
+    }
+
+    #[test]
     fn bad_files_are_clear_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");

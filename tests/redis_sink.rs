@@ -670,3 +670,114 @@ async fn a_lost_position_rewrites_nothing_twice_and_counts_the_repeats() {
     assert_streams_match(&mut con, &config, &all_events(&log.reader())).await;
     sink.shutdown(Duration::from_secs(5)).await;
 }
+
+#[derive(Clone, Copy)]
+enum Example {
+    Python,
+    Node,
+}
+
+/// Runs `examples/redis/consume.py` or `consume.mjs`; its output lines (`<id> <json>`).
+fn run_consumer(
+    example: Example,
+    url: &str,
+    cursor: &std::path::Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/redis");
+    let (program, script, needs) = match example {
+        Example::Python => ("python3", "consume.py", "python3 with `pip install redis`"),
+        Example::Node => (
+            "node",
+            "consume.mjs",
+            "node 18+ and `npm install --prefix examples/redis`",
+        ),
+    };
+    let out = Command::new(program)
+        .arg(format!("{dir}/{script}"))
+        .args(["--url", url, "--stream", "sluice:c:app.bsky.feed.like"])
+        .arg("--cursor-file")
+        .arg(cursor)
+        .args(extra)
+        .output()
+        .unwrap_or_else(|e| panic!("{script} needs {needs}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} failed (it needs {needs}): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_example_resumes_across_restarts_without_gap_or_duplicate() {
+    example_resumes(Example::Python).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_example_resumes_across_restarts_without_gap_or_duplicate() {
+    example_resumes(Example::Node).await;
+}
+
+/// A consumer reads 10 likes, stops; Redis is killed and restarted from its AOF while
+/// sluice ingests more; the consumer starts again from its saved id and reads the rest:
+/// together, every like of the stream once, in order.
+async fn example_resumes(example: Example) {
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(LogConfig::new(dir.path().join("log"))).unwrap();
+    let events = ingest_all(&corpus_and_edges());
+    let newest = events.last().unwrap().seq;
+    let half = events.len() / 2;
+    let mut events = events.into_iter();
+    log.append(events.by_ref().take(half).collect()).unwrap();
+    assert!(log.flush(Duration::from_secs(10)));
+    let config = sink_config(&redis.url());
+    let sink = sluice::sink::start(log.reader(), config.clone()).unwrap();
+    wait_for_position(&sink.stats, half as u64, Duration::from_secs(20)).await;
+
+    let cursor = dir.path().join("like.cursor");
+    let url = redis.url();
+    let first = {
+        let (url, cursor) = (url.clone(), cursor.clone());
+        tokio::task::spawn_blocking(move || run_consumer(example, &url, &cursor, &["--max", "10"]))
+            .await
+            .unwrap()
+    };
+    assert_eq!(first.len(), 10);
+    // Redis crashes and comes back from its AOF; sluice goes on ingesting meanwhile.
+    redis.kill9();
+    log.append(events.collect()).unwrap();
+    assert!(log.flush(Duration::from_secs(10)));
+    redis.restart();
+    wait_for_position(&sink.stats, newest, Duration::from_secs(30)).await;
+    let rest = tokio::task::spawn_blocking(move || {
+        run_consumer(example, &url, &cursor, &["--idle-exit", "1"])
+    })
+    .await
+    .unwrap();
+
+    let mut con = connect(&redis.url()).await;
+    let stream = xrange(&mut con, "sluice:c:app.bsky.feed.like").await;
+    assert!(stream.len() > 10);
+    let read: Vec<(String, serde_json::Value)> = first
+        .iter()
+        .chain(&rest)
+        .map(|line| {
+            let (id, json) = line.split_once(' ').unwrap();
+            (id.to_string(), serde_json::from_str(json).unwrap())
+        })
+        .collect();
+    let ids: Vec<&str> = read.iter().map(|(id, _)| id.as_str()).collect();
+    let want: Vec<&str> = stream.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, want, "every like once, in order, across the restarts");
+    for ((_, json), (_, fields)) in read.iter().zip(&stream) {
+        let stored: serde_json::Value = serde_json::from_str(&fields["event"]).unwrap();
+        assert_eq!(*json, stored);
+    }
+    sink.shutdown(Duration::from_secs(5)).await;
+}

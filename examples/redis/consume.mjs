@@ -17,7 +17,8 @@ const { values: args } = parseArgs({
     stream: { type: "string", default: "sluice:c:app.bsky.feed.like" },
     "cursor-file": { type: "string", default: "sluice.cursor" },
     start: { type: "string", default: "0-0" },
-    "idle-exit": { type: "string", default: "0" },
+    max: { type: "string", default: "0" }, // stop after this many events (0 = never)
+    "idle-exit": { type: "string", default: "0" }, // stop after this many idle seconds
   },
 });
 
@@ -42,11 +43,14 @@ await client.connect();
 
 let cursor = loadCursor();
 let idleSince = Date.now();
+let seen = 0;
+const max = Number(args.max);
 const idleExitMs = Number(args["idle-exit"]) * 1000;
 for (;;) {
   let reply;
   try {
-    reply = await client.xRead({ key: args.stream, id: cursor }, { COUNT: 500, BLOCK: 1000 });
+    const count = max > 0 ? Math.min(500, max - seen) : 500;
+    reply = await client.xRead({ key: args.stream, id: cursor }, { COUNT: count, BLOCK: 1000 });
   } catch (e) {
     console.error(`read failed (${e.message}); retrying`);
     await new Promise((r) => setTimeout(r, 500));
@@ -57,11 +61,13 @@ for (;;) {
     const event = JSON.parse(message.event); // also: message.time_us, message.seq, message.did
     process.stdout.write(`${id} ${JSON.stringify(event)}\n`);
     cursor = id;
+    seen += 1;
   }
   if (entries.length > 0) {
     saveCursor(cursor);
     idleSince = Date.now();
   }
+  if (max > 0 && seen >= max) break;
   if (idleExitMs > 0 && Date.now() - idleSince > idleExitMs) break;
 }
 await client.quit();
