@@ -781,3 +781,74 @@ async fn example_resumes(example: Example) {
     }
     sink.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_trimmed_by_length_and_by_source_time_age() {
+    use sluice::upstream::synth::{generate, SynthOptions};
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(LogConfig::new(dir.path().join("log"))).unwrap();
+    let frames: Vec<Bytes> = generate(&SynthOptions {
+        count: 8_000,
+        seed: 5,
+        ..SynthOptions::default()
+    })
+    .into_iter()
+    .map(Bytes::from)
+    .collect();
+    let mut events = ingest_all(&frames);
+    let last = events.pop().unwrap();
+    let mut config = sink_config(&redis.url());
+    config.publish = false;
+    config.batch_max_events = 2000;
+    config.max_len = 1000;
+    config.max_age = Some(Duration::from_secs(1));
+    let sink = sluice::sink::start(log.reader(), config.clone()).unwrap();
+    let mut con = connect(&redis.url()).await;
+    // Four rounds a little over a second apart, so age trimming (at most once a second)
+    // runs during the run and not only at its end.
+    let chunk = events.len().div_ceil(4);
+    let mut events = events.into_iter().peekable();
+    let mut newest = 0;
+    while events.peek().is_some() {
+        let batch: Vec<Event> = events.by_ref().take(chunk).collect();
+        newest = batch.last().unwrap().seq;
+        log.append(batch).unwrap();
+        assert!(log.flush(Duration::from_secs(10)));
+        wait_for_position(&sink.stats, newest, Duration::from_secs(30)).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    // One more write after the last pause applies the age trim at the newest time.
+    newest = last.seq;
+    log.append(vec![last]).unwrap();
+    assert!(log.flush(Duration::from_secs(10)));
+    wait_for_position(&sink.stats, newest, Duration::from_secs(30)).await;
+    let newest_time = log.reader().bounds().unwrap().newest_time_us;
+    let len = |v: &[Entry]| v.len();
+    let all = xrange(&mut con, "sluice:all").await;
+    // Approximate trimming removes whole nodes (100 entries by default): allow one.
+    assert!(len(&all) <= 1000 + 100, "all: {} entries", len(&all));
+    let within_age = all
+        .iter()
+        .filter(|(_, f)| f["time_us"].parse::<i64>().unwrap() >= newest_time - 1_000_000)
+        .count();
+    assert!(
+        within_age < 1000,
+        "the age bound is the tighter one here: {within_age}"
+    );
+    assert!(
+        len(&all) <= within_age + 100,
+        "all holds {} entries, {within_age} within 1 s of source time",
+        len(&all)
+    );
+    for key in stream_keys(&mut con, "sluice:").await {
+        let n = xrange(&mut con, &key).await.len();
+        assert!(n <= 1100, "{key}: {n} entries");
+    }
+    assert_eq!(
+        sink.stats.events.load(Ordering::Relaxed),
+        newest,
+        "trimming drops old entries, never new ones"
+    );
+    sink.shutdown(Duration::from_secs(5)).await;
+}
