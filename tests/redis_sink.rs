@@ -809,17 +809,16 @@ async fn streams_are_trimmed_by_length_and_by_source_time_age() {
     // runs during the run and not only at its end.
     let chunk = events.len().div_ceil(4);
     let mut events = events.into_iter().peekable();
-    let mut newest = 0;
     while events.peek().is_some() {
         let batch: Vec<Event> = events.by_ref().take(chunk).collect();
-        newest = batch.last().unwrap().seq;
+        let upto = batch.last().unwrap().seq;
         log.append(batch).unwrap();
         assert!(log.flush(Duration::from_secs(10)));
-        wait_for_position(&sink.stats, newest, Duration::from_secs(30)).await;
+        wait_for_position(&sink.stats, upto, Duration::from_secs(30)).await;
         tokio::time::sleep(Duration::from_millis(1100)).await;
     }
     // One more write after the last pause applies the age trim at the newest time.
-    newest = last.seq;
+    let newest = last.seq;
     log.append(vec![last]).unwrap();
     assert!(log.flush(Duration::from_secs(10)));
     wait_for_position(&sink.stats, newest, Duration::from_secs(30)).await;
