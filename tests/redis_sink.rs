@@ -5,6 +5,7 @@
 //! moments leaves every stream holding each event exactly once, in seq order.
 
 mod redis_common;
+mod wire_common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
@@ -850,4 +851,108 @@ async fn streams_are_trimmed_by_length_and_by_source_time_age() {
         "trimming drops old entries, never new ones"
     );
     sink.shutdown(Duration::from_secs(5)).await;
+}
+
+/// The whole daemon with a sink: Redis killed mid-stream and restarted from its AOF. A v2
+/// subscriber keeps receiving every event while Redis is away; `/readyz` stays ready and
+/// names the sink's state; `/metrics` counts the outage; afterwards the streams hold
+/// every event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_away_does_not_touch_ingest_or_subscribers() {
+    use wire_common::{http_get, Env, V2_PATH};
+    let mut redis = RedisServer::start();
+    let now_ms = sluice::ingest::now_us() / 1000;
+    let frames = wire_common::synth_at(3000, 7, 1_000_000, now_ms - 60_000);
+    let mut config = sink_config(&redis.url());
+    config.publish = false;
+    let sink = config.clone();
+    let env = Env::start(
+        frames,
+        sluice::upstream::replay::Speed::Factor(2.0),
+        false,
+        move |c| c.redis_sink = Some(sink),
+    )
+    .await;
+    let mut ws = wire_common::connect(&env.url(&format!("{V2_PATH}?cursor=0"))).await;
+    let mut received = 0u64;
+    let mut last_seq = 0u64;
+    for seq in read_for(&mut ws, Instant::now() + Duration::from_millis(800)).await {
+        assert!(seq > last_seq, "in order");
+        (last_seq, received) = (seq, received + 1);
+    }
+    assert!(received > 0, "events flow before the outage");
+
+    redis.kill9();
+    let before = received;
+    for seq in read_for(&mut ws, Instant::now() + Duration::from_millis(1500)).await {
+        assert!(seq > last_seq, "in order");
+        (last_seq, received) = (seq, received + 1);
+    }
+    assert!(
+        received > before + 100,
+        "the subscriber kept receiving while Redis was away ({before} -> {received})"
+    );
+    let admin = env.daemon.admin_addr;
+    let (status, _, body) = http_get(admin, "/readyz").await;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(status, 200, "Redis does not decide readiness: {body}");
+    assert!(body.contains("redis sink: disconnected"), "{body}");
+    let (_, _, metrics) = http_get(admin, "/metrics").await;
+    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    assert!(
+        metrics.contains("sluice_redis_sink_connected 0"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sluice_redis_sink_lag_events"),
+        "{metrics}"
+    );
+    let errors: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("sluice_redis_sink_errors_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(errors > 0, "the outage is counted:\n{metrics}");
+
+    redis.restart();
+    env.wait_all_ingested().await;
+    let newest = env.daemon.log.reader().newest_seq();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while last_seq < newest {
+        assert!(
+            Instant::now() < deadline,
+            "subscriber reached {last_seq} of {newest}"
+        );
+        for seq in read_for(&mut ws, Instant::now() + Duration::from_millis(300)).await {
+            assert!(seq > last_seq, "in order");
+            last_seq = seq;
+        }
+    }
+    let mut con = connect(&redis.url()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while position(&mut con, &config).await < newest {
+        assert!(
+            Instant::now() < deadline,
+            "the sink caught up after Redis came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, _, body) = http_get(admin, "/readyz").await;
+    let body = String::from_utf8_lossy(&body).into_owned();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("redis sink: connected, 0 events"), "{body}");
+    assert_streams_match(&mut con, &config, &all_events(&env.daemon.log.reader())).await;
+}
+
+/// The seqs of the v2 messages a subscriber reads until `until`.
+async fn read_for(ws: &mut wire_common::Ws, until: Instant) -> Vec<u64> {
+    let mut got = Vec::new();
+    while Instant::now() < until {
+        match wire_common::next(ws, Duration::from_millis(200)).await {
+            wire_common::Got::Text(t) => got.push(wire_common::scan_u64(&t, "seq").unwrap_or(0)),
+            wire_common::Got::Timeout => {}
+            other => panic!("the subscriber lost its stream: {other:?}"),
+        }
+    }
+    got
 }
