@@ -942,6 +942,51 @@ async fn redis_away_does_not_touch_ingest_or_subscribers() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("redis sink: connected, 0 events"), "{body}");
     assert_streams_match(&mut con, &config, &all_events(&env.daemon.log.reader())).await;
+
+    // The status page shows the sink (rendered by a real browser).
+    let url = format!("http://{admin}/");
+    let profile = tempfile::tempdir().unwrap();
+    let dom = tokio::task::spawn_blocking(move || {
+        Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+            ])
+            .args([
+                "--disable-background-networking",
+                "--virtual-time-budget=4000",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg("--dump-dom")
+            .arg(&url)
+            .output()
+            .expect("chromium is required (Debian package `chromium`; .ci/run installs it)")
+    })
+    .await
+    .unwrap();
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(
+        dom.contains(&format!(
+            "<td>position (seq)</td><td class=\"n\">{}</td>",
+            fmt_thousands(newest)
+        )),
+        "the status page shows the sink at its position: {dom}"
+    );
+}
+
+/// `n` as the status page prints it (en-US thousands separators).
+fn fmt_thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The seqs of the v2 messages a subscriber reads until `until`.
