@@ -1001,3 +1001,35 @@ async fn read_for(ws: &mut wire_common::Ws, until: Instant) -> Vec<u64> {
     }
     got
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_redis_refuses_is_counted_as_rejected_not_as_a_repeat() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(LogConfig::new(dir.path())).unwrap();
+    let events = ingest_all(&corpus_and_edges());
+    let newest = events.last().unwrap().seq;
+    let identities = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Identity)
+        .count() as u64;
+    assert!(identities > 0);
+    log.append(events).unwrap();
+    assert!(log.flush(Duration::from_secs(10)));
+    let config = sink_config(&redis.url());
+    let mut con = connect(&redis.url()).await;
+    // Someone else's string where the identity stream belongs.
+    let _: () = redis::cmd("SET")
+        .arg("sluice:k:identity")
+        .arg("not a stream")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    let sink = sluice::sink::start(log.reader(), config.clone()).unwrap();
+    wait_for_position(&sink.stats, newest, Duration::from_secs(20)).await;
+    assert_eq!(sink.stats.rejected.load(Ordering::Relaxed), identities);
+    assert_eq!(sink.stats.duplicates.load(Ordering::Relaxed), 0);
+    let account = xrange(&mut con, "sluice:k:account").await;
+    assert!(!account.is_empty(), "the other streams are written");
+    sink.shutdown(Duration::from_secs(5)).await;
+}

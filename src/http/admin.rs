@@ -289,6 +289,8 @@ impl AdminState {
                     .absolute(sink.entries.load(Ordering::Relaxed));
                 counter!("sluice_redis_sink_duplicates_total")
                     .absolute(sink.duplicates.load(Ordering::Relaxed));
+                counter!("sluice_redis_sink_rejected_total")
+                    .absolute(sink.rejected.load(Ordering::Relaxed));
                 counter!("sluice_redis_sink_skipped_total")
                     .absolute(sink.skipped.load(Ordering::Relaxed));
                 counter!("sluice_redis_sink_lost_events_total")
@@ -319,6 +321,7 @@ impl AdminState {
             "entries": sink.entries.load(Ordering::Relaxed),
             "duplicates": sink.duplicates.load(Ordering::Relaxed),
             "lost": sink.lost.load(Ordering::Relaxed),
+            "rejected": sink.rejected.load(Ordering::Relaxed),
         })
     }
 
@@ -426,6 +429,7 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_redis_sink_events_total", "Events the Redis sink has written (each once, whatever its number of stream entries)."),
     ("sluice_redis_sink_entries_total", "Stream entries the Redis sink has added."),
     ("sluice_redis_sink_duplicates_total", "Stream entries Redis already held (a repeated write), skipped."),
+    ("sluice_redis_sink_rejected_total", "Stream entries Redis refused for another reason than a repeat (e.g. a key of another type); not in Redis, logged."),
     ("sluice_redis_sink_skipped_total", "Events with no JSON form (empty commits, unknown types), not written to Redis."),
     ("sluice_redis_sink_lost_events_total", "Events retention deleted before the Redis sink reached them."),
     ("sluice_redis_sink_position_conflicts_total", "Redis sink writes refused because the stored position had changed; it resumed from the stored one."),

@@ -114,6 +114,9 @@ pub struct SinkStats {
     pub entries: AtomicU64,
     /// Entries Redis already held (a repeated write), counted and skipped.
     pub duplicates: AtomicU64,
+    /// Entries Redis refused for another reason than a repeat (e.g. the key holds another
+    /// type): counted and logged, the position moves on.
+    pub rejected: AtomicU64,
     /// Events visible on no JSON wire (empty commits, unknown types): nothing to write.
     pub skipped: AtomicU64,
     /// Events retention deleted before the sink reached them (Redis was away too long).
@@ -444,7 +447,7 @@ async fn run(
                         "redis sink fell out of the log's retention: events were NOT written to redis"
                     );
                 }
-                match write_skip(c, oldest - 1, &config).await {
+                match write_skip(c, oldest.saturating_sub(1), &config).await {
                     Ok(true) => stats.position.store(c.position, Ordering::Relaxed),
                     Ok(false) => {
                         stats.position_conflicts.fetch_add(1, Ordering::Relaxed);
@@ -486,8 +489,10 @@ async fn run(
             Ok(Written::Done {
                 entries,
                 duplicates,
+                rejected,
                 skipped,
             }) => {
+                stats.rejected.fetch_add(rejected, Ordering::Relaxed);
                 stats.skipped.fetch_add(skipped, Ordering::Relaxed);
                 stats.events.fetch_add(events, Ordering::Relaxed);
                 stats.entries.fetch_add(entries, Ordering::Relaxed);
@@ -771,6 +776,7 @@ enum Written {
     Done {
         entries: u64,
         duplicates: u64,
+        rejected: u64,
         skipped: u64,
     },
     Conflict {
@@ -793,10 +799,26 @@ async fn write(
     } = batch;
     match transact(c, config, tx, is_xadd.len(), last_seq, last_time_us).await? {
         Ok(replies) => {
-            let (mut entries, mut duplicates) = (0, 0);
+            let (mut entries, mut duplicates, mut rejected) = (0, 0, 0);
             for (reply, xadd) in replies.iter().zip(&is_xadd) {
                 match (reply, xadd) {
-                    (Value::ServerError(_), true) => duplicates += 1,
+                    // "The ID specified in XADD is equal or smaller than the target
+                    // stream top item": the entry is already there.
+                    (Value::ServerError(e), true)
+                        if e.details().is_some_and(|d| d.contains("equal or smaller")) =>
+                    {
+                        duplicates += 1
+                    }
+                    (Value::ServerError(e), true) => {
+                        if rejected == 0 {
+                            tracing::error!(
+                                code = e.code(),
+                                detail = e.details().unwrap_or(""),
+                                "redis refused a stream entry; it is NOT in redis"
+                            );
+                        }
+                        rejected += 1;
+                    }
                     (_, true) => entries += 1,
                     (Value::ServerError(e), false) => {
                         return Err(SinkError::Reply(format!("inside EXEC: {e:?}")));
@@ -807,6 +829,7 @@ async fn write(
             Ok(Written::Done {
                 entries,
                 duplicates,
+                rejected,
                 skipped,
             })
         }
