@@ -416,11 +416,21 @@ async fn run(
                      (a different or reset data directory would never reach it)"
                 );
             }
-            tokio::select! {
-                _ = durable.wait_for(|&d| d > c.position) => {}
-                _ = shutdown.changed() => {}
-                // Wake now and then to notice a dropped connection and trim by age.
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            let idle = tokio::select! {
+                _ = durable.wait_for(|&d| d > c.position) => false,
+                _ = shutdown.changed() => false,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => true,
+            };
+            if idle {
+                // Nothing to write for a second: check Redis is still there, so
+                // `connected` (metrics, status, /readyz) is true only while it is.
+                let ping: Result<Value, _> =
+                    with_timeout(config.timeout, redis::cmd("PING").query_async(&mut c.con)).await;
+                if let Err(e) = ping {
+                    conn = None;
+                    stats.connected.store(false, Ordering::Relaxed);
+                    fail(&stats, &e, &mut failures, &config, &mut shutdown).await;
+                }
             }
             continue;
         }
