@@ -104,7 +104,7 @@ fn sink_config(url: &str) -> RedisSinkConfig {
     c.all_stream = true;
     c.publish = true;
     c.batch_max_events = 64; // several writes even for the small corpus
-    c.timeout = Duration::from_millis(500);
+    c.timeout = Duration::from_secs(2);
     c.backoff_min = Duration::from_millis(20);
     c.backoff_max = Duration::from_millis(200);
     c

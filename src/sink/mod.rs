@@ -387,6 +387,10 @@ async fn run(
     let mut last_trim = Instant::now();
     let mut warned_ahead = false;
     let mut prefetched: Option<Prepared> = None;
+    // Events per write: halved after a write that timed out (a batch Redis cannot apply
+    // within the deadline would otherwise be retried forever), doubled back after each
+    // write that succeeds.
+    let mut batch_events = config.batch_max_events.max(1);
     tracing::info!(prefix = %config.prefix, "redis sink starting");
     while !*shutdown.borrow() {
         let c = match conn.as_mut() {
@@ -439,7 +443,7 @@ async fn run(
         let trim_due = config.max_age.is_some() && last_trim.elapsed() >= Duration::from_secs(1);
         let prepared = match prefetched.take() {
             Some(p) if p.from == from => Ok(Some(p)),
-            _ => prepare(&reader, from, durable_seq, &config, trim_due).await,
+            _ => prepare(&reader, from, durable_seq, &config, batch_events, trim_due).await,
         };
         let batch = match prepared {
             Ok(Some(batch)) => batch,
@@ -486,10 +490,17 @@ async fn run(
         let next_trim = config.max_age.is_some() && last_trim.elapsed() >= Duration::from_secs(1);
         let (written, next) = tokio::join!(write(c, batch, &config), async {
             if next_from <= durable_now {
-                prepare(&reader, next_from, durable_now, &config, next_trim)
-                    .await
-                    .ok()
-                    .flatten()
+                prepare(
+                    &reader,
+                    next_from,
+                    durable_now,
+                    &config,
+                    batch_events,
+                    next_trim,
+                )
+                .await
+                .ok()
+                .flatten()
             } else {
                 None
             }
@@ -508,6 +519,9 @@ async fn run(
                 stats.entries.fetch_add(entries, Ordering::Relaxed);
                 stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
                 failures = 0;
+                batch_events = batch_events
+                    .saturating_mul(2)
+                    .min(config.batch_max_events.max(1));
                 stats.position.store(last_seq, Ordering::Relaxed);
                 stats
                     .position_time_us
@@ -531,6 +545,11 @@ async fn run(
                 stats.position.store(stored, Ordering::Relaxed);
             }
             Err(e) => {
+                if matches!(e, SinkError::Timeout(_)) && batch_events > 1 {
+                    batch_events /= 2;
+                    prefetched = None;
+                    tracing::warn!(batch_events, "redis sink write timed out; smaller batches");
+                }
                 conn = None;
                 stats.connected.store(false, Ordering::Relaxed);
                 fail(&stats, &e, &mut failures, &config, &mut shutdown).await;
@@ -602,12 +621,13 @@ async fn prepare(
     from: u64,
     durable_seq: u64,
     config: &RedisSinkConfig,
+    batch_events: usize,
     trim_due: bool,
 ) -> Result<Option<Prepared>, SinkError> {
     let reader = reader.clone();
     let config = config.clone();
     tokio::task::spawn_blocking(move || {
-        prepare_blocking(&reader, from, durable_seq, &config, trim_due)
+        prepare_blocking(&reader, from, durable_seq, &config, batch_events, trim_due)
     })
     .await
     .map_err(|e| SinkError::Log(LogError::Backend(format!("sink read task: {e}"))))?
@@ -618,13 +638,13 @@ fn prepare_blocking(
     from: u64,
     durable_seq: u64,
     config: &RedisSinkConfig,
+    batch_events: usize,
     trim_due: bool,
 ) -> Result<Option<Prepared>, SinkError> {
     if from > durable_seq {
         return Ok(None);
     }
-    let max_events = config
-        .batch_max_events
+    let max_events = batch_events
         .min(usize::try_from(durable_seq - from + 1).unwrap_or(usize::MAX))
         .max(1);
     let limits = ReadLimits {
