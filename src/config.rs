@@ -20,6 +20,7 @@ use crate::http::budget::MemoryConfig;
 use crate::http::listen::ListenConfig;
 use crate::http::session::SessionConfig;
 use crate::log::{LogConfig, RetentionConfig};
+use crate::sink::RedisSinkConfig;
 use crate::upstream::client::{UpstreamConfig, DEFAULT_UPSTREAM};
 use crate::wire::zstd::DictionarySource;
 
@@ -395,6 +396,44 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_CLUSTER_CURSOR_GRACE_MS", default_value_t = 2000,
           value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub cluster_cursor_grace_ms: u64,
+    // ---- Redis sink
+    /// Write every event to Redis streams (one per collection and per kind), e.g.
+    /// `redis://127.0.0.1:6379/0`. Off when unset.
+    #[arg(long, env = "SLUICE_REDIS_SINK")]
+    pub redis_sink: Option<String>,
+    /// Prefix of every key the Redis sink writes.
+    #[arg(long, env = "SLUICE_REDIS_SINK_PREFIX", default_value = "sluice:")]
+    pub redis_sink_prefix: String,
+    /// Also write every event to the stream `<prefix>all`.
+    #[arg(long, env = "SLUICE_REDIS_SINK_ALL", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub redis_sink_all: bool,
+    /// Also PUBLISH each collection event's JSON on the channel `<prefix>c:<collection>`
+    /// (for consumers of a pub/sub rebroadcaster; a missed message is gone).
+    #[arg(long, env = "SLUICE_REDIS_SINK_PUBLISH", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub redis_sink_publish: bool,
+    /// Each stream is trimmed to about this many entries (0 = no length bound).
+    #[arg(long, env = "SLUICE_REDIS_SINK_MAX_LEN", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000_000))]
+    pub redis_sink_max_len: u64,
+    /// Entries whose source time is more than this many seconds older than the newest
+    /// sunk event's are trimmed (approximately; 0 = no age bound).
+    #[arg(long, env = "SLUICE_REDIS_SINK_MAX_AGE_SECS", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(0..=100_000_000))]
+    pub redis_sink_max_age_secs: u64,
+    /// Most events per write to Redis (with --redis-sink-batch-kib, the sink's memory bound).
+    #[arg(long, env = "SLUICE_REDIS_SINK_BATCH_EVENTS", default_value_t = 2000,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub redis_sink_batch_events: u64,
+    /// Most KiB of event JSON per write to Redis.
+    #[arg(long, env = "SLUICE_REDIS_SINK_BATCH_KIB", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..=512 * 1024))]
+    pub redis_sink_batch_kib: u64,
+    /// Deadline of one Redis command of the sink, ms; past it the sink reconnects.
+    #[arg(long, env = "SLUICE_REDIS_SINK_TIMEOUT_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub redis_sink_timeout_ms: u64,
 }
 
 /// Everything `serve` runs with, derived from [`ServeArgs`].
@@ -424,6 +463,7 @@ pub struct ServeConfig {
     pub fd_reserve: u64,
     /// The budget of client-held memory (`http::budget`).
     pub client_memory: MemoryConfig,
+    pub redis_sink: Option<RedisSinkConfig>,
 }
 
 impl ServeConfig {
@@ -620,6 +660,30 @@ impl ServeArgs {
                 Some(c)
             }
         };
+        let redis_sink = match &self.redis_sink {
+            None => None,
+            Some(url) => {
+                let parsed = url::Url::parse(url)
+                    .map_err(|e| anyhow::anyhow!("redis_sink {url:?} is not a URL: {e}"))?;
+                if !matches!(parsed.scheme(), "redis" | "redis+unix" | "unix") {
+                    anyhow::bail!("redis_sink {url:?} must be a redis:// (or unix://) URL");
+                }
+                if self.redis_sink_prefix.is_empty() {
+                    anyhow::bail!("redis_sink_prefix must not be empty");
+                }
+                let mut sink = RedisSinkConfig::new(url.clone());
+                sink.prefix = self.redis_sink_prefix.clone();
+                sink.all_stream = self.redis_sink_all;
+                sink.publish = self.redis_sink_publish;
+                sink.max_len = self.redis_sink_max_len;
+                sink.max_age = (self.redis_sink_max_age_secs > 0)
+                    .then(|| Duration::from_secs(self.redis_sink_max_age_secs));
+                sink.batch_max_events = usize_of(self.redis_sink_batch_events)?;
+                sink.batch_max_bytes = usize_of(self.redis_sink_batch_kib * 1024)?;
+                sink.timeout = Duration::from_millis(self.redis_sink_timeout_ms);
+                Some(sink)
+            }
+        };
         Ok(ServeConfig {
             cluster,
             ingest,
@@ -656,6 +720,7 @@ impl ServeArgs {
                 per_ip_bytes: usize_of(self.client_memory_per_ip_mib * MIB)?,
                 message_timeout: Duration::from_secs(self.client_message_timeout_secs),
             },
+            redis_sink,
         })
     }
 }
@@ -866,6 +931,41 @@ mod tests {
             parse_serve_args(["x", "--lease-ttl-ms", "10"]).is_err(),
             "TTL has a floor"
         );
+    }
+
+    #[test]
+    fn redis_sink_settings_from_flags_env_style_values_and_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(
+            &path,
+            "redis_sink = \"redis://127.0.0.1:6390/2\"\nredis_sink_publish = true\nredis_sink_max_age_secs = 0\n",
+        )
+        .unwrap();
+        let args = parse_serve_args([
+            "x",
+            "--config",
+            path.to_str().unwrap(),
+            "--redis-sink-all",
+            "--redis-sink-prefix",
+            "fh:",
+        ])
+        .unwrap();
+        let sink = args.to_config().unwrap().redis_sink.unwrap();
+        assert_eq!(sink.url, "redis://127.0.0.1:6390/2");
+        assert_eq!(sink.prefix, "fh:");
+        assert!(sink.all_stream, "a bare flag is true");
+        assert!(sink.publish, "a TOML boolean works");
+        assert_eq!(sink.max_age, None, "0 means no age bound");
+        assert_eq!(sink.max_len, 1_000_000);
+        let off = parse_serve_args(["x"]).unwrap().to_config().unwrap();
+        assert!(off.redis_sink.is_none(), "off unless asked for");
+        let bad = parse_serve_args(["x", "--redis-sink", "http://example.com"])
+            .unwrap()
+            .to_config()
+            .unwrap_err()
+            .to_string();
+        assert!(bad.contains("redis://"), "{bad}");
     }
 
     #[test]

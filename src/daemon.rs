@@ -277,6 +277,7 @@ pub struct Daemon {
     ingest: Option<IngestHandle>,
     node: Option<crate::cluster::Node>,
     upstream: Arc<UpstreamShared>,
+    sink: Option<crate::sink::SinkHandle>,
     shutdown: watch::Sender<bool>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     admin_server: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -377,6 +378,16 @@ impl Daemon {
                 (None, Some(node), upstream, stats)
             }
         };
+        // The Redis sink is one more reader of the log: it never slows ingest. Every node of
+        // a cluster holds the same seqs, and the sink compares and sets its position in
+        // Redis, so sinks on several nodes still write each event once.
+        let sink = match &config.redis_sink {
+            Some(sink) => Some(
+                crate::sink::start(log.reader(), sink.clone())
+                    .map_err(|e| anyhow::anyhow!("cannot start the redis sink: {e}"))?,
+            ),
+            None => None,
+        };
         let mut admin = crate::http::admin::AdminState::new(
             log.clone(),
             hub.clone(),
@@ -388,6 +399,7 @@ impl Daemon {
                 log_queue_max_bytes: config.log.queue_max_bytes,
                 log_max_bytes: config.log.retention.max_bytes,
             },
+            sink.as_ref().map(|s| s.stats.clone()),
         );
         admin.cluster = node.as_ref().map(|n| n.shared.clone());
         let admin = Arc::new(admin);
@@ -411,6 +423,7 @@ impl Daemon {
             ingest,
             node,
             upstream,
+            sink,
             shutdown: shutdown_tx,
             server,
             admin_server,
@@ -437,6 +450,9 @@ impl Daemon {
                 }
                 (None, None) => IngestStats::default(),
             };
+            if let Some(sink) = self.sink {
+                sink.shutdown(timeout / 4).await;
+            }
             let log = self.log.clone();
             tokio::task::spawn_blocking(move || {
                 if !log.flush(Duration::from_secs(10)) {

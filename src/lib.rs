@@ -16,6 +16,7 @@ pub mod ingest;
 pub mod log;
 pub mod logging;
 pub mod rate;
+pub mod sink;
 pub mod systemd;
 pub mod tail;
 pub mod upstream;

@@ -44,6 +44,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 use sluice::upstream::synth::{Synth, SynthOptions};
 
+#[path = "bench_sink/mod.rs"]
+mod bench_sink;
+
 // ---------------------------------------------------------------------------------------
 // Command line
 // ---------------------------------------------------------------------------------------
@@ -78,6 +81,9 @@ enum Cmd {
     /// Cluster: N nodes on one redis-server; leader SIGKILLs and graceful handovers, the
     /// silence each causes at a surviving node's subscriber.
     ClusterFailover(cluster::FailoverArgs),
+    /// Throughput of the Redis sink into a local redis-server: a log of synthetic events
+    /// written out from position 0, timed, with CPU per event of the sink and of Redis.
+    RedisSink(bench_sink::RedisSinkArgs),
 }
 
 #[path = "bench_cluster/mod.rs"]
@@ -2057,6 +2063,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::RedisRelay(args) => rt.block_on(redis_relay(args)),
         Cmd::ClusterAppend(args) => rt.block_on(cluster::append(args)),
         Cmd::ClusterFailover(args) => rt.block_on(cluster::failover(args)),
+        Cmd::RedisSink(args) => rt.block_on(bench_sink::redis_sink(args)),
     }
 }
 

@@ -25,6 +25,7 @@ use crate::http::session::SessionEnd;
 use crate::http::AppState;
 use crate::ingest::{now_us, IngestStats};
 use crate::log::Log;
+use crate::sink::{SinkError, SinkStats};
 use crate::upstream::client::UpstreamShared;
 
 const WIRES: [WireKind; 3] = [WireKind::JetstreamV1, WireKind::JetstreamV2, WireKind::Raw];
@@ -39,6 +40,8 @@ pub struct AdminState {
     pub limits: AdminLimits,
     /// Set when this node is part of a cluster.
     pub cluster: Option<Arc<crate::cluster::ClusterShared>>,
+    /// The Redis sink's counters, when it runs.
+    pub sink: Option<Arc<SinkStats>>,
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
 }
@@ -62,6 +65,7 @@ impl AdminState {
         upstream: Arc<UpstreamShared>,
         ingest_stats: Arc<parking_lot::Mutex<IngestStats>>,
         limits: AdminLimits,
+        sink: Option<Arc<SinkStats>>,
     ) -> Self {
         let recorder = PrometheusBuilder::new().build_recorder();
         metrics::with_local_recorder(&recorder, describe_metrics);
@@ -74,6 +78,7 @@ impl AdminState {
             ingest_stats,
             limits,
             cluster: None,
+            sink,
             recorder,
             handle,
         }
@@ -286,8 +291,74 @@ impl AdminState {
                 cluster_metrics(cluster, reader.newest_seq());
             }
             gauge!("sluice_ready").set(if self.not_ready().is_none() { 1.0 } else { 0.0 });
+            if let Some(sink) = &self.sink {
+                let (lag_events, lag_seconds) = sink.lag(&reader);
+                gauge!("sluice_redis_sink_connected").set(
+                    if sink.connected.load(Ordering::Relaxed) {
+                        1.0
+                    } else {
+                        0.0
+                    },
+                );
+                gauge!("sluice_redis_sink_position")
+                    .set(sink.position.load(Ordering::Relaxed) as f64);
+                gauge!("sluice_redis_sink_lag_events").set(lag_events as f64);
+                gauge!("sluice_redis_sink_lag_seconds").set(lag_seconds);
+                counter!("sluice_redis_sink_events_total")
+                    .absolute(sink.events.load(Ordering::Relaxed));
+                counter!("sluice_redis_sink_entries_total")
+                    .absolute(sink.entries.load(Ordering::Relaxed));
+                counter!("sluice_redis_sink_duplicates_total")
+                    .absolute(sink.duplicates.load(Ordering::Relaxed));
+                counter!("sluice_redis_sink_rejected_total")
+                    .absolute(sink.rejected.load(Ordering::Relaxed));
+                counter!("sluice_redis_sink_skipped_total")
+                    .absolute(sink.skipped.load(Ordering::Relaxed));
+                counter!("sluice_redis_sink_lost_events_total")
+                    .absolute(sink.lost.load(Ordering::Relaxed));
+                counter!("sluice_redis_sink_position_conflicts_total")
+                    .absolute(sink.position_conflicts.load(Ordering::Relaxed));
+                for reason in SinkError::REASONS {
+                    counter!("sluice_redis_sink_errors_total", "reason" => reason)
+                        .absolute(sink.errors(reason));
+                }
+            }
         });
         self.handle.render()
+    }
+
+    /// The Redis sink's state for the status page and `/readyz` (null without a sink).
+    fn sink_status(&self) -> serde_json::Value {
+        let Some(sink) = &self.sink else {
+            return serde_json::Value::Null;
+        };
+        let (lag_events, lag_seconds) = sink.lag(&self.log.reader());
+        json!({
+            "connected": sink.connected.load(Ordering::Relaxed),
+            "position": sink.position.load(Ordering::Relaxed),
+            "lag_events": lag_events,
+            "lag_seconds": lag_seconds,
+            "events": sink.events.load(Ordering::Relaxed),
+            "entries": sink.entries.load(Ordering::Relaxed),
+            "duplicates": sink.duplicates.load(Ordering::Relaxed),
+            "lost": sink.lost.load(Ordering::Relaxed),
+            "rejected": sink.rejected.load(Ordering::Relaxed),
+        })
+    }
+
+    /// `/readyz`'s detail line for the Redis sink. The sink's lag does not decide
+    /// readiness: subscribers are served whatever Redis does.
+    pub fn sink_detail(&self) -> Option<String> {
+        let sink = self.sink.as_ref()?;
+        let (lag_events, lag_seconds) = sink.lag(&self.log.reader());
+        Some(format!(
+            "redis sink: {}, {lag_events} events ({lag_seconds:.1} s) behind",
+            if sink.connected.load(Ordering::Relaxed) {
+                "connected"
+            } else {
+                "disconnected"
+            }
+        ))
     }
 
     /// The status page's data.
@@ -349,6 +420,7 @@ impl AdminState {
                 "bytes": reader.store().size_bytes(),
                 "tail_bytes": reader.tail().bytes(),
             },
+            "redis_sink": self.sink_status(),
         })
     }
 }
@@ -386,6 +458,14 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_connections_accept_errors_total", "accept() failures (e.g. out of descriptors), by listener."),
     ("sluice_client_memory_refused_total", "Subscriber reads or filters refused (close 1013) because they did not fit the client-memory budget, by budget (total, per_ip)."),
     ("sluice_event_requests_refused_total", "/event requests refused: over the per-IP rate (429) or no cold-read slot in time (503)."),
+    ("sluice_redis_sink_events_total", "Events the Redis sink has written (each once, whatever its number of stream entries)."),
+    ("sluice_redis_sink_entries_total", "Stream entries the Redis sink has added."),
+    ("sluice_redis_sink_duplicates_total", "Stream entries Redis already held (a repeated write), skipped."),
+    ("sluice_redis_sink_rejected_total", "Stream entries Redis refused for another reason than a repeat (e.g. a key of another type); not in Redis, logged."),
+    ("sluice_redis_sink_skipped_total", "Events with no JSON form (empty commits, unknown types), not written to Redis."),
+    ("sluice_redis_sink_lost_events_total", "Events retention deleted before the Redis sink reached them."),
+    ("sluice_redis_sink_position_conflicts_total", "Redis sink writes refused because the stored position had changed; it resumed from the stored one."),
+    ("sluice_redis_sink_errors_total", "Redis sink failures, by reason; each is retried with backoff."),
 ];
 
 const GAUGES: &[(&str, &str)] = &[
@@ -474,6 +554,22 @@ const GAUGES: &[(&str, &str)] = &[
     (
         "sluice_client_memory_limit_bytes",
         "The client-memory budget (--client-memory-mib), in bytes.",
+    ),
+    (
+        "sluice_redis_sink_connected",
+        "1 while the Redis sink is connected.",
+    ),
+    (
+        "sluice_redis_sink_position",
+        "The newest seq the Redis sink has written.",
+    ),
+    (
+        "sluice_redis_sink_lag_events",
+        "Durable events not yet written by the Redis sink.",
+    ),
+    (
+        "sluice_redis_sink_lag_seconds",
+        "Source time between the newest event and the Redis sink's position, seconds.",
     ),
 ];
 
@@ -624,9 +720,14 @@ async fn metrics_text(State(state): State<Arc<AdminState>>) -> Response {
 }
 
 async fn readyz(State(state): State<Arc<AdminState>>) -> Response {
+    let detail = state
+        .sink_detail()
+        .map_or(String::new(), |d| format!("\n{d}"));
     match state.not_ready() {
-        None => (StatusCode::OK, "ready").into_response(),
-        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, reason).into_response(),
+        None => (StatusCode::OK, format!("ready{detail}")).into_response(),
+        Some(reason) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}{detail}")).into_response()
+        }
     }
 }
 

@@ -4,6 +4,6 @@
 
 pub mod jetstream_v1;
 pub mod jetstream_v2;
-mod json;
+pub mod json;
 pub mod raw;
 pub mod zstd;
