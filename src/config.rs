@@ -12,13 +12,13 @@ use std::time::Duration;
 use clap::{ArgMatches, Args, CommandFactory, FromArgMatches};
 
 use crate::cluster::ClusterConfig;
-use crate::daemon::IngestConfig;
 use crate::fanout::filter::FilterLimits;
 use crate::fanout::{HubConfig, SlowPolicy};
 use crate::http::admission::AdmissionConfig;
 use crate::http::budget::MemoryConfig;
 use crate::http::listen::ListenConfig;
 use crate::http::session::SessionConfig;
+use crate::ingest::IngestConfig;
 use crate::log::{LogConfig, RetentionConfig};
 use crate::sink::RedisSinkConfig;
 use crate::upstream::client::{UpstreamConfig, DEFAULT_UPSTREAM};

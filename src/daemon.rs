@@ -8,12 +8,11 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use crate::decode::DecodeLimits;
 use crate::event::Event;
 use crate::http::listen::{Connections, Side};
 use crate::ingest::{IngestOutcome, IngestStats, Ingestor, StampState};
 use crate::logging::RateLimited;
-use crate::upstream::client::{self, ReceivedFrame, UpstreamConfig, UpstreamShared};
+use crate::upstream::client::{self, ReceivedFrame, UpstreamShared};
 use crate::wire::zstd::Zstd;
 
 /// Receives stamped events in order, on the ingest thread. It may block (backpressure from
@@ -35,26 +34,7 @@ impl EventSink for std::sync::Arc<crate::log::Log> {
     }
 }
 
-#[derive(Debug, Clone)]
-pub struct IngestConfig {
-    pub upstream: UpstreamConfig,
-    pub decode_limits: DecodeLimits,
-    /// Frames buffered between the socket and ingest; the socket is not read past it.
-    pub frame_queue: usize,
-    /// The ingest loop wakes at least this often when idle (liveness for the watchdog).
-    pub idle_tick: Duration,
-}
-
-impl IngestConfig {
-    pub fn new(upstream: UpstreamConfig) -> Self {
-        Self {
-            upstream,
-            decode_limits: DecodeLimits::default(),
-            frame_queue: 1024,
-            idle_tick: Duration::from_secs(1),
-        }
-    }
-}
+pub use crate::ingest::IngestConfig;
 
 /// A running ingest pipeline.
 pub struct IngestHandle {

@@ -6,12 +6,13 @@
 //! backwards or ahead of the wall clock at receipt (unless strict increase forces it,
 //! which is counted), or drop a frame without counting it.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 
 use crate::decode::{self, Body, DecodeError, DecodeLimits, DecodedFrame, Message};
 use crate::event::{Event, EventKind};
+use crate::upstream::client::UpstreamConfig;
 use crate::wire::{jetstream_v1, jetstream_v2};
 
 /// Where stamping resumes: loaded from durable state at start.
@@ -91,12 +92,7 @@ pub enum IngestOutcome {
     DecodeFailed(DecodeError),
 }
 
-pub fn now_us() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use crate::clock::now_us;
 
 /// Stamps and encodes frames. Single-threaded by design: one upstream, one order.
 pub struct Ingestor {
@@ -337,6 +333,28 @@ fn info_outcome(message: &Message) -> IngestOutcome {
     IngestOutcome::Info {
         name,
         message: text,
+    }
+}
+
+/// What the ingest thread runs with: the upstream subscription and the decoder's limits.
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    pub upstream: UpstreamConfig,
+    pub decode_limits: DecodeLimits,
+    /// Frames buffered between the socket and ingest; the socket is not read past it.
+    pub frame_queue: usize,
+    /// The ingest loop wakes at least this often when idle (liveness for the watchdog).
+    pub idle_tick: Duration,
+}
+
+impl IngestConfig {
+    pub fn new(upstream: UpstreamConfig) -> Self {
+        Self {
+            upstream,
+            decode_limits: DecodeLimits::default(),
+            frame_queue: 1024,
+            idle_tick: Duration::from_secs(1),
+        }
     }
 }
 

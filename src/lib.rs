@@ -5,6 +5,7 @@
 //! and encodes each wire format once ([`wire`]), and downstream stages only ever share
 //! those pre-encoded bytes.
 
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod daemon;

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::event::{Event, EventKind};
 use crate::log::{LogError, LogReader, Payloads, ReadLimits};
-use crate::wire::json::{push_i64, push_key, push_str, push_u64};
+use crate::wire::json::push_key;
 
 /// Everything the sink is configured with.
 #[derive(Debug, Clone)]
@@ -284,19 +284,7 @@ fn v2_payload(event: &Event) -> Option<serde_json::Value> {
 
 fn v1_shaped(event: &Event, kind: &str, body: &[u8]) -> Bytes {
     let mut out = Vec::with_capacity(96 + event.did.len() + body.len());
-    out.push(b'{');
-    push_key(&mut out, "did");
-    push_str(&mut out, &event.did);
-    out.push(b',');
-    push_key(&mut out, "time_us");
-    push_i64(&mut out, event.time_us);
-    out.push(b',');
-    push_key(&mut out, "cursor");
-    push_u64(&mut out, event.seq);
-    out.push(b',');
-    push_key(&mut out, "kind");
-    push_str(&mut out, kind);
-    out.push(b',');
+    crate::wire::jetstream_v1::open(&mut out, &event.did, event.time_us, event.seq, kind);
     push_key(&mut out, kind);
     out.extend_from_slice(body);
     out.push(b'}');

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::{
     Message,
 };
 
-use crate::ingest::now_us;
+use crate::clock::now_us;
 
 /// The relay sluice subscribes to when none is configured.
 pub const DEFAULT_UPSTREAM: &str = "wss://bsky.network/xrpc/com.atproto.sync.subscribeRepos";

@@ -10,7 +10,9 @@
 use super::json::{push_i64, push_key, push_str, push_u64};
 use crate::decode::{Op, RecordState};
 
-fn open(out: &mut Vec<u8>, did: &str, time_us: i64, seq: u64, kind: &str) {
+/// Opens a v1 event: `{"did":..,"time_us":..,"cursor":..,"kind":..,` (every v1 message,
+/// notices and the Redis sink's events included, starts this way).
+pub fn open(out: &mut Vec<u8>, did: &str, time_us: i64, seq: u64, kind: &str) {
     out.push(b'{');
     push_key(out, "did");
     push_str(out, did);
@@ -455,16 +457,8 @@ impl WireSession for V1Session {
             return None;
         }
         let mut out = Vec::with_capacity(256);
-        out.push(b'{');
-        push_key(&mut out, "did");
-        push_str(&mut out, &event.did);
-        out.push(b',');
-        push_key(&mut out, "time_us");
-        push_i64(&mut out, event.time_us);
-        out.push(b',');
-        push_key(&mut out, "cursor");
-        push_u64(&mut out, event.seq);
-        out.extend_from_slice(b",\"kind\":\"notice\",\"notice\":{\"name\":\"EventTooBig\",");
+        open(&mut out, &event.did, event.time_us, event.seq, "notice");
+        out.extend_from_slice(b"\"notice\":{\"name\":\"EventTooBig\",");
         push_key(&mut out, "size");
         push_u64(&mut out, size as u64);
         out.push(b',');
