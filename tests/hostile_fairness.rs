@@ -116,7 +116,9 @@ async fn catch_up(serve: &Serve, from: IpAddr, count: usize) -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_that_match_nothing_pay_for_what_they_scan() {
-    let upstream = slow_upstream(3000, 100.0).await;
+    // Each attacker scans the whole log on its own: 20 x 6,000 events take the attackers
+    // 11 s or more at the total rate, longer than the test, so they scan throughout.
+    let upstream = slow_upstream(6_000, 100.0).await;
     let serve = Serve::start(
         &upstream,
         &[
@@ -130,43 +132,40 @@ async fn replays_that_match_nothing_pay_for_what_they_scan() {
         None,
     )
     .await;
-    wait_logged(&serve, 3500).await;
-    let unloaded = catch_up(&serve, GOOD, 3500).await;
-    // 20 replays from one address, filters that match nothing, reconnecting whenever
-    // they catch up so the scanning never stops.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let attackers: Vec<_> = (0..20)
-        .map(|_| {
-            let to = serve.addr;
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                let path = format!("{V2_PATH}?cursor=1&collections=none.example.nothing");
-                let give_up = Instant::now() + Duration::from_secs(30);
-                while !stop.load(std::sync::atomic::Ordering::Relaxed) && Instant::now() < give_up {
-                    if let Ok(mut ws) = ws_from(ATTACKER, to, &path).await {
-                        let _ = tokio::time::timeout(Duration::from_millis(700), ws.next()).await;
-                    }
-                }
-            })
-        })
-        .collect();
+    wait_logged(&serve, 6_000).await;
+    // 20 replays from one address with filters that match nothing, held open: each scans
+    // from seq 1 and has nothing to write, so only the scan budget paces it.
+    let path = format!("{V2_PATH}?cursor=1&kinds=commit&collections=none.example.nothing");
+    let mut attackers = Vec::new();
+    let give_up = Instant::now() + Duration::from_secs(20);
+    while attackers.len() < 20 {
+        match ws_from(ATTACKER, serve.addr, &path).await {
+            Ok(ws) => attackers.push(ws),
+            Err(_) if Instant::now() < give_up => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("only {} attackers connected: {e:?}", attackers.len()),
+        }
+    }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let loaded = catch_up(&serve, GOOD, 3500).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for a in attackers {
-        let _ = a.await;
+    // The attackers were still scanning (held open, nothing matched), not ended.
+    for ws in &mut attackers {
+        let pending = tokio::time::timeout(Duration::from_millis(10), ws.next()).await;
+        assert!(pending.is_err(), "an attacker's replay ended: {pending:?}");
     }
-    // Without per-address shares the 21 replays would split the 10,500 events/s total
-    // evenly: 500/s for the good client, 7 s for its 3,500 events. With shares, the
-    // attackers' address takes at most 3,500/s of the total and the good client keeps
-    // at least its own 3,500/s: about 1 s. Half the unfair figure separates the two
-    // outcomes with room for a loaded CI machine (a wall-clock ratio against the
-    // unloaded run did not: 86 ms alone vs 542 ms loaded was scheduling, not fairness).
-    let unfair = Duration::from_secs_f64(3500.0 / (10_500.0 / 21.0));
+    drop(attackers);
+    // The good address's own share (3,500 events/s) pays for its 3,500 events in 1 s at
+    // most (less with the burst); on this machine it took ~0.3 s. Were the 10,500/s
+    // total not shared out by address, the 21 replays would split it: 2.6 s measured
+    // here (7 s if the attackers got the CPU to use their whole split). 1.5 s separates
+    // the two with 5x room for a loaded CI machine over the fair figure. (A ratio to an
+    // unloaded run did not separate them: scheduling alone moved it 3x.)
+    let own_share = Duration::from_secs_f64(3500.0 / 3500.0);
     assert!(
-        loaded < unfair / 2,
-        "catch-up of 3,500 events: {unloaded:?} alone, {loaded:?} beside 20 scanning replays \
-         (an even split of the scan budget would take {unfair:?})"
+        loaded < own_share * 3 / 2,
+        "catch-up of 3,500 events took {loaded:?} beside 20 scanning replays from another \
+         address; its own share pays for them in {own_share:?}"
     );
 }
 
@@ -212,7 +211,17 @@ async fn one_address_churning_connections_does_not_take_anothers() {
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let attempts = churn.await.expect("churn task");
-    assert!(attempts > 300, "the churn ran: {attempts} attempts");
+    // The churn went over its address's share (20/s): refusals were counted. (How many
+    // attempts a loaded machine manages varies; that it was refused is what matters.)
+    let refused_churn = metric(
+        &serve.metrics().await,
+        "sluice_admission_refused_total{reason=\"rate\"",
+    )
+    .unwrap_or(0.0);
+    assert!(
+        refused_churn >= 50.0,
+        "the churn ran into its share: {refused_churn} of {attempts} attempts refused"
+    );
     assert_eq!(
         refused, 0,
         "the good address was refused {refused} of 30 times"
