@@ -69,7 +69,8 @@ fn bench_decode_frame_only(c: &mut Criterion) {
 
 /// The whole ingest step per frame: decode, stamp, and encode the v1 and v2 JSON once.
 fn bench_ingest(c: &mut Criterion) {
-    use sluice::ingest::{IngestOutcome, Ingestor, StampState};
+    use sluice::event::StampState;
+    use sluice::ingest::{IngestOutcome, Ingestor};
     let frames: Vec<bytes::Bytes> = corpus_frames()
         .into_iter()
         .map(bytes::Bytes::from)

@@ -13,7 +13,8 @@ use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use sluice::decode::DecodeLimits;
 use sluice::event::Event;
-use sluice::ingest::{IngestOutcome, Ingestor, StampState};
+use sluice::event::StampState;
+use sluice::ingest::{IngestOutcome, Ingestor};
 use sluice::log::{
     EventStore, FjallConfig, FjallStore, HotTail, Log, LogConfig, Payloads, ReadLimits, TailRead,
 };

@@ -16,7 +16,8 @@ use std::io::Write;
 
 use bytes::Bytes;
 use sluice::decode::DecodeLimits;
-use sluice::ingest::{IngestOutcome, Ingestor, StampState};
+use sluice::event::StampState;
+use sluice::ingest::{IngestOutcome, Ingestor};
 use sluice::upstream::capture::{read_all, upstream_fixtures_dir};
 use sluice::wire::zstd::Zstd;
 
@@ -99,7 +100,7 @@ fn main() {
             }
         }
     }
-    let trained = match sluice::wire::jetstream_v1::trained_dictionary() {
+    let trained = match sluice::ingest::trained_v1_dictionary() {
         Ok(d) => Zstd::new(d),
         Err(e) => {
             eprintln!("cannot train: {e}");

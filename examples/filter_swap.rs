@@ -8,8 +8,9 @@
 use std::time::{Duration, Instant};
 
 use sluice::fanout::filter::{Filter, FilterLimits};
-use sluice::fanout::{Hub, HubConfig, SlowPolicy, Start, WireKind};
+use sluice::fanout::{Hub, HubConfig, SlowPolicy, Start};
 use sluice::log::{Log, LogConfig};
+use sluice::wire::WireKind;
 
 const UPDATES: u32 = 200;
 

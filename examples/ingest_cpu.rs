@@ -7,7 +7,8 @@
 
 use bytes::Bytes;
 use sluice::decode::{decode_frame, DecodeLimits};
-use sluice::ingest::{IngestOutcome, Ingestor, StampState};
+use sluice::event::StampState;
+use sluice::ingest::{IngestOutcome, Ingestor};
 use sluice::upstream::capture::{read_all, upstream_fixtures_dir};
 
 /// User + system CPU seconds of this process.

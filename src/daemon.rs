@@ -9,8 +9,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use crate::event::Event;
+use crate::event::StampState;
 use crate::http::listen::{Connections, Side};
-use crate::ingest::{IngestOutcome, IngestStats, Ingestor, StampState};
+use crate::ingest::{IngestOutcome, IngestStats, Ingestor};
 use crate::logging::RateLimited;
 use crate::upstream::client::{self, ReceivedFrame, UpstreamShared};
 use crate::wire::zstd::Zstd;
@@ -249,7 +250,7 @@ pub struct Daemon {
     pub addr: std::net::SocketAddr,
     pub log: Arc<crate::log::Log>,
     pub hub: crate::fanout::Hub,
-    pub app: Arc<crate::http::AppState>,
+    pub app: Arc<crate::http::app::AppState>,
     /// Where the admin endpoints listen.
     pub admin_addr: std::net::SocketAddr,
     pub admin: Arc<crate::http::admin::AdminState>,
@@ -300,14 +301,14 @@ impl Daemon {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
         let addr = listener.local_addr()?;
-        let app = Arc::new(crate::http::AppState {
+        let app = Arc::new(crate::http::app::AppState {
             hub: hub.clone(),
             admission: crate::http::admission::Admission::new(config.admission.clone()),
             session: config.session.clone(),
             filter_limits: config.filter_limits,
             slow_policy: config.slow_policy,
             shutdown: shutdown_rx.clone(),
-            stats: crate::http::HttpStats::default(),
+            stats: crate::http::app::HttpStats::default(),
             zstd_v1,
             zstd_v1_training: std::sync::atomic::AtomicBool::new(false),
             zstd_v2,
@@ -457,7 +458,7 @@ impl Daemon {
 }
 
 /// The v1 and v2 compression schemes of `config`. A v1 `trained` dictionary is left unset:
-/// it is trained on first use (`http::ensure_zstd_v1`), so restarts stay cheap.
+/// it is trained on first use (`http::app::ensure_zstd_v1`), so restarts stay cheap.
 #[allow(clippy::type_complexity)]
 fn load_dictionaries(
     config: &crate::config::ServeConfig,

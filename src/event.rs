@@ -2,7 +2,8 @@
 //!
 //! Owns: the shape of an event after decoding and stamping, with every wire encoding
 //! produced once. Must never: be re-encoded per subscriber; every field here is either a
-//! routing key or shared bytes.
+//! routing key or shared bytes. Also [`StampState`], where stamping resumes: written by
+//! ingest, made durable by the log, so it lives here below both.
 
 use bytes::Bytes;
 
@@ -73,4 +74,26 @@ pub struct Event {
     pub v2_json: Option<Bytes>,
     /// The original upstream frame, shared (no copy) by every event of that frame.
     pub raw_frame: Bytes,
+}
+
+/// Where stamping resumes: the log keeps it durable with the events it covers, and ingest
+/// is started from it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StampState {
+    /// The seq the next event gets (seq starts at 1).
+    pub next_seq: u64,
+    /// `time_us` of the last event stamped (0 if none).
+    pub last_time_us: i64,
+    /// The highest upstream seq ingested: frames at or below it are dropped.
+    pub upstream_cursor: Option<i64>,
+}
+
+impl StampState {
+    pub fn fresh() -> Self {
+        Self {
+            next_seq: 1,
+            last_time_us: 0,
+            upstream_cursor: None,
+        }
+    }
 }

@@ -11,30 +11,9 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::decode::{self, Body, DecodeError, DecodeLimits, DecodedFrame, Message};
-use crate::event::{Event, EventKind};
+use crate::event::{Event, EventKind, StampState};
 use crate::upstream::client::UpstreamConfig;
 use crate::wire::{jetstream_v1, jetstream_v2};
-
-/// Where stamping resumes: loaded from durable state at start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct StampState {
-    /// The seq the next event gets (seq starts at 1).
-    pub next_seq: u64,
-    /// `time_us` of the last event stamped (0 if none).
-    pub last_time_us: i64,
-    /// The highest upstream seq ingested: frames at or below it are dropped.
-    pub upstream_cursor: Option<i64>,
-}
-
-impl StampState {
-    pub fn fresh() -> Self {
-        Self {
-            next_seq: 1,
-            last_time_us: 0,
-            upstream_cursor: None,
-        }
-    }
-}
 
 /// Most distinct collections counted by name; the rest are counted as `other`, so a flood
 /// of made-up NSIDs cannot grow memory or metric cardinality.
@@ -91,8 +70,6 @@ pub enum IngestOutcome {
     /// Could not be decoded; counted.
     DecodeFailed(DecodeError),
 }
-
-pub use crate::clock::now_us;
 
 /// Stamps and encodes frames. Single-threaded by design: one upstream, one order.
 pub struct Ingestor {
@@ -356,6 +333,30 @@ impl IngestConfig {
             idle_tick: Duration::from_secs(1),
         }
     }
+}
+
+/// sluice's own dictionary (`--zstd-dictionary trained`), trained on synthetic traffic:
+/// deterministic, so it is the same after every restart and clients that fetched it from
+/// `/zstd-dictionary` keep working. Existing v1 clients cannot decode with it: they embed
+/// Jetstream's, the default.
+pub fn trained_v1_dictionary() -> std::io::Result<Vec<u8>> {
+    use crate::decode::DecodeLimits;
+    use crate::event::StampState;
+    use crate::ingest::{IngestOutcome, Ingestor};
+    use crate::upstream::synth::{Synth, SynthOptions};
+    let opts = SynthOptions {
+        seed: 7,
+        count: 3000,
+        ..SynthOptions::default()
+    };
+    let mut ingestor = Ingestor::new(StampState::fresh(), DecodeLimits::default());
+    let mut samples = Vec::new();
+    for frame in Synth::new(&opts) {
+        if let IngestOutcome::Events(events) = ingestor.ingest(Bytes::from(frame), i64::MAX / 2) {
+            samples.extend(events.into_iter().filter_map(|e| e.v1_json));
+        }
+    }
+    crate::wire::zstd::Zstd::train(&samples, 64 * 1024)
 }
 
 #[cfg(test)]

@@ -246,13 +246,8 @@ async fn serve(
             }
             _ = ticker.tick(), if stats_interval.is_some() => {
                 let bounds = reader.bounds();
-                let lag_s = bounds.map(|b| (sluice::ingest::now_us() - b.newest_time_us) as f64 / 1e6);
-                let subscribers = [
-                    sluice::fanout::WireKind::JetstreamV1,
-                    sluice::fanout::WireKind::JetstreamV2,
-                    sluice::fanout::WireKind::Raw,
-                ]
-                .map(|w| hub.stats().subscribers(w));
+                let lag_s = bounds.map(|b| (sluice::clock::now_us() - b.newest_time_us) as f64 / 1e6);
+                let subscribers = sluice::wire::WireKind::ALL.map(|w| hub.stats().subscribers(w));
                 tracing::info!(
                     newest_seq = reader.newest_seq(),
                     oldest_seq = bounds.map(|b| b.oldest_seq),

@@ -44,7 +44,7 @@ fn metric(text: &str, name_and_labels: &str) -> Option<f64> {
 }
 
 async fn start() -> (Daemon, tempfile::TempDir, usize) {
-    let now_ms = sluice::ingest::now_us() / 1000 - 60_000;
+    let now_ms = sluice::clock::now_us() / 1000 - 60_000;
     let frames: Vec<Bytes> = generate(&SynthOptions {
         count: 400,
         start_time_ms: now_ms,

@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::Value;
 use sluice::decode::DecodeLimits;
-use sluice::ingest::{IngestOutcome, Ingestor, StampState};
+use sluice::event::StampState;
+use sluice::ingest::{IngestOutcome, Ingestor};
 
 const NSID: &str = "network.bsky.jetstream.subscribeEvents";
 

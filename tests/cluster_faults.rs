@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use cluster_common::*;
-use sluice::ingest::{IngestOutcome, Ingestor, StampState};
+use sluice::event::StampState;
+use sluice::ingest::{IngestOutcome, Ingestor};
 use sluice::upstream::replay::{self, Listen, ReplayOptions, ReplaySource, Speed};
 use sluice::upstream::synth::{generate, SynthOptions};
 
 /// Synthetic frames dated from now, so readiness (lag under 120 s) can be checked.
 fn frames(count: usize, seed: u64) -> Vec<Bytes> {
-    let now_ms = sluice::ingest::now_us() / 1000;
+    let now_ms = sluice::clock::now_us() / 1000;
     generate(&SynthOptions {
         count,
         seed,

@@ -8,7 +8,7 @@ use std::time::Duration;
 use cluster_common::RedisServer;
 use sluice::cluster::link::{Acquire, Keys, Link};
 use sluice::cluster::ClusterError;
-use sluice::ingest::StampState;
+use sluice::event::StampState;
 
 fn state(next_seq: u64, last_time_us: i64, cursor: i64) -> StampState {
     StampState {

@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use log_common::{test_config, EventGen};
 use sluice::fanout::filter::{Filter, FilterLimits};
-use sluice::fanout::{Hub, HubConfig, SlowPolicy, Start, WireKind, MAX_INDEX_WAIT};
+use sluice::fanout::{Hub, HubConfig, SlowPolicy, Start, MAX_INDEX_WAIT};
 use sluice::log::Log;
+use sluice::wire::WireKind;
 
 fn did_filter(count: usize) -> Filter {
     let dids: Vec<String> = (0..count)

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use log_common::{test_config, EventGen};
 use sluice::fanout::filter::Filter;
-use sluice::fanout::{Hub, HubConfig, SlowPolicy, Start, WireKind};
+use sluice::fanout::{Hub, HubConfig, SlowPolicy, Start};
 use sluice::log::Log;
+use sluice::wire::WireKind;
 
 #[tokio::test(flavor = "current_thread")]
 async fn live_starts_after_the_newest_logged_event_not_the_newest_dispatched() {

@@ -4,8 +4,9 @@
 use bytes::Bytes;
 use serde_json::Value;
 use sluice::decode::{decode_frame, Body, DecodeLimits, DecodedFrame};
+use sluice::event::StampState;
 use sluice::event::{Event, EventKind};
-use sluice::ingest::{IngestOutcome, Ingestor, StampState};
+use sluice::ingest::{IngestOutcome, Ingestor};
 use sluice::upstream::capture::{read_all, upstream_fixtures_dir};
 
 fn corpus() -> Vec<Vec<u8>> {

@@ -7,7 +7,8 @@ use serde_json::{json, Value};
 use sluice::decode::dagcbor_encode::encode_dag_cbor;
 use sluice::decode::DecodeLimits;
 use sluice::event::EventKind;
-use sluice::ingest::{IngestOutcome, Ingestor, StampState};
+use sluice::event::StampState;
+use sluice::ingest::{IngestOutcome, Ingestor};
 
 const DID: &str = "did:plc:edgecaseaaaaaaaaaaaaaaaa";
 const CID: &str = "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm";

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use log_common::{test_config, EventGen};
 use proptest::prelude::*;
 use sluice::event::Event;
-use sluice::ingest::StampState;
+use sluice::event::StampState;
 use sluice::log::{Log, LogError};
 
 fn run_case(

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use log_common::{test_config, EventGen};
 use sluice::event::Event;
-use sluice::ingest::StampState;
+use sluice::event::StampState;
 use sluice::log::retention::{self, RetentionConfig};
 use sluice::log::{
     Cursor, EventStore, FjallConfig, FjallStore, Log, LogError, Payloads, ReadLimits, Resolved,
@@ -273,7 +273,7 @@ fn an_old_capture_is_kept_when_it_spans_less_than_the_age_limit() {
     let reader = log.reader();
     let bounds = reader.bounds().unwrap();
     assert!(
-        bounds.newest_time_us < sluice::ingest::now_us() - 365 * 24 * 3600 * 1_000_000,
+        bounds.newest_time_us < sluice::clock::now_us() - 365 * 24 * 3600 * 1_000_000,
         "the events are old by the clock"
     );
     assert_eq!(bounds.oldest_seq, 1, "nothing was deleted");

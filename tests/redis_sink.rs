@@ -22,8 +22,9 @@ use redis_common::{free_port, RedisServer};
 use serde_json::json;
 use sluice::decode::dagcbor_encode::encode_dag_cbor;
 use sluice::decode::DecodeLimits;
+use sluice::event::StampState;
 use sluice::event::{Event, EventKind};
-use sluice::ingest::{IngestOutcome, Ingestor, StampState};
+use sluice::ingest::{IngestOutcome, Ingestor};
 use sluice::log::{Log, LogConfig, LogReader};
 use sluice::sink::{RedisSinkConfig, SinkStats};
 use sluice::upstream::capture::{read_all, upstream_fixtures_dir};
@@ -861,7 +862,7 @@ async fn streams_are_trimmed_by_length_and_by_source_time_age() {
 async fn redis_away_does_not_touch_ingest_or_subscribers() {
     use wire_common::{http_get, Env, V2_PATH};
     let mut redis = RedisServer::start();
-    let now_ms = sluice::ingest::now_us() / 1000;
+    let now_ms = sluice::clock::now_us() / 1000;
     let frames = wire_common::synth_at(3000, 7, 1_000_000, now_ms - 60_000);
     let mut config = sink_config(&redis.url());
     config.publish = false;

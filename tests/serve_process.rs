@@ -78,7 +78,7 @@ fn signal(child: &Child, sig: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_fan_out_loses_nothing() {
-    let now_ms = sluice::ingest::now_us() / 1000 - 120_000;
+    let now_ms = sluice::clock::now_us() / 1000 - 120_000;
     let frames: Vec<Bytes> = generate(&SynthOptions {
         count: 3000,
         start_time_ms: now_ms,

@@ -361,7 +361,7 @@ async fn reconnects_after_a_server_drop_and_resumes_from_its_cursor() {
 #[tokio::test]
 async fn a_drop_before_any_event_resumes_from_connect_time_not_live() {
     let server = start_server(Vec::new(), Mode::DropFirstAfter(0)).await;
-    let before = sluice::ingest::now_us();
+    let before = sluice::clock::now_us();
     let (lines, summary) = run_tail(args(server.addr, &["--duration", "400ms"])).await;
     assert!(lines.is_empty());
     assert_eq!(summary.stop, StopReason::Duration);
@@ -369,7 +369,7 @@ async fn a_drop_before_any_event_resumes_from_connect_time_not_live() {
     assert!(q.len() >= 2, "{q:?}");
     assert!(param(&q[0], "cursor").is_empty());
     let resumed: i64 = param(&q[1], "cursor")[0].parse().unwrap();
-    assert!(resumed >= before && resumed <= sluice::ingest::now_us());
+    assert!(resumed >= before && resumed <= sluice::clock::now_us());
 }
 
 #[tokio::test]

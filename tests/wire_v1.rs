@@ -139,7 +139,7 @@ async fn v1_cursor_is_inclusive_unix_micros_and_a_future_one_is_live() {
         }
     }
     // An hour in the future: live tip, nothing to send once ingest is idle.
-    let future = sluice::ingest::now_us() + 3_600_000_000;
+    let future = sluice::clock::now_us() + 3_600_000_000;
     let mut ws = connect(&env.url(&format!("/subscribe?cursor={future}"))).await;
     assert_quiet(&mut ws, "future cursor").await;
     assert_eq!(

@@ -686,7 +686,7 @@ fn start_generator(seed: u64, dids: usize, ahead: usize) -> (Receiver<GenFrame>,
             seed,
             count: usize::MAX,
             dids,
-            start_time_ms: sluice::ingest::now_us() / 1000,
+            start_time_ms: sluice::clock::now_us() / 1000,
             ..SynthOptions::default()
         });
         for frame in synth {

@@ -11,7 +11,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, Value};
 
 use super::ClusterError;
-use crate::ingest::StampState;
+use crate::event::StampState;
 
 /// The function library, loaded with `FUNCTION LOAD REPLACE` at every start.
 pub const FUNCTIONS: &str = include_str!("functions.lua");

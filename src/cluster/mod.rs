@@ -62,7 +62,7 @@ pub struct ClusterConfig {
     /// Deadline of one Redis command.
     pub redis_timeout: Duration,
     /// How long a subscriber's cursor past this node's log waits for the log to reach it
-    /// (`http::resolve_settled`).
+    /// (`http::app::resolve_settled`).
     pub cursor_grace: Duration,
 }
 

@@ -20,10 +20,12 @@ use super::tail::Tailer;
 use super::{entry, ClusterConfig, ClusterError, ClusterShared, NodeReport, Role};
 use crate::daemon::{start_ingest_with, EventSink, IngestConfig, IngestHandle};
 use crate::event::Event;
-use crate::fanout::{Hub, WireKind};
-use crate::ingest::{IngestStats, StampState};
+use crate::event::StampState;
+use crate::fanout::Hub;
+use crate::ingest::IngestStats;
 use crate::log::Log;
 use crate::upstream::client::UpstreamShared;
+use crate::wire::WireKind;
 
 /// A node's reports older than this many lease TTLs are not "live" for trimming.
 const LIVE_TTLS: u32 = 3;

@@ -32,62 +32,26 @@ use tokio::sync::{Notify, Semaphore};
 use crate::event::{Event, EventKind};
 use crate::log::{LogError, LogReader, SharedEvent};
 use crate::rate::{SharedBudget, TokenBucket};
+use crate::wire::WireKind;
 use filter::{collection_prefixes, Filter};
 
-/// The wire a subscriber speaks: decides which payload it receives.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum WireKind {
-    JetstreamV1,
-    JetstreamV2,
-    Raw,
+/// Whether the event is sent on `wire` to a subscriber with `filter`. The raw wire sends
+/// a frame once: with its first event, or with the first event that matches a collection
+/// filter (the connection drops later events of the same frame).
+fn visible(wire: WireKind, event: &Event, filter: &Filter) -> bool {
+    match wire {
+        WireKind::Raw if !filter.has_collections() => crate::wire::raw::frame_of(event).is_some(),
+        WireKind::Raw => true,
+        _ => wire.payload(event).is_some(),
+    }
 }
 
-impl WireKind {
-    /// Position of this wire in per-wire counter arrays.
-    pub fn index(self) -> usize {
-        match self {
-            WireKind::JetstreamV1 => 0,
-            WireKind::JetstreamV2 => 1,
-            WireKind::Raw => 2,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            WireKind::JetstreamV1 => "jetstream_v1",
-            WireKind::JetstreamV2 => "jetstream_v2",
-            WireKind::Raw => "raw",
-        }
-    }
-
-    /// The bytes this wire carries for the event, when it carries the event at all.
-    pub fn payload(self, event: &Event) -> Option<&Bytes> {
-        match self {
-            WireKind::JetstreamV1 => event.v1_json.as_ref(),
-            WireKind::JetstreamV2 => event.v2_json.as_ref(),
-            WireKind::Raw => (!event.raw_frame.is_empty()).then_some(&event.raw_frame),
-        }
-    }
-
-    /// Whether the event is sent on this wire to a subscriber with `filter`. The raw wire
-    /// sends a frame once: with its first event, or with the first event that matches a
-    /// collection filter (the connection drops later events of the same frame).
-    fn visible(self, event: &Event, filter: &Filter) -> bool {
-        match self {
-            WireKind::Raw if !filter.has_collections() => {
-                crate::wire::raw::frame_of(event).is_some()
-            }
-            WireKind::Raw => true,
-            _ => self.payload(event).is_some(),
-        }
-    }
-
-    fn payloads(self) -> crate::log::Payloads {
-        match self {
-            WireKind::JetstreamV1 => crate::log::Payloads::V1,
-            WireKind::JetstreamV2 => crate::log::Payloads::V2,
-            WireKind::Raw => crate::log::Payloads::RAW,
-        }
+/// Which stored payloads a catch-up read of `wire` needs.
+fn payloads(wire: WireKind) -> crate::log::Payloads {
+    match wire {
+        WireKind::JetstreamV1 => crate::log::Payloads::V1,
+        WireKind::JetstreamV2 => crate::log::Payloads::V2,
+        WireKind::Raw => crate::log::Payloads::RAW,
     }
 }
 
@@ -598,7 +562,7 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent]) {
                 return;
             }
             entry.last_pushed = event.seq;
-            if !entry.filter.matches(event) || !entry.wire.visible(event, &entry.filter) {
+            if !entry.filter.matches(event) || !visible(entry.wire, event, &entry.filter) {
                 return;
             }
             let size = entry.wire.payload(event).map_or(0, Bytes::len);
@@ -787,7 +751,7 @@ impl Subscription {
                         .filter(|e| {
                             e.seq > self.seen_through
                                 && self.filter.matches(e)
-                                && self.wire.visible(e, &self.filter)
+                                && visible(self.wire, e, &self.filter)
                         })
                         .collect();
                     self.seen_through = self.seen_through.max(last_seq);
@@ -867,7 +831,7 @@ impl Subscription {
                 max_events: max,
                 max_bytes: self.hub.config.catchup_batch_bytes,
             };
-            let payloads = self.wire.payloads();
+            let payloads = payloads(self.wire);
             tokio::task::spawn_blocking(move || reader.read_from_with(next, limits, payloads))
                 .await
                 .map_err(|e| End::ReadFailed(e.to_string()))?

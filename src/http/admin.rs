@@ -16,19 +16,19 @@ use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use serde_json::json;
 
+use crate::clock::now_us;
 use crate::decode::DecodeError;
 use crate::event::EventKind;
-use crate::fanout::{Hub, WireKind};
+use crate::fanout::Hub;
+use crate::http::app::AppState;
 use crate::http::budget::Spent;
 use crate::http::listen::{Refused, Side};
 use crate::http::session::SessionEnd;
-use crate::http::AppState;
-use crate::ingest::{now_us, IngestStats};
+use crate::ingest::IngestStats;
 use crate::log::Log;
 use crate::sink::{SinkError, SinkStats};
 use crate::upstream::client::UpstreamShared;
-
-const WIRES: [WireKind; 3] = [WireKind::JetstreamV1, WireKind::JetstreamV2, WireKind::Raw];
+use crate::wire::WireKind;
 
 /// What the admin endpoints read.
 pub struct AdminState {
@@ -168,7 +168,7 @@ impl AdminState {
             // alert fires on (`sluice_upstream_connected` and readiness cover that case).
             gauge!("sluice_upstream_lag_seconds").set(self.lag_seconds().unwrap_or(f64::NAN));
             let hub = self.hub.stats();
-            for wire in WIRES {
+            for wire in WireKind::ALL {
                 let name = wire.as_str();
                 gauge!("sluice_subscribers", "wire" => name).set(hub.subscribers(wire) as f64);
                 let c = self.app.stats.counters(wire);
@@ -366,7 +366,7 @@ impl AdminState {
         let ingest = self.ingest_stats.lock().clone();
         let reader = self.log.reader();
         let hub = self.hub.stats();
-        let wires: serde_json::Map<String, serde_json::Value> = WIRES
+        let wires: serde_json::Map<String, serde_json::Value> = WireKind::ALL
             .iter()
             .map(|&w| {
                 let c = self.app.stats.counters(w);

@@ -19,7 +19,8 @@ use crate::http::budget::{spent_in, Spent};
 use crate::log::SharedEvent;
 use crate::rate::TokenBucket;
 
-use super::websocket::{Frame, Socket};
+use super::websocket::Socket;
+use crate::wire::Frame;
 
 /// Limits of one session.
 #[derive(Debug, Clone)]

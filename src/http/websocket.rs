@@ -36,38 +36,13 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::http::budget::ConnMemory;
+use crate::wire::Frame;
 
-/// One data message for a subscriber. The payload is shared (a refcount, never a copy);
-/// the frame header is written per subscriber because its length encoding is all it holds.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Frame {
-    /// UTF-8 by construction: every text payload is built by the wires' JSON writers from
-    /// `str`s, and events read back from the log are checksummed, so no per-subscriber
-    /// validation is done.
-    Text(Bytes),
-    Binary(Bytes),
-}
-
-impl Frame {
-    pub fn payload(&self) -> &Bytes {
-        match self {
-            Frame::Text(b) | Frame::Binary(b) => b,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.payload().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.payload().is_empty()
-    }
-
-    fn opcode(&self) -> OpCode {
-        match self {
-            Frame::Text(_) => OpCode::Data(Data::Text),
-            Frame::Binary(_) => OpCode::Data(Data::Binary),
-        }
+/// The websocket opcode a frame goes out with.
+fn opcode(frame: &Frame) -> OpCode {
+    match frame {
+        Frame::Text(_) => OpCode::Data(Data::Text),
+        Frame::Binary(_) => OpCode::Data(Data::Binary),
     }
 }
 
@@ -343,7 +318,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
 /// The header of a server's (unmasked, unfragmented) frame carrying `frame`.
 fn frame_header(frame: &Frame) -> FrameHeader {
     FrameHeader {
-        opcode: frame.opcode(),
+        opcode: opcode(frame),
         ..FrameHeader::default()
     }
 }

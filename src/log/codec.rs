@@ -21,7 +21,7 @@ use bytes::Bytes;
 
 use crate::event::{Event, EventKind};
 
-use super::store::{LogError, Payloads, Segment, SharedEvent};
+use super::store::{EncodedSegment, LogError, Payloads, Segment, SharedEvent};
 
 const EVENTS_MAGIC: &[u8; 4] = b"SLE1";
 const FRAMES_MAGIC: &[u8; 4] = b"SLF1";
@@ -46,14 +46,6 @@ impl Default for Compression {
             raw_level: -3,
         }
     }
-}
-
-/// One encoded segment, ready to be stored.
-#[derive(Debug, Clone)]
-pub struct EncodedSegment {
-    pub info: Segment,
-    pub events_value: Vec<u8>,
-    pub frames_value: Vec<u8>,
 }
 
 /// Splits `events` (whole frames) into runs of whole frames of about `target_bytes`

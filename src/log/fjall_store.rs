@@ -41,11 +41,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
 
 use crate::event::Event;
-use crate::ingest::StampState;
+use crate::event::StampState;
 
-use super::codec::{self, Compression, EncodedSegment, Encoder};
+use super::codec::{self, Compression, Encoder};
 use super::store::{
-    Bounds, EventStore, LogError, Payloads, ReadLimits, RecoveryReport, Segment, SharedEvent,
+    Bounds, EncodedSegment, EventStore, LogError, Payloads, ReadLimits, RecoveryReport, Segment,
+    SharedEvent,
 };
 
 const RESUME_KEY: &[u8] = b"resume";

@@ -42,7 +42,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::event::Event;
-use crate::ingest::StampState;
+use crate::event::StampState;
 
 pub use codec::Compression;
 pub use fjall_store::{FjallConfig, FjallStore};

@@ -11,10 +11,7 @@
 
 use std::sync::Arc;
 
-use crate::event::Event;
-use crate::ingest::StampState;
-
-use super::codec::EncodedSegment;
+use crate::event::{Event, StampState};
 
 /// An event shared between the hot tail, the writer and every reader.
 pub type SharedEvent = Arc<Event>;
@@ -92,6 +89,14 @@ pub struct Segment {
     pub last_upstream_seq: i64,
     /// Stored (compressed) bytes of this segment.
     pub bytes: u64,
+}
+
+/// One segment as the codec encoded it (`log::codec`), ready to be stored.
+#[derive(Debug, Clone)]
+pub struct EncodedSegment {
+    pub info: Segment,
+    pub events_value: Vec<u8>,
+    pub frames_value: Vec<u8>,
 }
 
 /// What opening a store found and repaired.

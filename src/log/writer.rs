@@ -28,11 +28,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-use crate::ingest::StampState;
+use crate::event::StampState;
 use crate::logging::RateLimited;
 
-use super::codec::EncodedSegment;
-use super::store::{EventStore, LogError, SharedEvent};
+use super::store::{EncodedSegment, EventStore, LogError, SharedEvent};
 use super::tail::HotTail;
 
 struct QueueState {

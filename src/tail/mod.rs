@@ -218,7 +218,7 @@ pub async fn tail<W: Write + Send>(
         if cursor.is_none() {
             // Started live: if this connection drops before any event, resume from when
             // it was opened rather than from "live again", so nothing in between is lost.
-            start_cursor = Some(crate::ingest::now_us());
+            start_cursor = Some(crate::clock::now_us());
         }
         let ended = t.connection(&url, deadline, stop.as_mut()).await;
         let (progressed, retry_after, why) = match ended {
@@ -283,7 +283,7 @@ fn parse_cursor(text: &str) -> Result<i64, String> {
     }
     if let Ok(ago) = humantime::parse_duration(text) {
         let ago_us = i64::try_from(ago.as_micros()).unwrap_or(i64::MAX);
-        return Ok(crate::ingest::now_us().saturating_sub(ago_us).max(0));
+        return Ok(crate::clock::now_us().saturating_sub(ago_us).max(0));
     }
     Err(format!(
         "{text:?} is not unix microseconds, an RFC 3339 time or a duration ago (2h)"
@@ -392,7 +392,7 @@ impl<W: Write> Tailer<'_, W> {
                     return End::Stop(StopReason::Duration);
                 }
                 _ = tick.tick() => {
-                    self.progress.tick(crate::ingest::now_us());
+                    self.progress.tick(crate::clock::now_us());
                     if let Err(end) = self.flush_and_save(false).map_err(|e| self.output_failed(e)) {
                         return end;
                     }
@@ -492,7 +492,7 @@ impl<W: Write> Tailer<'_, W> {
         self.summary.events += 1;
         if let Some((t, id)) = identity {
             self.pos.advance(t, id);
-            self.progress.on_event(t, crate::ingest::now_us());
+            self.progress.on_event(t, crate::clock::now_us());
         }
         if self.args.count.is_some_and(|n| self.summary.events >= n) {
             return Ok(Handled::Stop(StopReason::Count));
@@ -653,7 +653,7 @@ mod tests {
             Ok(1_700_000_000_000_000)
         );
         let ago = parse_cursor("1h").unwrap();
-        let expect = crate::ingest::now_us() - 3_600_000_000;
+        let expect = crate::clock::now_us() - 3_600_000_000;
         assert!((ago - expect).abs() < 5_000_000);
         assert!(parse_cursor("-5").is_err());
         assert!(parse_cursor("yesterday-ish").is_err());

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use bytes::Bytes;
 use parking_lot::Mutex;
 
-use crate::http::websocket::Frame;
+use super::Frame;
 use crate::logging::RateLimited;
 
 /// Jetstream's v1 dictionary: what every `compress=true` client decodes with.

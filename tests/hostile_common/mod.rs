@@ -33,7 +33,7 @@ pub fn free_port() -> u16 {
 /// at `speed` times real time (frames are 1-4 ms apart), so events keep arriving for a
 /// while; returns its `ws://` URL.
 pub async fn slow_upstream(count: usize, speed: f64) -> String {
-    let now_ms = sluice::ingest::now_us() / 1000;
+    let now_ms = sluice::clock::now_us() / 1000;
     let frames: Vec<Bytes> = generate(&SynthOptions {
         count,
         start_time_ms: now_ms - 60_000,

@@ -67,7 +67,7 @@ pub fn synth(count: usize, seed: u64, age: Duration) -> Vec<Bytes> {
     cache
         .entry((count, seed, age))
         .or_insert_with(|| {
-            let now_ms = sluice::ingest::now_us() / 1000;
+            let now_ms = sluice::clock::now_us() / 1000;
             synth_at(count, seed, 1_000_000, now_ms - age.as_millis() as i64)
         })
         .clone()
@@ -276,7 +276,7 @@ impl Env {
     /// ago, with one hour of age retention checked every 50 ms in small segments: once it
     /// returns, retention has deleted a prefix of the log (the oldest held seq is > 1).
     pub async fn with_deleted_prefix() -> Env {
-        let now_ms = sluice::ingest::now_us() / 1000;
+        let now_ms = sluice::clock::now_us() / 1000;
         let mut frames = synth_at(400, 3, 1_000_000, 1_590_000_000_000);
         frames.extend(synth_at(400, 4, 2_000_000, now_ms - 600_000));
         let env = Env::start(frames, Speed::Max, false, |c| {

@@ -28,7 +28,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use sluice::cluster::entry;
 use sluice::cluster::link::{Acquire, Keys, Link};
 use sluice::event::Event;
-use sluice::ingest::{IngestOutcome, Ingestor, StampState};
+use sluice::event::StampState;
+use sluice::ingest::{IngestOutcome, Ingestor};
 
 #[derive(Parser, Clone)]
 pub struct AppendArgs {
@@ -477,7 +478,7 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
     let (_redis, rport) = start_redis(&args.redis_server, &dir.join("redis"))?;
     // 20 s of synthetic frames (1-4 ms apart at speed 1), looped with fresh seqs and times.
     let count = (args.rate as usize * 20).max(1000);
-    let now_ms = sluice::ingest::now_us() / 1000;
+    let now_ms = sluice::clock::now_us() / 1000;
     let frames: Vec<Bytes> =
         sluice::upstream::synth::generate(&sluice::upstream::synth::SynthOptions {
             count,

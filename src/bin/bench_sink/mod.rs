@@ -17,7 +17,8 @@ use bytes::Bytes;
 use clap::Parser;
 use serde_json::json;
 
-use sluice::ingest::{IngestOutcome, Ingestor, StampState};
+use sluice::event::StampState;
+use sluice::ingest::{IngestOutcome, Ingestor};
 use sluice::log::{Log, LogConfig};
 use sluice::sink::RedisSinkConfig;
 use sluice::upstream::synth::{Synth, SynthOptions};
@@ -74,7 +75,7 @@ pub async fn redis_sink(args: RedisSinkArgs) -> anyhow::Result<()> {
     });
     let mut appended = 0usize;
     for frame in synth {
-        let received = sluice::ingest::now_us();
+        let received = sluice::clock::now_us();
         if let IngestOutcome::Events(events) = ingestor.ingest(Bytes::from(frame), received) {
             appended += events.len();
             log.append(events)
