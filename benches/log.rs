@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
 use sluice::decode::DecodeLimits;
-use sluice::event::Event;
-use sluice::event::StampState;
+use sluice::event::{Event, StampState};
 use sluice::ingest::{IngestOutcome, Ingestor};
 use sluice::log::{
     EventStore, FjallConfig, FjallStore, HotTail, Log, LogConfig, Payloads, ReadLimits, TailRead,

@@ -592,7 +592,7 @@ impl ServeArgs {
             queue_max_events: usize_of(self.queue_max_events)?,
             queue_max_bytes: usize_of(self.queue_max_kib * 1024)?,
             cold_read_concurrency: usize_of(self.cold_read_concurrency)?,
-            catchup_events_per_sec: self.replay_events_per_sec,
+            replay_events_per_sec: self.replay_events_per_sec,
             catchup_batch_bytes: usize_of(self.catchup_batch_kib * 1024)?,
             index_changes_per_sec: self.max_index_changes_per_sec,
             index_changes_per_sec_per_ip: self.max_index_changes_per_sec_per_ip,

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
-use crate::event::Event;
-use crate::event::StampState;
+use crate::event::{Event, StampState};
 use crate::http::listen::{Connections, Side};
 use crate::ingest::{IngestOutcome, IngestStats, Ingestor};
 use crate::logging::RateLimited;

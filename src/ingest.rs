@@ -340,9 +340,6 @@ impl IngestConfig {
 /// `/zstd-dictionary` keep working. Existing v1 clients cannot decode with it: they embed
 /// Jetstream's, the default.
 pub fn trained_v1_dictionary() -> std::io::Result<Vec<u8>> {
-    use crate::decode::DecodeLimits;
-    use crate::event::StampState;
-    use crate::ingest::{IngestOutcome, Ingestor};
     use crate::upstream::synth::{Synth, SynthOptions};
     let opts = SynthOptions {
         seed: 7,

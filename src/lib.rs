@@ -8,6 +8,7 @@
 pub mod clock;
 pub mod cluster;
 pub mod config;
+pub mod consumer;
 pub mod daemon;
 pub mod decode;
 pub mod event;
@@ -19,6 +20,5 @@ pub mod logging;
 pub mod rate;
 pub mod sink;
 pub mod systemd;
-pub mod tail;
 pub mod upstream;
 pub mod wire;

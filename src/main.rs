@@ -45,7 +45,7 @@ enum Command {
     /// Generate realistic synthetic frames into a capture file.
     Synth(SynthArgs),
     /// Print events from a Jetstream v1 endpoint (sluice's /subscribe or any Jetstream).
-    Tail(sluice::tail::TailArgs),
+    Tail(sluice::consumer::TailArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -158,7 +158,7 @@ fn main() -> std::process::ExitCode {
             Command::Record(args) => record(args).await,
             Command::Replay(args) => replay(args).await,
             Command::Synth(args) => synth(args),
-            Command::Tail(args) => sluice::tail::run(args).await,
+            Command::Tail(args) => sluice::consumer::run(args).await,
         }
     });
     match result {

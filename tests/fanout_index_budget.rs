@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use log_common::{test_config, EventGen};
 use sluice::fanout::filter::{Filter, FilterLimits};
-use sluice::fanout::{Hub, HubConfig, SlowPolicy, Start, MAX_INDEX_WAIT};
+use sluice::fanout::{Hub, HubConfig, IndexBusy, SlowPolicy, Start, MAX_INDEX_WAIT};
 use sluice::log::Log;
 use sluice::wire::WireKind;
 
@@ -68,7 +68,7 @@ async fn subscribes_and_filter_changes_wait_for_the_budget_and_are_refused_past_
     // 2,500 DIDs with 500 owed would take 5.5 s: refused, and nothing is taken.
     let refused = hub.reserve_subscribe(&did_filter(2500), Start::Live);
     assert!(
-        matches!(refused, Err(w) if w > MAX_INDEX_WAIT),
+        matches!(refused, Err(IndexBusy { would_wait }) if would_wait > MAX_INDEX_WAIT),
         "big reservation: {refused:?}"
     );
     let sub = hub.subscribe(

@@ -9,8 +9,7 @@ use std::time::{Duration, Instant};
 
 use log_common::{test_config, EventGen};
 use proptest::prelude::*;
-use sluice::event::Event;
-use sluice::event::StampState;
+use sluice::event::{Event, StampState};
 use sluice::log::{Log, LogError};
 
 fn run_case(

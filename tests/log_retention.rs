@@ -7,8 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log_common::{test_config, EventGen};
-use sluice::event::Event;
-use sluice::event::StampState;
+use sluice::event::{Event, StampState};
 use sluice::log::retention::{self, RetentionConfig};
 use sluice::log::{
     Cursor, EventStore, FjallConfig, FjallStore, Log, LogError, Payloads, ReadLimits, Resolved,

@@ -5,8 +5,7 @@ mod log_common;
 use std::time::Duration;
 
 use log_common::{assert_same, test_config, EventGen};
-use sluice::event::Event;
-use sluice::event::StampState;
+use sluice::event::{Event, StampState};
 use sluice::log::{Cursor, Log, LogError, Payloads, ReadLimits, Resolved};
 
 fn read_all(log: &Log, from: u64, chunk: usize) -> Vec<std::sync::Arc<Event>> {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
-use sluice::tail::{self, StopReason, TailArgs};
+use sluice::consumer::{self, StopReason, TailArgs};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::{
     handshake::server::{ErrorResponse, Request, Response},
@@ -203,11 +203,11 @@ impl SharedOut {
     }
 }
 
-async fn run_tail(args: TailArgs) -> (Vec<String>, tail::TailSummary) {
+async fn run_tail(args: TailArgs) -> (Vec<String>, consumer::TailSummary) {
     let out = SharedOut::default();
     let summary = tokio::time::timeout(
         LIMIT,
-        tail::tail(&args, out.clone(), std::future::pending::<()>()),
+        consumer::tail(&args, out.clone(), std::future::pending::<()>()),
     )
     .await
     .expect("tail finished in time")
@@ -393,7 +393,7 @@ async fn ctrl_c_saves_the_cursor_of_what_was_printed() {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let out_in_task = out.clone();
     let task = tokio::spawn(async move {
-        tail::tail(&a, out_in_task, async {
+        consumer::tail(&a, out_in_task, async {
             let _ = stop_rx.await;
         })
         .await
@@ -422,7 +422,7 @@ async fn an_invalid_request_fails_fast_instead_of_retrying() {
     let out = SharedOut::default();
     let result = tokio::time::timeout(
         LIMIT,
-        tail::tail(
+        consumer::tail(
             &args(server.addr, &["--collection", "app.bsky.feed.post"]),
             out,
             std::future::pending::<()>(),
@@ -450,7 +450,7 @@ async fn overload_answers_are_retried() {
 async fn bad_filters_are_rejected_before_connecting() {
     let server = start_server(Vec::new(), Mode::Serve).await;
     let out = SharedOut::default();
-    let result = tail::tail(
+    let result = consumer::tail(
         &args(server.addr, &["--collection", "*"]),
         out,
         std::future::pending::<()>(),
@@ -514,7 +514,7 @@ async fn a_cursor_out_of_retention_stops_instead_of_skipping() {
     let out = SharedOut::default();
     let result = tokio::time::timeout(
         LIMIT,
-        tail::tail(
+        consumer::tail(
             &args(server.addr, &["--format", "jsonl"]),
             out.clone(),
             std::future::pending::<()>(),

@@ -35,6 +35,13 @@ use crate::rate::{SharedBudget, TokenBucket};
 use crate::wire::WireKind;
 use filter::{collection_prefixes, Filter};
 
+/// A filter's routing-index work that the index budget cannot pay for within the wait
+/// allowed: nothing was reserved, and `would_wait` is how long it would have taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexBusy {
+    pub would_wait: Duration,
+}
+
 /// Whether the event is sent on `wire` to a subscriber with `filter`. The raw wire sends
 /// a frame once: with its first event, or with the first event that matches a collection
 /// filter (the connection drops later events of the same frame).
@@ -92,7 +99,7 @@ pub struct HubConfig {
     /// Concurrent reads below the hot tail (cold replays), across all subscribers.
     pub cold_read_concurrency: usize,
     /// Per-connection ceiling while catching up, events per second.
-    pub catchup_events_per_sec: u64,
+    pub replay_events_per_sec: u64,
     /// Routing-index entries added or removed per second, hub-wide (burst as many): the
     /// bound on how long filter changes can hold the lock every dispatch needs.
     pub index_changes_per_sec: u64,
@@ -117,7 +124,7 @@ impl Default for HubConfig {
             catchup_batch: 512,
             catchup_batch_bytes: 1024 * 1024,
             cold_read_concurrency: 4,
-            catchup_events_per_sec: 200_000,
+            replay_events_per_sec: 200_000,
             index_changes_per_sec: 200_000,
             index_changes_per_sec_per_ip: 50_000,
             scan_events_per_sec: 1_000_000,
@@ -307,9 +314,13 @@ impl HubInner {
         filter: &Filter,
         max_wait: Duration,
         peer: Option<IpAddr>,
-    ) -> Result<Duration, Duration> {
+    ) -> Result<Duration, IndexBusy> {
         let cost = 2.0 * filter.index_entries() as f64;
-        let reserved = self.index_budget.lock().take_within(peer, cost, max_wait);
+        let reserved = self
+            .index_budget
+            .lock()
+            .take_within(peer, cost, max_wait)
+            .map_err(|would_wait| IndexBusy { would_wait });
         if reserved.is_ok_and(|wait| !wait.is_zero()) {
             self.stats.index_waits.fetch_add(1, Ordering::Relaxed);
         }
@@ -322,7 +333,7 @@ impl HubInner {
         &self,
         filter: &Filter,
         peer: Option<IpAddr>,
-    ) -> Result<Duration, Duration> {
+    ) -> Result<Duration, IndexBusy> {
         let reserved = self.reserve_index(filter, MAX_INDEX_WAIT, peer);
         if reserved.is_err() {
             self.stats.index_refusals.fetch_add(1, Ordering::Relaxed);
@@ -411,7 +422,7 @@ impl Hub {
     /// wait before [`Hub::subscribe`], or (nothing reserved) the wait over
     /// [`MAX_INDEX_WAIT`] it would have been. A subscription that starts from the log
     /// enters the index only when it catches up, and pays then.
-    pub fn reserve_subscribe(&self, filter: &Filter, start: Start) -> Result<Duration, Duration> {
+    pub fn reserve_subscribe(&self, filter: &Filter, start: Start) -> Result<Duration, IndexBusy> {
         self.reserve_subscribe_from(filter, start, None)
     }
 
@@ -422,7 +433,7 @@ impl Hub {
         filter: &Filter,
         start: Start,
         peer: Option<IpAddr>,
-    ) -> Result<Duration, Duration> {
+    ) -> Result<Duration, IndexBusy> {
         match start {
             Start::Live => self.inner.reserve_index_for_client(filter, peer),
             Start::From(_) => Ok(Duration::ZERO),
@@ -504,8 +515,8 @@ impl Hub {
             mode,
             seen_through,
             tokens: TokenBucket::new(
-                self.inner.config.catchup_events_per_sec as f64,
-                self.inner.config.catchup_events_per_sec as f64,
+                self.inner.config.replay_events_per_sec as f64,
+                self.inner.config.replay_events_per_sec as f64,
             ),
             peer: None,
         }
@@ -656,7 +667,7 @@ impl Subscription {
     /// before [`Subscription::set_filter`], or (nothing reserved) the wait over
     /// [`MAX_INDEX_WAIT`] it would have been. The old filter's removal was paid when it
     /// went in.
-    pub fn reserve_filter_change(&self, filter: &Filter) -> Result<Duration, Duration> {
+    pub fn reserve_filter_change(&self, filter: &Filter) -> Result<Duration, IndexBusy> {
         self.hub.reserve_index_for_client(filter, self.peer)
     }
 
@@ -859,9 +870,9 @@ impl Subscription {
         // Without budget the subscriber stays on the log a while longer: it loses
         // nothing, and one that cycles between live and catch-up cannot churn the index
         // faster than the budget allows.
-        if let Err(wait) = self
-            .hub
-            .reserve_index(&entry.filter, Duration::ZERO, self.peer)
+        if let Err(IndexBusy { would_wait: wait }) =
+            self.hub
+                .reserve_index(&entry.filter, Duration::ZERO, self.peer)
         {
             self.hub
                 .stats

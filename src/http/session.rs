@@ -93,8 +93,8 @@ pub trait WireSession: Send + 'static {
     fn client_max_message_bytes(&self) -> usize;
     /// What to tell the subscriber about an event it will not get because of its size.
     fn oversized_notice(&self, event: &Event, size: usize, limit: usize) -> Option<Frame>;
-    /// The last message before closing for `end`, and the close code and reason.
-    fn ending(&self, end: &End) -> (Option<Frame>, u16, String);
+    /// How the session says goodbye when its stream ends with `end`.
+    fn ending(&self, end: &End) -> Closing;
     /// A text message from the client (e.g. `options_update`): the filter it asks for, if
     /// any (the session pays its index work and applies it); Err closes the session.
     fn on_text(&mut self, text: &str) -> Result<Option<Filter>, String>;
@@ -190,6 +190,14 @@ pub async fn pause(wait: Duration, shutdown: &mut watch::Receiver<bool>) -> bool
         _ = tokio::time::sleep(wait) => true,
         _ = shutdown.wait_for(|&s| s) => false,
     }
+}
+
+/// How a session says goodbye on the wire: its last message, if the wire has one for
+/// this end (an error frame), then a close frame with `code` and `reason`.
+pub struct Closing {
+    pub last: Option<Frame>,
+    pub code: u16,
+    pub reason: String,
 }
 
 /// How waiting for the index budget before applying a filter change ended.
@@ -318,7 +326,7 @@ pub async fn run(
                             };
                             let wait = match sub.reserve_filter_change(&filter) {
                                 Ok(wait) => wait,
-                                Err(wait) => break 'session SessionEnd::IndexBusy(wait),
+                                Err(busy) => break 'session SessionEnd::IndexBusy(busy.would_wait),
                             };
                             match wait_for_budget(&mut socket, wait, &mut shutdown).await {
                                 Waited::Done => {}
@@ -436,7 +444,10 @@ pub async fn run(
                 retry_after(config.retry_after_secs)
             ),
         ),
-        SessionEnd::Stream(stream_end) => wire.ending(stream_end),
+        SessionEnd::Stream(stream_end) => {
+            let closing = wire.ending(stream_end);
+            (closing.last, closing.code, closing.reason)
+        }
         SessionEnd::Protocol(problem) => (None, 1008, problem.clone()),
         SessionEnd::PeerDead => (None, 1001, "no pong".to_string()),
         SessionEnd::MessageTooBig => (

@@ -40,8 +40,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
 
-use crate::event::Event;
-use crate::event::StampState;
+use crate::event::{Event, StampState};
 
 use super::codec::{self, Compression, Encoder};
 use super::store::{

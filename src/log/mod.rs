@@ -41,8 +41,7 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::event::Event;
-use crate::event::StampState;
+use crate::event::{Event, StampState};
 
 pub use codec::Compression;
 pub use fjall_store::{FjallConfig, FjallStore};

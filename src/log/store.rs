@@ -2,8 +2,8 @@
 //!
 //! Owns: the [`EventStore`] trait and the plain types it speaks (bounds, segments, read
 //! limits, payload selection, recovery report, errors). Must never: assume a local disk
-//! (a Redis Streams backend implements this same trait), hold events in memory beyond a
-//! read, or hand out an event that is not durable.
+//! (fjall is the one implementation today; the trait is the seam for another), hold
+//! events in memory beyond a read, or hand out an event that is not durable.
 //!
 //! Unit of storage: a *segment* is a run of consecutive events (whole upstream frames)
 //! written together; it is the unit of retention, so `delete_before` works at segment

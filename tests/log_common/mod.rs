@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sluice::decode::DecodeLimits;
-use sluice::event::StampState;
-use sluice::event::{Event, EventKind};
+use sluice::event::{Event, EventKind, StampState};
 use sluice::ingest::{IngestOutcome, Ingestor};
 use sluice::log::LogConfig;
 use sluice::upstream::capture::{read_all, upstream_fixtures_dir};

@@ -27,8 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use sluice::cluster::entry;
 use sluice::cluster::link::{Acquire, Keys, Link};
-use sluice::event::Event;
-use sluice::event::StampState;
+use sluice::event::{Event, StampState};
 use sluice::ingest::{IngestOutcome, Ingestor};
 
 #[derive(Parser, Clone)]

@@ -21,7 +21,7 @@ use crate::fanout::{End, SlowPolicy, Start};
 use crate::http::admission::Refusal;
 use crate::http::app::{ensure_zstd_v1, resolve_settled, AppState};
 use crate::http::reply::{bad_request, log_unavailable, parse_bool, query_pairs, refusal_response};
-use crate::http::session::{self, WireSession};
+use crate::http::session::{self, Closing, WireSession};
 use crate::http::websocket::{Socket, Upgrade};
 use crate::log::{Cursor, Resolved};
 use crate::wire::zstd::{self, Zstd};
@@ -241,7 +241,7 @@ async fn hello(
             .and_then(|options| session.apply(options).map_err(HelloEnd::Invalid))
             .and_then(|filter| match state.hub.reserve_subscribe_from(&filter, start, Some(peer.ip())) {
                 Ok(wait) => Ok((filter, wait)),
-                Err(wait) => Err(HelloEnd::IndexBusy(wait)),
+                Err(busy) => Err(HelloEnd::IndexBusy(busy.would_wait)),
             }),
         _ = shutdown.wait_for(|&s| s) => Err(HelloEnd::Shutdown),
     }
@@ -346,16 +346,30 @@ impl WireSession for V1Session {
         Some(Frame::Text(Bytes::from(notice)))
     }
 
-    fn ending(&self, end: &End) -> (Option<Frame>, u16, String) {
+    fn ending(&self, end: &End) -> Closing {
         match end {
-            End::TooSlow => (None, 1008, "ConsumerTooSlow".into()),
-            End::TooOld { oldest } => (
-                None,
-                1008,
-                format!("CursorTooOld: position fell out of retention (oldest seq {oldest})"),
-            ),
-            End::Closed => (None, 1012, "sluice is restarting".into()),
-            End::ReadFailed(_) => (None, 1011, "InternalError".into()),
+            End::TooSlow => Closing {
+                last: None,
+                code: 1008,
+                reason: "ConsumerTooSlow".into(),
+            },
+            End::TooOld { oldest } => Closing {
+                last: None,
+                code: 1008,
+                reason: format!(
+                    "CursorTooOld: position fell out of retention (oldest seq {oldest})"
+                ),
+            },
+            End::Closed => Closing {
+                last: None,
+                code: 1012,
+                reason: "sluice is restarting".into(),
+            },
+            End::ReadFailed(_) => Closing {
+                last: None,
+                code: 1011,
+                reason: "InternalError".into(),
+            },
         }
     }
 

@@ -18,7 +18,7 @@ use crate::fanout::filter::{Filter, Kind};
 use crate::fanout::{End, SlowPolicy, Start};
 use crate::http::app::{resolve_settled, AppState};
 use crate::http::reply::{bad_request, log_unavailable, query_pairs, unknown_zstd_dictionary};
-use crate::http::session::WireSession;
+use crate::http::session::{Closing, WireSession};
 use crate::http::websocket::Upgrade;
 use crate::log::{Cursor, Resolved};
 use crate::wire::jetstream_v2::{error_frame, info};
@@ -223,30 +223,34 @@ impl WireSession for V2Session {
         ))
     }
 
-    fn ending(&self, end: &End) -> (Option<Frame>, u16, String) {
+    fn ending(&self, end: &End) -> Closing {
         match end {
-            End::TooSlow => (
-                Some(error_frame(
+            End::TooSlow => Closing {
+                last: Some(error_frame(
                     "ConsumerTooSlow",
                     "subscriber queue overflowed",
                 )),
-                1008,
-                "ConsumerTooSlow".into(),
-            ),
-            End::TooOld { oldest } => (
-                Some(error_frame(
+                code: 1008,
+                reason: "ConsumerTooSlow".into(),
+            },
+            End::TooOld { oldest } => Closing {
+                last: Some(error_frame(
                     "CursorTooOld",
                     &format!("position fell out of retention; the oldest seq held is {oldest}"),
                 )),
-                1008,
-                "CursorTooOld".into(),
-            ),
-            End::Closed => (None, 1012, "sluice is restarting".into()),
-            End::ReadFailed(e) => (
-                Some(error_frame("InternalError", e)),
-                1011,
-                "InternalError".into(),
-            ),
+                code: 1008,
+                reason: "CursorTooOld".into(),
+            },
+            End::Closed => Closing {
+                last: None,
+                code: 1012,
+                reason: "sluice is restarting".into(),
+            },
+            End::ReadFailed(e) => Closing {
+                last: Some(error_frame("InternalError", e)),
+                code: 1011,
+                reason: "InternalError".into(),
+            },
         }
     }
 

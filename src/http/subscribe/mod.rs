@@ -67,7 +67,7 @@ pub fn admit(
         IndexCost::Now { filter, start } => state
             .hub
             .reserve_subscribe_from(filter, start, Some(peer.ip()))
-            .map_err(|wait| Box::new(index_busy_response(wait)))?,
+            .map_err(|busy| Box::new(index_busy_response(busy.would_wait)))?,
     };
     Ok(Admitted {
         _permit: permit,

@@ -18,7 +18,7 @@ use crate::fanout::filter::Filter;
 use crate::fanout::{End, SlowPolicy, Start};
 use crate::http::app::{resolve_settled, AppState};
 use crate::http::reply::{bad_request, log_unavailable, query_pairs};
-use crate::http::session::WireSession;
+use crate::http::session::{Closing, WireSession};
 use crate::http::websocket::Upgrade;
 use crate::log::{Cursor, Resolved};
 use crate::wire::raw::{error_frame, info_frame};
@@ -156,27 +156,31 @@ impl WireSession for RawSession {
         )
     }
 
-    fn ending(&self, end: &End) -> (Option<Frame>, u16, String) {
+    fn ending(&self, end: &End) -> Closing {
         match end {
-            End::TooSlow => (
-                error_frame("ConsumerTooSlow", "subscriber queue overflowed"),
-                1008,
-                "ConsumerTooSlow".into(),
-            ),
-            End::TooOld { .. } => (
-                info_frame(
+            End::TooSlow => Closing {
+                last: error_frame("ConsumerTooSlow", "subscriber queue overflowed"),
+                code: 1008,
+                reason: "ConsumerTooSlow".into(),
+            },
+            End::TooOld { .. } => Closing {
+                last: info_frame(
                     "OutdatedCursor",
                     "position fell out of retention; reconnect with a newer cursor",
                 ),
-                1008,
-                "OutdatedCursor".into(),
-            ),
-            End::Closed => (None, 1012, "sluice is restarting".into()),
-            End::ReadFailed(e) => (
-                error_frame("InternalError", e),
-                1011,
-                "InternalError".into(),
-            ),
+                code: 1008,
+                reason: "OutdatedCursor".into(),
+            },
+            End::Closed => Closing {
+                last: None,
+                code: 1012,
+                reason: "sluice is restarting".into(),
+            },
+            End::ReadFailed(e) => Closing {
+                last: error_frame("InternalError", e),
+                code: 1011,
+                reason: "InternalError".into(),
+            },
         }
     }
 

@@ -6,8 +6,7 @@ use bytes::Bytes;
 use serde_json::{json, Value};
 use sluice::decode::dagcbor_encode::encode_dag_cbor;
 use sluice::decode::DecodeLimits;
-use sluice::event::EventKind;
-use sluice::event::StampState;
+use sluice::event::{EventKind, StampState};
 use sluice::ingest::{IngestOutcome, Ingestor};
 
 const DID: &str = "did:plc:edgecaseaaaaaaaaaaaaaaaa";

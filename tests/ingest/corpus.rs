@@ -4,8 +4,7 @@
 use bytes::Bytes;
 use serde_json::Value;
 use sluice::decode::{decode_frame, Body, DecodeLimits, DecodedFrame};
-use sluice::event::StampState;
-use sluice::event::{Event, EventKind};
+use sluice::event::{Event, EventKind, StampState};
 use sluice::ingest::{IngestOutcome, Ingestor};
 use sluice::upstream::capture::{read_all, upstream_fixtures_dir};
 
