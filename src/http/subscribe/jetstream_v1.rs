@@ -196,12 +196,9 @@ pub async fn subscribe(
     let cost = if params.require_hello {
         IndexCost::Later
     } else {
-        IndexCost::Now {
-            filter: &plan.filter,
-            start,
-        }
+        IndexCost::Now
     };
-    let admitted = match admit(&state, peer, cost) {
+    let admitted = match admit(&state, peer, &plan, cost) {
         Ok(admitted) => admitted,
         Err(response) => return *response,
     };

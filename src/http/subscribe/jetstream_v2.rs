@@ -177,11 +177,7 @@ pub async fn subscribe(
         max_message_bytes: params.max_message_bytes,
         zstd,
     };
-    let cost = IndexCost::Now {
-        filter: &plan.filter,
-        start,
-    };
-    let admitted = match admit(&state, peer, cost) {
+    let admitted = match admit(&state, peer, &plan, IndexCost::Now) {
         Ok(admitted) => admitted,
         Err(response) => return *response,
     };

@@ -46,27 +46,29 @@ pub struct Admitted {
     pub index_wait: Duration,
 }
 
-/// How the index cost of a subscriber's filter is paid.
-pub enum IndexCost<'a> {
+/// When the routing-index cost of a subscriber's filter is paid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexCost {
     /// Now, before the upgrade: a refusal is a 503 the client can retry.
-    Now { filter: &'a Filter, start: Start },
+    Now,
     /// Later, by the wire (v1 `requireHello`: the filter comes in the first message).
     Later,
 }
 
-/// Admits the connection and reserves its index cost: the refusal to answer with if
-/// either says no (nothing is reserved then).
+/// Admits the connection and reserves the index cost of `plan`'s filter: the refusal to
+/// answer with if either says no (nothing is reserved then).
 pub fn admit(
     state: &AppState,
     peer: SocketAddr,
-    cost: IndexCost<'_>,
+    plan: &Plan,
+    cost: IndexCost,
 ) -> Result<Admitted, Box<Response>> {
     let permit = admit_connection(state, peer)?;
     let index_wait = match cost {
         IndexCost::Later => Duration::ZERO,
-        IndexCost::Now { filter, start } => state
+        IndexCost::Now => state
             .hub
-            .reserve_subscribe_from(filter, start, Some(peer.ip()))
+            .reserve_subscribe_from(&plan.filter, plan.start, Some(peer.ip()))
             .map_err(|busy| Box::new(index_busy_response(busy.would_wait)))?,
     };
     Ok(Admitted {

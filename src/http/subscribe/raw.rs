@@ -95,11 +95,7 @@ pub async fn subscribe(
         policy: policy.unwrap_or(state.slow_policy),
         initial,
     };
-    let cost = IndexCost::Now {
-        filter: &plan.filter,
-        start,
-    };
-    let admitted = match admit(&state, peer, cost) {
+    let admitted = match admit(&state, peer, &plan, IndexCost::Now) {
         Ok(admitted) => admitted,
         Err(response) => return *response,
     };
