@@ -258,6 +258,7 @@ pub struct Daemon {
     node: Option<crate::cluster::Node>,
     upstream: Arc<UpstreamShared>,
     sink: Option<crate::sink::SinkHandle>,
+    sink_lease: Option<crate::cluster::NamedLease>,
     shutdown: watch::Sender<bool>,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     admin_server: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -358,13 +359,25 @@ impl Daemon {
                 (None, Some(node), upstream, stats)
             }
         };
-        // The Redis sink is one more reader of the log: it never slows ingest. Every node of
-        // a cluster holds the same seqs, and the sink compares and sets its position in
-        // Redis, so sinks on several nodes still write each event once.
+        // The Redis sink is one more reader of the log: it never slows ingest. In a cluster
+        // the node holding the cluster's `sink` lease runs it; every node holds the same
+        // seqs and the sink compares and sets its position in Redis, so even a holder
+        // that overstays its lease cannot write an event twice or skip one.
+        let sink_lease = match (&config.redis_sink, &config.cluster) {
+            (Some(_), Some(cluster)) => Some(
+                crate::cluster::NamedLease::start(cluster, "sink")
+                    .map_err(|e| anyhow::anyhow!("cannot start the sink lease: {e}"))?,
+            ),
+            _ => None,
+        };
         let sink = match &config.redis_sink {
             Some(sink) => Some(
-                crate::sink::start(log.reader(), sink.clone())
-                    .map_err(|e| anyhow::anyhow!("cannot start the redis sink: {e}"))?,
+                crate::sink::start_with_lease(
+                    log.reader(),
+                    sink.clone(),
+                    sink_lease.as_ref().map(|l| l.subscribe()),
+                )
+                .map_err(|e| anyhow::anyhow!("cannot start the redis sink: {e}"))?,
             ),
             None => None,
         };
@@ -404,6 +417,7 @@ impl Daemon {
             node,
             upstream,
             sink,
+            sink_lease,
             shutdown: shutdown_tx,
             server,
             admin_server,
@@ -432,6 +446,10 @@ impl Daemon {
             };
             if let Some(sink) = self.sink {
                 sink.shutdown(timeout / 4).await;
+            }
+            // Released only after the sink stopped, so the next holder starts after it.
+            if let Some(lease) = self.sink_lease {
+                lease.shutdown().await;
             }
             let log = self.log.clone();
             tokio::task::spawn_blocking(move || {

@@ -1033,3 +1033,183 @@ async fn an_entry_redis_refuses_is_counted_as_rejected_not_as_a_repeat() {
     assert!(!account.is_empty(), "the other streams are written");
     sink.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A `sluice serve` child that joins cluster `sinks` on `redis` and runs the sink there too.
+fn spawn_node(id: &str, upstream: &str, dir: &std::path::Path, redis: &str, admin: u16) -> Serve {
+    let data = dir.join(id);
+    let child = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["serve", "--upstream", upstream, "--data-dir"])
+        .arg(&data)
+        .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+        .args([
+            "--redis",
+            redis,
+            "--cluster",
+            "sinks",
+            "--cluster-node-id",
+            id,
+        ])
+        .args(["--lease-ttl-ms", "1000", "--standby-poll-ms", "100"])
+        // Apart from the cluster's own keys (`sluice:{sinks}:...`).
+        .args(["--redis-sink", redis, "--redis-sink-all"])
+        .args(["--redis-sink-prefix", "fire:"])
+        .args(["--redis-sink-batch-events", "200"])
+        .args(["--redis-sink-timeout-ms", "1000"])
+        .args(["--commit-interval-ms", "20"])
+        .args(["--backoff-min-ms", "20", "--backoff-max-ms", "200"])
+        .args(["--log-filter", "sluice=info"])
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(data.with_extension("log"))
+                .unwrap(),
+        )
+        .spawn()
+        .unwrap();
+    Serve(child)
+}
+
+/// Two cluster nodes on one Redis, both configured with the sink: only the holder of the
+/// cluster's sink lease writes; SIGKILLed mid-stream, the other node takes the lease over
+/// and continues from the stored position, so every stream holds each event once, in
+/// order, with nothing missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_cluster_one_node_sinks_and_another_takes_over_without_gap_or_repeat() {
+    use sluice::upstream::replay::{self, Listen, ReplayOptions, ReplaySource, Speed};
+    use sluice::upstream::synth::{generate, SynthOptions};
+    let redis = RedisServer::start();
+    let frames: Vec<Bytes> = generate(&SynthOptions {
+        count: 3000,
+        seed: 21,
+        ..SynthOptions::default()
+    })
+    .into_iter()
+    .map(Bytes::from)
+    .collect();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("ws://{}", listener.local_addr().unwrap());
+    tokio::spawn(replay::serve(ReplayOptions {
+        frames: ReplaySource::Frames(frames.clone()),
+        listen: Listen::Listener(listener),
+        // ~7 s of frames: the kill lands while they are still arriving.
+        speed: Speed::Factor(1.0),
+        looped: false,
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let ids = ["a", "b"];
+    let admins = [free_port(), free_port()];
+    let mut nodes: Vec<Option<Serve>> = ids
+        .iter()
+        .zip(admins)
+        .map(|(id, admin)| Some(spawn_node(id, &upstream, dir.path(), &redis.url(), admin)))
+        .collect();
+    let logs = || {
+        ids.iter()
+            .map(|id| std::fs::read_to_string(dir.path().join(id).with_extension("log")))
+            .filter_map(Result::ok)
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
+    // Watch both nodes for a while once one sinks: exactly one is active, and the other
+    // has written nothing.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut holder = None;
+    let mut samples = 0;
+    while samples < 10 {
+        assert!(
+            Instant::now() < deadline,
+            "one node sinks within 60 s\n{}",
+            logs()
+        );
+        let a = status_json(admins[0]).await;
+        let b = status_json(admins[1]).await;
+        let active = |s: &serde_json::Value| s["redis_sink"]["active"] == true;
+        let written = |s: &serde_json::Value| s["redis_sink"]["events"].as_u64().unwrap_or(0);
+        if a.is_null() || b.is_null() || !(active(&a) || active(&b)) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        assert!(!(active(&a) && active(&b)), "both nodes sink: {a} {b}");
+        let (h, other) = if active(&a) { (0, &b) } else { (1, &a) };
+        assert!(holder.is_none() || holder == Some(h), "the lease moved");
+        holder = Some(h);
+        assert_eq!(
+            written(other),
+            0,
+            "the node without the lease writes nothing: {other}"
+        );
+        samples += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let h = holder.unwrap();
+    let survivor = 1 - h;
+    // Kill the holder while it is writing.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = status_json(admins[h]).await;
+        if s["redis_sink"]["events"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the holder writes\n{}", logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut killed = nodes[h].take().unwrap();
+    killed.0.kill().unwrap(); // SIGKILL
+    killed.0.wait().unwrap();
+    let mut con = connect(&redis.url()).await;
+    let config = RedisSinkConfig {
+        all_stream: true,
+        prefix: "fire:".into(),
+        ..RedisSinkConfig::new(redis.url())
+    };
+    let at_kill = position(&mut con, &config).await;
+    assert!(at_kill > 0, "the holder had written before it died");
+    // The survivor takes over the lease (and ingest, if the dead node led) and sinks
+    // everything the upstream sends.
+    let mut ingestor = Ingestor::new(StampState::fresh(), DecodeLimits::default());
+    let total: u64 = frames
+        .iter()
+        .map(
+            |f| match ingestor.ingest(f.clone(), 1_900_000_000_000_000) {
+                IngestOutcome::Events(e) => e.len() as u64,
+                _ => 0,
+            },
+        )
+        .sum();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let newest = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the survivor sinks everything within 90 s\n{}",
+            logs()
+        );
+        let s = status_json(admins[survivor]).await;
+        let sink_pos = s["redis_sink"]["position"].as_u64();
+        let newest = s["log"]["bounds"]["newest_seq"].as_u64();
+        if newest == Some(total) && s["redis_sink"]["active"] == true && sink_pos == newest {
+            break total;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let s = status_json(admins[survivor]).await;
+    assert!(
+        s["redis_sink"]["events"].as_u64().unwrap_or(0) > 0,
+        "the survivor wrote after the takeover: {s}"
+    );
+    assert_eq!(s["redis_sink"]["duplicates"], 0, "{s}");
+    let mut survivor_node = nodes[survivor].take().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &survivor_node.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(survivor_node.0.wait().unwrap().success(), "{}", logs());
+    let (log, _) = Log::open(LogConfig::new(dir.path().join(ids[survivor]))).unwrap();
+    let events = all_events(&log.reader());
+    assert_eq!(events.last().unwrap().seq, newest);
+    assert_eq!(position(&mut con, &config).await, newest);
+    assert!(at_kill < newest, "the survivor had work left to take over");
+    assert_streams_match(&mut con, &config, &events).await;
+}

@@ -9,6 +9,7 @@
 --          fields b (the batch, see src/cluster/entry.rs) and e (the appender's epoch)
 --   nodes  hash node -> "position ms role subscribers": what every node reported last
 --   seed   when the state went missing (a new cluster, or Redis lost its data)
+--   lease:<name>, epoch:<name>  a named lease and its epoch counter (src/cluster/lease.rs)
 --
 -- Every check that decides whether a write happens is made here, in one server-side step,
 -- so two callers can never both pass it.
@@ -68,6 +69,28 @@ local function acquire(keys, args)
   redis.call('HSET', state, 'epoch', epoch)
   local s = redis.call('HMGET', state, 'next_seq', 'last_time_us', 'upstream_cursor')
   return {1, epoch, s[1] or '1', s[2] or '0', s[3] or '', seeded}
+end
+
+-- lease_acquire(keys: lease, epoch; args: node, ttl_ms, min_epoch)
+-- A named lease for work other than ingest (the Redis sink): at most one node holds it.
+-- Returns {1, epoch} when granted (always a new epoch, also to the node that held it), or
+-- {0, holder, pttl} when another node holds it. Renewed and released with sluice_renew
+-- and sluice_release, like the ingest lease.
+local function lease_acquire(keys, args)
+  local lease, epoch_key = keys[1], keys[2]
+  local node, ttl, min_epoch = args[1], tonumber(args[2]), tonumber(args[3])
+  local holder = redis.call('HGET', lease, 'node')
+  if holder and holder ~= node then
+    return {0, holder, redis.call('PTTL', lease)}
+  end
+  local epoch = redis.call('INCR', epoch_key)
+  if epoch <= min_epoch then
+    epoch = min_epoch + 1
+    redis.call('SET', epoch_key, epoch)
+  end
+  redis.call('HSET', lease, 'node', node, 'epoch', epoch)
+  redis.call('PEXPIRE', lease, ttl)
+  return {1, epoch}
 end
 
 local function holds(lease, node, epoch)
@@ -135,6 +158,7 @@ local function append(keys, args)
 end
 
 redis.register_function('sluice_acquire', acquire)
+redis.register_function('sluice_lease_acquire', lease_acquire)
 redis.register_function('sluice_renew', renew)
 redis.register_function('sluice_release', release)
 redis.register_function('sluice_append', append)

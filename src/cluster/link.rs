@@ -41,6 +41,31 @@ impl Keys {
     }
 }
 
+impl Keys {
+    /// The key of the named lease `name` (work other than ingest, e.g. the Redis sink).
+    pub fn named_lease(&self, name: &str) -> String {
+        format!("{}:{name}", self.lease)
+    }
+
+    /// The fencing epoch counter of the named lease `name`.
+    pub fn named_epoch(&self, name: &str) -> String {
+        format!("{}:{name}", self.epoch)
+    }
+}
+
+/// The answer to an acquire of a named lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamedAcquire {
+    Granted {
+        epoch: u64,
+    },
+    /// Another node holds it for `pttl_ms` more.
+    Held {
+        holder: String,
+        pttl_ms: i64,
+    },
+}
+
 /// One connection to Redis, made on first use and again after any failure.
 pub struct Link {
     client: Client,
@@ -235,14 +260,7 @@ impl Link {
         epoch: u64,
         ttl: Duration,
     ) -> Result<(), ClusterError> {
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg("sluice_renew")
-            .arg(1)
-            .arg(&keys.lease)
-            .arg(node)
-            .arg(epoch)
-            .arg(ttl.as_millis() as u64);
-        self.query(&cmd, Duration::ZERO).await.map(|_| ())
+        self.renew_named(&keys.lease, node, epoch, ttl).await
     }
 
     /// True if the lease was ours and is now free.
@@ -252,10 +270,70 @@ impl Link {
         node: &str,
         epoch: u64,
     ) -> Result<bool, ClusterError> {
+        self.release_named(&keys.lease, node, epoch).await
+    }
+
+    /// Takes the named lease at `lease` (epochs from `epoch_key`) unless another node
+    /// holds it.
+    pub async fn acquire_named(
+        &mut self,
+        lease: &str,
+        epoch_key: &str,
+        node: &str,
+        ttl: Duration,
+        min_epoch: u64,
+    ) -> Result<NamedAcquire, ClusterError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg("sluice_lease_acquire")
+            .arg(2)
+            .arg(lease)
+            .arg(epoch_key)
+            .arg(node)
+            .arg(ttl.as_millis() as u64)
+            .arg(min_epoch);
+        let v = self.query(&cmd, Duration::ZERO).await?;
+        let items = array(&v)?;
+        if items.first().and_then(int) == Some(1) {
+            let epoch = items.get(1).and_then(int).unwrap_or(0);
+            return Ok(NamedAcquire::Granted {
+                epoch: u64::try_from(epoch).unwrap_or(0),
+            });
+        }
+        Ok(NamedAcquire::Held {
+            holder: items.get(1).and_then(text).unwrap_or_default(),
+            pttl_ms: items.get(2).and_then(int).unwrap_or(0),
+        })
+    }
+
+    /// Extends the lease at `lease` if `node` holds it under `epoch`; `Fenced` otherwise.
+    pub async fn renew_named(
+        &mut self,
+        lease: &str,
+        node: &str,
+        epoch: u64,
+        ttl: Duration,
+    ) -> Result<(), ClusterError> {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg("sluice_renew")
+            .arg(1)
+            .arg(lease)
+            .arg(node)
+            .arg(epoch)
+            .arg(ttl.as_millis() as u64);
+        self.query(&cmd, Duration::ZERO).await.map(|_| ())
+    }
+
+    /// True if the lease at `lease` was ours and is now free.
+    pub async fn release_named(
+        &mut self,
+        lease: &str,
+        node: &str,
+        epoch: u64,
+    ) -> Result<bool, ClusterError> {
         let mut cmd = redis::cmd("FCALL");
         cmd.arg("sluice_release")
             .arg(1)
-            .arg(&keys.lease)
+            .arg(lease)
             .arg(node)
             .arg(epoch);
         let v = self.query(&cmd, Duration::ZERO).await?;

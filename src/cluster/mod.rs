@@ -17,6 +17,7 @@
 //! [`Ingestor`]: crate::ingest::Ingestor
 
 pub mod entry;
+mod lease;
 pub mod link;
 mod node;
 mod tail;
@@ -24,6 +25,7 @@ mod tail;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::time::Duration;
 
+pub use lease::NamedLease;
 pub use node::{Node, NodeParts};
 
 /// Everything the cluster is configured with.

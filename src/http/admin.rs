@@ -300,6 +300,13 @@ impl AdminState {
                         0.0
                     },
                 );
+                gauge!("sluice_redis_sink_active").set(if sink.active.load(Ordering::Relaxed) {
+                    1.0
+                } else {
+                    0.0
+                });
+                counter!("sluice_redis_sink_lease_takeovers_total")
+                    .absolute(sink.lease_takeovers.load(Ordering::Relaxed));
                 gauge!("sluice_redis_sink_position")
                     .set(sink.position.load(Ordering::Relaxed) as f64);
                 gauge!("sluice_redis_sink_lag_events").set(lag_events as f64);
@@ -335,6 +342,9 @@ impl AdminState {
         let (lag_events, lag_seconds) = sink.lag(&self.log.reader());
         json!({
             "connected": sink.connected.load(Ordering::Relaxed),
+            "active": sink.active.load(Ordering::Relaxed),
+            "leased": sink.leased,
+            "lease_takeovers": sink.lease_takeovers.load(Ordering::Relaxed),
             "position": sink.position.load(Ordering::Relaxed),
             "lag_events": lag_events,
             "lag_seconds": lag_seconds,
@@ -351,8 +361,13 @@ impl AdminState {
     pub fn sink_detail(&self) -> Option<String> {
         let sink = self.sink.as_ref()?;
         let (lag_events, lag_seconds) = sink.lag(&self.log.reader());
+        let role = match (sink.leased, sink.active.load(Ordering::Relaxed)) {
+            (false, _) => "",
+            (true, true) => "; this node holds the sink lease",
+            (true, false) => "; standby, another node holds the sink lease",
+        };
         Some(format!(
-            "redis sink: {}, {lag_events} events ({lag_seconds:.1} s) behind",
+            "redis sink: {}, {lag_events} events ({lag_seconds:.1} s) behind{role}",
             if sink.connected.load(Ordering::Relaxed) {
                 "connected"
             } else {
@@ -466,6 +481,7 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_redis_sink_lost_events_total", "Events retention deleted before the Redis sink reached them."),
     ("sluice_redis_sink_position_conflicts_total", "Redis sink writes refused because the stored position had changed; it resumed from the stored one."),
     ("sluice_redis_sink_errors_total", "Redis sink failures, by reason; each is retried with backoff."),
+    ("sluice_redis_sink_lease_takeovers_total", "Times this node took the cluster's sink lease and started writing (0 on a single node)."),
 ];
 
 const GAUGES: &[(&str, &str)] = &[
@@ -560,8 +576,12 @@ const GAUGES: &[(&str, &str)] = &[
         "1 while the Redis sink is connected.",
     ),
     (
+        "sluice_redis_sink_active",
+        "1 while this node's Redis sink may write: it runs alone, or holds the cluster's sink lease.",
+    ),
+    (
         "sluice_redis_sink_position",
-        "The newest seq the Redis sink has written.",
+        "The newest seq in Redis (the sink's stored position; a standby reads it once a second).",
     ),
     (
         "sluice_redis_sink_lag_events",

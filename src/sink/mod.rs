@@ -109,6 +109,12 @@ pub struct SinkStats {
     /// Source time of that event (0 before the first).
     pub position_time_us: AtomicU64,
     pub connected: AtomicBool,
+    /// The sink runs under a cluster's lease (else it is alone and always active).
+    pub leased: bool,
+    /// The sink may write: it runs alone, or holds the cluster's sink lease.
+    pub active: AtomicBool,
+    /// Times this node's sink took the lease.
+    pub lease_takeovers: AtomicU64,
     /// Events covered by writes (each once, whatever its number of entries).
     pub events: AtomicU64,
     /// Stream entries added.
@@ -312,12 +318,39 @@ impl SinkHandle {
     }
 }
 
-/// Starts the sink on the current runtime.
+/// Whether, and under which epoch, this node holds the lease to run the sink: `Some(epoch)`
+/// while it does (a cluster's named lease, `cluster::NamedLease`).
+pub type Lease = watch::Receiver<Option<u64>>;
+
+/// Starts the sink on the current runtime; it writes whenever it can (a single node).
 pub fn start(reader: LogReader, config: RedisSinkConfig) -> Result<SinkHandle, SinkError> {
+    start_with_lease(reader, config, None)
+}
+
+/// Starts the sink; with a `lease`, it writes only while the lease says this node holds it
+/// and otherwise follows the stored position, so its lag stays true (a cluster: one node
+/// sinks at a time). Each time it takes the lease it resumes from the stored position,
+/// wherever the previous holder left it.
+pub fn start_with_lease(
+    reader: LogReader,
+    config: RedisSinkConfig,
+    lease: Option<Lease>,
+) -> Result<SinkHandle, SinkError> {
     let client = redis::Client::open(config.url.as_str())?;
-    let stats = Arc::new(SinkStats::default());
+    let stats = Arc::new(SinkStats {
+        leased: lease.is_some(),
+        active: AtomicBool::new(lease.is_none()),
+        ..SinkStats::default()
+    });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let task = tokio::spawn(run(client, reader, config, stats.clone(), shutdown_rx));
+    let task = tokio::spawn(run(
+        client,
+        reader,
+        config,
+        stats.clone(),
+        shutdown_rx,
+        lease,
+    ));
     Ok(SinkHandle {
         stats,
         shutdown: shutdown_tx,
@@ -369,8 +402,11 @@ async fn run(
     config: RedisSinkConfig,
     stats: Arc<SinkStats>,
     mut shutdown: watch::Receiver<bool>,
+    mut lease: Option<Lease>,
 ) {
     let mut durable = reader.watch_durable();
+    // The epoch of the lease this node held at the last check (None: not held).
+    let mut epoch: Option<u64> = None;
     let mut conn: Option<Conn> = None;
     let mut failures = 0u32;
     let mut last_trim = Instant::now();
@@ -382,6 +418,50 @@ async fn run(
     let mut batch_events = config.batch_max_events.max(1);
     tracing::info!(prefix = %config.prefix, "redis sink starting");
     while !*shutdown.borrow() {
+        if let Some(rx) = lease.as_mut() {
+            let now = *rx.borrow_and_update();
+            if now != epoch {
+                // The lease changed hands: whatever another node wrote meanwhile is read
+                // afresh (a new connection reads the stored position).
+                epoch = now;
+                conn = None;
+                prefetched = None;
+                stats.active.store(now.is_some(), Ordering::Relaxed);
+                match now {
+                    Some(epoch) => {
+                        stats.lease_takeovers.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(
+                            epoch,
+                            "redis sink: took the sink lease; resuming from the stored position"
+                        );
+                    }
+                    None => {
+                        tracing::info!("redis sink: standby (another node holds the sink lease)")
+                    }
+                }
+            }
+            if epoch.is_none() {
+                follow(
+                    &client,
+                    &config,
+                    &stats,
+                    &mut conn,
+                    &mut failures,
+                    &mut shutdown,
+                )
+                .await;
+                let changed = tokio::select! {
+                    r = rx.changed() => r.is_ok(),
+                    _ = shutdown.changed() => true,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => true,
+                };
+                if !changed {
+                    // The lease's keeper is gone: this node never sinks again.
+                    let _ = shutdown.changed().await;
+                }
+                continue;
+            }
+        }
         let c = match conn.as_mut() {
             Some(c) => c,
             None => match connect(&client, &config).await {
@@ -412,6 +492,7 @@ async fn run(
             let idle = tokio::select! {
                 _ = durable.wait_for(|&d| d > c.position) => false,
                 _ = shutdown.changed() => false,
+                _ = lease_changed(&mut lease) => false,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => true,
             };
             if idle {
@@ -547,6 +628,59 @@ async fn run(
     }
     stats.connected.store(false, Ordering::Relaxed);
     tracing::info!("redis sink stopped");
+}
+
+/// Returns when the lease changes (never without one, or once its keeper is gone).
+async fn lease_changed(lease: &mut Option<Lease>) {
+    if let Some(rx) = lease {
+        if rx.changed().await.is_ok() {
+            return;
+        }
+    }
+    std::future::pending().await
+}
+
+/// A standby's view of the stored position (read once a second), so its lag in
+/// `/metrics` and on the status page says how far Redis is behind, whoever writes.
+async fn follow(
+    client: &redis::Client,
+    config: &RedisSinkConfig,
+    stats: &SinkStats,
+    conn: &mut Option<Conn>,
+    failures: &mut u32,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    let read = async {
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => conn.insert(connect(client, config).await?),
+        };
+        let (seq, time_us): (Option<String>, Option<String>) = with_timeout(
+            config.timeout,
+            redis::cmd("HMGET")
+                .arg(config.position_key())
+                .arg("seq")
+                .arg("time_us")
+                .query_async(&mut c.con),
+        )
+        .await?;
+        c.position = parse_position(seq)?;
+        let time_us = time_us.and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
+        Ok::<_, SinkError>((c.position, time_us))
+    };
+    match read.await {
+        Ok((position, time_us)) => {
+            *failures = 0;
+            stats.connected.store(true, Ordering::Relaxed);
+            stats.position.store(position, Ordering::Relaxed);
+            stats.position_time_us.store(time_us, Ordering::Relaxed);
+        }
+        Err(e) => {
+            *conn = None;
+            stats.connected.store(false, Ordering::Relaxed);
+            fail(stats, &e, failures, config, shutdown).await;
+        }
+    }
 }
 
 /// Counts and logs `e`, then waits out a full-jitter backoff (or shutdown).
