@@ -165,3 +165,163 @@ pub async fn redis_sink(args: RedisSinkArgs) -> anyhow::Result<()> {
     log.close().map_err(|e| anyhow::anyhow!("close: {e}"))?;
     Ok(())
 }
+
+#[derive(Parser, Clone)]
+pub struct RedisSinkMemoryArgs {
+    /// Events appended to the log per second (live traffic peaks near 2,000).
+    #[arg(long, default_value_t = 2000)]
+    rate: u64,
+    /// Length of the run, seconds.
+    #[arg(long, default_value_t = 300)]
+    duration: u64,
+    /// Seconds between samples of redis-server's `INFO memory`.
+    #[arg(long, default_value_t = 10)]
+    interval: u64,
+    /// --redis-sink-max-len of the run (0 = no length bound).
+    #[arg(long, default_value_t = 50_000)]
+    max_len: u64,
+    /// --redis-sink-max-age-secs of the run (0 = no age bound). The synthetic events'
+    /// source times advance 1-4 ms per frame, faster than the wall clock at this rate.
+    #[arg(long, default_value_t = 0)]
+    max_age_secs: u64,
+    /// Also the `<prefix>all` stream.
+    #[arg(long, default_value_t = false)]
+    all: bool,
+    /// redis-server's appendfsync (the AOF is on): always, everysec or no.
+    #[arg(long, default_value = "everysec")]
+    appendfsync: String,
+    /// The redis-server binary.
+    #[arg(long, default_value = "redis-server")]
+    redis_server: String,
+    /// Seed of the synthetic frames.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Directory for the log and redis-server's files (a subdirectory, removed after).
+    #[arg(long, default_value = "/tmp")]
+    tmp: std::path::PathBuf,
+}
+
+/// `INFO memory` fields, in bytes.
+fn info_field(info: &str, name: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// `sluice-bench redis-sink-memory`: the sink live at `--rate` events/s for `--duration`
+/// seconds into a fresh redis-server, sampling its memory every `--interval` seconds: with
+/// the trimming bounds set, Redis memory must level off and stay flat.
+pub async fn redis_sink_memory(args: RedisSinkMemoryArgs) -> anyhow::Result<()> {
+    let dir = temp_dir(&args.tmp, "mem")?;
+    let (log, _) =
+        Log::open(LogConfig::new(dir.0.join("log"))).map_err(|e| anyhow::anyhow!("log: {e}"))?;
+    let port = free_port()?;
+    let mut cmd = Command::new(&args.redis_server);
+    cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--save", "", "--appendonly", "yes"])
+        .args(["--appendfsync", &args.appendfsync])
+        .arg("--dir")
+        .arg(&dir.0);
+    let mut redis = ChildGuard::spawn("redis-server", &mut cmd, Some(dir.0.join("redis.log")))?;
+    wait_tcp(port, &mut redis, 30).await?;
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let mut con = redis::Client::open(url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let mut config = RedisSinkConfig::new(url);
+    config.all_stream = args.all;
+    config.max_len = args.max_len;
+    config.max_age = (args.max_age_secs > 0).then(|| Duration::from_secs(args.max_age_secs));
+    let sink = sluice::sink::start(log.reader(), config).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let total = usize::try_from(args.rate * args.duration)?;
+    let mut frames = Synth::new(&SynthOptions {
+        seed: args.seed,
+        count: total + 1000,
+        ..SynthOptions::default()
+    });
+    let mut ingestor = Ingestor::new(StampState::fresh(), Default::default());
+    let (cpu0, rcpu0, t0) = (self_cpu(), proc_cpu_secs(redis.pid()), Instant::now());
+    let mut appended = 0usize;
+    let mut samples: Vec<serde_json::Value> = Vec::new();
+    let mut next_sample = Duration::ZERO;
+    let end = Duration::from_secs(args.duration);
+    loop {
+        let elapsed = t0.elapsed();
+        if elapsed >= next_sample {
+            let info: String = redis::cmd("INFO")
+                .arg("memory")
+                .query_async(&mut con)
+                .await?;
+            let keys: Vec<String> = redis::cmd("KEYS")
+                .arg("sluice:*")
+                .query_async(&mut con)
+                .await?;
+            let mut entries = 0u64;
+            for key in keys.iter().filter(|k| k.as_str() != "sluice:sink") {
+                let n: u64 = redis::cmd("XLEN").arg(key).query_async(&mut con).await?;
+                entries += n;
+            }
+            let s = json!({
+                "t_s": elapsed.as_secs(),
+                "appended": appended,
+                "sunk": sink.stats.position.load(Ordering::Relaxed),
+                "stream_entries": entries,
+                "used_memory": info_field(&info, "used_memory"),
+                "used_memory_rss": info_field(&info, "used_memory_rss"),
+            });
+            eprintln!("{s}");
+            samples.push(s);
+            if elapsed >= end {
+                break;
+            }
+            next_sample += Duration::from_secs(args.interval.max(1));
+        }
+        // Append what is due by now (paced in 10 ms steps).
+        let due = usize::try_from(u128::from(args.rate) * elapsed.as_millis() / 1000)?.min(total);
+        let mut batch = Vec::new();
+        while appended + batch.len() < due {
+            let Some(frame) = frames.next() else { break };
+            if let IngestOutcome::Events(events) =
+                ingestor.ingest(Bytes::from(frame), sluice::clock::now_us())
+            {
+                batch.extend(events);
+            }
+        }
+        appended += batch.len();
+        if !batch.is_empty() {
+            log.append(batch)
+                .map_err(|e| anyhow::anyhow!("append: {e}"))?;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let sunk = sink.stats.position.load(Ordering::Relaxed);
+    let cpu = self_cpu() - cpu0;
+    let rcpu = proc_cpu_secs(redis.pid())
+        .zip(rcpu0)
+        .map_or(f64::NAN, |(b, a)| b - a);
+    sink.shutdown(Duration::from_secs(5)).await;
+    let used: Vec<f64> = samples
+        .iter()
+        .filter_map(|s| s["used_memory"].as_f64())
+        .collect();
+    let second_half = &used[used.len() / 2..];
+    let summary = json!({
+        "rate": args.rate, "seconds": secs, "appended": appended, "sunk": sunk,
+        "max_len": args.max_len, "max_age_secs": args.max_age_secs, "all": args.all,
+        "used_memory_max": used.iter().copied().fold(0.0, f64::max),
+        "used_memory_second_half_min": second_half.iter().copied().fold(f64::INFINITY, f64::min),
+        "used_memory_second_half_max": second_half.iter().copied().fold(0.0, f64::max),
+        "used_memory_last": used.last(),
+        "process_cpu_us_per_event": cpu * 1e6 / appended.max(1) as f64,
+        "redis_cpu_us_per_event": rcpu * 1e6 / appended.max(1) as f64,
+    });
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({"samples": samples, "summary": summary}))
+            .context("summary")?
+    );
+    drop(redis);
+    log.close().map_err(|e| anyhow::anyhow!("close: {e}"))?;
+    Ok(())
+}
