@@ -1050,7 +1050,8 @@ fn spawn_node(id: &str, upstream: &str, dir: &std::path::Path, redis: &str, admi
             "--cluster-node-id",
             id,
         ])
-        .args(["--lease-ttl-ms", "1000", "--standby-poll-ms", "100"])
+        // A TTL a loaded machine's delayed renewal does not lapse before the kill.
+        .args(["--lease-ttl-ms", "2000", "--standby-poll-ms", "100"])
         // Apart from the cluster's own keys (`sluice:{sinks}:...`).
         .args(["--redis-sink", redis, "--redis-sink-all"])
         .args(["--redis-sink-prefix", "fire:"])
@@ -1212,4 +1213,81 @@ async fn in_a_cluster_one_node_sinks_and_another_takes_over_without_gap_or_repea
     assert_eq!(position(&mut con, &config).await, newest);
     assert!(at_kill < newest, "the survivor had work left to take over");
     assert_streams_match(&mut con, &config, &events).await;
+}
+
+/// The cluster's named lease on its own: of two keepers exactly one holds it, a release
+/// hands it to the other at once under a higher epoch, and a keeper whose lease was taken
+/// from it in Redis says so. The function library is not loaded beforehand: the keepers
+/// load it themselves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_lease_has_one_holder_passes_on_release_and_is_lost_when_taken() {
+    use sluice::cluster::{ClusterConfig, NamedLease};
+    let redis = RedisServer::start();
+    let keeper = |node: &str| {
+        let mut c = ClusterConfig::new(redis.url(), "leases", node);
+        // Long enough that a renewal delayed on a loaded machine does not lapse it.
+        c.lease_ttl = Duration::from_millis(3000);
+        c.standby_poll = Duration::from_millis(50);
+        NamedLease::start(&c, "sink").unwrap()
+    };
+    let a = keeper("a");
+    let b = keeper("b");
+    let (ra, rb) = (a.subscribe(), b.subscribe());
+    let held = |r: &tokio::sync::watch::Receiver<Option<u64>>| *r.borrow();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while held(&ra).is_none() && held(&rb).is_none() {
+        assert!(Instant::now() < deadline, "nobody took the lease");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Over a TTL and more: never both, and never the other while the first renews.
+    let first_a = held(&ra).is_some();
+    for _ in 0..40 {
+        let (ha, hb) = (held(&ra), held(&rb));
+        assert!(
+            ha.is_none() || hb.is_none(),
+            "both hold: a {ha:?}, b {hb:?}"
+        );
+        let other_holds = if first_a { hb.is_some() } else { ha.is_some() };
+        assert!(
+            !other_holds,
+            "the lease moved while renewed: a {ha:?}, b {hb:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first_epoch = if first_a { held(&ra) } else { held(&rb) }.unwrap();
+    let (holder, other, r_other) = if first_a { (a, b, rb) } else { (b, a, ra) };
+    holder.shutdown().await;
+    // Released, not expired: taken within a few polls (bound: far above one TTL).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held(&r_other).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the other keeper took the released lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let second_epoch = held(&r_other).unwrap();
+    assert!(second_epoch > first_epoch, "{second_epoch} > {first_epoch}");
+    assert_eq!(other.takeovers.load(Ordering::Relaxed), 1);
+    // Someone else takes the lease in Redis: the keeper's next renewal is fenced.
+    redis.command(&[
+        "HSET",
+        "sluice:{leases}:lease:sink",
+        "node",
+        "x",
+        "epoch",
+        "999999",
+    ]);
+    redis.command(&["PERSIST", "sluice:{leases}:lease:sink"]); // x holds it for good
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while held(&r_other).is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the keeper noticed it lost the lease"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(held(&r_other), None, "held by x, not retaken");
+    other.shutdown().await;
 }
