@@ -1,8 +1,9 @@
 //! The Redis sink against a real `redis-server`: every event of the real corpus (plus a
 //! `tooBig` commit, a create whose record is missing, a `#sync` and an unknown type) lands
 //! in the right streams with the right ids and fields; Redis killed and restarted from its
-//! AOF mid-stream loses and repeats nothing; and `kill -9` of `sluice serve` at random
-//! moments leaves every stream holding each event exactly once, in seq order.
+//! AOF mid-stream loses and repeats nothing; `kill -9` of `sluice serve` at random
+//! moments leaves every stream holding each event exactly once, in seq order; and in a
+//! cluster one node sinks at a time, another taking over when it dies.
 
 mod redis_common;
 mod wire_common;
