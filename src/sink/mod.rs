@@ -456,8 +456,8 @@ async fn run(
                     _ = tokio::time::sleep(Duration::from_secs(1)) => true,
                 };
                 if !changed {
-                    // The lease's keeper is gone: this node never sinks again.
-                    let _ = shutdown.changed().await;
+                    tracing::warn!("redis sink: the sink lease's keeper is gone; stopping");
+                    break;
                 }
                 continue;
             }
