@@ -1,10 +1,11 @@
 //! `sluice-bench cluster-append` and `sluice-bench cluster-failover`: the cluster's
 //! benchmarks against a real `redis-server` (AOF on, `appendfsync always`) on 127.0.0.1.
 //!
-//! - `cluster-append` drives the leader's append path (`cluster::link::Link::append`, one
-//!   fenced call per batch, one in flight, as the appender does) with stamped events of
-//!   the real corpus or synthetic frames, for several batch sizes and zstd levels, and
-//!   reports events/s, entry bytes per event and Redis memory per event.
+//! - `cluster-append` drives the leader's appender (`cluster::append::run`: batches of
+//!   what is queued, encoded one ahead of the fenced append in flight) with stamped events
+//!   of the real corpus or synthetic frames queued as fast as it takes them, for several
+//!   batch bounds and zstd levels, and reports events/s, entry bytes per event, CPU and
+//!   Redis memory per event.
 //! - `cluster-failover` runs N `sluice serve --redis` nodes fed by a looped, paced
 //!   upstream; one live v2 subscriber per node records when each event arrives. The
 //!   leader is SIGKILLed (or SIGTERMed, for handovers) at random moments and restarted as
@@ -25,10 +26,12 @@ use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use sluice::cluster::entry;
+use sluice::cluster::append::{self as cluster_append, TermCtl};
 use sluice::cluster::link::{Acquire, Keys, Link};
+use sluice::cluster::{ClusterConfig, ClusterShared};
 use sluice::event::{Event, StampState};
 use sluice::ingest::{IngestOutcome, Ingestor};
+use std::sync::atomic::Ordering;
 
 #[derive(Parser, Clone)]
 pub struct AppendArgs {
@@ -41,7 +44,8 @@ pub struct AppendArgs {
     /// `corpus` (the real frames in ../shared/fixtures-upstream, looped) or `synth`.
     #[arg(long, default_value = "corpus")]
     pub source: String,
-    /// Events per append (one stream entry); 0 = one frame per entry.
+    /// Most events per append (one stream entry; the appender takes what is queued up to
+    /// it); 0 = one frame per entry.
     #[arg(long, value_delimiter = ',', default_value = "0,100,1000,5000")]
     pub batch: Vec<usize>,
     /// zstd levels of entries.
@@ -268,41 +272,51 @@ pub async fn append(args: AppendArgs) -> anyhow::Result<()> {
             link.renew(&keys, "bench", grant.epoch, Duration::from_secs(3600))
                 .await?;
             let mem0 = used_memory(&mut link).await?;
-            // Batches: whole frames, up to `batch` events (0: one frame per entry).
-            let mut batches: Vec<&[Event]> = Vec::new();
-            let mut start = 0;
-            for i in 1..=events.len() {
-                let frame_ends = i == events.len() || events[i].op_index == 0;
-                let full = batch == 0 || i - start >= batch;
-                if frame_ends && full {
-                    batches.push(&events[start..i]);
-                    start = i;
+            // The leader's appender as a term runs it: ingest's frames queued, batched up
+            // to `batch` events (0: one frame per entry), encoded one batch ahead of the
+            // append in flight. The queue is filled as fast as it takes frames, as in a
+            // catch-up after an outage.
+            let mut config = ClusterConfig::new(url.clone(), "bench", "bench");
+            config.compression_level = level;
+            config.batch_max_events = batch.max(1);
+            config.window_max_bytes = u64::MAX / 2;
+            let shared = Arc::new(ClusterShared::default());
+            let ctl = Arc::new(TermCtl::new(
+                grant.epoch,
+                Instant::now(),
+                Duration::from_secs(3600),
+            ));
+            let mut frames: Vec<Vec<Event>> = Vec::new();
+            for e in &events {
+                match frames.last_mut() {
+                    Some(f) if e.op_index != 0 => f.push(e.clone()),
+                    _ => frames.push(vec![e.clone()]),
                 }
             }
+            let (tx, rx) = std::sync::mpsc::sync_channel(config.append_queue_frames);
             let redis_cpu0 = proc_cpu_secs(redis.pid());
             let cpu0 = cpu_self();
             let t0 = Instant::now();
-            let mut entry_bytes = 0usize;
-            for b in &batches {
-                let (first, last) = (&b[0], &b[b.len() - 1]);
-                let payload = entry::encode(&entry::records_of(b), level)?;
-                entry_bytes += payload.len();
-                let state = StampState {
-                    next_seq: last.seq + 1,
-                    last_time_us: last.time_us,
-                    upstream_cursor: Some(last.upstream_seq),
-                };
-                link.append(
-                    &keys,
-                    "bench",
-                    grant.epoch,
-                    first.seq,
-                    last.seq,
-                    state,
-                    0,
-                    &payload,
-                )
-                .await?;
+            let appender = {
+                let (config, keys, shared, ctl) =
+                    (config.clone(), keys.clone(), shared.clone(), ctl.clone());
+                std::thread::spawn(move || cluster_append::run(config, keys, shared, ctl, rx))
+            };
+            for f in frames {
+                if tx.send(f).is_err() {
+                    break;
+                }
+            }
+            drop(tx);
+            let _ = tokio::task::spawn_blocking(move || appender.join()).await;
+            if let Some(why) = ctl.why.lock().clone() {
+                bail!("the appender ended its term: {why}");
+            }
+            let entries = shared.appends.load(Ordering::Relaxed);
+            let entry_bytes = shared.appended_bytes.load(Ordering::Relaxed) as usize;
+            let appended = shared.appended_events.load(Ordering::Relaxed);
+            if appended != events.len() as u64 {
+                bail!("appended {appended} of {} events", events.len());
             }
             let secs = t0.elapsed().as_secs_f64();
             let cpu = cpu_self() - cpu0;
@@ -321,7 +335,8 @@ pub async fn append(args: AppendArgs) -> anyhow::Result<()> {
                     "source": args.source,
                     "level": level,
                     "batch_events": batch,
-                    "entries": batches.len(),
+                    "entries": entries,
+                    "events_per_entry": events.len() as f64 / entries.max(1) as f64,
                     "events": events.len(),
                     "secs": secs,
                     "events_per_sec": n / secs,
