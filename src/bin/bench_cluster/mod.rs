@@ -483,15 +483,10 @@ fn quantile(v: &[f64], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
-pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
-    let dir = args
-        .tmp
-        .join(format!("sluice-bench-failover-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let (_redis, rport) = start_redis(&args.redis_server, &dir.join("redis"))?;
-    // 20 s of synthetic frames (1-4 ms apart at speed 1), looped with fresh seqs and times.
-    let count = (args.rate as usize * 20).max(1000);
+/// An in-process upstream replaying synthetic frames at `rate` frames/s: 20 s of them (1-4
+/// ms apart at speed 1), looped with fresh seqs and times. Returns its `ws://` URL.
+async fn paced_upstream(rate: u32) -> anyhow::Result<String> {
+    let count = (rate as usize * 20).max(1000);
     let now_ms = sluice::clock::now_us() / 1000;
     let frames: Vec<Bytes> =
         sluice::upstream::synth::generate(&sluice::upstream::synth::SynthOptions {
@@ -508,18 +503,30 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
         sluice::upstream::replay::ReplayOptions {
             frames: sluice::upstream::replay::ReplaySource::Frames(frames),
             listen: sluice::upstream::replay::Listen::Listener(listener),
-            speed: sluice::upstream::replay::Speed::Factor(f64::from(args.rate) / 400.0),
+            speed: sluice::upstream::replay::Speed::Factor(f64::from(rate) / 400.0),
             looped: true,
         },
     ));
+    Ok(upstream)
+}
+
+/// Starts `count` `sluice serve --redis` nodes (`n0`, `n1`, ...) of cluster `bench`.
+fn start_nodes(
+    bin: &PathBuf,
+    dir: &std::path::Path,
+    upstream: &str,
+    rport: u16,
+    count: usize,
+    extra: &[&str],
+) -> anyhow::Result<Vec<BenchNode>> {
     let mut nodes = Vec::new();
-    for i in 0..args.nodes {
+    for i in 0..count {
         let id = format!("n{i}");
         let (port, admin) = (free_port()?, free_port()?);
-        let args_v: Vec<String> = [
+        let mut args_v: Vec<String> = [
             "serve",
             "--upstream",
-            &upstream,
+            upstream,
             "--data-dir",
             &dir.join(&id).display().to_string(),
             "--listen",
@@ -532,10 +539,6 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
             "bench",
             "--cluster-node-id",
             &id,
-            "--lease-ttl-ms",
-            &args.lease_ttl_ms.to_string(),
-            "--standby-poll-ms",
-            &args.standby_poll_ms.to_string(),
             "--log",
             "warn",
             "--stats-interval-secs",
@@ -544,6 +547,7 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args_v.extend(extra.iter().map(|s| s.to_string()));
         let mut node = BenchNode {
             log: dir.join(format!("{id}.log")),
             id,
@@ -552,9 +556,33 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
             args: args_v,
             proc: Proc(None),
         };
-        node.start(&args.sluice)?;
+        node.start(bin)?;
         nodes.push(node);
     }
+    Ok(nodes)
+}
+
+pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
+    let dir = args
+        .tmp
+        .join(format!("sluice-bench-failover-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (_redis, rport) = start_redis(&args.redis_server, &dir.join("redis"))?;
+    let upstream = paced_upstream(args.rate).await?;
+    let mut nodes = start_nodes(
+        &args.sluice,
+        &dir,
+        &upstream,
+        rport,
+        args.nodes,
+        &[
+            "--lease-ttl-ms",
+            &args.lease_ttl_ms.to_string(),
+            "--standby-poll-ms",
+            &args.standby_poll_ms.to_string(),
+        ],
+    )?;
     let base = Instant::now();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let arrivals: Vec<Arrivals> = nodes
@@ -663,5 +691,172 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
         let _ = n.proc.term();
     }
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[derive(Parser, Clone)]
+pub struct ScaleArgs {
+    /// The sluice binary.
+    #[arg(long, default_value = "target/release/sluice")]
+    pub sluice: PathBuf,
+    #[arg(long, default_value = "redis-server")]
+    pub redis_server: String,
+    /// Node counts, one cluster (and one fresh redis-server) each.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    pub nodes: Vec<usize>,
+    /// Live raw-wire subscribers per node (every event), one run per value.
+    #[arg(long, value_delimiter = ',', default_value = "0,10")]
+    pub subscribers: Vec<usize>,
+    /// Upstream frames per second.
+    #[arg(long, default_value_t = 2000)]
+    pub rate: u32,
+    /// Seconds of traffic before the measured window.
+    #[arg(long, default_value_t = 8)]
+    pub warmup_secs: u64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 20)]
+    pub secs: u64,
+    #[arg(long, default_value = "/tmp")]
+    pub tmp: PathBuf,
+}
+
+/// A live raw-wire subscriber that counts what it reads, reconnecting while `stop` is
+/// unset.
+async fn counting_subscriber(
+    addr: SocketAddr,
+    count: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let url = format!("ws://{addr}/xrpc/com.atproto.sync.subscribeRepos");
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(Ok((mut ws, _))) = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio_tungstenite::connect_async(&url),
+        )
+        .await
+        else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+            count.fetch_add(1, Ordering::Relaxed);
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+        }
+    }
+}
+
+/// CPU of Redis and of each node per event, with 1, 2, 3... nodes on one Redis and a
+/// number of subscribers per node: what a node costs per attached node and per subscriber,
+/// and what Redis must handle.
+pub async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
+    for &count in &args.nodes {
+        for &subs in &args.subscribers {
+            let dir = args.tmp.join(format!(
+                "sluice-bench-scale-{}-{count}-{subs}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            let (mut redis, rport) = start_redis(&args.redis_server, &dir.join("redis"))?;
+            let upstream = paced_upstream(args.rate).await?;
+            let mut nodes = start_nodes(&args.sluice, &dir, &upstream, rport, count, &[])?;
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let delivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            for n in &nodes {
+                for _ in 0..subs {
+                    tokio::spawn(counting_subscriber(
+                        SocketAddr::from(([127, 0, 0, 1], n.port)),
+                        delivered.clone(),
+                        stop.clone(),
+                    ));
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let leader = loop {
+                let mut found = None;
+                for (i, n) in nodes.iter().enumerate() {
+                    if n.role().await.as_deref() == Some("leader") {
+                        found = Some(i);
+                    }
+                }
+                if let Some(i) = found {
+                    break i;
+                }
+                if Instant::now() > deadline {
+                    bail!("no leader within 60 s");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            tokio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
+            let mut link = Link::new(
+                &format!("redis://127.0.0.1:{rport}/0"),
+                Duration::from_secs(5),
+            )?;
+            let keys = Keys::new("bench");
+            let next0 = link.state(&keys).await?.map_or(0, |(s, _)| s.next_seq);
+            let redis0 = proc_cpu_secs(redis.pid());
+            let node0: Vec<f64> = nodes.iter().map(|n| proc_cpu_secs(n.proc.pid())).collect();
+            let delivered0 = delivered.load(Ordering::Relaxed);
+            let t0 = Instant::now();
+            tokio::time::sleep(Duration::from_secs(args.secs)).await;
+            let secs = t0.elapsed().as_secs_f64();
+            let next1 = link.state(&keys).await?.map_or(0, |(s, _)| s.next_seq);
+            let redis_cpu = proc_cpu_secs(redis.pid()) - redis0;
+            let node_cpu: Vec<f64> = nodes
+                .iter()
+                .zip(&node0)
+                .map(|(n, c0)| proc_cpu_secs(n.proc.pid()) - c0)
+                .collect();
+            let got = delivered.load(Ordering::Relaxed) - delivered0;
+            stop.store(true, Ordering::Relaxed);
+            let events = next1.saturating_sub(next0).max(1) as f64;
+            let followers: Vec<f64> = node_cpu
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != leader)
+                .map(|(_, c)| c * 1e6 / events)
+                .collect();
+            let positions: Vec<Option<u64>> = {
+                let mut v = Vec::new();
+                for n in &nodes {
+                    let body =
+                        http_get(SocketAddr::from(([127, 0, 0, 1], n.admin)), "/status.json").await;
+                    v.push(
+                        body.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                            .and_then(|j| j["log"]["bounds"]["newest_seq"].as_u64()),
+                    );
+                }
+                v
+            };
+            println!(
+                "{}",
+                serde_json::json!({
+                    "bench": "cluster-scale",
+                    "nodes": count,
+                    "subscribers_per_node": subs,
+                    "rate": args.rate,
+                    "secs": secs,
+                    "events_per_sec": events / secs,
+                    "redis_cpu_us_per_event": redis_cpu * 1e6 / events,
+                    "leader_cpu_us_per_event": node_cpu[leader] * 1e6 / events,
+                    "follower_cpu_us_per_event": followers,
+                    "delivered_per_subscriber_event": if subs == 0 {
+                        0.0
+                    } else {
+                        got as f64 / (events * (subs * count) as f64)
+                    },
+                    "stream_next_seq": next1,
+                    "node_positions": positions,
+                })
+            );
+            for n in nodes.iter_mut() {
+                let _ = n.proc.term();
+            }
+            redis.kill9();
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
     Ok(())
 }
