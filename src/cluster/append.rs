@@ -1,8 +1,8 @@
 //! The leader's appender: one term's frames, batched, encoded and appended to the stream.
 //!
-//! Owns: batching what ingest queued, encoding each batch into an entry (`entry::encode`)
-//! on its own thread while the previous batch is in flight, the fenced append of each
-//! batch in order (`Link::append`), the byte bound of the window, and the term's own
+//! Owns: batching what ingest queued, encoding each batch into an entry
+//! (`entry::EntryEncoder`, one zstd context per term) on its own thread while the
+//! previous batch is in flight, the fenced append of each batch in order (`Link::append`), the byte bound of the window, and the term's own
 //! clock ([`TermCtl`]). Must never: append after the term's clock says the lease may have
 //! expired, append a batch before the one ahead of it was acknowledged, retry a batch
 //! Redis refused, or hold more than three batches (one being encoded, one encoded and
@@ -122,6 +122,13 @@ fn encode_loop(
     rx: Receiver<Vec<Event>>,
     tx: SyncSender<Encoded>,
 ) {
+    let mut encoder = match entry::EntryEncoder::new(config.compression_level) {
+        Ok(e) => e,
+        Err(e) => {
+            ctl.end(format!("cannot start the entry encoder: {e}"));
+            return;
+        }
+    };
     while let Ok(first) = rx.recv() {
         let mut batch = first;
         let mut frame_bytes: usize = batch.first().map_or(0, |e| e.raw_frame.len());
@@ -143,7 +150,7 @@ fn encode_loop(
             last_time_us: last.time_us,
             upstream_cursor: Some(last.upstream_seq),
         };
-        let payload = match entry::encode(&entry::records_of(&batch), config.compression_level) {
+        let payload = match encoder.encode(&entry::records_of(&batch)) {
             Ok(p) => p,
             Err(e) => {
                 ctl.end(format!("cannot encode a stream entry: {e}"));

@@ -38,6 +38,9 @@ pub struct AppendArgs {
     /// redis-server binary.
     #[arg(long, default_value = "redis-server")]
     pub redis_server: String,
+    /// Extra redis-server arguments, e.g. `--redis-arg=--rdbcompression --redis-arg=no`.
+    #[arg(long, allow_hyphen_values = true)]
+    pub redis_arg: Vec<String>,
     /// Events appended per configuration.
     #[arg(long, default_value_t = 200_000)]
     pub events: usize,
@@ -63,6 +66,9 @@ pub struct FailoverArgs {
     pub sluice: PathBuf,
     #[arg(long, default_value = "redis-server")]
     pub redis_server: String,
+    /// Extra redis-server arguments, e.g. `--redis-arg=--rdbcompression --redis-arg=no`.
+    #[arg(long, allow_hyphen_values = true)]
+    pub redis_arg: Vec<String>,
     /// Nodes in the cluster.
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,
@@ -121,7 +127,7 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-fn start_redis(bin: &str, dir: &std::path::Path) -> anyhow::Result<(Proc, u16)> {
+fn start_redis(bin: &str, dir: &std::path::Path, extra: &[String]) -> anyhow::Result<(Proc, u16)> {
     std::fs::create_dir_all(dir)?;
     let port = free_port()?;
     let child = Command::new(bin)
@@ -134,6 +140,7 @@ fn start_redis(bin: &str, dir: &std::path::Path) -> anyhow::Result<(Proc, u16)> 
             "--save",
             "",
         ])
+        .args(extra)
         .arg("--dir")
         .arg(dir)
         .stdout(Stdio::null())
@@ -152,14 +159,23 @@ fn start_redis(bin: &str, dir: &std::path::Path) -> anyhow::Result<(Proc, u16)> 
 }
 
 fn proc_cpu_secs(pid: u32) -> f64 {
+    proc_ticks(pid, 11) / 100.0
+}
+
+/// CPU seconds of a process's children that it has waited for (Redis's AOF rewrites).
+fn children_cpu_secs(pid: u32) -> f64 {
+    proc_ticks(pid, 13) / 100.0
+}
+
+/// Fields `at` and `at + 1` of `/proc/<pid>/stat` after the command name, summed.
+fn proc_ticks(pid: u32, at: usize) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
+    f.get(at).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(at + 1).and_then(|v| v.parse().ok()).unwrap_or(0.0)
 }
 
 /// Stamped events of `count` events' worth of frames, upstream seqs strictly increasing.
@@ -252,7 +268,7 @@ pub async fn append(args: AppendArgs) -> anyhow::Result<()> {
     for &level in &args.level {
         for &batch in &args.batch {
             let _ = std::fs::remove_dir_all(&dir);
-            let (mut redis, port) = start_redis(&args.redis_server, &dir)?;
+            let (mut redis, port) = start_redis(&args.redis_server, &dir, &args.redis_arg)?;
             let url = format!("redis://127.0.0.1:{port}/0");
             let mut link = Link::new(&url, Duration::from_secs(5))?;
             link.load_functions().await?;
@@ -295,6 +311,7 @@ pub async fn append(args: AppendArgs) -> anyhow::Result<()> {
             }
             let (tx, rx) = std::sync::mpsc::sync_channel(config.append_queue_frames);
             let redis_cpu0 = proc_cpu_secs(redis.pid());
+            let rewrite_cpu0 = children_cpu_secs(redis.pid());
             let cpu0 = cpu_self();
             let t0 = Instant::now();
             let appender = {
@@ -321,6 +338,7 @@ pub async fn append(args: AppendArgs) -> anyhow::Result<()> {
             let secs = t0.elapsed().as_secs_f64();
             let cpu = cpu_self() - cpu0;
             let redis_cpu = proc_cpu_secs(redis.pid()) - redis_cpu0;
+            let rewrite_cpu = children_cpu_secs(redis.pid()) - rewrite_cpu0;
             let mem1 = used_memory(&mut link).await?;
             let stream_mem = redis_int(
                 &mut link,
@@ -346,6 +364,7 @@ pub async fn append(args: AppendArgs) -> anyhow::Result<()> {
                     "used_memory_bytes_per_event": (mem1.saturating_sub(mem0)) as f64 / n,
                     "bench_cpu_us_per_event": cpu * 1e6 / n,
                     "redis_cpu_us_per_event": redis_cpu * 1e6 / n,
+                    "redis_rewrite_cpu_us_per_event": rewrite_cpu * 1e6 / n,
                 })
             );
             redis.kill9();
@@ -568,7 +587,7 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
         .join(format!("sluice-bench-failover-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let (_redis, rport) = start_redis(&args.redis_server, &dir.join("redis"))?;
+    let (_redis, rport) = start_redis(&args.redis_server, &dir.join("redis"), &args.redis_arg)?;
     let upstream = paced_upstream(args.rate).await?;
     let mut nodes = start_nodes(
         &args.sluice,
@@ -701,6 +720,9 @@ pub struct ScaleArgs {
     pub sluice: PathBuf,
     #[arg(long, default_value = "redis-server")]
     pub redis_server: String,
+    /// Extra redis-server arguments, e.g. `--redis-arg=--rdbcompression --redis-arg=no`.
+    #[arg(long, allow_hyphen_values = true)]
+    pub redis_arg: Vec<String>,
     /// Node counts, one cluster (and one fresh redis-server) each.
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
     pub nodes: Vec<usize>,
@@ -759,7 +781,8 @@ pub async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
             ));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir)?;
-            let (mut redis, rport) = start_redis(&args.redis_server, &dir.join("redis"))?;
+            let (mut redis, rport) =
+                start_redis(&args.redis_server, &dir.join("redis"), &args.redis_arg)?;
             let upstream = paced_upstream(args.rate).await?;
             let mut nodes = start_nodes(&args.sluice, &dir, &upstream, rport, count, &[])?;
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
