@@ -182,3 +182,102 @@ async fn a_lost_state_is_reseeded_only_by_the_node_holding_the_most() {
         "epochs stay above any the node has seen, even after a data loss"
     );
 }
+
+/// The append's checks are read under `WATCH` and the reads for the next batch ride on the
+/// previous `EXEC`, so they can be stale by the time the next batch is sent: Redis must
+/// refuse that `EXEC` whenever the lease, the state or the stream changed in between.
+#[tokio::test]
+async fn an_append_whose_checks_went_stale_writes_nothing() {
+    let redis = RedisServer::start();
+    let keys = Keys::new("w");
+    let mut a = link(&redis).await;
+    let mut other = link(&redis).await;
+    let short = Duration::from_millis(300);
+    let ttl = Duration::from_secs(30);
+    let first = a
+        .acquire(&keys, "a", short, 0, StampState::fresh())
+        .await
+        .unwrap();
+    assert!(matches!(first, Acquire::SeedBlocked { .. }), "{first:?}");
+    tokio::time::sleep(short).await;
+    let Acquire::Granted(g) = a
+        .acquire(&keys, "a", short, 0, StampState::fresh())
+        .await
+        .unwrap()
+    else {
+        panic!("a gets the lease");
+    };
+    a.renew(&keys, "a", g.epoch, ttl).await.unwrap();
+    let done = a
+        .append(&keys, "a", g.epoch, 1, 3, state(4, 30, 100), 0, b"one")
+        .await
+        .unwrap();
+    assert_eq!((done.next_seq, done.already), (4, false));
+    // A renewal from another connection touches the watched lease: the next append's
+    // transaction is aborted, checked again and written once.
+    other.renew(&keys, "a", g.epoch, ttl).await.unwrap();
+    let done = a
+        .append(&keys, "a", g.epoch, 4, 5, state(6, 50, 101), 0, b"two")
+        .await
+        .unwrap();
+    assert_eq!((done.next_seq, done.already), (6, false));
+    // The lease expires and another node takes it after the reads for a's next batch were
+    // taken: a's transaction is aborted and a is told it is fenced.
+    a.append(&keys, "a", g.epoch, 6, 6, state(7, 60, 102), 0, b"three")
+        .await
+        .unwrap();
+    assert!(redis.command(&["DEL", &keys.lease]).contains(":1"));
+    let Acquire::Granted(b) = other
+        .acquire(&keys, "b", ttl, 0, StampState::fresh())
+        .await
+        .unwrap()
+    else {
+        panic!("b takes the expired lease");
+    };
+    assert!(b.epoch > g.epoch);
+    let late = a
+        .append(&keys, "a", g.epoch, 7, 7, state(8, 70, 103), 0, b"four")
+        .await;
+    assert!(matches!(late, Err(ClusterError::Fenced(_))), "{late:?}");
+    let entries = other
+        .read_after(&keys, 0, 10, Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        entries.iter().map(|e| e.last_seq).collect::<Vec<_>>(),
+        vec![3, 5, 6],
+        "each batch once, nothing from the deposed holder"
+    );
+    assert_eq!(entries[1].payload, b"two");
+    let (stored, epoch) = other.state(&keys).await.unwrap().unwrap();
+    assert_eq!(stored, state(7, 60, 102));
+    assert_eq!(epoch, b.epoch);
+    // b continues where a left off.
+    other
+        .append(&keys, "b", b.epoch, 7, 7, state(8, 70, 103), 0, b"four")
+        .await
+        .unwrap();
+    // Something outside the cluster writes to the stream past the state: refused by the
+    // check, and neither the entry nor the state is written.
+    let outside = redis.command(&["XADD", &keys.stream, "100-0", "b", "x", "e", "0"]);
+    assert!(outside.contains("100-0"), "{outside}");
+    let past = other
+        .append(&keys, "b", b.epoch, 8, 8, state(9, 80, 104), 0, b"five")
+        .await;
+    assert!(matches!(past, Err(ClusterError::Gap(_))), "{past:?}");
+    // Deleted again, the stream still remembers id 100 as its last: Redis refuses the
+    // entry inside the transaction, and the state the transaction wrote is put back.
+    assert!(redis
+        .command(&["XDEL", &keys.stream, "100-0"])
+        .contains(":1"));
+    let refused = other
+        .append(&keys, "b", b.epoch, 8, 8, state(9, 80, 104), 0, b"five")
+        .await;
+    assert!(matches!(refused, Err(ClusterError::Gap(_))), "{refused:?}");
+    let (stored, _) = other.state(&keys).await.unwrap().unwrap();
+    assert_eq!(
+        stored,
+        state(8, 70, 103),
+        "the refused batches left the state alone"
+    );
+}

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 const UNIT: &str = include_str!("../systemd/sluice.service");
+const TEMPLATE: &str = include_str!("../systemd/sluice@.service");
 const INSTALLED_BINARY: &str = "/usr/local/bin/sluice";
 
 fn directives(unit: &str) -> Vec<(String, String)> {
@@ -25,8 +26,9 @@ fn value<'a>(all: &'a [(String, String)], key: &str) -> Vec<&'a str> {
         .collect()
 }
 
-#[test]
-fn unit_passes_systemd_analyze_verify() {
+/// `systemd-analyze verify` of `unit` written as `file` (ExecStart pointed at the built
+/// binary): fails on any complaint about it.
+fn verify(unit: &str, file: &str) {
     let analyze = Command::new("systemd-analyze").arg("--version").output();
     match analyze {
         Ok(out) if out.status.success() => {}
@@ -37,10 +39,10 @@ fn unit_passes_systemd_analyze_verify() {
     }
     let binary = env!("CARGO_BIN_EXE_sluice");
     assert!(Path::new(binary).exists(), "{binary} missing");
-    assert!(UNIT.contains(INSTALLED_BINARY));
+    assert!(unit.contains(INSTALLED_BINARY));
     let dir = tempfile::tempdir().unwrap();
-    let unit_path = dir.path().join("sluice.service");
-    std::fs::write(&unit_path, UNIT.replace(INSTALLED_BINARY, binary)).unwrap();
+    let unit_path = dir.path().join(file);
+    std::fs::write(&unit_path, unit.replace(INSTALLED_BINARY, binary)).unwrap();
 
     let out = Command::new("systemd-analyze")
         .arg("verify")
@@ -56,16 +58,30 @@ fn unit_passes_systemd_analyze_verify() {
     );
     // verify exits 0 on some problems (unknown keys, bad values) and only prints them;
     // any line about our unit is a failure.
+    let name = file.split('@').next().unwrap_or(file);
     let complaints: Vec<&str> = stderr
         .lines()
         .chain(stdout.lines())
-        .filter(|l| l.contains("sluice.service"))
+        .filter(|l| l.contains(name))
         .collect();
     assert!(
         complaints.is_empty(),
         "systemd-analyze verify complained:\n{}",
         complaints.join("\n")
     );
+}
+
+#[test]
+fn unit_passes_systemd_analyze_verify() {
+    verify(UNIT, "sluice.service");
+}
+
+/// The templated unit for several nodes on one host, verified as an instance.
+#[test]
+fn template_unit_passes_systemd_analyze_verify() {
+    assert!(TEMPLATE.contains("--config /etc/sluice/%i.toml"));
+    assert!(TEMPLATE.contains("StateDirectory=sluice-%i"));
+    verify(TEMPLATE, "sluice@node-a.service");
 }
 
 #[test]

@@ -81,6 +81,9 @@ enum Cmd {
     /// Cluster: N nodes on one redis-server; leader SIGKILLs and graceful handovers, the
     /// silence each causes at a surviving node's subscriber.
     ClusterFailover(cluster::FailoverArgs),
+    /// Cluster: CPU of Redis and of each node per event with 1, 2, 3 nodes on one
+    /// redis-server and a number of subscribers per node.
+    ClusterScale(cluster::ScaleArgs),
     /// Throughput of the Redis sink into a local redis-server: a log of synthetic events
     /// written out from position 0, timed, with CPU per event of the sink and of Redis.
     RedisSink(bench_sink::RedisSinkArgs),
@@ -2066,6 +2069,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::RedisRelay(args) => rt.block_on(redis_relay(args)),
         Cmd::ClusterAppend(args) => rt.block_on(cluster::append(args)),
         Cmd::ClusterFailover(args) => rt.block_on(cluster::failover(args)),
+        Cmd::ClusterScale(args) => rt.block_on(cluster::scale(args)),
         Cmd::RedisSink(args) => rt.block_on(bench_sink::redis_sink(args)),
         Cmd::RedisSinkMemory(args) => rt.block_on(bench_sink::redis_sink_memory(args)),
     }

@@ -6,13 +6,16 @@
 --   epoch  counter that only grows: every grant of the lease takes the next value
 --   state  hash {next_seq, last_time_us, upstream_cursor, epoch}: where ingest resumes
 --   stream the events, one entry per appended batch, entry id = "<last seq of batch>-0",
---          fields b (the batch, see src/cluster/entry.rs) and e (the appender's epoch)
+--          fields b (the batch, see src/cluster/entry.rs) and e (the appender's epoch);
+--          the leader appends with WATCH + MULTI/EXEC (Link::append in link.rs), not
+--          here: a function would copy every payload into a Lua string and back
 --   nodes  hash node -> "position ms role subscribers": what every node reported last
 --   seed   when the state went missing (a new cluster, or Redis lost its data)
 --   lease:<name>, epoch:<name>  a named lease and its epoch counter (src/cluster/lease.rs)
 --
--- Every check that decides whether a write happens is made here, in one server-side step,
--- so two callers can never both pass it.
+-- Every check that decides whether a lease is granted is made here, in one server-side
+-- step, so two callers can never both pass it. An append's checks are made under WATCH of
+-- the lease, the state and the stream, so its EXEC fails if any of them changed.
 
 local function num(v)
   if v == false or v == nil then return nil end
@@ -117,48 +120,7 @@ local function release(keys, args)
   return 0
 end
 
--- append(keys: lease, state, stream; args: node, epoch, first_seq, last_seq, last_time_us,
---        upstream_cursor, trim_below (0 = none), payload)
--- Adds one entry "<last_seq>-0" and the new resume state, or writes nothing and says why:
---   FENCED (not the lease holder), GAP expected <n> (does not continue the stream),
---   CURSOR stored <n> (upstream cursor does not advance).
--- Returns {next_seq, trimmed, 0}, or {next_seq, 0, 1} when this exact batch is already the
--- stream's last (a retry after a lost reply).
-local function append(keys, args)
-  local lease, state, stream = keys[1], keys[2], keys[3]
-  local ok, holder, epoch = holds(lease, args[1], args[2])
-  if not ok then
-    return redis.error_reply('FENCED lease is held by ' .. tostring(holder) .. ' epoch ' .. tostring(epoch))
-  end
-  local first, last = tonumber(args[3]), tonumber(args[4])
-  local s = redis.call('HMGET', state, 'next_seq', 'upstream_cursor')
-  local next_seq = num(s[1])
-  if next_seq == nil then
-    return redis.error_reply('NOSTATE the resume state is missing')
-  end
-  local cursor = num(s[2])
-  local up = tonumber(args[6])
-  if last + 1 == next_seq and cursor == up then
-    return {next_seq, 0, 1}
-  end
-  if first ~= next_seq or last < first then
-    return redis.error_reply('GAP expected ' .. s[1] .. ' got ' .. args[3])
-  end
-  if cursor ~= nil and up <= cursor then
-    return redis.error_reply('CURSOR stored ' .. s[2] .. ' got ' .. args[6])
-  end
-  redis.call('XADD', stream, args[4] .. '-0', 'b', args[8], 'e', args[2])
-  redis.call('HSET', state, 'next_seq', last + 1, 'last_time_us', args[5], 'upstream_cursor', args[6])
-  local trimmed = 0
-  local below = tonumber(args[7])
-  if below > 0 then
-    trimmed = redis.call('XTRIM', stream, 'MINID', '~', below .. '-0')
-  end
-  return {last + 1, trimmed, 0}
-end
-
 redis.register_function('sluice_acquire', acquire)
 redis.register_function('sluice_lease_acquire', lease_acquire)
 redis.register_function('sluice_renew', renew)
 redis.register_function('sluice_release', release)
-redis.register_function('sluice_append', append)

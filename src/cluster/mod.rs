@@ -8,14 +8,16 @@
 //! log, or hold events itself beyond one append batch.
 //!
 //! Shape: the leader runs the ordinary upstream client and [`Ingestor`] on the ingest
-//! thread, with a sink that hands each frame's events to the appender thread; the
-//! appender sends batches to the `sluice_append` function. Every node, the leader too,
+//! thread, with a sink that hands each frame's events to the appender (`append`), which
+//! encodes batches one ahead of the append in flight and appends each with one fenced
+//! transaction (`link::Link::append`). Every node, the leader too,
 //! reads the stream with one blocking reader and re-derives each frame's events with the
 //! same decode and encode code, stamped with the seqs and times the leader chose, so its
 //! log, and every cursor into it, is the same as every other node's.
 //!
 //! [`Ingestor`]: crate::ingest::Ingestor
 
+pub mod append;
 pub mod entry;
 mod lease;
 pub mod link;

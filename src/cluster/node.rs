@@ -2,22 +2,22 @@
 //! the stream reader.
 //!
 //! Owns: taking, renewing, losing and handing over the lease; starting ingest on taking
-//! it and stopping it on losing it; the appender thread that turns a term's events into
-//! fenced appends; trimming the stream's window; reporting this node's position. Must
+//! it and stopping it on losing it; starting each term's appender (`append`); trimming the stream's window; reporting this node's position. Must
 //! never: append after its own clock says the lease may have expired, keep ingesting
 //! after a fenced append, or block the runtime on Redis.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 use tokio::sync::watch;
 
+use super::append::{self, TermCtl};
 use super::link::{Acquire, Grant, Keys, Link};
 use super::tail::Tailer;
-use super::{entry, ClusterConfig, ClusterError, ClusterShared, NodeReport, Role};
+use super::{ClusterConfig, ClusterError, ClusterShared, NodeReport, Role};
 use crate::daemon::{start_ingest_with, EventSink, IngestConfig, IngestHandle};
 use crate::event::{Event, StampState};
 use crate::fanout::Hub;
@@ -28,11 +28,6 @@ use crate::wire::WireKind;
 
 /// A node's reports older than this many lease TTLs are not "live" for trimming.
 const LIVE_TTLS: u32 = 3;
-/// The leader stops appending this long before its lease can have expired.
-fn safety_margin(ttl: Duration) -> Duration {
-    (ttl / 5).max(Duration::from_millis(100))
-}
-
 /// A running cluster node.
 pub struct Node {
     pub shared: Arc<ClusterShared>,
@@ -148,37 +143,6 @@ struct Term {
     ingest: Option<IngestHandle>,
     appender: Option<std::thread::JoinHandle<()>>,
     ctl: Arc<TermCtl>,
-}
-
-/// Shared between the lease loop, the sink and the appender of one term.
-struct TermCtl {
-    epoch: u64,
-    /// Monotonic deadline (ns since `base`) after which the lease may have expired.
-    valid_until_ns: AtomicU64,
-    base: Instant,
-    /// Set when an append was refused for good (fenced, gap, cursor) or the lease lapsed.
-    ended: AtomicBool,
-    why: parking_lot::Mutex<Option<String>>,
-    /// Trim the stream below this seq with the next append (0: do not).
-    trim_below: AtomicU64,
-}
-
-impl TermCtl {
-    fn lease_valid(&self) -> bool {
-        (self.base.elapsed().as_nanos() as u64) < self.valid_until_ns.load(Ordering::Acquire)
-    }
-
-    fn extend(&self, sent_at: Instant, ttl: Duration) {
-        let until = sent_at.saturating_duration_since(self.base) + ttl - safety_margin(ttl);
-        self.valid_until_ns
-            .fetch_max(until.as_nanos() as u64, Ordering::AcqRel);
-    }
-
-    fn end(&self, why: String) {
-        if !self.ended.swap(true, Ordering::AcqRel) {
-            *self.why.lock() = Some(why);
-        }
-    }
 }
 
 /// The leader's sink: hands each frame's events to the appender thread (bounded: a full
@@ -356,19 +320,7 @@ impl LeaseLoop {
 
     fn become_leader(&mut self, grant: Grant, sent: Instant) {
         self.max_epoch = self.max_epoch.max(grant.epoch);
-        let ctl = Arc::new(TermCtl {
-            epoch: grant.epoch,
-            valid_until_ns: AtomicU64::new(0),
-            base: Instant::now(),
-            ended: AtomicBool::new(false),
-            why: parking_lot::Mutex::new(None),
-            trim_below: AtomicU64::new(0),
-        });
-        // `base` is after `sent`: the lease may have been granted up to this much earlier.
-        ctl.extend(
-            ctl.base,
-            self.config.lease_ttl.saturating_sub(sent.elapsed()),
-        );
+        let ctl = Arc::new(TermCtl::new(grant.epoch, sent, self.config.lease_ttl));
         if grant.seeded {
             tracing::error!(
                 next_seq = grant.state.next_seq,
@@ -392,7 +344,7 @@ impl LeaseLoop {
             );
             std::thread::Builder::new()
                 .name("sluice-cluster-append".into())
-                .spawn(move || append_loop(config, keys, shared, ctl, rx))
+                .spawn(move || append::run(config, keys, shared, ctl, rx))
         };
         let appender = match appender {
             Ok(a) => a,
@@ -559,126 +511,4 @@ fn trim_point(config: &ClusterConfig, stream_next: u64, live: &[&NodeReport]) ->
         .min()
         .unwrap_or(by_window);
     by_window.min(slowest)
-}
-
-/// The appender thread of one term: batches queued frames, appends each batch with one
-/// fenced call, retries while Redis is unreachable and the lease is still valid.
-fn append_loop(
-    config: ClusterConfig,
-    keys: Keys,
-    shared: Arc<ClusterShared>,
-    ctl: Arc<TermCtl>,
-    rx: Receiver<Vec<Event>>,
-) {
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            ctl.end(format!("appender runtime: {e}"));
-            return;
-        }
-    };
-    let mut link = match Link::new(&config.redis_url, config.redis_timeout) {
-        Ok(l) => l,
-        Err(e) => {
-            ctl.end(e.to_string());
-            return;
-        }
-    };
-    // Bytes per event of recent entries, for the byte bound of the window.
-    let mut bytes_per_event = 0f64;
-    while let Ok(first) = rx.recv() {
-        let mut batch = first;
-        let mut frame_bytes: usize = batch.first().map_or(0, |e| e.raw_frame.len());
-        while batch.len() < config.batch_max_events && frame_bytes < config.batch_max_bytes {
-            match rx.try_recv() {
-                Ok(more) => {
-                    frame_bytes += more.first().map_or(0, |e| e.raw_frame.len());
-                    batch.extend(more);
-                }
-                Err(_) => break,
-            }
-        }
-        let (Some(head), Some(last)) = (batch.first(), batch.last()) else {
-            continue;
-        };
-        let (first_seq, last_seq) = (head.seq, last.seq);
-        let state = StampState {
-            next_seq: last_seq + 1,
-            last_time_us: last.time_us,
-            upstream_cursor: Some(last.upstream_seq),
-        };
-        let payload = match entry::encode(&entry::records_of(&batch), config.compression_level) {
-            Ok(p) => p,
-            Err(e) => {
-                ctl.end(format!("cannot encode a stream entry: {e}"));
-                return;
-            }
-        };
-        let events = batch.len() as u64;
-        drop(batch);
-        let per_event = payload.len() as f64 / events as f64;
-        bytes_per_event = if bytes_per_event == 0.0 {
-            per_event
-        } else {
-            bytes_per_event * 0.95 + per_event * 0.05
-        };
-        let mut trim_below = ctl.trim_below.load(Ordering::Relaxed);
-        // The byte bound wins over everything: Redis memory is the scarce resource.
-        let max_events_by_bytes =
-            (config.window_max_bytes as f64 / bytes_per_event.max(1.0)) as u64;
-        let byte_floor = (last_seq + 1).saturating_sub(max_events_by_bytes);
-        trim_below = trim_below.max(byte_floor);
-        let mut backoff = Duration::from_millis(20);
-        loop {
-            if !ctl.lease_valid() {
-                ctl.end("the lease may have expired before this append; appending nothing".into());
-                shared.fenced_appends.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
-            let started = Instant::now();
-            let result = runtime.block_on(link.append(
-                &keys,
-                &config.node_id,
-                ctl.epoch,
-                first_seq,
-                last_seq,
-                state,
-                trim_below,
-                &payload,
-            ));
-            match result {
-                Ok(done) => {
-                    shared.append_latency.record(started.elapsed());
-                    shared.appends.fetch_add(1, Ordering::Relaxed);
-                    shared.appended_events.fetch_add(events, Ordering::Relaxed);
-                    shared
-                        .appended_bytes
-                        .fetch_add(payload.len() as u64, Ordering::Relaxed);
-                    if done.trimmed > 0 {
-                        shared.trims.fetch_add(1, Ordering::Relaxed);
-                        shared
-                            .trimmed_entries
-                            .fetch_add(done.trimmed, Ordering::Relaxed);
-                    }
-                    break;
-                }
-                Err(ClusterError::Unavailable(e)) => {
-                    shared.append_retries.fetch_add(1, Ordering::Relaxed);
-                    shared.note_error(&ClusterError::Unavailable(e.clone()));
-                    tracing::warn!(error = %e, first_seq, "append failed: redis unavailable; ingest waits and the append is retried");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
-                }
-                Err(e) => {
-                    shared.fenced_appends.fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(reason = e.reason(), error = %e, first_seq, "append refused by redis; this node wrote nothing and steps down");
-                    ctl.end(e.to_string());
-                    return;
-                }
-            }
-        }
-    }
 }

@@ -61,6 +61,13 @@ impl Tailer {
             }
         };
         let mut ingestor = Ingestor::new(StampState::fresh(), self.limits.clone());
+        let mut decoder = match entry::EntryDecoder::new() {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "cluster stream reader cannot start its decoder");
+                return;
+            }
+        };
         let mut error_log = RateLimited::new(5, Duration::from_secs(10));
         let mut backoff = Duration::from_millis(50);
         while !*self.stop.borrow() {
@@ -72,7 +79,7 @@ impl Tailer {
             let step = match link.read_after(&self.keys, after, READ_COUNT, BLOCK).await {
                 Ok(entries) => {
                     self.shared.redis_up.store(true, Ordering::Relaxed);
-                    self.apply(&mut ingestor, after, entries)
+                    self.apply(&mut ingestor, &mut decoder, after, entries)
                 }
                 Err(e) => Err(e),
             };
@@ -105,13 +112,14 @@ impl Tailer {
     fn apply(
         &self,
         ingestor: &mut Ingestor,
+        decoder: &mut entry::EntryDecoder,
         after: u64,
         entries: Vec<RawEntry>,
     ) -> Result<(), ClusterError> {
         let mut expected = after + 1;
         let mut events: Vec<Event> = Vec::new();
         for raw in entries {
-            let records = entry::decode(&raw.payload, self.config.max_entry_bytes)?;
+            let records = decoder.decode(&raw.payload, self.config.max_entry_bytes)?;
             for record in records {
                 if record.last_seq() < expected {
                     // Already held: only after the stream was re-seeded behind this node.

@@ -1,10 +1,11 @@
 //! `sluice-bench cluster-append` and `sluice-bench cluster-failover`: the cluster's
 //! benchmarks against a real `redis-server` (AOF on, `appendfsync always`) on 127.0.0.1.
 //!
-//! - `cluster-append` drives the leader's append path (`cluster::link::Link::append`, one
-//!   fenced call per batch, one in flight, as the appender does) with stamped events of
-//!   the real corpus or synthetic frames, for several batch sizes and zstd levels, and
-//!   reports events/s, entry bytes per event and Redis memory per event.
+//! - `cluster-append` drives the leader's appender (`cluster::append::run`: batches of
+//!   what is queued, encoded one ahead of the fenced append in flight) with stamped events
+//!   of the real corpus or synthetic frames queued as fast as it takes them, for several
+//!   batch bounds and zstd levels, and reports events/s, entry bytes per event, CPU and
+//!   Redis memory per event.
 //! - `cluster-failover` runs N `sluice serve --redis` nodes fed by a looped, paced
 //!   upstream; one live v2 subscriber per node records when each event arrives. The
 //!   leader is SIGKILLed (or SIGTERMed, for handovers) at random moments and restarted as
@@ -25,23 +26,29 @@ use parking_lot::Mutex;
 use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use sluice::cluster::entry;
+use sluice::cluster::append::{self as cluster_append, TermCtl};
 use sluice::cluster::link::{Acquire, Keys, Link};
+use sluice::cluster::{ClusterConfig, ClusterShared};
 use sluice::event::{Event, StampState};
 use sluice::ingest::{IngestOutcome, Ingestor};
+use std::sync::atomic::Ordering;
 
 #[derive(Parser, Clone)]
 pub struct AppendArgs {
     /// redis-server binary.
     #[arg(long, default_value = "redis-server")]
     pub redis_server: String,
+    /// Extra redis-server arguments, e.g. `--redis-arg=--rdbcompression --redis-arg=no`.
+    #[arg(long, allow_hyphen_values = true)]
+    pub redis_arg: Vec<String>,
     /// Events appended per configuration.
     #[arg(long, default_value_t = 200_000)]
     pub events: usize,
     /// `corpus` (the real frames in ../shared/fixtures-upstream, looped) or `synth`.
     #[arg(long, default_value = "corpus")]
     pub source: String,
-    /// Events per append (one stream entry); 0 = one frame per entry.
+    /// Most events per append (one stream entry; the appender takes what is queued up to
+    /// it); 0 = one frame per entry.
     #[arg(long, value_delimiter = ',', default_value = "0,100,1000,5000")]
     pub batch: Vec<usize>,
     /// zstd levels of entries.
@@ -59,6 +66,9 @@ pub struct FailoverArgs {
     pub sluice: PathBuf,
     #[arg(long, default_value = "redis-server")]
     pub redis_server: String,
+    /// Extra redis-server arguments, e.g. `--redis-arg=--rdbcompression --redis-arg=no`.
+    #[arg(long, allow_hyphen_values = true)]
+    pub redis_arg: Vec<String>,
     /// Nodes in the cluster.
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,
@@ -117,7 +127,7 @@ fn free_port() -> anyhow::Result<u16> {
         .port())
 }
 
-fn start_redis(bin: &str, dir: &std::path::Path) -> anyhow::Result<(Proc, u16)> {
+fn start_redis(bin: &str, dir: &std::path::Path, extra: &[String]) -> anyhow::Result<(Proc, u16)> {
     std::fs::create_dir_all(dir)?;
     let port = free_port()?;
     let child = Command::new(bin)
@@ -130,6 +140,7 @@ fn start_redis(bin: &str, dir: &std::path::Path) -> anyhow::Result<(Proc, u16)> 
             "--save",
             "",
         ])
+        .args(extra)
         .arg("--dir")
         .arg(dir)
         .stdout(Stdio::null())
@@ -148,14 +159,23 @@ fn start_redis(bin: &str, dir: &std::path::Path) -> anyhow::Result<(Proc, u16)> 
 }
 
 fn proc_cpu_secs(pid: u32) -> f64 {
+    proc_ticks(pid, 11) / 100.0
+}
+
+/// CPU seconds of a process's children that it has waited for (Redis's AOF rewrites).
+fn children_cpu_secs(pid: u32) -> f64 {
+    proc_ticks(pid, 13) / 100.0
+}
+
+/// Fields `at` and `at + 1` of `/proc/<pid>/stat` after the command name, summed.
+fn proc_ticks(pid: u32, at: usize) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
+    f.get(at).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(at + 1).and_then(|v| v.parse().ok()).unwrap_or(0.0)
 }
 
 /// Stamped events of `count` events' worth of frames, upstream seqs strictly increasing.
@@ -248,7 +268,7 @@ pub async fn append(args: AppendArgs) -> anyhow::Result<()> {
     for &level in &args.level {
         for &batch in &args.batch {
             let _ = std::fs::remove_dir_all(&dir);
-            let (mut redis, port) = start_redis(&args.redis_server, &dir)?;
+            let (mut redis, port) = start_redis(&args.redis_server, &dir, &args.redis_arg)?;
             let url = format!("redis://127.0.0.1:{port}/0");
             let mut link = Link::new(&url, Duration::from_secs(5))?;
             link.load_functions().await?;
@@ -268,45 +288,57 @@ pub async fn append(args: AppendArgs) -> anyhow::Result<()> {
             link.renew(&keys, "bench", grant.epoch, Duration::from_secs(3600))
                 .await?;
             let mem0 = used_memory(&mut link).await?;
-            // Batches: whole frames, up to `batch` events (0: one frame per entry).
-            let mut batches: Vec<&[Event]> = Vec::new();
-            let mut start = 0;
-            for i in 1..=events.len() {
-                let frame_ends = i == events.len() || events[i].op_index == 0;
-                let full = batch == 0 || i - start >= batch;
-                if frame_ends && full {
-                    batches.push(&events[start..i]);
-                    start = i;
+            // The leader's appender as a term runs it: ingest's frames queued, batched up
+            // to `batch` events (0: one frame per entry), encoded one batch ahead of the
+            // append in flight. The queue is filled as fast as it takes frames, as in a
+            // catch-up after an outage.
+            let mut config = ClusterConfig::new(url.clone(), "bench", "bench");
+            config.compression_level = level;
+            config.batch_max_events = batch.max(1);
+            config.window_max_bytes = u64::MAX / 2;
+            let shared = Arc::new(ClusterShared::default());
+            let ctl = Arc::new(TermCtl::new(
+                grant.epoch,
+                Instant::now(),
+                Duration::from_secs(3600),
+            ));
+            let mut frames: Vec<Vec<Event>> = Vec::new();
+            for e in &events {
+                match frames.last_mut() {
+                    Some(f) if e.op_index != 0 => f.push(e.clone()),
+                    _ => frames.push(vec![e.clone()]),
                 }
             }
+            let (tx, rx) = std::sync::mpsc::sync_channel(config.append_queue_frames);
             let redis_cpu0 = proc_cpu_secs(redis.pid());
+            let rewrite_cpu0 = children_cpu_secs(redis.pid());
             let cpu0 = cpu_self();
             let t0 = Instant::now();
-            let mut entry_bytes = 0usize;
-            for b in &batches {
-                let (first, last) = (&b[0], &b[b.len() - 1]);
-                let payload = entry::encode(&entry::records_of(b), level)?;
-                entry_bytes += payload.len();
-                let state = StampState {
-                    next_seq: last.seq + 1,
-                    last_time_us: last.time_us,
-                    upstream_cursor: Some(last.upstream_seq),
-                };
-                link.append(
-                    &keys,
-                    "bench",
-                    grant.epoch,
-                    first.seq,
-                    last.seq,
-                    state,
-                    0,
-                    &payload,
-                )
-                .await?;
+            let appender = {
+                let (config, keys, shared, ctl) =
+                    (config.clone(), keys.clone(), shared.clone(), ctl.clone());
+                std::thread::spawn(move || cluster_append::run(config, keys, shared, ctl, rx))
+            };
+            for f in frames {
+                if tx.send(f).is_err() {
+                    break;
+                }
+            }
+            drop(tx);
+            let _ = tokio::task::spawn_blocking(move || appender.join()).await;
+            if let Some(why) = ctl.why.lock().clone() {
+                bail!("the appender ended its term: {why}");
+            }
+            let entries = shared.appends.load(Ordering::Relaxed);
+            let entry_bytes = shared.appended_bytes.load(Ordering::Relaxed) as usize;
+            let appended = shared.appended_events.load(Ordering::Relaxed);
+            if appended != events.len() as u64 {
+                bail!("appended {appended} of {} events", events.len());
             }
             let secs = t0.elapsed().as_secs_f64();
             let cpu = cpu_self() - cpu0;
             let redis_cpu = proc_cpu_secs(redis.pid()) - redis_cpu0;
+            let rewrite_cpu = children_cpu_secs(redis.pid()) - rewrite_cpu0;
             let mem1 = used_memory(&mut link).await?;
             let stream_mem = redis_int(
                 &mut link,
@@ -321,7 +353,8 @@ pub async fn append(args: AppendArgs) -> anyhow::Result<()> {
                     "source": args.source,
                     "level": level,
                     "batch_events": batch,
-                    "entries": batches.len(),
+                    "entries": entries,
+                    "events_per_entry": events.len() as f64 / entries.max(1) as f64,
                     "events": events.len(),
                     "secs": secs,
                     "events_per_sec": n / secs,
@@ -331,6 +364,7 @@ pub async fn append(args: AppendArgs) -> anyhow::Result<()> {
                     "used_memory_bytes_per_event": (mem1.saturating_sub(mem0)) as f64 / n,
                     "bench_cpu_us_per_event": cpu * 1e6 / n,
                     "redis_cpu_us_per_event": redis_cpu * 1e6 / n,
+                    "redis_rewrite_cpu_us_per_event": rewrite_cpu * 1e6 / n,
                 })
             );
             redis.kill9();
@@ -468,15 +502,10 @@ fn quantile(v: &[f64], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
-pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
-    let dir = args
-        .tmp
-        .join(format!("sluice-bench-failover-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let (_redis, rport) = start_redis(&args.redis_server, &dir.join("redis"))?;
-    // 20 s of synthetic frames (1-4 ms apart at speed 1), looped with fresh seqs and times.
-    let count = (args.rate as usize * 20).max(1000);
+/// An in-process upstream replaying synthetic frames at `rate` frames/s: 20 s of them (1-4
+/// ms apart at speed 1), looped with fresh seqs and times. Returns its `ws://` URL.
+async fn paced_upstream(rate: u32) -> anyhow::Result<String> {
+    let count = (rate as usize * 20).max(1000);
     let now_ms = sluice::clock::now_us() / 1000;
     let frames: Vec<Bytes> =
         sluice::upstream::synth::generate(&sluice::upstream::synth::SynthOptions {
@@ -493,18 +522,30 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
         sluice::upstream::replay::ReplayOptions {
             frames: sluice::upstream::replay::ReplaySource::Frames(frames),
             listen: sluice::upstream::replay::Listen::Listener(listener),
-            speed: sluice::upstream::replay::Speed::Factor(f64::from(args.rate) / 400.0),
+            speed: sluice::upstream::replay::Speed::Factor(f64::from(rate) / 400.0),
             looped: true,
         },
     ));
+    Ok(upstream)
+}
+
+/// Starts `count` `sluice serve --redis` nodes (`n0`, `n1`, ...) of cluster `bench`.
+fn start_nodes(
+    bin: &PathBuf,
+    dir: &std::path::Path,
+    upstream: &str,
+    rport: u16,
+    count: usize,
+    extra: &[&str],
+) -> anyhow::Result<Vec<BenchNode>> {
     let mut nodes = Vec::new();
-    for i in 0..args.nodes {
+    for i in 0..count {
         let id = format!("n{i}");
         let (port, admin) = (free_port()?, free_port()?);
-        let args_v: Vec<String> = [
+        let mut args_v: Vec<String> = [
             "serve",
             "--upstream",
-            &upstream,
+            upstream,
             "--data-dir",
             &dir.join(&id).display().to_string(),
             "--listen",
@@ -517,10 +558,6 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
             "bench",
             "--cluster-node-id",
             &id,
-            "--lease-ttl-ms",
-            &args.lease_ttl_ms.to_string(),
-            "--standby-poll-ms",
-            &args.standby_poll_ms.to_string(),
             "--log",
             "warn",
             "--stats-interval-secs",
@@ -529,6 +566,7 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        args_v.extend(extra.iter().map(|s| s.to_string()));
         let mut node = BenchNode {
             log: dir.join(format!("{id}.log")),
             id,
@@ -537,9 +575,33 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
             args: args_v,
             proc: Proc(None),
         };
-        node.start(&args.sluice)?;
+        node.start(bin)?;
         nodes.push(node);
     }
+    Ok(nodes)
+}
+
+pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
+    let dir = args
+        .tmp
+        .join(format!("sluice-bench-failover-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (_redis, rport) = start_redis(&args.redis_server, &dir.join("redis"), &args.redis_arg)?;
+    let upstream = paced_upstream(args.rate).await?;
+    let mut nodes = start_nodes(
+        &args.sluice,
+        &dir,
+        &upstream,
+        rport,
+        args.nodes,
+        &[
+            "--lease-ttl-ms",
+            &args.lease_ttl_ms.to_string(),
+            "--standby-poll-ms",
+            &args.standby_poll_ms.to_string(),
+        ],
+    )?;
     let base = Instant::now();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let arrivals: Vec<Arrivals> = nodes
@@ -648,5 +710,176 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
         let _ = n.proc.term();
     }
     let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[derive(Parser, Clone)]
+pub struct ScaleArgs {
+    /// The sluice binary.
+    #[arg(long, default_value = "target/release/sluice")]
+    pub sluice: PathBuf,
+    #[arg(long, default_value = "redis-server")]
+    pub redis_server: String,
+    /// Extra redis-server arguments, e.g. `--redis-arg=--rdbcompression --redis-arg=no`.
+    #[arg(long, allow_hyphen_values = true)]
+    pub redis_arg: Vec<String>,
+    /// Node counts, one cluster (and one fresh redis-server) each.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+    pub nodes: Vec<usize>,
+    /// Live raw-wire subscribers per node (every event), one run per value.
+    #[arg(long, value_delimiter = ',', default_value = "0,10")]
+    pub subscribers: Vec<usize>,
+    /// Upstream frames per second.
+    #[arg(long, default_value_t = 2000)]
+    pub rate: u32,
+    /// Seconds of traffic before the measured window.
+    #[arg(long, default_value_t = 8)]
+    pub warmup_secs: u64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 20)]
+    pub secs: u64,
+    #[arg(long, default_value = "/tmp")]
+    pub tmp: PathBuf,
+}
+
+/// A live raw-wire subscriber that counts what it reads, reconnecting while `stop` is
+/// unset.
+async fn counting_subscriber(
+    addr: SocketAddr,
+    count: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let url = format!("ws://{addr}/xrpc/com.atproto.sync.subscribeRepos");
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(Ok((mut ws, _))) = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio_tungstenite::connect_async(&url),
+        )
+        .await
+        else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+            count.fetch_add(1, Ordering::Relaxed);
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+        }
+    }
+}
+
+/// CPU of Redis and of each node per event, with 1, 2, 3... nodes on one Redis and a
+/// number of subscribers per node: what a node costs per attached node and per subscriber,
+/// and what Redis must handle.
+pub async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
+    for &count in &args.nodes {
+        for &subs in &args.subscribers {
+            let dir = args.tmp.join(format!(
+                "sluice-bench-scale-{}-{count}-{subs}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            let (mut redis, rport) =
+                start_redis(&args.redis_server, &dir.join("redis"), &args.redis_arg)?;
+            let upstream = paced_upstream(args.rate).await?;
+            let mut nodes = start_nodes(&args.sluice, &dir, &upstream, rport, count, &[])?;
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let delivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            for n in &nodes {
+                for _ in 0..subs {
+                    tokio::spawn(counting_subscriber(
+                        SocketAddr::from(([127, 0, 0, 1], n.port)),
+                        delivered.clone(),
+                        stop.clone(),
+                    ));
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let leader = loop {
+                let mut found = None;
+                for (i, n) in nodes.iter().enumerate() {
+                    if n.role().await.as_deref() == Some("leader") {
+                        found = Some(i);
+                    }
+                }
+                if let Some(i) = found {
+                    break i;
+                }
+                if Instant::now() > deadline {
+                    bail!("no leader within 60 s");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            tokio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
+            let mut link = Link::new(
+                &format!("redis://127.0.0.1:{rport}/0"),
+                Duration::from_secs(5),
+            )?;
+            let keys = Keys::new("bench");
+            let next0 = link.state(&keys).await?.map_or(0, |(s, _)| s.next_seq);
+            let redis0 = proc_cpu_secs(redis.pid());
+            let node0: Vec<f64> = nodes.iter().map(|n| proc_cpu_secs(n.proc.pid())).collect();
+            let delivered0 = delivered.load(Ordering::Relaxed);
+            let t0 = Instant::now();
+            tokio::time::sleep(Duration::from_secs(args.secs)).await;
+            let secs = t0.elapsed().as_secs_f64();
+            let next1 = link.state(&keys).await?.map_or(0, |(s, _)| s.next_seq);
+            let redis_cpu = proc_cpu_secs(redis.pid()) - redis0;
+            let node_cpu: Vec<f64> = nodes
+                .iter()
+                .zip(&node0)
+                .map(|(n, c0)| proc_cpu_secs(n.proc.pid()) - c0)
+                .collect();
+            let got = delivered.load(Ordering::Relaxed) - delivered0;
+            stop.store(true, Ordering::Relaxed);
+            let events = next1.saturating_sub(next0).max(1) as f64;
+            let followers: Vec<f64> = node_cpu
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != leader)
+                .map(|(_, c)| c * 1e6 / events)
+                .collect();
+            let positions: Vec<Option<u64>> = {
+                let mut v = Vec::new();
+                for n in &nodes {
+                    let body =
+                        http_get(SocketAddr::from(([127, 0, 0, 1], n.admin)), "/status.json").await;
+                    v.push(
+                        body.and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                            .and_then(|j| j["log"]["bounds"]["newest_seq"].as_u64()),
+                    );
+                }
+                v
+            };
+            println!(
+                "{}",
+                serde_json::json!({
+                    "bench": "cluster-scale",
+                    "nodes": count,
+                    "subscribers_per_node": subs,
+                    "rate": args.rate,
+                    "secs": secs,
+                    "events_per_sec": events / secs,
+                    "redis_cpu_us_per_event": redis_cpu * 1e6 / events,
+                    "leader_cpu_us_per_event": node_cpu[leader] * 1e6 / events,
+                    "follower_cpu_us_per_event": followers,
+                    "delivered_per_subscriber_event": if subs == 0 {
+                        0.0
+                    } else {
+                        got as f64 / (events * (subs * count) as f64)
+                    },
+                    "stream_next_seq": next1,
+                    "node_positions": positions,
+                })
+            );
+            for n in nodes.iter_mut() {
+                let _ = n.proc.term();
+            }
+            redis.kill9();
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
     Ok(())
 }
