@@ -713,6 +713,7 @@ impl ServeArgs {
                 max_head_bytes: usize_of(self.max_request_head_kib * 1024)?,
                 send_buffer_bytes: None,
                 retry_after_secs: self.retry_after_secs,
+                max_dids: usize_of(self.max_dids)?,
             },
             fd_reserve: self.fd_reserve,
             client_memory: MemoryConfig {

@@ -1,13 +1,17 @@
 //! Small hostile-client cases on the wire: websocket protocol violations are answered with
 //! the right close code and counted as protocol errors (not as a peer that left), a
-//! handshake without a proper `Sec-WebSocket-Key` is refused with 400, and a parameter
-//! given twice counts with its last value on every endpoint.
+//! handshake without a proper `Sec-WebSocket-Key` is refused with 400, a parameter given
+//! twice counts with its last value on every endpoint, a URI too long gets a 414 that
+//! names the way to send what did not fit, and a dictionary not trained yet is a 503 with
+//! `Retry-After`.
 
 mod wire_common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use sluice::upstream::replay::Speed;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use wire_common::*;
@@ -152,5 +156,77 @@ async fn a_parameter_given_twice_counts_with_its_last_value() {
     let mut ws = connect(&env.url(&format!("{V2_PATH}?cursor={newest}&cursor=1"))).await;
     let first = read_json(&mut ws, 1).await;
     assert_eq!(first[0]["payload"]["seq"].as_u64(), Some(1), "{first:?}");
+    env.stop().await;
+}
+
+/// `n` DIDs as repeated `param=` query pairs.
+fn did_params(param: &str, n: usize) -> String {
+    (0..n)
+        .map(|i| format!("{param}=did:plc:{i:024}"))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uri_too_long_gets_a_414_that_names_the_way() {
+    let env = corpus_env().await;
+    // What fits is taken: 1,400 v1 DIDs make a URI of ~61 KiB.
+    let fits = format!("/subscribe?{}", did_params("wantedDids", 1400));
+    assert!(fits.len() < sluice::http::listen::MAX_URI_BYTES);
+    let (_, head) = raw_upgrade(env.addr(), &fits, KEY).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let cases = [
+        ("/subscribe", "wantedDids", "options_update"),
+        (V2_PATH, "dids", "several connections"),
+        (
+            "/xrpc/com.atproto.sync.subscribeRepos",
+            "wantedCollections",
+            "wantedCollections",
+        ),
+    ];
+    for (path, param, way) in cases {
+        let uri = format!("{path}?{}", did_params(param, 2000));
+        let (status, headers, body) = http_get(env.addr(), &uri).await;
+        assert_eq!(status, 414, "{path}");
+        assert_eq!(header(&headers, "content-type"), Some("application/json"));
+        let answer: serde_json::Value = serde_json::from_slice(&body).expect("a JSON body");
+        assert_eq!(answer["error"], "URITooLong", "{answer}");
+        let message = answer["message"].as_str().unwrap_or_default();
+        assert!(message.contains(way), "{path}: {message}");
+    }
+    let stats = env
+        .daemon
+        .app
+        .connections
+        .stats(sluice::http::listen::Side::Subscriber);
+    assert_eq!(stats.uri_too_long.load(Ordering::Relaxed), 3);
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dictionary_still_being_trained_is_a_503_with_retry_after() {
+    let env = Env::start_with(corpus(), Speed::Max, false, true, &[], |_| {}).await;
+    // As while the background training runs (it is not started: it is marked under way).
+    env.daemon
+        .app
+        .zstd_v1_training
+        .store(true, Ordering::Release);
+    // --retry-after-secs 5 by default, plus up to as much again of jitter.
+    let in_range = |r: Option<u64>| r.is_some_and(|r| (5..=10).contains(&r));
+    let (status, headers, _) = http_get(env.addr(), "/zstd-dictionary").await;
+    assert_eq!(status, 503);
+    let retry = header(&headers, "retry-after").and_then(|r| r.parse().ok());
+    assert!(in_range(retry), "{headers:?}");
+    match try_connect(&env.url("/subscribe?compress=true")).await {
+        Err((503, headers, _)) => {
+            let retry = headers
+                .get("retry-after")
+                .and_then(|r| r.to_str().ok())
+                .and_then(|r| r.parse().ok());
+            assert!(in_range(retry), "{headers:?}");
+        }
+        Err(other) => panic!("compress=true before the dictionary: {other:?}"),
+        Ok(_) => panic!("compress=true was upgraded before the dictionary exists"),
+    }
     env.stop().await;
 }

@@ -224,6 +224,7 @@ impl AdminState {
                     ("header_timeout", &stats.header_timeouts),
                     ("handshake_timeout", &stats.handshake_timeouts),
                     ("shutdown", &stats.closed_on_shutdown),
+                    ("uri_too_long", &stats.uri_too_long),
                 ] {
                     counter!("sluice_connections_closed_unfinished_total", "listener" => name, "reason" => reason)
                         .absolute(n.load(Ordering::Relaxed));
@@ -469,7 +470,7 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_log_retention_deleted_events_total", "Events deleted from the log by retention."),
     ("sluice_connections_accepted_total", "Connections accepted, by listener."),
     ("sluice_connections_refused_total", "Connections refused before any request was read, by listener and reason (pending_full 503, pending_per_ip 429, fd_reserve 503)."),
-    ("sluice_connections_closed_unfinished_total", "Connections closed before their upgrade or answer, by listener and reason (header_timeout, handshake_timeout, shutdown)."),
+    ("sluice_connections_closed_unfinished_total", "Connections closed before their upgrade or answer, by listener and reason (header_timeout, handshake_timeout, shutdown; uri_too_long: answered 414 naming the way to send what did not fit)."),
     ("sluice_connections_accept_errors_total", "accept() failures (e.g. out of descriptors), by listener."),
     ("sluice_client_memory_refused_total", "Subscriber reads or filters refused (close 1013) because they did not fit the client-memory budget, by budget (total, per_ip)."),
     ("sluice_event_requests_refused_total", "/event requests refused: over the per-IP rate (429) or no cold-read slot in time (503)."),

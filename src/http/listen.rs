@@ -52,6 +52,9 @@ pub struct ListenConfig {
     pub send_buffer_bytes: Option<usize>,
     /// Base of the `Retry-After` on refusals (jitter of as much again is added).
     pub retry_after_secs: u64,
+    /// The most DIDs a v1 `options_update` may name (`--max-dids`), quoted by the 414
+    /// answer to a URI too long, which tells the client to send its DIDs that way.
+    pub max_dids: usize,
 }
 
 impl Default for ListenConfig {
@@ -64,6 +67,7 @@ impl Default for ListenConfig {
             max_head_bytes: 80 * 1024,
             send_buffer_bytes: None,
             retry_after_secs: 5,
+            max_dids: 10_000,
         }
     }
 }
@@ -158,6 +162,8 @@ pub struct ListenStats {
     pub handshake_timeouts: AtomicU64,
     /// Closed unfinished by a shutdown.
     pub closed_on_shutdown: AtomicU64,
+    /// Answered 414 and closed: the first request line held a URI over [`MAX_URI_BYTES`].
+    pub uri_too_long: AtomicU64,
     /// `accept` itself failed (e.g. EMFILE).
     pub accept_errors: AtomicU64,
 }
@@ -312,14 +318,226 @@ pub fn raise_open_file_limit() -> Option<u64> {
     (limit != rlimit::INFINITY).then_some(limit)
 }
 
+/// hyper's bound on a request URI (`u16::MAX - 1` bytes); a longer one gets HTTP 414.
+pub const MAX_URI_BYTES: usize = 65_534;
+
+/// Bytes of a request line kept to name its endpoint in the 414 answer.
+const LINE_PREFIX: usize = 256;
+
+/// Bytes of a request line after its URI at most: ` HTTP/1.1\r`.
+const LINE_AFTER_URI: usize = 10;
+
+/// Watches a connection's first request line for a URI longer than [`MAX_URI_BYTES`], so
+/// that the 414 can tell the client what to do instead (hyper's own 414 has no body).
+/// Once the URI is known to be too long the line is no longer passed to hyper: the rest
+/// of the head is read and dropped (so closing does not reset the connection and lose the
+/// answer), then the answer is written and the connection closed. Later requests on a
+/// kept-alive connection are hyper's to judge.
+struct FirstLine {
+    /// The line's first bytes: method and path.
+    prefix: Vec<u8>,
+    /// Bytes of the line so far.
+    len: usize,
+    /// Where in the line the last space seen is (before the version).
+    last_space: Option<usize>,
+    /// Set once the URI is too long.
+    refusing: Option<Refusing>,
+    /// The most head bytes read and dropped before answering anyway.
+    max_head_bytes: usize,
+    max_dids: usize,
+}
+
+struct Refusing {
+    /// Head bytes read and dropped.
+    dropped: usize,
+    /// Line ends in a row (a `\r` between them does not count): two end the head.
+    line_ends: u8,
+    /// The head has ended (or more than a head's worth was dropped): answer now.
+    head_ended: bool,
+    answered: bool,
+}
+
+/// What a read showed of the first request line.
+enum Watch {
+    /// Not ended yet, and not too long so far.
+    Watching,
+    /// Ended, with a URI hyper takes.
+    Fine,
+    /// Too long; the bytes read after the point where that was known.
+    TooLong { rest: usize },
+}
+
+impl FirstLine {
+    fn new(config: &ListenConfig) -> Self {
+        Self {
+            prefix: Vec::new(),
+            len: 0,
+            last_space: None,
+            refusing: None,
+            max_head_bytes: config.max_head_bytes,
+            max_dids: config.max_dids,
+        }
+    }
+
+    /// Where the URI starts: after the method's space.
+    fn uri_start(&self) -> Option<usize> {
+        self.prefix.iter().position(|&b| b == b' ').map(|i| i + 1)
+    }
+
+    fn feed(&mut self, data: &[u8]) -> Watch {
+        let end = data.iter().position(|&b| b == b'\n');
+        let line = &data[..end.unwrap_or(data.len())];
+        let room = LINE_PREFIX.saturating_sub(self.prefix.len());
+        self.prefix.extend_from_slice(&line[..line.len().min(room)]);
+        if let Some(i) = line.iter().rposition(|&b| b == b' ') {
+            self.last_space = Some(self.len + i);
+        }
+        self.len += line.len();
+        let uri_start = self.uri_start().unwrap_or(self.len);
+        let too_long = match end {
+            // Ended: the URI runs to the last space (none: to the line's end).
+            Some(_) => {
+                let uri_end = self
+                    .last_space
+                    .filter(|&s| s >= uri_start)
+                    .unwrap_or(self.len);
+                uri_end.saturating_sub(uri_start) > MAX_URI_BYTES
+            }
+            // Not ended: too long once even the longest version could not make it fit.
+            None => self.len.saturating_sub(uri_start) > MAX_URI_BYTES + LINE_AFTER_URI,
+        };
+        match (end, too_long) {
+            (_, true) => {
+                let rest = end.map_or(data.len(), |i| i + 1);
+                self.refusing = Some(Refusing {
+                    dropped: 0,
+                    line_ends: u8::from(end.is_some()),
+                    head_ended: false,
+                    answered: false,
+                });
+                Watch::TooLong { rest }
+            }
+            (Some(_), false) => Watch::Fine,
+            (None, false) => Watch::Watching,
+        }
+    }
+
+    /// Drops `data` of a refused request's head; true once the head has ended (or more
+    /// than a head's worth was dropped).
+    fn drop_head(&mut self, data: &[u8]) -> bool {
+        let max = self.max_head_bytes;
+        let Some(refusing) = self.refusing.as_mut() else {
+            return true;
+        };
+        for &b in data {
+            match b {
+                b'\n' => refusing.line_ends += 1,
+                b'\r' => {}
+                _ => refusing.line_ends = 0,
+            }
+            if refusing.line_ends >= 2 {
+                refusing.head_ended = true;
+                return true;
+            }
+        }
+        refusing.dropped += data.len();
+        refusing.head_ended = refusing.dropped > max;
+        refusing.head_ended
+    }
+
+    /// The path of the request, as far as the prefix holds it.
+    fn path(&self) -> &[u8] {
+        let start = self.uri_start().unwrap_or(self.prefix.len());
+        let rest = &self.prefix[start.min(self.prefix.len())..];
+        let end = rest
+            .iter()
+            .position(|&b| b == b'?' || b == b' ')
+            .unwrap_or(rest.len());
+        &rest[..end]
+    }
+}
+
+/// The 414 answer's message for a request to `path`: how to ask for what did not fit.
+pub fn uri_too_long_message(path: &[u8], max_dids: usize) -> String {
+    let limit = format!("the request URI is longer than {MAX_URI_BYTES} bytes");
+    match path {
+        b"/subscribe" => format!(
+            "{limit} (a URL holds about 1,480 wantedDids). Send a larger DID set, up to \
+             {max_dids}, in an options_update message: connect with requireHello=true, then \
+             send {{\"type\":\"options_update\",\"payload\":{{\"wantedDids\":[...]}}}} first"
+        ),
+        b"/xrpc/network.bsky.jetstream.subscribeEvents" => format!(
+            "{limit} (a URL holds about 1,720 dids). subscribeEvents takes its filter from \
+             the URL only, with no message to change it: split the DIDs over several \
+             connections, or subscribe by collections and filter by DID yourself; /subscribe \
+             (Jetstream v1) takes up to {max_dids} DIDs in an options_update message"
+        ),
+        b"/xrpc/com.atproto.sync.subscribeRepos" => {
+            format!("{limit}; subscribeRepos takes only cursor and wantedCollections")
+        }
+        _ => limit,
+    }
+}
+
 /// A socket carrying its slot in the descriptor budget, so the slot is given back when
 /// the socket closes, also after it became a websocket; on the subscriber listener it
 /// also charges what is read to the client-memory budget once the socket is a websocket
-/// (`ConnMemory::arm`), and fails the read that does not fit.
+/// (`ConnMemory::arm`), and fails the read that does not fit. Until its first request
+/// line has ended it watches that line's URI ([`FirstLine`]).
 struct Counted {
     tcp: TcpStream,
-    _slot: OpenSlot,
+    slot: OpenSlot,
     memory: Option<Arc<ConnMemory>>,
+    first_line: Option<FirstLine>,
+}
+
+impl Counted {
+    /// Reads and drops the rest of a refused request's head, then answers 414 and fails
+    /// the read, which ends the connection.
+    fn poll_refuse(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(line) = self.first_line.as_mut() else {
+            return Poll::Ready(Err(uri_too_long_error()));
+        };
+        if line.refusing.as_ref().is_some_and(|r| r.answered) {
+            return Poll::Ready(Err(uri_too_long_error()));
+        }
+        let mut scratch = [0u8; 4096];
+        while !line.refusing.as_ref().is_some_and(|r| r.head_ended) {
+            let mut read = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.tcp).poll_read(cx, &mut read) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) if read.filled().is_empty() => break,
+                Poll::Ready(Ok(())) => {
+                    line.drop_head(read.filled());
+                }
+            }
+        }
+        if let Some(refusing) = line.refusing.as_mut() {
+            refusing.answered = true;
+        }
+        let message = uri_too_long_message(line.path(), line.max_dids);
+        let body = serde_json::json!({"error": "URITooLong", "message": message}).to_string();
+        let response = format!(
+            "HTTP/1.1 414 URI Too Long\r\ncontent-type: application/json\r\n\
+             content-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let _ = self.tcp.try_write(response.as_bytes());
+        self.slot
+            .connections
+            .stats(self.slot.side)
+            .uri_too_long
+            .fetch_add(1, Ordering::Relaxed);
+        Poll::Ready(Err(uri_too_long_error()))
+    }
+}
+
+fn uri_too_long_error() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "request URI too long (answered 414)",
+    )
 }
 
 impl AsyncRead for Counted {
@@ -329,8 +547,27 @@ impl AsyncRead for Counted {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this
+            .first_line
+            .as_ref()
+            .is_some_and(|l| l.refusing.is_some())
+        {
+            return this.poll_refuse(cx);
+        }
         let before = buf.filled().len();
         let poll = Pin::new(&mut this.tcp).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(line)) = (&poll, this.first_line.as_mut()) {
+            match line.feed(&buf.filled()[before..]) {
+                Watch::Watching => {}
+                Watch::Fine => this.first_line = None,
+                Watch::TooLong { rest } => {
+                    // hyper never sees the line; what followed it may end the head.
+                    line.drop_head(&buf.filled()[before + rest..]);
+                    buf.set_filled(before);
+                    return this.poll_refuse(cx);
+                }
+            }
+        }
         if let (Poll::Ready(Ok(())), Some(memory)) = (&poll, &this.memory) {
             if let Err(why) = memory.on_read(buf.filled().len() - before) {
                 return Poll::Ready(Err(budget::read_refused(why)));
@@ -429,8 +666,9 @@ pub async fn serve(
         let memory = (side == Side::Subscriber).then(|| connections.memory.connection(peer.ip()));
         let io = TokioIo::new(Counted {
             tcp,
-            _slot: open,
+            slot: open,
             memory: memory.clone(),
+            first_line: Some(FirstLine::new(&config)),
         });
         let router = router.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
@@ -501,6 +739,77 @@ mod tests {
 
     fn memory() -> Arc<ClientMemory> {
         Arc::new(ClientMemory::new(budget::MemoryConfig::default()))
+    }
+
+    fn line_of(uri_len: usize) -> Vec<u8> {
+        let mut line = b"GET /subscribe?wantedDids=".to_vec();
+        line.resize(4 + uri_len, b'a');
+        line.extend_from_slice(b" HTTP/1.1\r\nHost: x\r\n\r\n");
+        line
+    }
+
+    /// Feeds `data` in reads of `chunk` bytes; what the watch said last, and where.
+    fn watch(data: &[u8], chunk: usize) -> (usize, Watch, FirstLine) {
+        let mut line = FirstLine::new(&ListenConfig::default());
+        let mut at = 0;
+        for piece in data.chunks(chunk) {
+            match line.feed(piece) {
+                Watch::Watching => at += piece.len(),
+                other => return (at, other, line),
+            }
+        }
+        (at, Watch::Watching, line)
+    }
+
+    #[test]
+    fn a_uri_hyper_takes_passes_and_one_byte_more_is_caught() {
+        for chunk in [1, 7, 4096, 1 << 20] {
+            let (_, said, _) = watch(&line_of(MAX_URI_BYTES), chunk);
+            assert!(matches!(said, Watch::Fine), "chunk {chunk}");
+            let (at, said, line) = watch(&line_of(MAX_URI_BYTES + 1), chunk);
+            let Watch::TooLong { rest } = said else {
+                panic!("chunk {chunk}: a URI over the bound passed");
+            };
+            // Caught at the line's end at the latest: what followed is the rest.
+            let line_end = 4 + (MAX_URI_BYTES + 1) + " HTTP/1.1\r\n".len();
+            assert!(at + rest <= line_end, "chunk {chunk}");
+            assert_eq!(line.path(), b"/subscribe");
+        }
+        // A line that never ends is caught once no version could make it fit.
+        let endless = vec![b'a'; 200_000];
+        let mut request = b"GET /".to_vec();
+        request.extend_from_slice(&endless);
+        let (at, said, _) = watch(&request, 1000);
+        assert!(matches!(said, Watch::TooLong { .. }));
+        assert!(at <= 4 + MAX_URI_BYTES + LINE_AFTER_URI + 1, "{at}");
+    }
+
+    #[test]
+    fn a_refused_head_is_dropped_to_its_end() {
+        let (_, said, mut line) = watch(&line_of(MAX_URI_BYTES + 5), 1 << 20);
+        assert!(matches!(said, Watch::TooLong { .. }));
+        assert!(!line.drop_head(b"Host: x\r\n"));
+        assert!(line.drop_head(b"X: y\r\n\r\nGET /next"));
+        // Without an end, a head's worth at most.
+        let mut unended = b"GET /subscribe?".to_vec();
+        unended.resize(70_000, b'a');
+        let (_, _, mut endless) = watch(&unended, 1 << 20);
+        let config = ListenConfig::default();
+        let chunk = vec![b'h'; 4096];
+        let reads = (0..).take_while(|_| !endless.drop_head(&chunk)).count();
+        assert_eq!(reads, config.max_head_bytes / 4096, "{reads}");
+    }
+
+    #[test]
+    fn the_414_message_names_the_way_for_each_endpoint() {
+        let v1 = uri_too_long_message(b"/subscribe", 10_000);
+        assert!(v1.contains("options_update") && v1.contains("requireHello=true"));
+        assert!(v1.contains("10000"), "{v1}");
+        let v2 = uri_too_long_message(b"/xrpc/network.bsky.jetstream.subscribeEvents", 10_000);
+        assert!(v2.contains("several connections") && v2.contains("/subscribe"));
+        let raw = uri_too_long_message(b"/xrpc/com.atproto.sync.subscribeRepos", 10_000);
+        assert!(raw.contains("wantedCollections"));
+        assert!(uri_too_long_message(b"/metrics", 1).contains("65534"));
     }
 
     #[test]
