@@ -321,13 +321,14 @@ impl Daemon {
         });
         let mut listen_limits = config.listen_limits.clone();
         listen_limits.send_buffer_bytes = Some(config.session.socket_send_buffer);
+        connections.set_limits(Side::Subscriber, listen_limits);
+        connections.set_limits(Side::Admin, config.admin_listen_limits());
         let server = tokio::spawn(crate::http::listen::serve(
             listener,
             crate::http::router(app.clone()),
             shutdown_rx,
             Side::Subscriber,
             connections.clone(),
-            listen_limits,
         ));
         let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
             .await
@@ -403,7 +404,6 @@ impl Daemon {
             admin_shutdown,
             Side::Admin,
             connections,
-            config.admin_listen_limits(),
         ));
         tracing::info!(%addr, %admin_addr, "subscriber and admin endpoints listening");
         Ok(Daemon {
@@ -427,6 +427,37 @@ impl Daemon {
 
     pub fn upstream(&self) -> &Arc<UpstreamShared> {
         &self.upstream
+    }
+
+    /// Applies the live-reloadable limits of `config` (SIGHUP) without dropping anyone:
+    /// admission, both listeners' limits before the upgrade (for connections accepted
+    /// from now on) and the descriptor reserve, the client-memory budget, and the hub's
+    /// index and scan budgets with their per-IP shares. Everything else (addresses, the
+    /// log, queues, per-session settings) needs a restart. Checks first and changes
+    /// nothing when a limit cannot be applied.
+    pub fn reload(&self, config: &crate::config::ServeConfig) -> anyhow::Result<()> {
+        let connections = &self.app.connections;
+        if let Some(nofile) = connections.nofile() {
+            if nofile < config.fd_reserve + MIN_CLIENT_FDS {
+                anyhow::bail!(
+                    "fd_reserve {} leaves fewer than {MIN_CLIENT_FDS} of the open-file limit \
+                     ({nofile}) for clients",
+                    config.fd_reserve
+                );
+            }
+        }
+        self.app.admission.reconfigure(config.admission.clone());
+        let mut listen_limits = config.listen_limits.clone();
+        // The socket buffer is a session setting, fixed at start.
+        listen_limits.send_buffer_bytes = connections.limits(Side::Subscriber).send_buffer_bytes;
+        connections.set_limits(Side::Subscriber, listen_limits);
+        connections.set_limits(Side::Admin, config.admin_listen_limits());
+        connections.set_reserve(config.fd_reserve);
+        connections
+            .memory()
+            .set_config(config.client_memory.clone());
+        self.hub.set_budgets(config.hub.budgets());
+        Ok(())
     }
 
     /// Stops accepting, stops ingest, makes the log durable, closes every subscriber with

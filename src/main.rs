@@ -231,15 +231,24 @@ async fn serve(
             _ = hangup.recv() => {
                 let _ = systemd::notify_reloading();
                 match reread_serve_args().and_then(|a| Ok((a.to_config()?, a.log_filter))) {
-                    Ok((new, filter)) => {
-                        daemon.app.admission.reconfigure(new.admission.clone());
-                        if let Some(filter) = filter {
-                            if let Err(e) = log_control.set_filter(&filter) {
-                                tracing::error!(error = %e, "SIGHUP: log filter not changed");
+                    Ok((new, filter)) => match daemon.reload(&new) {
+                        Ok(()) => {
+                            if let Some(filter) = filter {
+                                if let Err(e) = log_control.set_filter(&filter) {
+                                    tracing::error!(error = %e, "SIGHUP: log filter not changed");
+                                }
                             }
+                            tracing::info!(
+                                admission = ?new.admission,
+                                listen = ?new.listen_limits,
+                                fd_reserve = new.fd_reserve,
+                                client_memory = ?new.client_memory,
+                                budgets = ?new.hub.budgets(),
+                                "SIGHUP: limits and log filter reloaded; no subscriber dropped"
+                            );
                         }
-                        tracing::info!(admission = ?new.admission, "SIGHUP: limits and log filter reloaded; no subscriber dropped");
-                    }
+                        Err(e) => tracing::error!(error = %e, "SIGHUP: limits cannot apply, nothing changed"),
+                    },
                     Err(e) => tracing::error!(error = %e, "SIGHUP: configuration invalid, nothing changed"),
                 }
                 let _ = systemd::notify_ready();

@@ -41,6 +41,11 @@ impl TokenBucket {
         self.tokens = self.tokens.min(self.burst);
     }
 
+    /// The rate, per second.
+    pub fn rate(&self) -> f64 {
+        self.rate
+    }
+
     /// Takes `n` tokens if the bucket holds them.
     pub fn try_take(&mut self, n: f64) -> bool {
         self.refill();
@@ -206,6 +211,11 @@ impl<K: Hash + Eq + Copy> SharedBudget<K> {
         }
     }
 
+    /// The rates in force: the total's and each key's share.
+    pub fn rates(&self) -> (f64, f64) {
+        (self.total.rate(), self.key_rate)
+    }
+
     /// Keys tracked now.
     pub fn keys(&self) -> usize {
         self.per_key.len()
@@ -309,6 +319,19 @@ mod tests {
         assert!(waits.windows(2).all(|w| w[1] > w[0]), "{waits:?}");
         assert_eq!(budget.take_total_on_credit(100.0), Duration::ZERO);
         assert_eq!(budget.take_share_on_credit(None, 1e9), Duration::ZERO);
+    }
+
+    #[test]
+    fn new_shares_bind_a_key_already_tracked() {
+        let mut budget = SharedBudget::new(1000.0, 1000.0, 100.0, 100.0);
+        assert!(budget.take_within(Some(1u8), 50.0, Duration::ZERO).is_ok());
+        budget.set_limits(1000.0, 1000.0, 0.001, 10.0);
+        assert_eq!(budget.rates(), (1000.0, 0.001));
+        // The key had 50 left; the new burst caps it at 10.
+        assert!(budget.take_within(Some(1u8), 11.0, Duration::ZERO).is_err());
+        assert!(budget.take_within(Some(1u8), 10.0, Duration::ZERO).is_ok());
+        // A key seen for the first time starts with the new share.
+        assert!(budget.take_within(Some(2u8), 11.0, Duration::ZERO).is_err());
     }
 
     #[test]

@@ -112,6 +112,27 @@ pub struct HubConfig {
     pub scan_events_per_sec_per_ip: u64,
 }
 
+/// The hub's server-wide budgets with their per-IP shares, per second: routing-index
+/// changes and catch-up scans (see [`HubConfig`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budgets {
+    pub index_total: u64,
+    pub index_per_ip: u64,
+    pub scan_total: u64,
+    pub scan_per_ip: u64,
+}
+
+impl HubConfig {
+    pub fn budgets(&self) -> Budgets {
+        Budgets {
+            index_total: self.index_changes_per_sec,
+            index_per_ip: self.index_changes_per_sec_per_ip,
+            scan_total: self.scan_events_per_sec,
+            scan_per_ip: self.scan_events_per_sec_per_ip,
+        }
+    }
+}
+
 /// Longest a subscribe or filter change waits for the index budget; one that would wait
 /// longer is refused (HTTP 503 or close 1013) instead of queueing without end.
 pub const MAX_INDEX_WAIT: Duration = Duration::from_secs(5);
@@ -416,6 +437,34 @@ impl Hub {
 
     pub fn config(&self) -> &HubConfig {
         &self.inner.config
+    }
+
+    /// New rates of the index and scan budgets, in total and per client IP (SIGHUP);
+    /// what has accrued is kept up to the new bursts (each burst is a second's worth).
+    pub fn set_budgets(&self, budgets: Budgets) {
+        let rate = |r: u64| r as f64;
+        let (index, index_ip) = (rate(budgets.index_total), rate(budgets.index_per_ip));
+        let (scan, scan_ip) = (rate(budgets.scan_total), rate(budgets.scan_per_ip));
+        self.inner
+            .index_budget
+            .lock()
+            .set_limits(index, index, index_ip, index_ip);
+        self.inner
+            .scan_budget
+            .lock()
+            .set_limits(scan, scan, scan_ip, scan_ip);
+    }
+
+    /// The rates of the index and scan budgets in force.
+    pub fn budgets(&self) -> Budgets {
+        let (index_total, index_per_ip) = self.inner.index_budget.lock().rates();
+        let (scan_total, scan_per_ip) = self.inner.scan_budget.lock().rates();
+        Budgets {
+            index_total: index_total as u64,
+            index_per_ip: index_per_ip as u64,
+            scan_total: scan_total as u64,
+            scan_per_ip: scan_per_ip as u64,
+        }
     }
 
     /// Reserves the index work of a subscription with `filter` from `start`: how long to

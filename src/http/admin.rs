@@ -84,6 +84,51 @@ impl AdminState {
         }
     }
 
+    /// The live-reloadable limits in force, named like their settings and in their units.
+    fn live_limits(&self) -> Vec<(&'static str, f64)> {
+        const MIB: f64 = 1024.0 * 1024.0;
+        let admission = self.app.admission.config();
+        let connections = &self.app.connections;
+        let listen = connections.limits(Side::Subscriber);
+        let memory = connections.memory().config();
+        let budgets = self.hub.budgets();
+        vec![
+            ("max_subscribers", admission.max_subscribers as f64),
+            ("connects_per_sec", admission.connects_per_sec),
+            ("connect_burst", admission.connect_burst),
+            ("max_per_ip", admission.max_per_ip as f64),
+            ("connects_per_sec_per_ip", admission.connects_per_sec_per_ip),
+            (
+                "event_requests_per_sec_per_ip",
+                admission.event_requests_per_sec_per_ip,
+            ),
+            (
+                "header_read_timeout_secs",
+                listen.header_read_timeout.as_secs_f64(),
+            ),
+            (
+                "handshake_timeout_secs",
+                listen.handshake_timeout.as_secs_f64(),
+            ),
+            ("max_pending_connections", listen.max_pending as f64),
+            ("max_pending_per_ip", listen.max_pending_per_ip as f64),
+            (
+                "max_request_head_kib",
+                listen.max_head_bytes as f64 / 1024.0,
+            ),
+            ("fd_reserve", connections.reserve() as f64),
+            ("client_memory_mib", memory.total_bytes as f64 / MIB),
+            ("client_memory_per_ip_mib", memory.per_ip_bytes as f64 / MIB),
+            ("max_index_changes_per_sec", budgets.index_total as f64),
+            (
+                "max_index_changes_per_sec_per_ip",
+                budgets.index_per_ip as f64,
+            ),
+            ("scan_events_per_sec", budgets.scan_total as f64),
+            ("scan_events_per_sec_per_ip", budgets.scan_per_ip as f64),
+        ]
+    }
+
     fn lag_seconds(&self) -> Option<f64> {
         self.log
             .reader()
@@ -248,6 +293,9 @@ impl AdminState {
             }
             if let Some(nofile) = connections.nofile() {
                 gauge!("sluice_open_file_limit").set(nofile as f64);
+            }
+            for (setting, value) in self.live_limits() {
+                gauge!("sluice_limit", "setting" => setting).set(value);
             }
             gauge!("sluice_active_replays").set(hub.catchups_active.load(Ordering::Relaxed) as f64);
             counter!("sluice_cold_reads_total").absolute(hub.cold_reads.load(Ordering::Relaxed));
@@ -567,6 +615,10 @@ const GAUGES: &[(&str, &str)] = &[
     (
         "sluice_client_memory_bytes",
         "Bytes subscribers make the daemon hold now (messages under way, filters).",
+    ),
+    (
+        "sluice_limit",
+        "Live-reloadable limits in force (SIGHUP changes them), by setting, in the unit its name says.",
     ),
     (
         "sluice_client_memory_limit_bytes",

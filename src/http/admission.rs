@@ -129,6 +129,11 @@ impl Admission {
         *self.config.lock() = config;
     }
 
+    /// The limits in force.
+    pub fn config(&self) -> AdmissionConfig {
+        self.config.lock().clone()
+    }
+
     pub fn admitted(&self) -> usize {
         self.state.lock().total
     }

@@ -70,7 +70,8 @@ struct Usage {
 
 /// The server-wide budget.
 pub struct ClientMemory {
-    config: MemoryConfig,
+    /// The limits; SIGHUP may change them ([`ClientMemory::set_config`]).
+    config: parking_lot::RwLock<MemoryConfig>,
     usage: Mutex<Usage>,
     refused_total: AtomicU64,
     refused_per_ip: AtomicU64,
@@ -79,15 +80,22 @@ pub struct ClientMemory {
 impl ClientMemory {
     pub fn new(config: MemoryConfig) -> Self {
         Self {
-            config,
+            config: parking_lot::RwLock::new(config),
             usage: Mutex::new(Usage::default()),
             refused_total: AtomicU64::new(0),
             refused_per_ip: AtomicU64::new(0),
         }
     }
 
-    pub fn config(&self) -> &MemoryConfig {
-        &self.config
+    /// The limits in force.
+    pub fn config(&self) -> MemoryConfig {
+        self.config.read().clone()
+    }
+
+    /// New limits (SIGHUP). What connections hold already is kept even above a lower
+    /// limit: only their next charge that would grow past it is refused.
+    pub fn set_config(&self, config: MemoryConfig) {
+        *self.config.write() = config;
     }
 
     /// Bytes charged now.
@@ -117,11 +125,15 @@ impl ClientMemory {
         if to > from {
             let grow = to - from;
             let mine = usage.per_ip.get(&ip).copied().unwrap_or(0);
-            if mine + grow > self.config.per_ip_bytes {
+            let (total_bytes, per_ip_bytes) = {
+                let config = self.config.read();
+                (config.total_bytes, config.per_ip_bytes)
+            };
+            if mine + grow > per_ip_bytes {
                 self.refused_per_ip.fetch_add(1, Ordering::Relaxed);
                 return Err(Spent::PerIp);
             }
-            if usage.total + grow > self.config.total_bytes {
+            if usage.total + grow > total_bytes {
                 self.refused_total.fetch_add(1, Ordering::Relaxed);
                 return Err(Spent::Total);
             }
@@ -282,6 +294,32 @@ mod tests {
         assert_eq!(memory.used(), 400);
         drop(b);
         assert_eq!(memory.used(), 0);
+    }
+
+    #[test]
+    fn new_limits_apply_to_the_next_charge_and_keep_what_is_held() {
+        let memory = Arc::new(ClientMemory::new(MemoryConfig {
+            total_bytes: 1000,
+            per_ip_bytes: 1000,
+            ..MemoryConfig::default()
+        }));
+        let a = memory.connection(ip(2));
+        a.arm();
+        assert!(a.on_read(600).is_ok());
+        memory.set_config(MemoryConfig {
+            total_bytes: 2000,
+            per_ip_bytes: 500,
+            ..MemoryConfig::default()
+        });
+        assert_eq!(a.held(), 600, "what is held stays");
+        assert_eq!(a.on_read(1), Err(Spent::PerIp));
+        assert!(memory.connection(ip(3)).set_filter(500).is_ok());
+        a.message_done();
+        assert!(
+            a.set_filter(500).is_ok(),
+            "room again once it was given back"
+        );
+        assert_eq!(memory.config().per_ip_bytes, 500);
     }
 
     #[test]

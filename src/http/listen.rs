@@ -179,12 +179,16 @@ impl ListenStats {
 pub struct Connections {
     /// The process's open-file limit (soft `RLIMIT_NOFILE`), if it could be read.
     nofile: Option<u64>,
-    /// Descriptors client connections never take (see [`Connections::cap`]).
-    reserve: u64,
+    /// Descriptors client connections never take (see [`Connections::cap`]); SIGHUP may
+    /// change it.
+    reserve: AtomicU64,
     stats: [ListenStats; 2],
     pending_by_ip: [Mutex<HashMap<IpAddr, usize>>; 2],
     /// What subscribers' connections are charged for what they make the daemon hold.
     memory: Arc<ClientMemory>,
+    /// Each listener's limits, read by its accept loop for every connection it accepts,
+    /// so new limits (SIGHUP) apply to the next connection.
+    limits: [watch::Sender<ListenConfig>; 2],
 }
 
 impl Connections {
@@ -195,11 +199,35 @@ impl Connections {
     pub fn new(nofile: Option<u64>, reserve: u64, memory: Arc<ClientMemory>) -> Self {
         Self {
             nofile,
-            reserve,
+            reserve: AtomicU64::new(reserve),
             stats: Default::default(),
             pending_by_ip: Default::default(),
             memory,
+            limits: [
+                watch::Sender::new(ListenConfig::default()),
+                watch::Sender::new(ListenConfig::default()),
+            ],
         }
+    }
+
+    /// Sets `side`'s limits: connections accepted from now on get them (those already
+    /// accepted keep the deadlines they started with).
+    pub fn set_limits(&self, side: Side, config: ListenConfig) {
+        self.limits[side.index()].send_replace(config);
+    }
+
+    /// `side`'s limits in force.
+    pub fn limits(&self, side: Side) -> ListenConfig {
+        self.limits[side.index()].borrow().clone()
+    }
+
+    /// Sets the descriptor reserve (SIGHUP); connections already open keep their slots.
+    pub fn set_reserve(&self, reserve: u64) {
+        self.reserve.store(reserve, Ordering::Relaxed);
+    }
+
+    pub fn reserve(&self) -> u64 {
+        self.reserve.load(Ordering::Relaxed)
     }
 
     /// The client-memory budget of the subscriber listener.
@@ -220,9 +248,10 @@ impl Connections {
     /// a quarter of the reserve (its own count).
     pub fn cap(&self, side: Side) -> Option<u64> {
         let nofile = self.nofile?;
+        let reserve = self.reserve();
         Some(match side {
-            Side::Subscriber => nofile.saturating_sub(self.reserve),
-            Side::Admin => self.reserve / 4,
+            Side::Subscriber => nofile.saturating_sub(reserve),
+            Side::Admin => reserve / 4,
         })
     }
 
@@ -607,22 +636,30 @@ impl AsyncWrite for Counted {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` turns true, with the limits of `config`
-/// and the descriptor budget of `connections`. On shutdown it stops accepting, closes
-/// every connection not yet upgraded at once (upgraded ones are closed by their sessions)
-/// and returns when those are gone.
+/// hyper's HTTP/1.1 connection settings for `config`.
+fn http_builder(config: &ListenConfig) -> hyper::server::conn::http1::Builder {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_buf_size(config.max_head_bytes.max(8192));
+    http
+}
+
+/// Serves `router` on `listener` until `shutdown` turns true, with `side`'s limits and
+/// the descriptor budget of `connections` (limits set while it runs apply to the
+/// connections accepted after). On shutdown it stops accepting, closes every connection
+/// not yet upgraded at once (upgraded ones are closed by their sessions) and returns when
+/// those are gone.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     mut shutdown: watch::Receiver<bool>,
     side: Side,
     connections: Arc<Connections>,
-    config: ListenConfig,
 ) -> io::Result<()> {
-    let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new())
-        .header_read_timeout(config.header_read_timeout)
-        .max_buf_size(config.max_head_bytes.max(8192));
+    let mut limits = connections.limits[side.index()].subscribe();
+    let mut config = limits.borrow_and_update().clone();
+    let mut http = http_builder(&config);
     // Held by every connection task: `closed()` resolves once all have ended.
     let (done_tx, done_rx) = watch::channel(());
     let mut accept_log = RateLimited::new(5, Duration::from_secs(10));
@@ -648,6 +685,10 @@ pub async fn serve(
                 continue;
             }
         };
+        if limits.has_changed().unwrap_or(false) {
+            config = limits.borrow_and_update().clone();
+            http = http_builder(&config);
+        }
         let (open, pending) = match connections.open(side, peer.ip(), &config) {
             Ok(slots) => slots,
             Err(why) => {
