@@ -90,10 +90,17 @@ enum Cmd {
     /// Redis memory under the sink at a live rate (2,000 events/s by default) for minutes,
     /// sampled every 10 s: with trimming it levels off and stays flat.
     RedisSinkMemory(bench_sink::RedisSinkMemoryArgs),
+    /// Hostile clients: a bystander subscriber's latency, losses and repeats during each
+    /// attack (slowloris, fragment hoarding, /event flood, zero-match scans, connect
+    /// churn, 10,000-DID filter updates), alternating with unloaded phases.
+    Hostile(hostile::HostileArgs),
 }
 
 #[path = "bench_cluster/mod.rs"]
 mod cluster;
+
+#[path = "bench_hostile/mod.rs"]
+mod hostile;
 
 #[derive(Parser, Clone)]
 struct FanoutArgs {
@@ -2072,6 +2079,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::ClusterScale(args) => rt.block_on(cluster::scale(args)),
         Cmd::RedisSink(args) => rt.block_on(bench_sink::redis_sink(args)),
         Cmd::RedisSinkMemory(args) => rt.block_on(bench_sink::redis_sink_memory(args)),
+        Cmd::Hostile(args) => rt.block_on(hostile::hostile(args)),
     }
 }
 
