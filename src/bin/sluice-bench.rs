@@ -94,6 +94,8 @@ enum Cmd {
     /// attack (slowloris, fragment hoarding, /event flood, zero-match scans, connect
     /// churn, 10,000-DID filter updates), alternating with unloaded phases.
     Hostile(hostile::HostileArgs),
+    /// Internal: one attack of `hostile`, run as its own (niced) process.
+    HostileAttack(hostile::AttackArgs),
 }
 
 #[path = "bench_cluster/mod.rs"]
@@ -2080,6 +2082,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::RedisSink(args) => rt.block_on(bench_sink::redis_sink(args)),
         Cmd::RedisSinkMemory(args) => rt.block_on(bench_sink::redis_sink_memory(args)),
         Cmd::Hostile(args) => rt.block_on(hostile::hostile(args)),
+        Cmd::HostileAttack(args) => rt.block_on(hostile::attack(args)),
     }
 }
 

@@ -76,6 +76,12 @@ pub struct HostileArgs {
     /// Loopback addresses the attackers spread over (127.0.0.10 and up).
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u8).range(1..=200))]
     attack_ips: u8,
+    /// Niceness of the attacker process (`nice -n`): the attackers run as a child process
+    /// of their own, by default at the lowest priority, so that on this one machine their
+    /// own CPU (which a real attacker spends elsewhere) delays the daemon and the
+    /// bystander as little as possible. 0 runs them at normal priority.
+    #[arg(long, default_value_t = 19, value_parser = clap::value_parser!(u8).range(0..=19))]
+    attacker_nice: u8,
     /// Seed of the synthetic frames.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -91,6 +97,47 @@ pub struct HostileArgs {
     /// Where the data dir and the daemon's log go.
     #[arg(long, default_value = "/tmp")]
     tmp: std::path::PathBuf,
+}
+
+/// Internal: one attack, run as its own process by `hostile` for `--secs`; prints what the
+/// attackers did as one JSON line at the end.
+#[derive(Parser, Clone)]
+pub struct AttackArgs {
+    #[arg(long, value_enum)]
+    attack: Attack,
+    /// The subscriber listener of the daemon under attack.
+    #[arg(long)]
+    addr: SocketAddr,
+    #[arg(long)]
+    secs: u64,
+    #[arg(long, default_value_t = 8)]
+    attack_ips: u8,
+    /// Newest seq of the log, for `/event` lookups.
+    #[arg(long, default_value_t = 1)]
+    newest: u64,
+}
+
+/// Runs one attack for `--secs`, then stops it (bounded) and prints its counts.
+pub async fn attack(args: AttackArgs) -> anyhow::Result<()> {
+    let ctx = AttackCtx {
+        addr: args.addr,
+        stop: Arc::new(AtomicBool::new(false)),
+        stats: Arc::new(AttackStats::default()),
+        newest: args.newest,
+    };
+    let mut set = tokio::task::JoinSet::new();
+    start_attack(args.attack, args.attack_ips, &ctx, &mut set);
+    tokio::time::sleep(Duration::from_secs(args.secs)).await;
+    ctx.stop.store(true, Ordering::Relaxed);
+    let wound_down = tokio::time::timeout(Duration::from_secs(5), async {
+        while set.join_next().await.is_some() {}
+    })
+    .await;
+    if wound_down.is_err() {
+        set.abort_all();
+    }
+    println!("{}", ctx.stats.snapshot());
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -301,8 +348,8 @@ async fn connect_v2(url: &str) -> anyhow::Result<ClientWs> {
 // ---------------------------------------------------------------------------------------
 
 /// The `i`th attacker's source address.
-fn attacker_ip(args: &HostileArgs, i: usize) -> IpAddr {
-    let n = usize::from(args.attack_ips);
+fn attacker_ip(attack_ips: u8, i: usize) -> IpAddr {
+    let n = usize::from(attack_ips.max(1));
     IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + (i % n) as u8))
 }
 
@@ -445,7 +492,7 @@ struct AttackCtx {
 /// Starts `attack`'s tasks; they run until `ctx.stop` is set.
 fn start_attack(
     attack: Attack,
-    args: &HostileArgs,
+    attack_ips: u8,
     ctx: &AttackCtx,
     set: &mut tokio::task::JoinSet<()>,
 ) {
@@ -453,7 +500,11 @@ fn start_attack(
     match attack {
         Attack::Slowloris => {
             for i in 0..500 {
-                let (ip, stop, stats) = (attacker_ip(args, i), ctx.stop.clone(), ctx.stats.clone());
+                let (ip, stop, stats) = (
+                    attacker_ip(attack_ips, i),
+                    ctx.stop.clone(),
+                    ctx.stats.clone(),
+                );
                 set.spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
                         stats.attempts.fetch_add(1, Ordering::Relaxed);
@@ -500,7 +551,11 @@ fn start_attack(
         Attack::Fragments => {
             let fragment = Arc::new(client_frame(false, 0x1, &vec![b'x'; 700 * 1024]));
             for i in 0..100 {
-                let (ip, stop, stats) = (attacker_ip(args, i), ctx.stop.clone(), ctx.stats.clone());
+                let (ip, stop, stats) = (
+                    attacker_ip(attack_ips, i),
+                    ctx.stop.clone(),
+                    ctx.stats.clone(),
+                );
                 let fragment = fragment.clone();
                 set.spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
@@ -533,7 +588,11 @@ fn start_attack(
         Attack::EventFlood => {
             let newest = ctx.newest.max(1);
             for i in 0..50 {
-                let (ip, stop, stats) = (attacker_ip(args, i), ctx.stop.clone(), ctx.stats.clone());
+                let (ip, stop, stats) = (
+                    attacker_ip(attack_ips, i),
+                    ctx.stop.clone(),
+                    ctx.stats.clone(),
+                );
                 set.spawn(async move {
                     let mut k = i as u64;
                     while !stop.load(Ordering::Relaxed) {
@@ -568,7 +627,11 @@ fn start_attack(
         }
         Attack::Scans => {
             for i in 0..20 {
-                let (ip, stop, stats) = (attacker_ip(args, i), ctx.stop.clone(), ctx.stats.clone());
+                let (ip, stop, stats) = (
+                    attacker_ip(attack_ips, i),
+                    ctx.stop.clone(),
+                    ctx.stats.clone(),
+                );
                 set.spawn(async move {
                     let path = "/xrpc/network.bsky.jetstream.subscribeEvents?cursor=1&collections=com.example.nothing";
                     while !stop.load(Ordering::Relaxed) {
@@ -603,7 +666,11 @@ fn start_attack(
         }
         Attack::Churn => {
             for i in 0..32 {
-                let (ip, stop, stats) = (attacker_ip(args, i), ctx.stop.clone(), ctx.stats.clone());
+                let (ip, stop, stats) = (
+                    attacker_ip(attack_ips, i),
+                    ctx.stop.clone(),
+                    ctx.stats.clone(),
+                );
                 set.spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
                         stats.attempts.fetch_add(1, Ordering::Relaxed);
@@ -631,7 +698,11 @@ fn start_attack(
                 json!({"type": "options_update", "payload": {"wantedDids": dids}}).to_string(),
             );
             for i in 0..30 {
-                let (ip, stop, stats) = (attacker_ip(args, i), ctx.stop.clone(), ctx.stats.clone());
+                let (ip, stop, stats) = (
+                    attacker_ip(attack_ips, i),
+                    ctx.stop.clone(),
+                    ctx.stats.clone(),
+                );
                 let update = update.clone();
                 set.spawn(async move {
                     while !stop.load(Ordering::Relaxed) {
@@ -884,16 +955,34 @@ pub async fn hostile(args: HostileArgs) -> anyhow::Result<()> {
     for (i, step) in plan.iter().enumerate() {
         serve.check_alive()?;
         let newest = metric(&metrics(admin).await, "sluice_log_newest_seq").unwrap_or(1.0);
-        let ctx = AttackCtx {
-            addr,
-            stop: Arc::new(AtomicBool::new(false)),
-            stats: Arc::new(AttackStats::default()),
-            newest: newest as u64,
+        let attacker = match step {
+            Some(attack) => {
+                let mut cmd = Command::new("nice");
+                cmd.args(["-n", &args.attacker_nice.to_string()])
+                    .arg(std::env::current_exe()?)
+                    .arg("hostile-attack")
+                    .arg("--attack")
+                    .arg(
+                        attack
+                            .to_possible_value()
+                            .map_or(String::new(), |v| v.get_name().to_string()),
+                    )
+                    .arg("--addr")
+                    .arg(addr.to_string())
+                    .arg("--secs")
+                    .arg((args.settle + args.duration).to_string())
+                    .arg("--attack-ips")
+                    .arg(args.attack_ips.to_string())
+                    .arg("--newest")
+                    .arg((newest as u64).to_string());
+                let out = dir.0.join(format!("attack-{i}.out"));
+                Some((
+                    ChildGuard::spawn("attacker", &mut cmd, Some(out.clone()))?,
+                    out,
+                ))
+            }
+            None => None,
         };
-        let mut set = tokio::task::JoinSet::new();
-        if let Some(attack) = step {
-            start_attack(*attack, &args, &ctx, &mut set);
-        }
         let name = step.map_or("unloaded", |a| a.name());
         eprintln!("== phase {i}: {name} ==");
         tokio::time::sleep(Duration::from_secs(args.settle)).await;
@@ -913,13 +1002,19 @@ pub async fn hostile(args: HostileArgs) -> anyhow::Result<()> {
         let cpu = proc_cpu_secs(serve.pid()).unwrap_or(0.0) - cpu0;
         // Between phases: nothing is measured while the attack winds down.
         bystander.phase.store(usize::MAX, Ordering::Relaxed);
-        ctx.stop.store(true, Ordering::Relaxed);
-        let wound_down = tokio::time::timeout(Duration::from_secs(10), async {
-            while set.join_next().await.is_some() {}
-        })
-        .await;
-        if wound_down.is_err() {
-            set.abort_all();
+        let mut attack_stats = serde_json::Value::Null;
+        if let Some((mut child, out)) = attacker {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while matches!(child.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            attack_stats = std::fs::read_to_string(&out)
+                .unwrap_or_default()
+                .lines()
+                .rev()
+                .find_map(|l| serde_json::from_str(l).ok())
+                .unwrap_or(serde_json::Value::Null);
+            drop(child);
         }
         let text = metrics(admin).await;
         let (hist, events, lost, repeated) = {
@@ -941,7 +1036,8 @@ pub async fn hostile(args: HostileArgs) -> anyhow::Result<()> {
             "sluice_rss_max_kb": rss_max,
             "not_ready_samples": not_ready,
             "log_commit_failures": metric(&text, "sluice_log_commit_failures_total"),
-            "attack_stats": ctx.stats.snapshot(),
+            "attack_stats": attack_stats,
+            "attacker_nice": args.attacker_nice,
             "loadavg": std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim(),
         });
         eprintln!(
@@ -1042,9 +1138,7 @@ mod tests {
 
     #[test]
     fn attackers_spread_over_their_addresses() {
-        let args = HostileArgs::parse_from(["x", "--attack-ips", "3"]);
-        let ips: std::collections::BTreeSet<IpAddr> =
-            (0..10).map(|i| attacker_ip(&args, i)).collect();
+        let ips: std::collections::BTreeSet<IpAddr> = (0..10).map(|i| attacker_ip(3, i)).collect();
         assert_eq!(ips.len(), 3);
         assert!(ips.iter().all(|ip| ip.is_loopback()));
     }
