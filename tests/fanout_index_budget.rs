@@ -154,3 +154,69 @@ async fn a_caught_up_subscriber_without_budget_stays_on_the_log_and_loses_nothin
     let expected: Vec<u64> = (1..=newest).collect();
     assert_eq!(got, expected, "gap or duplicate across the deferred rejoin");
 }
+
+/// A frame of one event by `did`, on the first template's event.
+fn frame_by(did: &str) -> Vec<sluice::event::Event> {
+    let mut event = log_common::template_frames()[0][0].clone();
+    event.did = did.to_string();
+    vec![event]
+}
+
+#[tokio::test]
+async fn a_large_filter_change_applies_the_difference_and_leaves_the_index_exact() {
+    let dir = tempfile::tempdir().unwrap();
+    let (log, state) = Log::open(test_config(dir.path())).unwrap();
+    let log = Arc::new(log);
+    let hub = Hub::start(log.reader(), HubConfig::default());
+    let did = |i: usize| format!("did:plc:swap{i:08}");
+    let filter = |range: std::ops::Range<usize>| {
+        let dids: Vec<String> = range.map(did).collect();
+        Filter::build(&[], &dids, &[], &FilterLimits::default()).unwrap()
+    };
+    let mut sub = hub.subscribe(
+        WireKind::JetstreamV2,
+        filter(0..3000),
+        SlowPolicy::Catchup,
+        Start::Live,
+    );
+    assert_eq!(hub.index_size(), 3000);
+    // Overlapping sets, larger than one step of the lock: 1,500 leave, 1,500 come.
+    sub.set_filter(filter(1500..4500));
+    assert!(1500 > sluice::fanout::INDEX_STEP);
+    assert_eq!(
+        hub.index_size(),
+        3000,
+        "the index holds exactly the new filter"
+    );
+    let frames: Vec<Vec<sluice::event::Event>> = [0, 2000, 4000, 9999]
+        .iter()
+        .map(|&i| frame_by(&did(i)))
+        .collect();
+    let mut gen = EventGen::with_templates(frames, state);
+    for _ in 0..4 {
+        log.append(gen.next_frame()).unwrap();
+    }
+    let mut got = Vec::new();
+    while let Ok(Ok(batch)) =
+        tokio::time::timeout(Duration::from_millis(300), sub.next_batch(64)).await
+    {
+        got.extend(batch.iter().map(|e| e.did.clone()));
+    }
+    assert_eq!(
+        got,
+        vec![did(2000), did(4000)],
+        "only the new filter's events"
+    );
+    // The same set again changes nothing; then to one DID, and to collections.
+    sub.set_filter(filter(1500..4500));
+    assert_eq!(hub.index_size(), 3000);
+    sub.set_filter(filter(7..8));
+    assert_eq!(hub.index_size(), 1);
+    let limits = FilterLimits::default();
+    let posts = Filter::build(&["app.bsky.feed.post".to_string()], &[], &[], &limits).unwrap();
+    sub.set_filter(posts);
+    // The collection, and the list of collection subscribers that get non-commit events.
+    assert_eq!(hub.index_size(), 2);
+    drop(sub);
+    assert_eq!(hub.index_size(), 0, "nothing left behind");
+}

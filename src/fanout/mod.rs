@@ -203,7 +203,9 @@ struct SubShared {
 
 struct Entry {
     shared: Arc<SubShared>,
-    filter: Filter,
+    /// Shared so that replacing it under the hub's lock is a pointer swap; the old one is
+    /// dropped after the lock is released.
+    filter: Arc<Filter>,
     wire: WireKind,
     /// Live subscribers are in the index; overflowed ones are not.
     live: bool,
@@ -421,6 +423,20 @@ impl Hub {
         &self.inner.stats
     }
 
+    /// Subscriber entries in the routing index (a subscriber counts once per key it is
+    /// listed under): what dispatch visits at most, and what filter changes must leave
+    /// exact.
+    pub fn index_size(&self) -> usize {
+        let state = self.inner.state.lock();
+        let index = &state.index;
+        let keyed = |map: &HashMap<String, Vec<u64>>| map.values().map(Vec::len).sum::<usize>();
+        index.everyone.len()
+            + index.non_commit.len()
+            + keyed(&index.by_did)
+            + keyed(&index.by_collection)
+            + keyed(&index.by_prefix)
+    }
+
     /// Events waiting in all live queues.
     pub fn queued_events(&self) -> usize {
         let state = self.inner.state.lock();
@@ -546,7 +562,7 @@ impl Hub {
             id,
             Entry {
                 shared: shared.clone(),
-                filter: filter.clone(),
+                filter: Arc::new(filter.clone()),
                 wire,
                 live,
                 last_pushed: seen_through,
@@ -678,6 +694,10 @@ enum Rejoin {
     NoBudget(Duration),
 }
 
+/// Most routing-index entries a filter change adds or removes per hold of the hub's
+/// lock (~0.1-0.2 µs each).
+pub const INDEX_STEP: usize = 1024;
+
 /// Longest a caught-up subscriber waits before trying to rejoin again.
 const REJOIN_RETRY: Duration = Duration::from_millis(50);
 
@@ -740,17 +760,89 @@ impl Subscription {
 
     /// Replaces the filter (Jetstream v1 `options_update`), effective from the next event.
     /// Callers reserve its index work first ([`Subscription::reserve_filter_change`]).
+    ///
+    /// Between two DID filters only the difference is applied, and in steps of at most
+    /// [`INDEX_STEP`] entries per hold of the hub's lock (DIDs the new filter adds, then
+    /// the swap of the filter, then DIDs it drops), so the dispatcher, which needs that
+    /// lock for every batch, waits for at most one step: a 10,000-DID update held it for
+    /// the whole swap, and on a loaded machine for however long the holder was
+    /// descheduled meanwhile. Meanwhile the index holds both filters' DIDs; the
+    /// dispatcher checks each candidate against the entry's filter, so the subscriber
+    /// gets exactly the old filter's events before the swap and the new one's after.
     pub fn set_filter(&mut self, filter: Filter) {
-        let mut state = self.hub.state.lock();
-        let HubState { entries, index, .. } = &mut *state;
-        if let Some(entry) = entries.get_mut(&self.id) {
-            if entry.live {
-                index.remove(self.id, &entry.filter);
-                index.insert(self.id, &filter);
+        let shared = Arc::new(filter.clone());
+        let old = std::mem::replace(&mut self.filter, filter);
+        let new = &self.filter;
+        let retired = if !old.dids.is_empty() && !new.dids.is_empty() {
+            let added: Vec<&String> = new.dids.difference(&old.dids).collect();
+            let dropped: Vec<&String> = old.dids.difference(&new.dids).collect();
+            self.swap_dids(&added, &dropped, shared)
+        } else {
+            let mut state = self.hub.state.lock();
+            let HubState { entries, index, .. } = &mut *state;
+            entries.get_mut(&self.id).map(|entry| {
+                if entry.live {
+                    index.remove(self.id, &old);
+                    index.insert(self.id, new);
+                }
+                std::mem::replace(&mut entry.filter, shared)
+            })
+        };
+        // The filter replaced is freed here, outside the lock.
+        drop(retired);
+    }
+
+    /// [`Subscription::set_filter`] between two DID filters: `added` go into the index in
+    /// steps, the entry's filter becomes `shared`, then `dropped` leave in steps. Returns
+    /// the filter replaced.
+    fn swap_dids(
+        &self,
+        added: &[&String],
+        dropped: &[&String],
+        shared: Arc<Filter>,
+    ) -> Option<Arc<Filter>> {
+        let id = self.id;
+        for (step, chunk) in added.chunks(INDEX_STEP).enumerate() {
+            let mut state = self.hub.state.lock();
+            let HubState { entries, index, .. } = &mut *state;
+            let live = entries.get(&id).is_some_and(|e| e.live);
+            if !live {
+                // It overflowed meanwhile: the dispatcher took its (old) filter out of
+                // the index, so the additions made so far come out too; it enters the
+                // index with its new filter when it rejoins.
+                for did in added[..step * INDEX_STEP].iter() {
+                    remove_keyed(&mut index.by_did, did, id);
+                }
+                return entries
+                    .get_mut(&id)
+                    .map(|e| std::mem::replace(&mut e.filter, shared));
             }
-            entry.filter = filter.clone();
+            for did in chunk {
+                add(index.by_did.entry((*did).clone()).or_default(), id);
+            }
         }
-        self.filter = filter;
+        let (retired, live) = {
+            let mut state = self.hub.state.lock();
+            match state.entries.get_mut(&id) {
+                Some(entry) => (
+                    Some(std::mem::replace(&mut entry.filter, shared)),
+                    entry.live,
+                ),
+                None => (None, false),
+            }
+        };
+        // Live at the swap: the old filter's own DIDs are left to remove (also if it
+        // overflows meanwhile: the dispatcher then removes the new filter's). Not live:
+        // it overflowed after the additions, and the dispatcher removed the old filter's
+        // DIDs, so the additions are what is left.
+        let leftover = if live { dropped } else { added };
+        for chunk in leftover.chunks(INDEX_STEP) {
+            let mut state = self.hub.state.lock();
+            for did in chunk {
+                remove_keyed(&mut state.index.by_did, did, id);
+            }
+        }
+        retired
     }
 
     /// The next events for this subscriber, in seq order, at most `max`. Waits while there
