@@ -266,6 +266,8 @@ const EXPECTED_SERIES: &[&str] = &[
     "sluice_log_commits_total",
     "sluice_log_commit_failures_total",
     "sluice_log_retention_deleted_events_total",
+    r#"sluice_log_segment_decodes_total{outcome="decoded"}"#,
+    r#"sluice_log_segment_decodes_total{outcome="shared"}"#,
     "sluice_log_oldest_seq",
     "sluice_log_newest_seq",
     "sluice_log_oldest_time_seconds",

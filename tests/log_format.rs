@@ -205,3 +205,56 @@ fn the_current_layout_stores_json_once_and_rebuilds_both_wires_exactly() {
         );
     }
 }
+
+/// Concurrent cold readers of the same stretch share one decode per segment: the same
+/// assembled bytes (one buffer per wire and segment, not a copy per reader), counted as
+/// shared, and identical to what ingest made.
+#[test]
+fn concurrent_cold_readers_share_each_segments_assembled_json() {
+    let frames = read_all(&fixture("synth-1000.bin"), 8 << 20).unwrap();
+    let mut ingestor = Ingestor::new(StampState::fresh(), DecodeLimits::default());
+    let commits = synth_commits(&mut ingestor, &frames[..400]);
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = FjallStore::open(FjallConfig::new(dir.path().join("events"))).unwrap();
+    let mut written = Vec::new();
+    let mut state = StampState::fresh();
+    for commit in commits {
+        let shared: Vec<Arc<Event>> = commit.into_iter().map(Arc::new).collect();
+        state.next_seq = shared.last().unwrap().seq + 1;
+        state.last_time_us = shared.last().unwrap().time_us;
+        state.upstream_cursor = Some(shared.last().unwrap().upstream_seq);
+        store.append(&shared, state).unwrap();
+        written.extend(shared);
+    }
+    let segments = store.segments(usize::MAX).len() as u64;
+    assert!(segments >= 4);
+    let store = Arc::new(store);
+    let readers: Vec<Vec<Event>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let store = store.clone();
+                s.spawn(move || read_store(store.as_ref(), 1, Payloads::V1))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let (decoded, shared) = store.decoded_cache_counts();
+    // Each segment decoded once for v1 (a read that ends mid-segment finds it decoded).
+    assert_eq!(decoded, segments, "decodes: {decoded}, shared: {shared}");
+    assert!(shared >= 7 * segments, "shared: {shared}");
+    for got in &readers {
+        assert_eq!(got.len(), written.len());
+        for (a, b) in got.iter().zip(&readers[0]) {
+            let (x, y) = (a.v1_json.as_ref(), b.v1_json.as_ref());
+            assert_eq!(
+                x.map(|b| b.as_ptr()),
+                y.map(|b| b.as_ptr()),
+                "seq {}: one assembled copy for every reader",
+                a.seq
+            );
+        }
+        for (want, got) in written.iter().zip(got) {
+            assert_eq!(want.v1_json, got.v1_json, "seq {}", want.seq);
+        }
+    }
+}

@@ -276,6 +276,9 @@ impl AdminState {
                     .deleted_events
                     .load(Ordering::Relaxed),
             );
+            let (decodes, shared) = reader.store().decoded_cache_counts();
+            counter!("sluice_log_segment_decodes_total", "outcome" => "decoded").absolute(decodes);
+            counter!("sluice_log_segment_decodes_total", "outcome" => "shared").absolute(shared);
             // An empty log reads as seq 0 ("nothing yet") and time 0.
             let b = reader.bounds();
             gauge!("sluice_log_oldest_seq").set(b.map_or(0.0, |b| b.oldest_seq as f64));
@@ -452,6 +455,7 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_log_commits_total", "Group commits of the event log."),
     ("sluice_log_commit_failures_total", "Group commits of the event log that failed (retried)."),
     ("sluice_log_retention_deleted_events_total", "Events deleted from the log by retention."),
+    ("sluice_log_segment_decodes_total", "Stored segments read by replays: decoded (outcome=decoded) or served by a decode another replay made, from --log-decoded-cache-mib (outcome=shared)."),
     ("sluice_connections_accepted_total", "Connections accepted, by listener."),
     ("sluice_connections_refused_total", "Connections refused before any request was read, by listener and reason (pending_full 503, pending_per_ip 429, fd_reserve 503)."),
     ("sluice_connections_closed_unfinished_total", "Connections closed before their upgrade or answer, by listener and reason (header_timeout, handshake_timeout, shutdown)."),
