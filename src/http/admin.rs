@@ -55,6 +55,18 @@ pub struct AdminLimits {
     pub log_queue_max_bytes: usize,
     /// The log's size cap (`--retention-max-gib`), exported so alerts can compare.
     pub log_max_bytes: u64,
+    /// The log's age limit (`--retention-hours`), for the depth projection.
+    pub log_max_age: Duration,
+}
+
+impl AdminLimits {
+    fn retention(&self) -> crate::log::RetentionConfig {
+        crate::log::RetentionConfig {
+            max_age: self.log_max_age,
+            max_bytes: self.log_max_bytes,
+            ..crate::log::RetentionConfig::default()
+        }
+    }
 }
 
 impl AdminState {
@@ -279,6 +291,16 @@ impl AdminState {
             let (decodes, shared) = reader.store().decoded_cache_counts();
             counter!("sluice_log_segment_decodes_total", "outcome" => "decoded").absolute(decodes);
             counter!("sluice_log_segment_decodes_total", "outcome" => "shared").absolute(shared);
+            let depth =
+                crate::log::depth::measure(reader.store().as_ref(), &self.limits.retention());
+            gauge!("sluice_log_retained_events")
+                .set(depth.map_or(0.0, |d| d.retained_events as f64));
+            gauge!("sluice_log_retained_seconds").set(depth.map_or(0.0, |d| d.retained_seconds));
+            gauge!("sluice_log_recent_events_per_second").set(depth.map_or(0.0, |d| d.recent_rate));
+            gauge!("sluice_log_stored_bytes_per_event")
+                .set(depth.map_or(0.0, |d| d.bytes_per_event));
+            gauge!("sluice_log_projected_depth_seconds")
+                .set(depth.and_then(|d| d.projected_seconds).unwrap_or(0.0));
             // An empty log reads as seq 0 ("nothing yet") and time 0.
             let b = reader.bounds();
             gauge!("sluice_log_oldest_seq").set(b.map_or(0.0, |b| b.oldest_seq as f64));
@@ -422,6 +444,14 @@ impl AdminState {
                 })),
                 "bytes": reader.store().size_bytes(),
                 "tail_bytes": reader.tail().bytes(),
+                "depth": crate::log::depth::measure(reader.store().as_ref(), &self.limits.retention())
+                    .map(|d| json!({
+                        "retained_events": d.retained_events,
+                        "retained_seconds": d.retained_seconds,
+                        "recent_rate": d.recent_rate,
+                        "bytes_per_event": d.bytes_per_event,
+                        "projected_seconds": d.projected_seconds,
+                    })),
             },
             "redis_sink": self.sink_status(),
         })
@@ -497,6 +527,26 @@ const GAUGES: &[(&str, &str)] = &[
     (
         "sluice_log_disk_bytes",
         "Bytes the log's data directory takes on disk.",
+    ),
+    (
+        "sluice_log_retained_events",
+        "Events the log holds (oldest to newest seq).",
+    ),
+    (
+        "sluice_log_retained_seconds",
+        "Source time the log spans, oldest to newest event held (its replay depth now).",
+    ),
+    (
+        "sluice_log_recent_events_per_second",
+        "Events per second of source time over the last hour held (or all of it, if less).",
+    ),
+    (
+        "sluice_log_stored_bytes_per_event",
+        "Stored bytes per event held, on average (JSON wires and raw frames together).",
+    ),
+    (
+        "sluice_log_projected_depth_seconds",
+        "How far back the log would reach at the last hour's rate: the size cap over the bytes that rate stores, or --retention-hours if less (0 until a rate is known).",
     ),
     (
         "sluice_log_max_bytes",

@@ -27,6 +27,7 @@
 //! the log moves past a seq.
 
 pub mod codec;
+pub mod depth;
 pub mod fjall_store;
 pub mod retention;
 pub mod store;
