@@ -79,8 +79,8 @@ fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
 }
 
 /// The default store settings, except what `SLUICE_BENCH_JSON_LEVEL`,
-/// `SLUICE_BENCH_RAW_LEVEL`, `SLUICE_BENCH_SEGMENT_BYTES` and `SLUICE_BENCH_ENCODE_THREADS`
-/// override (to compare settings on the same events; unset for the recorded numbers).
+/// `SLUICE_BENCH_RAW_LEVEL`, `SLUICE_BENCH_SEGMENT_BYTES`, `SLUICE_BENCH_ENCODE_THREADS` and
+/// `SLUICE_BENCH_DECODED_CACHE_MIB` override (to compare settings on the same events; unset for the recorded numbers).
 fn store_config(dir: &std::path::Path) -> FjallConfig {
     let mut c = FjallConfig::new(dir.join("events"));
     if let Some(l) = env_num("SLUICE_BENCH_JSON_LEVEL") {
@@ -94,6 +94,9 @@ fn store_config(dir: &std::path::Path) -> FjallConfig {
     }
     if let Some(t) = env_num("SLUICE_BENCH_ENCODE_THREADS") {
         c.encode_threads = t;
+    }
+    if let Some(m) = env_num::<usize>("SLUICE_BENCH_DECODED_CACHE_MIB") {
+        c.decoded_cache_bytes = m << 20;
     }
     c
 }

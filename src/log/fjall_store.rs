@@ -96,21 +96,6 @@ impl FjallConfig {
     }
 }
 
-/// Clones events out of a decoded segment other readers share.
-struct SharedIter {
-    events: Arc<Vec<Event>>,
-    next: usize,
-}
-
-impl Iterator for SharedIter {
-    type Item = Event;
-    fn next(&mut self) -> Option<Event> {
-        let e = self.events.get(self.next)?.clone();
-        self.next += 1;
-        Some(e)
-    }
-}
-
 /// A segment and where its values are.
 #[derive(Debug, Clone, Copy)]
 struct Stored {
@@ -913,31 +898,48 @@ impl EventStore for FjallStore {
                 }
                 break;
             };
+            // Which events of the segment this read takes: from `from_seq`, within the
+            // limits. Events shared with the cache are cloned (their payloads are
+            // refcounted slices, not copies) only when taken; a decode nobody else holds
+            // is moved out.
             let mut prev_upstream = None;
-            // Events shared with the cache are cloned (their payloads are refcounted
-            // slices, not copies); a decode nobody else holds is moved out.
-            let events: Box<dyn Iterator<Item = Event>> = match Arc::try_unwrap(decoded) {
-                Ok(owned) => Box::new(owned.into_iter()),
-                Err(shared) => Box::new(SharedIter {
-                    events: shared,
-                    next: 0,
-                }),
-            };
-            for event in events {
+            let mut out_len = out.len();
+            let mut take = |event: &Event| -> Option<bool> {
                 let first_of_frame =
                     event.op_index == 0 || prev_upstream != Some(event.upstream_seq);
                 prev_upstream = Some(event.upstream_seq);
                 if event.seq < from_seq {
-                    continue;
+                    return Some(false);
                 }
-                let size = codec::payload_bytes(&event, first_of_frame);
-                if out.len() >= limits.max_events
-                    || (!out.is_empty() && bytes.saturating_add(size) > limits.max_bytes)
+                let size = codec::payload_bytes(event, first_of_frame);
+                if out_len >= limits.max_events
+                    || (out_len > 0 && bytes.saturating_add(size) > limits.max_bytes)
                 {
-                    return Ok(out);
+                    return None;
                 }
                 bytes += size;
-                out.push(event);
+                out_len += 1;
+                Some(true)
+            };
+            match Arc::try_unwrap(decoded) {
+                Ok(owned) => {
+                    for event in owned {
+                        match take(&event) {
+                            Some(true) => out.push(event),
+                            Some(false) => {}
+                            None => return Ok(out),
+                        }
+                    }
+                }
+                Err(shared) => {
+                    for event in shared.iter() {
+                        match take(event) {
+                            Some(true) => out.push(event.clone()),
+                            Some(false) => {}
+                            None => return Ok(out),
+                        }
+                    }
+                }
             }
         }
         Ok(out)
