@@ -25,7 +25,7 @@
 //! - the *frames value* (`SLF1`): one zstd frame holding the raw frames back to back.
 //!
 //! Every zstd frame carries its content checksum, so a torn or flipped byte is detected on
-//! decode. Backend-independent: the Redis backend stores the same two values.
+//! decode. Store-independent: the two values are plain bytes that any `EventStore` can keep.
 
 pub mod body;
 mod format1;
