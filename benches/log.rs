@@ -67,6 +67,12 @@ fn restamp(templates: &[Vec<Event>], state: &mut StampState, frames: usize) -> V
     out
 }
 
+/// True when run to measure (`cargo bench` passes `--bench`); `cargo test` runs every bench
+/// once as a smoke test, where the data sets are kept small.
+fn measuring() -> bool {
+    std::env::args().any(|a| a == "--bench")
+}
+
 fn bench_dir() -> tempfile::TempDir {
     match std::env::var_os("SLUICE_BENCH_DIR") {
         Some(d) => tempfile::tempdir_in(d).expect("bench dir"),
@@ -164,7 +170,13 @@ fn bench_sizes(_c: &mut Criterion) {
         use sluice::upstream::synth::{Synth, SynthOptions};
         let opts = SynthOptions {
             seed: 2,
-            count: env_num("SLUICE_BENCH_SYNTH_FRAMES").unwrap_or(30_000),
+            // `cargo test` runs this bench once as a smoke test (no `--bench` argument):
+            // a short run there keeps the suite lean.
+            count: env_num("SLUICE_BENCH_SYNTH_FRAMES").unwrap_or(if measuring() {
+                30_000
+            } else {
+                500
+            }),
             dids: 1_000_000,
             ..SynthOptions::default()
         };
@@ -194,22 +206,23 @@ fn bench_sizes(_c: &mut Criterion) {
 }
 
 fn bench_scan(c: &mut Criterion) {
-    const EVENTS_IN_STORE: usize = 120_000;
-    const SCAN: usize = 50_000;
+    // One tenth under `cargo test` (a smoke run of every bench, in a debug build).
+    let scale = if measuring() { 1 } else { 10 };
+    let (events_in_store, scan) = (120_000 / scale, 50_000 / scale);
     let templates = corpus();
     let dir = bench_dir();
     let (store, _) = FjallStore::open(store_config(dir.path())).expect("store");
     let mut state = StampState::fresh();
     let mut written = 0;
-    while written < EVENTS_IN_STORE {
-        let frames = restamp(&templates, &mut state, 2_000);
+    while written < events_in_store {
+        let frames = restamp(&templates, &mut state, 2_000 / scale);
         let batch: Vec<Arc<Event>> = frames.into_iter().flatten().map(Arc::new).collect();
         written += batch.len();
         store.append(&batch, state).expect("append");
     }
     let from = (written / 3) as u64;
     let mut g = c.benchmark_group("log_scan");
-    g.throughput(Throughput::Elements(SCAN as u64));
+    g.throughput(Throughput::Elements(scan as u64));
     g.sample_size(20);
     for (name, payloads) in [
         ("durable_v1", Payloads::V1),
@@ -220,7 +233,7 @@ fn bench_scan(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter(|| {
                 let mut next = from;
-                let end = from + SCAN as u64;
+                let end = from + scan as u64;
                 while next < end {
                     let got = store
                         .read(next, ReadLimits::events(4096), payloads)
@@ -234,7 +247,7 @@ fn bench_scan(c: &mut Criterion) {
 
     let tail = HotTail::new(1, usize::MAX);
     let mut state = StampState::fresh();
-    let frames = restamp(&templates, &mut state, 100_000);
+    let frames = restamp(&templates, &mut state, 100_000 / scale);
     for f in frames {
         let shared: Vec<Arc<Event>> = f.into_iter().map(Arc::new).collect();
         tail.push(&shared);
