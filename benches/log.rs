@@ -36,26 +36,41 @@ fn corpus() -> Vec<Vec<Event>> {
     ingest_file(&path).unwrap_or_else(|| panic!("corpus missing at {}", path.display()))
 }
 
-/// `n` frames' worth of events continuing `state`, cycling over `templates`.
+/// `n` frames' worth of events continuing `state`, cycling over `templates`: each frame is
+/// ingested again with new stamps (seq, time), so its JSON says what its fields say, as
+/// ingest makes it; upstream seqs are renumbered to keep increasing across cycles.
 fn restamp(templates: &[Vec<Event>], state: &mut StampState, frames: usize) -> Vec<Vec<Event>> {
+    let mut ingestor = Ingestor::new(StampState::fresh(), DecodeLimits::default());
     let mut out = Vec::with_capacity(frames);
     for k in 0..frames {
         let upstream = state.upstream_cursor.map_or(1_000, |c| c + 1);
-        let mut frame = Vec::new();
-        for (j, t) in templates[k % templates.len()].iter().enumerate() {
-            let mut e = t.clone();
-            e.seq = state.next_seq;
-            e.time_us = state.last_time_us.max(1_700_000_000_000_000) + 100;
+        let template = &templates[k % templates.len()];
+        let first_time = state.last_time_us.max(1_700_000_000_000_000) + 100;
+        let IngestOutcome::Events(mut frame) = ingestor.restamp(
+            template[0].raw_frame.clone(),
+            i64::MAX / 2,
+            state.next_seq,
+            first_time,
+        ) else {
+            panic!("a template frame no longer ingests");
+        };
+        for e in &mut frame {
             e.upstream_seq = upstream;
-            e.op_index = j as u16;
-            state.next_seq += 1;
-            state.last_time_us = e.time_us;
-            frame.push(e);
+        }
+        if let Some(last) = frame.last() {
+            state.next_seq = last.seq + 1;
+            state.last_time_us = last.time_us;
         }
         state.upstream_cursor = Some(upstream);
         out.push(frame);
     }
     out
+}
+
+/// True when run to measure (`cargo bench` passes `--bench`); `cargo test` runs every bench
+/// once as a smoke test, where the data sets are kept small.
+fn measuring() -> bool {
+    std::env::args().any(|a| a == "--bench")
 }
 
 fn bench_dir() -> tempfile::TempDir {
@@ -70,8 +85,8 @@ fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
 }
 
 /// The default store settings, except what `SLUICE_BENCH_JSON_LEVEL`,
-/// `SLUICE_BENCH_RAW_LEVEL`, `SLUICE_BENCH_SEGMENT_BYTES` and `SLUICE_BENCH_ENCODE_THREADS`
-/// override (to compare settings on the same events; unset for the recorded numbers).
+/// `SLUICE_BENCH_RAW_LEVEL`, `SLUICE_BENCH_SEGMENT_BYTES`, `SLUICE_BENCH_ENCODE_THREADS` and
+/// `SLUICE_BENCH_DECODED_CACHE_MIB` override (to compare settings on the same events; unset for the recorded numbers).
 fn store_config(dir: &std::path::Path) -> FjallConfig {
     let mut c = FjallConfig::new(dir.join("events"));
     if let Some(l) = env_num("SLUICE_BENCH_JSON_LEVEL") {
@@ -86,83 +101,128 @@ fn store_config(dir: &std::path::Path) -> FjallConfig {
     if let Some(t) = env_num("SLUICE_BENCH_ENCODE_THREADS") {
         c.encode_threads = t;
     }
+    if let Some(m) = env_num::<usize>("SLUICE_BENCH_DECODED_CACHE_MIB") {
+        c.decoded_cache_bytes = m << 20;
+    }
     c
 }
 
-/// Stored bytes per event for a set of frames written once, as one stream.
-fn bytes_per_event(name: &str, frames: &[Vec<Event>]) {
-    let dir = bench_dir();
-    let Ok((store, _)) = FjallStore::open(store_config(dir.path())) else {
-        return;
-    };
+/// Stored bytes per event of `frames` (renumbered into one seq space), committed in
+/// groups of about `commit_events` events as the log writer does (a segment never spans a
+/// commit): the JSON part (events values plus the 80-byte index entry of each segment)
+/// and the raw part (frames values) apart.
+fn bytes_per_event(name: &str, frames: &[Vec<Event>], commit_events: usize, detail: bool) {
+    let store = store_config(std::path::Path::new("."));
     let mut state = StampState::fresh();
-    // Keep the content, renumber so the frames continue one seq space.
-    let events: Vec<Arc<Event>> = frames
-        .iter()
-        .flat_map(|f| {
-            let upstream = state.upstream_cursor.map_or(1, |c| c + 1);
-            state.upstream_cursor = Some(upstream);
-            f.iter()
-                .map(|e| {
-                    let mut e = e.clone();
-                    e.seq = state.next_seq;
-                    e.upstream_seq = upstream;
-                    state.next_seq += 1;
-                    Arc::new(e)
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    let raw: usize = frames.iter().map(|f| f[0].raw_frame.len()).sum();
-    let json: usize = events
-        .iter()
-        .map(|e| {
-            e.v1_json.as_ref().map_or(0, Bytes::len) + e.v2_json.as_ref().map_or(0, Bytes::len)
-        })
-        .sum();
-    if store.append(&events, state).is_err() {
-        return;
+    let frames = restamp(frames, &mut state, frames.len());
+    let mut encoder = sluice::log::codec::Encoder::new(store.compression).expect("encoder");
+    let (mut json, mut raw, mut segments, mut events) = (0usize, 0usize, 0usize, 0usize);
+    let mut columns: Vec<(&str, usize, usize)> = Vec::new();
+    let mut group: Vec<Arc<Event>> = Vec::new();
+    let mut flush = |group: &mut Vec<Arc<Event>>| {
+        for part in sluice::log::codec::split_segments(group, store.segment_target_bytes) {
+            let seg = encoder.encode(part).expect("encode");
+            json += seg.events_value.len() + 80;
+            raw += seg.frames_value.len();
+            segments += 1;
+            if let Ok(sizes) = sluice::log::codec::column_sizes(&seg.events_value) {
+                if columns.is_empty() {
+                    columns = sizes;
+                } else {
+                    for (acc, s) in columns.iter_mut().zip(sizes) {
+                        acc.1 += s.1;
+                        acc.2 += s.2;
+                    }
+                }
+            }
+        }
+        events += group.len();
+        group.clear();
+    };
+    for f in frames {
+        group.extend(f.into_iter().map(Arc::new));
+        if group.len() >= commit_events {
+            flush(&mut group);
+        }
     }
-    let stored = store.size_bytes();
-    let n = events.len() as f64;
+    flush(&mut group);
+    let n = events as f64;
     eprintln!(
-        "bytes/event {name}: {} frames, {} events; input raw {:.0} + json {:.0} B/event; \
-         stored {:.0} B/event ({:.1}% of input)",
-        frames.len(),
-        events.len(),
-        raw as f64 / n,
+        "bytes/event {name}, commits of {commit_events} events: {events} events in {segments} \
+         segments; JSON wires {:.0} B/event, raw frames {:.0} B/event, total {:.0} B/event",
         json as f64 / n,
-        stored as f64 / n,
-        100.0 * stored as f64 / (raw + json) as f64
+        raw as f64 / n,
+        (json + raw) as f64 / n
     );
+    if detail {
+        let cols: Vec<String> = columns
+            .iter()
+            .map(|(c, z, p)| format!("{c} {:.1}/{:.1}", *z as f64 / n, *p as f64 / n))
+            .collect();
+        eprintln!("  columns, compressed/plain B/event: {}", cols.join(", "));
+    }
 }
 
 fn bench_sizes(_c: &mut Criterion) {
-    bytes_per_event("corpus", &corpus());
-    let synth = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/synth-1000.bin");
-    match ingest_file(&synth) {
-        Some(frames) if !frames.is_empty() => bytes_per_event("synth-1000", &frames),
-        _ => eprintln!("bytes/event synth-1000: fixture absent"),
+    let synth_file =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/synth-1000.bin");
+    let synth_long = {
+        use sluice::upstream::synth::{Synth, SynthOptions};
+        let opts = SynthOptions {
+            seed: 2,
+            // `cargo test` runs this bench once as a smoke test (no `--bench` argument):
+            // a short run there keeps the suite lean.
+            count: env_num("SLUICE_BENCH_SYNTH_FRAMES").unwrap_or(if measuring() {
+                30_000
+            } else {
+                500
+            }),
+            dids: 1_000_000,
+            ..SynthOptions::default()
+        };
+        let mut ingestor = Ingestor::new(StampState::fresh(), DecodeLimits::default());
+        Synth::new(&opts)
+            .filter_map(|f| match ingestor.ingest(Bytes::from(f), i64::MAX / 2) {
+                IngestOutcome::Events(e) => Some(e),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let sets = [
+        ("corpus", corpus()),
+        ("synth-1000", ingest_file(&synth_file).unwrap_or_default()),
+        ("synth-long (1M DIDs)", synth_long),
+    ];
+    for (name, frames) in &sets {
+        if frames.is_empty() {
+            eprintln!("bytes/event {name}: absent");
+            continue;
+        }
+        // 50: a 100 ms commit at 500 events/s; 200: at 2,000/s; 20,000: the largest group.
+        for commit in [50, 200, 1_000, 20_000] {
+            bytes_per_event(name, frames, commit, commit == 20_000);
+        }
     }
 }
 
 fn bench_scan(c: &mut Criterion) {
-    const EVENTS_IN_STORE: usize = 120_000;
-    const SCAN: usize = 50_000;
+    // One tenth under `cargo test` (a smoke run of every bench, in a debug build).
+    let scale = if measuring() { 1 } else { 10 };
+    let (events_in_store, scan) = (120_000 / scale, 50_000 / scale);
     let templates = corpus();
     let dir = bench_dir();
     let (store, _) = FjallStore::open(store_config(dir.path())).expect("store");
     let mut state = StampState::fresh();
     let mut written = 0;
-    while written < EVENTS_IN_STORE {
-        let frames = restamp(&templates, &mut state, 2_000);
+    while written < events_in_store {
+        let frames = restamp(&templates, &mut state, 2_000 / scale);
         let batch: Vec<Arc<Event>> = frames.into_iter().flatten().map(Arc::new).collect();
         written += batch.len();
         store.append(&batch, state).expect("append");
     }
     let from = (written / 3) as u64;
     let mut g = c.benchmark_group("log_scan");
-    g.throughput(Throughput::Elements(SCAN as u64));
+    g.throughput(Throughput::Elements(scan as u64));
     g.sample_size(20);
     for (name, payloads) in [
         ("durable_v1", Payloads::V1),
@@ -173,7 +233,7 @@ fn bench_scan(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter(|| {
                 let mut next = from;
-                let end = from + SCAN as u64;
+                let end = from + scan as u64;
                 while next < end {
                     let got = store
                         .read(next, ReadLimits::events(4096), payloads)
@@ -187,7 +247,7 @@ fn bench_scan(c: &mut Criterion) {
 
     let tail = HotTail::new(1, usize::MAX);
     let mut state = StampState::fresh();
-    let frames = restamp(&templates, &mut state, 100_000);
+    let frames = restamp(&templates, &mut state, 100_000 / scale);
     for f in frames {
         let shared: Vec<Arc<Event>> = f.into_iter().map(Arc::new).collect();
         tail.push(&shared);

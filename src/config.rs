@@ -83,6 +83,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_LOG_INDEX_CACHE_MIB", default_value_t = 16,
           value_parser = clap::value_parser!(u64).range(1..=64 * 1024))]
     pub log_index_cache_mib: u64,
+    /// Decoded log segments kept so concurrent replays of the same stretch decode it once
+    /// and share its messages, MiB of payload (0 = every replay decodes for itself).
+    #[arg(long, env = "SLUICE_LOG_DECODED_CACHE_MIB", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(0..=64 * 1024))]
+    pub log_decoded_cache_mib: u64,
     /// Group commit: commit at least this often while events are pending, ms. Longer
     /// means fewer, larger writes; an event is durable at most this long after ingest.
     #[arg(long, env = "SLUICE_COMMIT_INTERVAL_MS", default_value_t = 100,
@@ -581,6 +586,7 @@ impl ServeArgs {
         log.tail_max_bytes = usize_of(self.tail_max_mib * MIB)?;
         log.queue_max_bytes = usize_of(self.log_queue_mib * MIB)?;
         log.index_cache_bytes = self.log_index_cache_mib * MIB;
+        log.decoded_cache_bytes = usize_of(self.log_decoded_cache_mib * MIB)?;
         log.commit_interval = Duration::from_millis(self.commit_interval_ms);
         log.commit_max_events = usize_of(self.commit_max_events)?;
         log.retention = RetentionConfig {

@@ -392,6 +392,7 @@ impl Daemon {
                 ready_max_lag: config.ready_max_lag,
                 log_queue_max_bytes: config.log.queue_max_bytes,
                 log_max_bytes: config.log.retention.max_bytes,
+                log_max_age: config.log.retention.max_age,
             },
             sink.as_ref().map(|s| s.stats.clone()),
         );

@@ -177,10 +177,38 @@ fn sub_matches<'a>(matches: &'a clap::ArgMatches, path: &[&str]) -> Option<&'a c
 }
 
 fn config_check(args: sluice::config::ServeArgs) -> anyhow::Result<()> {
+    use sluice::log::depth::{projection, MEASURED_BYTES_PER_EVENT};
     let config = args.to_config()?;
     println!("configuration is valid\n");
     println!("{args:#?}");
-    let _ = config;
+    // The store's journal and partly reclaimed files come off the cap (log::retention).
+    let retention = &config.log.retention;
+    let overhead = config.log.max_journal_bytes.max(24 << 20) + 2 * config.log.blob_file_bytes;
+    let budget = retention
+        .max_bytes
+        .saturating_sub(overhead)
+        .max(retention.max_bytes / 2);
+    println!(
+        "\nreplay depth, projected at {MEASURED_BYTES_PER_EVENT} stored bytes per event \
+         (JSON wires and raw frames, measured on real traffic):"
+    );
+    for rate in [500.0, 1_000.0, 2_000.0] {
+        let (secs, by_size) = projection(
+            budget,
+            retention.max_age,
+            MEASURED_BYTES_PER_EVENT as f64,
+            rate,
+        );
+        println!(
+            "  at {rate:>5} events/s: ~{:.1} h ({})",
+            secs / 3600.0,
+            if by_size {
+                "--retention-max-gib is the limit"
+            } else {
+                "--retention-hours is the limit"
+            }
+        );
+    }
     Ok(())
 }
 

@@ -124,6 +124,26 @@ async fn metrics_and_readiness_show_the_real_state() {
     );
     assert!(metric(&text, "sluice_log_newest_seq").unwrap() > 400.0);
     assert!(metric(&text, "sluice_upstream_lag_seconds").unwrap() < 120.0);
+    // The depth the log holds, once every event is durable: all of them, over the source
+    // time they span, with a projection no deeper than the age limit.
+    let newest = metric(&text, "sluice_log_newest_seq").unwrap();
+    let mut text = text;
+    for _ in 0..500 {
+        if metric(&text, "sluice_log_retained_events") == Some(newest) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text = tokio::task::spawn_blocking(move || get(admin, "/metrics").1)
+            .await
+            .unwrap();
+    }
+    assert_eq!(metric(&text, "sluice_log_retained_events"), Some(newest));
+    assert!(metric(&text, "sluice_log_retained_seconds").unwrap() > 0.0);
+    assert!(metric(&text, "sluice_log_recent_events_per_second").unwrap() > 0.0);
+    let per_event = metric(&text, "sluice_log_stored_bytes_per_event").unwrap();
+    assert!((50.0..20_000.0).contains(&per_event), "{per_event}");
+    let projected = metric(&text, "sluice_log_projected_depth_seconds").unwrap();
+    assert!(projected > 0.0 && projected <= 72.0 * 3600.0, "{projected}");
     let (status, body) = tokio::task::spawn_blocking(move || get(admin, "/readyz"))
         .await
         .unwrap();
@@ -266,8 +286,15 @@ const EXPECTED_SERIES: &[&str] = &[
     "sluice_log_commits_total",
     "sluice_log_commit_failures_total",
     "sluice_log_retention_deleted_events_total",
+    r#"sluice_log_segment_decodes_total{outcome="decoded"}"#,
+    r#"sluice_log_segment_decodes_total{outcome="shared"}"#,
     "sluice_log_oldest_seq",
     "sluice_log_newest_seq",
+    "sluice_log_retained_events",
+    "sluice_log_retained_seconds",
+    "sluice_log_recent_events_per_second",
+    "sluice_log_stored_bytes_per_event",
+    "sluice_log_projected_depth_seconds",
     "sluice_log_oldest_time_seconds",
     "sluice_log_newest_time_seconds",
     "sluice_ready",

@@ -177,8 +177,6 @@ fn pypi_atproto_jetstream_client_gets_every_event_compressed_from_cursor_zero() 
         .arg(dir.path().join("data"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-        // The corpus is from July 2026: keep it whatever its age.
-        .args(["--retention-hours", "100000"])
         .args(["--backoff-min-ms", "20", "--backoff-max-ms", "200"]);
     quiet(&mut serve);
     let _serve = Running(serve.spawn().unwrap());

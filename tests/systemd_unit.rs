@@ -145,4 +145,9 @@ fn example_config_passes_config_check() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("/var/lib/sluice"), "{stdout}");
+    // The example's 20 GiB and 72 h at 1,000 events/s of real traffic: the size cap wins.
+    assert!(
+        stdout.contains("at  1000 events/s: ~1.6 h (--retention-max-gib is the limit)"),
+        "{stdout}"
+    );
 }

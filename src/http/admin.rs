@@ -55,6 +55,18 @@ pub struct AdminLimits {
     pub log_queue_max_bytes: usize,
     /// The log's size cap (`--retention-max-gib`), exported so alerts can compare.
     pub log_max_bytes: u64,
+    /// The log's age limit (`--retention-hours`), for the depth projection.
+    pub log_max_age: Duration,
+}
+
+impl AdminLimits {
+    fn retention(&self) -> crate::log::RetentionConfig {
+        crate::log::RetentionConfig {
+            max_age: self.log_max_age,
+            max_bytes: self.log_max_bytes,
+            ..crate::log::RetentionConfig::default()
+        }
+    }
 }
 
 impl AdminState {
@@ -325,6 +337,19 @@ impl AdminState {
                     .deleted_events
                     .load(Ordering::Relaxed),
             );
+            let (decodes, shared) = reader.store().decoded_cache_counts();
+            counter!("sluice_log_segment_decodes_total", "outcome" => "decoded").absolute(decodes);
+            counter!("sluice_log_segment_decodes_total", "outcome" => "shared").absolute(shared);
+            let depth =
+                crate::log::depth::measure(reader.store().as_ref(), &self.limits.retention());
+            gauge!("sluice_log_retained_events")
+                .set(depth.map_or(0.0, |d| d.retained_events as f64));
+            gauge!("sluice_log_retained_seconds").set(depth.map_or(0.0, |d| d.retained_seconds));
+            gauge!("sluice_log_recent_events_per_second").set(depth.map_or(0.0, |d| d.recent_rate));
+            gauge!("sluice_log_stored_bytes_per_event")
+                .set(depth.map_or(0.0, |d| d.bytes_per_event));
+            gauge!("sluice_log_projected_depth_seconds")
+                .set(depth.and_then(|d| d.projected_seconds).unwrap_or(0.0));
             // An empty log reads as seq 0 ("nothing yet") and time 0.
             let b = reader.bounds();
             gauge!("sluice_log_oldest_seq").set(b.map_or(0.0, |b| b.oldest_seq as f64));
@@ -483,6 +508,14 @@ impl AdminState {
                 })),
                 "bytes": reader.store().size_bytes(),
                 "tail_bytes": reader.tail().bytes(),
+                "depth": crate::log::depth::measure(reader.store().as_ref(), &self.limits.retention())
+                    .map(|d| json!({
+                        "retained_events": d.retained_events,
+                        "retained_seconds": d.retained_seconds,
+                        "recent_rate": d.recent_rate,
+                        "bytes_per_event": d.bytes_per_event,
+                        "projected_seconds": d.projected_seconds,
+                    })),
             },
             "redis_sink": self.sink_status(),
         })
@@ -516,6 +549,7 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_log_commits_total", "Group commits of the event log."),
     ("sluice_log_commit_failures_total", "Group commits of the event log that failed (retried)."),
     ("sluice_log_retention_deleted_events_total", "Events deleted from the log by retention."),
+    ("sluice_log_segment_decodes_total", "Stored segments read by replays: decoded (outcome=decoded) or served by a decode another replay made, from --log-decoded-cache-mib (outcome=shared)."),
     ("sluice_connections_accepted_total", "Connections accepted, by listener."),
     ("sluice_connections_refused_total", "Connections refused before any request was read, by listener and reason (pending_full 503, pending_per_ip 429, fd_reserve 503)."),
     ("sluice_connections_closed_unfinished_total", "Connections closed before their upgrade or answer, by listener and reason (header_timeout, handshake_timeout, shutdown; uri_too_long: answered 414 naming the way to send what did not fit)."),
@@ -558,6 +592,26 @@ const GAUGES: &[(&str, &str)] = &[
     (
         "sluice_log_disk_bytes",
         "Bytes the log's data directory takes on disk.",
+    ),
+    (
+        "sluice_log_retained_events",
+        "Events the log holds (oldest to newest seq).",
+    ),
+    (
+        "sluice_log_retained_seconds",
+        "Source time the log spans, oldest to newest event held (its replay depth now).",
+    ),
+    (
+        "sluice_log_recent_events_per_second",
+        "Events per second of source time over the last hour held (or all of it, if less).",
+    ),
+    (
+        "sluice_log_stored_bytes_per_event",
+        "Stored bytes per event held, on average (JSON wires and raw frames together).",
+    ),
+    (
+        "sluice_log_projected_depth_seconds",
+        "How far back the log would reach at the last hour's rate: the size cap over the bytes that rate stores, or --retention-hours if less (0 until a rate is known).",
     ),
     (
         "sluice_log_max_bytes",

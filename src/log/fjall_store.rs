@@ -36,7 +36,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
 
@@ -73,6 +73,8 @@ pub struct FjallConfig {
     /// Files the index keyspace keeps open at most (fjall's default is 900): part of the
     /// descriptors `--fd-reserve` keeps from clients, with one per data file.
     pub max_open_files: usize,
+    /// Decoded segments kept for concurrent readers, bytes of payload (0: none kept).
+    pub decoded_cache_bytes: usize,
 }
 
 impl FjallConfig {
@@ -89,6 +91,7 @@ impl FjallConfig {
                 .map_or(1, |n| n.get())
                 .min(4),
             max_open_files: 256,
+            decoded_cache_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -115,6 +118,36 @@ struct Writer {
     next_file: u64,
 }
 
+/// One decoded segment: the first reader decodes it, concurrent readers of the same
+/// segment wait for that and share its events (their JSON is slices of one buffer per
+/// wire), so a cold segment is decompressed and its v1 or v2 messages assembled once
+/// however many subscribers replay it.
+type DecodedCell = Arc<OnceLock<Result<Arc<Vec<Event>>, LogError>>>;
+
+struct DecodedEntry {
+    first_seq: u64,
+    payloads: Payloads,
+    /// Payload bytes held once decoded (0 while decoding).
+    bytes: usize,
+    cell: DecodedCell,
+}
+
+/// Recently decoded segments, newest last, bounded by `decoded_cache_bytes`.
+#[derive(Default)]
+struct DecodedCache {
+    entries: VecDeque<DecodedEntry>,
+    bytes: usize,
+}
+
+/// Counters of the decoded-segment cache.
+#[derive(Debug, Default)]
+pub struct DecodedStats {
+    /// Segment reads served by a decode another read made (or was making).
+    pub hits: AtomicU64,
+    /// Segment reads that decoded.
+    pub misses: AtomicU64,
+}
+
 pub struct FjallStore {
     keyspace: Keyspace,
     index: PartitionHandle,
@@ -124,6 +157,8 @@ pub struct FjallStore {
     writer: Mutex<Writer>,
     resume: Mutex<StampState>,
     encoders: Mutex<Vec<Encoder>>,
+    decoded: Mutex<DecodedCache>,
+    decoded_stats: DecodedStats,
     stored_bytes: AtomicU64,
     data_dir: PathBuf,
     config: FjallConfig,
@@ -310,6 +345,8 @@ impl FjallStore {
             }),
             resume: Mutex::new(StampState::fresh()),
             encoders: Mutex::new(Vec::new()),
+            decoded: Mutex::new(DecodedCache::default()),
+            decoded_stats: DecodedStats::default(),
             data_dir,
             config,
         };
@@ -514,6 +551,100 @@ impl FjallStore {
             raw: false,
         };
         Ok(Some(codec::decode(&buf, None, none)?))
+    }
+
+    /// The events of segment `s` with `payloads`, decoded once for every concurrent reader
+    /// while the cache holds them; `None` when the segment's data file is gone.
+    fn decoded(&self, s: &Stored, payloads: Payloads) -> Result<Option<Arc<Vec<Event>>>, LogError> {
+        let limit = self.config.decoded_cache_bytes;
+        let decode = || -> Result<Option<Vec<Event>>, LogError> {
+            let mut buf = Vec::new();
+            if !self.read_values(s, payloads.raw, &mut buf)? {
+                return Ok(None);
+            }
+            let (ev, fr) = buf.split_at(s.events_len as usize);
+            codec::decode(ev, payloads.raw.then_some(fr), payloads).map(Some)
+        };
+        if limit == 0 {
+            self.decoded_stats.misses.fetch_add(1, Ordering::Relaxed);
+            return Ok(decode()?.map(Arc::new));
+        }
+        let first_seq = s.info.first_seq;
+        let (cell, mine) = {
+            let mut cache = self.decoded.lock().map_err(|_| backend("poisoned"))?;
+            match cache
+                .entries
+                .iter()
+                .find(|e| e.first_seq == first_seq && e.payloads == payloads)
+            {
+                Some(e) => (e.cell.clone(), false),
+                None => {
+                    let cell: DecodedCell = Arc::new(OnceLock::new());
+                    cache.entries.push_back(DecodedEntry {
+                        first_seq,
+                        payloads,
+                        bytes: 0,
+                        cell: cell.clone(),
+                    });
+                    (cell, true)
+                }
+            }
+        };
+        let counter = if mine {
+            &self.decoded_stats.misses
+        } else {
+            &self.decoded_stats.hits
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        // Concurrent readers of this segment block here until the first has decoded it.
+        let result = cell
+            .get_or_init(|| match decode() {
+                Ok(Some(events)) => Ok(Arc::new(events)),
+                Ok(None) => Err(LogError::TooOld {
+                    requested: first_seq,
+                    oldest: self.oldest_or_next(),
+                }),
+                Err(e) => Err(e),
+            })
+            .clone();
+        if mine {
+            let mut cache = self.decoded.lock().map_err(|_| backend("poisoned"))?;
+            let size = match &result {
+                Ok(events) => events
+                    .iter()
+                    .map(|e| codec::payload_bytes(e, e.op_index == 0) + 160)
+                    .sum(),
+                Err(_) => 0,
+            };
+            if let Some(entry) = cache
+                .entries
+                .iter_mut()
+                .find(|e| Arc::ptr_eq(&e.cell, &cell))
+            {
+                entry.bytes = size;
+            }
+            cache.bytes += size;
+            if result.is_err() {
+                cache.entries.retain(|e| !Arc::ptr_eq(&e.cell, &cell));
+            }
+            // Oldest first out, until the decoded payloads fit the bound.
+            while cache.bytes > limit {
+                let Some(old) = cache.entries.pop_front() else {
+                    break;
+                };
+                cache.bytes = cache.bytes.saturating_sub(old.bytes);
+            }
+        }
+        match result {
+            Ok(events) => Ok(Some(events)),
+            Err(LogError::TooOld { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Decoded-segment cache counters.
+    pub fn decoded_stats(&self) -> &DecodedStats {
+        &self.decoded_stats
     }
 
     fn oldest_or_next(&self) -> u64 {
@@ -757,9 +888,8 @@ impl EventStore for FjallStore {
         };
         let mut out: Vec<Event> = Vec::with_capacity(limits.max_events.min(8192));
         let mut bytes = 0usize;
-        let mut buf = Vec::new();
         for s in todo {
-            if !self.read_values(&s, payloads.raw, &mut buf)? {
+            let Some(decoded) = self.decoded(&s, payloads)? else {
                 if out.is_empty() {
                     return Err(LogError::TooOld {
                         requested: from_seq,
@@ -767,25 +897,49 @@ impl EventStore for FjallStore {
                     });
                 }
                 break;
-            }
-            let (ev, fr) = buf.split_at(s.events_len as usize);
-            let fr = payloads.raw.then_some(fr);
+            };
+            // Which events of the segment this read takes: from `from_seq`, within the
+            // limits. Events shared with the cache are cloned (their payloads are
+            // refcounted slices, not copies) only when taken; a decode nobody else holds
+            // is moved out.
             let mut prev_upstream = None;
-            for event in codec::decode(ev, fr, payloads)? {
+            let mut out_len = out.len();
+            let mut take = |event: &Event| -> Option<bool> {
                 let first_of_frame =
                     event.op_index == 0 || prev_upstream != Some(event.upstream_seq);
                 prev_upstream = Some(event.upstream_seq);
                 if event.seq < from_seq {
-                    continue;
+                    return Some(false);
                 }
-                let size = codec::payload_bytes(&event, first_of_frame);
-                if out.len() >= limits.max_events
-                    || (!out.is_empty() && bytes.saturating_add(size) > limits.max_bytes)
+                let size = codec::payload_bytes(event, first_of_frame);
+                if out_len >= limits.max_events
+                    || (out_len > 0 && bytes.saturating_add(size) > limits.max_bytes)
                 {
-                    return Ok(out);
+                    return None;
                 }
                 bytes += size;
-                out.push(event);
+                out_len += 1;
+                Some(true)
+            };
+            match Arc::try_unwrap(decoded) {
+                Ok(owned) => {
+                    for event in owned {
+                        match take(&event) {
+                            Some(true) => out.push(event),
+                            Some(false) => {}
+                            None => return Ok(out),
+                        }
+                    }
+                }
+                Err(shared) => {
+                    for event in shared.iter() {
+                        match take(event) {
+                            Some(true) => out.push(event.clone()),
+                            Some(false) => {}
+                            None => return Ok(out),
+                        }
+                    }
+                }
             }
         }
         Ok(out)
@@ -936,6 +1090,13 @@ impl EventStore for FjallStore {
             .max_journal_bytes
             .max(24 * 1024 * 1024)
             .saturating_add(2 * self.config.blob_file_bytes)
+    }
+
+    fn decoded_cache_counts(&self) -> (u64, u64) {
+        (
+            self.decoded_stats.misses.load(Ordering::Relaxed),
+            self.decoded_stats.hits.load(Ordering::Relaxed),
+        )
     }
 
     fn disk_bytes(&self) -> u64 {

@@ -27,6 +27,7 @@
 //! the log moves past a seq.
 
 pub mod codec;
+pub mod depth;
 pub mod fjall_store;
 pub mod retention;
 pub mod store;
@@ -77,6 +78,8 @@ pub struct LogConfig {
     pub memtable_bytes: u32,
     /// Block cache of the store's index keyspace.
     pub index_cache_bytes: u64,
+    /// Decoded segments shared by concurrent cold readers (default 16 MiB).
+    pub decoded_cache_bytes: usize,
     pub compression: Compression,
     /// Threads compressing one commit's segments in parallel (default: available
     /// parallelism, at most 4).
@@ -98,6 +101,7 @@ impl LogConfig {
             max_journal_bytes: store.max_journal_bytes,
             memtable_bytes: store.memtable_bytes,
             index_cache_bytes: store.cache_bytes,
+            decoded_cache_bytes: store.decoded_cache_bytes,
             compression: store.compression,
             encode_threads: store.encode_threads,
         }
@@ -111,6 +115,7 @@ impl LogConfig {
         c.max_journal_bytes = self.max_journal_bytes;
         c.memtable_bytes = self.memtable_bytes;
         c.cache_bytes = self.index_cache_bytes;
+        c.decoded_cache_bytes = self.decoded_cache_bytes;
         c.compression = self.compression;
         c.encode_threads = self.encode_threads;
         c

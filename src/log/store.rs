@@ -214,6 +214,12 @@ pub trait EventStore: Send + Sync + 'static {
         0
     }
 
+    /// Segment reads that decoded, and those served by another read's decode (the
+    /// embedded store's shared cache of decoded segments); zeros without such a cache.
+    fn decoded_cache_counts(&self) -> (u64, u64) {
+        (0, 0)
+    }
+
     /// Bytes actually used on the medium, when the backend can tell.
     fn disk_bytes(&self) -> u64 {
         self.size_bytes()

@@ -11,7 +11,9 @@ use crate::decode::{Commit, Op};
 
 const NSID: &str = "network.bsky.jetstream.subscribeEvents";
 
-fn open(out: &mut Vec<u8>, def: &str, seq: u64, time_us: i64, did: &str) {
+/// Opens a v2 message: `{"$type":"message","payload":{"$type":"...#<def>","seq":..,"did":..,"time":..`
+/// (the log assembles stored events' messages with it too).
+pub fn open(out: &mut Vec<u8>, def: &str, seq: u64, time_us: i64, did: &str) {
     out.extend_from_slice(b"{\"$type\":\"message\",\"payload\":{\"$type\":\"");
     out.extend_from_slice(NSID.as_bytes());
     out.push(b'#');

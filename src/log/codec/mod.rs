@@ -1,0 +1,939 @@
+//! The stored form of a segment: events in columns, each column compressed with zstd.
+//!
+//! Owns: the byte layout of a stored segment, its verification, and reading every layout
+//! sluice has written (format 1 in [`format1`], read in place). Must never: store a raw
+//! frame more than once (all events of a frame share it), store an event's JSON twice
+//! (v1 and v2 are assembled on read from what they share, [`body`]), trust a length it
+//! read without bounds checks, or panic on bytes read back from storage (any malformed
+//! input is a [`LogError::Corrupt`]).
+//!
+//! A segment is encoded as two values, so that a reader can skip the raw frames when its
+//! wire does not need them:
+//! - the *events value* (format 2, `SLE2`): a header (magic, first seq, event count,
+//!   frame count, a (compressed, plain) length pair per column), then eight columns, each
+//!   its own zstd frame so that like is compressed with like:
+//!   - `meta`: per frame the upstream seq, receipt time (both as deltas), raw length, DID
+//!     number and event count; per event the time delta, kind, op index, collection
+//!     number, how its JSON is stored and the lengths of its variable parts (varints);
+//!   - `dict`: the segment's distinct DIDs and collections, each once;
+//!   - `strs`: revs, rkeys and CIDs that have no compact binary form;
+//!   - `revs`, `rkeys`: TIDs as 64-bit integers;
+//!   - `cids`: CIDs as bytes (half the size of their base32 text);
+//!   - `records`: record JSON;
+//!   - `other`: identity/account/sync bodies, `tooBig` summaries, and events stored
+//!     verbatim (whatever does not split exactly);
+//! - the *frames value* (`SLF1`): one zstd frame holding the raw frames back to back.
+//!
+//! Every zstd frame carries its content checksum, so a torn or flipped byte is detected on
+//! decode. Store-independent: the two values are plain bytes that any `EventStore` can keep.
+
+pub mod body;
+mod format1;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use crate::event::{Event, EventKind};
+
+use super::store::{EncodedSegment, LogError, Payloads, Segment, SharedEvent};
+use body::{CommitParts, RecordPart, Split};
+
+const EVENTS_MAGIC: &[u8; 4] = b"SLE2";
+const FRAMES_MAGIC: &[u8; 4] = b"SLF1";
+const FRAMES_HEADER: usize = 4 + 8 + 4;
+pub(super) const NONE_U32: u32 = u32::MAX;
+pub(super) const NONE_U16: u16 = u16::MAX;
+
+const C_META: usize = 0;
+const C_DICT: usize = 1;
+const C_STRS: usize = 2;
+const C_REVS: usize = 3;
+const C_RKEYS: usize = 4;
+const C_CIDS: usize = 5;
+const C_RECORDS: usize = 6;
+const C_OTHER: usize = 7;
+const COLUMNS: usize = 8;
+const EVENTS_HEADER: usize = 4 + 8 + 4 + 4 + COLUMNS * 8;
+
+/// How an event's JSON is stored (low 3 bits of its shape byte; bit 3: shows on v1,
+/// bit 4: shows on v2).
+const SHAPE_NOTHING: u8 = 0;
+const SHAPE_VERBATIM: u8 = 1;
+const SHAPE_COMMIT: u8 = 2;
+const SHAPE_WRAPPED: u8 = 3;
+const SHAPE_TOO_BIG: u8 = 4;
+const SHAPE_V1: u8 = 1 << 3;
+const SHAPE_V2: u8 = 1 << 4;
+
+/// Commit flags: bits 0-1 action, 2-3 record part, then these.
+const F_CID: u8 = 1 << 4;
+const F_CID_BIN: u8 = 1 << 5;
+const F_REV_TID: u8 = 1 << 6;
+const F_RKEY_TID: u8 = 1 << 7;
+
+/// zstd levels for the columns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compression {
+    /// Metadata and JSON columns: very compressible, level matters for retention.
+    pub json_level: i32,
+    /// Raw CBOR frames: CIDs and signatures are incompressible; a fast level loses little.
+    pub raw_level: i32,
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Self {
+            json_level: 1,
+            raw_level: -3,
+        }
+    }
+}
+
+/// Splits `events` (whole frames) into runs of whole frames of about `target_bytes`
+/// uncompressed each.
+pub fn split_segments(events: &[SharedEvent], target_bytes: usize) -> Vec<&[SharedEvent]> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0usize;
+    for (i, event) in events.iter().enumerate() {
+        let new_frame = i == 0 || starts_frame(&events[i - 1], event);
+        if new_frame && i > start && bytes >= target_bytes {
+            out.push(&events[start..i]);
+            start = i;
+            bytes = 0;
+        }
+        bytes += payload_bytes(event, new_frame);
+    }
+    if start < events.len() {
+        out.push(&events[start..]);
+    }
+    out
+}
+
+fn starts_frame(prev: &Event, event: &Event) -> bool {
+    event.op_index == 0 || event.upstream_seq != prev.upstream_seq
+}
+
+/// Uncompressed payload bytes of an event; the raw frame counts with the frame's first.
+pub fn payload_bytes(event: &Event, first_of_frame: bool) -> usize {
+    let json =
+        event.v1_json.as_ref().map_or(0, Bytes::len) + event.v2_json.as_ref().map_or(0, Bytes::len);
+    json + if first_of_frame {
+        event.raw_frame.len()
+    } else {
+        0
+    }
+}
+
+fn put_u32(buf: &mut Vec<u8>, v: u32) {
+    buf.extend_from_slice(&v.to_le_bytes());
+}
+fn put_u64(buf: &mut Vec<u8>, v: u64) {
+    buf.extend_from_slice(&v.to_le_bytes());
+}
+
+fn len_u32(len: usize, what: &str) -> Result<u32, LogError> {
+    u32::try_from(len).map_err(|_| LogError::Backend(format!("{what} of {len} bytes too large")))
+}
+
+fn kind_code(kind: EventKind) -> u8 {
+    match kind {
+        EventKind::Commit => 0,
+        EventKind::CommitTooBig => 1,
+        EventKind::CommitEmpty => 2,
+        EventKind::Identity => 3,
+        EventKind::Account => 4,
+        EventKind::Sync => 5,
+        EventKind::Unknown => 6,
+    }
+}
+
+pub(super) fn kind_from(code: u8) -> Result<EventKind, LogError> {
+    Ok(match code {
+        0 => EventKind::Commit,
+        1 => EventKind::CommitTooBig,
+        2 => EventKind::CommitEmpty,
+        3 => EventKind::Identity,
+        4 => EventKind::Account,
+        5 => EventKind::Sync,
+        6 => EventKind::Unknown,
+        other => return Err(corrupt(format!("unknown event kind {other}"))),
+    })
+}
+
+pub(super) fn corrupt(msg: impl Into<String>) -> LogError {
+    LogError::Corrupt(msg.into())
+}
+
+fn put_var(buf: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        buf.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    buf.push(v as u8);
+}
+
+fn zigzag(v: i64) -> u64 {
+    ((v << 1) ^ (v >> 63)) as u64
+}
+
+fn unzigzag(u: u64) -> i64 {
+    ((u >> 1) as i64) ^ -((u & 1) as i64)
+}
+
+fn record_code(r: RecordPart) -> u8 {
+    match r {
+        RecordPart::Json => 0,
+        RecordPart::Missing => 1,
+        RecordPart::Undecodable => 2,
+        RecordPart::None => 3,
+    }
+}
+
+fn record_from(code: u8) -> RecordPart {
+    match code & 3 {
+        0 => RecordPart::Json,
+        1 => RecordPart::Missing,
+        2 => RecordPart::Undecodable,
+        _ => RecordPart::None,
+    }
+}
+
+thread_local! {
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// Compresses with the content checksum on, so corruption is caught on decode.
+pub struct Encoder {
+    json: zstd::bulk::Compressor<'static>,
+    raw: zstd::bulk::Compressor<'static>,
+    /// Column buffers, reused from segment to segment (a fresh megabyte buffer per
+    /// segment costs page faults and zeroing).
+    cols: [Vec<u8>; COLUMNS],
+    raw_buf: Vec<u8>,
+    scratch: Vec<u8>,
+    check: Vec<u8>,
+}
+
+impl Encoder {
+    pub fn new(compression: Compression) -> Result<Self, LogError> {
+        let make = |level: i32| -> Result<zstd::bulk::Compressor<'static>, LogError> {
+            let mut c = zstd::bulk::Compressor::new(level)
+                .map_err(|e| LogError::Backend(format!("zstd: {e}")))?;
+            c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+                .map_err(|e| LogError::Backend(format!("zstd: {e}")))?;
+            Ok(c)
+        };
+        Ok(Self {
+            json: make(compression.json_level)?,
+            raw: make(compression.raw_level)?,
+            cols: Default::default(),
+            raw_buf: Vec::new(),
+            scratch: Vec::new(),
+            check: Vec::new(),
+        })
+    }
+
+    /// Encodes whole frames of consecutive events into one segment.
+    pub fn encode(&mut self, events: &[SharedEvent]) -> Result<EncodedSegment, LogError> {
+        let (Some(first), Some(last)) = (events.first(), events.last()) else {
+            return Err(LogError::Backend("cannot encode an empty segment".into()));
+        };
+        for c in &mut self.cols {
+            c.clear();
+        }
+        self.raw_buf.clear();
+        let frames = self.fill_columns(events)?;
+        let count = len_u32(events.len(), "segment event count")?;
+        let mut events_value = Vec::with_capacity(
+            EVENTS_HEADER + self.cols.iter().map(Vec::len).sum::<usize>() / 3 + 64,
+        );
+        events_value.extend_from_slice(EVENTS_MAGIC);
+        put_u64(&mut events_value, first.seq);
+        put_u32(&mut events_value, count);
+        put_u32(&mut events_value, frames);
+        let lens_at = events_value.len();
+        events_value.resize(EVENTS_HEADER, 0);
+        for (i, col) in self.cols.iter().enumerate() {
+            let n = compress_into(&mut self.json, col, &mut self.scratch, &mut events_value)?;
+            let at = lens_at + i * 8;
+            events_value[at..at + 4].copy_from_slice(&len_u32(n, "column")?.to_le_bytes());
+            events_value[at + 4..at + 8]
+                .copy_from_slice(&len_u32(col.len(), "column")?.to_le_bytes());
+        }
+        let mut frames_value = Vec::with_capacity(FRAMES_HEADER + self.raw_buf.len() / 2 + 64);
+        frames_value.extend_from_slice(FRAMES_MAGIC);
+        put_u64(&mut frames_value, first.seq);
+        put_u32(&mut frames_value, len_u32(self.raw_buf.len(), "frames")?);
+        compress_into(
+            &mut self.raw,
+            &self.raw_buf,
+            &mut self.scratch,
+            &mut frames_value,
+        )?;
+        let info = Segment {
+            first_seq: first.seq,
+            last_seq: last.seq,
+            first_time_us: first.time_us,
+            last_time_us: last.time_us,
+            first_upstream_seq: first.upstream_seq,
+            last_upstream_seq: last.upstream_seq,
+            bytes: (events_value.len() + frames_value.len()) as u64,
+        };
+        Ok(EncodedSegment {
+            info,
+            events_value,
+            frames_value,
+        })
+    }
+
+    /// Writes every column of `events`; returns the frame count.
+    fn fill_columns(&mut self, events: &[SharedEvent]) -> Result<u32, LogError> {
+        let [meta, dict, strs, revs, rkeys, cids, records, other] = &mut self.cols;
+        let check = &mut self.check;
+        let mut dids: HashMap<&str, u64> = HashMap::new();
+        let mut collections: HashMap<&str, u64> = HashMap::new();
+        let mut did_list: Vec<&str> = Vec::new();
+        let mut collection_list: Vec<&str> = Vec::new();
+        let (mut prev_upstream, mut prev_received, mut prev_time) = (0i64, 0i64, 0i64);
+        let mut frames = 0u32;
+        let mut i = 0;
+        while i < events.len() {
+            let head = &events[i];
+            let mut end = i + 1;
+            while end < events.len() && !starts_frame(&events[end - 1], &events[end]) {
+                end += 1;
+            }
+            frames += 1;
+            put_var(meta, zigzag(head.upstream_seq.wrapping_sub(prev_upstream)));
+            put_var(meta, zigzag(head.received_us.wrapping_sub(prev_received)));
+            prev_upstream = head.upstream_seq;
+            prev_received = head.received_us;
+            put_var(meta, head.raw_frame.len() as u64);
+            self.raw_buf.extend_from_slice(&head.raw_frame);
+            let next = did_list.len() as u64;
+            let did = *dids.entry(head.did.as_str()).or_insert_with(|| {
+                did_list.push(head.did.as_str());
+                next
+            });
+            put_var(meta, did);
+            put_var(meta, (end - i) as u64);
+            for event in &events[i..end] {
+                put_var(meta, zigzag(event.time_us.wrapping_sub(prev_time)));
+                prev_time = event.time_us;
+                meta.push(kind_code(event.kind));
+                put_var(meta, u64::from(event.op_index));
+                let collection = match &event.collection {
+                    Some(c) => {
+                        let next = collection_list.len() as u64;
+                        1 + *collections.entry(c.as_str()).or_insert_with(|| {
+                            collection_list.push(c.as_str());
+                            next
+                        })
+                    }
+                    None => 0,
+                };
+                put_var(meta, collection);
+                let split = body::split(event, check);
+                let presence = if event.v1_json.is_some() { SHAPE_V1 } else { 0 }
+                    | if event.v2_json.is_some() { SHAPE_V2 } else { 0 };
+                match split {
+                    Split::Nothing => meta.push(SHAPE_NOTHING),
+                    Split::Verbatim { v1, v2 } => {
+                        meta.push(SHAPE_VERBATIM | presence);
+                        for part in [v1, v2].into_iter().flatten() {
+                            put_var(meta, part.len() as u64);
+                            other.extend_from_slice(part);
+                        }
+                    }
+                    Split::Wrapped { body, .. } => {
+                        meta.push(SHAPE_WRAPPED | presence);
+                        put_var(meta, body.len() as u64);
+                        other.extend_from_slice(body);
+                    }
+                    Split::TooBig { tail } => {
+                        meta.push(SHAPE_TOO_BIG | presence);
+                        put_var(meta, tail.len() as u64);
+                        other.extend_from_slice(tail);
+                    }
+                    Split::Commit(p) => {
+                        meta.push(SHAPE_COMMIT | presence);
+                        let flags_at = meta.len();
+                        let mut flags = p.action | (record_code(p.record) << 2);
+                        meta.push(0);
+                        match body::tid_value(p.rev) {
+                            Some(v) => {
+                                flags |= F_REV_TID;
+                                revs.extend_from_slice(&v.to_le_bytes());
+                            }
+                            None => {
+                                put_var(meta, p.rev.len() as u64);
+                                strs.extend_from_slice(p.rev);
+                            }
+                        }
+                        match body::tid_value(p.rkey) {
+                            Some(v) => {
+                                flags |= F_RKEY_TID;
+                                rkeys.extend_from_slice(&v.to_le_bytes());
+                            }
+                            None => {
+                                put_var(meta, p.rkey.len() as u64);
+                                strs.extend_from_slice(p.rkey);
+                            }
+                        }
+                        if p.record == RecordPart::Json {
+                            put_var(meta, p.record_json.len() as u64);
+                            records.extend_from_slice(p.record_json);
+                        }
+                        if let Some(cid) = p.cid {
+                            flags |= F_CID;
+                            let start = cids.len();
+                            if body::cid_bytes(cid, cids) {
+                                flags |= F_CID_BIN;
+                                put_var(meta, (cids.len() - start) as u64);
+                            } else {
+                                put_var(meta, cid.len() as u64);
+                                strs.extend_from_slice(cid);
+                            }
+                        }
+                        meta[flags_at] = flags;
+                    }
+                }
+            }
+            i = end;
+        }
+        for list in [&did_list, &collection_list] {
+            put_var(dict, list.len() as u64);
+            for s in list.iter() {
+                put_var(dict, s.len() as u64);
+                dict.extend_from_slice(s.as_bytes());
+            }
+        }
+        Ok(frames)
+    }
+}
+
+/// Appends `data` compressed to `out`, returning the compressed length (0 for no data).
+fn compress_into(
+    c: &mut zstd::bulk::Compressor<'static>,
+    data: &[u8],
+    scratch: &mut Vec<u8>,
+    out: &mut Vec<u8>,
+) -> Result<usize, LogError> {
+    if data.is_empty() {
+        return Ok(0);
+    }
+    scratch.clear();
+    scratch.reserve(zstd::zstd_safe::compress_bound(data.len()));
+    let n = c
+        .compress_to_buffer(data, scratch)
+        .map_err(|e| LogError::Backend(format!("zstd: {e}")))?;
+    out.extend_from_slice(&scratch[..n]);
+    Ok(n)
+}
+
+/// A bounds-checked little-endian reader over stored bytes.
+pub(super) struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    pub(super) fn new(buf: &'a [u8]) -> Self {
+        Self { buf, pos: 0 }
+    }
+    pub(super) fn take(&mut self, n: usize) -> Result<&'a [u8], LogError> {
+        let end = self
+            .pos
+            .checked_add(n)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| corrupt("truncated segment"))?;
+        let out = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+    pub(super) fn array<const N: usize>(&mut self) -> Result<[u8; N], LogError> {
+        let mut a = [0u8; N];
+        a.copy_from_slice(self.take(N)?);
+        Ok(a)
+    }
+    pub(super) fn var(&mut self) -> Result<u64, LogError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(corrupt("varint too long"))
+    }
+    pub(super) fn u8(&mut self) -> Result<u8, LogError> {
+        Ok(self.array::<1>()?[0])
+    }
+    pub(super) fn u16(&mut self) -> Result<u16, LogError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+    pub(super) fn u32(&mut self) -> Result<u32, LogError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    pub(super) fn u64(&mut self) -> Result<u64, LogError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    pub(super) fn i64(&mut self) -> Result<i64, LogError> {
+        Ok(i64::from_le_bytes(self.array()?))
+    }
+    pub(super) fn str(&mut self, n: usize) -> Result<&'a str, LogError> {
+        std::str::from_utf8(self.take(n)?).map_err(|_| corrupt("invalid UTF-8 in segment"))
+    }
+}
+
+pub(super) fn decompress(data: &[u8], plain_len: usize) -> Result<Bytes, LogError> {
+    if plain_len == 0 {
+        return if data.is_empty() {
+            Ok(Bytes::new())
+        } else {
+            Err(corrupt("data in an empty column"))
+        };
+    }
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(
+                zstd::bulk::Decompressor::new()
+                    .map_err(|e| LogError::Backend(format!("zstd: {e}")))?,
+            );
+        }
+        let Some(d) = slot.as_mut() else {
+            return Err(LogError::Backend("zstd context".into()));
+        };
+        let out = d
+            .decompress(data, plain_len)
+            .map_err(|e| corrupt(format!("column does not decompress: {e}")))?;
+        if out.len() != plain_len {
+            return Err(corrupt(format!(
+                "column decompressed to {} bytes, expected {plain_len}",
+                out.len()
+            )));
+        }
+        Ok(Bytes::from(out))
+    })
+}
+
+/// The raw frames of a segment, when `payloads.raw` asks for them.
+fn frames_column(
+    first_seq: u64,
+    frames_value: Option<&[u8]>,
+    payloads: Payloads,
+) -> Result<Option<Bytes>, LogError> {
+    match (payloads.raw, frames_value) {
+        (false, _) => Ok(None),
+        (true, None) => Err(corrupt("raw frames missing")),
+        (true, Some(fv)) => {
+            let mut f = Cursor::new(fv);
+            if f.take(4)? != FRAMES_MAGIC {
+                return Err(corrupt("bad frames magic"));
+            }
+            if f.u64()? != first_seq {
+                return Err(corrupt("frames value belongs to another segment"));
+            }
+            let plain = f.u32()? as usize;
+            Ok(Some(decompress(&fv[FRAMES_HEADER..], plain)?))
+        }
+    }
+}
+
+/// The header of an events value (any format): first seq and event count.
+pub fn events_header(events_value: &[u8]) -> Result<(u64, u32), LogError> {
+    let mut c = Cursor::new(events_value);
+    let magic = c.take(4)?;
+    if magic != EVENTS_MAGIC && magic != format1::MAGIC {
+        return Err(corrupt("bad events magic"));
+    }
+    Ok((c.u64()?, c.u32()?))
+}
+
+/// The columns of a current-layout events value: (name, compressed bytes, plain bytes),
+/// for benches and tests that account for where stored bytes go.
+pub fn column_sizes(events_value: &[u8]) -> Result<Vec<(&'static str, usize, usize)>, LogError> {
+    const NAMES: [&str; COLUMNS] = [
+        "meta", "dict", "strs", "revs", "rkeys", "cids", "records", "other",
+    ];
+    let mut c = Cursor::new(events_value);
+    if c.take(4)? != EVENTS_MAGIC {
+        return Err(corrupt("not a current-layout events value"));
+    }
+    c.take(16)?;
+    NAMES
+        .iter()
+        .map(|&name| Ok((name, c.u32()? as usize, c.u32()? as usize)))
+        .collect()
+}
+
+/// Decodes a stored segment of any format. `frames_value` is needed only when
+/// `payloads.raw`; with [`Payloads::ALL`] every column is decompressed, so every checksum
+/// is checked.
+pub fn decode(
+    events_value: &[u8],
+    frames_value: Option<&[u8]>,
+    payloads: Payloads,
+) -> Result<Vec<Event>, LogError> {
+    match events_value.get(..4) {
+        Some(m) if m == EVENTS_MAGIC => decode_current(events_value, frames_value, payloads),
+        Some(m) if m == format1::MAGIC => format1::decode(events_value, frames_value, payloads),
+        _ => Err(corrupt("bad events magic")),
+    }
+}
+
+/// A column's bytes from `pos` on, `len` long (`None` when the column was not read).
+fn part<'a>(col: &'a Option<Bytes>, pos: &mut usize, len: usize) -> Result<&'a [u8], LogError> {
+    let start = *pos;
+    let end = start
+        .checked_add(len)
+        .ok_or_else(|| corrupt("length overflow"))?;
+    *pos = end;
+    match col {
+        None => Ok(&[]),
+        Some(b) => b
+            .get(start..end)
+            .ok_or_else(|| corrupt("value beyond its column")),
+    }
+}
+
+fn tid_at(col: &Option<Bytes>, pos: &mut usize) -> Result<u64, LogError> {
+    let b = part(col, pos, 8)?;
+    Ok(match b.try_into() {
+        Ok(a) => u64::from_le_bytes(a),
+        Err(_) => 0,
+    })
+}
+
+fn decode_current(
+    events_value: &[u8],
+    frames_value: Option<&[u8]>,
+    payloads: Payloads,
+) -> Result<Vec<Event>, LogError> {
+    let mut c = Cursor::new(events_value);
+    c.take(4)?;
+    let first_seq = c.u64()?;
+    let count = c.u32()? as usize;
+    let frames = c.u32()? as usize;
+    let mut lens = [(0usize, 0usize); COLUMNS];
+    for l in &mut lens {
+        *l = (c.u32()? as usize, c.u32()? as usize);
+    }
+    let json = payloads.v1 || payloads.v2;
+    let mut cols: [Option<Bytes>; COLUMNS] = Default::default();
+    for (i, (clen, plain)) in lens.into_iter().enumerate() {
+        let data = c.take(clen)?;
+        if i == C_META || i == C_DICT || json {
+            cols[i] = Some(decompress(data, plain)?);
+        }
+    }
+    let raw = frames_column(first_seq, frames_value, payloads)?;
+    let dict = cols[C_DICT].clone().unwrap_or_default();
+    let mut d = Cursor::new(&dict);
+    let mut tables: [Vec<&str>; 2] = Default::default();
+    for table in &mut tables {
+        let n = d.var()? as usize;
+        // Each entry takes at least one byte: never trust a stored count for an allocation.
+        table.reserve(n.min(dict.len()));
+        for _ in 0..n {
+            let len = d.var()? as usize;
+            table.push(d.str(len)?);
+        }
+    }
+    let [dids, collections] = tables;
+    let meta = cols[C_META].clone().unwrap_or_default();
+    let mut m = Cursor::new(&meta);
+    // Each event takes at least 5 bytes of metadata.
+    let mut out = Vec::with_capacity(count.min(meta.len() / 5));
+    let mut pos = [0usize; COLUMNS];
+    let mut wire_out: [Vec<u8>; 2] = Default::default();
+    // Sized from what was decompressed, never from a stored count.
+    let records_len = cols[C_RECORDS].as_ref().map_or(0, Bytes::len);
+    if payloads.v1 {
+        wire_out[0].reserve(records_len + out.capacity() * 200);
+    }
+    if payloads.v2 {
+        wire_out[1].reserve(records_len + out.capacity() * 260);
+    }
+    let mut ranges: Vec<[(u32, u32); 2]> = Vec::with_capacity(out.capacity());
+    let (mut rev_buf, mut rkey_buf, mut cid_buf) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut upstream_seq, mut received_us, mut time_us) = (0i64, 0i64, 0i64);
+    let mut raw_pos = 0usize;
+    for _ in 0..frames {
+        upstream_seq = upstream_seq.wrapping_add(unzigzag(m.var()?));
+        received_us = received_us.wrapping_add(unzigzag(m.var()?));
+        let raw_len = m.var()? as usize;
+        let did = *dids
+            .get(m.var()? as usize)
+            .ok_or_else(|| corrupt("DID number beyond the table"))?;
+        let n = m.var()? as usize;
+        let raw_frame = match &raw {
+            Some(r) => {
+                let end = raw_pos
+                    .checked_add(raw_len)
+                    .filter(|&e| e <= r.len())
+                    .ok_or_else(|| corrupt("raw frame beyond its column"))?;
+                let b = r.slice(raw_pos..end);
+                raw_pos = end;
+                b
+            }
+            None => Bytes::new(),
+        };
+        for _ in 0..n {
+            time_us = time_us.wrapping_add(unzigzag(m.var()?));
+            let kind = kind_from(m.u8()?)?;
+            let op_index = u16::try_from(m.var()?).map_err(|_| corrupt("op index out of range"))?;
+            let collection = match m.var()? {
+                0 => None,
+                k => Some(
+                    collections
+                        .get(k as usize - 1)
+                        .ok_or_else(|| corrupt("collection number beyond the table"))?
+                        .to_string(),
+                ),
+            };
+            let seq = first_seq
+                .checked_add(out.len() as u64)
+                .ok_or_else(|| corrupt("seq overflow"))?;
+            let event = Event {
+                seq,
+                time_us,
+                upstream_seq,
+                received_us,
+                kind,
+                did: did.to_owned(),
+                collection,
+                op_index,
+                v1_json: None,
+                v2_json: None,
+                raw_frame: raw_frame.clone(),
+            };
+            let shape = m.u8()?;
+            let split = match shape & 7 {
+                SHAPE_NOTHING => Split::Nothing,
+                SHAPE_VERBATIM => {
+                    let mut v = [None, None];
+                    for (bit, slot) in [(SHAPE_V1, 0), (SHAPE_V2, 1)] {
+                        if shape & bit != 0 {
+                            let len = m.var()? as usize;
+                            v[slot] = Some(part(&cols[C_OTHER], &mut pos[C_OTHER], len)?);
+                        }
+                    }
+                    Split::Verbatim { v1: v[0], v2: v[1] }
+                }
+                SHAPE_WRAPPED => {
+                    let len = m.var()? as usize;
+                    Split::Wrapped {
+                        v1: shape & SHAPE_V1 != 0,
+                        body: part(&cols[C_OTHER], &mut pos[C_OTHER], len)?,
+                    }
+                }
+                SHAPE_TOO_BIG => {
+                    let len = m.var()? as usize;
+                    Split::TooBig {
+                        tail: part(&cols[C_OTHER], &mut pos[C_OTHER], len)?,
+                    }
+                }
+                SHAPE_COMMIT => {
+                    let flags = m.u8()?;
+                    rev_buf.clear();
+                    rkey_buf.clear();
+                    cid_buf.clear();
+                    if flags & F_REV_TID != 0 {
+                        body::push_tid(&mut rev_buf, tid_at(&cols[C_REVS], &mut pos[C_REVS])?);
+                    } else {
+                        let len = m.var()? as usize;
+                        rev_buf.extend_from_slice(part(&cols[C_STRS], &mut pos[C_STRS], len)?);
+                    }
+                    if flags & F_RKEY_TID != 0 {
+                        body::push_tid(&mut rkey_buf, tid_at(&cols[C_RKEYS], &mut pos[C_RKEYS])?);
+                    } else {
+                        let len = m.var()? as usize;
+                        rkey_buf.extend_from_slice(part(&cols[C_STRS], &mut pos[C_STRS], len)?);
+                    }
+                    let record = record_from(flags >> 2);
+                    let record_json = if record == RecordPart::Json {
+                        let len = m.var()? as usize;
+                        part(&cols[C_RECORDS], &mut pos[C_RECORDS], len)?
+                    } else {
+                        &[]
+                    };
+                    let cid = if flags & F_CID != 0 {
+                        let len = m.var()? as usize;
+                        if flags & F_CID_BIN != 0 {
+                            body::push_cid(
+                                &mut cid_buf,
+                                part(&cols[C_CIDS], &mut pos[C_CIDS], len)?,
+                            );
+                        } else {
+                            cid_buf.extend_from_slice(part(&cols[C_STRS], &mut pos[C_STRS], len)?);
+                        }
+                        true
+                    } else {
+                        false
+                    };
+                    Split::Commit(CommitParts {
+                        rev: &rev_buf,
+                        action: flags & 3,
+                        rkey: &rkey_buf,
+                        record,
+                        record_json,
+                        cid: cid.then_some(cid_buf.as_slice()),
+                    })
+                }
+                other => return Err(corrupt(format!("unknown JSON shape {other}"))),
+            };
+            let mut range = [(0u32, u32::MAX); 2];
+            for (slot, wanted) in [(0usize, payloads.v1), (1, payloads.v2)] {
+                if !wanted {
+                    continue;
+                }
+                let buf = &mut wire_out[slot];
+                let start = buf.len();
+                if body::assemble(&event, did, &split, slot == 0, buf) {
+                    range[slot] = (
+                        len_u32(start, "assembled JSON")?,
+                        len_u32(buf.len(), "assembled JSON")?,
+                    );
+                }
+            }
+            ranges.push(range);
+            out.push(event);
+        }
+    }
+    if out.len() != count {
+        return Err(corrupt(format!(
+            "segment holds {} events, header says {count}",
+            out.len()
+        )));
+    }
+    if json {
+        let [v1, v2] = wire_out.map(Bytes::from);
+        for (event, [r1, r2]) in out.iter_mut().zip(&ranges) {
+            if r1.1 != u32::MAX {
+                event.v1_json = Some(v1.slice(r1.0 as usize..r1.1 as usize));
+            }
+            if r2.1 != u32::MAX {
+                event.v2_json = Some(v2.slice(r2.0 as usize..r2.1 as usize));
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn ev(seq: u64, upstream: i64, op: u16, frame: &Bytes) -> SharedEvent {
+        Arc::new(Event {
+            seq,
+            time_us: 1000 + seq as i64,
+            upstream_seq: upstream,
+            received_us: 5,
+            kind: if op == 0 && seq % 3 == 0 {
+                EventKind::Identity
+            } else {
+                EventKind::Commit
+            },
+            did: format!("did:plc:{upstream}"),
+            collection: (seq % 2 == 0).then(|| "app.bsky.feed.post".to_string()),
+            op_index: op,
+            v1_json: (seq % 5 != 0).then(|| Bytes::from(format!("{{\"v1\":{seq}}}"))),
+            v2_json: Some(Bytes::from(format!("{{\"v2\":{seq}}}"))),
+            raw_frame: frame.clone(),
+        })
+    }
+
+    #[test]
+    fn round_trip_and_corruption() {
+        let f1 = Bytes::from_static(b"frame-one");
+        let f2 = Bytes::from_static(b"frame-two-longer");
+        let events = vec![ev(7, 100, 0, &f1), ev(8, 100, 1, &f1), ev(9, 101, 0, &f2)];
+        let mut enc = Encoder::new(Compression::default()).unwrap();
+        let seg = enc.encode(&events).unwrap();
+        assert_eq!(seg.info.first_seq, 7);
+        assert_eq!(seg.info.last_seq, 9);
+        let back = decode(&seg.events_value, Some(&seg.frames_value), Payloads::ALL).unwrap();
+        assert_eq!(back.len(), 3);
+        for (a, b) in events.iter().zip(&back) {
+            assert_eq!(a.seq, b.seq);
+            assert_eq!(a.time_us, b.time_us);
+            assert_eq!(a.upstream_seq, b.upstream_seq);
+            assert_eq!(a.kind, b.kind);
+            assert_eq!(a.did, b.did);
+            assert_eq!(a.collection, b.collection);
+            assert_eq!(a.op_index, b.op_index);
+            assert_eq!(a.v1_json, b.v1_json);
+            assert_eq!(a.v2_json, b.v2_json);
+            assert_eq!(a.raw_frame, b.raw_frame);
+        }
+        let v1_only = decode(&seg.events_value, None, Payloads::V1).unwrap();
+        assert!(v1_only[0].raw_frame.is_empty() && v1_only[0].v2_json.is_none());
+        for i in 0..seg.events_value.len() {
+            let mut bad = seg.events_value.clone();
+            bad[i] ^= 0x55;
+            let _ = decode(&bad, Some(&seg.frames_value), Payloads::ALL);
+        }
+        let mut bad = seg.events_value.clone();
+        let n = bad.len();
+        bad[n - 3] ^= 0xff;
+        assert!(decode(&bad, Some(&seg.frames_value), Payloads::ALL).is_err());
+        bad.truncate(n - 5);
+        assert!(decode(&bad, None, Payloads::V1).is_err());
+    }
+
+    #[test]
+    fn json_level_is_applied() {
+        let f = Bytes::from_static(b"frame");
+        let events: Vec<_> = (1..400u64)
+            .map(|i| {
+                let mut e = (*ev(i, i as i64, 0, &f)).clone();
+                e.v1_json = Some(Bytes::from(format!(
+                    "{{\"did\":\"did:plc:{}\",\"time_us\":{},\"kind\":\"commit\",\"text\":\"post number {} says {}\"}}",
+                    i % 37,
+                    1_700_000_000_000_000u64 + i * 977,
+                    i,
+                    i * i % 1013
+                )));
+                Arc::new(e)
+            })
+            .collect();
+        let size = |json_level| {
+            let mut enc = Encoder::new(Compression {
+                json_level,
+                raw_level: -1,
+            })
+            .unwrap();
+            let seg = enc.encode(&events).unwrap();
+            // The reused buffers give the same bytes on a second encode.
+            assert_eq!(enc.encode(&events).unwrap().events_value, seg.events_value);
+            let back = decode(&seg.events_value, Some(&seg.frames_value), Payloads::ALL).unwrap();
+            assert_eq!(back.len(), events.len());
+            seg.events_value.len()
+        };
+        let (fast, strong) = (size(1), size(19));
+        eprintln!("events value: level 1 {fast} B, level 19 {strong} B");
+        assert!(strong < fast, "the level changes the output");
+    }
+
+    #[test]
+    fn split_keeps_frames_whole() {
+        let f = Bytes::from(vec![0u8; 100]);
+        let events: Vec<_> = (0..10u64)
+            .map(|i| ev(i + 1, (i / 2) as i64, (i % 2) as u16, &f))
+            .collect();
+        let parts = split_segments(&events, 150);
+        assert!(parts.len() > 1);
+        for p in &parts {
+            assert_eq!(p[0].op_index, 0);
+        }
+        assert_eq!(parts.iter().map(|p| p.len()).sum::<usize>(), 10);
+    }
+}
