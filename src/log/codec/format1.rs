@@ -13,7 +13,9 @@ use bytes::Bytes;
 
 use crate::event::Event;
 
-use super::{corrupt, decompress, frames_column, kind_from, Cursor, NONE_U16, NONE_U32};
+use super::{
+    corrupt, decompress, frames_column, kind_from, next_raw_frame, Cursor, NONE_U16, NONE_U32,
+};
 use crate::log::store::{LogError, Payloads};
 
 pub(super) const MAGIC: &[u8; 4] = b"SLE1";
@@ -79,18 +81,7 @@ pub(super) fn decode(
         let did_len = usize::from(m.u16()?);
         let did = m.str(did_len)?;
         let n = m.u32()? as usize;
-        let raw_frame = match &raw {
-            Some(r) => {
-                let end = raw_pos
-                    .checked_add(raw_len)
-                    .filter(|&e| e <= r.len())
-                    .ok_or_else(|| corrupt("raw frame beyond its column"))?;
-                let b = r.slice(raw_pos..end);
-                raw_pos = end;
-                b
-            }
-            None => Bytes::new(),
-        };
+        let raw_frame = next_raw_frame(raw.as_ref(), &mut raw_pos, raw_len)?;
         for _ in 0..n {
             let time_us = m.i64()?;
             let kind = kind_from(m.u8()?)?;

@@ -672,18 +672,7 @@ fn decode_current(
             .get(m.var()? as usize)
             .ok_or_else(|| corrupt("DID number beyond the table"))?;
         let n = m.var()? as usize;
-        let raw_frame = match &raw {
-            Some(r) => {
-                let end = raw_pos
-                    .checked_add(raw_len)
-                    .filter(|&e| e <= r.len())
-                    .ok_or_else(|| corrupt("raw frame beyond its column"))?;
-                let b = r.slice(raw_pos..end);
-                raw_pos = end;
-                b
-            }
-            None => Bytes::new(),
-        };
+        let raw_frame = next_raw_frame(raw.as_ref(), &mut raw_pos, raw_len)?;
         for _ in 0..n {
             time_us = time_us.wrapping_add(unzigzag(m.var()?));
             let kind = kind_from(m.u8()?)?;
@@ -824,6 +813,21 @@ fn decode_current(
         }
     }
     Ok(out)
+}
+
+/// The next `len` bytes of the raw-frame column (both layouts store frames back to back in
+/// it), advancing `pos`; empty when the read did not ask for raw frames.
+fn next_raw_frame(raw: Option<&Bytes>, pos: &mut usize, len: usize) -> Result<Bytes, LogError> {
+    let Some(raw) = raw else {
+        return Ok(Bytes::new());
+    };
+    let end = pos
+        .checked_add(len)
+        .filter(|&e| e <= raw.len())
+        .ok_or_else(|| corrupt("raw frame beyond its column"))?;
+    let frame = raw.slice(*pos..end);
+    *pos = end;
+    Ok(frame)
 }
 
 #[cfg(test)]
