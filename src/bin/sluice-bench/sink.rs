@@ -23,7 +23,7 @@ use sluice::log::{Log, LogConfig};
 use sluice::sink::RedisSinkConfig;
 use sluice::upstream::synth::{Synth, SynthOptions};
 
-use super::{free_port, proc_cpu_secs, self_cpu, wait_tcp, ChildGuard, TempDir};
+use crate::procs::{free_port, proc_cpu_secs, self_cpu, wait_tcp, ChildGuard, TempDir};
 
 #[derive(Parser, Clone)]
 pub struct RedisSinkArgs {

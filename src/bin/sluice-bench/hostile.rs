@@ -38,10 +38,14 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::{
-    commit_key, free_port, json_str, median, now_ns, proc_cpu_secs, proc_rss_kb, start_generator,
-    upstream_server, wait_tcp, ChildGuard, Hist, PubSink, Stamps, TempDir, CHILD_PIDS,
+use crate::frame_meta::{commit_key, json_str};
+use crate::hist::{now_ns, Hist};
+use crate::procs::{
+    free_port, proc_cpu_secs, proc_rss_kb, wait_tcp, ChildGuard, TempDir, CHILD_PIDS,
 };
+use crate::publisher::{start_generator, upstream_server, PubSink};
+use crate::report::median;
+use crate::stamps::Stamps;
 
 #[derive(Parser, Clone)]
 pub struct HostileArgs {
@@ -780,7 +784,7 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 /// with their send instant, until `stop`.
 async fn feed(
     mut sinks: tokio::sync::mpsc::Receiver<PubSink>,
-    frames: std::sync::mpsc::Receiver<super::GenFrame>,
+    frames: std::sync::mpsc::Receiver<crate::publisher::GenFrame>,
     stamps: Arc<Stamps>,
     prefill: u64,
     rate: f64,

@@ -1,0 +1,198 @@
+//! The command line: subcommands, the fan-out and relay arguments, wires, targets.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::cluster;
+use crate::hostile;
+use crate::sink;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice-bench",
+    about = "Fan-out benchmark: sluice serve vs websocat and a Redis pub/sub rebroadcaster",
+    long_about = "Fan-out benchmark of a real `sluice serve` (child process) fed by an in-process \
+paced upstream of synthetic relay frames, with N websocket subscribers; measures relay CPU per \
+delivered event, latency from upstream send to subscriber read, RSS at idle and while a fraction \
+of subscribers stall, and the same for raw-wire baselines (websocat broadcast, Redis pub/sub \
+rebroadcaster) on the same frames, rate and subscriber count. Only 127.0.0.1 is used."
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+pub(crate) enum Cmd {
+    /// Run the fan-out benchmark (sluice on the chosen wires, then the baselines).
+    Fanout(FanoutArgs),
+    /// Internal: the Redis pub/sub rebroadcaster baseline, run as its own process so its
+    /// CPU can be measured. Subscribes to a Redis channel and forwards every message to
+    /// every websocket client (tokio broadcast channel of shared bytes; a lagging client
+    /// skips messages, as pub/sub does).
+    RedisRelay(RedisRelayArgs),
+    /// Cluster: the leader's fenced append into a real redis-server, per batch size and
+    /// zstd level (events/s, bytes per event in Redis).
+    ClusterAppend(cluster::AppendArgs),
+    /// Cluster: N nodes on one redis-server; leader SIGKILLs and graceful handovers, the
+    /// silence each causes at a surviving node's subscriber.
+    ClusterFailover(cluster::FailoverArgs),
+    /// Cluster: CPU of Redis and of each node per event with 1, 2, 3 nodes on one
+    /// redis-server and a number of subscribers per node.
+    ClusterScale(cluster::ScaleArgs),
+    /// Throughput of the Redis sink into a local redis-server: a log of synthetic events
+    /// written out from position 0, timed, with CPU per event of the sink and of Redis.
+    RedisSink(sink::RedisSinkArgs),
+    /// Redis memory under the sink at a live rate (2,000 events/s by default) for minutes,
+    /// sampled every 10 s: with trimming it levels off and stays flat.
+    RedisSinkMemory(sink::RedisSinkMemoryArgs),
+    /// Hostile clients: a bystander subscriber's latency, losses and repeats during each
+    /// attack (slowloris, fragment hoarding, /event flood, zero-match scans, connect
+    /// churn, 10,000-DID filter updates), alternating with unloaded phases.
+    Hostile(hostile::HostileArgs),
+    /// Internal: one attack of `hostile`, run as its own (niced) process.
+    HostileAttack(hostile::AttackArgs),
+}
+
+#[derive(Parser, Clone)]
+pub(crate) struct FanoutArgs {
+    /// The sluice binary to benchmark.
+    #[arg(long, default_value = "target/release/sluice")]
+    pub(crate) sluice: PathBuf,
+    /// Websocket subscribers per phase.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) subscribers: usize,
+    /// Upstream frames per second (each synthetic commit frame is one repo op, so this is
+    /// also about the v1/v2 event rate).
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) rate: u32,
+    /// Measurement window per phase, seconds (after the warmup).
+    #[arg(long, default_value_t = 20)]
+    pub(crate) duration: u64,
+    /// Seconds of traffic before the measurement window starts.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) warmup: u64,
+    /// sluice wires to measure, comma separated: raw, v1, v2. Each is its own phase.
+    #[arg(long, value_delimiter = ',', default_value = "raw")]
+    pub(crate) wire: Vec<Wire>,
+    /// Subscriber filters on sluice: `realistic` (about 90% take 1-3 of posts/likes/follows,
+    /// 10% take everything) or `all` (everyone takes everything). The baselines cannot
+    /// filter: their subscribers always get every frame.
+    #[arg(long, value_enum, default_value = "realistic")]
+    pub(crate) mix: Mix,
+    /// Baselines to run after the sluice phases, comma separated: websocat, redis, none.
+    #[arg(long, value_delimiter = ',', default_value = "websocat,redis")]
+    pub(crate) baselines: Vec<BaselineArg>,
+    /// Fraction of subscribers that stop reading during the stall phase (sluice only).
+    #[arg(long, default_value_t = 0.1)]
+    pub(crate) stall_fraction: f64,
+    /// Length of the stall phase, seconds (0 skips it). Issue 4 asks for 300.
+    #[arg(long, default_value_t = 20)]
+    pub(crate) stall_secs: u64,
+    /// Repeat every phase this many times; the summary shows medians.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) runs: usize,
+    /// Seed of the synthetic frames and of the filter mix (the same in every phase, so all
+    /// targets see the same frames).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+    /// DID pool of the synthetic frames.
+    #[arg(long, default_value_t = 2000)]
+    pub(crate) dids: usize,
+    /// websocat binary.
+    #[arg(long, default_value = "websocat")]
+    pub(crate) websocat: String,
+    /// redis-server binary.
+    #[arg(long, default_value = "redis-server")]
+    pub(crate) redis_server: String,
+    /// Extra argument for `sluice serve` (repeat for several), e.g.
+    /// `--serve-arg=--tail-max-mib=64`.
+    #[arg(long = "serve-arg", allow_hyphen_values = true)]
+    pub(crate) serve_args: Vec<String>,
+    /// Concurrent connection attempts while subscribers connect.
+    #[arg(long, default_value_t = 64)]
+    pub(crate) connect_concurrency: usize,
+    /// Write every phase's result as one JSON line to this file.
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
+    /// Where temporary data dirs and child logs go.
+    #[arg(long, default_value = "/tmp")]
+    pub(crate) tmp: PathBuf,
+}
+
+#[derive(Parser, Clone)]
+pub(crate) struct RedisRelayArgs {
+    /// Redis server, host:port.
+    #[arg(long)]
+    pub(crate) redis: SocketAddr,
+    /// Channel to subscribe to.
+    #[arg(long, default_value = "sluice-bench")]
+    pub(crate) channel: String,
+    /// Websocket listen address.
+    #[arg(long)]
+    pub(crate) listen: SocketAddr,
+    /// Messages a client may lag behind before it skips ahead.
+    #[arg(long, default_value_t = 16384)]
+    pub(crate) capacity: usize,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Wire {
+    Raw,
+    V1,
+    V2,
+    /// v1 with `compress=true` (Jetstream's v1 zstd dictionary).
+    V1z,
+    /// v2 with `zstdDictionary=<id>` (Jetstream's v2 zstd dictionary).
+    V2z,
+}
+
+impl Wire {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Wire::Raw => "raw",
+            Wire::V1 => "v1",
+            Wire::V2 => "v2",
+            Wire::V1z => "v1z",
+            Wire::V2z => "v2z",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Mix {
+    Realistic,
+    All,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BaselineArg {
+    Websocat,
+    Redis,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Target {
+    Sluice(Wire),
+    Websocat,
+    Redis,
+}
+
+impl Target {
+    pub(crate) fn name(self) -> String {
+        match self {
+            Target::Sluice(w) => format!("sluice/{}", w.name()),
+            Target::Websocat => "websocat/raw".into(),
+            Target::Redis => "redis/raw".into(),
+        }
+    }
+    pub(crate) fn wire(self) -> Wire {
+        match self {
+            Target::Sluice(w) => w,
+            _ => Wire::Raw,
+        }
+    }
+}

@@ -1,0 +1,73 @@
+//! The `fanout` command: every target phase in turn, runs alternated, then the summary.
+
+use std::io::Write as _;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::cli::{BaselineArg, FanoutArgs, Target};
+use crate::phase::run_phase;
+use crate::procs::CHILD_PIDS;
+use crate::report::print_summary;
+
+pub(crate) async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
+    if args.subscribers == 0 || args.rate == 0 || args.duration == 0 {
+        bail!("--subscribers, --rate and --duration must be positive");
+    }
+    if !(0.0..=1.0).contains(&args.stall_fraction) {
+        bail!("--stall-fraction must be within 0..=1");
+    }
+    let mut targets: Vec<Target> = args.wire.iter().map(|w| Target::Sluice(*w)).collect();
+    for b in &args.baselines {
+        match b {
+            BaselineArg::Websocat => targets.push(Target::Websocat),
+            BaselineArg::Redis => targets.push(Target::Redis),
+            BaselineArg::None => {}
+        }
+    }
+    targets.dedup();
+    let runs = args.runs.max(1);
+    // Watchdog: every phase is bounded; this bounds the whole run even if something hangs.
+    let per_phase = args.warmup + args.duration + args.stall_secs + 120;
+    let bound = Duration::from_secs(per_phase * (targets.len() * runs) as u64 + 120);
+    std::thread::spawn(move || {
+        std::thread::sleep(bound);
+        eprintln!("sluice-bench: watchdog: run exceeded {bound:?}; killing children");
+        for pid in CHILD_PIDS.lock().iter() {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        }
+        std::process::exit(3);
+    });
+
+    let mut out = match &args.json {
+        Some(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("opening {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let mut results = Vec::new();
+    for run in 1..=runs {
+        for t in &targets {
+            match run_phase(&args, *t, run).await {
+                Ok(r) => {
+                    if let Some(f) = out.as_mut() {
+                        writeln!(f, "{r}")?;
+                    }
+                    results.push(r);
+                }
+                Err(e) => eprintln!("  phase {} failed: {e:#}", t.name()),
+            }
+        }
+    }
+    println!(
+        "\nsubscribers={} rate={}/s duration={}s warmup={}s mix={:?} runs={} (medians)",
+        args.subscribers, args.rate, args.duration, args.warmup, args.mix, runs
+    );
+    print_summary(&results);
+    Ok(())
+}

@@ -1,0 +1,498 @@
+//! One phase: start a target, connect subscribers, publish, measure, stall, report.
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::cli::{FanoutArgs, Mix, Target, Wire};
+use crate::control::{Control, Tally, PH_AFTER, PH_COUNT, PH_MEASURE, PH_STALL, PH_WARMUP};
+use crate::hist::Hist;
+use crate::procs::{
+    cpu_each, free_port, machine_jiffies, rss_total, self_cpu, wait_tcp, ChildGuard, TempDir,
+};
+use crate::publisher::{publish, start_generator, upstream_server, BoxSink, PubCtx, PubSink};
+use crate::report::{print_phase, q};
+use crate::stamps::Stamps;
+use crate::subscribers::{
+    connect_sub, decoder_dictionary, realistic_filter, run_sub, sub_url, SubShared, SubSpec,
+    TIMED_EVERY,
+};
+
+pub(crate) struct Running {
+    /// Processes whose CPU is the target's (name, guard).
+    pub(crate) procs: Vec<ChildGuard>,
+    /// Where subscribers connect.
+    pub(crate) port: u16,
+    /// Sink the publisher writes to.
+    pub(crate) sinks: tokio::sync::mpsc::Receiver<PubSink>,
+    pub(crate) _dir: Option<TempDir>,
+}
+
+pub(crate) async fn start_target(
+    args: &FanoutArgs,
+    target: Target,
+    tag: &str,
+) -> anyhow::Result<Running> {
+    let dir = args
+        .tmp
+        .join(format!("sluice-bench-{}-{tag}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let dir = TempDir(dir);
+    let (tx, rx) = tokio::sync::mpsc::channel::<PubSink>(4);
+    match target {
+        Target::Sluice(_) => {
+            let up = TcpListener::bind("127.0.0.1:0").await?;
+            let up_port = up.local_addr()?.port();
+            tokio::spawn(upstream_server(up, tx));
+            let port = free_port()?;
+            let mut cmd = Command::new(&args.sluice);
+            cmd.arg("serve")
+                .arg("--upstream")
+                .arg(format!(
+                    "ws://127.0.0.1:{up_port}/xrpc/com.atproto.sync.subscribeRepos"
+                ))
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"))
+                .arg("--data-dir")
+                .arg(dir.0.join("data"))
+                .args(["--log", "warn", "--stats-interval-secs", "0"])
+                .args([
+                    "--connects-per-sec",
+                    "1000000",
+                    "--connect-burst",
+                    "1000000",
+                ])
+                .args(["--max-per-ip", "10000000", "--max-subscribers", "10000000"])
+                .args(&args.serve_args);
+            let mut g = ChildGuard::spawn("sluice serve", &mut cmd, Some(dir.0.join("serve.log")))?;
+            wait_tcp(port, &mut g, 30).await?;
+            Ok(Running {
+                procs: vec![g],
+                port,
+                sinks: rx,
+                _dir: Some(dir),
+            })
+        }
+        Target::Websocat => {
+            let port = free_port()?;
+            let mut cmd = Command::new(&args.websocat);
+            // -b: binary messages; broadcast:mirror: sends every message from any client
+            // to all connected clients; the buffer holds the largest frame, the queue is
+            // the broadcast reuser's backlog.
+            cmd.args([
+                "-b",
+                "-E",
+                "--buffer-size",
+                "8388608",
+                "--queue-len",
+                "4096",
+            ]);
+            cmd.arg(format!("ws-l:127.0.0.1:{port}"))
+                .arg("broadcast:mirror:");
+            let mut g = ChildGuard::spawn("websocat", &mut cmd, Some(dir.0.join("websocat.log")))?;
+            wait_tcp(port, &mut g, 30).await?;
+            // The publisher is one more client; it drains the echo of its own frames.
+            let ws = connect_sub(&SubSpec {
+                url: format!("ws://127.0.0.1:{port}/"),
+                v2: false,
+                compressed: false,
+                dictionary: None,
+                filter: None,
+                stalls: false,
+            })
+            .await
+            .context("publisher connecting to websocat")?;
+            let (sink, mut source) = ws.split();
+            tokio::spawn(async move { while let Some(Ok(_)) = source.next().await {} });
+            let sink: BoxSink = Box::pin(sink.sink_map_err(anyhow::Error::from));
+            tx.send(PubSink::Ws(sink)).await.ok();
+            Ok(Running {
+                procs: vec![g],
+                port,
+                sinks: rx,
+                _dir: Some(dir),
+            })
+        }
+        Target::Redis => {
+            let rport = free_port()?;
+            let mut cmd = Command::new(&args.redis_server);
+            cmd.args(["--bind", "127.0.0.1", "--port", &rport.to_string()])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .args(["--client-output-buffer-limit", "pubsub 256mb 64mb 60"])
+                .arg("--dir")
+                .arg(&dir.0);
+            let mut redis =
+                ChildGuard::spawn("redis-server", &mut cmd, Some(dir.0.join("redis.log")))?;
+            wait_tcp(rport, &mut redis, 30).await?;
+            let port = free_port()?;
+            let exe = std::env::current_exe()?;
+            let mut cmd = Command::new(exe);
+            cmd.arg("redis-relay")
+                .arg("--redis")
+                .arg(format!("127.0.0.1:{rport}"))
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{port}"));
+            let mut relay =
+                ChildGuard::spawn("redis-relay", &mut cmd, Some(dir.0.join("relay.log")))?;
+            wait_tcp(port, &mut relay, 30).await?;
+            // The relay listens only after its SUBSCRIBE was confirmed.
+            let stream = TcpStream::connect(("127.0.0.1", rport)).await?;
+            let _ = stream.set_nodelay(true);
+            let (mut r, w) = stream.into_split();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 65536];
+                while let Ok(n) = r.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+            tx.send(PubSink::Redis {
+                w: BufWriter::with_capacity(1 << 20, w),
+                channel: "sluice-bench".into(),
+            })
+            .await
+            .ok();
+            Ok(Running {
+                procs: vec![relay, redis],
+                port,
+                sinks: rx,
+                _dir: Some(dir),
+            })
+        }
+    }
+}
+
+pub(crate) async fn run_phase(
+    args: &FanoutArgs,
+    target: Target,
+    run: usize,
+) -> anyhow::Result<serde_json::Value> {
+    let tag = format!("{}-{run}", target.name().replace('/', "-"));
+    eprintln!("== run {run}: {} ==", target.name());
+    let mut running = start_target(args, target, &tag).await?;
+    for p in &running.procs {
+        eprintln!("  {} pid {}", p.name, p.pid());
+    }
+    let sinks = std::mem::replace(&mut running.sinks, tokio::sync::mpsc::channel(1).1);
+
+    let ctl = Arc::new(Control {
+        phase: AtomicU8::new(PH_WARMUP),
+        stall_active: AtomicBool::new(false),
+        stop_publish: AtomicBool::new(false),
+    });
+    let rate = f64::from(args.rate.max(1));
+    let stamps = Arc::new(Stamps::new((rate * 180.0) as usize * 2));
+    let tallies: Arc<[Tally; PH_COUNT]> = Arc::new(Default::default());
+
+    // Generate ahead before anything is measured.
+    let ahead = (args.rate as usize * 4).max(1000);
+    let (gen_rx, made) = start_generator(args.seed, args.dids, ahead);
+    let fill_deadline = Instant::now() + Duration::from_secs(60);
+    while made.load(Ordering::Relaxed) < ahead as u64 && Instant::now() < fill_deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_base = rss_total(&running.procs);
+
+    // Subscribers.
+    let stall_every = if args.stall_fraction > 0.0 {
+        (1.0 / args.stall_fraction).round().max(1.0) as usize
+    } else {
+        usize::MAX
+    };
+    let is_sluice = matches!(target, Target::Sluice(_));
+    let specs: Vec<Arc<SubSpec>> = (0..args.subscribers)
+        .map(|i| {
+            let filter = if !is_sluice || args.mix == Mix::All {
+                None
+            } else {
+                realistic_filter(args.seed, i)
+            };
+            Arc::new(SubSpec {
+                url: sub_url(target, running.port, filter),
+                v2: matches!(target.wire(), Wire::V2 | Wire::V2z) && is_sluice,
+                compressed: matches!(target.wire(), Wire::V1z | Wire::V2z),
+                dictionary: match target {
+                    _ if i % TIMED_EVERY != 0 => None,
+                    Target::Sluice(Wire::V1z) => Some(decoder_dictionary(1)),
+                    Target::Sluice(Wire::V2z) => Some(decoder_dictionary(2)),
+                    _ => None,
+                },
+                filter,
+                stalls: is_sluice
+                    && stall_every != usize::MAX
+                    && i % stall_every == stall_every - 1,
+            })
+        })
+        .collect();
+    let shared: Vec<Arc<SubShared>> = specs.iter().map(|_| Arc::new(SubShared::new())).collect();
+    let mut tasks = Vec::with_capacity(specs.len());
+    let sem = Arc::new(tokio::sync::Semaphore::new(args.connect_concurrency.max(1)));
+    let mut connect_errors = 0usize;
+    let mut first_error = None;
+    let connecting: Vec<_> = specs
+        .iter()
+        .map(|spec| {
+            let spec = Arc::clone(spec);
+            let sem = Arc::clone(&sem);
+            tokio::spawn(async move {
+                let _permit = sem.acquire_owned().await;
+                connect_sub(&spec).await
+            })
+        })
+        .collect();
+    for (i, c) in connecting.into_iter().enumerate() {
+        match c.await {
+            Ok(Ok(ws)) => tasks.push(tokio::spawn(run_sub(
+                Arc::clone(&specs[i]),
+                ws,
+                Arc::clone(&ctl),
+                Arc::clone(&stamps),
+                Arc::clone(&shared[i]),
+            ))),
+            Ok(Err(e)) => {
+                connect_errors += 1;
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+            Err(e) => {
+                connect_errors += 1;
+                first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    for p in running.procs.iter_mut() {
+        p.check_alive()?;
+    }
+    if connect_errors > 0 {
+        eprintln!(
+            "  {connect_errors} subscribers failed to connect (first: {})",
+            first_error.unwrap_or_default()
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_idle = rss_total(&running.procs);
+    let connected = args.subscribers - connect_errors;
+    let per_sub_idle = if connected > 0 {
+        (rss_idle.saturating_sub(rss_base) * 1024) as f64 / connected as f64
+    } else {
+        0.0
+    };
+
+    // Traffic.
+    let publisher = tokio::spawn(publish(
+        PubCtx {
+            rate,
+            ctl: Arc::clone(&ctl),
+            stamps: Arc::clone(&stamps),
+            tallies: Arc::clone(&tallies),
+        },
+        gen_rx,
+        sinks,
+    ));
+    tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+
+    let delivered = |ph: usize| -> u64 {
+        shared
+            .iter()
+            .map(|s| s.delivered[ph].load(Ordering::Relaxed))
+            .sum()
+    };
+    let cpu0 = cpu_each(&running.procs);
+    let self0 = self_cpu();
+    let m0 = machine_jiffies();
+    let t0 = Instant::now();
+    ctl.phase.store(PH_MEASURE, Ordering::Relaxed);
+    let rss_start_measure = rss_total(&running.procs);
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut rss_max_measure = 0;
+    let measure_end = t0 + Duration::from_secs(args.duration);
+    while Instant::now() < measure_end {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        rss_max_measure = rss_max_measure.max(rss_total(&running.procs));
+    }
+    ctl.phase.store(PH_AFTER, Ordering::Relaxed);
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu1 = cpu_each(&running.procs);
+    let self1 = self_cpu();
+    let m1 = machine_jiffies();
+    let rss_end_measure = rss_total(&running.procs);
+    let delivered_measure = delivered(PH_MEASURE as usize);
+
+    // Stall phase (sluice only).
+    let mut stall = serde_json::Value::Null;
+    let stalled_count = specs.iter().filter(|s| s.stalls).count();
+    if is_sluice && args.stall_secs > 0 && stalled_count > 0 {
+        let rss_start = rss_total(&running.procs);
+        ctl.phase.store(PH_STALL, Ordering::Relaxed);
+        ctl.stall_active.store(true, Ordering::Relaxed);
+        let mut samples = Vec::new();
+        let end = Instant::now() + Duration::from_secs(args.stall_secs);
+        while Instant::now() < end {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            samples.push(rss_total(&running.procs));
+        }
+        ctl.stall_active.store(false, Ordering::Relaxed);
+        ctl.phase.store(PH_AFTER, Ordering::Relaxed);
+        let rss_max = samples.iter().copied().max().unwrap_or(rss_start);
+        let rss_min = samples.iter().copied().min().unwrap_or(rss_start);
+        let mut others = Hist::new();
+        for (spec, s) in specs.iter().zip(&shared) {
+            if !spec.stalls {
+                others.merge(&s.hist.lock()[PH_STALL as usize]);
+            }
+        }
+        // Give stalled subscribers time to catch up, bounded.
+        let before: Vec<u64> = shared
+            .iter()
+            .map(|s| s.delivered[PH_AFTER as usize].load(Ordering::Relaxed))
+            .collect();
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let stalled_ended = specs
+            .iter()
+            .zip(&shared)
+            .filter(|(sp, s)| sp.stalls && s.ended.load(Ordering::Relaxed))
+            .count();
+        let others_ended = specs
+            .iter()
+            .zip(&shared)
+            .filter(|(sp, s)| !sp.stalls && s.ended.load(Ordering::Relaxed))
+            .count();
+        let stalled_resumed = specs
+            .iter()
+            .zip(&shared)
+            .zip(&before)
+            .filter(|((sp, s), b)| {
+                sp.stalls && s.delivered[PH_AFTER as usize].load(Ordering::Relaxed) > **b
+            })
+            .count();
+        let reasons: Vec<String> = specs
+            .iter()
+            .zip(&shared)
+            .filter(|(sp, _)| sp.stalls)
+            .filter_map(|(_, s)| s.end_reason.lock().clone())
+            .take(3)
+            .collect();
+        let growth = if rss_start > 0 {
+            (rss_max as f64 - rss_start as f64) / rss_start as f64 * 100.0
+        } else {
+            0.0
+        };
+        stall = json!({
+            "secs": args.stall_secs,
+            "stalled_subscribers": stalled_count,
+            "rss_start_kb": rss_start,
+            "rss_min_kb": rss_min,
+            "rss_max_kb": rss_max,
+            "rss_end_kb": samples.last().copied().unwrap_or(rss_start),
+            "rss_growth_pct": growth,
+            "rss_slope_kb_s": (samples.last().copied().unwrap_or(rss_start) as f64 - rss_start as f64)
+                / args.stall_secs as f64,
+            "rss_samples_kb": samples,
+            "others_p50_us": q(&others, 0.5),
+            "others_p99_us": q(&others, 0.99),
+            "others_max_us": others.max,
+            "others_ended": others_ended,
+            "stalled_ended": stalled_ended,
+            "stalled_resumed_reading": stalled_resumed,
+            "stalled_end_reasons": reasons,
+        });
+    }
+
+    ctl.stop_publish.store(true, Ordering::Relaxed);
+    let pubstats = tokio::time::timeout(Duration::from_secs(10), publisher)
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or_default();
+    for p in running.procs.iter_mut() {
+        p.check_alive()?;
+    }
+
+    // Results.
+    let mut hist = Hist::new();
+    let mut unmatched = 0;
+    let mut expected_measure = 0u64;
+    let mut delivered_live = 0u64;
+    for (spec, s) in specs.iter().zip(&shared) {
+        if !s.connected.load(Ordering::Relaxed) {
+            continue;
+        }
+        hist.merge(&s.hist.lock()[PH_MEASURE as usize]);
+        unmatched += s.unmatched.load(Ordering::Relaxed);
+        expected_measure += tallies[PH_MEASURE as usize].expected(target, spec.filter);
+        delivered_live += s.delivered[PH_MEASURE as usize].load(Ordering::Relaxed);
+    }
+    for t in tasks {
+        t.abort();
+    }
+    let cpu_secs: Vec<f64> = cpu1.iter().zip(&cpu0).map(|(a, b)| a - b).collect();
+    let total_cpu: f64 = cpu_secs.iter().sum();
+    let per_event_us = if delivered_measure > 0 {
+        total_cpu * 1e6 / delivered_measure as f64
+    } else {
+        f64::NAN
+    };
+    let machine_busy = match (m0, m1) {
+        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => (b1 - b0) as f64 / (t1 - t0) as f64 * 100.0,
+        _ => f64::NAN,
+    };
+    let names: Vec<String> = running.procs.iter().map(|p| p.name.clone()).collect();
+    let frames_measure = tallies[PH_MEASURE as usize].frames.load(Ordering::Relaxed);
+    let result = json!({
+        "run": run,
+        "target": target.name(),
+        "mix": if is_sluice { format!("{:?}", args.mix).to_lowercase() } else { "all (no filtering)".into() },
+        "subscribers": args.subscribers,
+        "connected": connected,
+        "rate": args.rate,
+        "duration_s": secs,
+        "frames_sent_measure": frames_measure,
+        "frame_rate_achieved": frames_measure as f64 / secs,
+        "delivered_measure": delivered_measure,
+        "delivered_per_sec": delivered_measure as f64 / secs,
+        "expected_measure": expected_measure,
+        "delivery_ratio": if expected_measure > 0 { delivered_live as f64 / expected_measure as f64 } else { f64::NAN },
+        "cpu_us_per_event": per_event_us,
+        "cpu_pct": total_cpu / secs * 100.0,
+        "cpu_by_process": names.iter().zip(&cpu_secs).map(|(n, c)| json!({"name": n, "cpu_s": c, "us_per_event": if delivered_measure > 0 { c * 1e6 / delivered_measure as f64 } else { f64::NAN }})).collect::<Vec<_>>(),
+        "bench_cpu_pct": (self1 - self0) / secs * 100.0,
+        "machine_busy_pct": machine_busy,
+        "p50_us": q(&hist, 0.5),
+        "p90_us": q(&hist, 0.9),
+        "p99_us": q(&hist, 0.99),
+        "p999_us": q(&hist, 0.999),
+        "max_us": hist.max,
+        "timed_samples": hist.n,
+        "unmatched": unmatched,
+        "rss_base_kb": rss_base,
+        "rss_idle_kb": rss_idle,
+        "idle_bytes_per_subscriber": per_sub_idle,
+        "rss_end_measure_kb": rss_end_measure,
+        "rss_max_measure_kb": rss_max_measure,
+        "rss_start_measure_kb": rss_start_measure,
+        "rss_slope_measure_kb_s": (rss_end_measure as f64 - rss_start_measure as f64) / secs,
+        "loadavg_at_measure": loadavg.trim(),
+        "publisher": {
+            "sent": pubstats.sent,
+            "underruns": pubstats.underruns,
+            "send_errors": pubstats.send_errors,
+            "reconnects": pubstats.reconnects,
+            "lag_p99_us": q(&pubstats.lag, 0.99),
+            "lag_max_us": pubstats.lag.max,
+        },
+        "stall": stall,
+    });
+    print_phase(&result);
+    drop(running);
+    Ok(result)
+}

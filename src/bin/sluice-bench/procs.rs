@@ -1,0 +1,162 @@
+//! /proc readings (CPU, RSS, machine load) and child processes killed on drop.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
+
+pub(crate) fn clk_tck() -> f64 {
+    static TCK: OnceLock<f64> = OnceLock::new();
+    *TCK.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+            .filter(|v| *v > 0.0)
+            .unwrap_or(100.0)
+    })
+}
+
+/// utime + stime of a process, seconds.
+pub(crate) fn proc_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the comm: state is field 3, so utime (14) and stime (15) are at 11 and 12.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / clk_tck())
+}
+
+pub(crate) fn proc_rss_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// (busy, total) jiffies of the whole machine.
+pub(crate) fn machine_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+pub(crate) static CHILD_PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub(crate) struct ChildGuard {
+    pub(crate) child: Child,
+    pub(crate) name: String,
+    pub(crate) log: Option<PathBuf>,
+}
+
+impl ChildGuard {
+    pub(crate) fn spawn(
+        name: &str,
+        cmd: &mut Command,
+        log: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
+        if let Some(path) = &log {
+            let f = std::fs::File::create(path)?;
+            cmd.stderr(Stdio::from(f.try_clone()?))
+                .stdout(Stdio::from(f));
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        CHILD_PIDS.lock().push(child.id());
+        Ok(ChildGuard {
+            child,
+            name: name.to_owned(),
+            log,
+        })
+    }
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            bail!(
+                "{} exited early ({status}); log tail:\n{}",
+                self.name,
+                self.log_tail()
+            );
+        }
+        Ok(())
+    }
+    pub(crate) fn log_tail(&self) -> String {
+        let Some(path) = &self.log else {
+            return String::new();
+        };
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let pid = self.child.id();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        CHILD_PIDS.lock().retain(|p| *p != pid);
+    }
+}
+
+pub(crate) fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}
+
+pub(crate) async fn wait_tcp(port: u16, child: &mut ChildGuard, secs: u64) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        child.check_alive()?;
+        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!(
+        "{} did not listen on {port} within {secs}s; log tail:\n{}",
+        child.name,
+        child.log_tail()
+    )
+}
+
+pub(crate) struct TempDir(pub(crate) PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub(crate) fn rss_total(procs: &[ChildGuard]) -> u64 {
+    procs.iter().filter_map(|p| proc_rss_kb(p.pid())).sum()
+}
+
+pub(crate) fn cpu_each(procs: &[ChildGuard]) -> Vec<f64> {
+    procs
+        .iter()
+        .map(|p| proc_cpu_secs(p.pid()).unwrap_or(0.0))
+        .collect()
+}
+
+pub(crate) fn self_cpu() -> f64 {
+    proc_cpu_secs(std::process::id()).unwrap_or(0.0)
+}

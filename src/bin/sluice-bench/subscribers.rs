@@ -1,0 +1,261 @@
+//! Websocket subscribers: filters, URLs, connect, and the read loop that times each message.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::anyhow;
+use futures_util::StreamExt;
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::cli::{Target, Wire};
+use crate::control::{Control, PH_COUNT};
+use crate::frame_meta::{commit_key, frame_seq, json_str, seq_key, CLS_FOLLOW, CLS_LIKE, CLS_POST};
+use crate::hist::{now_ns, Hist};
+use crate::stamps::Stamps;
+
+pub(crate) struct SubShared {
+    /// Messages received per phase.
+    pub(crate) delivered: [AtomicU64; PH_COUNT],
+    pub(crate) hist: Mutex<[Hist; PH_COUNT]>,
+    pub(crate) unmatched: AtomicU64,
+    pub(crate) connected: AtomicBool,
+    pub(crate) ended: AtomicBool,
+    /// Why the connection ended, if it did.
+    pub(crate) end_reason: Mutex<Option<String>>,
+}
+
+impl SubShared {
+    pub(crate) fn new() -> Self {
+        SubShared {
+            delivered: Default::default(),
+            hist: Mutex::new([Hist::new(), Hist::new(), Hist::new(), Hist::new()]),
+            unmatched: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+            ended: AtomicBool::new(false),
+            end_reason: Mutex::new(None),
+        }
+    }
+}
+
+pub(crate) struct SubSpec {
+    pub(crate) url: String,
+    pub(crate) v2: bool,
+    /// A compressed wire (v1z, v2z).
+    pub(crate) compressed: bool,
+    /// The zstd dictionary of a compressed wire for the subscribers that decompress each
+    /// message to time it: one in `TIMED_EVERY`, so that decompressing in the bench's own
+    /// process does not starve the publisher and the other subscribers (it did at 200).
+    pub(crate) dictionary: Option<&'static zstd::dict::DecoderDictionary<'static>>,
+    /// CLS_* mask, None = everything.
+    pub(crate) filter: Option<u8>,
+    pub(crate) stalls: bool,
+}
+
+pub(crate) fn filter_names(f: u8) -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if f & CLS_POST != 0 {
+        v.push("app.bsky.feed.post");
+    }
+    if f & CLS_LIKE != 0 {
+        v.push("app.bsky.feed.like");
+    }
+    if f & CLS_FOLLOW != 0 {
+        v.push("app.bsky.graph.follow");
+    }
+    v
+}
+
+/// The realistic mix: subscriber i takes everything with probability 0.1, else 1-3 of
+/// posts/likes/follows; deterministic in (seed, i).
+pub(crate) fn realistic_filter(seed: u64, i: usize) -> Option<u8> {
+    let r = seq_key((seed as i64).wrapping_mul(1_000_003).wrapping_add(i as i64));
+    if r % 10 == 0 {
+        return None;
+    }
+    let r = r / 10;
+    let k = 1 + (r % 3) as usize;
+    let mut bits = [CLS_POST, CLS_LIKE, CLS_FOLLOW];
+    // A tiny deterministic shuffle.
+    let mut s = r / 3;
+    for j in (1..3).rev() {
+        let pick = (s % (j as u64 + 1)) as usize;
+        bits.swap(j, pick);
+        s /= j as u64 + 1;
+    }
+    Some(bits[..k].iter().fold(0, |a, b| a | b))
+}
+
+/// On a compressed wire, one subscriber in this many decompresses (and times) every message;
+/// the others count what they receive.
+pub(crate) const TIMED_EVERY: usize = 10;
+
+/// Jetstream's v1 (1) or v2 (2) dictionary, prepared once for the bench's subscribers.
+pub(crate) fn decoder_dictionary(version: u8) -> &'static zstd::dict::DecoderDictionary<'static> {
+    static V1: std::sync::OnceLock<zstd::dict::DecoderDictionary<'static>> =
+        std::sync::OnceLock::new();
+    static V2: std::sync::OnceLock<zstd::dict::DecoderDictionary<'static>> =
+        std::sync::OnceLock::new();
+    if version == 1 {
+        V1.get_or_init(|| {
+            zstd::dict::DecoderDictionary::copy(sluice::wire::zstd::JETSTREAM_V1_DICTIONARY)
+        })
+    } else {
+        V2.get_or_init(|| {
+            zstd::dict::DecoderDictionary::copy(sluice::wire::zstd::JETSTREAM_V2_DICTIONARY)
+        })
+    }
+}
+
+pub(crate) fn sub_url(target: Target, port: u16, filter: Option<u8>) -> String {
+    let base = format!("ws://127.0.0.1:{port}");
+    let (path, param) = match target {
+        Target::Sluice(Wire::Raw) => ("/xrpc/com.atproto.sync.subscribeRepos", "wantedCollections"),
+        Target::Sluice(Wire::V1 | Wire::V1z) => ("/subscribe", "wantedCollections"),
+        Target::Sluice(Wire::V2 | Wire::V2z) => (
+            "/xrpc/network.bsky.jetstream.subscribeEvents",
+            "collections",
+        ),
+        Target::Websocat | Target::Redis => return format!("{base}/"),
+    };
+    let mut url = format!("{base}{path}");
+    if let Some(f) = filter {
+        for (i, c) in filter_names(f).into_iter().enumerate() {
+            url.push(if i == 0 { '?' } else { '&' });
+            url.push_str(param);
+            url.push('=');
+            url.push_str(c);
+        }
+    }
+    let opt_in = match target {
+        Target::Sluice(Wire::V1z) => Some("compress=true".to_string()),
+        Target::Sluice(Wire::V2z) => Some(format!(
+            "zstdDictionary={}",
+            sluice::wire::zstd::JETSTREAM_V2_DICTIONARY_ID
+        )),
+        _ => None,
+    };
+    if let Some(opt_in) = opt_in {
+        url.push(if url.contains('?') { '&' } else { '?' });
+        url.push_str(&opt_in);
+    }
+    url
+}
+
+pub(crate) type ClientWs =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
+
+pub(crate) async fn connect_sub(spec: &SubSpec) -> anyhow::Result<ClientWs> {
+    let mut last = anyhow!("not tried");
+    for attempt in 0..5u64 {
+        let mut req = spec.url.as_str().into_client_request()?;
+        if spec.v2 {
+            req.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                HeaderValue::from_static("xrpc.v1.json"),
+            );
+        }
+        match tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio_tungstenite::connect_async(req),
+        )
+        .await
+        {
+            Ok(Ok((ws, _))) => return Ok(ws),
+            Ok(Err(e)) => last = anyhow!("{e}"),
+            Err(_) => last = anyhow!("connect timed out"),
+        }
+        tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
+    }
+    Err(last)
+}
+
+pub(crate) async fn run_sub(
+    spec: Arc<SubSpec>,
+    ws: ClientWs,
+    ctl: Arc<Control>,
+    stamps: Arc<Stamps>,
+    me: Arc<SubShared>,
+) {
+    let (_sink, mut source) = ws.split();
+    let mut decompressor = spec
+        .dictionary
+        .and_then(|d| zstd::bulk::Decompressor::with_prepared_dictionary(d).ok());
+    me.connected.store(true, Ordering::Relaxed);
+    loop {
+        if spec.stalls && ctl.stall_active.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        }
+        let msg = match source.next().await {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => {
+                *me.end_reason.lock() = Some(format!("error: {e}"));
+                break;
+            }
+            None => {
+                *me.end_reason.lock() = Some("stream ended".into());
+                break;
+            }
+        };
+        let now = now_ns();
+        let key = match &msg {
+            Message::Binary(b) if spec.compressed => decompressor
+                .as_mut()
+                .and_then(|d| d.decompress(b, 64 << 20).ok())
+                .and_then(|plain| {
+                    let t = std::str::from_utf8(&plain).ok()?;
+                    Some(commit_key(json_str(t, "did")?, json_str(t, "rev")?))
+                }),
+            Message::Binary(b) => frame_seq(b).map(seq_key),
+            Message::Text(t) => {
+                let t = t.as_str();
+                match (json_str(t, "did"), json_str(t, "rev")) {
+                    (Some(d), Some(r)) => Some(commit_key(d, r)),
+                    _ => None,
+                }
+            }
+            Message::Close(c) => {
+                *me.end_reason.lock() = Some(format!("closed: {c:?}"));
+                break;
+            }
+            _ => continue,
+        };
+        let phase = (ctl.phase.load(Ordering::Relaxed) as usize).min(PH_COUNT - 1);
+        me.delivered[phase].fetch_add(1, Ordering::Relaxed);
+        match key.and_then(|k| stamps.get(k)) {
+            Some(sent) => {
+                let us = now.saturating_sub(sent) / 1000;
+                me.hist.lock()[phase].record(us);
+            }
+            None => {
+                // identity/account events carry no rev: not timed.
+                if (matches!(msg, Message::Binary(_)) && !spec.compressed) || key.is_some() {
+                    me.unmatched.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+    me.ended.store(true, Ordering::Relaxed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn realistic_mix_shape() {
+        let n = 10_000;
+        let all = (0..n).filter(|i| realistic_filter(7, *i).is_none()).count();
+        assert!((800..1200).contains(&all), "{all}");
+        for i in 0..n {
+            if let Some(f) = realistic_filter(7, i) {
+                assert!(f != 0 && f & !(CLS_POST | CLS_LIKE | CLS_FOLLOW) == 0);
+            }
+        }
+    }
+}
