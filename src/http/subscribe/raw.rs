@@ -3,8 +3,9 @@
 //!
 //! Owns the raw wire's parameters, its cursor contract (upstream seqs, exclusive;
 //! `#info OutdatedCursor` then the oldest frame below the floor; an error frame and close
-//! past the tip) and the raw session (each upstream frame sent once). Must never send a
-//! frame that is not the relay's bytes, except sluice's own `#info` and error frames.
+//! past the tip) and the raw session (each upstream frame as fan-out hands it over, once:
+//! `wire::raw::FrameOnce`). Must never send a frame that is not the relay's bytes, except
+//! sluice's own `#info` and error frames.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -117,25 +118,20 @@ pub async fn subscribe(
                 let _ = tokio::time::timeout(state.session.write_timeout, goodbye).await;
                 return;
             }
-            let session = RawSession {
-                last_upstream_seq: None,
-            };
-            serve(&state, socket, admitted, plan, session).await
+            serve(&state, socket, admitted, plan, RawSession).await
         },
     )
 }
 
-struct RawSession {
-    last_upstream_seq: Option<i64>,
-}
+/// The raw session: fan-out hands it each upstream frame once (`wire::raw::FrameOnce`),
+/// so a message is the event's frame as it is.
+struct RawSession;
 
 impl WireSession for RawSession {
     fn message(&mut self, event: &Event) -> Option<Frame> {
-        if self.last_upstream_seq == Some(event.upstream_seq) || event.raw_frame.is_empty() {
-            return None;
-        }
-        self.last_upstream_seq = Some(event.upstream_seq);
-        Some(Frame::Binary(event.raw_frame.clone()))
+        WireKind::Raw
+            .payload(event)
+            .map(|frame| Frame::Binary(frame.clone()))
     }
 
     fn client_max_message_bytes(&self) -> usize {

@@ -1,0 +1,414 @@
+//! The hub: the registry of subscribers, the routing index under one lock, the budgets
+//! filter changes and replays draw on, and the dispatcher that pushes each logged event
+//! into the queues of the live subscribers that want it.
+//!
+//! Owns the dispatcher and the live half of each subscriber (its queue and its index
+//! entry). Must never block on a subscriber, copy an event per subscriber, let a queue
+//! pass its bounds (an overflowing subscriber leaves the index for catch-up), or hold the
+//! lock for more than one batch or one index step.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::{Notify, Semaphore};
+
+use super::filter::Filter;
+use super::index::Index;
+use super::subscription::{Mode, Subscription};
+use super::{visible, Budgets, HubConfig, HubStats, IndexBusy, SlowPolicy, Start, MAX_INDEX_WAIT};
+use crate::log::{LogReader, SharedEvent};
+use crate::rate::{SharedBudget, TokenBucket};
+use crate::wire::raw::FrameOnce;
+use crate::wire::WireKind;
+
+pub(super) struct Queue {
+    pub(super) events: VecDeque<SharedEvent>,
+    pub(super) bytes: usize,
+    pub(super) overflowed: bool,
+}
+
+pub(super) struct SubShared {
+    pub(super) queue: Mutex<Queue>,
+    pub(super) notify: Notify,
+}
+
+pub(super) struct Entry {
+    shared: Arc<SubShared>,
+    /// Shared so that replacing it under the hub's lock is a pointer swap; the old one is
+    /// dropped after the lock is released.
+    pub(super) filter: Arc<Filter>,
+    wire: WireKind,
+    /// Live subscribers are in the index; overflowed ones are not.
+    pub(super) live: bool,
+    pub(super) last_pushed: u64,
+    /// The raw frames pushed so far (the live half of the subscriber's record; the
+    /// subscription keeps the other half while it catches up).
+    pub(super) frames: FrameOnce,
+}
+
+pub(super) struct HubState {
+    /// Every event up to this seq has been offered to the live subscribers.
+    pub(super) dispatched_through: u64,
+    pub(super) entries: HashMap<u64, Entry>,
+    pub(super) index: Index,
+    next_id: u64,
+}
+
+pub(super) struct HubInner {
+    pub(super) reader: LogReader,
+    pub(super) config: HubConfig,
+    pub(super) state: Mutex<HubState>,
+    pub(super) stats: HubStats,
+    pub(super) cold_reads: Semaphore,
+    /// Bumped after each dispatched batch, for subscribers waiting to rejoin.
+    pub(super) dispatched: tokio::sync::watch::Sender<u64>,
+    /// Index entries that may still change this second, in total and per client IP.
+    /// Every insertion pays for itself and for its removal later, which cannot be refused
+    /// (a disconnect, an overflow).
+    pub(super) index_budget: Mutex<SharedBudget<IpAddr>>,
+    /// Events catch-up reads may still scan this second, in total and per client IP.
+    pub(super) scan_budget: Mutex<SharedBudget<IpAddr>>,
+}
+
+impl HubInner {
+    /// Reserves the index work of putting `filter` into the index (and later taking it
+    /// out): how long to wait before doing it, or the wait it would have been when that
+    /// exceeds `max_wait` (nothing is reserved then; the caller counts why).
+    pub(super) fn reserve_index(
+        &self,
+        filter: &Filter,
+        max_wait: Duration,
+        peer: Option<IpAddr>,
+    ) -> Result<Duration, IndexBusy> {
+        let cost = 2.0 * filter.index_entries() as f64;
+        let reserved = self
+            .index_budget
+            .lock()
+            .take_within(peer, cost, max_wait)
+            .map_err(|would_wait| IndexBusy { would_wait });
+        if reserved.is_ok_and(|wait| !wait.is_zero()) {
+            self.stats.index_waits.fetch_add(1, Ordering::Relaxed);
+        }
+        reserved
+    }
+
+    /// [`HubInner::reserve_index`] for a client's subscribe or filter change: waits up to
+    /// [`MAX_INDEX_WAIT`], and a refusal is counted.
+    pub(super) fn reserve_index_for_client(
+        &self,
+        filter: &Filter,
+        peer: Option<IpAddr>,
+    ) -> Result<Duration, IndexBusy> {
+        let reserved = self.reserve_index(filter, MAX_INDEX_WAIT, peer);
+        if reserved.is_err() {
+            self.stats.index_refusals.fetch_add(1, Ordering::Relaxed);
+        }
+        reserved
+    }
+}
+
+/// The fan-out hub. Cheap to clone.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+impl Hub {
+    /// Creates the hub and starts its dispatcher, which follows the log from its newest
+    /// event. Must be called inside a tokio runtime.
+    pub fn start(reader: LogReader, config: HubConfig) -> Hub {
+        let newest = reader.newest_seq();
+        let (dispatched, _) = tokio::sync::watch::channel(newest);
+        let index_rate = config.index_changes_per_sec as f64;
+        let index_ip_rate = config.index_changes_per_sec_per_ip as f64;
+        let scan_rate = config.scan_events_per_sec as f64;
+        let scan_ip_rate = config.scan_events_per_sec_per_ip as f64;
+        let inner = Arc::new(HubInner {
+            index_budget: Mutex::new(SharedBudget::new(
+                index_rate,
+                index_rate,
+                index_ip_rate,
+                index_ip_rate,
+            )),
+            scan_budget: Mutex::new(SharedBudget::new(
+                scan_rate,
+                scan_rate,
+                scan_ip_rate,
+                scan_ip_rate,
+            )),
+            cold_reads: Semaphore::new(config.cold_read_concurrency.max(1)),
+            reader,
+            config,
+            state: Mutex::new(HubState {
+                dispatched_through: newest,
+                entries: HashMap::new(),
+                index: Index::default(),
+                next_id: 1,
+            }),
+            stats: HubStats::default(),
+            dispatched,
+        });
+        tokio::spawn(dispatch_loop(inner.clone()));
+        Hub { inner }
+    }
+
+    pub fn stats(&self) -> &HubStats {
+        &self.inner.stats
+    }
+
+    /// Subscriber entries in the routing index (a subscriber counts once per key it is
+    /// listed under): what dispatch visits at most, and what filter changes must leave
+    /// exact.
+    pub fn index_size(&self) -> usize {
+        self.inner.state.lock().index.entries()
+    }
+
+    /// Events waiting in all live queues.
+    pub fn queued_events(&self) -> usize {
+        let state = self.inner.state.lock();
+        state
+            .entries
+            .values()
+            .map(|e| e.shared.queue.lock().events.len())
+            .sum()
+    }
+
+    pub fn reader(&self) -> &LogReader {
+        &self.inner.reader
+    }
+
+    pub fn config(&self) -> &HubConfig {
+        &self.inner.config
+    }
+
+    /// New rates of the index and scan budgets, in total and per client IP (SIGHUP);
+    /// what has accrued is kept up to the new bursts (each burst is a second's worth).
+    pub fn set_budgets(&self, budgets: Budgets) {
+        let rate = |r: u64| r as f64;
+        let (index, index_ip) = (rate(budgets.index_total), rate(budgets.index_per_ip));
+        let (scan, scan_ip) = (rate(budgets.scan_total), rate(budgets.scan_per_ip));
+        self.inner
+            .index_budget
+            .lock()
+            .set_limits(index, index, index_ip, index_ip);
+        self.inner
+            .scan_budget
+            .lock()
+            .set_limits(scan, scan, scan_ip, scan_ip);
+    }
+
+    /// The rates of the index and scan budgets in force.
+    pub fn budgets(&self) -> Budgets {
+        let (index_total, index_per_ip) = self.inner.index_budget.lock().rates();
+        let (scan_total, scan_per_ip) = self.inner.scan_budget.lock().rates();
+        Budgets {
+            index_total: index_total as u64,
+            index_per_ip: index_per_ip as u64,
+            scan_total: scan_total as u64,
+            scan_per_ip: scan_per_ip as u64,
+        }
+    }
+
+    /// Reserves the index work of a subscription with `filter` from `start`: how long to
+    /// wait before [`Hub::subscribe`], or (nothing reserved) the wait over
+    /// [`MAX_INDEX_WAIT`] it would have been. A subscription that starts from the log
+    /// enters the index only when it catches up, and pays then.
+    pub fn reserve_subscribe(&self, filter: &Filter, start: Start) -> Result<Duration, IndexBusy> {
+        self.reserve_subscribe_from(filter, start, None)
+    }
+
+    /// [`Hub::reserve_subscribe`] for a client at `peer`, which pays from its own share
+    /// of the index budget too.
+    pub fn reserve_subscribe_from(
+        &self,
+        filter: &Filter,
+        start: Start,
+        peer: Option<IpAddr>,
+    ) -> Result<Duration, IndexBusy> {
+        match start {
+            Start::Live => self.inner.reserve_index_for_client(filter, peer),
+            Start::From(_) => Ok(Duration::ZERO),
+        }
+    }
+
+    /// Gives back the index work reserved for `filter` that will not be done (the client
+    /// left before it was applied).
+    pub fn refund_index(&self, filter: &Filter, peer: Option<IpAddr>) {
+        let cost = 2.0 * filter.index_entries() as f64;
+        self.inner.index_budget.lock().refund(peer, cost);
+    }
+
+    /// A permit of the fair pool for reads below the hot tail, waiting up to `max_wait`.
+    pub async fn cold_read_permit(
+        &self,
+        max_wait: Duration,
+    ) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        tokio::time::timeout(max_wait, self.inner.cold_reads.acquire())
+            .await
+            .ok()?
+            .ok()
+    }
+
+    /// Registers a subscriber. Callers reserve its index work first
+    /// ([`Hub::reserve_subscribe`]).
+    pub fn subscribe(
+        &self,
+        wire: WireKind,
+        filter: Filter,
+        policy: SlowPolicy,
+        start: Start,
+    ) -> Subscription {
+        let shared = Arc::new(SubShared {
+            queue: Mutex::new(Queue {
+                events: VecDeque::new(),
+                bytes: 0,
+                overflowed: false,
+            }),
+            notify: Notify::new(),
+        });
+        let mut state = self.inner.state.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        let (mode, seen_through, live) = match start {
+            // Live means "after what is logged now", not "after what is dispatched": the
+            // dispatcher can trail the log (never lead it), and events logged before the
+            // connection are not live to it.
+            Start::Live => (Mode::Live, self.inner.reader.newest_seq(), true),
+            Start::From(seq) => (Mode::CatchUp { next: seq.max(1) }, seq.max(1) - 1, false),
+        };
+        if live {
+            state.index.insert(id, &filter);
+        } else {
+            self.inner
+                .stats
+                .catchups_active
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        state.entries.insert(
+            id,
+            Entry {
+                shared: shared.clone(),
+                filter: Arc::new(filter.clone()),
+                wire,
+                live,
+                last_pushed: seen_through,
+                frames: FrameOnce::default(),
+            },
+        );
+        drop(state);
+        self.inner.stats.subscribers[wire.index()].fetch_add(1, Ordering::Relaxed);
+        Subscription {
+            hub: self.inner.clone(),
+            id,
+            shared,
+            wire,
+            filter,
+            policy,
+            mode,
+            seen_through,
+            tokens: TokenBucket::new(
+                self.inner.config.replay_events_per_sec as f64,
+                self.inner.config.replay_events_per_sec as f64,
+            ),
+            peer: None,
+            frames: FrameOnce::default(),
+        }
+    }
+}
+
+async fn dispatch_loop(inner: Arc<HubInner>) {
+    let mut newest = inner.reader.watch_newest();
+    loop {
+        let from = inner.state.lock().dispatched_through + 1;
+        if inner.reader.newest_seq() < from {
+            if newest.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        match inner.reader.read_from(from, 1024, 64 * 1024 * 1024) {
+            Ok(events) => dispatch(&inner, &events),
+            Err(_) => {
+                // The dispatcher fell out of the log (it should never lag that far): move
+                // every live subscriber to catch-up, which handles it per subscriber, and
+                // jump to the newest event.
+                let mut state = inner.state.lock();
+                let newest_seq = inner.reader.newest_seq();
+                tracing::error!(from, newest_seq, "fan-out dispatcher could not read the log; moving live subscribers to catch-up");
+                let ids: Vec<u64> = state
+                    .entries
+                    .iter()
+                    .filter(|(_, e)| e.live)
+                    .map(|(&id, _)| id)
+                    .collect();
+                for id in ids {
+                    overflow(&inner, &mut state, id);
+                }
+                state.dispatched_through = newest_seq;
+            }
+        }
+    }
+}
+
+fn dispatch(inner: &HubInner, events: &[SharedEvent]) {
+    let mut state = inner.state.lock();
+    let mut overflowed = Vec::new();
+    for event in events {
+        if event.seq <= state.dispatched_through {
+            continue;
+        }
+        let HubState { entries, index, .. } = &mut *state;
+        index.candidates(event, |id| {
+            let Some(entry) = entries.get_mut(&id) else {
+                return;
+            };
+            if entry.last_pushed >= event.seq || !entry.live {
+                return;
+            }
+            entry.last_pushed = event.seq;
+            if !entry.filter.matches(event) || !visible(entry.wire, event, &mut entry.frames) {
+                return;
+            }
+            let size = entry.wire.payload(event).map_or(0, Bytes::len);
+            let mut queue = entry.shared.queue.lock();
+            if queue.events.len() >= inner.config.queue_max_events
+                || (queue.bytes + size > inner.config.queue_max_bytes && !queue.events.is_empty())
+            {
+                queue.overflowed = true;
+                drop(queue);
+                entry.shared.notify.notify_one();
+                overflowed.push(id);
+                return;
+            }
+            queue.events.push_back(event.clone());
+            queue.bytes += size;
+            drop(queue);
+            entry.shared.notify.notify_one();
+        });
+        for id in overflowed.drain(..) {
+            overflow(inner, &mut state, id);
+        }
+        state.dispatched_through = event.seq;
+    }
+    let through = state.dispatched_through;
+    drop(state);
+    inner.dispatched.send_replace(through);
+}
+
+pub(super) fn overflow(inner: &HubInner, state: &mut HubState, id: u64) {
+    let HubState { entries, index, .. } = state;
+    if let Some(entry) = entries.get_mut(&id) {
+        if entry.live {
+            entry.live = false;
+            index.remove(id, &entry.filter);
+            entry.shared.queue.lock().overflowed = true;
+            entry.shared.notify.notify_one();
+            inner.stats.overflows.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}

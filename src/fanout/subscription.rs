@@ -1,0 +1,422 @@
+//! One subscriber's view of the stream: its batches in seq order from the live queue
+//! or from the log, the switch between the two, and its filter changes.
+//!
+//! Owns the subscriber's position (`seen_through`), its catch-up reads (paced by its own
+//! rate and its address's share of the scan budget) and its rejoin to the live path.
+//! Must never show a gap, a duplicate or a reordering across the switch (every event
+//! delivered has a seq above `seen_through`), or change the routing index by more than
+//! [`INDEX_STEP`] entries per hold of the hub's lock.
+
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::filter::Filter;
+use super::hub::{HubInner, HubState, SubShared};
+use super::{visible, End, IndexBusy, SlowPolicy};
+use crate::log::{LogError, SharedEvent};
+use crate::rate::TokenBucket;
+use crate::wire::raw::FrameOnce;
+use crate::wire::WireKind;
+
+/// Which stored payloads a catch-up read of `wire` needs.
+fn payloads(wire: WireKind) -> crate::log::Payloads {
+    match wire {
+        WireKind::JetstreamV1 => crate::log::Payloads::V1,
+        WireKind::JetstreamV2 => crate::log::Payloads::V2,
+        WireKind::Raw => crate::log::Payloads::RAW,
+    }
+}
+
+pub(super) enum Mode {
+    Live,
+    CatchUp { next: u64 },
+}
+
+/// What an attempt to rejoin the live path came to.
+enum Rejoin {
+    Done,
+    /// The dispatcher has not reached this subscriber's position yet.
+    Behind,
+    /// The index budget cannot pay for this filter for this long.
+    NoBudget(Duration),
+}
+
+/// Most routing-index entries a filter change adds or removes per hold of the hub's
+/// lock (~0.1-0.2 µs each).
+pub const INDEX_STEP: usize = 1024;
+
+/// Longest a caught-up subscriber waits before trying to rejoin again.
+const REJOIN_RETRY: Duration = Duration::from_millis(50);
+
+/// One subscriber's view of the stream. Dropping it unregisters the subscriber.
+pub struct Subscription {
+    pub(super) hub: Arc<HubInner>,
+    pub(super) id: u64,
+    pub(super) shared: Arc<SubShared>,
+    pub(super) wire: WireKind,
+    pub(super) filter: Filter,
+    pub(super) policy: SlowPolicy,
+    pub(super) mode: Mode,
+    /// Every event up to this seq has been delivered or filtered out.
+    pub(super) seen_through: u64,
+    /// Paces this connection's catch-up reads (`--replay-events-per-sec`).
+    pub(super) tokens: TokenBucket,
+    /// The client's address: its share of the index and scan budgets.
+    pub(super) peer: Option<IpAddr>,
+    /// The raw frames delivered so far: what catch-up must not send again, handed to the
+    /// hub's entry when the subscriber rejoins the live path.
+    pub(super) frames: FrameOnce,
+}
+
+impl Subscription {
+    pub fn wire(&self) -> WireKind {
+        self.wire
+    }
+
+    pub fn is_live(&self) -> bool {
+        matches!(self.mode, Mode::Live)
+    }
+
+    /// The last seq delivered or filtered out: where a resume would continue from.
+    pub fn seen_through(&self) -> u64 {
+        self.seen_through
+    }
+
+    /// Reserves the index work of replacing the filter with `filter`: how long to wait
+    /// before [`Subscription::set_filter`], or (nothing reserved) the wait over
+    /// [`MAX_INDEX_WAIT`](super::MAX_INDEX_WAIT) it would have been. The old filter's
+    /// removal was paid when it went in.
+    pub fn reserve_filter_change(&self, filter: &Filter) -> Result<Duration, IndexBusy> {
+        self.hub.reserve_index_for_client(filter, self.peer)
+    }
+
+    /// Gives back what [`Subscription::reserve_filter_change`] took for a filter that
+    /// will not be applied.
+    pub fn refund_filter_change(&self, filter: &Filter) {
+        let cost = 2.0 * filter.index_entries() as f64;
+        self.hub.index_budget.lock().refund(self.peer, cost);
+    }
+
+    /// The client's address, whose shares of the index and scan budgets this
+    /// subscription draws on from now.
+    pub fn set_peer(&mut self, peer: IpAddr) {
+        self.peer = Some(peer);
+    }
+
+    /// The filter in force.
+    pub fn filter(&self) -> &Filter {
+        &self.filter
+    }
+
+    /// Replaces the filter (Jetstream v1 `options_update`), effective from the next event.
+    /// Callers reserve its index work first ([`Subscription::reserve_filter_change`]).
+    ///
+    /// Between two DID filters only the difference is applied, and in steps of at most
+    /// [`INDEX_STEP`] entries per hold of the hub's lock (DIDs the new filter adds, then
+    /// the swap of the filter, then DIDs it drops), so the dispatcher, which needs that
+    /// lock for every batch, waits for at most one step: a 10,000-DID update held it for
+    /// the whole swap, and on a loaded machine for however long the holder was
+    /// descheduled meanwhile. Meanwhile the index holds both filters' DIDs; the
+    /// dispatcher checks each candidate against the entry's filter, so the subscriber
+    /// gets exactly the old filter's events before the swap and the new one's after.
+    pub fn set_filter(&mut self, filter: Filter) {
+        let shared = Arc::new(filter.clone());
+        let old = std::mem::replace(&mut self.filter, filter);
+        let new = &self.filter;
+        let retired = if !old.dids.is_empty() && !new.dids.is_empty() {
+            let added: Vec<&String> = new.dids.difference(&old.dids).collect();
+            let dropped: Vec<&String> = old.dids.difference(&new.dids).collect();
+            self.swap_dids(&added, &dropped, shared)
+        } else {
+            let mut state = self.hub.state.lock();
+            let HubState { entries, index, .. } = &mut *state;
+            entries.get_mut(&self.id).map(|entry| {
+                if entry.live {
+                    index.remove(self.id, &old);
+                    index.insert(self.id, new);
+                }
+                std::mem::replace(&mut entry.filter, shared)
+            })
+        };
+        // The filter replaced is freed here, outside the lock.
+        drop(retired);
+    }
+
+    /// [`Subscription::set_filter`] between two DID filters: `added` go into the index in
+    /// steps, the entry's filter becomes `shared`, then `dropped` leave in steps. Returns
+    /// the filter replaced.
+    fn swap_dids(
+        &self,
+        added: &[&String],
+        dropped: &[&String],
+        shared: Arc<Filter>,
+    ) -> Option<Arc<Filter>> {
+        let id = self.id;
+        for (step, chunk) in added.chunks(INDEX_STEP).enumerate() {
+            let mut state = self.hub.state.lock();
+            let HubState { entries, index, .. } = &mut *state;
+            let live = entries.get(&id).is_some_and(|e| e.live);
+            if !live {
+                // It overflowed meanwhile: the dispatcher took its (old) filter out of
+                // the index, so the additions made so far come out too; it enters the
+                // index with its new filter when it rejoins.
+                for did in added[..step * INDEX_STEP].iter() {
+                    index.remove_did(did, id);
+                }
+                return entries
+                    .get_mut(&id)
+                    .map(|e| std::mem::replace(&mut e.filter, shared));
+            }
+            for did in chunk {
+                index.add_did(did, id);
+            }
+        }
+        let (retired, live) = {
+            let mut state = self.hub.state.lock();
+            match state.entries.get_mut(&id) {
+                Some(entry) => (
+                    Some(std::mem::replace(&mut entry.filter, shared)),
+                    entry.live,
+                ),
+                None => (None, false),
+            }
+        };
+        // Live at the swap: the old filter's own DIDs are left to remove (also if it
+        // overflows meanwhile: the dispatcher then removes the new filter's). Not live:
+        // it overflowed after the additions, and the dispatcher removed the old filter's
+        // DIDs, so the additions are what is left.
+        let leftover = if live { dropped } else { added };
+        for chunk in leftover.chunks(INDEX_STEP) {
+            let mut state = self.hub.state.lock();
+            for did in chunk {
+                state.index.remove_did(did, id);
+            }
+        }
+        retired
+    }
+
+    /// The next events for this subscriber, in seq order, at most `max`. Waits while there
+    /// are none. Never returns an empty batch.
+    pub async fn next_batch(&mut self, max: usize) -> Result<Vec<SharedEvent>, End> {
+        let max = max.max(1);
+        loop {
+            match self.mode {
+                Mode::Live => {
+                    let (batch, drained_overflow) = self.take_queued(max);
+                    if !batch.is_empty() {
+                        return Ok(batch);
+                    }
+                    if drained_overflow {
+                        if self.policy == SlowPolicy::Disconnect {
+                            return Err(End::TooSlow);
+                        }
+                        tracing::debug!(
+                            id = self.id,
+                            seen_through = self.seen_through,
+                            "subscriber moved to catch-up"
+                        );
+                        self.hub
+                            .stats
+                            .catchups_active
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.mode = Mode::CatchUp {
+                            next: self.seen_through + 1,
+                        };
+                        continue;
+                    }
+                    self.shared.notify.notified().await;
+                }
+                Mode::CatchUp { next } => {
+                    let events = self.read_log(next, max).await?;
+                    let Some(last) = events.last() else {
+                        match self.try_rejoin(next) {
+                            Rejoin::Done => {}
+                            Rejoin::Behind => {
+                                // The dispatcher has not caught up with the log yet.
+                                let mut dispatched = self.hub.dispatched.subscribe();
+                                let _ = tokio::time::timeout(
+                                    REJOIN_RETRY,
+                                    dispatched.wait_for(|&d| d + 1 >= next),
+                                )
+                                .await;
+                            }
+                            // Whatever is logged meanwhile is read from the log next round.
+                            Rejoin::NoBudget(wait) => {
+                                tokio::time::sleep(wait.min(REJOIN_RETRY)).await
+                            }
+                        }
+                        continue;
+                    };
+                    let last_seq = last.seq;
+                    let wanted: Vec<SharedEvent> = events
+                        .into_iter()
+                        .filter(|e| {
+                            e.seq > self.seen_through
+                                && self.filter.matches(e)
+                                && visible(self.wire, e, &mut self.frames)
+                        })
+                        .collect();
+                    self.seen_through = self.seen_through.max(last_seq);
+                    self.mode = Mode::CatchUp { next: last_seq + 1 };
+                    if !wanted.is_empty() {
+                        return Ok(wanted);
+                    }
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+    }
+
+    /// What is already queued for a live subscriber, at most `max`, without waiting: empty
+    /// when nothing is, or while catching up (catch-up reads are large already). Lets a
+    /// session that paused to coalesce writes pick up what arrived meanwhile without being
+    /// woken once per event.
+    pub fn try_next_batch(&mut self, max: usize) -> Vec<SharedEvent> {
+        match self.mode {
+            Mode::Live => self.take_queued(max.max(1)).0,
+            Mode::CatchUp { .. } => Vec::new(),
+        }
+    }
+
+    /// Takes up to `max` queued events newer than `seen_through`, and whether the queue
+    /// had overflowed and is now empty (time to switch to catch-up).
+    fn take_queued(&mut self, max: usize) -> (Vec<SharedEvent>, bool) {
+        let (mut batch, drained_overflow) = {
+            let mut queue = self.shared.queue.lock();
+            let n = queue.events.len().min(max);
+            let batch: Vec<SharedEvent> = queue.events.drain(..n).collect();
+            let freed: usize = batch
+                .iter()
+                .map(|e| self.wire.payload(e).map_or(0, Bytes::len))
+                .sum();
+            queue.bytes = queue.bytes.saturating_sub(freed);
+            (batch, queue.overflowed && queue.events.is_empty())
+        };
+        batch.retain(|e| e.seq > self.seen_through);
+        if let Some(last) = batch.last() {
+            self.seen_through = last.seq;
+        }
+        // The hub pushed these as first sights of their frames; catch-up continues from
+        // what was delivered.
+        if let Some(last) = batch.last() {
+            self.frames.sent(last);
+        }
+        (batch, drained_overflow)
+    }
+
+    async fn read_log(&mut self, next: u64, max: usize) -> Result<Vec<SharedEvent>, End> {
+        let max = max.min(self.hub.config.catchup_batch.max(1));
+        // Paid for every event the read may scan, matched or not: a filter that matches
+        // nothing costs the same CPU as one that matches everything. First this
+        // connection's rate and its address's share, then (once those are paid) the
+        // server's total: an address with many replays queues on its own share and
+        // takes from the total only at that share's pace.
+        let wait = self.tokens.take_on_credit(max as f64).max(
+            self.hub
+                .scan_budget
+                .lock()
+                .take_share_on_credit(self.peer, max as f64),
+        );
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let wait = self.hub.scan_budget.lock().take_total_on_credit(max as f64);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let reader = self.hub.reader.clone();
+        let cold = next < reader.tail().oldest_seq();
+        let result = if cold {
+            let _permit = self
+                .hub
+                .cold_reads
+                .acquire()
+                .await
+                .map_err(|_| End::Closed)?;
+            self.hub.stats.cold_reads.fetch_add(1, Ordering::Relaxed);
+            let limits = crate::log::ReadLimits {
+                max_events: max,
+                max_bytes: self.hub.config.catchup_batch_bytes,
+            };
+            let payloads = payloads(self.wire);
+            tokio::task::spawn_blocking(move || reader.read_from_with(next, limits, payloads))
+                .await
+                .map_err(|e| End::ReadFailed(e.to_string()))?
+        } else {
+            reader.read_from(next, max, self.hub.config.catchup_batch_bytes)
+        };
+        match result {
+            Ok(events) => Ok(events),
+            Err(LogError::TooOld { oldest, .. }) => Err(End::TooOld { oldest }),
+            Err(LogError::Closed) => Err(End::Closed),
+            Err(e) => Err(End::ReadFailed(e.to_string())),
+        }
+    }
+
+    /// Rejoins the live path if this subscriber has seen everything dispatched so far.
+    fn try_rejoin(&mut self, next: u64) -> Rejoin {
+        let mut state = self.hub.state.lock();
+        if next.saturating_sub(1) < state.dispatched_through {
+            return Rejoin::Behind;
+        }
+        let HubState { entries, index, .. } = &mut *state;
+        let Some(entry) = entries.get_mut(&self.id) else {
+            return Rejoin::Behind;
+        };
+        // Without budget the subscriber stays on the log a while longer: it loses
+        // nothing, and one that cycles between live and catch-up cannot churn the index
+        // faster than the budget allows.
+        if let Err(IndexBusy { would_wait: wait }) =
+            self.hub
+                .reserve_index(&entry.filter, Duration::ZERO, self.peer)
+        {
+            self.hub
+                .stats
+                .rejoins_deferred
+                .fetch_add(1, Ordering::Relaxed);
+            return Rejoin::NoBudget(wait);
+        }
+        {
+            let mut queue = self.shared.queue.lock();
+            queue.events.clear();
+            queue.bytes = 0;
+            queue.overflowed = false;
+        }
+        entry.live = true;
+        entry.last_pushed = self.seen_through;
+        entry.frames = self.frames;
+        index.insert(self.id, &entry.filter);
+        drop(state);
+        self.mode = Mode::Live;
+        self.hub.stats.rejoins.fetch_add(1, Ordering::Relaxed);
+        self.hub
+            .stats
+            .catchups_active
+            .fetch_sub(1, Ordering::Relaxed);
+        Rejoin::Done
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut state = self.hub.state.lock();
+        let HubState { entries, index, .. } = &mut *state;
+        if let Some(entry) = entries.remove(&self.id) {
+            if entry.live {
+                index.remove(self.id, &entry.filter);
+            }
+        }
+        drop(state);
+        if !self.is_live() {
+            self.hub
+                .stats
+                .catchups_active
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+        self.hub.stats.subscribers[self.wire.index()].fetch_sub(1, Ordering::Relaxed);
+    }
+}
