@@ -19,10 +19,9 @@ use tokio::sync::{Notify, Semaphore};
 
 use super::filter::Filter;
 use super::index::Index;
-use super::subscription::{Mode, Subscription};
-use super::{visible, Budgets, HubConfig, HubStats, IndexBusy, SlowPolicy, Start, MAX_INDEX_WAIT};
+use super::{visible, Budgets, HubConfig, HubStats, IndexBusy, Start, MAX_INDEX_WAIT};
 use crate::log::{LogReader, SharedEvent};
-use crate::rate::{SharedBudget, TokenBucket};
+use crate::rate::SharedBudget;
 use crate::wire::raw::FrameOnce;
 use crate::wire::WireKind;
 
@@ -110,12 +109,66 @@ impl HubInner {
         }
         reserved
     }
+
+    /// Registers a subscriber with `filter` on `wire`: one starting live enters the index
+    /// now, one starting from the log when it catches up (it counts as catching up).
+    pub(super) fn register(&self, wire: WireKind, filter: &Filter, start: Start) -> Registered {
+        let shared = Arc::new(SubShared {
+            queue: Mutex::new(Queue {
+                events: VecDeque::new(),
+                bytes: 0,
+                overflowed: false,
+            }),
+            notify: Notify::new(),
+        });
+        let mut state = self.state.lock();
+        let id = state.next_id;
+        state.next_id += 1;
+        let (seen_through, live) = match start {
+            // Live means "after what is logged now", not "after what is dispatched": the
+            // dispatcher can trail the log (never lead it), and events logged before the
+            // connection are not live to it.
+            Start::Live => (self.reader.newest_seq(), true),
+            Start::From(seq) => (seq.max(1) - 1, false),
+        };
+        if live {
+            state.index.insert(id, filter);
+        } else {
+            self.stats.catchups_active.fetch_add(1, Ordering::Relaxed);
+        }
+        state.entries.insert(
+            id,
+            Entry {
+                shared: shared.clone(),
+                filter: Arc::new(filter.clone()),
+                wire,
+                live,
+                last_pushed: seen_through,
+                frames: FrameOnce::default(),
+            },
+        );
+        drop(state);
+        self.stats.subscribers[wire.index()].fetch_add(1, Ordering::Relaxed);
+        Registered {
+            id,
+            shared,
+            seen_through,
+        }
+    }
+}
+
+/// A subscriber as the hub registered it.
+pub(super) struct Registered {
+    pub(super) id: u64,
+    pub(super) shared: Arc<SubShared>,
+    /// Every event up to this seq counts as delivered or filtered out.
+    pub(super) seen_through: u64,
 }
 
 /// The fan-out hub. Cheap to clone.
 #[derive(Clone)]
 pub struct Hub {
-    inner: Arc<HubInner>,
+    pub(super) inner: Arc<HubInner>,
 }
 
 impl Hub {
@@ -252,72 +305,6 @@ impl Hub {
             .await
             .ok()?
             .ok()
-    }
-
-    /// Registers a subscriber. Callers reserve its index work first
-    /// ([`Hub::reserve_subscribe`]).
-    pub fn subscribe(
-        &self,
-        wire: WireKind,
-        filter: Filter,
-        policy: SlowPolicy,
-        start: Start,
-    ) -> Subscription {
-        let shared = Arc::new(SubShared {
-            queue: Mutex::new(Queue {
-                events: VecDeque::new(),
-                bytes: 0,
-                overflowed: false,
-            }),
-            notify: Notify::new(),
-        });
-        let mut state = self.inner.state.lock();
-        let id = state.next_id;
-        state.next_id += 1;
-        let (mode, seen_through, live) = match start {
-            // Live means "after what is logged now", not "after what is dispatched": the
-            // dispatcher can trail the log (never lead it), and events logged before the
-            // connection are not live to it.
-            Start::Live => (Mode::Live, self.inner.reader.newest_seq(), true),
-            Start::From(seq) => (Mode::CatchUp { next: seq.max(1) }, seq.max(1) - 1, false),
-        };
-        if live {
-            state.index.insert(id, &filter);
-        } else {
-            self.inner
-                .stats
-                .catchups_active
-                .fetch_add(1, Ordering::Relaxed);
-        }
-        state.entries.insert(
-            id,
-            Entry {
-                shared: shared.clone(),
-                filter: Arc::new(filter.clone()),
-                wire,
-                live,
-                last_pushed: seen_through,
-                frames: FrameOnce::default(),
-            },
-        );
-        drop(state);
-        self.inner.stats.subscribers[wire.index()].fetch_add(1, Ordering::Relaxed);
-        Subscription {
-            hub: self.inner.clone(),
-            id,
-            shared,
-            wire,
-            filter,
-            policy,
-            mode,
-            seen_through,
-            tokens: TokenBucket::new(
-                self.inner.config.replay_events_per_sec as f64,
-                self.inner.config.replay_events_per_sec as f64,
-            ),
-            peer: None,
-            frames: FrameOnce::default(),
-        }
     }
 }
 

@@ -15,8 +15,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::filter::Filter;
-use super::hub::{HubInner, HubState, SubShared};
-use super::{visible, End, IndexBusy, SlowPolicy};
+use super::hub::{Hub, HubInner, HubState, SubShared};
+use super::{visible, End, IndexBusy, SlowPolicy, Start};
 use crate::log::{LogError, SharedEvent};
 use crate::rate::TokenBucket;
 use crate::wire::raw::FrameOnce;
@@ -31,7 +31,7 @@ fn payloads(wire: WireKind) -> crate::log::Payloads {
     }
 }
 
-pub(super) enum Mode {
+enum Mode {
     Live,
     CatchUp { next: u64 },
 }
@@ -54,22 +54,54 @@ const REJOIN_RETRY: Duration = Duration::from_millis(50);
 
 /// One subscriber's view of the stream. Dropping it unregisters the subscriber.
 pub struct Subscription {
-    pub(super) hub: Arc<HubInner>,
-    pub(super) id: u64,
-    pub(super) shared: Arc<SubShared>,
-    pub(super) wire: WireKind,
-    pub(super) filter: Filter,
-    pub(super) policy: SlowPolicy,
-    pub(super) mode: Mode,
+    hub: Arc<HubInner>,
+    id: u64,
+    shared: Arc<SubShared>,
+    wire: WireKind,
+    filter: Filter,
+    policy: SlowPolicy,
+    mode: Mode,
     /// Every event up to this seq has been delivered or filtered out.
-    pub(super) seen_through: u64,
+    seen_through: u64,
     /// Paces this connection's catch-up reads (`--replay-events-per-sec`).
-    pub(super) tokens: TokenBucket,
+    tokens: TokenBucket,
     /// The client's address: its share of the index and scan budgets.
-    pub(super) peer: Option<IpAddr>,
+    peer: Option<IpAddr>,
     /// The raw frames delivered so far: what catch-up must not send again, handed to the
     /// hub's entry when the subscriber rejoins the live path.
-    pub(super) frames: FrameOnce,
+    frames: FrameOnce,
+}
+
+impl Hub {
+    /// Registers a subscriber. Callers reserve its index work first
+    /// ([`Hub::reserve_subscribe`]).
+    pub fn subscribe(
+        &self,
+        wire: WireKind,
+        filter: Filter,
+        policy: SlowPolicy,
+        start: Start,
+    ) -> Subscription {
+        let registered = self.inner.register(wire, &filter, start);
+        let mode = match start {
+            Start::Live => Mode::Live,
+            Start::From(seq) => Mode::CatchUp { next: seq.max(1) },
+        };
+        let rate = self.inner.config.replay_events_per_sec as f64;
+        Subscription {
+            hub: self.inner.clone(),
+            id: registered.id,
+            shared: registered.shared,
+            wire,
+            filter,
+            policy,
+            mode,
+            seen_through: registered.seen_through,
+            tokens: TokenBucket::new(rate, rate),
+            peer: None,
+            frames: FrameOnce::default(),
+        }
+    }
 }
 
 impl Subscription {
