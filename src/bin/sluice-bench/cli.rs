@@ -1,13 +1,14 @@
-//! The command line: subcommands, the fan-out and relay arguments, wires, targets.
+//! The command line: subcommands and the fan-out and relay arguments.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 
 use crate::cluster;
 use crate::hostile;
 use crate::sink;
+use crate::target::{BaselineArg, Mix, Wire};
 
 #[derive(Parser)]
 #[command(
@@ -136,63 +137,4 @@ pub(crate) struct RedisRelayArgs {
     /// Messages a client may lag behind before it skips ahead.
     #[arg(long, default_value_t = 16384)]
     pub(crate) capacity: usize,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub(crate) enum Wire {
-    Raw,
-    V1,
-    V2,
-    /// v1 with `compress=true` (Jetstream's v1 zstd dictionary).
-    V1z,
-    /// v2 with `zstdDictionary=<id>` (Jetstream's v2 zstd dictionary).
-    V2z,
-}
-
-impl Wire {
-    pub(crate) fn name(self) -> &'static str {
-        match self {
-            Wire::Raw => "raw",
-            Wire::V1 => "v1",
-            Wire::V2 => "v2",
-            Wire::V1z => "v1z",
-            Wire::V2z => "v2z",
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub(crate) enum Mix {
-    Realistic,
-    All,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub(crate) enum BaselineArg {
-    Websocat,
-    Redis,
-    None,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Target {
-    Sluice(Wire),
-    Websocat,
-    Redis,
-}
-
-impl Target {
-    pub(crate) fn name(self) -> String {
-        match self {
-            Target::Sluice(w) => format!("sluice/{}", w.name()),
-            Target::Websocat => "websocat/raw".into(),
-            Target::Redis => "redis/raw".into(),
-        }
-    }
-    pub(crate) fn wire(self) -> Wire {
-        match self {
-            Target::Sluice(w) => w,
-            _ => Wire::Raw,
-        }
-    }
 }

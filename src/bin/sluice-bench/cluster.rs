@@ -396,6 +396,26 @@ async fn http_get(addr: SocketAddr, path: &str) -> Option<Vec<u8>> {
         .ok()?
 }
 
+/// The index of the node that reports itself leader, polling every `poll` for up to 60 s.
+async fn wait_for_leader(nodes: &[BenchNode], poll: Duration) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut found = None;
+        for (i, n) in nodes.iter().enumerate() {
+            if n.role().await.as_deref() == Some("leader") {
+                found = Some(i);
+            }
+        }
+        if let Some(i) = found {
+            return Ok(i);
+        }
+        if Instant::now() > deadline {
+            bail!("no leader within 60 s");
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
 struct BenchNode {
     id: String,
     port: u16,
@@ -626,24 +646,7 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
         } else {
             "handover"
         };
-        let leader = {
-            let deadline = Instant::now() + Duration::from_secs(60);
-            loop {
-                let mut found = None;
-                for (i, n) in nodes.iter().enumerate() {
-                    if n.role().await.as_deref() == Some("leader") {
-                        found = Some(i);
-                    }
-                }
-                if let Some(i) = found {
-                    break i;
-                }
-                if Instant::now() > deadline {
-                    bail!("no leader within 60 s");
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        };
+        let leader = wait_for_leader(&nodes, Duration::from_millis(50)).await?;
         tokio::time::sleep(Duration::from_millis(rng.gen_range(0..1000))).await;
         let at = base.elapsed().as_nanos() as u64;
         if kind == "kill" {
@@ -796,22 +799,7 @@ pub async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
                     ));
                 }
             }
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let leader = loop {
-                let mut found = None;
-                for (i, n) in nodes.iter().enumerate() {
-                    if n.role().await.as_deref() == Some("leader") {
-                        found = Some(i);
-                    }
-                }
-                if let Some(i) = found {
-                    break i;
-                }
-                if Instant::now() > deadline {
-                    bail!("no leader within 60 s");
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            };
+            let leader = wait_for_leader(&nodes, Duration::from_millis(100)).await?;
             tokio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
             let mut link = Link::new(
                 &format!("redis://127.0.0.1:{rport}/0"),

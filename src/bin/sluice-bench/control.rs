@@ -2,10 +2,10 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 
-use crate::cli::{Target, Wire};
 use crate::frame_meta::{
     FrameMeta, FrameType, CLS_FOLLOW, CLS_LIKE, CLS_NONCOMMIT, CLS_OTHER, CLS_POST,
 };
+use crate::target::{Target, Wire};
 
 pub(crate) const PH_WARMUP: u8 = 0;
 pub(crate) const PH_MEASURE: u8 = 1;

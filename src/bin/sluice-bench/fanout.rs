@@ -4,12 +4,13 @@ use std::io::Write as _;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 
-use crate::cli::{BaselineArg, FanoutArgs, Target};
+use crate::cli::FanoutArgs;
 use crate::phase::run_phase;
 use crate::procs::CHILD_PIDS;
-use crate::report::print_summary;
+use crate::report::{open_results, print_summary};
+use crate::target::{BaselineArg, Target};
 
 pub(crate) async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
     if args.subscribers == 0 || args.rate == 0 || args.duration == 0 {
@@ -40,16 +41,7 @@ pub(crate) async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
         std::process::exit(3);
     });
 
-    let mut out = match &args.json {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("opening {}", p.display()))?,
-        ),
-        None => None,
-    };
+    let mut out = open_results(args.json.as_deref())?;
     let mut results = Vec::new();
     for run in 1..=runs {
         for t in &targets {

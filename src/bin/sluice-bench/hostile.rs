@@ -43,8 +43,8 @@ use crate::hist::{now_ns, Hist};
 use crate::procs::{
     free_port, proc_cpu_secs, proc_rss_kb, wait_tcp, ChildGuard, TempDir, CHILD_PIDS,
 };
-use crate::publisher::{start_generator, upstream_server, PubSink};
-use crate::report::median;
+use crate::publisher::{start_generator, start_upstream, PubSink};
+use crate::report::{median, open_results};
 use crate::stamps::Stamps;
 
 #[derive(Parser, Clone)]
@@ -879,24 +879,15 @@ pub async fn hostile(args: HostileArgs) -> anyhow::Result<()> {
         std::process::exit(3);
     });
 
-    let dir = args
-        .tmp
-        .join(format!("sluice-bench-hostile-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let dir = TempDir(dir);
+    let dir = TempDir::fresh(&args.tmp, "hostile")?;
     let (tx, sinks) = tokio::sync::mpsc::channel::<PubSink>(4);
-    let up = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let up_port = up.local_addr()?.port();
-    tokio::spawn(upstream_server(up, tx));
+    let upstream = start_upstream(tx).await?;
     let port = free_port()?;
     let admin_port = free_port()?;
     let mut cmd = Command::new(&args.sluice);
     cmd.arg("serve")
         .arg("--upstream")
-        .arg(format!(
-            "ws://127.0.0.1:{up_port}/xrpc/com.atproto.sync.subscribeRepos"
-        ))
+        .arg(upstream)
         .arg("--listen")
         .arg(format!("127.0.0.1:{port}"))
         .arg("--admin-listen")
@@ -945,16 +936,7 @@ pub async fn hostile(args: HostileArgs) -> anyhow::Result<()> {
         stamps.clone(),
         bystander.clone(),
     );
-    let mut out = match &args.json {
-        Some(p) => Some(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("opening {}", p.display()))?,
-        ),
-        None => None,
-    };
+    let mut out = open_results(args.json.as_deref())?;
     let mut results = Vec::new();
     for (i, step) in plan.iter().enumerate() {
         serve.check_alive()?;

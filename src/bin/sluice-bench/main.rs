@@ -33,6 +33,7 @@ mod report;
 mod sink;
 mod stamps;
 mod subscribers;
+mod target;
 
 use clap::Parser;
 

@@ -9,21 +9,22 @@ use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
-use crate::cli::{FanoutArgs, Mix, Target, Wire};
+use crate::cli::FanoutArgs;
 use crate::control::{Control, Tally, PH_AFTER, PH_COUNT, PH_MEASURE, PH_STALL, PH_WARMUP};
 use crate::hist::Hist;
 use crate::procs::{
     cpu_each, free_port, machine_jiffies, rss_total, self_cpu, wait_tcp, ChildGuard, TempDir,
 };
-use crate::publisher::{publish, start_generator, upstream_server, BoxSink, PubCtx, PubSink};
+use crate::publisher::{publish, start_generator, start_upstream, BoxSink, PubCtx, PubSink};
 use crate::report::{print_phase, q};
 use crate::stamps::Stamps;
 use crate::subscribers::{
     connect_sub, decoder_dictionary, realistic_filter, run_sub, sub_url, SubShared, SubSpec,
     TIMED_EVERY,
 };
+use crate::target::{Mix, Target, Wire};
 
 pub(crate) struct Running {
     /// Processes whose CPU is the target's (name, guard).
@@ -40,25 +41,16 @@ pub(crate) async fn start_target(
     target: Target,
     tag: &str,
 ) -> anyhow::Result<Running> {
-    let dir = args
-        .tmp
-        .join(format!("sluice-bench-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    let dir = TempDir(dir);
+    let dir = TempDir::fresh(&args.tmp, tag)?;
     let (tx, rx) = tokio::sync::mpsc::channel::<PubSink>(4);
     match target {
         Target::Sluice(_) => {
-            let up = TcpListener::bind("127.0.0.1:0").await?;
-            let up_port = up.local_addr()?.port();
-            tokio::spawn(upstream_server(up, tx));
+            let upstream = start_upstream(tx).await?;
             let port = free_port()?;
             let mut cmd = Command::new(&args.sluice);
             cmd.arg("serve")
                 .arg("--upstream")
-                .arg(format!(
-                    "ws://127.0.0.1:{up_port}/xrpc/com.atproto.sync.subscribeRepos"
-                ))
+                .arg(upstream)
                 .arg("--listen")
                 .arg(format!("127.0.0.1:{port}"))
                 .arg("--data-dir")

@@ -140,6 +140,16 @@ pub(crate) async fn wait_tcp(port: u16, child: &mut ChildGuard, secs: u64) -> an
 
 pub(crate) struct TempDir(pub(crate) PathBuf);
 
+impl TempDir {
+    /// `base/sluice-bench-<name>-<pid>`, emptied if a previous run left it.
+    pub(crate) fn fresh(base: &std::path::Path, name: &str) -> anyhow::Result<Self> {
+        let dir = base.join(format!("sluice-bench-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(TempDir(dir))
+    }
+}
+
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);

@@ -198,12 +198,22 @@ pub(crate) async fn publish(
     stats
 }
 
+/// Starts the in-process upstream relay on a free loopback port, handing each connection
+/// from sluice to the publisher through `sinks`; returns the URL for `--upstream`.
+pub(crate) async fn start_upstream(
+    sinks: tokio::sync::mpsc::Sender<PubSink>,
+) -> anyhow::Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    tokio::spawn(upstream_server(listener, sinks));
+    Ok(format!(
+        "ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos"
+    ))
+}
+
 /// Accepts upstream connections from sluice on `listener` (any path) and hands each one's
 /// sink to the publisher; reads are drained so pings are answered.
-pub(crate) async fn upstream_server(
-    listener: TcpListener,
-    sinks: tokio::sync::mpsc::Sender<PubSink>,
-) {
+async fn upstream_server(listener: TcpListener, sinks: tokio::sync::mpsc::Sender<PubSink>) {
     for _ in 0..1000 {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;

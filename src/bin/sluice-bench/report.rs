@@ -1,8 +1,23 @@
 //! Printing of phase results and the median summary.
 
+use std::path::Path;
+
+use anyhow::Context;
 use serde_json::json;
 
 use crate::hist::Hist;
+
+/// The file each result is appended to as one JSON line (`--json`), if one was given.
+pub(crate) fn open_results(path: Option<&Path>) -> anyhow::Result<Option<std::fs::File>> {
+    path.map(|p| {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .with_context(|| format!("opening {}", p.display()))
+    })
+    .transpose()
+}
 
 pub(crate) fn q(h: &Hist, p: f64) -> serde_json::Value {
     h.quantile(p).map_or(serde_json::Value::Null, |v| json!(v))

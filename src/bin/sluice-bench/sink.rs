@@ -24,6 +24,7 @@ use sluice::sink::RedisSinkConfig;
 use sluice::upstream::synth::{Synth, SynthOptions};
 
 use crate::procs::{free_port, proc_cpu_secs, self_cpu, wait_tcp, ChildGuard, TempDir};
+use crate::report::median;
 
 #[derive(Parser, Clone)]
 pub struct RedisSinkArgs {
@@ -51,15 +52,7 @@ pub struct RedisSinkArgs {
 }
 
 fn temp_dir(base: &std::path::Path, tag: &str) -> anyhow::Result<TempDir> {
-    let dir = base.join(format!("sluice-bench-sink-{}-{tag}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    Ok(TempDir(dir))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    TempDir::fresh(base, &format!("sink-{tag}"))
 }
 
 pub async fn redis_sink(args: RedisSinkArgs) -> anyhow::Result<()> {

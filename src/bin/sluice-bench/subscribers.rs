@@ -12,11 +12,11 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::cli::{Target, Wire};
 use crate::control::{Control, PH_COUNT};
 use crate::frame_meta::{commit_key, frame_seq, json_str, seq_key, CLS_FOLLOW, CLS_LIKE, CLS_POST};
 use crate::hist::{now_ns, Hist};
 use crate::stamps::Stamps;
+use crate::target::{Target, Wire};
 
 pub(crate) struct SubShared {
     /// Messages received per phase.
