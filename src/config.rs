@@ -725,7 +725,6 @@ impl ServeArgs {
             client_memory: MemoryConfig {
                 total_bytes: usize_of(self.client_memory_mib * MIB)?,
                 per_ip_bytes: usize_of(self.client_memory_per_ip_mib * MIB)?,
-                message_timeout: Duration::from_secs(self.client_message_timeout_secs),
             },
             redis_sink,
         })

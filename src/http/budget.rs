@@ -10,7 +10,6 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use parking_lot::Mutex;
 
@@ -21,8 +20,6 @@ pub struct MemoryConfig {
     pub total_bytes: usize,
     /// Per client IP, bytes.
     pub per_ip_bytes: usize,
-    /// A message (all its fragments) must arrive within this long of its first byte.
-    pub message_timeout: Duration,
 }
 
 impl Default for MemoryConfig {
@@ -30,7 +27,6 @@ impl Default for MemoryConfig {
         Self {
             total_bytes: 256 * 1024 * 1024,
             per_ip_bytes: 32 * 1024 * 1024,
-            message_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -263,7 +259,6 @@ mod tests {
         let memory = Arc::new(ClientMemory::new(MemoryConfig {
             total_bytes: 1000,
             per_ip_bytes: 600,
-            ..MemoryConfig::default()
         }));
         let a = memory.connection(ip(2));
         let a2 = memory.connection(ip(2));
@@ -301,7 +296,6 @@ mod tests {
         let memory = Arc::new(ClientMemory::new(MemoryConfig {
             total_bytes: 1000,
             per_ip_bytes: 1000,
-            ..MemoryConfig::default()
         }));
         let a = memory.connection(ip(2));
         a.arm();
@@ -309,7 +303,6 @@ mod tests {
         memory.set_config(MemoryConfig {
             total_bytes: 2000,
             per_ip_bytes: 500,
-            ..MemoryConfig::default()
         });
         assert_eq!(a.held(), 600, "what is held stays");
         assert_eq!(a.on_read(1), Err(Spent::PerIp));
