@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use serde_json::json;
-use sluice::daemon::{start_ingest, IngestConfig, IngestHandle};
+use sluice::ingest::{start_ingest, IngestConfig, IngestHandle};
 use sluice::decode::dagcbor_encode::encode_dag_cbor;
 use sluice::event::{Event, EventKind, StampState};
 use sluice::log::{Log, LogConfig};

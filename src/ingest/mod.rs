@@ -6,6 +6,8 @@
 //! backwards or ahead of the wall clock at receipt (unless strict increase forces it,
 //! which is counted), or drop a frame without counting it.
 
+mod thread;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,6 +16,8 @@ use crate::decode::{self, Body, DecodeError, DecodeLimits, DecodedFrame, Message
 use crate::event::{Event, EventKind, StampState};
 use crate::upstream::client::UpstreamConfig;
 use crate::wire::{jetstream_v1, jetstream_v2};
+
+pub use thread::{start_ingest, start_ingest_with, EventSink, IngestHandle};
 
 /// Most distinct collections counted by name; the rest are counted as `other`, so a flood
 /// of made-up NSIDs cannot grow memory or metric cardinality.
