@@ -4,7 +4,7 @@
 //!
 //! `cargo run --example log_fixture -- fixtures/log-format-1`
 //!
-//! `tests/log_format.rs` re-ingests the same frames the same way and compares every event.
+//! `tests/log/format.rs` re-ingests the same frames the same way and compares every event.
 
 use std::sync::Arc;
 

@@ -1,6 +1,8 @@
 //! `kill -9` at random moments during ingest, 20 times, then a clean run: the log holds
 //! every upstream event exactly once, in order, with sluice seqs gapless from 1.
 
+mod serve_common;
+
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -101,34 +103,9 @@ async fn twenty_kill_nines_lose_and_duplicate_nothing() {
     // A final clean run until every frame is in.
     let port = free_port();
     let mut child = spawn(&upstream, &data, port);
-    let last_upstream = {
-        match sluice::decode::decode_frame(frames.last().unwrap(), &Default::default()) {
-            Ok(sluice::decode::DecodedFrame::Message(m)) => m.seq.unwrap(),
-            other => panic!("{other:?}"),
-        }
-    };
-    // Ready when the raw wire delivers the last upstream frame (its cursor is exclusive).
-    let probe = async {
-        loop {
-            let url = format!(
-                "ws://127.0.0.1:{port}/xrpc/com.atproto.sync.subscribeRepos?cursor={}",
-                last_upstream - 1
-            );
-            if let Ok((mut ws, _)) = tokio_tungstenite::connect_async(&url).await {
-                use futures_util::StreamExt;
-                // Until the last frame is in, this cursor is in sluice's future and the
-                // answer is a FutureCursor error frame: try again.
-                if let Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(frame))) =
-                    ws.next().await
-                {
-                    if Some(&frame) == frames.last() {
-                        return;
-                    }
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    };
+    let last_upstream = serve_common::upstream_seq(frames.last().unwrap());
+    // Ready when the raw wire delivers the last upstream frame.
+    let probe = serve_common::raw_wire_delivers(port, frames.last().unwrap());
     tokio::time::timeout(Duration::from_secs(90), probe)
         .await
         .expect("the final run ingests everything within 90 s");

@@ -8,6 +8,8 @@
 //! fds: 2,000 clients plus 2,000 server sockets need ~4,100 descriptors; `ulimit -n` here
 //! is 20,000. `SLUICE_STORM_CLIENTS` overrides the count of the big storm.
 
+// Uses a few of the wire tests' helpers.
+#[allow(dead_code, unused_imports)]
 mod wire_common;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -1,7 +1,7 @@
 """Runs the PyPI `atproto` JetstreamClient (Jetstream v2) against a sluice and reports
 what it received, as one JSON object on stdout.
 
-Driven by tests/client_atproto.rs. The client is used as its users use it: constructed with
+Driven by tests/wire/atproto_client.rs. The client is used as its users use it: constructed with
 its defaults (compression on unless --no-compress), started, and stopped from its own
 message callback once `--expect` events have arrived. The only addition is a count of the
 raw websocket messages by type, so the test can tell compressed (binary) delivery from the

@@ -1,5 +1,7 @@
-//! Ingest in process, without a daemon: the real relay corpus stamped and encoded, and
-//! the edge cases the corpus does not contain.
+//! Ingest, one module per subject: the real relay corpus stamped and encoded in process,
+//! the edge cases the corpus does not contain, and the ingest thread end to end over real
+//! websockets from a `replay` upstream (`e2e`).
 
 mod corpus;
+mod e2e;
 mod edge_cases;
