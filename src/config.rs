@@ -387,6 +387,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_CLUSTER_APPEND_QUEUE", default_value_t = 4096,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub cluster_append_queue: u64,
+    /// Appends in flight at once on the leader's Redis connection (each at most one
+    /// batch); Redis checks each one when it reaches it.
+    #[arg(long, env = "SLUICE_CLUSTER_APPEND_IN_FLIGHT", default_value_t = 4,
+          value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub cluster_append_in_flight: u64,
     /// Most events per append (one stream entry).
     #[arg(long, env = "SLUICE_CLUSTER_BATCH_MAX_EVENTS", default_value_t = 5_000,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
@@ -660,6 +665,7 @@ impl ServeArgs {
                 c.window_floor_events = self.cluster_window_floor_events;
                 c.require_durable = self.redis_require_durable;
                 c.append_queue_frames = usize_of(self.cluster_append_queue)?;
+                c.append_in_flight = usize_of(self.cluster_append_in_flight)?;
                 c.batch_max_events = usize_of(self.cluster_batch_max_events)?;
                 c.redis_timeout = Duration::from_millis(self.redis_timeout_ms);
                 c.cursor_grace = Duration::from_millis(self.cluster_cursor_grace_ms);

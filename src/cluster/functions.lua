@@ -7,15 +7,22 @@
 --   state  hash {next_seq, last_time_us, upstream_cursor, epoch}: where ingest resumes
 --   stream the events, one entry per appended batch, entry id = "<last seq of batch>-0",
 --          fields b (the batch, see src/cluster/entry.rs) and e (the appender's epoch);
---          the leader appends with WATCH + MULTI/EXEC (Link::append in link.rs), not
---          here: a function would copy every payload into a Lua string and back
+--          the leader appends with WATCH + MULTI/EXEC (link.rs), checked by append_check
+--          below: a function that wrote the entry itself would copy every payload into a
+--          Lua string and back
+--   fence:<node>  a counter append_check raises when it refuses one of <node>'s batches:
+--          the batch's transaction watches it, so its EXEC is refused too
 --   nodes  hash node -> "position ms role subscribers": what every node reported last
 --   seed   when the state went missing (a new cluster, or Redis lost its data)
 --   lease:<name>, epoch:<name>  a named lease and its epoch counter (src/cluster/lease.rs)
 --
 -- Every check that decides whether a lease is granted is made here, in one server-side
--- step, so two callers can never both pass it. An append's checks are made under WATCH of
--- the lease, the state and the stream, so its EXEC fails if any of them changed.
+-- step, so two callers can never both pass it. An append's checks are made here too
+-- (append_check), after the caller's WATCH of the state, the stream and its fence key and
+-- before its MULTI/EXEC: the EXEC fails if a check failed (the fence key was raised) or
+-- anything changed the state or the stream in between (every grant of the lease writes the
+-- state). The checks run when the batch reaches Redis, not when it was sent, so a leader
+-- may have several batches in flight.
 
 local function num(v)
   if v == false or v == nil then return nil end
@@ -120,7 +127,54 @@ local function release(keys, args)
   return 0
 end
 
+-- append_check(keys: lease, state, stream, fence; args: node, epoch, first_seq, last_seq,
+--              upstream_cursor, '<first_seq - 1>-0')
+-- The checks of one append, in this order: the caller holds the lease under epoch
+-- (FENCED), the resume state exists (NOSTATE), the batch is not already in (a resend after
+-- a lost reply: the state was written under this epoch past the batch's last seq, answered
+-- ALREADY), the batch continues the stream (GAP), the upstream cursor advances (CURSOR),
+-- and the stream holds no entry past the state (GAP). Passing, it writes nothing and
+-- returns {1, last_time_us, upstream_cursor} (the state before the batch); otherwise it
+-- raises the caller's fence key, so the caller's EXEC that follows writes nothing, and
+-- returns the error (or {2} for ALREADY).
+local function append_check(keys, args)
+  local lease, state, stream, fence = keys[1], keys[2], keys[3], keys[4]
+  local node, epoch = args[1], args[2]
+  local first, last, up = tonumber(args[3]), tonumber(args[4]), tonumber(args[5])
+  local function refuse(msg)
+    redis.call('INCR', fence)
+    redis.call('PEXPIRE', fence, 86400000)
+    if msg == nil then return {2} end
+    return redis.error_reply(msg)
+  end
+  local h = redis.call('HMGET', lease, 'node', 'epoch')
+  if h[1] ~= node or h[2] ~= epoch then
+    return refuse('FENCED lease is held by ' .. tostring(h[1]) .. ' epoch ' .. tostring(h[2]))
+  end
+  local s = redis.call('HMGET', state, 'next_seq', 'last_time_us', 'upstream_cursor', 'epoch')
+  local next_seq = num(s[1])
+  if next_seq == nil then
+    return refuse('NOSTATE the resume state is missing')
+  end
+  if last < next_seq and s[4] == epoch then
+    return refuse(nil)
+  end
+  if first ~= next_seq or last < first then
+    return refuse('GAP expected ' .. s[1] .. ' got ' .. args[3])
+  end
+  local cursor = num(s[3])
+  if cursor ~= nil and up <= cursor then
+    return refuse('CURSOR stored ' .. s[3] .. ' got ' .. args[5])
+  end
+  local later = redis.call('XREAD', 'COUNT', 1, 'STREAMS', stream, args[6])
+  if later then
+    return refuse('GAP the stream holds an entry past its resume state next seq ' .. s[1])
+  end
+  return {1, s[2] or '0', s[3] or ''}
+end
+
 redis.register_function('sluice_acquire', acquire)
+redis.register_function('sluice_append_check', append_check)
 redis.register_function('sluice_lease_acquire', lease_acquire)
 redis.register_function('sluice_renew', renew)
 redis.register_function('sluice_release', release)

@@ -25,6 +25,8 @@ pub struct Keys {
     pub stream: String,
     pub nodes: String,
     pub seed: String,
+    /// Prefix of the nodes' fence keys ([`Keys::fence`]).
+    pub fence: String,
 }
 
 impl Keys {
@@ -37,7 +39,13 @@ impl Keys {
             stream: k("stream"),
             nodes: k("nodes"),
             seed: k("seed"),
+            fence: k("fence"),
         }
+    }
+
+    /// The key `append_check` raises when it refuses one of `node`'s batches.
+    pub fn fence(&self, node: &str) -> String {
+        format!("{}:{node}", self.fence)
     }
 }
 
@@ -72,131 +80,169 @@ pub struct Link {
     conn: Option<MultiplexedConnection>,
     /// Deadline of every command (a blocking read adds its block time).
     timeout: Duration,
-    /// What the last check round of `append` read on this connection, still `WATCH`ed.
-    watched: Option<Watched>,
 }
 
 /// Transactions aborted in a row before an append gives up (as unavailable: the caller
 /// retries while its lease is valid).
-const ABORTS_BEFORE_GIVING_UP: usize = 8;
-/// Replies of one check round (`add_check`).
-const CHECK_REPLIES: usize = 5;
+pub const ABORTS_BEFORE_GIVING_UP: usize = 8;
 
-/// Queues a check round: `UNWATCH` (a refused round leaves a watch behind), `WATCH` of
-/// the lease, the state and the stream, then their contents: the lease holder and epoch,
-/// the resume state, and whether the stream holds any entry past `after` (it never
-/// should: its newest entry is the state's next seq - 1).
-fn add_check(pipe: &mut redis::Pipeline, keys: &Keys, after: u64) {
-    pipe.cmd("UNWATCH")
-        .cmd("WATCH")
-        .arg(&keys.lease)
-        .arg(&keys.state)
-        .arg(&keys.stream)
-        .cmd("HMGET")
-        .arg(&keys.lease)
-        .arg("node")
-        .arg("epoch")
-        .cmd("HMGET")
-        .arg(&keys.state)
-        .arg("next_seq")
-        .arg("last_time_us")
-        .arg("upstream_cursor")
-        .cmd("XREAD")
-        .arg("COUNT")
-        .arg(1)
-        .arg("STREAMS")
-        .arg(&keys.stream)
-        .arg(format!("{after}-0"));
+/// One batch as an append sends it: stream entry `<last_seq>-0` carrying `payload`, and
+/// the resume state after it.
+#[derive(Debug, Clone, Copy)]
+pub struct AppendBatch<'a> {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub state: StampState,
+    /// Trim the stream below this seq in the same transaction (0: do not).
+    pub trim_below: u64,
+    pub payload: &'a [u8],
 }
 
-/// The lease, the resume state and the stream as a check round read them, while watched.
-#[derive(Debug, Clone)]
-struct Watched {
-    /// The round checked for a batch starting at `after + 1`.
-    after: u64,
-    holder: Option<String>,
-    epoch: Option<u64>,
-    next_seq: Option<u64>,
-    last_time_us: Option<i64>,
-    cursor: Option<i64>,
-    /// The id of an entry past `after`, if the stream holds one.
-    later_entry: Option<u64>,
+/// The commands of one append, sent as one pipeline (and several appends may be in
+/// flight on one connection, in order): `WATCH` of the state, the stream and this node's
+/// fence key; `FCALL sluice_append_check` (every check, made when the batch reaches
+/// Redis; a refusal raises the fence key); `MULTI`, `XADD`, `HSET` of the state, the trim,
+/// `EXEC`, which Redis refuses if the check refused or anything wrote the state (every
+/// grant of the lease does) or the stream in between. The payload goes straight to `XADD`:
+/// a Redis Function writing the entry would copy it into a Lua string and back
+/// (docs/DECISIONS.md, "Cluster").
+pub struct AppendCommands {
+    pub pipe: redis::Pipeline,
+    /// Replies the pipeline gets.
+    pub replies: usize,
+    trims: bool,
 }
 
-enum Verdict {
-    Write,
-    /// The batch is already the stream's last (a retry after a lost reply).
-    Already,
-}
-
-impl Watched {
-    fn parse(after: u64, replies: &[Value]) -> Result<Self, ClusterError> {
-        if let Some(Value::ServerError(e)) =
-            replies.iter().find(|v| matches!(v, Value::ServerError(_)))
-        {
-            return Err(ClusterError::from_server(e.code(), e.details()));
+impl AppendCommands {
+    pub fn new(keys: &Keys, node: &str, epoch: u64, batch: &AppendBatch<'_>) -> Self {
+        let up = batch.state.upstream_cursor.unwrap_or(i64::MIN);
+        let fence = keys.fence(node);
+        let mut pipe = redis::pipe();
+        pipe.cmd("WATCH")
+            .arg(&keys.state)
+            .arg(&keys.stream)
+            .arg(&fence)
+            .cmd("FCALL")
+            .arg("sluice_append_check")
+            .arg(4)
+            .arg(&keys.lease)
+            .arg(&keys.state)
+            .arg(&keys.stream)
+            .arg(&fence)
+            .arg(node)
+            .arg(epoch)
+            .arg(batch.first_seq)
+            .arg(batch.last_seq)
+            .arg(up)
+            .arg(format!("{}-0", batch.first_seq.saturating_sub(1)))
+            .cmd("MULTI")
+            .cmd("XADD")
+            .arg(&keys.stream)
+            .arg(format!("{}-0", batch.last_seq))
+            .arg("b")
+            .arg(batch.payload)
+            .arg("e")
+            .arg(epoch)
+            .cmd("HSET")
+            .arg(&keys.state)
+            .arg("next_seq")
+            .arg(batch.last_seq + 1)
+            .arg("last_time_us")
+            .arg(batch.state.last_time_us)
+            .arg("upstream_cursor")
+            .arg(up);
+        let trims = batch.trim_below > 0;
+        if trims {
+            pipe.cmd("XTRIM")
+                .arg(&keys.stream)
+                .arg("MINID")
+                .arg("~")
+                .arg(format!("{}-0", batch.trim_below));
         }
-        let (Some(lease), Some(state), Some(later)) =
-            (replies.get(2), replies.get(3), replies.get(4))
-        else {
+        pipe.cmd("EXEC");
+        // WATCH, FCALL, MULTI, one QUEUED per command inside, EXEC.
+        let replies = 3 + if trims { 3 } else { 2 } + 1;
+        Self {
+            pipe,
+            replies,
+            trims,
+        }
+    }
+
+    /// What Redis did with the batch, from the pipeline's replies.
+    pub fn outcome(&self, replies: &[Value]) -> Result<AppendOutcome, ClusterError> {
+        let (Some(check), Some(exec)) = (replies.get(1), replies.last()) else {
             return Err(ClusterError::Protocol(format!(
-                "check round answered {replies:?}"
+                "an append answered {replies:?}"
             )));
         };
-        let lease = array(lease)?;
-        let state = array(state)?;
-        Ok(Watched {
-            after,
-            holder: lease.first().and_then(text),
-            epoch: lease.get(1).and_then(int).map(|e| e.max(0) as u64),
-            next_seq: state.first().and_then(int).map(|n| n.max(0) as u64),
-            last_time_us: state.get(1).and_then(int),
-            cursor: state.get(2).and_then(int),
-            later_entry: parse_xread(later)?.first().map(|e| e.last_seq),
-        })
-    }
-
-    /// The same checks, in the same order, as the lease function's: who holds the lease,
-    /// whether the batch continues the stream, whether the upstream cursor advances.
-    fn verdict(
-        &self,
-        node: &str,
-        epoch: u64,
-        first_seq: u64,
-        last_seq: u64,
-        up: i64,
-    ) -> Result<Verdict, ClusterError> {
-        if self.holder.as_deref() != Some(node) || self.epoch != Some(epoch) {
-            return Err(ClusterError::Fenced(format!(
-                "lease is held by {} epoch {}",
-                self.holder.as_deref().unwrap_or("nil"),
-                self.epoch.map_or("nil".to_string(), |e| e.to_string())
-            )));
-        }
-        let Some(next_seq) = self.next_seq else {
-            return Err(ClusterError::NoState("the resume state is missing".into()));
-        };
-        if last_seq + 1 == next_seq && self.cursor == Some(up) {
-            return Ok(Verdict::Already);
-        }
-        if first_seq != next_seq || last_seq < first_seq {
-            return Err(ClusterError::Gap(format!(
-                "expected {next_seq} got {first_seq}"
-            )));
-        }
-        if let Some(cursor) = self.cursor {
-            if up <= cursor {
-                return Err(ClusterError::Cursor(format!("stored {cursor} got {up}")));
+        let before = match check {
+            Value::ServerError(e) => return Err(ClusterError::from_server(e.code(), e.details())),
+            v => {
+                let items = array(v)?;
+                match items.first().and_then(int) {
+                    Some(2) => return Ok(AppendOutcome::Already),
+                    Some(1) => (
+                        items.get(1).and_then(int).unwrap_or(0),
+                        items.get(2).and_then(int),
+                    ),
+                    _ => {
+                        return Err(ClusterError::Protocol(format!(
+                            "the append check answered {v:?}"
+                        )))
+                    }
+                }
             }
+        };
+        match exec {
+            Value::Nil => Ok(AppendOutcome::Aborted),
+            Value::Array(results) => {
+                if let Some(Value::ServerError(e)) = results.first() {
+                    // Only possible when the stream's last id is past what its state says
+                    // (changed from outside): the state was written regardless.
+                    return Ok(AppendOutcome::StreamRefused {
+                        detail: e.details().unwrap_or("").to_string(),
+                        last_time_us: before.0,
+                        upstream_cursor: before.1,
+                    });
+                }
+                let trimmed = if self.trims {
+                    results.get(2).and_then(int).unwrap_or(0).max(0) as u64
+                } else {
+                    0
+                };
+                Ok(AppendOutcome::Written { trimmed })
+            }
+            Value::ServerError(e) => Err(ClusterError::from_server(e.code(), e.details())),
+            other => Err(ClusterError::Protocol(format!("EXEC answered {other:?}"))),
         }
-        if let Some(id) = self.later_entry {
-            return Err(ClusterError::Gap(format!(
-                "the stream holds entry {id}, past its resume state's next seq {next_seq}"
-            )));
-        }
-        Ok(Verdict::Write)
     }
 }
+
+/// What Redis did with one append whose check passed (a refused check is the error).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppendOutcome {
+    Written {
+        /// Entries removed by the trim.
+        trimmed: u64,
+    },
+    /// The batch was already in the stream (a resend after a lost reply): nothing written.
+    Already,
+    /// Something else wrote the state or the stream between the check and the `EXEC`:
+    /// nothing written; check and send again.
+    Aborted,
+    /// Redis refused the entry inside the transaction (the stream's last id is past its
+    /// state: changed from outside); the state was written anyway, and was this before.
+    StreamRefused {
+        detail: String,
+        last_time_us: i64,
+        upstream_cursor: Option<i64>,
+    },
+}
+
+/// A pipeline sent on a connection, its replies awaited.
+pub type PendingReplies =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<Value>, ClusterError>>>>;
 
 /// The lease was granted: stamping resumes from `state` under `epoch`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -248,7 +294,6 @@ impl Link {
             client,
             conn: None,
             timeout,
-            watched: None,
         })
     }
 
@@ -468,16 +513,9 @@ impl Link {
     /// Appends one batch as stream entry `<last_seq>-0` with the new resume state, or
     /// writes nothing and says why: [`ClusterError::Fenced`] (this node does not hold the
     /// lease under `epoch`), [`ClusterError::Gap`] (the batch does not continue the stream),
-    /// [`ClusterError::Cursor`] (the upstream cursor does not advance). A batch that is
-    /// already the stream's last (a retry after a lost reply) is answered as done.
-    ///
-    /// One optimistic transaction: the lease, the state and the stream are `WATCH`ed, read
-    /// and checked, then the entry and the state go in one `MULTI`/`EXEC`, which Redis
-    /// refuses if any of the three changed in between (another node took the lease, it
-    /// expired, or anything else wrote). The payload goes straight to `XADD`; a Redis
-    /// Function would copy it into a Lua string and back (docs/DECISIONS.md, "Cluster").
-    /// The reads for the next batch ride on the same round trip as this batch's `EXEC`,
-    /// so a batch costs one round trip.
+    /// [`ClusterError::Cursor`] (the upstream cursor does not advance). A batch already in
+    /// the stream (a retry after a lost reply) is answered as done. One batch, one round
+    /// trip ([`AppendCommands`]); the leader's appender keeps several in flight instead.
     #[allow(clippy::too_many_arguments)]
     pub async fn append(
         &mut self,
@@ -490,115 +528,102 @@ impl Link {
         trim_below: u64,
         payload: &[u8],
     ) -> Result<Appended, ClusterError> {
-        let up = state.upstream_cursor.unwrap_or(i64::MIN);
-        // A transaction aborted by a write in between (a renewal of the lease touches it)
-        // is checked and tried again; this many aborts in a row is reported as unavailable.
+        let batch = AppendBatch {
+            first_seq,
+            last_seq,
+            state,
+            trim_below,
+            payload,
+        };
+        let commands = AppendCommands::new(keys, node, epoch, &batch);
+        // A transaction aborted by a write in between is checked and tried again; this
+        // many aborts in a row is reported as unavailable.
         for _ in 0..ABORTS_BEFORE_GIVING_UP {
-            let watched = match self.watched.take() {
-                Some(w) if w.after + 1 == first_seq => w,
-                _ => self.check_round(keys, first_seq - 1).await?,
+            let replies = self.pipeline(&commands.pipe, commands.replies).await?;
+            let (trimmed, already) = match commands.outcome(&replies)? {
+                AppendOutcome::Written { trimmed } => (trimmed, false),
+                AppendOutcome::Already => (0, true),
+                AppendOutcome::Aborted => continue,
+                AppendOutcome::StreamRefused {
+                    detail,
+                    last_time_us,
+                    upstream_cursor,
+                } => {
+                    self.restore_state(keys, first_seq, last_time_us, upstream_cursor)
+                        .await;
+                    return Err(ClusterError::Gap(format!(
+                        "the stream refused entry {last_seq}: {detail}"
+                    )));
+                }
             };
-            match watched.verdict(node, epoch, first_seq, last_seq, up)? {
-                Verdict::Already => {
-                    return Ok(Appended {
-                        next_seq: last_seq + 1,
-                        trimmed: 0,
-                        already: true,
-                    })
-                }
-                Verdict::Write => {}
-            }
-            let mut pipe = redis::pipe();
-            pipe.cmd("MULTI")
-                .cmd("XADD")
-                .arg(&keys.stream)
-                .arg(format!("{last_seq}-0"))
-                .arg("b")
-                .arg(payload)
-                .arg("e")
-                .arg(epoch)
-                .cmd("HSET")
-                .arg(&keys.state)
-                .arg("next_seq")
-                .arg(last_seq + 1)
-                .arg("last_time_us")
-                .arg(state.last_time_us)
-                .arg("upstream_cursor")
-                .arg(up);
-            let mut queued = 3;
-            if trim_below > 0 {
-                pipe.cmd("XTRIM")
-                    .arg(&keys.stream)
-                    .arg("MINID")
-                    .arg("~")
-                    .arg(format!("{trim_below}-0"));
-                queued += 1;
-            }
-            pipe.cmd("EXEC");
-            add_check(&mut pipe, keys, last_seq);
-            let replies = self.pipeline(&pipe, queued + 1 + CHECK_REPLIES).await?;
-            let (tx, check) = replies.split_at(queued + 1);
-            let next = Watched::parse(last_seq, check);
-            match tx.last() {
-                Some(Value::Array(results)) => {
-                    if let Some(Value::ServerError(e)) = results.first() {
-                        // Only possible when the stream holds ids its state does not know
-                        // of (changed from outside): the state was written regardless, so
-                        // put back what was read, and stop.
-                        let detail = e.details().unwrap_or("").to_string();
-                        self.restore_state(keys, &watched).await;
-                        return Err(ClusterError::Gap(format!(
-                            "the stream refused entry {last_seq}: {detail}"
-                        )));
-                    }
-                    self.watched = next.ok();
-                    let trimmed = if trim_below > 0 {
-                        results.get(2).and_then(int).unwrap_or(0).max(0) as u64
-                    } else {
-                        0
-                    };
-                    return Ok(Appended {
-                        next_seq: last_seq + 1,
-                        trimmed,
-                        already: false,
-                    });
-                }
-                Some(Value::Nil) => continue,
-                other => {
-                    self.drop_conn();
-                    return Err(match other {
-                        Some(Value::ServerError(e)) => {
-                            ClusterError::from_server(e.code(), e.details())
-                        }
-                        _ => ClusterError::Protocol(format!("EXEC answered {other:?}")),
-                    });
-                }
-            }
+            return Ok(Appended {
+                next_seq: last_seq + 1,
+                trimmed,
+                already,
+            });
         }
         Err(ClusterError::Unavailable(format!(
             "the append transaction was aborted {ABORTS_BEFORE_GIVING_UP} times in a row"
         )))
     }
 
-    /// `WATCH`es the lease, the state and the stream and reads them (see [`Watched`]).
-    async fn check_round(&mut self, keys: &Keys, after: u64) -> Result<Watched, ClusterError> {
-        let mut pipe = redis::pipe();
-        add_check(&mut pipe, keys, after);
-        let replies = self.pipeline(&pipe, CHECK_REPLIES).await?;
-        Watched::parse(after, &replies)
+    /// Sends a pipeline without waiting: several sent in turn are answered in order. The
+    /// replies' future fails as unavailable on a timeout or a broken connection; the
+    /// caller then calls [`Link::reset`].
+    pub async fn send(
+        &mut self,
+        pipe: redis::Pipeline,
+        count: usize,
+    ) -> Result<PendingReplies, ClusterError> {
+        use redis::aio::ConnectionLike;
+        let deadline = self.timeout;
+        let mut conn = self.conn().await?.clone();
+        let mut pending: PendingReplies = Box::pin(async move {
+            match tokio::time::timeout(deadline, conn.req_packed_commands(&pipe, 0, count)).await {
+                Err(_) => Err(ClusterError::Unavailable("command timed out".into())),
+                Ok(Err(e)) if e.code().is_some() && !e.is_io_error() => Err(
+                    ClusterError::from_server(e.code().unwrap_or(""), e.detail()),
+                ),
+                Ok(Err(e)) => Err(ClusterError::Unavailable(e.to_string())),
+                Ok(Ok(v)) if v.len() == count => Ok(v),
+                Ok(Ok(v)) => Err(ClusterError::Protocol(format!(
+                    "{} replies to a pipeline of {count}",
+                    v.len()
+                ))),
+            }
+        });
+        // Polled once here, so the request is queued on the connection now, in the order
+        // of the calls (the connection's queue holds far more than the appends in flight).
+        if let std::task::Poll::Ready(done) =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(pending.as_mut().poll(cx))).await
+        {
+            return Ok(Box::pin(std::future::ready(done)));
+        }
+        Ok(pending)
     }
 
-    /// Puts the resume state back after a refused `XADD` (best effort, logged).
-    async fn restore_state(&mut self, keys: &Keys, w: &Watched) {
+    /// Drops the connection (after a failure), so the next call connects again.
+    pub fn reset(&mut self) {
+        self.conn = None;
+    }
+
+    /// Puts the resume state back to before a batch starting at `next_seq` after Redis
+    /// refused its entry inside the transaction (best effort, logged).
+    pub async fn restore_state(
+        &mut self,
+        keys: &Keys,
+        next_seq: u64,
+        last_time_us: i64,
+        upstream_cursor: Option<i64>,
+    ) {
         let mut cmd = redis::cmd("HSET");
         cmd.arg(&keys.state)
             .arg("next_seq")
-            .arg(w.next_seq.unwrap_or(w.after + 1))
+            .arg(next_seq)
+            .arg("last_time_us")
+            .arg(last_time_us)
             .arg("upstream_cursor")
-            .arg(w.cursor.map(|c| c.to_string()).unwrap_or_default());
-        if let Some(t) = w.last_time_us {
-            cmd.arg("last_time_us").arg(t);
-        }
+            .arg(upstream_cursor.map(|c| c.to_string()).unwrap_or_default());
         if let Err(e) = self.query(&cmd, Duration::ZERO).await {
             tracing::error!(error = %e, "could not restore the cluster's resume state after a refused entry");
         }
@@ -618,13 +643,10 @@ impl Link {
                 self.drop_conn();
                 Err(ClusterError::Unavailable("command timed out".into()))
             }
-            Ok(Err(e)) if e.code().is_some() && !e.is_io_error() => {
-                self.watched = None;
-                Err(ClusterError::from_server(
-                    e.code().unwrap_or(""),
-                    e.detail(),
-                ))
-            }
+            Ok(Err(e)) if e.code().is_some() && !e.is_io_error() => Err(ClusterError::from_server(
+                e.code().unwrap_or(""),
+                e.detail(),
+            )),
             Ok(Err(e)) => {
                 self.drop_conn();
                 Err(ClusterError::Unavailable(e.to_string()))
@@ -642,7 +664,6 @@ impl Link {
 
     fn drop_conn(&mut self) {
         self.conn = None;
-        self.watched = None;
     }
 
     /// The resume state as Redis holds it, `None` when it is missing.

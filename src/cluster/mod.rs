@@ -9,8 +9,8 @@
 //!
 //! Shape: the leader runs the ordinary upstream client and [`Ingestor`] on the ingest
 //! thread, with a sink that hands each frame's events to the appender (`append`), which
-//! encodes batches one ahead of the append in flight and appends each with one fenced
-//! transaction (`link::Link::append`). Every node, the leader too,
+//! encodes batches ahead of the appends in flight and appends each with one fenced
+//! transaction (`link::AppendCommands`), several in flight on one connection. Every node, the leader too,
 //! reads the stream with one blocking reader and re-derives each frame's events with the
 //! same decode and encode code, stamped with the seqs and times the leader chose, so its
 //! log, and every cursor into it, is the same as every other node's.
@@ -58,6 +58,8 @@ pub struct ClusterConfig {
     pub batch_max_bytes: usize,
     /// Frames queued between ingest and the appender before ingest blocks.
     pub append_queue_frames: usize,
+    /// Appends (batches) in flight at once on the appender's connection.
+    pub append_in_flight: usize,
     /// zstd level of entries (-3: a third less leader CPU than 1 for 2% more entry
     /// bytes and the same Redis memory; docs/DECISIONS.md).
     pub compression_level: i32,
@@ -89,6 +91,7 @@ impl ClusterConfig {
             batch_max_events: 5_000,
             batch_max_bytes: 4 * 1024 * 1024,
             append_queue_frames: 4096,
+            append_in_flight: 4,
             compression_level: -3,
             max_entry_bytes: 64 * 1024 * 1024,
             redis_timeout: Duration::from_secs(2),
@@ -267,9 +270,14 @@ pub struct ClusterShared {
     pub step_downs: AtomicU64,
     pub handovers: AtomicU64,
     pub appends: AtomicU64,
+    /// Appends sent and not answered yet.
+    pub append_in_flight: AtomicU64,
     pub appended_events: AtomicU64,
     pub appended_bytes: AtomicU64,
     pub append_retries: AtomicU64,
+    /// Appends whose transaction Redis aborted (the state or the stream was written
+    /// between the check and the `EXEC`), sent again with every later one.
+    pub append_aborts: AtomicU64,
     pub fenced_appends: AtomicU64,
     pub trimmed_entries: AtomicU64,
     pub trims: AtomicU64,

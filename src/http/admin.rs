@@ -709,6 +709,7 @@ const CLUSTER_COUNTERS: &[(&str, &str)] = &[
     ("sluice_cluster_appended_events_total", "Events this node appended to the shared stream."),
     ("sluice_cluster_appended_bytes_total", "Entry bytes this node appended to the shared stream."),
     ("sluice_cluster_append_retries_total", "Appends retried because Redis was unreachable (ingest waits meanwhile)."),
+    ("sluice_cluster_append_aborts_total", "Appends whose transaction Redis aborted because the state or the stream was written after their check; sent again."),
     ("sluice_cluster_appends_refused_total", "Appends refused (fenced, not continuing the stream, lease lapsed): nothing was written."),
     ("sluice_cluster_trims_total", "Appends that trimmed the stream's window."),
     ("sluice_cluster_trimmed_entries_total", "Stream entries removed by trimming."),
@@ -741,6 +742,10 @@ const CLUSTER_GAUGES: &[(&str, &str)] = &[
     (
         "sluice_cluster_tail_lag_events",
         "Events the stream holds beyond this node's log.",
+    ),
+    (
+        "sluice_cluster_append_in_flight",
+        "Appends sent to Redis and not answered yet (at most --cluster-append-in-flight).",
     ),
     (
         "sluice_cluster_append_seconds_sum",
@@ -801,6 +806,8 @@ fn cluster_metrics(c: &crate::cluster::ClusterShared, local_newest: u64) {
     counter!("sluice_cluster_appended_events_total").absolute(load(&c.appended_events));
     counter!("sluice_cluster_appended_bytes_total").absolute(load(&c.appended_bytes));
     counter!("sluice_cluster_append_retries_total").absolute(load(&c.append_retries));
+    counter!("sluice_cluster_append_aborts_total").absolute(load(&c.append_aborts));
+    gauge!("sluice_cluster_append_in_flight").set(load(&c.append_in_flight) as f64);
     counter!("sluice_cluster_appends_refused_total").absolute(load(&c.fenced_appends));
     counter!("sluice_cluster_trims_total").absolute(load(&c.trims));
     counter!("sluice_cluster_trimmed_entries_total").absolute(load(&c.trimmed_entries));

@@ -52,8 +52,14 @@ pub struct AppendArgs {
     #[arg(long, value_delimiter = ',', default_value = "0,100,1000,5000")]
     pub batch: Vec<usize>,
     /// zstd levels of entries.
-    #[arg(long, value_delimiter = ',', default_value = "1")]
+    #[arg(long, value_delimiter = ',', default_value = "-3")]
     pub level: Vec<i32>,
+    /// Appends in flight at once (`--cluster-append-in-flight`).
+    #[arg(long, value_delimiter = ',', default_value = "4")]
+    pub in_flight: Vec<usize>,
+    /// Rounds over every configuration, alternating (medians are taken over rounds).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
     /// Where redis-server keeps its AOF.
     #[arg(long, default_value = "/tmp")]
     pub tmp: PathBuf,
@@ -265,113 +271,131 @@ pub async fn append(args: AppendArgs) -> anyhow::Result<()> {
     let dir = args
         .tmp
         .join(format!("sluice-bench-append-{}", std::process::id()));
-    for &level in &args.level {
-        for &batch in &args.batch {
-            let _ = std::fs::remove_dir_all(&dir);
-            let (mut redis, port) = start_redis(&args.redis_server, &dir, &args.redis_arg)?;
-            let url = format!("redis://127.0.0.1:{port}/0");
-            let mut link = Link::new(&url, Duration::from_secs(5))?;
-            link.load_functions().await?;
-            let keys = Keys::new("bench");
-            // A new cluster's state is seeded one TTL after the first try: keep it short,
-            // then hold the lease for the whole run.
-            let short = Duration::from_millis(200);
-            let grant = loop {
-                match link
-                    .acquire(&keys, "bench", short, 0, StampState::fresh())
-                    .await?
-                {
-                    Acquire::Granted(g) => break g,
-                    _ => tokio::time::sleep(Duration::from_millis(50)).await,
+    for round in 0..args.rounds.max(1) {
+        for &in_flight in &args.in_flight {
+            for &level in &args.level {
+                for &batch in &args.batch {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    let (mut redis, port) = start_redis(&args.redis_server, &dir, &args.redis_arg)?;
+                    let url = format!("redis://127.0.0.1:{port}/0");
+                    let mut link = Link::new(&url, Duration::from_secs(5))?;
+                    link.load_functions().await?;
+                    let keys = Keys::new("bench");
+                    // A new cluster's state is seeded one TTL after the first try: keep it short,
+                    // then hold the lease for the whole run.
+                    let short = Duration::from_millis(200);
+                    let grant = loop {
+                        match link
+                            .acquire(&keys, "bench", short, 0, StampState::fresh())
+                            .await?
+                        {
+                            Acquire::Granted(g) => break g,
+                            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+                        }
+                    };
+                    link.renew(&keys, "bench", grant.epoch, Duration::from_secs(3600))
+                        .await?;
+                    let mem0 = used_memory(&mut link).await?;
+                    // The leader's appender as a term runs it: ingest's frames queued, batched up
+                    // to `batch` events (0: one frame per entry), encoded one batch ahead of the
+                    // append in flight. The queue is filled as fast as it takes frames, as in a
+                    // catch-up after an outage.
+                    let mut config = ClusterConfig::new(url.clone(), "bench", "bench");
+                    config.compression_level = level;
+                    config.batch_max_events = batch.max(1);
+                    config.append_in_flight = in_flight.max(1);
+                    config.window_max_bytes = u64::MAX / 2;
+                    let shared = Arc::new(ClusterShared::default());
+                    let ctl = Arc::new(TermCtl::new(
+                        grant.epoch,
+                        Instant::now(),
+                        Duration::from_secs(3600),
+                    ));
+                    let mut frames: Vec<Vec<Event>> = Vec::new();
+                    for e in &events {
+                        match frames.last_mut() {
+                            Some(f) if e.op_index != 0 => f.push(e.clone()),
+                            _ => frames.push(vec![e.clone()]),
+                        }
+                    }
+                    let (tx, rx) = std::sync::mpsc::sync_channel(config.append_queue_frames);
+                    let redis_cpu0 = proc_cpu_secs(redis.pid());
+                    let rewrite_cpu0 = children_cpu_secs(redis.pid());
+                    let cpu0 = cpu_self();
+                    let t0 = Instant::now();
+                    let appender = {
+                        let (config, keys, shared, ctl) =
+                            (config.clone(), keys.clone(), shared.clone(), ctl.clone());
+                        std::thread::spawn(move || {
+                            cluster_append::run(config, keys, shared, ctl, rx)
+                        })
+                    };
+                    for f in frames {
+                        if tx.send(f).is_err() {
+                            break;
+                        }
+                    }
+                    drop(tx);
+                    let _ = tokio::task::spawn_blocking(move || appender.join()).await;
+                    if let Some(why) = ctl.why.lock().clone() {
+                        bail!("the appender ended its term: {why}");
+                    }
+                    let entries = shared.appends.load(Ordering::Relaxed);
+                    let entry_bytes = shared.appended_bytes.load(Ordering::Relaxed) as usize;
+                    let appended = shared.appended_events.load(Ordering::Relaxed);
+                    if appended != events.len() as u64 {
+                        bail!("appended {appended} of {} events", events.len());
+                    }
+                    let secs = t0.elapsed().as_secs_f64();
+                    let cpu = cpu_self() - cpu0;
+                    let redis_cpu = proc_cpu_secs(redis.pid()) - redis_cpu0;
+                    let rewrite_cpu = children_cpu_secs(redis.pid()) - rewrite_cpu0;
+                    let mem1 = used_memory(&mut link).await?;
+                    let stream_mem = redis_int(
+                        &mut link,
+                        &["MEMORY", "USAGE", &keys.stream, "SAMPLES", "0"],
+                    )
+                    .await?;
+                    let n = events.len() as f64;
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "bench": "cluster-append",
+                            "round": round,
+                            "in_flight": in_flight,
+                            "load1": load1(),
+                            "source": args.source,
+                            "level": level,
+                            "batch_events": batch,
+                            "entries": entries,
+                            "events_per_entry": events.len() as f64 / entries.max(1) as f64,
+                            "events": events.len(),
+                            "secs": secs,
+                            "events_per_sec": n / secs,
+                            "entry_bytes_per_event": entry_bytes as f64 / n,
+                            "raw_bytes_per_event": raw_bytes as f64 / n,
+                            "stream_memory_bytes_per_event": stream_mem as f64 / n,
+                            "used_memory_bytes_per_event": (mem1.saturating_sub(mem0)) as f64 / n,
+                            "bench_cpu_us_per_event": cpu * 1e6 / n,
+                            "redis_cpu_us_per_event": redis_cpu * 1e6 / n,
+                            "redis_rewrite_cpu_us_per_event": rewrite_cpu * 1e6 / n,
+                        })
+                    );
+                    redis.kill9();
                 }
-            };
-            link.renew(&keys, "bench", grant.epoch, Duration::from_secs(3600))
-                .await?;
-            let mem0 = used_memory(&mut link).await?;
-            // The leader's appender as a term runs it: ingest's frames queued, batched up
-            // to `batch` events (0: one frame per entry), encoded one batch ahead of the
-            // append in flight. The queue is filled as fast as it takes frames, as in a
-            // catch-up after an outage.
-            let mut config = ClusterConfig::new(url.clone(), "bench", "bench");
-            config.compression_level = level;
-            config.batch_max_events = batch.max(1);
-            config.window_max_bytes = u64::MAX / 2;
-            let shared = Arc::new(ClusterShared::default());
-            let ctl = Arc::new(TermCtl::new(
-                grant.epoch,
-                Instant::now(),
-                Duration::from_secs(3600),
-            ));
-            let mut frames: Vec<Vec<Event>> = Vec::new();
-            for e in &events {
-                match frames.last_mut() {
-                    Some(f) if e.op_index != 0 => f.push(e.clone()),
-                    _ => frames.push(vec![e.clone()]),
-                }
             }
-            let (tx, rx) = std::sync::mpsc::sync_channel(config.append_queue_frames);
-            let redis_cpu0 = proc_cpu_secs(redis.pid());
-            let rewrite_cpu0 = children_cpu_secs(redis.pid());
-            let cpu0 = cpu_self();
-            let t0 = Instant::now();
-            let appender = {
-                let (config, keys, shared, ctl) =
-                    (config.clone(), keys.clone(), shared.clone(), ctl.clone());
-                std::thread::spawn(move || cluster_append::run(config, keys, shared, ctl, rx))
-            };
-            for f in frames {
-                if tx.send(f).is_err() {
-                    break;
-                }
-            }
-            drop(tx);
-            let _ = tokio::task::spawn_blocking(move || appender.join()).await;
-            if let Some(why) = ctl.why.lock().clone() {
-                bail!("the appender ended its term: {why}");
-            }
-            let entries = shared.appends.load(Ordering::Relaxed);
-            let entry_bytes = shared.appended_bytes.load(Ordering::Relaxed) as usize;
-            let appended = shared.appended_events.load(Ordering::Relaxed);
-            if appended != events.len() as u64 {
-                bail!("appended {appended} of {} events", events.len());
-            }
-            let secs = t0.elapsed().as_secs_f64();
-            let cpu = cpu_self() - cpu0;
-            let redis_cpu = proc_cpu_secs(redis.pid()) - redis_cpu0;
-            let rewrite_cpu = children_cpu_secs(redis.pid()) - rewrite_cpu0;
-            let mem1 = used_memory(&mut link).await?;
-            let stream_mem = redis_int(
-                &mut link,
-                &["MEMORY", "USAGE", &keys.stream, "SAMPLES", "0"],
-            )
-            .await?;
-            let n = events.len() as f64;
-            println!(
-                "{}",
-                serde_json::json!({
-                    "bench": "cluster-append",
-                    "source": args.source,
-                    "level": level,
-                    "batch_events": batch,
-                    "entries": entries,
-                    "events_per_entry": events.len() as f64 / entries.max(1) as f64,
-                    "events": events.len(),
-                    "secs": secs,
-                    "events_per_sec": n / secs,
-                    "entry_bytes_per_event": entry_bytes as f64 / n,
-                    "raw_bytes_per_event": raw_bytes as f64 / n,
-                    "stream_memory_bytes_per_event": stream_mem as f64 / n,
-                    "used_memory_bytes_per_event": (mem1.saturating_sub(mem0)) as f64 / n,
-                    "bench_cpu_us_per_event": cpu * 1e6 / n,
-                    "redis_cpu_us_per_event": redis_cpu * 1e6 / n,
-                    "redis_rewrite_cpu_us_per_event": rewrite_cpu * 1e6 / n,
-                })
-            );
-            redis.kill9();
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// The 1-minute load average, recorded next to every number.
+fn load1() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(-1.0)
 }
 
 fn cpu_self() -> f64 {
