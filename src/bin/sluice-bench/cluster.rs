@@ -582,8 +582,20 @@ fn start_nodes(
     count: usize,
     extra: &[&str],
 ) -> anyhow::Result<Vec<BenchNode>> {
+    start_nodes_from(bin, dir, upstream, rport, 0..count, extra)
+}
+
+/// Starts nodes `n<i>` for each `i` of `ids`.
+fn start_nodes_from(
+    bin: &PathBuf,
+    dir: &std::path::Path,
+    upstream: &str,
+    rport: u16,
+    ids: std::ops::Range<usize>,
+    extra: &[&str],
+) -> anyhow::Result<Vec<BenchNode>> {
     let mut nodes = Vec::new();
-    for i in 0..count {
+    for i in ids {
         let id = format!("n{i}");
         let (port, admin) = (free_port()?, free_port()?);
         let mut args_v: Vec<String> = [
@@ -767,6 +779,14 @@ pub struct ScaleArgs {
     pub secs: u64,
     #[arg(long, default_value = "/tmp")]
     pub tmp: PathBuf,
+    /// Measure added latency instead of CPU: upstream frame sent -> raw frame read by a
+    /// subscriber on a follower (the last node), for each `--nodes` value; 0 nodes is a
+    /// single node without Redis, side by side in the same run.
+    #[arg(long)]
+    pub latency: bool,
+    /// Rounds over the `--nodes` values, alternating (with `--latency`).
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
 }
 
 /// A live raw-wire subscriber that counts what it reads, reconnecting while `stop` is
@@ -800,6 +820,9 @@ async fn counting_subscriber(
 /// number of subscribers per node: what a node costs per attached node and per subscriber,
 /// and what Redis must handle.
 pub async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
+    if args.latency {
+        return latency(args).await;
+    }
     for &count in &args.nodes {
         for &subs in &args.subscribers {
             let dir = args.tmp.join(format!(
@@ -890,6 +913,257 @@ pub async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
                 let _ = n.proc.term();
             }
             redis.kill9();
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+    }
+    Ok(())
+}
+
+/// When each upstream seq was first sent (ns since the bench's base instant).
+type SendTimes = Arc<Mutex<std::collections::HashMap<i64, u64>>>;
+
+/// An in-process upstream that sends synthetic frames at `rate` frames/s, paced from its
+/// first connection, to whoever connects (from the frame due now) and records when each
+/// upstream seq was first sent. Returns its `ws://` URL.
+async fn timed_upstream(
+    rate: u32,
+    frames_total: usize,
+    base: Instant,
+    sent: SendTimes,
+) -> anyhow::Result<String> {
+    use futures_util::SinkExt;
+    let now_ms = sluice::clock::now_us() / 1000;
+    let frames: Arc<Vec<(i64, Bytes)>> = Arc::new(
+        sluice::upstream::synth::generate(&sluice::upstream::synth::SynthOptions {
+            count: frames_total,
+            start_time_ms: now_ms,
+            ..Default::default()
+        })
+        .into_iter()
+        .filter_map(
+            |f| match sluice::decode::decode_frame(&f, &Default::default()) {
+                Ok(sluice::decode::DecodedFrame::Message(m)) => Some((m.seq?, Bytes::from(f))),
+                _ => None,
+            },
+        )
+        .collect(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("ws://{}", listener.local_addr()?);
+    let start: Arc<std::sync::OnceLock<Instant>> = Arc::new(std::sync::OnceLock::new());
+    tokio::spawn(async move {
+        for _ in 0..1000 {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let (frames, sent, start) = (frames.clone(), sent.clone(), start.clone());
+            tokio::spawn(async move {
+                let Ok(ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                let (mut sink, mut source) = ws.split();
+                tokio::spawn(async move { while let Some(Ok(_)) = source.next().await {} });
+                let t0 = *start.get_or_init(Instant::now);
+                let due = |at: Instant| ((at - t0).as_secs_f64() * f64::from(rate)) as usize;
+                let mut next = due(Instant::now());
+                while next < frames.len() {
+                    let upto = due(Instant::now()).min(frames.len() - 1);
+                    while next <= upto {
+                        let (seq, frame) = &frames[next];
+                        let msg = tokio_tungstenite::tungstenite::Message::Binary(frame.clone());
+                        if sink.feed(msg).await.is_err() {
+                            return;
+                        }
+                        sent.lock()
+                            .entry(*seq)
+                            .or_insert(base.elapsed().as_nanos() as u64);
+                        next += 1;
+                    }
+                    if sink.flush().await.is_err() {
+                        return;
+                    }
+                    let wake = t0 + Duration::from_secs_f64((next + 1) as f64 / f64::from(rate));
+                    tokio::time::sleep_until(wake.into()).await;
+                }
+            });
+        }
+    });
+    Ok(url)
+}
+
+/// A live raw-wire subscriber on `addr`: while `measure` is set, records each frame's
+/// latency (read here minus first sent upstream, ns).
+async fn latency_subscriber(
+    addr: SocketAddr,
+    base: Instant,
+    sent: SendTimes,
+    measure: Arc<std::sync::atomic::AtomicBool>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    samples: Arc<Mutex<Vec<u64>>>,
+) {
+    let url = format!("ws://{addr}/xrpc/com.atproto.sync.subscribeRepos");
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(Ok((mut ws, _))) = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio_tungstenite::connect_async(&url),
+        )
+        .await
+        else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(2), ws.next()).await
+        {
+            let now = base.elapsed().as_nanos() as u64;
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            if !measure.load(Ordering::Relaxed) {
+                continue;
+            }
+            let tokio_tungstenite::tungstenite::Message::Binary(frame) = msg else {
+                continue;
+            };
+            if let Ok(sluice::decode::DecodedFrame::Message(m)) =
+                sluice::decode::decode_frame(&frame, &Default::default())
+            {
+                let at = m.seq.and_then(|s| sent.lock().get(&s).copied());
+                if let Some(at) = at {
+                    samples.lock().push(now.saturating_sub(at));
+                }
+            }
+        }
+    }
+}
+
+/// `cluster-scale --latency`: added latency, upstream frame -> subscriber read, on a
+/// follower of an N-node cluster against a single node without Redis, alternating.
+async fn latency(args: ScaleArgs) -> anyhow::Result<()> {
+    let subs = args.subscribers.iter().copied().max().unwrap_or(2).max(1);
+    for round in 0..args.rounds.max(1) {
+        for &count in &args.nodes {
+            let dir = args.tmp.join(format!(
+                "sluice-bench-latency-{}-{count}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir)?;
+            let base = Instant::now();
+            let sent: SendTimes = Default::default();
+            let total = args.rate as usize * (args.warmup_secs + args.secs + 30) as usize;
+            let upstream = timed_upstream(args.rate, total, base, sent.clone()).await?;
+            let mut redis = None;
+            let mut nodes = if count == 0 {
+                let (port, admin) = (free_port()?, free_port()?);
+                let mut node = BenchNode {
+                    log: dir.join("single.log"),
+                    id: "single".into(),
+                    port,
+                    admin,
+                    args: [
+                        "serve",
+                        "--upstream",
+                        &upstream,
+                        "--data-dir",
+                        &dir.join("single").display().to_string(),
+                        "--listen",
+                        &format!("127.0.0.1:{port}"),
+                        "--admin-listen",
+                        &format!("127.0.0.1:{admin}"),
+                        "--log",
+                        "warn",
+                        "--stats-interval-secs",
+                        "0",
+                    ]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                    proc: Proc(None),
+                };
+                node.start(&args.sluice)?;
+                vec![node]
+            } else {
+                let (r, rport) =
+                    start_redis(&args.redis_server, &dir.join("redis"), &args.redis_arg)?;
+                redis = Some(r);
+                // The first node starts alone so it leads; the measured one is the last.
+                let mut nodes = start_nodes(&args.sluice, &dir, &upstream, rport, 1, &[])?;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while nodes[0].role().await.as_deref() != Some("leader") {
+                    if Instant::now() > deadline {
+                        bail!("no leader within 60 s");
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                nodes.extend(start_nodes_from(
+                    &args.sluice,
+                    &dir,
+                    &upstream,
+                    rport,
+                    1..count,
+                    &[],
+                )?);
+                nodes
+            };
+            let Some(measured) = nodes.last() else {
+                bail!("no node");
+            };
+            let addr = SocketAddr::from(([127, 0, 0, 1], measured.port));
+            let measured_id = measured.id.clone();
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let measure = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let samples: Arc<Mutex<Vec<u64>>> = Default::default();
+            for _ in 0..subs {
+                tokio::spawn(latency_subscriber(
+                    addr,
+                    base,
+                    sent.clone(),
+                    measure.clone(),
+                    stop.clone(),
+                    samples.clone(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_secs(args.warmup_secs)).await;
+            let load_before = load1();
+            measure.store(true, Ordering::Relaxed);
+            let cpu0: Vec<f64> = nodes.iter().map(|n| proc_cpu_secs(n.proc.pid())).collect();
+            tokio::time::sleep(Duration::from_secs(args.secs)).await;
+            measure.store(false, Ordering::Relaxed);
+            let cpu: Vec<f64> = nodes
+                .iter()
+                .zip(&cpu0)
+                .map(|(n, c)| (proc_cpu_secs(n.proc.pid()) - c) / args.secs as f64)
+                .collect();
+            stop.store(true, Ordering::Relaxed);
+            let v: Vec<f64> = samples.lock().iter().map(|&ns| ns as f64 / 1e6).collect();
+            let expected = f64::from(args.rate) * args.secs as f64 * subs as f64;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "bench": "cluster-latency",
+                    "round": round,
+                    "nodes": count,
+                    "measured_node": measured_id,
+                    "subscribers": subs,
+                    "rate": args.rate,
+                    "samples": v.len(),
+                    "delivery_ratio": v.len() as f64 / expected,
+                    "p50_ms": quantile(&v, 0.5),
+                    "p90_ms": quantile(&v, 0.9),
+                    "p99_ms": quantile(&v, 0.99),
+                    "max_ms": quantile(&v, 1.0),
+                    "node_cpu_cores": cpu,
+                    "load1_before": load_before,
+                    "load1_after": load1(),
+                })
+            );
+            for n in nodes.iter_mut() {
+                let _ = n.proc.term();
+            }
+            if let Some(mut r) = redis {
+                r.kill9();
+            }
             let _ = std::fs::remove_dir_all(&dir);
         }
     }
