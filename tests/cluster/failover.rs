@@ -1,8 +1,9 @@
 //! Three `sluice serve --redis` nodes on one real `redis-server`, fed by an in-test
 //! upstream that honours `cursor`: the leader is SIGKILLed at random moments and restarted
-//! as a standby; v2 and raw subscribers follow the cluster across the deaths. Afterwards
+//! as a standby; v1, v2 and raw subscribers follow the cluster across the deaths. Afterwards
 //! every node's v2 wire returns seq 1..N gapless and its raw wire every upstream frame
-//! exactly once, in order, and the subscribers saw the same.
+//! exactly once, in order, and the subscribers saw the same (the v1 one: every event a
+//! node's v1 wire replays, once, in order).
 
 use crate::common;
 
@@ -83,6 +84,81 @@ async fn follow_v2(addrs: Vec<SocketAddr>, last: u64, limit: Duration) -> (Vec<u
         }
     }
     (seqs, moves)
+}
+
+/// The `(cursor, time_us)` of a v1 event.
+fn v1_stamp(text: &str) -> Option<(u64, i64)> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    Some((v["cursor"].as_u64()?, v["time_us"].as_i64()?))
+}
+
+/// A v1 subscriber that moves to the next node whenever its node goes away, resuming from
+/// the time after its last event (v1 cursors are unix µs, inclusive); returns the
+/// `(cursor, time_us)` of every event it saw, until one at or past `*until` (set later).
+async fn follow_v1(
+    addrs: Vec<SocketAddr>,
+    until: tokio::sync::watch::Receiver<u64>,
+    limit: Duration,
+) -> Vec<(u64, i64)> {
+    let deadline = Instant::now() + limit;
+    let mut seen: Vec<(u64, i64)> = Vec::new();
+    let mut at = 2;
+    let done = |seen: &Vec<(u64, i64)>| seen.last().is_some_and(|l| l.0 >= *until.borrow());
+    while !done(&seen) {
+        assert!(
+            Instant::now() < deadline,
+            "v1 follower: {} events by the deadline",
+            seen.len()
+        );
+        let cursor = seen.last().map_or(1, |l| l.1 + 1);
+        let addr = addrs[at % addrs.len()];
+        let url = format!("ws://{addr}/subscribe?cursor={cursor}");
+        let Ok(Ok((mut ws, _))) = tokio::time::timeout(
+            Duration::from_secs(3),
+            tokio_tungstenite::connect_async(&url),
+        )
+        .await
+        else {
+            at += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    if let Some(stamp) = v1_stamp(&t) {
+                        seen.push(stamp);
+                        if done(&seen) {
+                            break;
+                        }
+                    }
+                }
+                Ok(Some(Ok(_))) => {}
+                // Idle while the target is unknown: keep reading this node.
+                Err(_) if !done(&seen) && *until.borrow() == u64::MAX => {}
+                _ => break,
+            }
+        }
+        if !done(&seen) {
+            at += 1;
+        }
+    }
+    seen
+}
+
+/// Every v1 event a node replays from the start, until it has been idle for 3 s.
+async fn v1_replay(addr: SocketAddr) -> Vec<(u64, i64)> {
+    let url = format!("ws://{addr}/subscribe?cursor=1");
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(3), ws.next()).await {
+        assert!(Instant::now() < deadline, "v1 replay from {addr}");
+        if let Message::Text(t) = msg {
+            seen.extend(v1_stamp(&t));
+        }
+    }
+    seen
 }
 
 /// A raw subscriber that moves between nodes with its (exclusive) upstream cursor.
@@ -172,6 +248,12 @@ async fn leader_kills_lose_and_duplicate_nothing_on_any_node_or_subscriber() {
         last_frame.clone(),
         Duration::from_secs(120),
     ));
+    let (v1_until, v1_target) = tokio::sync::watch::channel(u64::MAX);
+    let v1 = tokio::spawn(follow_v1(
+        addrs.clone(),
+        v1_target,
+        Duration::from_secs(150),
+    ));
     // ~500 frames/s (synth frames are 1-4 ms apart): ten seconds of traffic.
     tokio::spawn(replay::serve(ReplayOptions {
         frames: ReplaySource::Frames(frames.clone()),
@@ -232,6 +314,27 @@ async fn leader_kills_lose_and_duplicate_nothing_on_any_node_or_subscriber() {
     assert!(
         seen_raw == frames,
         "the raw subscriber saw every frame once, in order"
+    );
+    // v1: what the moving subscriber saw is exactly what a node replays from the start.
+    let replayed = v1_replay(nodes[0].addr()).await;
+    assert!(
+        replayed.len() as u64 >= total / 2,
+        "{} v1 events",
+        replayed.len()
+    );
+    assert!(
+        replayed
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1),
+        "v1 seqs and times increase"
+    );
+    v1_until.send_replace(replayed.last().unwrap().0);
+    let seen_v1 = v1.await.unwrap();
+    assert!(
+        seen_v1 == replayed,
+        "the v1 subscriber saw every v1 event once, in order ({} of {})",
+        seen_v1.len(),
+        replayed.len()
     );
     let metrics = nodes[0].metrics().await;
     for family in [

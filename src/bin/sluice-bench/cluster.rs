@@ -787,6 +787,10 @@ pub struct ScaleArgs {
     /// Rounds over the `--nodes` values, alternating (with `--latency`).
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
+    /// Extra `sluice serve` arguments for every cluster node, e.g.
+    /// `--serve-arg=--cluster-append-in-flight=1`.
+    #[arg(long, allow_hyphen_values = true)]
+    pub serve_arg: Vec<String>,
 }
 
 /// A live raw-wire subscriber that counts what it reads, reconnecting while `stop` is
@@ -834,7 +838,8 @@ pub async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
             let (mut redis, rport) =
                 start_redis(&args.redis_server, &dir.join("redis"), &args.redis_arg)?;
             let upstream = paced_upstream(args.rate).await?;
-            let mut nodes = start_nodes(&args.sluice, &dir, &upstream, rport, count, &[])?;
+            let extra: Vec<&str> = args.serve_arg.iter().map(String::as_str).collect();
+            let mut nodes = start_nodes(&args.sluice, &dir, &upstream, rport, count, &extra)?;
             let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
             let delivered = Arc::new(std::sync::atomic::AtomicU64::new(0));
             for n in &nodes {
@@ -892,6 +897,8 @@ pub async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
                 "{}",
                 serde_json::json!({
                     "bench": "cluster-scale",
+                    "serve_args": args.serve_arg,
+                    "load1": load1(),
                     "nodes": count,
                     "subscribers_per_node": subs,
                     "rate": args.rate,
@@ -1088,7 +1095,8 @@ async fn latency(args: ScaleArgs) -> anyhow::Result<()> {
                     start_redis(&args.redis_server, &dir.join("redis"), &args.redis_arg)?;
                 redis = Some(r);
                 // The first node starts alone so it leads; the measured one is the last.
-                let mut nodes = start_nodes(&args.sluice, &dir, &upstream, rport, 1, &[])?;
+                let extra: Vec<&str> = args.serve_arg.iter().map(String::as_str).collect();
+                let mut nodes = start_nodes(&args.sluice, &dir, &upstream, rport, 1, &extra)?;
                 let deadline = Instant::now() + Duration::from_secs(60);
                 while nodes[0].role().await.as_deref() != Some("leader") {
                     if Instant::now() > deadline {
@@ -1102,7 +1110,7 @@ async fn latency(args: ScaleArgs) -> anyhow::Result<()> {
                     &upstream,
                     rport,
                     1..count,
-                    &[],
+                    &extra,
                 )?);
                 nodes
             };
@@ -1142,6 +1150,7 @@ async fn latency(args: ScaleArgs) -> anyhow::Result<()> {
                 "{}",
                 serde_json::json!({
                     "bench": "cluster-latency",
+                    "serve_args": args.serve_arg,
                     "round": round,
                     "nodes": count,
                     "measured_node": measured_id,
