@@ -683,6 +683,15 @@ impl ServeArgs {
                 if self.redis_sink_prefix.is_empty() {
                     anyhow::bail!("redis_sink_prefix must not be empty");
                 }
+                // Every cluster key starts `sluice:{<cluster>}:`; the sink's keys end in
+                // `sink`, `all`, `c:...` or `k:...`, so only a prefix inside the cluster's
+                // key space could name one of its keys (`...:lease:` + `sink`).
+                if self.redis.is_some() && self.redis_sink_prefix.starts_with("sluice:{") {
+                    anyhow::bail!(
+                        "redis_sink_prefix {:?} is inside the cluster's keys (sluice:{{<cluster>}}:...): choose another",
+                        self.redis_sink_prefix
+                    );
+                }
                 let mut sink = RedisSinkConfig::new(url.clone());
                 sink.prefix = self.redis_sink_prefix.clone();
                 sink.all_stream = self.redis_sink_all;
@@ -931,10 +940,57 @@ mod tests {
         let c = defaulted.to_config().unwrap().cluster.unwrap();
         assert!(c.node_id.ends_with(":7001"), "{}", c.node_id);
         assert!(!c.require_durable);
+        assert_eq!(c.append_in_flight, 4);
+        let in_flight = parse_serve_args([
+            "x",
+            "--redis",
+            "redis://h:1/0",
+            "--cluster-append-in-flight",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(
+            in_flight
+                .to_config()
+                .unwrap()
+                .cluster
+                .unwrap()
+                .append_in_flight,
+            2
+        );
+        assert!(parse_serve_args(["x", "--cluster-append-in-flight", "0"]).is_err());
+        // The sink's default keys (`sluice:sink`, `sluice:c:...`) sit beside the cluster's.
+        let both = parse_serve_args([
+            "x",
+            "--redis",
+            "redis://h:1/0",
+            "--redis-sink",
+            "redis://h:1/0",
+        ])
+        .unwrap()
+        .to_config()
+        .unwrap();
+        let keys = crate::cluster::link::Keys::new(&both.cluster.unwrap().name);
+        let sink = both.redis_sink.unwrap();
+        for cluster_key in [&keys.lease, &keys.state, &keys.stream, &keys.fence] {
+            assert!(!cluster_key.starts_with(&format!("{}sink", sink.prefix)));
+            assert!(!cluster_key.starts_with(&format!("{}c:", sink.prefix)));
+            assert!(!cluster_key.starts_with(&format!("{}k:", sink.prefix)));
+            assert!(!cluster_key.starts_with(&format!("{}all", sink.prefix)));
+        }
         for bad in [
             vec!["x", "--redis", "http://h:1"],
             vec!["x", "--redis", "redis://h:1/0", "--cluster", "a b"],
             vec!["x", "--redis", "redis://h:1/0", "--cluster-node-id", "a b"],
+            vec![
+                "x",
+                "--redis",
+                "redis://h:1/0",
+                "--redis-sink",
+                "redis://h:1/0",
+                "--redis-sink-prefix",
+                "sluice:{sluice}:lease:",
+            ],
         ] {
             let err = parse_serve_args(bad.clone()).and_then(|a| a.to_config());
             assert!(err.is_err(), "{bad:?} is refused");
