@@ -107,7 +107,8 @@ pub struct AppendBatch<'a> {
 /// a Redis Function writing the entry would copy it into a Lua string and back
 /// (docs/DECISIONS.md, "Cluster").
 pub struct AppendCommands {
-    pub pipe: redis::Pipeline,
+    /// Shared, so sending it again (after a lost connection) copies no payload.
+    pub pipe: std::sync::Arc<redis::Pipeline>,
     /// Replies the pipeline gets.
     pub replies: usize,
     trims: bool,
@@ -163,7 +164,7 @@ impl AppendCommands {
         // WATCH, FCALL, MULTI, one QUEUED per command inside, EXEC.
         let replies = 3 + if trims { 3 } else { 2 } + 1;
         Self {
-            pipe,
+            pipe: std::sync::Arc::new(pipe),
             replies,
             trims,
         }
@@ -572,7 +573,7 @@ impl Link {
     /// caller then calls [`Link::reset`].
     pub async fn send(
         &mut self,
-        pipe: redis::Pipeline,
+        pipe: std::sync::Arc<redis::Pipeline>,
         count: usize,
     ) -> Result<PendingReplies, ClusterError> {
         use redis::aio::ConnectionLike;
