@@ -417,6 +417,9 @@ async fn appends_in_flight_are_checked_in_order_when_redis_reaches_them() {
     );
 }
 
+/// A stream entry as `XRANGE` returns it: id and field-value pairs.
+type StreamEntry = (String, Vec<(String, Vec<u8>)>);
+
 /// Stamped events of synthetic frames, one `Vec` per frame as ingest hands them over.
 fn stamped_frames(count: usize) -> Vec<Vec<Event>> {
     let frames = sluice::upstream::synth::generate(&sluice::upstream::synth::SynthOptions {
@@ -497,7 +500,7 @@ fn the_appender_with_appends_in_flight_lands_every_batch_once_through_aborts() {
     // Every entry, decoded: seqs 1..=total, each once, in order, under the grant's epoch.
     let client = redis::Client::open(redis.url()).unwrap();
     let mut conn = client.get_connection().unwrap();
-    let entries: Vec<(String, Vec<(String, Vec<u8>)>)> = redis::cmd("XRANGE")
+    let entries: Vec<StreamEntry> = redis::cmd("XRANGE")
         .arg(&keys.stream)
         .arg("-")
         .arg("+")
