@@ -1,6 +1,6 @@
 //! Cluster faults on real processes: a leader frozen past its lease (fencing), Redis
 //! killed and restarted on its AOF during ingest, and a node away longer than the
-//! stream's window.
+//! stream's window (its too-old answers on the v2 and raw wires).
 
 use crate::common;
 
@@ -336,6 +336,39 @@ async fn a_node_away_longer_than_the_window_rejoins_with_a_recorded_discontinuit
     };
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("CursorTooOld"), "{body}");
+    // Inside the hole, the raw wire says OutdatedCursor and starts at b's oldest frame.
+    let first_up = upstream_seq(&frames[0]);
+    let url = format!(
+        "ws://{}/xrpc/com.atproto.sync.subscribeRepos?cursor={first_up}",
+        b.addr()
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let mut got: Vec<Bytes> = Vec::new();
+    while got.len() < 11 {
+        use futures_util::StreamExt;
+        match tokio::time::timeout(Duration::from_secs(20), ws.next())
+            .await
+            .unwrap()
+        {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(f))) => got.push(f),
+            Some(Ok(_)) => {}
+            other => panic!("raw from b ended: {other:?}"),
+        }
+    }
+    match sluice::decode::decode_frame(&got[0], &Default::default()) {
+        Ok(sluice::decode::DecodedFrame::Message(m)) => assert_eq!(m.t, "#info"),
+        other => panic!("the raw wire's first answer: {other:?}"),
+    }
+    assert!(
+        got[0].windows(14).any(|w| w == b"OutdatedCursor"),
+        "the #info frame names OutdatedCursor"
+    );
+    let at = frames
+        .iter()
+        .position(|f| *f == got[1])
+        .expect("then a frame of the upstream");
+    assert!(at > 0, "b starts past its hole");
+    assert!(got[1..] == frames[at..at + 10], "then gapless, in order");
     // From the new floor b serves gaplessly to the end; a still serves everything.
     let url = format!(
         "ws://{}/xrpc/network.bsky.jetstream.subscribeEvents?cursor={oldest}",
