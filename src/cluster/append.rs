@@ -370,6 +370,10 @@ fn send_loop(
             // Send what is not in flight yet, oldest first.
             let mut send_failed = None;
             for f in queue.iter_mut().filter(|f| f.replies.is_none()) {
+                if ctl.is_ended() {
+                    // Stepped down (the lease loop lost the lease): nothing more is sent.
+                    return;
+                }
                 if !ctl.lease_valid() {
                     ctl.end(
                         "the lease may have expired before this append; appending nothing".into(),
@@ -417,10 +421,15 @@ fn send_loop(
                 return;
             }
             let room = input_open && queue.len() < limit;
-            let oldest = queue.front_mut().and_then(|f| f.replies.as_mut());
+            let oldest = async {
+                match queue.front_mut().and_then(|f| f.replies.as_mut()) {
+                    Some(replies) => replies.await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 biased;
-                replies = async { oldest.expect("guarded").await }, if oldest.is_some() => {
+                replies = oldest => {
                     let next = {
                         let Some(f) = queue.front() else { continue };
                         answer(shared, ctl, f, replies, &mut aborts)
