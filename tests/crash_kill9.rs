@@ -9,8 +9,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use rand::{Rng, SeedableRng};
 use sluice::log::{Log, LogConfig};
-use sluice::upstream::replay::{self, Listen, ReplayOptions, ReplaySource, Speed};
-use sluice::upstream::synth::{generate, SynthOptions};
 
 const KILLS: usize = 20;
 
@@ -62,23 +60,8 @@ fn spawn(upstream: &str, data: &std::path::Path, port: u16) -> Serve {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_kill_nines_lose_and_duplicate_nothing() {
-    let frames: Vec<Bytes> = generate(&SynthOptions {
-        count: 4000,
-        seed: 9,
-        ..SynthOptions::default()
-    })
-    .into_iter()
-    .map(Bytes::from)
-    .collect();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = format!("ws://{}", listener.local_addr().unwrap());
-    tokio::spawn(replay::serve(ReplayOptions {
-        frames: ReplaySource::Frames(frames.clone()),
-        listen: Listen::Listener(listener),
-        // Paced so the 20 kills all land while frames are still arriving.
-        speed: Speed::Factor(0.8),
-        looped: false,
-    }));
+    // Paced so the 20 kills all land while frames are still arriving.
+    let (frames, upstream) = serve_common::paced_upstream(4000, 9, 0.8).await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let mut rng = rand::rngs::StdRng::seed_from_u64(20);

@@ -8,6 +8,7 @@
 //! fds: 2,000 clients plus 2,000 server sockets need ~4,100 descriptors; `ulimit -n` here
 //! is 20,000. `SLUICE_STORM_CLIENTS` overrides the count of the big storm.
 
+mod exclusive;
 // Uses a few of the wire tests' helpers.
 #[allow(dead_code, unused_imports)]
 mod wire_common;
@@ -258,6 +259,8 @@ async fn run_storm(storm: Storm) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_clients_drop_at_once_and_resume_gapless() {
+    // Each storm needs the whole machine: the two never run at once.
+    let _machine = crate::exclusive::alone().await;
     let clients = std::env::var("SLUICE_STORM_CLIENTS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -273,6 +276,7 @@ async fn two_thousand_clients_drop_at_once_and_resume_gapless() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_against_tight_limits_succeeds_by_honouring_retry_after() {
+    let _machine = crate::exclusive::alone().await;
     run_storm(Storm {
         clients: 300,
         frames: 600,

@@ -518,26 +518,9 @@ const KILLS: usize = 5;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_nines_of_serve_leave_every_stream_exactly_once_in_order() {
     let _machine = crate::exclusive::shared().await;
-    use sluice::upstream::replay::{self, Listen, ReplayOptions, ReplaySource, Speed};
-    use sluice::upstream::synth::{generate, SynthOptions};
     let redis = RedisServer::start();
-    let frames: Vec<Bytes> = generate(&SynthOptions {
-        count: 3000,
-        seed: 18,
-        ..SynthOptions::default()
-    })
-    .into_iter()
-    .map(Bytes::from)
-    .collect();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let upstream = format!("ws://{}", listener.local_addr().unwrap());
-    tokio::spawn(replay::serve(ReplayOptions {
-        frames: ReplaySource::Frames(frames.clone()),
-        listen: Listen::Listener(listener),
-        // Paced so the kills land while frames are still arriving.
-        speed: Speed::Factor(1.5),
-        looped: false,
-    }));
+    // Paced so the kills land while frames are still arriving.
+    let (frames, upstream) = serve_common::paced_upstream(3000, 18, 1.5).await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = RedisSinkConfig {

@@ -16,6 +16,7 @@ pub async fn alone() -> RwLockWriteGuard<'static, ()> {
 }
 
 /// For every other test of a binary that has `alone` tests.
+#[allow(dead_code)] // A binary of storms only has `alone` tests.
 pub async fn shared() -> RwLockReadGuard<'static, ()> {
     MACHINE.read().await
 }
