@@ -24,6 +24,20 @@
 -- state). The checks run when the batch reaches Redis, not when it was sent, so a leader
 -- may have several batches in flight.
 
+-- grant(lease, epoch_key, node, ttl, min_epoch): gives the lease to node under a new epoch,
+-- one above both the last epoch granted and min_epoch (the highest the caller has seen), so a
+-- fencing number never repeats, even after Redis lost the epoch key.
+local function grant(lease, epoch_key, node, ttl, min_epoch)
+  local epoch = redis.call('INCR', epoch_key)
+  if epoch <= min_epoch then
+    epoch = min_epoch + 1
+    redis.call('SET', epoch_key, epoch)
+  end
+  redis.call('HSET', lease, 'node', node, 'epoch', epoch)
+  redis.call('PEXPIRE', lease, ttl)
+  return epoch
+end
+
 local function num(v)
   if v == false or v == nil then return nil end
   return tonumber(v)
@@ -69,13 +83,7 @@ local function acquire(keys, args)
     redis.call('DEL', seed)
     seeded = 1
   end
-  local epoch = redis.call('INCR', epoch_key)
-  if epoch <= min_epoch then
-    epoch = min_epoch + 1
-    redis.call('SET', epoch_key, epoch)
-  end
-  redis.call('HSET', lease, 'node', node, 'epoch', epoch)
-  redis.call('PEXPIRE', lease, ttl)
+  local epoch = grant(lease, epoch_key, node, ttl, min_epoch)
   redis.call('HSET', state, 'epoch', epoch)
   local s = redis.call('HMGET', state, 'next_seq', 'last_time_us', 'upstream_cursor')
   return {1, epoch, s[1] or '1', s[2] or '0', s[3] or '', seeded}
@@ -93,13 +101,7 @@ local function lease_acquire(keys, args)
   if holder and holder ~= node then
     return {0, holder, redis.call('PTTL', lease)}
   end
-  local epoch = redis.call('INCR', epoch_key)
-  if epoch <= min_epoch then
-    epoch = min_epoch + 1
-    redis.call('SET', epoch_key, epoch)
-  end
-  redis.call('HSET', lease, 'node', node, 'epoch', epoch)
-  redis.call('PEXPIRE', lease, ttl)
+  local epoch = grant(lease, epoch_key, node, ttl, min_epoch)
   return {1, epoch}
 end
 

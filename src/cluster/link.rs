@@ -327,9 +327,20 @@ impl Link {
     ) -> Result<Value, ClusterError> {
         let deadline = self.timeout + extra;
         let conn = self.conn().await?;
-        match tokio::time::timeout(deadline, cmd.query_async::<Value>(conn)).await {
+        let outcome = tokio::time::timeout(deadline, cmd.query_async::<Value>(conn)).await;
+        self.settle(outcome)
+    }
+
+    /// What a command's outcome means to the caller: a server's refusal is passed on as
+    /// it is; a timeout or a broken connection drops the connection, so the next call
+    /// connects again.
+    fn settle<T>(
+        &mut self,
+        outcome: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T, ClusterError> {
+        match outcome {
             Err(_) => {
-                self.drop_conn();
+                self.reset();
                 Err(ClusterError::Unavailable("command timed out".into()))
             }
             Ok(Err(e)) if e.code().is_some() && !e.is_io_error() => Err(ClusterError::from_server(
@@ -337,7 +348,7 @@ impl Link {
                 e.detail(),
             )),
             Ok(Err(e)) => {
-                self.drop_conn();
+                self.reset();
                 Err(ClusterError::Unavailable(e.to_string()))
             }
             Ok(Ok(v)) => Ok(v),
@@ -639,32 +650,17 @@ impl Link {
         use redis::aio::ConnectionLike;
         let deadline = self.timeout;
         let conn = self.conn().await?;
-        match tokio::time::timeout(deadline, conn.req_packed_commands(pipe, 0, count)).await {
-            Err(_) => {
-                self.drop_conn();
-                Err(ClusterError::Unavailable("command timed out".into()))
-            }
-            Ok(Err(e)) if e.code().is_some() && !e.is_io_error() => Err(ClusterError::from_server(
-                e.code().unwrap_or(""),
-                e.detail(),
-            )),
-            Ok(Err(e)) => {
-                self.drop_conn();
-                Err(ClusterError::Unavailable(e.to_string()))
-            }
-            Ok(Ok(v)) if v.len() == count => Ok(v),
-            Ok(Ok(v)) => {
-                self.drop_conn();
-                Err(ClusterError::Protocol(format!(
-                    "{} replies to a pipeline of {count}",
-                    v.len()
-                )))
-            }
+        let outcome =
+            tokio::time::timeout(deadline, conn.req_packed_commands(pipe, 0, count)).await;
+        let replies = self.settle(outcome)?;
+        if replies.len() != count {
+            self.reset();
+            return Err(ClusterError::Protocol(format!(
+                "{} replies to a pipeline of {count}",
+                replies.len()
+            )));
         }
-    }
-
-    fn drop_conn(&mut self) {
-        self.conn = None;
+        Ok(replies)
     }
 
     /// The resume state as Redis holds it, `None` when it is missing.

@@ -188,14 +188,10 @@ mod tests {
             for c in COLLECTIONS.iter().chain(["org.other.x"].iter()) {
                 out.push(event(EventKind::Commit, did, Some(c)));
             }
-            for kind in [
-                EventKind::CommitTooBig,
-                EventKind::CommitEmpty,
-                EventKind::Identity,
-                EventKind::Account,
-                EventKind::Sync,
-                EventKind::Unknown,
-            ] {
+            for kind in EventKind::ALL
+                .into_iter()
+                .filter(|k| *k != EventKind::Commit)
+            {
                 out.push(event(kind, did, None));
             }
         }

@@ -33,14 +33,27 @@ use sluice::event::{Event, StampState};
 use sluice::ingest::{IngestOutcome, Ingestor};
 use std::sync::atomic::Ordering;
 
-#[derive(Parser, Clone)]
-pub struct AppendArgs {
+/// The redis-server a cluster bench starts for itself, on a free port in a temp dir.
+#[derive(clap::Args, Clone)]
+pub struct RedisServerArgs {
     /// redis-server binary.
     #[arg(long, default_value = "redis-server")]
     pub redis_server: String,
     /// Extra redis-server arguments, e.g. `--redis-arg=--rdbcompression --redis-arg=no`.
     #[arg(long, allow_hyphen_values = true)]
     pub redis_arg: Vec<String>,
+}
+
+impl RedisServerArgs {
+    fn start(&self, dir: &std::path::Path) -> anyhow::Result<(Proc, u16)> {
+        start_redis(&self.redis_server, dir, &self.redis_arg)
+    }
+}
+
+#[derive(Parser, Clone)]
+pub struct AppendArgs {
+    #[command(flatten)]
+    pub redis: RedisServerArgs,
     /// Events appended per configuration.
     #[arg(long, default_value_t = 200_000)]
     pub events: usize,
@@ -70,11 +83,8 @@ pub struct FailoverArgs {
     /// The sluice binary.
     #[arg(long, default_value = "target/release/sluice")]
     pub sluice: PathBuf,
-    #[arg(long, default_value = "redis-server")]
-    pub redis_server: String,
-    /// Extra redis-server arguments, e.g. `--redis-arg=--rdbcompression --redis-arg=no`.
-    #[arg(long, allow_hyphen_values = true)]
-    pub redis_arg: Vec<String>,
+    #[command(flatten)]
+    pub redis: RedisServerArgs,
     /// Nodes in the cluster.
     #[arg(long, default_value_t = 3)]
     pub nodes: usize,
@@ -276,7 +286,7 @@ pub async fn append(args: AppendArgs) -> anyhow::Result<()> {
             for &level in &args.level {
                 for &batch in &args.batch {
                     let _ = std::fs::remove_dir_all(&dir);
-                    let (mut redis, port) = start_redis(&args.redis_server, &dir, &args.redis_arg)?;
+                    let (mut redis, port) = args.redis.start(&dir)?;
                     let url = format!("redis://127.0.0.1:{port}/0");
                     let mut link = Link::new(&url, Duration::from_secs(5))?;
                     link.load_functions().await?;
@@ -643,7 +653,7 @@ pub async fn failover(args: FailoverArgs) -> anyhow::Result<()> {
         .join(format!("sluice-bench-failover-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
-    let (_redis, rport) = start_redis(&args.redis_server, &dir.join("redis"), &args.redis_arg)?;
+    let (_redis, rport) = args.redis.start(&dir.join("redis"))?;
     let upstream = paced_upstream(args.rate).await?;
     let mut nodes = start_nodes(
         &args.sluice,
@@ -757,11 +767,8 @@ pub struct ScaleArgs {
     /// The sluice binary.
     #[arg(long, default_value = "target/release/sluice")]
     pub sluice: PathBuf,
-    #[arg(long, default_value = "redis-server")]
-    pub redis_server: String,
-    /// Extra redis-server arguments, e.g. `--redis-arg=--rdbcompression --redis-arg=no`.
-    #[arg(long, allow_hyphen_values = true)]
-    pub redis_arg: Vec<String>,
+    #[command(flatten)]
+    pub redis: RedisServerArgs,
     /// Node counts, one cluster (and one fresh redis-server) each.
     #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
     pub nodes: Vec<usize>,
@@ -835,8 +842,7 @@ pub async fn scale(args: ScaleArgs) -> anyhow::Result<()> {
             ));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir)?;
-            let (mut redis, rport) =
-                start_redis(&args.redis_server, &dir.join("redis"), &args.redis_arg)?;
+            let (mut redis, rport) = args.redis.start(&dir.join("redis"))?;
             let upstream = paced_upstream(args.rate).await?;
             let extra: Vec<&str> = args.serve_arg.iter().map(String::as_str).collect();
             let mut nodes = start_nodes(&args.sluice, &dir, &upstream, rport, count, &extra)?;
@@ -1091,8 +1097,7 @@ async fn latency(args: ScaleArgs) -> anyhow::Result<()> {
                 node.start(&args.sluice)?;
                 vec![node]
             } else {
-                let (r, rport) =
-                    start_redis(&args.redis_server, &dir.join("redis"), &args.redis_arg)?;
+                let (r, rport) = args.redis.start(&dir.join("redis"))?;
                 redis = Some(r);
                 // The first node starts alone so it leads; the measured one is the last.
                 let extra: Vec<&str> = args.serve_arg.iter().map(String::as_str).collect();
