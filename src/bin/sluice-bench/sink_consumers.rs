@@ -495,12 +495,16 @@ fn metric(text: &str, name: &str) -> Option<f64> {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
+/// Back to live: lag within half a second of traffic (the group commit alone holds up to
+/// 100 ms of it).
+fn live_lag(rate: f64) -> f64 {
+    (rate * 0.5).max(500.0)
+}
+
 /// Samples of (seconds since the outage ended, lag in events, events written) while the
 /// sink catches up, and what they say.
 fn catch_up(samples: &[(f64, f64, f64)], rate: f64) -> serde_json::Value {
-    // Back to live: lag within half a second of traffic (the group commit alone holds up
-    // to 100 ms of it).
-    let live = (rate * 0.5).max(500.0);
+    let live = live_lag(rate);
     let first_write = samples.windows(2).find(|w| w[1].2 > w[0].2).map(|w| w[0]);
     let caught = samples
         .iter()
@@ -687,6 +691,7 @@ async fn run_target(
     let t0 = Instant::now();
     let window = Duration::from_secs(args.duration);
     let mut outage = serde_json::Value::Null;
+    let mut catch_up_samples = None;
     if kind == Kind::SinkOutage {
         let at = Duration::from_secs(5);
         tokio::time::sleep(at).await;
@@ -715,21 +720,35 @@ async fn run_target(
         let restarted = Instant::now();
         r_cpu0 = 0.0;
         wait_tcp(rport, &mut redis, 30).await?;
-        let mut samples = Vec::new();
-        while t0.elapsed() < window {
-            if let Some(m) = metrics(admin).await {
-                if let (Some(lag), Some(events)) = (
-                    metric(&m, "sluice_redis_sink_lag_events"),
-                    metric(&m, "sluice_redis_sink_events_total"),
-                ) {
-                    samples.push((restarted.elapsed().as_secs_f64(), lag, events));
+        // Sampled until the sink is back to live (not only within the window: on a loaded
+        // machine the catch-up can outlast it), bounded by the window and the drain.
+        let live = live_lag(rate);
+        let until = t0 + window + Duration::from_secs(args.drain_secs);
+        let sampler = tokio::spawn(async move {
+            let mut samples: Vec<(f64, f64, f64)> = Vec::new();
+            while Instant::now() < until {
+                if let Some(m) = metrics(admin).await {
+                    if let (Some(lag), Some(events)) = (
+                        metric(&m, "sluice_redis_sink_lag_events"),
+                        metric(&m, "sluice_redis_sink_events_total"),
+                    ) {
+                        let wrote = samples.first().is_some_and(|f| events > f.2);
+                        samples.push((restarted.elapsed().as_secs_f64(), lag, events));
+                        if wrote && lag <= live {
+                            break;
+                        }
+                    }
                 }
+                tokio::time::sleep(Duration::from_millis(25)).await;
             }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        outage = catch_up(&samples, rate);
-        outage["lag_at_restart_events"] = json!(lag_at_restart);
-        outage["outage_secs"] = json!(args.outage_secs);
+            samples
+        });
+        tokio::time::sleep_until((t0 + window).into()).await;
+        catch_up_samples = Some(sampler);
+        outage = json!({
+            "lag_at_restart_events": lag_at_restart,
+            "outage_secs": args.outage_secs,
+        });
     } else {
         tokio::time::sleep(window).await;
     }
@@ -769,6 +788,13 @@ async fn run_target(
         && consumers.iter().zip(&expected).any(|(c, e)| total(c) < *e)
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(sampler) = catch_up_samples {
+        let samples = sampler.await.unwrap_or_default();
+        let mut c = catch_up(&samples, rate);
+        if let (Some(o), Some(c)) = (outage.as_object_mut(), c.as_object_mut()) {
+            o.append(c);
+        }
     }
     let missing: u64 = consumers
         .iter()
