@@ -444,6 +444,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_REDIS_SINK_TIMEOUT_MS", default_value_t = 5000,
           value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub redis_sink_timeout_ms: u64,
+    /// Ceiling of the sink's reconnect backoff, ms (full jitter, doubling from 100 ms): how
+    /// long after Redis returns the sink may take to notice, at worst.
+    #[arg(long, env = "SLUICE_REDIS_SINK_BACKOFF_MAX_MS", default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub redis_sink_backoff_max_ms: u64,
 }
 
 /// Everything `serve` runs with, derived from [`ServeArgs`].
@@ -702,6 +707,7 @@ impl ServeArgs {
                 sink.batch_max_events = usize_of(self.redis_sink_batch_events)?;
                 sink.batch_max_bytes = usize_of(self.redis_sink_batch_kib * 1024)?;
                 sink.timeout = Duration::from_millis(self.redis_sink_timeout_ms);
+                sink.backoff_max = Duration::from_millis(self.redis_sink_backoff_max_ms);
                 Some(sink)
             }
         };
@@ -1007,7 +1013,7 @@ mod tests {
         let path = dir.path().join("sluice.toml");
         std::fs::write(
             &path,
-            "redis_sink = \"redis://127.0.0.1:6390/2\"\nredis_sink_publish = true\nredis_sink_max_age_secs = 0\n",
+            "redis_sink = \"redis://127.0.0.1:6390/2\"\nredis_sink_publish = true\nredis_sink_max_age_secs = 0\nredis_sink_backoff_max_ms = 1500\n",
         )
         .unwrap();
         let args = parse_serve_args([
@@ -1026,6 +1032,7 @@ mod tests {
         assert!(sink.publish, "a TOML boolean works");
         assert_eq!(sink.max_age, None, "0 means no age bound");
         assert_eq!(sink.max_len, 1_000_000);
+        assert_eq!(sink.backoff_max, Duration::from_millis(1500));
         let off = parse_serve_args(["x"]).unwrap().to_config().unwrap();
         assert!(off.redis_sink.is_none(), "off unless asked for");
         let bad = parse_serve_args(["x", "--redis-sink", "http://example.com"])

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 use crate::cluster;
 use crate::hostile;
 use crate::sink;
+use crate::sink_consumers;
 use crate::target::{BaselineArg, Mix, Wire};
 
 #[derive(Parser)]
@@ -49,6 +50,13 @@ pub(crate) enum Cmd {
     /// Redis memory under the sink at a live rate (2,000 events/s by default) for minutes,
     /// sampled every 10 s: with trimming it levels off and stays flat.
     RedisSinkMemory(sink::RedisSinkMemoryArgs),
+    /// Redis consumers of the sink (`XREAD BLOCK`) side by side with the pub/sub
+    /// rebroadcaster baseline (`SUBSCRIBE`) at a live rate: latency from upstream send to
+    /// consumer read and CPU per delivered event; optionally a Redis outage mid-run.
+    RedisConsumers(sink_consumers::RedisConsumersArgs),
+    /// Internal: the home-made pub/sub rebroadcaster (upstream websocket, decode, one
+    /// PUBLISH per event on its collection's channel), run as its own process.
+    RedisRebroadcast(sink_consumers::RebroadcastArgs),
     /// Hostile clients: a bystander subscriber's latency, losses and repeats during each
     /// attack (slowloris, fragment hoarding, /event flood, zero-match scans, connect
     /// churn, 10,000-DID filter updates), alternating with unloaded phases.

@@ -31,6 +31,7 @@ mod publisher;
 mod relay;
 mod report;
 mod sink;
+mod sink_consumers;
 mod stamps;
 mod subscribers;
 mod target;
@@ -56,6 +57,8 @@ fn main() -> anyhow::Result<()> {
         Cmd::ClusterScale(args) => rt.block_on(cluster::scale(args)),
         Cmd::RedisSink(args) => rt.block_on(sink::redis_sink(args)),
         Cmd::RedisSinkMemory(args) => rt.block_on(sink::redis_sink_memory(args)),
+        Cmd::RedisConsumers(args) => rt.block_on(sink_consumers::redis_consumers(args)),
+        Cmd::RedisRebroadcast(args) => rt.block_on(sink_consumers::rebroadcast(args)),
         Cmd::Hostile(args) => rt.block_on(hostile::hostile(args)),
         Cmd::HostileAttack(args) => rt.block_on(hostile::attack(args)),
     }

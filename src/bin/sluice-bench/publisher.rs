@@ -213,7 +213,10 @@ pub(crate) async fn start_upstream(
 
 /// Accepts upstream connections from sluice on `listener` (any path) and hands each one's
 /// sink to the publisher; reads are drained so pings are answered.
-async fn upstream_server(listener: TcpListener, sinks: tokio::sync::mpsc::Sender<PubSink>) {
+pub(crate) async fn upstream_server(
+    listener: TcpListener,
+    sinks: tokio::sync::mpsc::Sender<PubSink>,
+) {
     for _ in 0..1000 {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -1,0 +1,940 @@
+//! `sluice-bench redis-consumers`: Redis consumers of sluice's sink side by side with the
+//! home-made pub/sub rebroadcaster sluice replaces, on the same paced upstream.
+//!
+//! Targets, alternating within each run (every target a child process on 127.0.0.1, fed by
+//! the fan-out bench's in-process upstream and generator, so every target gets the same
+//! frames at the same rate):
+//! - `sink`: `sluice serve --redis-sink` and its redis-server (AOF on, `appendfsync
+//!   everysec`); each consumer reads its streams with `XREAD BLOCK`, from the ids it saw
+//!   last, reconnecting (and resuming from those ids) if Redis goes away.
+//! - `rebroadcaster`: `sluice-bench redis-rebroadcast` (the upstream websocket, each frame
+//!   decoded once to Jetstream v1 JSON by sluice's own decoder, one `PUBLISH` per event on
+//!   the channel of its collection or kind) and its redis-server (no persistence: pub/sub
+//!   keeps nothing); each consumer `SUBSCRIBE`s to the same names.
+//! - `sink+outage` (with `--outage-secs N`): as `sink`, but redis-server is killed (SIGKILL)
+//!   5 s into the measured window and started again N s later from its AOF.
+//!
+//! Stream keys and channels have the same names (`sluice:c:<collection>`,
+//! `sluice:k:<kind>`); consumer i takes the same names on every target (the fan-out bench's
+//! realistic mix: 1-3 of posts, likes, follows, or everything for one in ten). Latency =
+//! consumer read instant − upstream send instant (the fan-out bench's send stamps, keyed by
+//! commit DID and rev). CPU per delivered event = CPU of the target's processes (sluice or
+//! the rebroadcaster, plus redis-server) in the measured window over the events consumers
+//! received in it. On the sink targets, `--ws-subscribers` Jetstream v2 websocket
+//! subscribers of sluice are timed too, so an outage's effect on them shows against the run
+//! without one. After the window the publisher stops and consumers drain (bounded); what a
+//! consumer never received is counted as missing.
+//!
+//! Every loop is bounded: the publisher by the phase, the drain by `--drain-secs`,
+//! reconnects by the stop flag, and the whole run by the number of runs.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use clap::Parser;
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+use sluice::event::StampState;
+use sluice::ingest::{IngestOutcome, Ingestor};
+use sluice::sink::{shape, RedisSinkConfig};
+
+use crate::control::{Control, Tally, PH_AFTER, PH_COUNT, PH_MEASURE, PH_WARMUP};
+use crate::frame_meta::{commit_key, json_str};
+use crate::hist::{now_ns, Hist};
+use crate::procs::{free_port, proc_cpu_secs, wait_tcp, ChildGuard, TempDir};
+use crate::publisher::{publish, start_generator, upstream_server, PubCtx, PubSink};
+use crate::report::{median, q};
+use crate::subscribers::{
+    connect_sub, filter_names, realistic_filter, run_sub, sub_url, SubShared, SubSpec,
+};
+use crate::target::{Target, Wire};
+
+const PREFIX: &str = "sluice:";
+const ALL_COLLECTIONS: [&str; 6] = [
+    "app.bsky.feed.like",
+    "app.bsky.feed.post",
+    "app.bsky.feed.repost",
+    "app.bsky.graph.follow",
+    "app.bsky.graph.block",
+    "app.bsky.actor.profile",
+];
+
+#[derive(Parser, Clone)]
+pub(crate) struct RedisConsumersArgs {
+    /// The sluice binary.
+    #[arg(long, default_value = "target/release/sluice")]
+    sluice: PathBuf,
+    /// Upstream frames (about events) per second.
+    #[arg(long, default_value_t = 2000)]
+    rate: u32,
+    /// Redis consumers per target.
+    #[arg(long, default_value_t = 100)]
+    consumers: usize,
+    /// Jetstream v2 websocket subscribers of sluice on the sink targets (timed).
+    #[arg(long, default_value_t = 20)]
+    ws_subscribers: usize,
+    /// Measured window, seconds (after the warmup).
+    #[arg(long, default_value_t = 20)]
+    duration: u64,
+    /// Seconds of traffic before the window.
+    #[arg(long, default_value_t = 5)]
+    warmup: u64,
+    /// Most seconds consumers may take to receive what was sent, after the window.
+    #[arg(long, default_value_t = 30)]
+    drain_secs: u64,
+    /// With N > 0, also the `sink+outage` target: redis-server killed 5 s into the window
+    /// and started again N s later (the window must be longer than N + 10).
+    #[arg(long, default_value_t = 0)]
+    outage_secs: u64,
+    /// Runs; targets alternate within each, the summary shows medians.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// The sink's redis-server appendfsync (AOF on): always, everysec or no.
+    #[arg(long, default_value = "everysec")]
+    appendfsync: String,
+    /// redis-server binary.
+    #[arg(long, default_value = "redis-server")]
+    redis_server: String,
+    /// Seed of the synthetic frames and of the consumers' mix.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// DID pool of the synthetic frames.
+    #[arg(long, default_value_t = 2000)]
+    dids: usize,
+    /// Extra argument for `sluice serve` (repeatable), e.g. `--serve-arg=--commit-interval-ms=20`.
+    #[arg(long = "serve-arg", allow_hyphen_values = true)]
+    serve_args: Vec<String>,
+    /// Where temporary data dirs and child logs go.
+    #[arg(long, default_value = "/tmp")]
+    tmp: PathBuf,
+}
+
+#[derive(Parser, Clone)]
+pub(crate) struct RebroadcastArgs {
+    /// The upstream's websocket URL.
+    #[arg(long)]
+    upstream: String,
+    /// Redis server, host:port.
+    #[arg(long)]
+    redis: SocketAddr,
+    /// Prefix of the channels.
+    #[arg(long, default_value = PREFIX)]
+    prefix: String,
+}
+
+/// `sluice-bench redis-rebroadcast`: the home-made rebroadcaster, as its own process so its
+/// CPU can be read. Each upstream frame is decoded once (sluice's decoder, so the
+/// comparison is of the architecture, not of a decoder) and each event's v1 JSON is
+/// PUBLISHed on its collection's (or kind's) channel, pipelined, flushed per frame.
+pub(crate) async fn rebroadcast(args: RebroadcastArgs) -> anyhow::Result<()> {
+    let stream = TcpStream::connect(args.redis).await?;
+    let _ = stream.set_nodelay(true);
+    let (mut r, w) = stream.into_split();
+    // One integer reply per PUBLISH: read and dropped.
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = r.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let mut w = BufWriter::with_capacity(1 << 20, w);
+    let (ws, _) = tokio_tungstenite::connect_async(args.upstream.as_str())
+        .await
+        .context("connecting to the upstream")?;
+    let (_keep, mut source) = ws.split();
+    let mut ingestor = Ingestor::new(StampState::fresh(), Default::default());
+    let mut config = RedisSinkConfig::new("redis://127.0.0.1/0");
+    config.prefix = args.prefix;
+    while let Some(msg) = source.next().await {
+        let Message::Binary(frame) = msg? else {
+            continue;
+        };
+        if let IngestOutcome::Events(events) = ingestor.ingest(frame, sluice::clock::now_us()) {
+            for event in &events {
+                let Some(shaped) = shape(event, &config) else {
+                    continue;
+                };
+                for entry in &shaped.entries {
+                    let cmd = resp_command(&[b"PUBLISH", entry.key.as_bytes(), &shaped.json]);
+                    w.write_all(&cmd).await?;
+                }
+            }
+        }
+        w.flush().await?;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------
+// A small RESP client (nested replies; the relay's reader flattens them)
+// ---------------------------------------------------------------------------------------
+
+enum Resp {
+    Nil,
+    Int,
+    Str(Bytes),
+    Arr(Vec<Resp>),
+}
+
+impl Resp {
+    fn items(&self) -> &[Resp] {
+        match self {
+            Resp::Arr(v) => v,
+            _ => &[],
+        }
+    }
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Resp::Str(b) => b,
+            _ => &[],
+        }
+    }
+}
+
+fn resp_command(args: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+    out
+}
+
+async fn read_value<R: AsyncBufRead + Unpin + Send>(
+    r: &mut R,
+    depth: usize,
+) -> anyhow::Result<Resp> {
+    if depth > 8 {
+        bail!("RESP nesting too deep");
+    }
+    let mut line = Vec::with_capacity(32);
+    let n = r.read_until(b'\n', &mut line).await?;
+    if n == 0 {
+        bail!("redis closed the connection");
+    }
+    if line.len() < 3 || !line.ends_with(b"\r\n") {
+        bail!("malformed RESP line");
+    }
+    let text = std::str::from_utf8(&line[1..line.len() - 2])?;
+    match line[0] {
+        b'*' => {
+            let count: i64 = text.parse()?;
+            if count < 0 {
+                return Ok(Resp::Nil);
+            }
+            let mut items = Vec::with_capacity(usize::try_from(count)?.min(4096));
+            for _ in 0..count {
+                items.push(Box::pin(read_value(r, depth + 1)).await?);
+            }
+            Ok(Resp::Arr(items))
+        }
+        b'$' => {
+            let len: i64 = text.parse()?;
+            if len < 0 {
+                return Ok(Resp::Nil);
+            }
+            let len = usize::try_from(len)?;
+            if len > 64 << 20 {
+                bail!("RESP bulk string too large");
+            }
+            let mut buf = vec![0u8; len + 2];
+            r.read_exact(&mut buf).await?;
+            buf.truncate(len);
+            Ok(Resp::Str(Bytes::from(buf)))
+        }
+        b':' => {
+            text.parse::<i64>()?;
+            Ok(Resp::Int)
+        }
+        b'+' => Ok(Resp::Str(Bytes::copy_from_slice(text.as_bytes()))),
+        b'-' => bail!("redis error: {text}"),
+        other => bail!("unexpected RESP type {other}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Consumers
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Via {
+    Streams,
+    PubSub,
+}
+
+/// One event a consumer received: counted in its phase, timed if it is a commit.
+fn received(json: &[u8], now: u64, ctl: &Control, stamps: &crate::stamps::Stamps, me: &SubShared) {
+    let phase = (ctl.phase.load(Ordering::Relaxed) as usize).min(PH_COUNT - 1);
+    me.delivered[phase].fetch_add(1, Ordering::Relaxed);
+    let Ok(text) = std::str::from_utf8(json) else {
+        me.unmatched.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    // identity/account events carry no rev: counted, not timed.
+    if let (Some(did), Some(rev)) = (json_str(text, "did"), json_str(text, "rev")) {
+        match stamps.get(commit_key(did, rev)) {
+            Some(sent) => me.hist.lock()[phase].record(now.saturating_sub(sent) / 1000),
+            None => {
+                me.unmatched.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+struct Consumer {
+    via: Via,
+    port: u16,
+    keys: Vec<String>,
+    ctl: Arc<Control>,
+    stamps: Arc<crate::stamps::Stamps>,
+    me: Arc<SubShared>,
+    stop: Arc<AtomicBool>,
+    reconnects: Arc<AtomicU64>,
+}
+
+/// Reads until `stop`; after a lost connection it connects again and (streams) resumes
+/// from the last id it read of each stream, or (pub/sub) subscribes again.
+async fn consume(c: Consumer) {
+    let mut ids: Vec<Vec<u8>> = vec![b"0-0".to_vec(); c.keys.len()];
+    let mut first = true;
+    while !c.stop.load(Ordering::Relaxed) {
+        if !first {
+            c.reconnects.fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        first = false;
+        let Ok(Ok(stream)) = tokio::time::timeout(
+            Duration::from_secs(2),
+            TcpStream::connect(("127.0.0.1", c.port)),
+        )
+        .await
+        else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (r, mut w) = stream.into_split();
+        let mut r = BufReader::with_capacity(1 << 16, r);
+        c.me.connected.store(true, Ordering::Relaxed);
+        let _ = match c.via {
+            Via::Streams => read_streams(&c, &mut r, &mut w, &mut ids).await,
+            Via::PubSub => read_channels(&c, &mut r, &mut w).await,
+        };
+        c.me.connected.store(false, Ordering::Relaxed);
+    }
+    c.me.ended.store(true, Ordering::Relaxed);
+}
+
+async fn read_streams<R: AsyncBufRead + Unpin + Send, W: AsyncWriteExt + Unpin>(
+    c: &Consumer,
+    r: &mut R,
+    w: &mut W,
+    ids: &mut [Vec<u8>],
+) -> anyhow::Result<()> {
+    let index: HashMap<&[u8], usize> = c
+        .keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.as_bytes(), i))
+        .collect();
+    while !c.stop.load(Ordering::Relaxed) {
+        let mut args: Vec<&[u8]> = vec![b"XREAD", b"COUNT", b"1000", b"BLOCK", b"500", b"STREAMS"];
+        args.extend(c.keys.iter().map(|k| k.as_bytes()));
+        args.extend(ids.iter().map(|id| id.as_slice()));
+        w.write_all(&resp_command(&args)).await?;
+        let reply = read_value(r, 0).await?;
+        let now = now_ns();
+        for stream in reply.items() {
+            let [key, entries] = stream.items() else {
+                bail!("unexpected XREAD reply");
+            };
+            let Some(&i) = index.get(key.bytes()) else {
+                bail!("XREAD answered for a key not asked");
+            };
+            for entry in entries.items() {
+                let [id, fields] = entry.items() else {
+                    bail!("unexpected stream entry");
+                };
+                ids[i] = id.bytes().to_vec();
+                let event = fields
+                    .items()
+                    .chunks(2)
+                    .find(|kv| kv.first().is_some_and(|k| k.bytes() == b"event"))
+                    .and_then(|kv| kv.get(1));
+                match event {
+                    Some(v) => received(v.bytes(), now, &c.ctl, &c.stamps, &c.me),
+                    None => {
+                        c.me.unmatched.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn read_channels<R: AsyncBufRead + Unpin + Send, W: AsyncWriteExt + Unpin>(
+    c: &Consumer,
+    r: &mut R,
+    w: &mut W,
+) -> anyhow::Result<()> {
+    let mut args: Vec<&[u8]> = vec![b"SUBSCRIBE"];
+    args.extend(c.keys.iter().map(|k| k.as_bytes()));
+    w.write_all(&resp_command(&args)).await?;
+    while !c.stop.load(Ordering::Relaxed) {
+        let Ok(reply) = tokio::time::timeout(Duration::from_millis(500), read_value(r, 0)).await
+        else {
+            // Nothing for half a second: look at the stop flag. (A reply cut by the timeout
+            // only happens once traffic has stopped, at the end.)
+            continue;
+        };
+        let reply = reply?;
+        let now = now_ns();
+        if let [kind, _channel, payload] = reply.items() {
+            if kind.bytes() == b"message" {
+                received(payload.bytes(), now, &c.ctl, &c.stamps, &c.me);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The names consumer `i` reads (stream keys or channels).
+fn consumer_keys(seed: u64, i: usize) -> (Option<u8>, Vec<String>) {
+    let filter = realistic_filter(seed, i);
+    let mut keys: Vec<String> = match filter {
+        Some(f) => filter_names(f)
+            .into_iter()
+            .map(|c| format!("{PREFIX}c:{c}"))
+            .collect(),
+        None => ALL_COLLECTIONS
+            .iter()
+            .map(|c| format!("{PREFIX}c:{c}"))
+            .chain(["identity", "account"].map(|k| format!("{PREFIX}k:{k}")))
+            .collect(),
+    };
+    keys.sort();
+    (filter, keys)
+}
+
+// ---------------------------------------------------------------------------------------
+// Targets
+// ---------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Sink,
+    SinkOutage,
+    Rebroadcaster,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Sink => "sink",
+            Kind::SinkOutage => "sink+outage",
+            Kind::Rebroadcaster => "rebroadcaster",
+        }
+    }
+    fn sink(self) -> bool {
+        matches!(self, Kind::Sink | Kind::SinkOutage)
+    }
+}
+
+fn redis_command(
+    args: &RedisConsumersArgs,
+    kind: Kind,
+    port: u16,
+    dir: &std::path::Path,
+) -> Command {
+    let mut cmd = Command::new(&args.redis_server);
+    cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+        .args(["--save", "", "--daemonize", "no"]);
+    if kind.sink() {
+        cmd.args(["--appendonly", "yes", "--appendfsync", &args.appendfsync]);
+    } else {
+        cmd.args(["--appendonly", "no"])
+            .args(["--client-output-buffer-limit", "pubsub 256mb 64mb 60"]);
+    }
+    cmd.arg("--dir").arg(dir);
+    cmd
+}
+
+/// A `/metrics` value of sluice's admin listener (plain HTTP/1.0 GET).
+async fn metrics(admin: u16) -> Option<String> {
+    let get = async {
+        let mut s = TcpStream::connect(("127.0.0.1", admin)).await.ok()?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .await
+            .ok()?;
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).await.ok()?;
+        String::from_utf8(buf).ok()
+    };
+    tokio::time::timeout(Duration::from_secs(2), get)
+        .await
+        .ok()?
+}
+
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Back to live: lag within half a second of traffic (the group commit alone holds up to
+/// 100 ms of it).
+fn live_lag(rate: f64) -> f64 {
+    (rate * 0.5).max(500.0)
+}
+
+/// Samples of (seconds since the outage ended, lag in events, events written) while the
+/// sink catches up, and what they say.
+fn catch_up(samples: &[(f64, f64, f64)], rate: f64) -> serde_json::Value {
+    let live = live_lag(rate);
+    let first_write = samples.windows(2).find(|w| w[1].2 > w[0].2).map(|w| w[0]);
+    let caught = samples
+        .iter()
+        .skip_while(|s| first_write.is_none_or(|f| s.0 <= f.0))
+        .find(|s| s.1 <= live);
+    let peak_lag = samples.iter().map(|s| s.1).fold(0.0, f64::max);
+    match (first_write, caught) {
+        (Some(f), Some(c)) if c.0 > f.0 => json!({
+            "resume_delay_secs": f.0,
+            "catch_up_secs": c.0 - f.0,
+            "caught_up_events": c.2 - f.2,
+            "catch_up_events_per_sec": (c.2 - f.2) / (c.0 - f.0),
+            "peak_lag_events": peak_lag,
+        }),
+        _ => json!({"peak_lag_events": peak_lag, "caught_up": false}),
+    }
+}
+
+async fn run_target(
+    args: &RedisConsumersArgs,
+    kind: Kind,
+    run: usize,
+) -> anyhow::Result<serde_json::Value> {
+    eprintln!("== run {run}: {} ==", kind.name());
+    let dir = args.tmp.join(format!(
+        "sluice-bench-consumers-{}-{}-{run}",
+        std::process::id(),
+        kind.name().replace('+', "-")
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let dir = TempDir(dir);
+    let rdir = dir.0.join("redis");
+    std::fs::create_dir_all(&rdir)?;
+    let rport = free_port()?;
+    let mut redis = ChildGuard::spawn(
+        "redis-server",
+        &mut redis_command(args, kind, rport, &rdir),
+        Some(dir.0.join("redis.log")),
+    )?;
+    wait_tcp(rport, &mut redis, 30).await?;
+
+    let (tx, sinks) = tokio::sync::mpsc::channel::<PubSink>(4);
+    let up = TcpListener::bind("127.0.0.1:0").await?;
+    let up_url = format!(
+        "ws://127.0.0.1:{}/xrpc/com.atproto.sync.subscribeRepos",
+        up.local_addr()?.port()
+    );
+    tokio::spawn(upstream_server(up, tx));
+    let (port, admin) = (free_port()?, free_port()?);
+    let mut target = if kind.sink() {
+        let mut cmd = Command::new(&args.sluice);
+        cmd.arg("serve")
+            .args(["--upstream", &up_url])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .arg("--data-dir")
+            .arg(dir.0.join("data"))
+            .args(["--log", "warn", "--stats-interval-secs", "0"])
+            .args([
+                "--connects-per-sec",
+                "1000000",
+                "--connect-burst",
+                "1000000",
+            ])
+            .args(["--max-per-ip", "10000000", "--max-subscribers", "10000000"])
+            .args(["--redis-sink", &format!("redis://127.0.0.1:{rport}/0")])
+            .args(&args.serve_args);
+        let mut g = ChildGuard::spawn("sluice serve", &mut cmd, Some(dir.0.join("serve.log")))?;
+        wait_tcp(port, &mut g, 30).await?;
+        g
+    } else {
+        let exe = std::env::current_exe()?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("redis-rebroadcast")
+            .args(["--upstream", &up_url])
+            .args(["--redis", &format!("127.0.0.1:{rport}")]);
+        ChildGuard::spawn(
+            "redis-rebroadcast",
+            &mut cmd,
+            Some(dir.0.join("rebroadcast.log")),
+        )?
+    };
+
+    let ctl = Arc::new(Control {
+        phase: std::sync::atomic::AtomicU8::new(PH_WARMUP),
+        stall_active: AtomicBool::new(false),
+        stop_publish: AtomicBool::new(false),
+    });
+    let rate = f64::from(args.rate.max(1));
+    let stamps = Arc::new(crate::stamps::Stamps::new((rate * 180.0) as usize * 2));
+    let tallies: Arc<[Tally; PH_COUNT]> = Arc::new(Default::default());
+    let ahead = (args.rate as usize * 4).max(1000);
+    let (gen_rx, made) = start_generator(args.seed, args.dids, ahead);
+    let fill = Instant::now() + Duration::from_secs(60);
+    while made.load(Ordering::Relaxed) < ahead as u64 && Instant::now() < fill {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Consumers, then the websocket subscribers (sink targets).
+    let stop = Arc::new(AtomicBool::new(false));
+    let reconnects = Arc::new(AtomicU64::new(0));
+    let mut filters = Vec::new();
+    let mut consumers = Vec::new();
+    let mut tasks = Vec::new();
+    for i in 0..args.consumers {
+        let (filter, keys) = consumer_keys(args.seed, i);
+        let me = Arc::new(SubShared::new());
+        filters.push(filter);
+        consumers.push(Arc::clone(&me));
+        tasks.push(tokio::spawn(consume(Consumer {
+            via: if kind.sink() {
+                Via::Streams
+            } else {
+                Via::PubSub
+            },
+            port: rport,
+            keys,
+            ctl: Arc::clone(&ctl),
+            stamps: Arc::clone(&stamps),
+            me,
+            stop: Arc::clone(&stop),
+            reconnects: Arc::clone(&reconnects),
+        })));
+    }
+    let mut ws_subs = Vec::new();
+    if kind.sink() {
+        for i in 0..args.ws_subscribers {
+            let filter = realistic_filter(args.seed.wrapping_add(7), i);
+            let spec = Arc::new(SubSpec {
+                url: sub_url(Target::Sluice(Wire::V2), port, filter),
+                v2: true,
+                compressed: false,
+                dictionary: None,
+                filter,
+                stalls: false,
+            });
+            let ws = connect_sub(&spec).await.context("websocket subscriber")?;
+            let me = Arc::new(SubShared::new());
+            ws_subs.push(Arc::clone(&me));
+            tasks.push(tokio::spawn(run_sub(
+                spec,
+                ws,
+                Arc::clone(&ctl),
+                Arc::clone(&stamps),
+                me,
+            )));
+        }
+    }
+    let connect_deadline = Instant::now() + Duration::from_secs(30);
+    while consumers
+        .iter()
+        .any(|c| !c.connected.load(Ordering::Relaxed))
+    {
+        if Instant::now() > connect_deadline {
+            bail!("consumers did not connect to redis-server within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    target.check_alive()?;
+
+    let publisher = tokio::spawn(publish(
+        PubCtx {
+            rate,
+            ctl: Arc::clone(&ctl),
+            stamps: Arc::clone(&stamps),
+            tallies: Arc::clone(&tallies),
+        },
+        gen_rx,
+        sinks,
+    ));
+    tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+
+    let delivered = |subs: &[Arc<SubShared>], ph: usize| -> u64 {
+        subs.iter()
+            .map(|s| s.delivered[ph].load(Ordering::Relaxed))
+            .sum()
+    };
+    let cpu = |pid: u32| proc_cpu_secs(pid).unwrap_or(0.0);
+    let (t_cpu0, mut r_cpu0) = (cpu(target.pid()), cpu(redis.pid()));
+    let mut redis_cpu_acc = 0.0;
+    ctl.phase.store(PH_MEASURE, Ordering::Relaxed);
+    let t0 = Instant::now();
+    let window = Duration::from_secs(args.duration);
+    let mut outage = serde_json::Value::Null;
+    let mut catch_up_samples = None;
+    if kind == Kind::SinkOutage {
+        let at = Duration::from_secs(5);
+        tokio::time::sleep(at).await;
+        redis_cpu_acc += cpu(redis.pid()) - r_cpu0;
+        drop(redis); // SIGKILL, reaped
+        eprintln!(
+            "  redis-server killed; restarting in {} s",
+            args.outage_secs
+        );
+        let mut lag_at_restart = 0.0;
+        let restart_at = Instant::now() + Duration::from_secs(args.outage_secs);
+        while Instant::now() < restart_at {
+            if let Some(lag) = metrics(admin)
+                .await
+                .and_then(|m| metric(&m, "sluice_redis_sink_lag_events"))
+            {
+                lag_at_restart = lag;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        redis = ChildGuard::spawn(
+            "redis-server",
+            &mut redis_command(args, kind, rport, &rdir),
+            Some(dir.0.join("redis-2.log")),
+        )?;
+        let restarted = Instant::now();
+        r_cpu0 = 0.0;
+        wait_tcp(rport, &mut redis, 30).await?;
+        // Sampled until the sink is back to live (not only within the window: on a loaded
+        // machine the catch-up can outlast it), bounded by the window and the drain.
+        let live = live_lag(rate);
+        let until = t0 + window + Duration::from_secs(args.drain_secs);
+        let sampler = tokio::spawn(async move {
+            let mut samples: Vec<(f64, f64, f64)> = Vec::new();
+            while Instant::now() < until {
+                if let Some(m) = metrics(admin).await {
+                    if let (Some(lag), Some(events)) = (
+                        metric(&m, "sluice_redis_sink_lag_events"),
+                        metric(&m, "sluice_redis_sink_events_total"),
+                    ) {
+                        let wrote = samples.first().is_some_and(|f| events > f.2);
+                        samples.push((restarted.elapsed().as_secs_f64(), lag, events));
+                        if wrote && lag <= live {
+                            break;
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            samples
+        });
+        tokio::time::sleep_until((t0 + window).into()).await;
+        catch_up_samples = Some(sampler);
+        outage = json!({
+            "lag_at_restart_events": lag_at_restart,
+            "outage_secs": args.outage_secs,
+        });
+    } else {
+        tokio::time::sleep(window).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let target_cpu = cpu(target.pid()) - t_cpu0;
+    let redis_cpu = redis_cpu_acc + cpu(redis.pid()) - r_cpu0;
+    let got = delivered(&consumers, PH_MEASURE as usize);
+    ctl.phase.store(PH_AFTER, Ordering::Relaxed);
+    ctl.stop_publish.store(true, Ordering::Relaxed);
+    let pub_stats = publisher.await.context("publisher")?;
+
+    // Drain: every consumer should end with what it was sent.
+    let expected: Vec<u64> = filters
+        .iter()
+        .map(|f| {
+            tallies
+                .iter()
+                .map(|t| {
+                    // The v1 wire sends identity and account events to every subscriber;
+                    // a consumer with a filter reads only its collections' streams.
+                    let kinds =
+                        t.identity.load(Ordering::Relaxed) + t.account.load(Ordering::Relaxed);
+                    let v1 = t.expected(Target::Sluice(Wire::V1), *f);
+                    if f.is_some() {
+                        v1.saturating_sub(kinds)
+                    } else {
+                        v1
+                    }
+                })
+                .sum()
+        })
+        .collect();
+    let total =
+        |s: &SubShared| -> u64 { s.delivered.iter().map(|d| d.load(Ordering::Relaxed)).sum() };
+    let drain_deadline = Instant::now() + Duration::from_secs(args.drain_secs);
+    while Instant::now() < drain_deadline
+        && consumers.iter().zip(&expected).any(|(c, e)| total(c) < *e)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if let Some(sampler) = catch_up_samples {
+        let samples = sampler.await.unwrap_or_default();
+        let mut c = catch_up(&samples, rate);
+        if let (Some(o), Some(c)) = (outage.as_object_mut(), c.as_object_mut()) {
+            o.append(c);
+        }
+    }
+    let missing: u64 = consumers
+        .iter()
+        .zip(&expected)
+        .map(|(c, e)| e.saturating_sub(total(c)))
+        .sum();
+    let extra: u64 = consumers
+        .iter()
+        .zip(&expected)
+        .map(|(c, e)| total(c).saturating_sub(*e))
+        .sum();
+    if std::env::var_os("SLUICE_BENCH_DEBUG").is_some() {
+        for ((c, e), f) in consumers.iter().zip(&expected).zip(&filters) {
+            eprintln!("  consumer {f:?}: expected {e}, got {}", total(c));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut hist = Hist::new();
+    for c in &consumers {
+        hist.merge(&c.hist.lock()[PH_MEASURE as usize]);
+    }
+    let mut ws_hist = Hist::new();
+    for s in &ws_subs {
+        ws_hist.merge(&s.hist.lock()[PH_MEASURE as usize]);
+    }
+    let unmatched: u64 = consumers
+        .iter()
+        .map(|c| c.unmatched.load(Ordering::Relaxed))
+        .sum();
+    let ws_ended = ws_subs
+        .iter()
+        .filter(|s| s.ended.load(Ordering::Relaxed))
+        .count();
+    for t in tasks {
+        t.abort();
+    }
+    let r = json!({
+        "run": run,
+        "target": kind.name(),
+        "rate": args.rate,
+        "consumers": args.consumers,
+        "window_secs": secs,
+        "frames_sent": pub_stats.sent,
+        "delivered_in_window": got,
+        "delivered_per_sec": got as f64 / secs,
+        "target_cpu_secs": target_cpu,
+        "redis_cpu_secs": redis_cpu,
+        "cpu_us_per_delivered": (target_cpu + redis_cpu) * 1e6 / got.max(1) as f64,
+        "target_cpu_us_per_delivered": target_cpu * 1e6 / got.max(1) as f64,
+        "redis_cpu_us_per_delivered": redis_cpu * 1e6 / got.max(1) as f64,
+        "p50_us": q(&hist, 0.5),
+        "p99_us": q(&hist, 0.99),
+        "p999_us": q(&hist, 0.999),
+        "max_us": hist.max,
+        "timed": hist.n,
+        "unmatched": unmatched,
+        "missing_after_drain": missing,
+        "extra": extra,
+        "consumer_reconnects": reconnects.load(Ordering::Relaxed),
+        "ws_subscribers": ws_subs.len(),
+        "ws_p50_us": q(&ws_hist, 0.5),
+        "ws_p99_us": q(&ws_hist, 0.99),
+        "ws_max_us": ws_hist.max,
+        "ws_delivered_in_window": delivered(&ws_subs, PH_MEASURE as usize),
+        "ws_ended": ws_ended,
+        "outage": outage,
+        "load_avg_1m": load_avg(),
+    });
+    eprintln!("  {r}");
+    drop(target);
+    drop(redis);
+    Ok(r)
+}
+
+fn load_avg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+pub(crate) async fn redis_consumers(args: RedisConsumersArgs) -> anyhow::Result<()> {
+    if args.outage_secs > 0 && args.duration < args.outage_secs + 10 {
+        bail!("--duration must be at least --outage-secs + 10 (the outage starts 5 s in)");
+    }
+    let mut kinds = vec![Kind::Sink, Kind::Rebroadcaster];
+    if args.outage_secs > 0 {
+        kinds.push(Kind::SinkOutage);
+    }
+    let mut results = Vec::new();
+    for run in 0..args.runs {
+        // Alternate the order too, so neither target always runs first.
+        let order: Vec<Kind> = if run % 2 == 0 {
+            kinds.clone()
+        } else {
+            kinds.iter().rev().copied().collect()
+        };
+        for kind in order {
+            results.push(run_target(&args, kind, run).await?);
+        }
+    }
+    let mut summary = Vec::new();
+    for kind in &kinds {
+        let of = |field: &str| {
+            median(
+                results
+                    .iter()
+                    .filter(|r| r["target"] == kind.name())
+                    .filter_map(|r| r[field].as_f64())
+                    .collect(),
+            )
+        };
+        let mut s = json!({
+            "target": kind.name(),
+            "median_delivered_per_sec": of("delivered_per_sec"),
+            "median_cpu_us_per_delivered": of("cpu_us_per_delivered"),
+            "median_target_cpu_us_per_delivered": of("target_cpu_us_per_delivered"),
+            "median_redis_cpu_us_per_delivered": of("redis_cpu_us_per_delivered"),
+            "median_p50_us": of("p50_us"),
+            "median_p99_us": of("p99_us"),
+            "median_ws_p99_us": of("ws_p99_us"),
+            "missing_after_drain": results.iter().filter(|r| r["target"] == kind.name()).map(|r| r["missing_after_drain"].as_u64().unwrap_or(0)).sum::<u64>(),
+        });
+        if *kind == Kind::SinkOutage {
+            s["median_catch_up_events_per_sec"] = json!(median(
+                results
+                    .iter()
+                    .filter(|r| r["target"] == kind.name())
+                    .filter_map(|r| r["outage"]["catch_up_events_per_sec"].as_f64())
+                    .collect()
+            ));
+        }
+        summary.push(s);
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&json!({"runs": results, "summary": summary}))
+            .context("summary")?
+    );
+    Ok(())
+}
