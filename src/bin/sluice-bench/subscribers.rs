@@ -155,7 +155,8 @@ pub(crate) type ClientWs =
 
 /// A connected subscriber: a websocket client, or a plain Redis pub/sub client.
 pub(crate) enum SubConn {
-    Ws(ClientWs),
+    /// Boxed: tungstenite's stream is over a kilobyte, the RESP reader a tenth of that.
+    Ws(Box<ClientWs>),
     Resp(BufReader<TcpStream>),
 }
 
@@ -163,7 +164,7 @@ pub(crate) enum SubConn {
 pub(crate) async fn connect(spec: &SubSpec) -> anyhow::Result<SubConn> {
     match spec.url.strip_prefix("redis://") {
         Some(addr) => connect_resp(addr).await.map(SubConn::Resp),
-        None => connect_sub(spec).await.map(SubConn::Ws),
+        None => connect_sub(spec).await.map(|ws| SubConn::Ws(Box::new(ws))),
     }
 }
 
@@ -261,7 +262,7 @@ pub(crate) async fn run_sub(
     // The sink half is kept so the connection stays open.
     let (_sink, mut source) = match conn {
         SubConn::Ws(ws) => {
-            let (sink, source) = ws.split();
+            let (sink, source) = (*ws).split();
             (Some(sink), Source::Ws(source))
         }
         SubConn::Resp(r) => (None, Source::Resp(r, Vec::new())),
@@ -330,6 +331,39 @@ pub(crate) async fn run_sub(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A plain Redis subscriber takes each pub/sub message's payload as one binary message,
+    /// in order, skips any other reply, and ends with an error when Redis goes away.
+    #[tokio::test]
+    async fn resp_messages_arrive_as_binary_messages_in_order() -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let (client, accepted) = tokio::join!(
+            TcpStream::connect(listener.local_addr()?),
+            listener.accept()
+        );
+        let (mut redis, _) = accepted?;
+        redis
+            .write_all(
+                b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$3\r\nabc\r\n\
+                  *3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n\
+                  *3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$0\r\n\r\n",
+            )
+            .await?;
+        drop(redis);
+        let mut source = Source::Resp(BufReader::new(client?), Vec::new());
+        let first = source.next().await;
+        assert!(
+            matches!(&first, Some(Ok(Message::Binary(b))) if b.as_ref() == b"abc"),
+            "{first:?}"
+        );
+        let second = source.next().await;
+        assert!(
+            matches!(&second, Some(Ok(Message::Binary(b))) if b.is_empty()),
+            "{second:?}"
+        );
+        assert!(matches!(source.next().await, Some(Err(_))));
+        Ok(())
+    }
 
     #[test]
     fn realistic_mix_shape() {
