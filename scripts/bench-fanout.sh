@@ -3,7 +3,7 @@
 #
 # Usage: scripts/bench-fanout.sh [quick|compare|targets|stall|scan|all] [OUT_DIR]
 #   quick    one short run of every phase (smoke test, about 3 minutes)
-#   compare  raw wire, everyone takes everything: sluice vs websocat vs Redis, 3 runs
+#   compare  raw wire, everyone takes everything: sluice vs websocat, Redis pub/sub and a Redis rebroadcaster, 3 runs
 #   targets  issue 4's load: 2,000 frames/s x 1,000 realistic subscribers, raw, v1 and v2
 #   scan     the same rate with fewer subscribers, to find the largest load that holds
 #   stall    10% of subscribers stop reading for 300 s; RSS sampled every second

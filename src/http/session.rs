@@ -291,6 +291,14 @@ pub async fn run(
     // so the loop does not register a timer per batch.
     let message_check = tokio::time::sleep(config.client_message_timeout);
     tokio::pin!(message_check);
+    // One future for the whole session: `changed()` made afresh on every turn of the loop
+    // registered with the shutdown channel, which every session shares, and unregistered
+    // again whenever another branch won (twice per write).
+    let mut stop = shutdown.clone();
+    let stopping = async move {
+        let _ = stop.wait_for(|&s| s).await;
+    };
+    tokio::pin!(stopping);
     if let Some(peer) = socket.peer() {
         sub.set_peer(peer.ip());
     }
@@ -304,7 +312,7 @@ pub async fn run(
         'session: loop {
             let mut batch = tokio::select! {
                 biased;
-                _ = shutdown.changed() => break SessionEnd::Shutdown,
+                () = &mut stopping => break SessionEnd::Shutdown,
                 incoming = socket.recv() => {
                     match incoming {
                         Some(Ok(Message::Text(text))) => {
@@ -558,9 +566,15 @@ async fn write_batch(
         }
     }
     let outcome = write_chunked(socket, frames, config).await;
-    counters.events.fetch_add(sent, Ordering::Relaxed);
-    counters.bytes.fetch_add(sent_bytes, Ordering::Relaxed);
-    counters.oversized.fetch_add(oversized, Ordering::Relaxed);
+    // Every session of the wire shares these counters (one cache line between the worker
+    // threads): an add of nothing is skipped.
+    if sent > 0 {
+        counters.events.fetch_add(sent, Ordering::Relaxed);
+        counters.bytes.fetch_add(sent_bytes, Ordering::Relaxed);
+    }
+    if oversized > 0 {
+        counters.oversized.fetch_add(oversized, Ordering::Relaxed);
+    }
     outcome.map(|()| !frames.is_empty())
 }
 

@@ -14,12 +14,12 @@ use crate::target::{BaselineArg, Mix, Wire};
 #[derive(Parser)]
 #[command(
     name = "sluice-bench",
-    about = "Fan-out benchmark: sluice serve vs websocat and a Redis pub/sub rebroadcaster",
+    about = "Fan-out benchmark: sluice serve vs websocat, Redis pub/sub and a Redis rebroadcaster",
     long_about = "Fan-out benchmark of a real `sluice serve` (child process) fed by an in-process \
 paced upstream of synthetic relay frames, with N websocket subscribers; measures relay CPU per \
 delivered event, latency from upstream send to subscriber read, RSS at idle and while a fraction \
 of subscribers stall, and the same for raw-wire baselines (websocat broadcast, Redis pub/sub \
-rebroadcaster) on the same frames, rate and subscriber count. Only 127.0.0.1 is used."
+to plain RESP subscribers, a websocket rebroadcaster in front of Redis pub/sub) on the same frames, rate and subscriber count. Only 127.0.0.1 is used."
 )]
 pub(crate) struct Cli {
     #[command(subcommand)]
@@ -91,8 +91,14 @@ pub(crate) struct FanoutArgs {
     /// filter: their subscribers always get every frame.
     #[arg(long, value_enum, default_value = "realistic")]
     pub(crate) mix: Mix,
-    /// Baselines to run after the sluice phases, comma separated: websocat, redis, none.
-    #[arg(long, value_delimiter = ',', default_value = "websocat,redis")]
+    /// Baselines to run after the sluice phases, comma separated: websocat, redis-pubsub
+    /// (plain RESP subscribers), redis-relay (a websocket rebroadcaster in front of Redis;
+    /// `redis` is its old name), none.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "websocat,redis-pubsub,redis-relay"
+    )]
     pub(crate) baselines: Vec<BaselineArg>,
     /// Fraction of subscribers that stop reading during the stall phase (sluice only).
     #[arg(long, default_value_t = 0.1)]

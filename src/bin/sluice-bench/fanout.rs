@@ -23,7 +23,8 @@ pub(crate) async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
     for b in &args.baselines {
         match b {
             BaselineArg::Websocat => targets.push(Target::Websocat),
-            BaselineArg::Redis => targets.push(Target::Redis),
+            BaselineArg::RedisPubsub => targets.push(Target::RedisPubsub),
+            BaselineArg::RedisRelay => targets.push(Target::RedisRelay),
             BaselineArg::None => {}
         }
     }

@@ -18,11 +18,12 @@ use crate::procs::{
     cpu_each, free_port, machine_jiffies, rss_total, self_cpu, wait_tcp, ChildGuard, TempDir,
 };
 use crate::publisher::{publish, start_generator, start_upstream, BoxSink, PubCtx, PubSink};
+use crate::relay::REDIS_CHANNEL;
 use crate::report::{print_phase, q};
 use crate::stamps::Stamps;
 use crate::subscribers::{
-    connect_sub, decoder_dictionary, realistic_filter, run_sub, sub_url, SubShared, SubSpec,
-    TIMED_EVERY,
+    connect, connect_sub, decoder_dictionary, realistic_filter, run_sub, sub_url, SubShared,
+    SubSpec, TIMED_EVERY,
 };
 use crate::target::{Mix, Target, Wire};
 
@@ -113,17 +114,19 @@ pub(crate) async fn start_target(
                 _dir: Some(dir),
             })
         }
-        Target::Redis => {
-            let rport = free_port()?;
-            let mut cmd = Command::new(&args.redis_server);
-            cmd.args(["--bind", "127.0.0.1", "--port", &rport.to_string()])
-                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-                .args(["--client-output-buffer-limit", "pubsub 256mb 64mb 60"])
-                .arg("--dir")
-                .arg(&dir.0);
-            let mut redis =
-                ChildGuard::spawn("redis-server", &mut cmd, Some(dir.0.join("redis.log")))?;
-            wait_tcp(rport, &mut redis, 30).await?;
+        Target::RedisPubsub => {
+            let (redis, rport) = start_redis(args, &dir).await?;
+            tx.send(redis_publisher(rport).await?).await.ok();
+            // Subscribers are RESP clients of redis-server itself.
+            Ok(Running {
+                procs: vec![redis],
+                port: rport,
+                sinks: rx,
+                _dir: Some(dir),
+            })
+        }
+        Target::RedisRelay => {
+            let (redis, rport) = start_redis(args, &dir).await?;
             let port = free_port()?;
             let exe = std::env::current_exe()?;
             let mut cmd = Command::new(exe);
@@ -136,23 +139,7 @@ pub(crate) async fn start_target(
                 ChildGuard::spawn("redis-relay", &mut cmd, Some(dir.0.join("relay.log")))?;
             wait_tcp(port, &mut relay, 30).await?;
             // The relay listens only after its SUBSCRIBE was confirmed.
-            let stream = TcpStream::connect(("127.0.0.1", rport)).await?;
-            let _ = stream.set_nodelay(true);
-            let (mut r, w) = stream.into_split();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                while let Ok(n) = r.read(&mut buf).await {
-                    if n == 0 {
-                        break;
-                    }
-                }
-            });
-            tx.send(PubSink::Redis {
-                w: BufWriter::with_capacity(1 << 20, w),
-                channel: "sluice-bench".into(),
-            })
-            .await
-            .ok();
+            tx.send(redis_publisher(rport).await?).await.ok();
             Ok(Running {
                 procs: vec![relay, redis],
                 port,
@@ -161,6 +148,41 @@ pub(crate) async fn start_target(
             })
         }
     }
+}
+
+/// A `redis-server` for a Redis baseline (no persistence; a pub/sub client may hold up to
+/// 256 MB of output before Redis drops it), and its port.
+async fn start_redis(args: &FanoutArgs, dir: &TempDir) -> anyhow::Result<(ChildGuard, u16)> {
+    let rport = free_port()?;
+    let mut cmd = Command::new(&args.redis_server);
+    cmd.args(["--bind", "127.0.0.1", "--port", &rport.to_string()])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .args(["--client-output-buffer-limit", "pubsub 256mb 64mb 60"])
+        .arg("--dir")
+        .arg(&dir.0);
+    let mut redis = ChildGuard::spawn("redis-server", &mut cmd, Some(dir.0.join("redis.log")))?;
+    wait_tcp(rport, &mut redis, 30).await?;
+    Ok((redis, rport))
+}
+
+/// The publisher's own connection to Redis, PUBLISHing every frame; its replies (the
+/// number of receivers) are read and dropped.
+async fn redis_publisher(rport: u16) -> anyhow::Result<PubSink> {
+    let stream = TcpStream::connect(("127.0.0.1", rport)).await?;
+    let _ = stream.set_nodelay(true);
+    let (mut r, w) = stream.into_split();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = r.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    Ok(PubSink::Redis {
+        w: BufWriter::with_capacity(1 << 20, w),
+        channel: REDIS_CHANNEL.into(),
+    })
 }
 
 pub(crate) async fn run_phase(
@@ -239,7 +261,7 @@ pub(crate) async fn run_phase(
             let sem = Arc::clone(&sem);
             tokio::spawn(async move {
                 let _permit = sem.acquire_owned().await;
-                connect_sub(&spec).await
+                connect(&spec).await
             })
         })
         .collect();

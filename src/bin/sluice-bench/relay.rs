@@ -12,6 +12,9 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::cli::RedisRelayArgs;
 
+/// The pub/sub channel the publisher PUBLISHes to and Redis subscribers SUBSCRIBE to.
+pub(crate) const REDIS_CHANNEL: &str = "sluice-bench";
+
 /// Reads one RESP value as a list of bulk strings (arrays flattened); integers and simple
 /// strings are returned as their text.
 pub(crate) async fn read_resp<R: tokio::io::AsyncBufRead + Unpin>(

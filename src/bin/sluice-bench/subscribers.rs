@@ -4,9 +4,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::anyhow;
+use anyhow::{anyhow, bail};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use parking_lot::Mutex;
+use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -15,6 +17,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::control::{Control, PH_COUNT};
 use crate::frame_meta::{commit_key, frame_seq, json_str, seq_key, CLS_FOLLOW, CLS_LIKE, CLS_POST};
 use crate::hist::{now_ns, Hist};
+use crate::relay::{read_resp, REDIS_CHANNEL};
 use crate::stamps::Stamps;
 use crate::target::{Target, Wire};
 
@@ -120,7 +123,8 @@ pub(crate) fn sub_url(target: Target, port: u16, filter: Option<u8>) -> String {
             "/xrpc/network.bsky.jetstream.subscribeEvents",
             "collections",
         ),
-        Target::Websocat | Target::Redis => return format!("{base}/"),
+        Target::Websocat | Target::RedisRelay => return format!("{base}/"),
+        Target::RedisPubsub => return format!("redis://127.0.0.1:{port}"),
     };
     let mut url = format!("{base}{path}");
     if let Some(f) = filter {
@@ -149,6 +153,80 @@ pub(crate) fn sub_url(target: Target, port: u16, filter: Option<u8>) -> String {
 pub(crate) type ClientWs =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>>;
 
+/// A connected subscriber: a websocket client, or a plain Redis pub/sub client.
+pub(crate) enum SubConn {
+    /// Boxed: tungstenite's stream is over a kilobyte, the RESP reader a tenth of that.
+    Ws(Box<ClientWs>),
+    Resp(BufReader<TcpStream>),
+}
+
+/// Connects a subscriber of either kind (`redis://host:port` URLs are pub/sub clients).
+pub(crate) async fn connect(spec: &SubSpec) -> anyhow::Result<SubConn> {
+    match spec.url.strip_prefix("redis://") {
+        Some(addr) => connect_resp(addr).await.map(SubConn::Resp),
+        None => connect_sub(spec).await.map(|ws| SubConn::Ws(Box::new(ws))),
+    }
+}
+
+/// A plain Redis pub/sub subscriber: its own RESP connection, subscribed to the channel the
+/// publisher PUBLISHes to, the SUBSCRIBE confirmed before it counts as connected.
+async fn connect_resp(addr: &str) -> anyhow::Result<BufReader<TcpStream>> {
+    let mut last = anyhow!("not tried");
+    for attempt in 0..5u64 {
+        let attempt_once = async {
+            let stream = TcpStream::connect(addr).await?;
+            let _ = stream.set_nodelay(true);
+            let mut r = BufReader::with_capacity(64 * 1024, stream);
+            let cmd = format!(
+                "*2\r\n$9\r\nSUBSCRIBE\r\n${}\r\n{}\r\n",
+                REDIS_CHANNEL.len(),
+                REDIS_CHANNEL
+            );
+            r.get_mut().write_all(cmd.as_bytes()).await?;
+            let mut parts = Vec::new();
+            read_resp(&mut r, &mut parts, 0).await?;
+            if parts.first().map(|b| b.as_ref()) != Some(b"subscribe".as_slice()) {
+                bail!("unexpected SUBSCRIBE reply");
+            }
+            Ok(r)
+        };
+        match tokio::time::timeout(Duration::from_secs(10), attempt_once).await {
+            Ok(Ok(r)) => return Ok(r),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = anyhow!("connect timed out"),
+        }
+        tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
+    }
+    Err(last)
+}
+
+/// Where a subscriber's messages come from.
+enum Source {
+    Ws(futures_util::stream::SplitStream<ClientWs>),
+    /// The RESP connection and its scratch list of bulk strings.
+    Resp(BufReader<TcpStream>, Vec<Bytes>),
+}
+
+impl Source {
+    /// The next message (a pub/sub message's payload as a binary message), `None` at the
+    /// end of the stream.
+    async fn next(&mut self) -> Option<Result<Message, String>> {
+        match self {
+            Source::Ws(source) => source.next().await.map(|m| m.map_err(|e| e.to_string())),
+            Source::Resp(r, parts) => loop {
+                parts.clear();
+                if let Err(e) = read_resp(r, parts, 0).await {
+                    return Some(Err(e.to_string()));
+                }
+                // Anything but `message <channel> <payload>` (none is expected) is skipped.
+                if parts.len() == 3 && parts[0].as_ref() == b"message" {
+                    return parts.pop().map(|payload| Ok(Message::Binary(payload)));
+                }
+            },
+        }
+    }
+}
+
 pub(crate) async fn connect_sub(spec: &SubSpec) -> anyhow::Result<ClientWs> {
     let mut last = anyhow!("not tried");
     for attempt in 0..5u64 {
@@ -176,12 +254,19 @@ pub(crate) async fn connect_sub(spec: &SubSpec) -> anyhow::Result<ClientWs> {
 
 pub(crate) async fn run_sub(
     spec: Arc<SubSpec>,
-    ws: ClientWs,
+    conn: SubConn,
     ctl: Arc<Control>,
     stamps: Arc<Stamps>,
     me: Arc<SubShared>,
 ) {
-    let (_sink, mut source) = ws.split();
+    // The sink half is kept so the connection stays open.
+    let (_sink, mut source) = match conn {
+        SubConn::Ws(ws) => {
+            let (sink, source) = (*ws).split();
+            (Some(sink), Source::Ws(source))
+        }
+        SubConn::Resp(r) => (None, Source::Resp(r, Vec::new())),
+    };
     let mut decompressor = spec
         .dictionary
         .and_then(|d| zstd::bulk::Decompressor::with_prepared_dictionary(d).ok());
@@ -246,6 +331,39 @@ pub(crate) async fn run_sub(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A plain Redis subscriber takes each pub/sub message's payload as one binary message,
+    /// in order, skips any other reply, and ends with an error when Redis goes away.
+    #[tokio::test]
+    async fn resp_messages_arrive_as_binary_messages_in_order() -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let (client, accepted) = tokio::join!(
+            TcpStream::connect(listener.local_addr()?),
+            listener.accept()
+        );
+        let (mut redis, _) = accepted?;
+        redis
+            .write_all(
+                b"*3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$3\r\nabc\r\n\
+                  *3\r\n$9\r\nsubscribe\r\n$2\r\nch\r\n:1\r\n\
+                  *3\r\n$7\r\nmessage\r\n$2\r\nch\r\n$0\r\n\r\n",
+            )
+            .await?;
+        drop(redis);
+        let mut source = Source::Resp(BufReader::new(client?), Vec::new());
+        let first = source.next().await;
+        assert!(
+            matches!(&first, Some(Ok(Message::Binary(b))) if b.as_ref() == b"abc"),
+            "{first:?}"
+        );
+        let second = source.next().await;
+        assert!(
+            matches!(&second, Some(Ok(Message::Binary(b))) if b.is_empty()),
+            "{second:?}"
+        );
+        assert!(matches!(source.next().await, Some(Err(_))));
+        Ok(())
+    }
 
     #[test]
     fn realistic_mix_shape() {

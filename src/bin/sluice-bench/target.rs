@@ -35,7 +35,13 @@ pub(crate) enum Mix {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum BaselineArg {
     Websocat,
-    Redis,
+    /// `redis-server` PUBLISHing straight to plain RESP subscribers (SUBSCRIBE on their
+    /// own connections): what a pub/sub consumer script gets.
+    RedisPubsub,
+    /// A websocket relay process (`redis-relay`) in front of Redis pub/sub: a home-made
+    /// rebroadcaster. `redis` is the old name of this one.
+    #[value(alias = "redis")]
+    RedisRelay,
     None,
 }
 
@@ -43,7 +49,10 @@ pub(crate) enum BaselineArg {
 pub(crate) enum Target {
     Sluice(Wire),
     Websocat,
-    Redis,
+    /// `redis-server` to plain RESP subscribers.
+    RedisPubsub,
+    /// `redis-server` plus the `redis-relay` websocket rebroadcaster.
+    RedisRelay,
 }
 
 impl Target {
@@ -51,7 +60,8 @@ impl Target {
         match self {
             Target::Sluice(w) => format!("sluice/{}", w.name()),
             Target::Websocat => "websocat/raw".into(),
-            Target::Redis => "redis/raw".into(),
+            Target::RedisPubsub => "redis-pubsub/raw".into(),
+            Target::RedisRelay => "redis-relay/raw".into(),
         }
     }
     pub(crate) fn wire(self) -> Wire {
