@@ -63,6 +63,8 @@ pub struct AppState {
     pub zstd_cache_bytes: usize,
     /// Both listeners' connection counts and the descriptor budget (`http::listen`).
     pub connections: Arc<Connections>,
+    /// Parses what subscribers send (off the async workers) and charges it by size.
+    pub texts: Arc<super::admission_text::TextPool>,
     /// Cluster nodes: how long a cursor just past this node's log waits for the log to
     /// reach it before it is resolved (zero on a single node). See [`resolve_settled`].
     pub cursor_grace: std::time::Duration,

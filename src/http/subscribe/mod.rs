@@ -119,6 +119,7 @@ pub async fn serve(
         state.shutdown.clone(),
         plan.initial,
         state.stats.counters(plan.wire),
+        &state.texts,
     )
     .await;
     state.stats.record_end(&end);
