@@ -86,6 +86,9 @@ impl Daemon {
             hub: hub.clone(),
             admission: crate::http::admission::Admission::new(config.admission.clone()),
             session: config.session.clone(),
+            session_limits: parking_lot::Mutex::new(crate::http::app::SessionLimits::of(
+                &config.session,
+            )),
             filter_limits: config.filter_limits,
             slow_policy: config.slow_policy,
             shutdown: shutdown_rx.clone(),
@@ -217,8 +220,9 @@ impl Daemon {
     /// admission, both listeners' limits before the upgrade (for connections accepted
     /// from now on) and the descriptor reserve, the client-memory budget, and the hub's
     /// index and scan budgets with their per-IP shares, the client-text budget and its
-    /// per-IP share. Everything else (addresses, the
-    /// log, queues, per-session settings) needs a restart. Checks first and changes
+    /// per-IP share; and for sessions that start from now on, the client message deadline
+    /// and the per-connection update rate. Everything else (addresses, the
+    /// log, queues, the other per-session settings) needs a restart. Checks first and changes
     /// nothing when a limit cannot be applied.
     pub fn reload(&self, config: &crate::config::ServeConfig) -> anyhow::Result<()> {
         let connections = &self.app.connections;
@@ -243,6 +247,7 @@ impl Daemon {
             .set_config(config.client_memory.clone());
         self.hub.set_budgets(config.hub.budgets());
         self.app.texts.set_config(&config.client_text);
+        *self.app.session_limits.lock() = crate::http::app::SessionLimits::of(&config.session);
         Ok(())
     }
 

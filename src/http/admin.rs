@@ -105,6 +105,7 @@ impl AdminState {
         let memory = connections.memory().config();
         let budgets = self.hub.budgets();
         let texts = self.app.texts.config();
+        let session = *self.app.session_limits.lock();
         vec![
             ("max_subscribers", admission.max_subscribers as f64),
             ("connects_per_sec", admission.connects_per_sec),
@@ -139,6 +140,14 @@ impl AdminState {
             ),
             ("scan_events_per_sec", budgets.scan_total as f64),
             ("scan_events_per_sec_per_ip", budgets.scan_per_ip as f64),
+            (
+                "client_message_timeout_secs",
+                session.client_message_timeout.as_secs_f64(),
+            ),
+            (
+                "max_client_updates_per_sec",
+                f64::from(session.client_updates_per_sec),
+            ),
             (
                 "client_text_kib_per_sec",
                 texts.bytes_per_sec as f64 / 1024.0,

@@ -115,7 +115,7 @@ pub async fn serve(
         socket,
         sub,
         session,
-        state.session.clone(),
+        state.session_config(),
         state.shutdown.clone(),
         plan.initial,
         state.stats.counters(plan.wire),
