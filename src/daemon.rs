@@ -220,8 +220,8 @@ impl Daemon {
     /// admission, both listeners' limits before the upgrade (for connections accepted
     /// from now on) and the descriptor reserve, the client-memory budget, and the hub's
     /// index and scan budgets with their per-IP shares, the client-text budget and its
-    /// per-IP share; and for sessions that start from now on, the client message deadline
-    /// and the per-connection update rate. Everything else (addresses, the
+    /// per-IP share; and for sessions that start from now on, the client message deadline,
+    /// the per-connection update rate and replay rate. Everything else (addresses, the
     /// log, queues, the other per-session settings) needs a restart. Checks first and changes
     /// nothing when a limit cannot be applied.
     pub fn reload(&self, config: &crate::config::ServeConfig) -> anyhow::Result<()> {

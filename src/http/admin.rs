@@ -140,6 +140,7 @@ impl AdminState {
             ),
             ("scan_events_per_sec", budgets.scan_total as f64),
             ("scan_events_per_sec_per_ip", budgets.scan_per_ip as f64),
+            ("replay_events_per_sec", budgets.replay_per_conn as f64),
             (
                 "client_message_timeout_secs",
                 session.client_message_timeout.as_secs_f64(),

@@ -208,7 +208,7 @@ const SMALL_UPDATE: &[u8] =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_changes_session_limits_for_sessions_that_start_after_it() {
-    let upstream = slow_upstream(300, 0.5).await;
+    let upstream = slow_upstream(1300, 4.0).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("sluice.toml");
     write_config(
@@ -216,6 +216,7 @@ async fn sighup_changes_session_limits_for_sessions_that_start_after_it() {
         &[
             ("client_message_timeout_secs", 60),
             ("max_client_updates_per_sec", 10),
+            ("replay_events_per_sec", 200_000),
         ],
     );
     let serve = Serve::start(&upstream, &["--config", &path_str(&file)], None).await;
@@ -225,17 +226,37 @@ async fn sighup_changes_session_limits_for_sessions_that_start_after_it() {
     );
     let path = "/subscribe?wantedCollections=none.match.nothing";
     let mut before = raw_ws(BEFORE, serve.addr, path).await.expect("upgrade");
+    wait_logged(&serve, 1200).await;
+    // A replay from the start before the reload reads the whole log at once.
+    let mut replay = Bystander::connect(&serve, 1).await;
+    replay.read_for(Duration::from_secs(2)).await;
+    assert!(replay.seqs.len() >= 1200, "{} replayed", replay.seqs.len());
 
     write_config(
         &file,
         &[
             ("client_message_timeout_secs", 1),
             ("max_client_updates_per_sec", 1),
+            ("replay_events_per_sec", 100),
         ],
     );
     serve.signal("-HUP");
     wait_limit(&serve, "client_message_timeout_secs", 1.0).await;
     assert_eq!(limit(&serve, "max_client_updates_per_sec").await, Some(1.0));
+    assert_eq!(limit(&serve, "replay_events_per_sec").await, Some(100.0));
+
+    // One after it is paced at 100 events a second: its burst of 100, then 100 a second,
+    // and at most one catch-up batch (256 events) taken ahead. (Its first batch waits
+    // 1.6 s, longer than the 1 s message-deadline timer that wakes the session: the read
+    // must resume its wait, not pay again, or nothing would ever come.)
+    let mut replay = Bystander::connect(&serve, 1).await;
+    replay.read_for(Duration::from_secs(4)).await;
+    replay.assert_gapless_from(1);
+    assert!(
+        replay.seqs.len() <= 100 + 4 * 100 + 256,
+        "{} replayed in 4 s at 100 a second",
+        replay.seqs.len()
+    );
 
     // Three updates back to back: over the new rate of one a second for a session that
     // started after the reload, within the old ten for one that started before.
