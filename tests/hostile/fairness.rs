@@ -119,7 +119,7 @@ async fn catch_up(serve: &Serve, from: IpAddr, count: usize) -> Duration {
 async fn replays_that_match_nothing_pay_for_what_they_scan() {
     let _machine = crate::exclusive::alone().await;
     // Each attacker scans the whole log on its own: 20 x 6,000 events take the attackers
-    // 11 s or more at the total rate, longer than the test, so they scan throughout.
+    // 34 s or more at their share, longer than the test, so they scan throughout.
     let upstream = slow_upstream(6_000, 100.0).await;
     let serve = Serve::start(
         &upstream,
@@ -127,7 +127,7 @@ async fn replays_that_match_nothing_pay_for_what_they_scan() {
             "--tail-max-mib",
             "1",
             "--scan-events-per-sec",
-            "10500",
+            "7000",
             "--scan-events-per-sec-per-ip",
             "3500",
         ],
@@ -158,14 +158,14 @@ async fn replays_that_match_nothing_pay_for_what_they_scan() {
     }
     drop(attackers);
     // The good address's own share (3,500 events/s) pays for its 3,500 events in 1 s at
-    // most (less with the burst); on this machine it took ~0.3 s. Were the 10,500/s
-    // total not shared out by address, the 21 replays would split it: 2.6 s measured
-    // here (7 s if the attackers got the CPU to use their whole split). 1.5 s separates
-    // the two with 5x room for a loaded CI machine over the fair figure. (A ratio to an
+    // most (less with the burst), and the attackers take from the 7,000/s total only at
+    // their share's pace, leaving it the other half. Were the total not shared out by
+    // address, the 21 replays would split it: 333 events/s each, ~10 s for 3,500. A
+    // bound of 3 s leaves 3x room both ways, for a loaded CI machine. (A ratio to an
     // unloaded run did not separate them: scheduling alone moved it 3x.)
     let own_share = Duration::from_secs_f64(3500.0 / 3500.0);
     assert!(
-        loaded < own_share * 3 / 2,
+        loaded < own_share * 3,
         "catch-up of 3,500 events took {loaded:?} beside 20 scanning replays from another \
          address; its own share pays for them in {own_share:?}"
     );
@@ -278,10 +278,6 @@ async fn large_filter_updates_from_one_address_do_not_delay_anothers_subscribe()
     )
     .await;
     wait_logged(&serve, 50).await;
-    let mut unloaded = Duration::ZERO;
-    for _ in 0..3 {
-        unloaded = unloaded.max(first_event(&serve, GOOD).await);
-    }
     // 30 connections, each sending a legal 1,000-DID update every second.
     let updates: Vec<String> = (0..30).map(|a| big_update(1000, a)).collect();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -319,12 +315,12 @@ async fn large_filter_updates_from_one_address_do_not_delay_anothers_subscribe()
         + metric(&metrics, "sluice_index_budget_total{outcome=\"refused\"").unwrap_or(0.0);
     assert!(spent >= 10.0, "the attack ran into its share: {spent}");
     // Were the total not shared out by address, the attackers' queued updates would hold
-    // the good subscribe's reservation for up to the index wait limit (5 s). The margin
-    // is for a loaded CI machine, where the two sides' scheduling alone differs by
-    // hundreds of milliseconds; it stays far below the unfair outcome.
+    // the good subscribe's reservation for up to the index wait limit (5 s) or have it
+    // refused. Not a speed check: half that limit is twice the room between a fair
+    // outcome (~15 ms unloaded) and the unfair one, for a loaded CI machine.
     assert!(
-        loaded <= unloaded * 2 + sluice::fanout::MAX_INDEX_WAIT / 10,
-        "first event: {unloaded:?} unloaded, {loaded:?} during the flood"
+        loaded < sluice::fanout::MAX_INDEX_WAIT / 2,
+        "first event {loaded:?} during the flood: the good address waited on the attacker's budget"
     );
 }
 
