@@ -207,13 +207,14 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
     pub max_index_changes_per_sec_per_ip: u64,
     /// Events replays (catch-up reads) may scan per second across the server, matched
-    /// or not (burst as many): bounds the CPU replays take.
-    #[arg(long, env = "SLUICE_SCAN_EVENTS_PER_SEC", default_value_t = 1_000_000,
+    /// or not (burst as many): bounds the CPU replays take. The default leaves most of
+    /// 2 cores to live traffic (docs/DECISIONS.md, "The scan budget's default").
+    #[arg(long, env = "SLUICE_SCAN_EVENTS_PER_SEC", default_value_t = 100_000,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
     pub scan_events_per_sec: u64,
     /// The share of `--scan-events-per-sec` one client IP may use, however many
     /// connections it opens.
-    #[arg(long, env = "SLUICE_SCAN_EVENTS_PER_SEC_PER_IP", default_value_t = 200_000,
+    #[arg(long, env = "SLUICE_SCAN_EVENTS_PER_SEC_PER_IP", default_value_t = 50_000,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
     pub scan_events_per_sec_per_ip: u64,
     /// New subscriber connections per second one client IP may open (burst five times

@@ -139,8 +139,8 @@ impl Default for HubConfig {
             replay_events_per_sec: 200_000,
             index_changes_per_sec: 200_000,
             index_changes_per_sec_per_ip: 50_000,
-            scan_events_per_sec: 1_000_000,
-            scan_events_per_sec_per_ip: 200_000,
+            scan_events_per_sec: 100_000,
+            scan_events_per_sec_per_ip: 50_000,
         }
     }
 }

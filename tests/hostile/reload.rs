@@ -92,7 +92,7 @@ async fn sighup_applies_new_limits_to_new_connections_and_drops_no_one() {
     assert_eq!(limit(&serve, "client_memory_per_ip_mib").await, Some(32.0));
     assert_eq!(
         limit(&serve, "scan_events_per_sec_per_ip").await,
-        Some(200_000.0)
+        Some(50_000.0)
     );
     wait_logged(&serve, 1).await;
     let mut bystander = Bystander::connect(&serve, 1).await;
