@@ -15,6 +15,7 @@ use crate::cluster::ClusterConfig;
 use crate::fanout::filter::FilterLimits;
 use crate::fanout::{HubConfig, SlowPolicy};
 use crate::http::admission::AdmissionConfig;
+use crate::http::admission_text::TextConfig;
 use crate::http::budget::MemoryConfig;
 use crate::http::listen::ListenConfig;
 use crate::http::session::SessionConfig;
@@ -206,13 +207,14 @@ pub struct ServeArgs {
           value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
     pub max_index_changes_per_sec_per_ip: u64,
     /// Events replays (catch-up reads) may scan per second across the server, matched
-    /// or not (burst as many): bounds the CPU replays take.
-    #[arg(long, env = "SLUICE_SCAN_EVENTS_PER_SEC", default_value_t = 1_000_000,
+    /// or not (burst as many): bounds the CPU replays take. The default leaves most of
+    /// 2 cores to live traffic (docs/DECISIONS.md, "The scan budget's default").
+    #[arg(long, env = "SLUICE_SCAN_EVENTS_PER_SEC", default_value_t = 100_000,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
     pub scan_events_per_sec: u64,
     /// The share of `--scan-events-per-sec` one client IP may use, however many
     /// connections it opens.
-    #[arg(long, env = "SLUICE_SCAN_EVENTS_PER_SEC_PER_IP", default_value_t = 200_000,
+    #[arg(long, env = "SLUICE_SCAN_EVENTS_PER_SEC_PER_IP", default_value_t = 50_000,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
     pub scan_events_per_sec_per_ip: u64,
     /// New subscriber connections per second one client IP may open (burst five times
@@ -304,6 +306,27 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_CLIENT_MESSAGE_TIMEOUT_SECS", default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub client_message_timeout_secs: u64,
+    /// KiB of subscriber text messages (v1 `options_update`) the daemon reads per second
+    /// across all subscribers (burst as many). Each message is charged by its size before
+    /// it is parsed; one that would wait more than 5 s closes its connection with 1013.
+    #[arg(long, env = "SLUICE_CLIENT_TEXT_KIB_PER_SEC", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..=16 * 1024 * 1024))]
+    pub client_text_kib_per_sec: u64,
+    /// The share of `--client-text-kib-per-sec` one client IP may use (burst as many),
+    /// however many connections it opens. At least `--max-client-message-kib` / 6.
+    #[arg(long, env = "SLUICE_CLIENT_TEXT_KIB_PER_SEC_PER_IP", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=16 * 1024 * 1024))]
+    pub client_text_kib_per_sec_per_ip: u64,
+    /// Threads that parse subscriber text messages of 8 KiB or more, off the threads
+    /// that deliver events (fixed at start).
+    #[arg(long, env = "SLUICE_CLIENT_TEXT_THREADS", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(1..=64))]
+    pub client_text_threads: u64,
+    /// Niceness of those threads (0-19; fixed at start): above the delivering threads'
+    /// so that, when the cores are busy, parsing waits and delivery does not.
+    #[arg(long, env = "SLUICE_CLIENT_TEXT_NICE", default_value_t = 10,
+          value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub client_text_nice: u8,
     /// Most collections one subscriber may name.
     #[arg(long, env = "SLUICE_MAX_COLLECTIONS", default_value_t = 100,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
@@ -478,6 +501,8 @@ pub struct ServeConfig {
     pub fd_reserve: u64,
     /// The budget of client-held memory (`http::budget`).
     pub client_memory: MemoryConfig,
+    /// The budget and threads of client text messages (`http::admission_text`).
+    pub client_text: TextConfig,
     pub redis_sink: Option<RedisSinkConfig>,
 }
 
@@ -545,6 +570,23 @@ impl ServeArgs {
                 "client_memory_per_ip_mib ({}) is larger than client_memory_mib ({})",
                 self.client_memory_per_ip_mib,
                 self.client_memory_mib
+            );
+        }
+        if self.client_text_kib_per_sec_per_ip > self.client_text_kib_per_sec {
+            anyhow::bail!(
+                "client_text_kib_per_sec_per_ip ({}) is larger than client_text_kib_per_sec ({})",
+                self.client_text_kib_per_sec_per_ip,
+                self.client_text_kib_per_sec
+            );
+        }
+        // A message waits at most MAX_TEXT_WAIT for its share after the burst (one second
+        // of it): the largest message allowed must fit in that.
+        let text_window = crate::http::admission_text::MAX_TEXT_WAIT.as_secs() + 1;
+        if self.client_text_kib_per_sec_per_ip * text_window < self.max_client_message_kib {
+            anyhow::bail!(
+                "client_text_kib_per_sec_per_ip ({}) must be at least max_client_message_kib                  ({}) / {text_window}: the largest message allowed could never be read",
+                self.client_text_kib_per_sec_per_ip,
+                self.max_client_message_kib
             );
         }
         if self.handshake_timeout_secs < self.header_read_timeout_secs {
@@ -746,6 +788,12 @@ impl ServeArgs {
             client_memory: MemoryConfig {
                 total_bytes: usize_of(self.client_memory_mib * MIB)?,
                 per_ip_bytes: usize_of(self.client_memory_per_ip_mib * MIB)?,
+            },
+            client_text: TextConfig {
+                bytes_per_sec: self.client_text_kib_per_sec * 1024,
+                bytes_per_sec_per_ip: self.client_text_kib_per_sec_per_ip * 1024,
+                threads: usize_of(self.client_text_threads)?,
+                nice: i32::from(self.client_text_nice),
             },
             redis_sink,
         })

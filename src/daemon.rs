@@ -86,6 +86,9 @@ impl Daemon {
             hub: hub.clone(),
             admission: crate::http::admission::Admission::new(config.admission.clone()),
             session: config.session.clone(),
+            session_limits: parking_lot::Mutex::new(crate::http::app::SessionLimits::of(
+                &config.session,
+            )),
             filter_limits: config.filter_limits,
             slow_policy: config.slow_policy,
             shutdown: shutdown_rx.clone(),
@@ -95,6 +98,8 @@ impl Daemon {
             zstd_v2,
             zstd_cache_bytes: config.zstd_cache_bytes,
             connections: connections.clone(),
+            texts: crate::http::admission_text::TextPool::new(config.client_text.clone())
+                .map_err(|e| anyhow::anyhow!("cannot start the client-text threads: {e}"))?,
             cursor_grace: config
                 .cluster
                 .as_ref()
@@ -214,8 +219,10 @@ impl Daemon {
     /// Applies the live-reloadable limits of `config` (SIGHUP) without dropping anyone:
     /// admission, both listeners' limits before the upgrade (for connections accepted
     /// from now on) and the descriptor reserve, the client-memory budget, and the hub's
-    /// index and scan budgets with their per-IP shares. Everything else (addresses, the
-    /// log, queues, per-session settings) needs a restart. Checks first and changes
+    /// index and scan budgets with their per-IP shares, the client-text budget and its
+    /// per-IP share; and for sessions that start from now on, the client message deadline,
+    /// the per-connection update rate and replay rate. Everything else (addresses, the
+    /// log, queues, the other per-session settings) needs a restart. Checks first and changes
     /// nothing when a limit cannot be applied.
     pub fn reload(&self, config: &crate::config::ServeConfig) -> anyhow::Result<()> {
         let connections = &self.app.connections;
@@ -239,6 +246,8 @@ impl Daemon {
             .memory()
             .set_config(config.client_memory.clone());
         self.hub.set_budgets(config.hub.budgets());
+        self.app.texts.set_config(&config.client_text);
+        *self.app.session_limits.lock() = crate::http::app::SessionLimits::of(&config.session);
         Ok(())
     }
 
@@ -248,6 +257,7 @@ impl Daemon {
         let timeout = self.shutdown_timeout;
         let work = async move {
             let _ = self.shutdown.send(true);
+            self.app.texts.stop();
             let stats = match (self.ingest, self.node) {
                 (Some(ingest), _) => ingest.shutdown().await?,
                 (None, Some(node)) => {

@@ -198,6 +198,23 @@ impl<K: Hash + Eq + Copy> SharedBudget<K> {
         }
     }
 
+    /// Like [`SharedBudget::take_share_on_credit`], but takes nothing and returns the wait
+    /// it would have been when that exceeds `max_wait`.
+    pub fn take_share_within(
+        &mut self,
+        key: K,
+        n: f64,
+        max_wait: Duration,
+    ) -> Result<Duration, Duration> {
+        self.bucket(key).take_within(n, max_wait)
+    }
+
+    /// Like [`SharedBudget::take_total_on_credit`], but takes nothing and returns the wait
+    /// it would have been when that exceeds `max_wait`.
+    pub fn take_total_within(&mut self, n: f64, max_wait: Duration) -> Result<Duration, Duration> {
+        self.total.take_within(n, max_wait)
+    }
+
     /// Takes `n` from the total only, on credit; how long until that debt is paid.
     pub fn take_total_on_credit(&mut self, n: f64) -> Duration {
         self.total.take_on_credit(n)

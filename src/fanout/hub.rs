@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -72,6 +72,9 @@ pub(super) struct HubInner {
     pub(super) index_budget: Mutex<SharedBudget<IpAddr>>,
     /// Events catch-up reads may still scan this second, in total and per client IP.
     pub(super) scan_budget: Mutex<SharedBudget<IpAddr>>,
+    /// The per-connection replay rate a new subscription gets, events per second
+    /// (`config.replay_events_per_sec` until a reload changes it).
+    pub(super) replay_rate: AtomicU64,
 }
 
 impl HubInner {
@@ -195,6 +198,7 @@ impl Hub {
                 scan_ip_rate,
             )),
             cold_reads: Semaphore::new(config.cold_read_concurrency.max(1)),
+            replay_rate: AtomicU64::new(config.replay_events_per_sec),
             reader,
             config,
             state: Mutex::new(HubState {
@@ -241,7 +245,11 @@ impl Hub {
 
     /// New rates of the index and scan budgets, in total and per client IP (SIGHUP);
     /// what has accrued is kept up to the new bursts (each burst is a second's worth).
+    /// The replay rate applies to subscriptions made from now on.
     pub fn set_budgets(&self, budgets: Budgets) {
+        self.inner
+            .replay_rate
+            .store(budgets.replay_per_conn, Ordering::Relaxed);
         let rate = |r: u64| r as f64;
         let (index, index_ip) = (rate(budgets.index_total), rate(budgets.index_per_ip));
         let (scan, scan_ip) = (rate(budgets.scan_total), rate(budgets.scan_per_ip));
@@ -264,6 +272,7 @@ impl Hub {
             index_per_ip: index_per_ip as u64,
             scan_total: scan_total as u64,
             scan_per_ip: scan_per_ip as u64,
+            replay_per_conn: self.inner.replay_rate.load(Ordering::Relaxed),
         }
     }
 

@@ -101,13 +101,15 @@ pub struct HubConfig {
 }
 
 /// The hub's server-wide budgets with their per-IP shares, per second: routing-index
-/// changes and catch-up scans (see [`HubConfig`]).
+/// changes and catch-up scans; and the per-connection replay rate new subscriptions get
+/// (see [`HubConfig`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Budgets {
     pub index_total: u64,
     pub index_per_ip: u64,
     pub scan_total: u64,
     pub scan_per_ip: u64,
+    pub replay_per_conn: u64,
 }
 
 impl HubConfig {
@@ -117,6 +119,7 @@ impl HubConfig {
             index_per_ip: self.index_changes_per_sec_per_ip,
             scan_total: self.scan_events_per_sec,
             scan_per_ip: self.scan_events_per_sec_per_ip,
+            replay_per_conn: self.replay_events_per_sec,
         }
     }
 }
@@ -136,8 +139,8 @@ impl Default for HubConfig {
             replay_events_per_sec: 200_000,
             index_changes_per_sec: 200_000,
             index_changes_per_sec_per_ip: 50_000,
-            scan_events_per_sec: 1_000_000,
-            scan_events_per_sec_per_ip: 200_000,
+            scan_events_per_sec: 100_000,
+            scan_events_per_sec_per_ip: 50_000,
         }
     }
 }

@@ -52,6 +52,18 @@ pub const INDEX_STEP: usize = 1024;
 /// Longest a caught-up subscriber waits before trying to rejoin again.
 const REJOIN_RETRY: Duration = Duration::from_millis(50);
 
+/// A catch-up read paid for and not yet done: how many events, and until when it waits
+/// for the connection's rate and its address's share (`Share`) or then for the total
+/// (`Total`). Kept on the subscription so that a read cancelled while it waits (the
+/// session's `select!` woke for a client message or a timer) resumes the same wait
+/// instead of paying again: a wait longer than the session's wakeups would otherwise
+/// never end.
+#[derive(Debug, Clone, Copy)]
+enum Paid {
+    Share(usize, tokio::time::Instant),
+    Total(usize, tokio::time::Instant),
+}
+
 /// One subscriber's view of the stream. Dropping it unregisters the subscriber.
 pub struct Subscription {
     hub: Arc<HubInner>,
@@ -65,6 +77,8 @@ pub struct Subscription {
     seen_through: u64,
     /// Paces this connection's catch-up reads (`--replay-events-per-sec`).
     tokens: TokenBucket,
+    /// The catch-up read paid for and under way, if any.
+    paid: Option<Paid>,
     /// The client's address: its share of the index and scan budgets.
     peer: Option<IpAddr>,
     /// The raw frames delivered so far: what catch-up must not send again, handed to the
@@ -87,7 +101,7 @@ impl Hub {
             Start::Live => Mode::Live,
             Start::From(seq) => Mode::CatchUp { next: seq.max(1) },
         };
-        let rate = self.inner.config.replay_events_per_sec as f64;
+        let rate = self.inner.replay_rate.load(Ordering::Relaxed) as f64;
         Subscription {
             hub: self.inner.clone(),
             id: registered.id,
@@ -98,6 +112,7 @@ impl Hub {
             mode,
             seen_through: registered.seen_through,
             tokens: TokenBucket::new(rate, rate),
+            paid: None,
             peer: None,
             frames: FrameOnce::default(),
         }
@@ -347,19 +362,40 @@ impl Subscription {
         // connection's rate and its address's share, then (once those are paid) the
         // server's total: an address with many replays queues on its own share and
         // takes from the total only at that share's pace.
-        let wait = self.tokens.take_on_credit(max as f64).max(
-            self.hub
-                .scan_budget
-                .lock()
-                .take_share_on_credit(self.peer, max as f64),
-        );
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
-        let wait = self.hub.scan_budget.lock().take_total_on_credit(max as f64);
-        if !wait.is_zero() {
-            tokio::time::sleep(wait).await;
-        }
+        let max = loop {
+            let paid = match self.paid {
+                Some(paid) => paid,
+                None => {
+                    let wait = self.tokens.take_on_credit(max as f64).max(
+                        self.hub
+                            .scan_budget
+                            .lock()
+                            .take_share_on_credit(self.peer, max as f64),
+                    );
+                    Paid::Share(max, tokio::time::Instant::now() + wait)
+                }
+            };
+            self.paid = Some(paid);
+            match paid {
+                Paid::Share(n, until) => {
+                    tokio::time::sleep_until(until).await;
+                    let wait = self.hub.scan_budget.lock().take_total_on_credit(n as f64);
+                    self.paid = Some(Paid::Total(n, tokio::time::Instant::now() + wait));
+                }
+                Paid::Total(n, until) => {
+                    tokio::time::sleep_until(until).await;
+                    // What was paid for, at most what is asked now.
+                    break n.min(max);
+                }
+            }
+        };
+        let result = self.read_paid(next, max).await;
+        self.paid = None;
+        result
+    }
+
+    /// The catch-up read itself, once paid for.
+    async fn read_paid(&self, next: u64, max: usize) -> Result<Vec<SharedEvent>, End> {
         let reader = self.hub.reader.clone();
         let cold = next < reader.tail().oldest_seq();
         let result = if cold {

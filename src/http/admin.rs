@@ -104,6 +104,8 @@ impl AdminState {
         let listen = connections.limits(Side::Subscriber);
         let memory = connections.memory().config();
         let budgets = self.hub.budgets();
+        let texts = self.app.texts.config();
+        let session = *self.app.session_limits.lock();
         vec![
             ("max_subscribers", admission.max_subscribers as f64),
             ("connects_per_sec", admission.connects_per_sec),
@@ -138,6 +140,23 @@ impl AdminState {
             ),
             ("scan_events_per_sec", budgets.scan_total as f64),
             ("scan_events_per_sec_per_ip", budgets.scan_per_ip as f64),
+            ("replay_events_per_sec", budgets.replay_per_conn as f64),
+            (
+                "client_message_timeout_secs",
+                session.client_message_timeout.as_secs_f64(),
+            ),
+            (
+                "max_client_updates_per_sec",
+                f64::from(session.client_updates_per_sec),
+            ),
+            (
+                "client_text_kib_per_sec",
+                texts.bytes_per_sec as f64 / 1024.0,
+            ),
+            (
+                "client_text_kib_per_sec_per_ip",
+                texts.bytes_per_sec_per_ip as f64 / 1024.0,
+            ),
         ]
     }
 
@@ -306,6 +325,17 @@ impl AdminState {
             if let Some(nofile) = connections.nofile() {
                 gauge!("sluice_open_file_limit").set(nofile as f64);
             }
+            let texts = &self.app.texts.stats;
+            counter!("sluice_client_text_messages_total", "parsed" => "inline")
+                .absolute(texts.inline.load(Ordering::Relaxed));
+            counter!("sluice_client_text_messages_total", "parsed" => "pool")
+                .absolute(texts.pooled.load(Ordering::Relaxed));
+            counter!("sluice_client_text_bytes_total")
+                .absolute(texts.bytes.load(Ordering::Relaxed));
+            counter!("sluice_client_text_budget_total", "outcome" => "waited")
+                .absolute(texts.waited.load(Ordering::Relaxed));
+            counter!("sluice_client_text_budget_total", "outcome" => "refused")
+                .absolute(texts.refused.load(Ordering::Relaxed));
             for (setting, value) in self.live_limits() {
                 gauge!("sluice_limit", "setting" => setting).set(value);
             }
@@ -555,6 +585,9 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_connections_closed_unfinished_total", "Connections closed before their upgrade or answer, by listener and reason (header_timeout, handshake_timeout, shutdown; uri_too_long: answered 414 naming the way to send what did not fit)."),
     ("sluice_connections_accept_errors_total", "accept() failures (e.g. out of descriptors), by listener."),
     ("sluice_client_memory_refused_total", "Subscriber reads or filters refused (close 1013) because they did not fit the client-memory budget, by budget (total, per_ip)."),
+    ("sluice_client_text_messages_total", "Subscriber text messages (v1 options_update) parsed, by where: in place (parsed=inline, under 8 KiB) or on the client-text threads (parsed=pool)."),
+    ("sluice_client_text_bytes_total", "Bytes of subscriber text messages charged to the --client-text-kib-per-sec budget."),
+    ("sluice_client_text_budget_total", "Subscriber text messages that waited for the client-text budget (outcome=waited) or were refused by it, closing the connection with 1013 (outcome=refused)."),
     ("sluice_event_requests_refused_total", "/event requests refused: over the per-IP rate (429) or no cold-read slot in time (503)."),
     ("sluice_redis_sink_events_total", "Events the Redis sink has written (each once, whatever its number of stream entries)."),
     ("sluice_redis_sink_entries_total", "Stream entries the Redis sink has added."),

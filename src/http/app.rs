@@ -42,11 +42,32 @@ impl HttpStats {
     }
 }
 
+/// The per-session settings SIGHUP may change. Each session takes them when it starts:
+/// a running session keeps the ones it started with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    pub client_message_timeout: std::time::Duration,
+    pub client_updates_per_sec: u32,
+}
+
+impl SessionLimits {
+    pub fn of(config: &SessionConfig) -> Self {
+        Self {
+            client_message_timeout: config.client_message_timeout,
+            client_updates_per_sec: config.client_updates_per_sec,
+        }
+    }
+}
+
 /// Everything a request handler needs.
 pub struct AppState {
     pub hub: Hub,
     pub admission: Admission,
+    /// Session settings as started; [`AppState::session_config`] is what a new session
+    /// runs with (the reloadable ones replaced by those in force).
     pub session: SessionConfig,
+    /// The reloadable session settings in force (SIGHUP).
+    pub session_limits: parking_lot::Mutex<SessionLimits>,
     pub filter_limits: FilterLimits,
     pub slow_policy: SlowPolicy,
     pub shutdown: watch::Receiver<bool>,
@@ -63,9 +84,23 @@ pub struct AppState {
     pub zstd_cache_bytes: usize,
     /// Both listeners' connection counts and the descriptor budget (`http::listen`).
     pub connections: Arc<Connections>,
+    /// Parses what subscribers send (off the async workers) and charges it by size.
+    pub texts: Arc<super::admission_text::TextPool>,
     /// Cluster nodes: how long a cursor just past this node's log waits for the log to
     /// reach it before it is resolved (zero on a single node). See [`resolve_settled`].
     pub cursor_grace: std::time::Duration,
+}
+
+impl AppState {
+    /// The settings a session starting now runs with.
+    pub fn session_config(&self) -> SessionConfig {
+        let limits = *self.session_limits.lock();
+        SessionConfig {
+            client_message_timeout: limits.client_message_timeout,
+            client_updates_per_sec: limits.client_updates_per_sec,
+            ..self.session.clone()
+        }
+    }
 }
 
 /// Resolves a subscriber's cursor. In a cluster, a cursor past what this node holds is

@@ -5,13 +5,16 @@
 //! connection caps at upgrade time), `subscribe` (one endpoint per wire over one accept
 //! path), `session` (a subscriber's life after the upgrade), `lookup` (`/event/{seq}`
 //! and the dictionaries), `admin` (the second listener). `app` holds the state handlers
-//! share, `reply` the answers they give, `budget` the client-held memory.
+//! share, `reply` the answers they give, `budget` the client-held memory,
+//! `admission_text` the parsing of what subscribers send (off the async workers, paid
+//! for by size).
 //!
 //! Must never: do per-event work outside a subscriber's own session task, or upgrade a
 //! connection whose parameters are invalid (those get an HTTP 400 naming the problem).
 
 pub mod admin;
 pub mod admission;
+pub mod admission_text;
 pub mod app;
 pub mod budget;
 pub mod listen;

@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use crate::event::Event;
 use crate::fanout::filter::Filter;
 use crate::fanout::{End, Subscription};
+use crate::http::admission_text::{self, ClientOptions, TextBusy, TextJob, TextPool};
 use crate::http::budget::{spent_in, Spent};
 use crate::log::SharedEvent;
 use crate::rate::TokenBucket;
@@ -95,9 +96,14 @@ pub trait WireSession: Send + 'static {
     fn oversized_notice(&self, event: &Event, size: usize, limit: usize) -> Option<Frame>;
     /// How the session says goodbye when its stream ends with `end`.
     fn ending(&self, end: &End) -> Closing;
-    /// A text message from the client (e.g. `options_update`): the filter it asks for, if
-    /// any (the session pays its index work and applies it); Err closes the session.
-    fn on_text(&mut self, text: &str) -> Result<Option<Filter>, String>;
+    /// A text message from the client (e.g. `options_update`): the work that reads it
+    /// (run off the async workers once its size is paid for), or `None` to ignore it.
+    fn on_text(&mut self, text: tokio_tungstenite::tungstenite::Utf8Bytes) -> Option<TextJob>;
+    /// Applies what a text message asked for: the filter it asks for, if any (the session
+    /// pays its index work and applies it).
+    fn apply_text(&mut self, options: ClientOptions) -> Option<Filter> {
+        Some(options.filter)
+    }
 }
 
 /// Live counters of one wire, shared by its sessions and read by metrics.
@@ -136,11 +142,14 @@ pub enum SessionEnd {
     MemorySpent(Spent),
     /// The subscriber did not finish a message within `client_message_timeout`.
     MessageTimeout,
+    /// The client-text budget (`admission_text`) could not take the subscriber's message
+    /// within `admission_text::MAX_TEXT_WAIT`.
+    TextBusy(TextBusy),
 }
 
 impl SessionEnd {
     /// Every `reason()` label, so metrics can show each one at 0 from the first scrape.
-    pub const REASONS: [&'static str; 16] = [
+    pub const REASONS: [&'static str; 17] = [
         "peer_closed",
         "peer_dead",
         "write_timeout",
@@ -157,6 +166,7 @@ impl SessionEnd {
         "protocol_error",
         "memory_budget",
         "message_timeout",
+        "text_busy",
     ];
 
     pub fn reason(&self) -> &'static str {
@@ -177,6 +187,7 @@ impl SessionEnd {
             SessionEnd::Violation { .. } => "protocol_error",
             SessionEnd::MemorySpent(_) => "memory_budget",
             SessionEnd::MessageTimeout => "message_timeout",
+            SessionEnd::TextBusy(_) => "text_busy",
         }
     }
 }
@@ -263,6 +274,9 @@ pub fn retry_after(base_secs: u64) -> u64 {
 /// The socket is not split into halves: it is read only by the `select!` futures and
 /// written only after one of them completes, so one owner suffices and no read or write
 /// pays for the lock a split pair shares.
+// Each argument comes from a different owner (the socket, the hub, the wire, the
+// settings, the shared counters and the client-text pool).
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     mut socket: Socket,
     mut sub: Subscription,
@@ -271,6 +285,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     initial: Vec<Frame>,
     counters: &WireCounters,
+    texts: &TextPool,
 ) -> SessionEnd {
     let initial: Vec<Frame> = initial
         .into_iter()
@@ -327,10 +342,32 @@ pub async fn run(
                             if !updates.try_take(1.0) {
                                 break 'session SessionEnd::UpdatesTooFast;
                             }
-                            let filter = match wire.on_text(text.as_str()) {
-                                Err(problem) => break 'session SessionEnd::Protocol(problem),
-                                Ok(None) => continue,
-                                Ok(Some(filter)) => filter,
+                            let size = text.len();
+                            let Some(job) = wire.on_text(text) else {
+                                continue;
+                            };
+                            // Paid for by size before it is parsed: the address's share
+                            // (still reading the client meanwhile), then the total.
+                            let ip = socket.peer().map(|p| p.ip());
+                            let wait = match texts.charge_share(ip, size) {
+                                Ok(wait) => wait,
+                                Err(busy) => break 'session SessionEnd::TextBusy(busy),
+                            };
+                            match wait_for_budget(&mut socket, wait, &mut shutdown).await {
+                                Waited::Done => {}
+                                Waited::Superseded(newer) => {
+                                    next_text = Some(newer);
+                                    continue;
+                                }
+                                Waited::Ended(end) => break 'session end,
+                            }
+                            let options = match texts.parse(size, job).await {
+                                Ok(Ok(options)) => options,
+                                Ok(Err(problem)) => break 'session SessionEnd::Protocol(problem),
+                                Err(busy) => break 'session SessionEnd::TextBusy(busy),
+                            };
+                            let Some(filter) = wire.apply_text(options) else {
+                                continue;
                             };
                             let wait = match sub.reserve_filter_change(&filter) {
                                 Ok(wait) => wait,
@@ -472,6 +509,7 @@ pub async fn run(
             ),
         ),
         SessionEnd::IndexBusy(wait) => (None, 1013, index_busy_reason(*wait)),
+        SessionEnd::TextBusy(busy) => (None, 1013, admission_text::busy_reason(*busy)),
         SessionEnd::Violation { code, problem } => (None, *code, problem.clone()),
         SessionEnd::MemorySpent(why) => (
             None,
@@ -643,6 +681,7 @@ mod tests {
             },
             SessionEnd::MemorySpent(crate::http::budget::Spent::Total),
             SessionEnd::MessageTimeout,
+            SessionEnd::TextBusy(crate::http::admission_text::TextBusy(Duration::ZERO)),
         ];
         let reasons: Vec<&str> = all.iter().map(SessionEnd::reason).collect();
         assert_eq!(reasons, SessionEnd::REASONS);

@@ -149,11 +149,12 @@ impl Serve {
         format!("ws://{}{path_and_query}", self.addr)
     }
 
-    /// `/metrics`, which must answer within a second.
+    /// `/metrics`, which must answer within 5 s (a hang bound: a loaded CI machine takes
+    /// more than a second at times).
     pub async fn metrics(&self) -> String {
-        match tokio::time::timeout(Duration::from_secs(1), http_get(self.admin, "/metrics")).await {
+        match tokio::time::timeout(Duration::from_secs(5), http_get(self.admin, "/metrics")).await {
             Ok(Some((200, text))) => text,
-            other => panic!("/metrics did not answer 200 within 1 s: {other:?}"),
+            other => panic!("/metrics did not answer 200 within 5 s: {other:?}"),
         }
     }
 

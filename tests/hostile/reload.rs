@@ -3,7 +3,8 @@
 //! budget and the per-IP shares of the index and scan budgets are read again from the
 //! config file; connections accepted from then on get the new ones, what is already held
 //! stays, a bystander subscriber loses nothing, and a file that does not validate changes
-//! nothing.
+//! nothing. The per-session settings (the client message deadline, the update rate) apply
+//! to sessions that start after the reload; running ones keep theirs.
 
 use crate::common;
 
@@ -91,7 +92,7 @@ async fn sighup_applies_new_limits_to_new_connections_and_drops_no_one() {
     assert_eq!(limit(&serve, "client_memory_per_ip_mib").await, Some(32.0));
     assert_eq!(
         limit(&serve, "scan_events_per_sec_per_ip").await,
-        Some(200_000.0)
+        Some(50_000.0)
     );
     wait_logged(&serve, 1).await;
     let mut bystander = Bystander::connect(&serve, 1).await;
@@ -199,4 +200,118 @@ async fn sighup_applies_new_limits_to_new_connections_and_drops_no_one() {
         "no event after the reload (last {last}, reload at {reloaded_at})"
     );
     drop(pending);
+}
+
+/// A small v1 `options_update`.
+const SMALL_UPDATE: &[u8] =
+    br#"{"type":"options_update","payload":{"wantedCollections":["none.match.nothing"]}}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_changes_session_limits_for_sessions_that_start_after_it() {
+    let upstream = slow_upstream(1300, 4.0).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("sluice.toml");
+    write_config(
+        &file,
+        &[
+            ("client_message_timeout_secs", 60),
+            ("max_client_updates_per_sec", 10),
+            ("replay_events_per_sec", 200_000),
+        ],
+    );
+    let serve = Serve::start(&upstream, &["--config", &path_str(&file)], None).await;
+    assert_eq!(
+        limit(&serve, "client_message_timeout_secs").await,
+        Some(60.0)
+    );
+    let path = "/subscribe?wantedCollections=none.match.nothing";
+    let mut before = raw_ws(BEFORE, serve.addr, path).await.expect("upgrade");
+    wait_logged(&serve, 1200).await;
+    // A replay from the start before the reload reads the whole log at once.
+    let mut replay = Bystander::connect(&serve, 1).await;
+    replay.read_for(Duration::from_secs(2)).await;
+    assert!(replay.seqs.len() >= 1200, "{} replayed", replay.seqs.len());
+
+    write_config(
+        &file,
+        &[
+            ("client_message_timeout_secs", 1),
+            ("max_client_updates_per_sec", 1),
+            ("replay_events_per_sec", 100),
+        ],
+    );
+    serve.signal("-HUP");
+    wait_limit(&serve, "client_message_timeout_secs", 1.0).await;
+    assert_eq!(limit(&serve, "max_client_updates_per_sec").await, Some(1.0));
+    assert_eq!(limit(&serve, "replay_events_per_sec").await, Some(100.0));
+
+    // One after it is paced at 100 events a second: its burst of 100, then 100 a second,
+    // and at most one catch-up batch (256 events) taken ahead. (Its first batch waits
+    // 1.6 s, longer than the 1 s message-deadline timer that wakes the session: the read
+    // must resume its wait, not pay again, or nothing would ever come.)
+    let mut replay = Bystander::connect(&serve, 1).await;
+    replay.read_for(Duration::from_secs(4)).await;
+    replay.assert_gapless_from(1);
+    assert!(
+        replay.seqs.len() <= 100 + 4 * 100 + 256,
+        "{} replayed in 4 s at 100 a second",
+        replay.seqs.len()
+    );
+
+    // Three updates back to back: over the new rate of one a second for a session that
+    // started after the reload, within the old ten for one that started before.
+    let mut after = raw_ws(AFTER, serve.addr, path).await.expect("upgrade");
+    for stream in [&mut before, &mut after] {
+        for _ in 0..3 {
+            stream
+                .write_all(&client_frame(true, 1, SMALL_UPDATE))
+                .await
+                .expect("send an update");
+        }
+    }
+    assert_eq!(
+        close_code(&mut after, Duration::from_secs(10)).await,
+        Some(1008),
+        "three updates in a row at one a second"
+    );
+    assert_eq!(
+        close_code(&mut before, Duration::from_secs(1)).await,
+        None,
+        "the session from before the reload keeps ten a second"
+    );
+
+    // A message left unfinished: a new session is closed by the new 1 s deadline; the
+    // one from before keeps its 60 s.
+    let mut slow = raw_ws(OTHER, serve.addr, path).await.expect("upgrade");
+    for stream in [&mut before, &mut slow] {
+        stream
+            .write_all(&client_frame(false, 1, b"{\"type\":"))
+            .await
+            .expect("start a message");
+    }
+    assert_eq!(
+        close_code(&mut slow, Duration::from_secs(10)).await,
+        Some(1008),
+        "an unfinished message past the new deadline"
+    );
+    assert_eq!(
+        close_code(&mut before, Duration::from_secs(1)).await,
+        None,
+        "the session from before the reload keeps its 60 s"
+    );
+    let metrics = serve.metrics().await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "sluice_subscriber_disconnects_total{reason=\"message_timeout\""
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(
+            &metrics,
+            "sluice_subscriber_disconnects_total{reason=\"updates_too_fast\""
+        ),
+        Some(1.0)
+    );
 }

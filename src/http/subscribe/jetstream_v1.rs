@@ -12,13 +12,14 @@ use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use bytes::Bytes;
-use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 use super::{admit, serve, upgrade, IndexCost, Plan};
 use crate::event::Event;
 use crate::fanout::filter::{Filter, FilterLimits};
 use crate::fanout::{End, SlowPolicy, Start};
 use crate::http::admission::Refusal;
+use crate::http::admission_text::{self, ClientOptions, TextBusy, TextJob};
 use crate::http::app::{ensure_zstd_v1, resolve_settled, AppState};
 use crate::http::reply::{bad_request, log_unavailable, parse_bool, query_pairs, refusal_response};
 use crate::http::session::{self, Closing, WireSession};
@@ -105,6 +106,24 @@ fn parse_options(text: &str) -> Result<OptionsPayload, String> {
         return Err(format!("unknown message type {:?}", update.kind));
     }
     Ok(update.payload)
+}
+
+/// The work that reads an `options_update`: parse, then validate into a filter (both
+/// grow with the message, so they run off the async workers; see `admission_text`).
+fn options_job(text: Utf8Bytes, limits: FilterLimits) -> TextJob {
+    Box::new(move || {
+        let options = parse_options(text.as_str())?;
+        let filter = Filter::build(
+            &options.wanted_collections,
+            &options.wanted_dids,
+            &[],
+            &limits,
+        )?;
+        Ok(ClientOptions {
+            filter,
+            max_message_bytes: options.max_message_size_bytes.map(|max| max as usize),
+        })
+    })
 }
 
 /// Whether any value of header `name` holds `token` (comma-separated, case-insensitive,
@@ -234,14 +253,40 @@ async fn hello(
 ) -> Result<(Filter, std::time::Duration), HelloEnd> {
     let mut shutdown = state.shutdown.clone();
     tokio::select! {
-        hello = wait_for_hello(socket) => hello
-            .and_then(|options| session.apply(options).map_err(HelloEnd::Invalid))
+        hello = read_hello(state, socket, session, peer) => hello
             .and_then(|filter| match state.hub.reserve_subscribe_from(&filter, start, Some(peer.ip())) {
                 Ok(wait) => Ok((filter, wait)),
                 Err(busy) => Err(HelloEnd::IndexBusy(busy.would_wait)),
             }),
         _ = shutdown.wait_for(|&s| s) => Err(HelloEnd::Shutdown),
     }
+}
+
+/// Waits for the hello and reads it as the session reads any `options_update`: paid for
+/// by size, then parsed off the async workers.
+async fn read_hello(
+    state: &AppState,
+    socket: &mut Socket,
+    session: &mut V1Session,
+    peer: SocketAddr,
+) -> Result<Filter, HelloEnd> {
+    let text = wait_for_hello(socket).await?;
+    if let Some(memory) = socket.memory() {
+        memory.message_done();
+    }
+    let size = text.len();
+    let wait = state
+        .texts
+        .charge_share(Some(peer.ip()), size)
+        .map_err(HelloEnd::TextBusy)?;
+    tokio::time::sleep(wait).await;
+    let options = state
+        .texts
+        .parse(size, options_job(text, session.limits))
+        .await
+        .map_err(HelloEnd::TextBusy)?
+        .map_err(HelloEnd::Invalid)?;
+    session.apply_text(options).ok_or(HelloEnd::Gone)
 }
 
 /// Closes a `requireHello` connection that ended before its hello, saying why.
@@ -256,6 +301,7 @@ async fn close_before_hello(state: &AppState, mut socket: Socket, end: HelloEnd)
         ),
         HelloEnd::Invalid(problem) => (1008, problem),
         HelloEnd::IndexBusy(wait) => (1013, session::index_busy_reason(wait)),
+        HelloEnd::TextBusy(busy) => (1013, admission_text::busy_reason(busy)),
         HelloEnd::Gone => return,
     };
     let _ = tokio::time::timeout(
@@ -276,15 +322,15 @@ enum HelloEnd {
     /// The index budget could not pay for the filter within `fanout::MAX_INDEX_WAIT`: close
     /// 1013.
     IndexBusy(std::time::Duration),
+    /// The client-text budget could not take the hello in time: close 1013.
+    TextBusy(TextBusy),
 }
 
-async fn wait_for_hello(socket: &mut Socket) -> Result<OptionsPayload, HelloEnd> {
+async fn wait_for_hello(socket: &mut Socket) -> Result<Utf8Bytes, HelloEnd> {
     let deadline = tokio::time::Instant::now() + HELLO_TIMEOUT;
     loop {
         match tokio::time::timeout_at(deadline, socket.recv()).await {
-            Ok(Some(Ok(Message::Text(text)))) => {
-                return parse_options(text.as_str()).map_err(HelloEnd::Invalid)
-            }
+            Ok(Some(Ok(Message::Text(text)))) => return Ok(text),
             Ok(Some(Ok(Message::Close(_)))) | Ok(None) | Ok(Some(Err(_))) => {
                 return Err(HelloEnd::Gone)
             }
@@ -304,21 +350,6 @@ struct V1Session {
     max_message_bytes: usize,
     notices: bool,
     limits: FilterLimits,
-}
-
-impl V1Session {
-    fn apply(&mut self, options: OptionsPayload) -> Result<Filter, String> {
-        let filter = Filter::build(
-            &options.wanted_collections,
-            &options.wanted_dids,
-            &[],
-            &self.limits,
-        )?;
-        if let Some(max) = options.max_message_size_bytes {
-            self.max_message_bytes = max as usize;
-        }
-        Ok(filter)
-    }
 }
 
 impl WireSession for V1Session {
@@ -370,8 +401,14 @@ impl WireSession for V1Session {
         }
     }
 
-    fn on_text(&mut self, text: &str) -> Result<Option<Filter>, String> {
-        let options = parse_options(text)?;
-        self.apply(options).map(Some)
+    fn on_text(&mut self, text: Utf8Bytes) -> Option<TextJob> {
+        Some(options_job(text, self.limits))
+    }
+
+    fn apply_text(&mut self, options: ClientOptions) -> Option<Filter> {
+        if let Some(max) = options.max_message_bytes {
+            self.max_message_bytes = max;
+        }
+        Some(options.filter)
     }
 }

@@ -250,8 +250,11 @@ impl WireSession for V2Session {
         }
     }
 
-    fn on_text(&mut self, _text: &str) -> Result<Option<Filter>, String> {
+    fn on_text(
+        &mut self,
+        _text: tokio_tungstenite::tungstenite::Utf8Bytes,
+    ) -> Option<crate::http::admission_text::TextJob> {
         // v2 clients send nothing; ignore rather than punish.
-        Ok(None)
+        None
     }
 }

@@ -115,10 +115,11 @@ pub async fn serve(
         socket,
         sub,
         session,
-        state.session.clone(),
+        state.session_config(),
         state.shutdown.clone(),
         plan.initial,
         state.stats.counters(plan.wire),
+        &state.texts,
     )
     .await;
     state.stats.record_end(&end);

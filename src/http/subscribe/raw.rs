@@ -176,7 +176,10 @@ impl WireSession for RawSession {
         }
     }
 
-    fn on_text(&mut self, _text: &str) -> Result<Option<Filter>, String> {
-        Ok(None)
+    fn on_text(
+        &mut self,
+        _text: tokio_tungstenite::tungstenite::Utf8Bytes,
+    ) -> Option<crate::http::admission_text::TextJob> {
+        None
     }
 }
