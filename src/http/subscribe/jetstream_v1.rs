@@ -14,7 +14,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-use super::{admit, serve, upgrade, IndexCost, Plan};
+use super::{accept, serve, IndexCost, Plan};
 use crate::event::Event;
 use crate::fanout::filter::{Filter, FilterLimits};
 use crate::fanout::{End, SlowPolicy, Start};
@@ -217,17 +217,14 @@ pub async fn subscribe(
     } else {
         IndexCost::Now
     };
-    let admitted = match admit(&state, peer, &plan, cost) {
-        Ok(admitted) => admitted,
-        Err(response) => return *response,
-    };
-    upgrade(
-        &state.clone(),
+    accept(
+        state,
+        peer,
         request,
+        plan,
+        cost,
         None,
-        move |mut socket| async move {
-            let mut plan = plan;
-            let mut admitted = admitted;
+        move |state, mut socket, mut admitted, mut plan| async move {
             if params.require_hello {
                 match hello(&state, &mut socket, &mut session, start, peer).await {
                     Ok((filter, index_wait)) => {

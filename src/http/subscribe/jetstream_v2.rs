@@ -12,7 +12,7 @@ use std::sync::Arc;
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::response::Response;
 
-use super::{admit, serve, upgrade, IndexCost, Plan};
+use super::{accept, serve, IndexCost, Plan};
 use crate::event::Event;
 use crate::fanout::filter::{Filter, Kind};
 use crate::fanout::{End, SlowPolicy, Start};
@@ -177,15 +177,16 @@ pub async fn subscribe(
         max_message_bytes: params.max_message_bytes,
         zstd,
     };
-    let admitted = match admit(&state, peer, &plan, IndexCost::Now) {
-        Ok(admitted) => admitted,
-        Err(response) => return *response,
-    };
-    upgrade(
-        &state.clone(),
+    accept(
+        state,
+        peer,
         request,
+        plan,
+        IndexCost::Now,
         Some(SUBPROTOCOL),
-        move |socket| async move { serve(&state, socket, admitted, plan, session).await },
+        move |state, socket, admitted, plan| async move {
+            serve(&state, socket, admitted, plan, session).await
+        },
     )
 }
 

@@ -2,9 +2,9 @@
 //!
 //! Each wire's file decides only what is its own: its query parameters, how its cursor
 //! resolves and what a client is told about it, its first frames, its [`WireSession`].
-//! Everything else happens here, once, in one order: [`admit`] the connection and reserve
-//! the filter's routing-index cost, [`upgrade`] the tuned socket, then [`serve`]: wait out
-//! the index wait, subscribe, run the session, record how it ended.
+//! Everything else happens here, once, in one order ([`accept`]): [`admit`] the connection
+//! and reserve the filter's routing-index cost, [`upgrade`] the tuned socket, then [`serve`]:
+//! wait out the index wait, subscribe, run the session, record how it ended.
 //!
 //! Owns that order. Must never upgrade a connection that admission refused or whose index
 //! cost could not be reserved (those are answered 429/503 before the upgrade).
@@ -16,6 +16,7 @@ pub mod raw;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::response::Response;
@@ -74,6 +75,30 @@ pub fn admit(
     Ok(Admitted {
         _permit: permit,
         index_wait,
+    })
+}
+
+/// [`admit`]s the connection, then [`upgrade`]s it; `then` runs on the socket with what was
+/// admitted and planned. A refusal is answered before the upgrade.
+pub fn accept<F, Fut>(
+    state: Arc<AppState>,
+    peer: SocketAddr,
+    request: Upgrade,
+    plan: Plan,
+    cost: IndexCost,
+    subprotocol: Option<&'static str>,
+    then: F,
+) -> Response
+where
+    F: FnOnce(Arc<AppState>, Socket, Admitted, Plan) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let admitted = match admit(&state, peer, &plan, cost) {
+        Ok(admitted) => admitted,
+        Err(response) => return *response,
+    };
+    upgrade(&state.clone(), request, subprotocol, move |socket| {
+        then(state, socket, admitted, plan)
     })
 }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use axum::extract::{ConnectInfo, RawQuery, State};
 use axum::response::Response;
 
-use super::{admit, serve, upgrade, IndexCost, Plan};
+use super::{accept, serve, IndexCost, Plan};
 use crate::event::Event;
 use crate::fanout::filter::Filter;
 use crate::fanout::{End, SlowPolicy, Start};
@@ -96,15 +96,14 @@ pub async fn subscribe(
         policy: policy.unwrap_or(state.slow_policy),
         initial,
     };
-    let admitted = match admit(&state, peer, &plan, IndexCost::Now) {
-        Ok(admitted) => admitted,
-        Err(response) => return *response,
-    };
-    upgrade(
-        &state.clone(),
+    accept(
+        state,
+        peer,
         request,
+        plan,
+        IndexCost::Now,
         None,
-        move |mut socket| async move {
+        move |state, mut socket, admitted, plan| async move {
             if let Some(newest) = future {
                 // Past the tip: say so and close, as the relay does.
                 let goodbye = async {
