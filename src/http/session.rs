@@ -97,8 +97,13 @@ pub trait WireSession: Send + 'static {
     /// How the session says goodbye when its stream ends with `end`.
     fn ending(&self, end: &End) -> Closing;
     /// A text message from the client (e.g. `options_update`): the work that reads it
-    /// (run off the async workers once its size is paid for), or `None` to ignore it.
-    fn on_text(&mut self, text: tokio_tungstenite::tungstenite::Utf8Bytes) -> Option<TextJob>;
+    /// (run off the async workers once its size is paid for), or `None` to ignore it (the
+    /// default: v2 and raw clients have nothing to send, so a stray message is ignored
+    /// rather than punished).
+    fn on_text(&mut self, text: tokio_tungstenite::tungstenite::Utf8Bytes) -> Option<TextJob> {
+        let _ = text;
+        None
+    }
     /// Applies what a text message asked for: the filter it asks for, if any (the session
     /// pays its index work and applies it).
     fn apply_text(&mut self, options: ClientOptions) -> Option<Filter> {
@@ -209,6 +214,27 @@ pub struct Closing {
     pub last: Option<Frame>,
     pub code: u16,
     pub reason: String,
+}
+
+impl Closing {
+    /// Every wire's goodbye at shutdown (`End::Closed`): 1012, nothing before it.
+    pub fn restarting() -> Self {
+        Closing {
+            last: None,
+            code: 1012,
+            reason: "sluice is restarting".into(),
+        }
+    }
+
+    /// Every wire's goodbye when the log could not be read (`End::ReadFailed`): 1011,
+    /// after `last`, the wire's own error frame if it has one.
+    pub fn internal_error(last: Option<Frame>) -> Self {
+        Closing {
+            last,
+            code: 1011,
+            reason: "InternalError".into(),
+        }
+    }
 }
 
 /// How waiting for the index budget before applying a filter change ended.

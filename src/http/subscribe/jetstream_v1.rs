@@ -385,16 +385,8 @@ impl WireSession for V1Session {
                     "CursorTooOld: position fell out of retention (oldest seq {oldest})"
                 ),
             },
-            End::Closed => Closing {
-                last: None,
-                code: 1012,
-                reason: "sluice is restarting".into(),
-            },
-            End::ReadFailed(_) => Closing {
-                last: None,
-                code: 1011,
-                reason: "InternalError".into(),
-            },
+            End::Closed => Closing::restarting(),
+            End::ReadFailed(_) => Closing::internal_error(None),
         }
     }
 

@@ -238,24 +238,8 @@ impl WireSession for V2Session {
                 code: 1008,
                 reason: "CursorTooOld".into(),
             },
-            End::Closed => Closing {
-                last: None,
-                code: 1012,
-                reason: "sluice is restarting".into(),
-            },
-            End::ReadFailed(e) => Closing {
-                last: Some(error_frame("InternalError", e)),
-                code: 1011,
-                reason: "InternalError".into(),
-            },
+            End::Closed => Closing::restarting(),
+            End::ReadFailed(e) => Closing::internal_error(Some(error_frame("InternalError", e))),
         }
-    }
-
-    fn on_text(
-        &mut self,
-        _text: tokio_tungstenite::tungstenite::Utf8Bytes,
-    ) -> Option<crate::http::admission_text::TextJob> {
-        // v2 clients send nothing; ignore rather than punish.
-        None
     }
 }

@@ -162,23 +162,8 @@ impl WireSession for RawSession {
                 code: 1008,
                 reason: "OutdatedCursor".into(),
             },
-            End::Closed => Closing {
-                last: None,
-                code: 1012,
-                reason: "sluice is restarting".into(),
-            },
-            End::ReadFailed(e) => Closing {
-                last: error_frame("InternalError", e),
-                code: 1011,
-                reason: "InternalError".into(),
-            },
+            End::Closed => Closing::restarting(),
+            End::ReadFailed(e) => Closing::internal_error(error_frame("InternalError", e)),
         }
-    }
-
-    fn on_text(
-        &mut self,
-        _text: tokio_tungstenite::tungstenite::Utf8Bytes,
-    ) -> Option<crate::http::admission_text::TextJob> {
-        None
     }
 }
