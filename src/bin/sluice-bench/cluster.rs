@@ -496,39 +496,55 @@ async fn subscriber(
     base: Instant,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let mut cursor: Option<u64> = None;
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        let url = match cursor {
-            Some(c) => format!(
-                "ws://{addr}/xrpc/network.bsky.jetstream.subscribeEvents?cursor={}",
-                c + 1
-            ),
-            None => format!("ws://{addr}/xrpc/network.bsky.jetstream.subscribeEvents"),
-        };
+    // The last seq read; 0 before the first (seqs start at 1).
+    let cursor = std::sync::atomic::AtomicU64::new(0);
+    let url = || match Some(cursor.load(Ordering::Relaxed)).filter(|&c| c > 0) {
+        Some(c) => format!(
+            "ws://{addr}/xrpc/network.bsky.jetstream.subscribeEvents?cursor={}",
+            c + 1
+        ),
+        None => format!("ws://{addr}/xrpc/network.bsky.jetstream.subscribeEvents"),
+    };
+    follow(url, Duration::from_millis(100), &stop, |msg| {
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
+            let now = base.elapsed().as_nanos() as u64;
+            if let Some(seq) = serde_json::from_str::<serde_json::Value>(&t)
+                .ok()
+                .and_then(|v| v["payload"]["seq"].as_u64())
+            {
+                cursor.store(seq, Ordering::Relaxed);
+                arrivals.lock().push(now);
+            }
+        }
+    })
+    .await;
+}
+
+/// Follows the websocket at `url()` until `stop` is set: connects (2 s to answer, then
+/// `retry_after` before the next try), hands `on_message` every message, and connects
+/// again after 2 s of silence or a broken stream.
+async fn follow(
+    url: impl Fn() -> String,
+    retry_after: Duration,
+    stop: &std::sync::atomic::AtomicBool,
+    mut on_message: impl FnMut(tokio_tungstenite::tungstenite::Message),
+) {
+    while !stop.load(Ordering::Relaxed) {
         let Ok(Ok((mut ws, _))) = tokio::time::timeout(
             Duration::from_secs(2),
-            tokio_tungstenite::connect_async(&url),
+            tokio_tungstenite::connect_async(url()),
         )
         .await
         else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(retry_after).await;
             continue;
         };
         while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(2), ws.next()).await
         {
-            if let tokio_tungstenite::tungstenite::Message::Text(t) = msg {
-                let now = base.elapsed().as_nanos() as u64;
-                if let Some(seq) = serde_json::from_str::<serde_json::Value>(&t)
-                    .ok()
-                    .and_then(|v| v["payload"]["seq"].as_u64())
-                {
-                    cursor = Some(seq);
-                    arrivals.lock().push(now);
-                }
-            }
-            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            if stop.load(Ordering::Relaxed) {
                 return;
             }
+            on_message(msg);
         }
     }
 }
@@ -807,24 +823,11 @@ async fn counting_subscriber(
     count: Arc<std::sync::atomic::AtomicU64>,
     stop: Arc<std::sync::atomic::AtomicBool>,
 ) {
-    let url = format!("ws://{addr}/xrpc/com.atproto.sync.subscribeRepos");
-    while !stop.load(Ordering::Relaxed) {
-        let Ok(Ok((mut ws, _))) = tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio_tungstenite::connect_async(&url),
-        )
-        .await
-        else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
-        };
-        while let Ok(Some(Ok(_))) = tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
-            count.fetch_add(1, Ordering::Relaxed);
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-        }
-    }
+    let url = || format!("ws://{addr}/xrpc/com.atproto.sync.subscribeRepos");
+    follow(url, Duration::from_millis(200), &stop, |_| {
+        count.fetch_add(1, Ordering::Relaxed);
+    })
+    .await;
 }
 
 /// CPU of Redis and of each node per event, with 1, 2, 3... nodes on one Redis and a
@@ -1015,39 +1018,25 @@ async fn latency_subscriber(
     stop: Arc<std::sync::atomic::AtomicBool>,
     samples: Arc<Mutex<Vec<u64>>>,
 ) {
-    let url = format!("ws://{addr}/xrpc/com.atproto.sync.subscribeRepos");
-    while !stop.load(Ordering::Relaxed) {
-        let Ok(Ok((mut ws, _))) = tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio_tungstenite::connect_async(&url),
-        )
-        .await
-        else {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            continue;
+    let url = || format!("ws://{addr}/xrpc/com.atproto.sync.subscribeRepos");
+    follow(url, Duration::from_millis(200), &stop, |msg| {
+        let now = base.elapsed().as_nanos() as u64;
+        if !measure.load(Ordering::Relaxed) {
+            return;
+        }
+        let tokio_tungstenite::tungstenite::Message::Binary(frame) = msg else {
+            return;
         };
-        while let Ok(Some(Ok(msg))) = tokio::time::timeout(Duration::from_secs(2), ws.next()).await
+        if let Ok(sluice::decode::DecodedFrame::Message(m)) =
+            sluice::decode::decode_frame(&frame, &Default::default())
         {
-            let now = base.elapsed().as_nanos() as u64;
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            if !measure.load(Ordering::Relaxed) {
-                continue;
-            }
-            let tokio_tungstenite::tungstenite::Message::Binary(frame) = msg else {
-                continue;
-            };
-            if let Ok(sluice::decode::DecodedFrame::Message(m)) =
-                sluice::decode::decode_frame(&frame, &Default::default())
-            {
-                let at = m.seq.and_then(|s| sent.lock().get(&s).copied());
-                if let Some(at) = at {
-                    samples.lock().push(now.saturating_sub(at));
-                }
+            let at = m.seq.and_then(|s| sent.lock().get(&s).copied());
+            if let Some(at) = at {
+                samples.lock().push(now.saturating_sub(at));
             }
         }
-    }
+    })
+    .await;
 }
 
 /// `cluster-scale --latency`: added latency, upstream frame -> subscriber read, on a
