@@ -493,6 +493,48 @@ struct AttackCtx {
     newest: u64,
 }
 
+/// One attacking task's view: its number, the address it attacks from, and what it needs.
+#[derive(Clone)]
+struct Worker {
+    i: usize,
+    ip: IpAddr,
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    stats: Arc<AttackStats>,
+}
+
+/// Spawns `workers` tasks, task i attacking from attacker address i; each repeats
+/// `attempt` (counted in `attempts`, given the attempt's number) until the attack stops.
+fn spawn_workers<F, Fut>(
+    set: &mut tokio::task::JoinSet<()>,
+    ctx: &AttackCtx,
+    attack_ips: u8,
+    workers: usize,
+    attempt: F,
+) where
+    F: Fn(Worker, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    for i in 0..workers {
+        let worker = Worker {
+            i,
+            ip: attacker_ip(attack_ips, i),
+            addr: ctx.addr,
+            stop: ctx.stop.clone(),
+            stats: ctx.stats.clone(),
+        };
+        let attempt = attempt.clone();
+        set.spawn(async move {
+            let mut n = 0u64;
+            while !worker.stop.load(Ordering::Relaxed) {
+                worker.stats.attempts.fetch_add(1, Ordering::Relaxed);
+                attempt(worker.clone(), n).await;
+                n += 1;
+            }
+        });
+    }
+}
+
 /// Starts `attack`'s tasks; they run until `ctx.stop` is set.
 fn start_attack(
     attack: Attack,
@@ -500,251 +542,171 @@ fn start_attack(
     ctx: &AttackCtx,
     set: &mut tokio::task::JoinSet<()>,
 ) {
-    let addr = ctx.addr;
     match attack {
-        Attack::Slowloris => {
-            for i in 0..500 {
-                let (ip, stop, stats) = (
-                    attacker_ip(attack_ips, i),
-                    ctx.stop.clone(),
-                    ctx.stats.clone(),
-                );
-                set.spawn(async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        stats.attempts.fetch_add(1, Ordering::Relaxed);
-                        let Ok(mut stream) = connect_from(ip, addr).await else {
-                            count_refusal(&stats);
-                            tokio::time::sleep(Duration::from_millis(200)).await;
-                            continue;
-                        };
-                        if stream
-                            .write_all(b"GET /subscribe HTTP/1.1\r\nHost: x\r\nX-Slow: ")
-                            .await
-                            .is_err()
-                        {
-                            count_refusal(&stats);
-                            continue;
-                        }
-                        stats.admitted.fetch_add(1, Ordering::Relaxed);
-                        let mut buf = [0u8; 1024];
-                        let mut drip = tokio::time::interval(Duration::from_secs(1));
-                        let closed = loop {
-                            if stop.load(Ordering::Relaxed) {
-                                break false;
-                            }
-                            tokio::select! {
-                                read = stream.read(&mut buf) => match read {
-                                    Ok(0) | Err(_) => break true,
-                                    Ok(_) => {}
-                                },
-                                _ = drip.tick() => {
-                                    if stream.write_all(b"a").await.is_err() {
-                                        break true;
-                                    }
-                                }
-                            }
-                        };
-                        if closed {
-                            stats.closed.fetch_add(1, Ordering::Relaxed);
-                        }
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                });
+        Attack::Slowloris => spawn_workers(set, ctx, attack_ips, 500, |w, _| async move {
+            let Ok(mut stream) = connect_from(w.ip, w.addr).await else {
+                count_refusal(&w.stats);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                return;
+            };
+            if stream
+                .write_all(b"GET /subscribe HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .await
+                .is_err()
+            {
+                count_refusal(&w.stats);
+                return;
             }
-        }
+            w.stats.admitted.fetch_add(1, Ordering::Relaxed);
+            let mut buf = [0u8; 1024];
+            let mut drip = tokio::time::interval(Duration::from_secs(1));
+            let closed = loop {
+                if w.stop.load(Ordering::Relaxed) {
+                    break false;
+                }
+                tokio::select! {
+                    read = stream.read(&mut buf) => match read {
+                        Ok(0) | Err(_) => break true,
+                        Ok(_) => {}
+                    },
+                    _ = drip.tick() => {
+                        if stream.write_all(b"a").await.is_err() {
+                            break true;
+                        }
+                    }
+                }
+            };
+            if closed {
+                w.stats.closed.fetch_add(1, Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }),
         Attack::Fragments => {
             let fragment = Arc::new(client_frame(false, 0x1, &vec![b'x'; 700 * 1024]));
-            for i in 0..100 {
-                let (ip, stop, stats) = (
-                    attacker_ip(attack_ips, i),
-                    ctx.stop.clone(),
-                    ctx.stats.clone(),
-                );
+            spawn_workers(set, ctx, attack_ips, 100, move |w, _| {
                 let fragment = fragment.clone();
-                set.spawn(async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        stats.attempts.fetch_add(1, Ordering::Relaxed);
-                        let mut stream = match raw_upgrade(
-                            ip,
-                            addr,
-                            "/subscribe?wantedCollections=com.example.none",
-                        )
-                        .await
-                        {
-                            Ok(s) => s,
-                            Err(_) => {
-                                count_refusal(&stats);
-                                tokio::time::sleep(Duration::from_millis(500)).await;
-                                continue;
-                            }
-                        };
-                        stats.admitted.fetch_add(1, Ordering::Relaxed);
-                        // The write may end half-way when the budget closes the connection.
-                        let _ = stream.write_all(&fragment).await;
-                        if wait_closed(&mut stream, &stop, Some(Duration::from_secs(2))).await {
-                            stats.closed.fetch_add(1, Ordering::Relaxed);
-                        }
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                async move {
+                    let path = "/subscribe?wantedCollections=com.example.none";
+                    let Ok(mut stream) = raw_upgrade(w.ip, w.addr, path).await else {
+                        count_refusal(&w.stats);
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        return;
+                    };
+                    w.stats.admitted.fetch_add(1, Ordering::Relaxed);
+                    // The write may end half-way when the budget closes the connection.
+                    let _ = stream.write_all(&fragment).await;
+                    if wait_closed(&mut stream, &w.stop, Some(Duration::from_secs(2))).await {
+                        w.stats.closed.fetch_add(1, Ordering::Relaxed);
                     }
-                });
-            }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            })
         }
         Attack::EventFlood => {
             let newest = ctx.newest.max(1);
-            for i in 0..50 {
-                let (ip, stop, stats) = (
-                    attacker_ip(attack_ips, i),
-                    ctx.stop.clone(),
-                    ctx.stats.clone(),
-                );
-                set.spawn(async move {
-                    let mut k = i as u64;
-                    while !stop.load(Ordering::Relaxed) {
-                        stats.attempts.fetch_add(1, Ordering::Relaxed);
-                        k = k
-                            .wrapping_mul(6364136223846793005)
-                            .wrapping_add(1442695040888963407);
-                        let seq = 1 + (k >> 11) % newest;
-                        let status = async {
-                            let mut stream = connect_from(ip, addr).await.ok()?;
-                            let request = format!(
-                                "GET /event/{seq} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-                            );
-                            stream.write_all(request.as_bytes()).await.ok()?;
-                            let mut raw = Vec::new();
-                            stream.read_to_end(&mut raw).await.ok()?;
-                            String::from_utf8_lossy(&raw)
-                                .split_whitespace()
-                                .nth(1)?
-                                .parse::<u16>()
-                                .ok()
-                        };
-                        match tokio::time::timeout(Duration::from_secs(5), status).await {
-                            Ok(Some(200)) => {
-                                stats.admitted.fetch_add(1, Ordering::Relaxed);
-                            }
-                            _ => count_refusal(&stats),
-                        }
+            spawn_workers(set, ctx, attack_ips, 50, move |w, n| async move {
+                // A seq spread over the log, different for every worker and attempt (a
+                // splitmix64 step of the pair).
+                let mut k = ((w.i as u64) << 40) ^ n;
+                k = (k ^ (k >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+                k = (k ^ (k >> 27)).wrapping_mul(0x94d049bb133111eb);
+                k ^= k >> 31;
+                let seq = 1 + (k >> 11) % newest;
+                let status = async {
+                    let mut stream = connect_from(w.ip, w.addr).await.ok()?;
+                    let request = format!(
+                        "GET /event/{seq} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+                    );
+                    stream.write_all(request.as_bytes()).await.ok()?;
+                    let mut raw = Vec::new();
+                    stream.read_to_end(&mut raw).await.ok()?;
+                    String::from_utf8_lossy(&raw)
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<u16>()
+                        .ok()
+                };
+                match tokio::time::timeout(Duration::from_secs(5), status).await {
+                    Ok(Some(200)) => {
+                        w.stats.admitted.fetch_add(1, Ordering::Relaxed);
                     }
-                });
-            }
+                    _ => count_refusal(&w.stats),
+                }
+            })
         }
-        Attack::Scans => {
-            for i in 0..20 {
-                let (ip, stop, stats) = (
-                    attacker_ip(attack_ips, i),
-                    ctx.stop.clone(),
-                    ctx.stats.clone(),
-                );
-                set.spawn(async move {
-                    let path = "/xrpc/network.bsky.jetstream.subscribeEvents?cursor=1&collections=com.example.nothing";
-                    while !stop.load(Ordering::Relaxed) {
-                        stats.attempts.fetch_add(1, Ordering::Relaxed);
-                        match ws_from(ip, addr, path, true).await {
-                            Ok(mut ws) => {
-                                stats.admitted.fetch_add(1, Ordering::Relaxed);
-                                let until = tokio::time::Instant::now() + Duration::from_secs(3);
-                                loop {
-                                    let next = tokio::select! {
-                                        next = ws.next() => next,
-                                        _ = tokio::time::sleep_until(until) => break,
-                                    };
-                                    match next {
-                                        Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
-                                            stats.closed.fetch_add(1, Ordering::Relaxed);
-                                            break;
-                                        }
-                                        Some(Ok(_)) => {}
-                                    }
-                                }
-                                let _ = ws.close(None).await;
-                            }
-                            Err(_) => {
-                                count_refusal(&stats);
-                                tokio::time::sleep(Duration::from_millis(500)).await;
-                            }
-                        }
+        Attack::Scans => spawn_workers(set, ctx, attack_ips, 20, |w, _| async move {
+            let path = "/xrpc/network.bsky.jetstream.subscribeEvents?cursor=1&collections=com.example.nothing";
+            let Ok(mut ws) = ws_from(w.ip, w.addr, path, true).await else {
+                count_refusal(&w.stats);
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                return;
+            };
+            w.stats.admitted.fetch_add(1, Ordering::Relaxed);
+            let until = tokio::time::Instant::now() + Duration::from_secs(3);
+            loop {
+                let next = tokio::select! {
+                    next = ws.next() => next,
+                    _ = tokio::time::sleep_until(until) => break,
+                };
+                match next {
+                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                        w.stats.closed.fetch_add(1, Ordering::Relaxed);
+                        break;
                     }
-                });
+                    Some(Ok(_)) => {}
+                }
             }
-        }
-        Attack::Churn => {
-            for i in 0..32 {
-                let (ip, stop, stats) = (
-                    attacker_ip(attack_ips, i),
-                    ctx.stop.clone(),
-                    ctx.stats.clone(),
-                );
-                set.spawn(async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        stats.attempts.fetch_add(1, Ordering::Relaxed);
-                        match ws_from(
-                            ip,
-                            addr,
-                            "/subscribe?wantedCollections=app.bsky.feed.post",
-                            false,
-                        )
-                        .await
-                        {
-                            Ok(mut ws) => {
-                                stats.admitted.fetch_add(1, Ordering::Relaxed);
-                                let _ = ws.close(None).await;
-                            }
-                            Err(_) => count_refusal(&stats),
-                        }
-                    }
-                });
+            let _ = ws.close(None).await;
+        }),
+        Attack::Churn => spawn_workers(set, ctx, attack_ips, 32, |w, _| async move {
+            let path = "/subscribe?wantedCollections=app.bsky.feed.post";
+            match ws_from(w.ip, w.addr, path, false).await {
+                Ok(mut ws) => {
+                    w.stats.admitted.fetch_add(1, Ordering::Relaxed);
+                    let _ = ws.close(None).await;
+                }
+                Err(_) => count_refusal(&w.stats),
             }
-        }
+        }),
         Attack::Filters => {
             let dids: Vec<String> = (0..10_000).map(|i| format!("did:plc:{i:024}")).collect();
             let update = Arc::new(
                 json!({"type": "options_update", "payload": {"wantedDids": dids}}).to_string(),
             );
-            for i in 0..30 {
-                let (ip, stop, stats) = (
-                    attacker_ip(attack_ips, i),
-                    ctx.stop.clone(),
-                    ctx.stats.clone(),
-                );
+            spawn_workers(set, ctx, attack_ips, 30, move |w, _| {
                 let update = update.clone();
-                set.spawn(async move {
-                    while !stop.load(Ordering::Relaxed) {
-                        stats.attempts.fetch_add(1, Ordering::Relaxed);
-                        let mut ws = match ws_from(ip, addr, "/subscribe?requireHello=true", false).await {
-                            Ok(ws) => ws,
-                            Err(_) => {
-                                count_refusal(&stats);
-                                tokio::time::sleep(Duration::from_millis(500)).await;
-                                continue;
-                            }
-                        };
-                        stats.admitted.fetch_add(1, Ordering::Relaxed);
-                        let mut every = tokio::time::interval(Duration::from_secs(1));
-                        loop {
-                            if stop.load(Ordering::Relaxed) {
-                                break;
-                            }
-                            tokio::select! {
-                                _ = every.tick() => {
-                                    if ws.send(Message::Text(update.as_str().into())).await.is_err() {
-                                        stats.closed.fetch_add(1, Ordering::Relaxed);
-                                        break;
-                                    }
-                                }
-                                next = ws.next() => match next {
-                                    Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
-                                        stats.closed.fetch_add(1, Ordering::Relaxed);
-                                        break;
-                                    }
-                                    Some(Ok(_)) => {}
-                                },
-                            }
+                async move {
+                    let path = "/subscribe?requireHello=true";
+                    let Ok(mut ws) = ws_from(w.ip, w.addr, path, false).await else {
+                        count_refusal(&w.stats);
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        return;
+                    };
+                    w.stats.admitted.fetch_add(1, Ordering::Relaxed);
+                    let mut every = tokio::time::interval(Duration::from_secs(1));
+                    loop {
+                        if w.stop.load(Ordering::Relaxed) {
+                            break;
                         }
-                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        tokio::select! {
+                            _ = every.tick() => {
+                                if ws.send(Message::Text(update.as_str().into())).await.is_err() {
+                                    w.stats.closed.fetch_add(1, Ordering::Relaxed);
+                                    break;
+                                }
+                            }
+                            next = ws.next() => match next {
+                                Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
+                                    w.stats.closed.fetch_add(1, Ordering::Relaxed);
+                                    break;
+                                }
+                                Some(Ok(_)) => {}
+                            },
+                        }
                     }
-                });
-            }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            })
         }
     }
 }
