@@ -30,6 +30,7 @@ mod procs;
 mod publisher;
 mod relay;
 mod report;
+mod resp;
 mod sink;
 mod sink_consumers;
 mod stamps;

@@ -37,11 +37,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use bytes::Bytes;
 use clap::Parser;
 use futures_util::StreamExt;
 use serde_json::json;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -55,6 +54,7 @@ use crate::hist::{now_ns, Hist};
 use crate::procs::{free_port, proc_cpu_secs, wait_tcp, ChildGuard, TempDir};
 use crate::publisher::{publish, start_generator, upstream_server, PubCtx, PubSink};
 use crate::report::{median, q};
+use crate::resp::{read_value, resp_command};
 use crate::subscribers::{
     self as subscribers, filter_names, realistic_filter, run_sub, sub_url, SubShared, SubSpec,
 };
@@ -176,95 +176,6 @@ pub(crate) async fn rebroadcast(args: RebroadcastArgs) -> anyhow::Result<()> {
         w.flush().await?;
     }
     Ok(())
-}
-
-// ---------------------------------------------------------------------------------------
-// A small RESP client (nested replies; the relay's reader flattens them)
-// ---------------------------------------------------------------------------------------
-
-enum Resp {
-    Nil,
-    Int,
-    Str(Bytes),
-    Arr(Vec<Resp>),
-}
-
-impl Resp {
-    fn items(&self) -> &[Resp] {
-        match self {
-            Resp::Arr(v) => v,
-            _ => &[],
-        }
-    }
-    fn bytes(&self) -> &[u8] {
-        match self {
-            Resp::Str(b) => b,
-            _ => &[],
-        }
-    }
-}
-
-fn resp_command(args: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());
-    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
-}
-
-async fn read_value<R: AsyncBufRead + Unpin + Send>(
-    r: &mut R,
-    depth: usize,
-) -> anyhow::Result<Resp> {
-    if depth > 8 {
-        bail!("RESP nesting too deep");
-    }
-    let mut line = Vec::with_capacity(32);
-    let n = r.read_until(b'\n', &mut line).await?;
-    if n == 0 {
-        bail!("redis closed the connection");
-    }
-    if line.len() < 3 || !line.ends_with(b"\r\n") {
-        bail!("malformed RESP line");
-    }
-    let text = std::str::from_utf8(&line[1..line.len() - 2])?;
-    match line[0] {
-        b'*' => {
-            let count: i64 = text.parse()?;
-            if count < 0 {
-                return Ok(Resp::Nil);
-            }
-            let mut items = Vec::with_capacity(usize::try_from(count)?.min(4096));
-            for _ in 0..count {
-                items.push(Box::pin(read_value(r, depth + 1)).await?);
-            }
-            Ok(Resp::Arr(items))
-        }
-        b'$' => {
-            let len: i64 = text.parse()?;
-            if len < 0 {
-                return Ok(Resp::Nil);
-            }
-            let len = usize::try_from(len)?;
-            if len > 64 << 20 {
-                bail!("RESP bulk string too large");
-            }
-            let mut buf = vec![0u8; len + 2];
-            r.read_exact(&mut buf).await?;
-            buf.truncate(len);
-            Ok(Resp::Str(Bytes::from(buf)))
-        }
-        b':' => {
-            text.parse::<i64>()?;
-            Ok(Resp::Int)
-        }
-        b'+' => Ok(Resp::Str(Bytes::copy_from_slice(text.as_bytes()))),
-        b'-' => bail!("redis error: {text}"),
-        other => bail!("unexpected RESP type {other}"),
-    }
 }
 
 // ---------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::control::{Control, PH_COUNT};
 use crate::frame_meta::{commit_key, frame_seq, json_str, seq_key, CLS_FOLLOW, CLS_LIKE, CLS_POST};
 use crate::hist::{now_ns, Hist};
-use crate::relay::{read_resp, REDIS_CHANNEL};
+use crate::relay::REDIS_CHANNEL;
+use crate::resp::read_flat;
 use crate::stamps::Stamps;
 use crate::target::{Target, Wire};
 
@@ -184,7 +185,7 @@ async fn connect_resp(addr: &str) -> anyhow::Result<BufReader<TcpStream>> {
             );
             r.get_mut().write_all(cmd.as_bytes()).await?;
             let mut parts = Vec::new();
-            read_resp(&mut r, &mut parts, 0).await?;
+            read_flat(&mut r, &mut parts).await?;
             if parts.first().map(|b| b.as_ref()) != Some(b"subscribe".as_slice()) {
                 bail!("unexpected SUBSCRIBE reply");
             }
@@ -215,7 +216,7 @@ impl Source {
             Source::Ws(source) => source.next().await.map(|m| m.map_err(|e| e.to_string())),
             Source::Resp(r, parts) => loop {
                 parts.clear();
-                if let Err(e) = read_resp(r, parts, 0).await {
+                if let Err(e) = read_flat(r, parts).await {
                     return Some(Err(e.to_string()));
                 }
                 // Anything but `message <channel> <payload>` (none is expected) is skipped.
