@@ -1,14 +1,13 @@
 //! The `fanout` command: every target phase in turn, runs alternated, then the summary.
 
 use std::io::Write as _;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::bail;
 
 use crate::cli::FanoutArgs;
 use crate::phase::run_phase;
-use crate::procs::CHILD_PIDS;
+use crate::procs::start_watchdog;
 use crate::report::{open_results, print_summary};
 use crate::target::{BaselineArg, Target};
 
@@ -33,14 +32,7 @@ pub(crate) async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
     // Watchdog: every phase is bounded; this bounds the whole run even if something hangs.
     let per_phase = args.warmup + args.duration + args.stall_secs + 120;
     let bound = Duration::from_secs(per_phase * (targets.len() * runs) as u64 + 120);
-    std::thread::spawn(move || {
-        std::thread::sleep(bound);
-        eprintln!("sluice-bench: watchdog: run exceeded {bound:?}; killing children");
-        for pid in CHILD_PIDS.lock().iter() {
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-        }
-        std::process::exit(3);
-    });
+    start_watchdog(bound);
 
     let mut out = open_results(args.json.as_deref())?;
     let mut results = Vec::new();

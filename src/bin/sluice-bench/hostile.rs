@@ -41,7 +41,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::frame_meta::{commit_key, json_str};
 use crate::hist::{now_ns, Hist};
 use crate::procs::{
-    free_port, proc_cpu_secs, proc_rss_kb, wait_tcp, ChildGuard, TempDir, CHILD_PIDS,
+    free_port, proc_cpu_secs, proc_rss_kb, start_watchdog, wait_tcp, ChildGuard, TempDir,
 };
 use crate::publisher::{start_generator, start_upstream, PubSink};
 use crate::report::{median, open_results};
@@ -832,14 +832,7 @@ pub async fn hostile(args: HostileArgs) -> anyhow::Result<()> {
     plan.push(None);
     let phase_secs = args.settle + args.duration + 10;
     let bound = Duration::from_secs(phase_secs * plan.len() as u64 + 600);
-    std::thread::spawn(move || {
-        std::thread::sleep(bound);
-        eprintln!("sluice-bench: watchdog: run exceeded {bound:?}; killing children");
-        for pid in CHILD_PIDS.lock().iter() {
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-        }
-        std::process::exit(3);
-    });
+    start_watchdog(bound);
 
     let dir = TempDir::fresh(&args.tmp, "hostile")?;
     let (tx, sinks) = tokio::sync::mpsc::channel::<PubSink>(4);

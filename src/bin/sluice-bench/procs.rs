@@ -56,6 +56,19 @@ pub(crate) fn machine_jiffies() -> Option<(u64, u64)> {
 
 pub(crate) static CHILD_PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
+/// Bounds a whole run even if something hangs: after `bound`, every child is killed and the
+/// bench exits with status 3.
+pub(crate) fn start_watchdog(bound: std::time::Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(bound);
+        eprintln!("sluice-bench: watchdog: run exceeded {bound:?}; killing children");
+        for pid in CHILD_PIDS.lock().iter() {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+        }
+        std::process::exit(3);
+    });
+}
+
 /// A child process killed (SIGKILL) and reaped when dropped.
 pub(crate) struct ChildGuard {
     pub(crate) child: Child,
