@@ -11,6 +11,13 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
+/// A take refused because the wait it needed exceeds what the caller allows: how long
+/// that wait would have been (nothing was taken).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooLong {
+    pub would_wait: Duration,
+}
+
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
     /// Tokens added per second.
@@ -68,7 +75,7 @@ impl TokenBucket {
     /// that wait (zero when there is no debt); takes nothing and returns the wait it would
     /// have been otherwise. For costs that may be deferred a little but not queued without
     /// end.
-    pub fn take_within(&mut self, n: f64, max_wait: Duration) -> Result<Duration, Duration> {
+    pub fn take_within(&mut self, n: f64, max_wait: Duration) -> Result<Duration, TooLong> {
         self.refill();
         let short = n - self.tokens;
         let wait = if short <= 0.0 {
@@ -78,7 +85,7 @@ impl TokenBucket {
             Duration::try_from_secs_f64(short / self.rate).unwrap_or(Duration::MAX)
         };
         if wait > max_wait {
-            return Err(wait);
+            return Err(TooLong { would_wait: wait });
         }
         self.tokens -= n;
         Ok(wait)
@@ -165,13 +172,13 @@ impl<K: Hash + Eq + Copy> SharedBudget<K> {
         key: Option<K>,
         n: f64,
         max_wait: Duration,
-    ) -> Result<Duration, Duration> {
+    ) -> Result<Duration, TooLong> {
         let mut wait = self.total.wait_for(n);
         if let Some(key) = key {
             wait = wait.max(self.bucket(key).wait_for(n));
         }
         if wait > max_wait {
-            return Err(wait);
+            return Err(TooLong { would_wait: wait });
         }
         self.total.take_on_credit(n);
         if let Some(key) = key {
@@ -205,13 +212,13 @@ impl<K: Hash + Eq + Copy> SharedBudget<K> {
         key: K,
         n: f64,
         max_wait: Duration,
-    ) -> Result<Duration, Duration> {
+    ) -> Result<Duration, TooLong> {
         self.bucket(key).take_within(n, max_wait)
     }
 
     /// Like [`SharedBudget::take_total_on_credit`], but takes nothing and returns the wait
     /// it would have been when that exceeds `max_wait`.
-    pub fn take_total_within(&mut self, n: f64, max_wait: Duration) -> Result<Duration, Duration> {
+    pub fn take_total_within(&mut self, n: f64, max_wait: Duration) -> Result<Duration, TooLong> {
         self.total.take_within(n, max_wait)
     }
 
@@ -368,7 +375,9 @@ mod tests {
         assert_eq!(bucket.take_within(60.0, Duration::ZERO), Ok(Duration::ZERO));
         // 40 left: 100 more is 60 short, 0.6 s at 100/s.
         let refused = bucket.take_within(100.0, Duration::from_millis(100));
-        assert!(matches!(refused, Err(w) if w > Duration::from_millis(500)));
+        assert!(
+            matches!(refused, Err(TooLong { would_wait }) if would_wait > Duration::from_millis(500))
+        );
         // Refusing took nothing: 40 are still there.
         assert_eq!(bucket.take_within(40.0, Duration::ZERO), Ok(Duration::ZERO));
         let waited = bucket.take_within(50.0, Duration::from_secs(1));

@@ -92,7 +92,9 @@ impl HubInner {
             .index_budget
             .lock()
             .take_within(peer, cost, max_wait)
-            .map_err(|would_wait| IndexBusy { would_wait });
+            .map_err(|refused| IndexBusy {
+                would_wait: refused.would_wait,
+            });
         if reserved.is_ok_and(|wait| !wait.is_zero()) {
             self.stats.index_waits.fetch_add(1, Ordering::Relaxed);
         }

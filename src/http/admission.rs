@@ -194,10 +194,10 @@ impl Admission {
             .events
             .take_within(Some(ip), 1.0, std::time::Duration::ZERO)
             .map(|_| ())
-            .map_err(|wait| Refusal {
+            .map_err(|refused| Refusal {
                 status: 429,
                 reason: "too many /event requests from this address",
-                retry_after_secs: wait.as_secs() + 1,
+                retry_after_secs: refused.would_wait.as_secs() + 1,
             })
     }
 }

@@ -23,7 +23,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::fanout::filter::Filter;
-use crate::rate::SharedBudget;
+use crate::rate::{SharedBudget, TooLong};
 
 /// Limits of client text messages.
 #[derive(Debug, Clone, PartialEq)]
@@ -202,7 +202,7 @@ impl TextPool {
         self.jobs.lock().take();
     }
 
-    fn count(&self, result: Result<Duration, Duration>) -> Result<Duration, TextBusy> {
+    fn count(&self, result: Result<Duration, TooLong>) -> Result<Duration, TextBusy> {
         match result {
             Ok(wait) => {
                 if !wait.is_zero() {
@@ -210,9 +210,9 @@ impl TextPool {
                 }
                 Ok(wait)
             }
-            Err(wait) => {
+            Err(TooLong { would_wait }) => {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                Err(TextBusy(wait))
+                Err(TextBusy(would_wait))
             }
         }
     }
