@@ -36,7 +36,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
 
@@ -48,9 +48,13 @@ use super::store::{
     SharedEvent,
 };
 
-const RESUME_KEY: &[u8] = b"resume";
-const INDEX_ENTRY: usize = 7 * 8 + 8 + 8 + 4 + 4;
-const DATA_SUFFIX: &str = ".seg";
+mod decoded;
+mod layout;
+mod recovery;
+
+use decoded::DecodedCache;
+pub use decoded::DecodedStats;
+use layout::{data_path, encode_entry, encode_resume, key, Stored, RESUME_KEY};
 
 /// Settings of the embedded store.
 #[derive(Debug, Clone)]
@@ -96,21 +100,8 @@ impl FjallConfig {
     }
 }
 
-/// A segment and where its values are.
-#[derive(Debug, Clone, Copy)]
-struct Stored {
-    info: Segment,
-    file: u64,
-    offset: u64,
-    events_len: u32,
-    frames_len: u32,
-}
-
-impl Stored {
-    fn end(&self) -> u64 {
-        self.offset + u64::from(self.events_len) + u64::from(self.frames_len)
-    }
-}
+/// The open data files by id.
+type DataFiles = BTreeMap<u64, Arc<File>>;
 
 /// The data file being appended to.
 struct Writer {
@@ -118,42 +109,12 @@ struct Writer {
     next_file: u64,
 }
 
-/// One decoded segment: the first reader decodes it, concurrent readers of the same
-/// segment wait for that and share its events (their JSON is slices of one buffer per
-/// wire), so a cold segment is decompressed and its v1 or v2 messages assembled once
-/// however many subscribers replay it.
-type DecodedCell = Arc<OnceLock<Result<Arc<Vec<Event>>, LogError>>>;
-
-struct DecodedEntry {
-    first_seq: u64,
-    payloads: Payloads,
-    /// Payload bytes held once decoded (0 while decoding).
-    bytes: usize,
-    cell: DecodedCell,
-}
-
-/// Recently decoded segments, newest last, bounded by `decoded_cache_bytes`.
-#[derive(Default)]
-struct DecodedCache {
-    entries: VecDeque<DecodedEntry>,
-    bytes: usize,
-}
-
-/// Counters of the decoded-segment cache.
-#[derive(Debug, Default)]
-pub struct DecodedStats {
-    /// Segment reads served by a decode another read made (or was making).
-    pub hits: AtomicU64,
-    /// Segment reads that decoded.
-    pub misses: AtomicU64,
-}
-
 pub struct FjallStore {
     keyspace: Keyspace,
     index: PartitionHandle,
     state: PartitionHandle,
     segments: RwLock<VecDeque<Stored>>,
-    files: RwLock<BTreeMap<u64, Arc<File>>>,
+    files: RwLock<DataFiles>,
     writer: Mutex<Writer>,
     resume: Mutex<StampState>,
     encoders: Mutex<Vec<Encoder>>,
@@ -166,97 +127,6 @@ pub struct FjallStore {
 
 fn backend(e: impl std::fmt::Display) -> LogError {
     LogError::Backend(e.to_string())
-}
-
-fn key(seq: u64) -> [u8; 8] {
-    seq.to_be_bytes()
-}
-
-fn encode_entry(s: &Stored) -> [u8; INDEX_ENTRY] {
-    let mut out = [0u8; INDEX_ENTRY];
-    let i = &s.info;
-    let fields = [
-        i.first_seq,
-        i.last_seq,
-        i.first_time_us as u64,
-        i.last_time_us as u64,
-        i.first_upstream_seq as u64,
-        i.last_upstream_seq as u64,
-        i.bytes,
-        s.file,
-        s.offset,
-    ];
-    for (chunk, v) in out.chunks_exact_mut(8).zip(fields) {
-        chunk.copy_from_slice(&v.to_le_bytes());
-    }
-    out[72..76].copy_from_slice(&s.events_len.to_le_bytes());
-    out[76..80].copy_from_slice(&s.frames_len.to_le_bytes());
-    out
-}
-
-fn decode_entry(b: &[u8]) -> Option<Stored> {
-    if b.len() != INDEX_ENTRY {
-        return None;
-    }
-    let u64_at =
-        |i: usize| -> Option<u64> { Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?)) };
-    let u32_at =
-        |i: usize| -> Option<u32> { Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?)) };
-    let s = Stored {
-        info: Segment {
-            first_seq: u64_at(0)?,
-            last_seq: u64_at(8)?,
-            first_time_us: u64_at(16)? as i64,
-            last_time_us: u64_at(24)? as i64,
-            first_upstream_seq: u64_at(32)? as i64,
-            last_upstream_seq: u64_at(40)? as i64,
-            bytes: u64_at(48)?,
-        },
-        file: u64_at(56)?,
-        offset: u64_at(64)?,
-        events_len: u32_at(72)?,
-        frames_len: u32_at(76)?,
-    };
-    (s.info.first_seq <= s.info.last_seq
-        && s.info.bytes == u64::from(s.events_len) + u64::from(s.frames_len))
-    .then_some(s)
-}
-
-fn encode_resume(s: &StampState) -> [u8; 25] {
-    let mut out = [0u8; 25];
-    out[0..8].copy_from_slice(&s.next_seq.to_le_bytes());
-    out[8..16].copy_from_slice(&s.last_time_us.to_le_bytes());
-    out[16] = u8::from(s.upstream_cursor.is_some());
-    out[17..25].copy_from_slice(&s.upstream_cursor.unwrap_or(0).to_le_bytes());
-    out
-}
-
-fn decode_resume(b: &[u8]) -> Option<StampState> {
-    if b.len() != 25 {
-        return None;
-    }
-    let u = |r: std::ops::Range<usize>| -> Option<[u8; 8]> { b.get(r)?.try_into().ok() };
-    Some(StampState {
-        next_seq: u64::from_le_bytes(u(0..8)?),
-        last_time_us: i64::from_le_bytes(u(8..16)?),
-        upstream_cursor: match b[16] {
-            0 => None,
-            1 => Some(i64::from_le_bytes(u(17..25)?)),
-            _ => return None,
-        },
-    })
-}
-
-fn resume_after(s: &Segment) -> StampState {
-    StampState {
-        next_seq: s.last_seq.saturating_add(1),
-        last_time_us: s.last_time_us,
-        upstream_cursor: Some(s.last_upstream_seq),
-    }
-}
-
-fn data_path(dir: &Path, id: u64) -> PathBuf {
-    dir.join(format!("{id:016}{DATA_SUFFIX}"))
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> LogError {
@@ -291,47 +161,8 @@ impl FjallStore {
             .open_partition("state", PartitionCreateOptions::default())
             .map_err(backend)?;
         let mut report = RecoveryReport::default();
-        let mut segments = VecDeque::new();
-        for item in index.iter() {
-            let (k, v) = item.map_err(backend)?;
-            match decode_entry(&v) {
-                Some(s) if k.as_ref() == key(s.info.first_seq) => {
-                    if let Some(prev) = segments.back().map(|p: &Stored| p.info.last_seq) {
-                        if s.info.first_seq != prev + 1 {
-                            report.notes.push(format!(
-                                "index jumps from seq {prev} to {}: events in between are lost",
-                                s.info.first_seq
-                            ));
-                        }
-                    }
-                    segments.push_back(s)
-                }
-                _ => report
-                    .notes
-                    .push("unreadable index entry skipped".to_string()),
-            }
-        }
-        let mut files = BTreeMap::new();
-        let mut max_id = None;
-        for entry in std::fs::read_dir(&data_dir).map_err(|e| io("cannot list", &data_dir, e))? {
-            let entry = entry.map_err(|e| io("cannot list", &data_dir, e))?;
-            let name = entry.file_name();
-            let Some(id) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(DATA_SUFFIX))
-                .and_then(|n| n.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            let path = data_path(&data_dir, id);
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .map_err(|e| io("cannot open", &path, e))?;
-            files.insert(id, Arc::new(file));
-            max_id = max_id.max(Some(id));
-        }
+        let segments = recovery::load_index(&index, &mut report)?;
+        let (files, max_id) = recovery::open_data_files(&data_dir)?;
         let store = Self {
             keyspace,
             index,
@@ -379,161 +210,6 @@ impl FjallStore {
         Ok(true)
     }
 
-    fn verify_segment(&self, s: &Stored) -> Result<(), LogError> {
-        let mut buf = Vec::new();
-        if !self.read_values(s, true, &mut buf)? {
-            return Err(LogError::Corrupt("data file missing".into()));
-        }
-        let (ev, fr) = buf.split_at(s.events_len as usize);
-        let decoded = codec::decode(ev, Some(fr), Payloads::ALL)?;
-        let i = &s.info;
-        match (decoded.first(), decoded.last()) {
-            (Some(a), Some(b))
-                if a.seq == i.first_seq
-                    && b.seq == i.last_seq
-                    && b.time_us == i.last_time_us
-                    && b.upstream_seq == i.last_upstream_seq =>
-            {
-                Ok(())
-            }
-            _ => Err(LogError::Corrupt(
-                "segment does not match its index entry".into(),
-            )),
-        }
-    }
-
-    /// Drops newest segments until one decodes completely.
-    fn verify_tail(&self, report: &mut RecoveryReport) -> Result<(), LogError> {
-        loop {
-            let Some(last) = self
-                .segments
-                .read()
-                .map_err(|_| backend("poisoned"))?
-                .back()
-                .copied()
-            else {
-                return Ok(());
-            };
-            match self.verify_segment(&last) {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    let i = last.info;
-                    let msg = format!(
-                        "newest segment (seq {}..={}) failed verification and was dropped: {e}",
-                        i.first_seq, i.last_seq
-                    );
-                    tracing::warn!("{msg}");
-                    report.notes.push(msg);
-                    report.dropped_segments += 1;
-                    report.dropped_events += i.last_seq - i.first_seq + 1;
-                    self.index.remove(key(i.first_seq)).map_err(backend)?;
-                    self.keyspace
-                        .persist(PersistMode::SyncAll)
-                        .map_err(backend)?;
-                    self.segments
-                        .write()
-                        .map_err(|_| backend("poisoned"))?
-                        .pop_back();
-                    self.stored_bytes.fetch_sub(i.bytes, Ordering::Relaxed);
-                }
-            }
-        }
-    }
-
-    /// Deletes data files no segment points into and truncates bytes past the last
-    /// committed segment of each file (written by a commit that did not complete).
-    fn clean_files(&self, report: &mut RecoveryReport) -> Result<(), LogError> {
-        let mut ends: BTreeMap<u64, u64> = BTreeMap::new();
-        for s in self
-            .segments
-            .read()
-            .map_err(|_| backend("poisoned"))?
-            .iter()
-        {
-            let end = ends.entry(s.file).or_insert(0);
-            *end = (*end).max(s.end());
-        }
-        let oldest = ends.keys().next().copied();
-        let mut files = self.files.write().map_err(|_| backend("poisoned"))?;
-        let ids: Vec<u64> = files.keys().copied().collect();
-        for id in ids {
-            let path = data_path(&self.data_dir, id);
-            match ends.get(&id) {
-                None => {
-                    files.remove(&id);
-                    std::fs::remove_file(&path).map_err(|e| io("cannot remove", &path, e))?;
-                    if oldest.is_none_or(|o| id > o) {
-                        report.notes.push(format!(
-                            "data file {id} held no committed segment (a commit was cut short) and was removed"
-                        ));
-                    }
-                }
-                Some(&end) => {
-                    let Some(file) = files.get(&id) else { continue };
-                    let len = file
-                        .metadata()
-                        .map_err(|e| io("cannot stat", &path, e))?
-                        .len();
-                    if len > end {
-                        file.set_len(end)
-                            .and_then(|()| file.sync_all())
-                            .map_err(|e| io("cannot truncate", &path, e))?;
-                        report.notes.push(format!(
-                            "data file {id}: {} uncommitted bytes after the last committed segment truncated",
-                            len - end
-                        ));
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn recover_resume(&self, report: &mut RecoveryReport) -> Result<StampState, LogError> {
-        let stored = match self.state.get(RESUME_KEY).map_err(backend)? {
-            Some(v) => {
-                let r = decode_resume(&v);
-                if r.is_none() {
-                    report.notes.push("resume record unreadable".into());
-                }
-                r
-            }
-            None => None,
-        };
-        let last = self
-            .segments
-            .read()
-            .map_err(|_| backend("poisoned"))?
-            .back()
-            .map(|s| s.info);
-        let resume = match (stored, last) {
-            (Some(r), Some(last)) if r.next_seq == last.last_seq + 1 => return Ok(r),
-            (Some(r), Some(last)) => {
-                report.notes.push(format!(
-                    "resume record (next seq {}) disagrees with the newest segment (last seq {}); \
-                     resuming after the segment",
-                    r.next_seq, last.last_seq
-                ));
-                resume_after(&last)
-            }
-            (Some(r), None) => return Ok(r),
-            (None, Some(last)) => {
-                report
-                    .notes
-                    .push("resume record missing; derived from the newest segment".into());
-                resume_after(&last)
-            }
-            (None, None) => return Ok(StampState::fresh()),
-        };
-        self.state
-            .insert(RESUME_KEY, encode_resume(&resume))
-            .map_err(backend)?;
-        self.keyspace
-            .persist(PersistMode::SyncAll)
-            .map_err(backend)?;
-        Ok(resume)
-    }
-
     fn locate(&self, pred: impl Fn(&Segment) -> bool) -> Result<Option<Stored>, LogError> {
         let segs = self.segments.read().map_err(|_| backend("poisoned"))?;
         let idx = segs.partition_point(|s| !pred(&s.info));
@@ -551,100 +227,6 @@ impl FjallStore {
             raw: false,
         };
         Ok(Some(codec::decode(&buf, None, none)?))
-    }
-
-    /// The events of segment `s` with `payloads`, decoded once for every concurrent reader
-    /// while the cache holds them; `None` when the segment's data file is gone.
-    fn decoded(&self, s: &Stored, payloads: Payloads) -> Result<Option<Arc<Vec<Event>>>, LogError> {
-        let limit = self.config.decoded_cache_bytes;
-        let decode = || -> Result<Option<Vec<Event>>, LogError> {
-            let mut buf = Vec::new();
-            if !self.read_values(s, payloads.raw, &mut buf)? {
-                return Ok(None);
-            }
-            let (ev, fr) = buf.split_at(s.events_len as usize);
-            codec::decode(ev, payloads.raw.then_some(fr), payloads).map(Some)
-        };
-        if limit == 0 {
-            self.decoded_stats.misses.fetch_add(1, Ordering::Relaxed);
-            return Ok(decode()?.map(Arc::new));
-        }
-        let first_seq = s.info.first_seq;
-        let (cell, mine) = {
-            let mut cache = self.decoded.lock().map_err(|_| backend("poisoned"))?;
-            match cache
-                .entries
-                .iter()
-                .find(|e| e.first_seq == first_seq && e.payloads == payloads)
-            {
-                Some(e) => (e.cell.clone(), false),
-                None => {
-                    let cell: DecodedCell = Arc::new(OnceLock::new());
-                    cache.entries.push_back(DecodedEntry {
-                        first_seq,
-                        payloads,
-                        bytes: 0,
-                        cell: cell.clone(),
-                    });
-                    (cell, true)
-                }
-            }
-        };
-        let counter = if mine {
-            &self.decoded_stats.misses
-        } else {
-            &self.decoded_stats.hits
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        // Concurrent readers of this segment block here until the first has decoded it.
-        let result = cell
-            .get_or_init(|| match decode() {
-                Ok(Some(events)) => Ok(Arc::new(events)),
-                Ok(None) => Err(LogError::TooOld {
-                    requested: first_seq,
-                    oldest: self.oldest_or_next(),
-                }),
-                Err(e) => Err(e),
-            })
-            .clone();
-        if mine {
-            let mut cache = self.decoded.lock().map_err(|_| backend("poisoned"))?;
-            let size = match &result {
-                Ok(events) => events
-                    .iter()
-                    .map(|e| codec::payload_bytes(e, e.op_index == 0) + 160)
-                    .sum(),
-                Err(_) => 0,
-            };
-            if let Some(entry) = cache
-                .entries
-                .iter_mut()
-                .find(|e| Arc::ptr_eq(&e.cell, &cell))
-            {
-                entry.bytes = size;
-            }
-            cache.bytes += size;
-            if result.is_err() {
-                cache.entries.retain(|e| !Arc::ptr_eq(&e.cell, &cell));
-            }
-            // Oldest first out, until the decoded payloads fit the bound.
-            while cache.bytes > limit {
-                let Some(old) = cache.entries.pop_front() else {
-                    break;
-                };
-                cache.bytes = cache.bytes.saturating_sub(old.bytes);
-            }
-        }
-        match result {
-            Ok(events) => Ok(Some(events)),
-            Err(LogError::TooOld { .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Decoded-segment cache counters.
-    pub fn decoded_stats(&self) -> &DecodedStats {
-        &self.decoded_stats
     }
 
     fn oldest_or_next(&self) -> u64 {
