@@ -54,7 +54,10 @@ mod recovery;
 
 use decoded::DecodedCache;
 pub use decoded::DecodedStats;
-use layout::{data_path, encode_entry, encode_resume, key, Stored, RESUME_KEY};
+use layout::{
+    data_path, encode_entry, encode_raw_floor, encode_resume, key, FramesAt, Stored, RAW_FLOOR_KEY,
+    RESUME_KEY,
+};
 
 /// Settings of the embedded store.
 #[derive(Debug, Clone)]
@@ -100,13 +103,81 @@ impl FjallConfig {
     }
 }
 
-/// The open data files by id.
+/// The open files of one directory, by id.
 type DataFiles = BTreeMap<u64, Arc<File>>;
 
-/// The data file being appended to.
-struct Writer {
+/// One directory of append-only files: `data/` (events values) or `raw/` (frames values).
+struct Files {
+    dir: PathBuf,
+    open: RwLock<DataFiles>,
+    /// What the files hold ("data", "raw"), for messages.
+    what: &'static str,
+}
+
+impl Files {
+    fn get(&self, id: u64) -> Option<Arc<File>> {
+        self.open.read().ok()?.get(&id).cloned()
+    }
+
+    fn path(&self, id: u64) -> PathBuf {
+        data_path(&self.dir, id)
+    }
+
+    /// Bytes the files take on disk.
+    fn disk_bytes(&self) -> u64 {
+        self.open
+            .read()
+            .map(|f| {
+                f.values()
+                    .filter_map(|f| f.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Forgets the files with an id below `keep_from`; returns them, to be removed
+    /// outside the writer lock.
+    fn take_below(&self, keep_from: u64) -> Result<Vec<u64>, LogError> {
+        let mut files = self.open.write().map_err(|_| backend("poisoned"))?;
+        let gone: Vec<u64> = files.range(..keep_from).map(|(id, _)| *id).collect();
+        for id in &gone {
+            files.remove(id);
+        }
+        Ok(gone)
+    }
+
+    fn remove(&self, ids: Vec<u64>) {
+        for id in ids {
+            // Readers holding the file keep reading it; the space is freed when they drop it.
+            let path = self.path(id);
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove an expired {} file", self.what);
+            }
+        }
+    }
+}
+
+/// The file of one directory being appended to.
+struct Appender {
     current: Option<(u64, Arc<File>, u64)>,
     next_file: u64,
+}
+
+impl Appender {
+    /// The first id not taken by a file that is still open or being written.
+    fn keep_from(&self) -> u64 {
+        match &self.current {
+            Some((id, _, _)) => *id,
+            None => self.next_file,
+        }
+    }
+}
+
+/// The data file and the raw file being appended to.
+struct Writer {
+    data: Appender,
+    raw: Appender,
 }
 
 pub struct FjallStore {
@@ -114,14 +185,19 @@ pub struct FjallStore {
     index: PartitionHandle,
     state: PartitionHandle,
     segments: RwLock<VecDeque<Stored>>,
-    files: RwLock<DataFiles>,
+    data: Files,
+    raw: Files,
     writer: Mutex<Writer>,
     resume: Mutex<StampState>,
+    /// The oldest seq whose raw frame may be held: segments wholly below it keep only
+    /// their JSON. Durable (`RAW_FLOOR_KEY`) before any frame below it is removed.
+    raw_floor: AtomicU64,
     encoders: Mutex<Vec<Encoder>>,
     decoded: Mutex<DecodedCache>,
     decoded_stats: DecodedStats,
     stored_bytes: AtomicU64,
-    data_dir: PathBuf,
+    /// Bytes of raw frames in raw files at or above the raw floor.
+    raw_bytes: AtomicU64,
     config: FjallConfig,
 }
 
@@ -138,7 +214,10 @@ impl FjallStore {
     /// the tail: what does not verify is dropped and reported.
     pub fn open(config: FjallConfig) -> Result<(Self, RecoveryReport), LogError> {
         let data_dir = config.dir.join("data");
-        std::fs::create_dir_all(&data_dir).map_err(|e| io("cannot create", &data_dir, e))?;
+        let raw_dir = config.dir.join("raw");
+        for dir in [&data_dir, &raw_dir] {
+            std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
+        }
         let keyspace = Config::new(&config.dir)
             .max_journaling_size(config.max_journal_bytes.max(24 * 1024 * 1024))
             .cache_size(config.cache_bytes)
@@ -162,51 +241,105 @@ impl FjallStore {
             .map_err(backend)?;
         let mut report = RecoveryReport::default();
         let segments = recovery::load_index(&index, &mut report)?;
-        let (files, max_id) = recovery::open_data_files(&data_dir)?;
+        let raw_floor = recovery::load_raw_floor(&state, &mut report)?;
+        let (data_files, data_max) = recovery::open_data_files(&data_dir)?;
+        let (raw_files, raw_max) = recovery::open_data_files(&raw_dir)?;
         let store = Self {
             keyspace,
             index,
             state,
             stored_bytes: AtomicU64::new(segments.iter().map(|s| s.info.bytes).sum()),
+            raw_bytes: AtomicU64::new(0),
             segments: RwLock::new(segments),
-            files: RwLock::new(files),
+            data: Files {
+                dir: data_dir,
+                open: RwLock::new(data_files),
+                what: "data",
+            },
+            raw: Files {
+                dir: raw_dir,
+                open: RwLock::new(raw_files),
+                what: "raw",
+            },
             writer: Mutex::new(Writer {
-                current: None,
-                next_file: max_id.map_or(1, |m: u64| m + 1),
+                data: Appender {
+                    current: None,
+                    next_file: data_max.map_or(1, |m: u64| m + 1),
+                },
+                raw: Appender {
+                    current: None,
+                    next_file: raw_max.map_or(1, |m: u64| m + 1),
+                },
             }),
             resume: Mutex::new(StampState::fresh()),
+            raw_floor: AtomicU64::new(raw_floor),
             encoders: Mutex::new(Vec::new()),
             decoded: Mutex::new(DecodedCache::default()),
             decoded_stats: DecodedStats::default(),
-            data_dir,
             config,
         };
+        store.check_raw_floor(&mut report)?;
         store.verify_tail(&mut report)?;
         store.clean_files(&mut report)?;
+        store.recount_raw_bytes()?;
         let resume = store.recover_resume(&mut report)?;
         *store.resume.lock().map_err(|_| backend("poisoned"))? = resume;
         Ok((store, report))
     }
 
-    fn file(&self, id: u64) -> Option<Arc<File>> {
-        self.files.read().ok()?.get(&id).cloned()
+    /// Whether segment `s`'s raw frames are still held (it is at or above the raw floor).
+    fn holds_raw(&self, s: &Stored) -> bool {
+        s.info.first_seq >= self.raw_floor.load(Ordering::Acquire)
+    }
+
+    /// Sets the held raw bytes from the segments at or above the raw floor.
+    fn recount_raw_bytes(&self) -> Result<(), LogError> {
+        let segs = self.segments.read().map_err(|_| backend("poisoned"))?;
+        let held = segs
+            .iter()
+            .filter(|s| self.holds_raw(s))
+            .map(|s| s.info.raw_bytes)
+            .sum();
+        self.raw_bytes.store(held, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Reads a segment's events value, and its frames value too when `frames`, into
-    /// `buf`; `None` when its data file is gone (deleted by retention).
+    /// `buf` (frames after events); `None` when a file holding them is gone (deleted by
+    /// retention).
     fn read_values(&self, s: &Stored, frames: bool, buf: &mut Vec<u8>) -> Result<bool, LogError> {
-        let Some(file) = self.file(s.file) else {
+        let Some(file) = self.data.get(s.file) else {
             return Ok(false);
         };
-        let len = s.events_len as usize + if frames { s.frames_len as usize } else { 0 };
-        buf.clear();
-        buf.resize(len, 0);
-        file.read_exact_at(buf, s.offset).map_err(|e| {
+        let unreadable = |what: &str, id: u64, e: std::io::Error| {
             LogError::Corrupt(format!(
-                "segment {}..={} unreadable in data file {}: {e}",
-                s.info.first_seq, s.info.last_seq, s.file
+                "segment {}..={} unreadable in {what} file {id}: {e}",
+                s.info.first_seq, s.info.last_seq
             ))
-        })?;
+        };
+        let events_len = s.events_len as usize;
+        let frames_len = if frames { s.frames_len as usize } else { 0 };
+        buf.clear();
+        buf.resize(events_len + frames_len, 0);
+        match s.frames_at {
+            FramesAt::Raw {
+                file: raw_id,
+                offset,
+            } if frames => {
+                let Some(raw) = self.raw.get(raw_id) else {
+                    return Ok(false);
+                };
+                let (ev, fr) = buf.split_at_mut(events_len);
+                file.read_exact_at(ev, s.offset)
+                    .map_err(|e| unreadable("data", s.file, e))?;
+                raw.read_exact_at(fr, offset)
+                    .map_err(|e| unreadable("raw", raw_id, e))?;
+            }
+            // The frames, if wanted, follow the events in the data file.
+            _ => file
+                .read_exact_at(buf, s.offset)
+                .map_err(|e| unreadable("data", s.file, e))?,
+        }
         Ok(true)
     }
 
@@ -236,17 +369,31 @@ impl FjallStore {
         }
     }
 
-    /// The data file to append at, rolling to a new one when the current is full (or
-    /// after a failure, when its end is unknown). True in the second field if created.
-    fn writable(&self, w: &mut Writer) -> Result<(u64, Arc<File>, u64, bool), LogError> {
-        if let Some((id, file, pos)) = &w.current {
+    /// The oldest seq whose raw frame is held, or the next seq when none is.
+    fn raw_oldest_or_next(&self) -> u64 {
+        let floor = self.raw_floor.load(Ordering::Acquire);
+        let held = self.segments.read().ok().and_then(|segs| {
+            let idx = segs.partition_point(|s| s.info.first_seq < floor);
+            segs.get(idx).map(|s| s.info.first_seq)
+        });
+        held.unwrap_or_else(|| self.resume.lock().map(|r| r.next_seq).unwrap_or(1))
+    }
+
+    /// The file of `files` to append at, rolling to a new one when the current is full
+    /// (or after a failure, when its end is unknown). True in the last field if created.
+    fn writable(
+        &self,
+        files: &Files,
+        a: &mut Appender,
+    ) -> Result<(u64, Arc<File>, u64, bool), LogError> {
+        if let Some((id, file, pos)) = &a.current {
             if *pos < self.config.blob_file_bytes.max(1) {
                 return Ok((*id, file.clone(), *pos, false));
             }
         }
-        let id = w.next_file;
-        w.next_file += 1;
-        let path = data_path(&self.data_dir, id);
+        let id = a.next_file;
+        a.next_file += 1;
+        let path = files.path(id);
         let file = Arc::new(
             OpenOptions::new()
                 .read(true)
@@ -255,11 +402,12 @@ impl FjallStore {
                 .open(&path)
                 .map_err(|e| io("cannot create", &path, e))?,
         );
-        self.files
+        files
+            .open
             .write()
             .map_err(|_| backend("poisoned"))?
             .insert(id, file.clone());
-        w.current = Some((id, file.clone(), 0));
+        a.current = Some((id, file.clone(), 0));
         Ok((id, file, 0, true))
     }
 
@@ -271,39 +419,53 @@ impl FjallStore {
     ) -> Result<(), LogError> {
         let mut stored = Vec::with_capacity(encoded.len());
         let mut touched: Vec<Arc<File>> = Vec::new();
-        let mut created = false;
+        let (mut data_created, mut raw_created) = (false, false);
         for seg in encoded {
-            let (id, file, pos, new) = self.writable(w)?;
-            created |= new;
-            if !touched.iter().any(|f| Arc::ptr_eq(f, &file)) {
-                touched.push(file.clone());
-            }
-            let path = || data_path(&self.data_dir, id);
             let events_len = u32::try_from(seg.events_value.len())
                 .map_err(|_| backend("events value too large"))?;
             let frames_len = u32::try_from(seg.frames_value.len())
                 .map_err(|_| backend("frames value too large"))?;
+            let (id, file, pos, new) = self.writable(&self.data, &mut w.data)?;
+            data_created |= new;
             file.write_all_at(&seg.events_value, pos)
-                .and_then(|()| file.write_all_at(&seg.frames_value, pos + u64::from(events_len)))
-                .map_err(|e| io("cannot write", &path(), e))?;
+                .map_err(|e| io("cannot write", &self.data.path(id), e))?;
+            let (raw_id, raw, raw_pos, new) = self.writable(&self.raw, &mut w.raw)?;
+            raw_created |= new;
+            raw.write_all_at(&seg.frames_value, raw_pos)
+                .map_err(|e| io("cannot write", &self.raw.path(raw_id), e))?;
+            for f in [&file, &raw] {
+                if !touched.iter().any(|t| Arc::ptr_eq(t, f)) {
+                    touched.push(f.clone());
+                }
+            }
             let s = Stored {
-                info: seg.info,
+                info: Segment {
+                    raw_bytes: u64::from(frames_len),
+                    ..seg.info
+                },
                 file: id,
                 offset: pos,
                 events_len,
                 frames_len,
+                frames_at: FramesAt::Raw {
+                    file: raw_id,
+                    offset: raw_pos,
+                },
             };
-            w.current = Some((id, file, s.end()));
+            w.data.current = Some((id, file, s.end()));
+            w.raw.current = s.raw_end().map(|(_, end)| (raw_id, raw, end));
             stored.push(s);
         }
         for f in &touched {
             f.sync_data()
                 .map_err(|e| backend(format!("cannot sync a data file: {e}")))?;
         }
-        if created {
-            File::open(&self.data_dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io("cannot sync", &self.data_dir, e))?;
+        for (created, files) in [(data_created, &self.data), (raw_created, &self.raw)] {
+            if created {
+                File::open(&files.dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| io("cannot sync", &files.dir, e))?;
+            }
         }
         // The commit point: index entries pointing at durable bytes, and the resume state.
         let mut batch = self.keyspace.batch();
@@ -318,10 +480,39 @@ impl FjallStore {
         let mut segs = self.segments.write().map_err(|_| backend("poisoned"))?;
         for s in &stored {
             self.stored_bytes.fetch_add(s.info.bytes, Ordering::Relaxed);
+            // New segments are above the raw floor (it never passes the newest segment).
+            self.raw_bytes
+                .fetch_add(s.info.raw_bytes, Ordering::Relaxed);
             segs.push_back(*s);
         }
         drop(segs);
         *self.resume.lock().map_err(|_| backend("poisoned"))? = resume;
+        Ok(())
+    }
+
+    /// Removes the files of both directories below the oldest one a retained segment
+    /// still reads (and not being appended to). Under the writer lock, so no commit lands
+    /// in a file while it is judged.
+    fn reclaim_files(&self) -> Result<(), LogError> {
+        let w = self.writer.lock().map_err(|_| backend("poisoned"))?;
+        let (oldest_data, oldest_raw) = {
+            let segs = self.segments.read().map_err(|_| backend("poisoned"))?;
+            let floor = self.raw_floor.load(Ordering::Acquire);
+            let raw = segs
+                .iter()
+                .skip(segs.partition_point(|s| s.info.first_seq < floor))
+                .find_map(|s| s.raw_end().map(|(file, _)| file));
+            (segs.front().map(|s| s.file), raw)
+        };
+        let data_gone = self
+            .data
+            .take_below(oldest_data.unwrap_or(w.data.keep_from()))?;
+        let raw_gone = self
+            .raw
+            .take_below(oldest_raw.unwrap_or(w.raw.keep_from()))?;
+        drop(w);
+        self.data.remove(data_gone);
+        self.raw.remove(raw_gone);
         Ok(())
     }
 
@@ -423,7 +614,8 @@ impl EventStore for FjallStore {
         if result.is_err() {
             // Never append after bytes in an unknown state: the next commit takes a new
             // file; what was written here is unreferenced and removed at the next open.
-            w.current = None;
+            w.data.current = None;
+            w.raw.current = None;
         }
         result
     }
@@ -434,6 +626,15 @@ impl EventStore for FjallStore {
         limits: ReadLimits,
         payloads: Payloads,
     ) -> Result<Vec<Event>, LogError> {
+        if payloads.raw_only() {
+            let oldest = self.raw_oldest_or_next();
+            if from_seq < oldest {
+                return Err(LogError::TooOld {
+                    requested: from_seq,
+                    oldest,
+                });
+            }
+        }
         let todo: Vec<Stored> = {
             let segs = self.segments.read().map_err(|_| backend("poisoned"))?;
             let Some(front) = segs.front() else {
@@ -471,11 +672,21 @@ impl EventStore for FjallStore {
         let mut out: Vec<Event> = Vec::with_capacity(limits.max_events.min(8192));
         let mut bytes = 0usize;
         for s in todo {
-            let Some(decoded) = self.decoded(&s, payloads)? else {
+            // Below the raw floor a segment has only its JSON: a read that wants JSON too
+            // gets its events without raw frames (a raw-only read was refused above).
+            let wanted = Payloads {
+                raw: payloads.raw && self.holds_raw(&s),
+                ..payloads
+            };
+            let Some(decoded) = self.decoded(&s, wanted)? else {
                 if out.is_empty() {
                     return Err(LogError::TooOld {
                         requested: from_seq,
-                        oldest: self.oldest_or_next(),
+                        oldest: if payloads.raw_only() {
+                            self.raw_oldest_or_next()
+                        } else {
+                            self.oldest_or_next()
+                        },
                     });
                 }
                 break;
@@ -601,44 +812,66 @@ impl EventStore for FjallStore {
                 batch.remove(&self.index, key(s.info.first_seq));
                 deleted += s.info.last_seq - s.info.first_seq + 1;
                 self.stored_bytes.fetch_sub(s.info.bytes, Ordering::Relaxed);
+                if self.holds_raw(s) {
+                    self.raw_bytes
+                        .fetch_sub(s.info.raw_bytes, Ordering::Relaxed);
+                }
             }
             batch.commit().map_err(backend)?;
         }
         self.keyspace
             .persist(PersistMode::SyncAll)
             .map_err(backend)?;
-        // Data files wholly below the oldest retained segment (and not being appended to)
-        // are removed whole; nothing retained is rewritten. Under the writer lock, so no
-        // commit lands in a file while it is judged.
-        let w = self.writer.lock().map_err(|_| backend("poisoned"))?;
-        let oldest_file = self
-            .segments
-            .read()
-            .map_err(|_| backend("poisoned"))?
-            .front()
-            .map(|s| s.file);
-        let keep_from = match (oldest_file, &w.current) {
-            (Some(f), _) => f,
-            (None, Some((f, _, _))) => *f,
-            (None, None) => w.next_file,
-        };
-        let gone: Vec<u64> = {
-            let mut files = self.files.write().map_err(|_| backend("poisoned"))?;
-            let gone: Vec<u64> = files.range(..keep_from).map(|(id, _)| *id).collect();
-            for id in &gone {
-                files.remove(id);
-            }
-            gone
-        };
-        drop(w);
-        for id in gone {
-            // Readers holding the file keep reading it; the space is freed when they drop it.
-            let path = data_path(&self.data_dir, id);
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot remove an expired data file");
-            }
-        }
+        // Files wholly below the oldest retained segment are removed whole; nothing
+        // retained is rewritten.
+        self.reclaim_files()?;
         Ok(deleted)
+    }
+
+    fn delete_raw_before(&self, seq: u64) -> Result<u64, LogError> {
+        // The writer lock keeps appends out while the floor moves (new segments are
+        // always above it).
+        let w = self.writer.lock().map_err(|_| backend("poisoned"))?;
+        let old = self.raw_floor.load(Ordering::Acquire);
+        let (floor, dropped, freed) = {
+            let segs = self.segments.read().map_err(|_| backend("poisoned"))?;
+            let n = segs.partition_point(|s| s.info.last_seq < seq);
+            let floor = match segs.get(n) {
+                Some(s) => s.info.first_seq,
+                None => {
+                    self.resume
+                        .lock()
+                        .map_err(|_| backend("poisoned"))?
+                        .next_seq
+                }
+            };
+            let newly: Vec<&Stored> = segs
+                .iter()
+                .take(n)
+                .filter(|s| s.info.first_seq >= old)
+                .collect();
+            let dropped = newly
+                .iter()
+                .map(|s| s.info.last_seq - s.info.first_seq + 1)
+                .sum::<u64>();
+            (floor, dropped, newly.iter().map(|s| s.info.raw_bytes).sum())
+        };
+        if floor <= old {
+            return Ok(0);
+        }
+        // Durable before any frame goes: after a crash the floor is where it was said to
+        // be, and recovery removes the raw files nothing above it reads.
+        self.state
+            .insert(RAW_FLOOR_KEY, encode_raw_floor(floor))
+            .map_err(backend)?;
+        self.keyspace
+            .persist(PersistMode::SyncAll)
+            .map_err(backend)?;
+        self.raw_floor.store(floor, Ordering::Release);
+        self.raw_bytes.fetch_sub(freed, Ordering::Relaxed);
+        drop(w);
+        self.reclaim_files()?;
+        Ok(dropped)
     }
 
     fn bounds(&self) -> Option<Bounds> {
@@ -665,13 +898,34 @@ impl EventStore for FjallStore {
         self.stored_bytes.load(Ordering::Relaxed)
     }
 
+    fn raw_size_bytes(&self) -> u64 {
+        self.raw_bytes.load(Ordering::Relaxed)
+    }
+
+    fn raw_bounds(&self) -> Option<Bounds> {
+        let floor = self.raw_floor.load(Ordering::Acquire);
+        let segs = self.segments.read().ok()?;
+        let a = segs
+            .get(segs.partition_point(|s| s.info.first_seq < floor))?
+            .info;
+        let b = segs.back()?.info;
+        Some(Bounds {
+            oldest_seq: a.first_seq,
+            oldest_time_us: a.first_time_us,
+            newest_seq: b.last_seq,
+            newest_time_us: b.last_time_us,
+            oldest_upstream_seq: a.first_upstream_seq,
+            newest_upstream_seq: b.last_upstream_seq,
+        })
+    }
+
     fn overhead_bytes(&self) -> u64 {
-        // The index journal, plus the partly deleted oldest data file and the unreferenced
-        // tail of a data file a failed commit left.
+        // The index journal, plus in each of the data and raw directories the partly
+        // deleted oldest file and the unreferenced tail of a file a failed commit left.
         self.config
             .max_journal_bytes
             .max(24 * 1024 * 1024)
-            .saturating_add(2 * self.config.blob_file_bytes)
+            .saturating_add(4 * self.config.blob_file_bytes)
     }
 
     fn decoded_cache_counts(&self) -> (u64, u64) {
@@ -682,16 +936,9 @@ impl EventStore for FjallStore {
     }
 
     fn disk_bytes(&self) -> u64 {
-        let files: u64 = self
-            .files
-            .read()
-            .map(|f| {
-                f.values()
-                    .filter_map(|f| f.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0);
-        self.keyspace.disk_space().saturating_add(files)
+        self.keyspace
+            .disk_space()
+            .saturating_add(self.data.disk_bytes())
+            .saturating_add(self.raw.disk_bytes())
     }
 }

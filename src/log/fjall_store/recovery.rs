@@ -18,10 +18,10 @@ use crate::event::StampState;
 use super::super::codec;
 use super::super::store::{LogError, Payloads, RecoveryReport};
 use super::layout::{
-    data_path, decode_entry, decode_resume, encode_resume, key, resume_after, Stored, DATA_SUFFIX,
-    RESUME_KEY,
+    data_path, decode_entry, decode_raw_floor, decode_resume, encode_raw_floor, encode_resume, key,
+    resume_after, Stored, DATA_SUFFIX, RAW_FLOOR_KEY, RESUME_KEY,
 };
-use super::{backend, io, DataFiles, FjallStore};
+use super::{backend, io, DataFiles, Files, FjallStore};
 
 /// The index entries in seq order; unreadable entries and jumps are reported.
 pub(super) fn load_index(
@@ -78,13 +78,55 @@ pub(super) fn open_data_files(data_dir: &Path) -> Result<(DataFiles, Option<u64>
 }
 
 impl FjallStore {
+    /// Raises the raw floor past the oldest segments whose raw file is gone (a floor moved
+    /// by a build that kept it elsewhere, or files removed by hand), so the floor always
+    /// names a frame that is held.
+    pub(super) fn check_raw_floor(&self, report: &mut RecoveryReport) -> Result<(), LogError> {
+        let floor = self.raw_floor.load(Ordering::Acquire);
+        let mut raised = floor;
+        for s in self
+            .segments
+            .read()
+            .map_err(|_| backend("poisoned"))?
+            .iter()
+        {
+            if s.info.first_seq < raised {
+                continue;
+            }
+            match s.raw_end() {
+                Some((file, _)) if self.raw.get(file).is_none() => {
+                    raised = s.info.last_seq + 1;
+                }
+                _ => break,
+            }
+        }
+        if raised > floor {
+            report.notes.push(format!(
+                "raw frames below seq {raised} were missing; the raw floor moved there from {floor}"
+            ));
+            self.state
+                .insert(RAW_FLOOR_KEY, encode_raw_floor(raised))
+                .map_err(backend)?;
+            self.keyspace
+                .persist(PersistMode::SyncAll)
+                .map_err(backend)?;
+            self.raw_floor.store(raised, Ordering::Release);
+        }
+        Ok(())
+    }
+
     fn verify_segment(&self, s: &Stored) -> Result<(), LogError> {
         let mut buf = Vec::new();
-        if !self.read_values(s, true, &mut buf)? {
-            return Err(LogError::Corrupt("data file missing".into()));
+        let frames = self.holds_raw(s);
+        if !self.read_values(s, frames, &mut buf)? {
+            return Err(LogError::Corrupt("data or raw file missing".into()));
         }
         let (ev, fr) = buf.split_at(s.events_len as usize);
-        let decoded = codec::decode(ev, Some(fr), Payloads::ALL)?;
+        let payloads = Payloads {
+            raw: frames,
+            ..Payloads::ALL
+        };
+        let decoded = codec::decode(ev, frames.then_some(fr), payloads)?;
         let i = &s.info;
         match (decoded.first(), decoded.last()) {
             (Some(a), Some(b))
@@ -139,53 +181,38 @@ impl FjallStore {
         }
     }
 
-    /// Deletes data files no segment points into and truncates bytes past the last
-    /// committed segment of each file (written by a commit that did not complete).
+    /// Deletes data and raw files no held segment points into and truncates bytes past
+    /// the last committed segment of each file (written by a commit that did not
+    /// complete).
     pub(super) fn clean_files(&self, report: &mut RecoveryReport) -> Result<(), LogError> {
-        let mut ends: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut data_ends: BTreeMap<u64, u64> = BTreeMap::new();
+        let mut raw_ends: BTreeMap<u64, u64> = BTreeMap::new();
+        // Raw files some index entry names, held or not: one past them all was written by
+        // a commit that was cut short.
+        let mut newest_raw_named = None;
         for s in self
             .segments
             .read()
             .map_err(|_| backend("poisoned"))?
             .iter()
         {
-            let end = ends.entry(s.file).or_insert(0);
+            let end = data_ends.entry(s.file).or_insert(0);
             *end = (*end).max(s.end());
-        }
-        let oldest = ends.keys().next().copied();
-        let mut files = self.files.write().map_err(|_| backend("poisoned"))?;
-        let ids: Vec<u64> = files.keys().copied().collect();
-        for id in ids {
-            let path = data_path(&self.data_dir, id);
-            match ends.get(&id) {
-                None => {
-                    files.remove(&id);
-                    std::fs::remove_file(&path).map_err(|e| io("cannot remove", &path, e))?;
-                    if oldest.is_none_or(|o| id > o) {
-                        report.notes.push(format!(
-                            "data file {id} held no committed segment (a commit was cut short) and was removed"
-                        ));
-                    }
-                }
-                Some(&end) => {
-                    let Some(file) = files.get(&id) else { continue };
-                    let len = file
-                        .metadata()
-                        .map_err(|e| io("cannot stat", &path, e))?
-                        .len();
-                    if len > end {
-                        file.set_len(end)
-                            .and_then(|()| file.sync_all())
-                            .map_err(|e| io("cannot truncate", &path, e))?;
-                        report.notes.push(format!(
-                            "data file {id}: {} uncommitted bytes after the last committed segment truncated",
-                            len - end
-                        ));
-                    }
+            if let Some((file, raw_end)) = s.raw_end() {
+                newest_raw_named = newest_raw_named.max(Some(file));
+                if self.holds_raw(s) {
+                    let end = raw_ends.entry(file).or_insert(0);
+                    *end = (*end).max(raw_end);
                 }
             }
         }
-        Ok(())
+        let oldest_data = data_ends.keys().next().copied();
+        clean_dir(&self.data, &data_ends, report, |id| {
+            oldest_data.is_none_or(|o| id > o)
+        })?;
+        clean_dir(&self.raw, &raw_ends, report, |id| {
+            newest_raw_named.is_none_or(|n| id > n)
+        })
     }
 
     pub(super) fn recover_resume(
@@ -235,4 +262,64 @@ impl FjallStore {
             .map_err(backend)?;
         Ok(resume)
     }
+}
+
+/// Removes the files of `files` without an entry in `ends` (noting those `cut_short` says a
+/// commit left) and truncates the others to their end.
+fn clean_dir(
+    files: &Files,
+    ends: &BTreeMap<u64, u64>,
+    report: &mut RecoveryReport,
+    cut_short: impl Fn(u64) -> bool,
+) -> Result<(), LogError> {
+    let what = files.what;
+    let mut open = files.open.write().map_err(|_| backend("poisoned"))?;
+    let ids: Vec<u64> = open.keys().copied().collect();
+    for id in ids {
+        let path = files.path(id);
+        match ends.get(&id) {
+            None => {
+                open.remove(&id);
+                std::fs::remove_file(&path).map_err(|e| io("cannot remove", &path, e))?;
+                if cut_short(id) {
+                    report.notes.push(format!(
+                        "{what} file {id} held no committed segment (a commit was cut short) and was removed"
+                    ));
+                }
+            }
+            Some(&end) => {
+                let Some(file) = open.get(&id) else { continue };
+                let len = file
+                    .metadata()
+                    .map_err(|e| io("cannot stat", &path, e))?
+                    .len();
+                if len > end {
+                    file.set_len(end)
+                        .and_then(|()| file.sync_all())
+                        .map_err(|e| io("cannot truncate", &path, e))?;
+                    report.notes.push(format!(
+                        "{what} file {id}: {} uncommitted bytes after the last committed segment truncated",
+                        len - end
+                    ));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The persisted raw floor (0, everything held, when none was ever written).
+pub(super) fn load_raw_floor(
+    state: &PartitionHandle,
+    report: &mut RecoveryReport,
+) -> Result<u64, LogError> {
+    Ok(match state.get(RAW_FLOOR_KEY).map_err(backend)? {
+        Some(v) => decode_raw_floor(&v).unwrap_or_else(|| {
+            report
+                .notes
+                .push("raw floor record unreadable; recomputed from the raw files".into());
+            0
+        }),
+        None => 0,
+    })
 }
