@@ -930,6 +930,44 @@ mod tests {
     use super::*;
 
     #[test]
+    fn raw_retention_is_a_share_of_the_size_cap() {
+        let config = |extra: &[&str]| {
+            let mut argv = vec!["x", "--upstream", "ws://127.0.0.1:9"];
+            argv.extend_from_slice(extra);
+            parse_serve_args(argv).and_then(|a| a.to_config())
+        };
+        let gib = 1024 * MIB;
+        // Default: a fifth of the total, 24 h.
+        let c = config(&[]).unwrap();
+        let raw = c.log.retention.raw.unwrap();
+        assert_eq!(c.log.retention.max_bytes, 20 * gib);
+        assert_eq!(raw.max_bytes, 4 * gib);
+        assert_eq!(raw.max_age, Duration::from_secs(24 * 3600));
+        let c = config(&["--retention-max-gib", "10"]).unwrap();
+        assert_eq!(c.log.retention.raw.unwrap().max_bytes, 2 * gib);
+        // Set, fractions allowed.
+        let c = config(&[
+            "--raw-retention-max-gib",
+            "0.5",
+            "--raw-retention-hours",
+            "3",
+        ])
+        .unwrap();
+        let raw = c.log.retention.raw.unwrap();
+        assert_eq!(raw.max_bytes, gib / 2);
+        assert_eq!(raw.max_age, Duration::from_secs(3 * 3600));
+        // Not a share: refused, naming both settings.
+        for bad in ["20", "25", "0", "-1", "NaN"] {
+            let flag = format!("--raw-retention-max-gib={bad}");
+            let err = config(&[&flag]).unwrap_err().to_string();
+            assert!(
+                err.contains("raw_retention_max_gib") || err.contains("raw-retention-max-gib"),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
     fn file_fills_defaults_but_flags_win() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sluice.toml");

@@ -161,12 +161,20 @@ fn example_config_passes_config_check() {
             .lines()
             .find(|l| l.trim_start().starts_with(&format!("at {rate} events/s")))
             .unwrap_or_else(|| panic!("no {rate} events/s line for {class}:\n{stdout}"));
-        line.split('~').nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap()
+        line.split('~')
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .unwrap()
+            .parse()
+            .unwrap()
     };
     assert!(hours("JSON wires", "  500") >= 48.0, "{stdout}");
     assert!(hours("JSON wires", " 1000") >= 24.0, "{stdout}");
     let raw_500 = hours("raw frames", "  500");
-    assert!(raw_500 > 0.5 && raw_500 < 1.0, "4 GiB of 3,529-byte frames at 500/s: {stdout}");
+    assert!(
+        raw_500 > 0.5 && raw_500 < 1.0,
+        "4 GiB of 3,529-byte frames at 500/s: {stdout}"
+    );
     assert!(
         stdout.contains("at  1000 events/s: ~0.3 h (--raw-retention-max-gib is the limit)"),
         "{stdout}"

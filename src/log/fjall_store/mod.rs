@@ -59,6 +59,10 @@ use layout::{
     RESUME_KEY,
 };
 
+/// The length fjall (2.x) gives its active journal file up front (sparse: its blocks are
+/// allocated as the index is written).
+pub const ACTIVE_JOURNAL_BYTES: u64 = 32 * 1024 * 1024;
+
 /// Settings of the embedded store.
 #[derive(Debug, Clone)]
 pub struct FjallConfig {
@@ -281,7 +285,7 @@ impl FjallStore {
         store.check_raw_floor(&mut report)?;
         store.verify_tail(&mut report)?;
         store.clean_files(&mut report)?;
-        store.recount_raw_bytes()?;
+        store.recount_bytes()?;
         let resume = store.recover_resume(&mut report)?;
         *store.resume.lock().map_err(|_| backend("poisoned"))? = resume;
         Ok((store, report))
@@ -292,15 +296,21 @@ impl FjallStore {
         s.info.first_seq >= self.raw_floor.load(Ordering::Acquire)
     }
 
-    /// Sets the held raw bytes from the segments at or above the raw floor.
-    fn recount_raw_bytes(&self) -> Result<(), LogError> {
+    /// Sets the stored and the held raw bytes from the segments: raw frames count while
+    /// the segment is at or above the raw floor.
+    fn recount_bytes(&self) -> Result<(), LogError> {
         let segs = self.segments.read().map_err(|_| backend("poisoned"))?;
-        let held = segs
-            .iter()
-            .filter(|s| self.holds_raw(s))
-            .map(|s| s.info.raw_bytes)
-            .sum();
-        self.raw_bytes.store(held, Ordering::Relaxed);
+        let (mut stored, mut raw) = (0, 0);
+        for s in segs.iter() {
+            if self.holds_raw(s) {
+                stored += s.info.bytes;
+                raw += s.info.raw_bytes;
+            } else {
+                stored += s.info.bytes - s.info.raw_bytes;
+            }
+        }
+        self.stored_bytes.store(stored, Ordering::Relaxed);
+        self.raw_bytes.store(raw, Ordering::Relaxed);
         Ok(())
     }
 
@@ -811,10 +821,14 @@ impl EventStore for FjallStore {
             for s in chunk {
                 batch.remove(&self.index, key(s.info.first_seq));
                 deleted += s.info.last_seq - s.info.first_seq + 1;
-                self.stored_bytes.fetch_sub(s.info.bytes, Ordering::Relaxed);
                 if self.holds_raw(s) {
+                    self.stored_bytes.fetch_sub(s.info.bytes, Ordering::Relaxed);
                     self.raw_bytes
                         .fetch_sub(s.info.raw_bytes, Ordering::Relaxed);
+                } else {
+                    // Its frames were already dropped (and no longer counted).
+                    self.stored_bytes
+                        .fetch_sub(s.info.bytes - s.info.raw_bytes, Ordering::Relaxed);
                 }
             }
             batch.commit().map_err(backend)?;
@@ -869,6 +883,7 @@ impl EventStore for FjallStore {
             .map_err(backend)?;
         self.raw_floor.store(floor, Ordering::Release);
         self.raw_bytes.fetch_sub(freed, Ordering::Relaxed);
+        self.stored_bytes.fetch_sub(freed, Ordering::Relaxed);
         drop(w);
         self.reclaim_files()?;
         Ok(dropped)
@@ -920,11 +935,13 @@ impl EventStore for FjallStore {
     }
 
     fn overhead_bytes(&self) -> u64 {
-        // The index journal, plus in each of the data and raw directories the partly
-        // deleted oldest file and the unreferenced tail of a file a failed commit left.
+        // The index journals (sealed ones up to the budget, and the active one fjall
+        // preallocates), plus in each of the data and raw directories the partly deleted
+        // oldest file and the unreferenced tail of a file a failed commit left.
         self.config
             .max_journal_bytes
             .max(24 * 1024 * 1024)
+            .saturating_add(ACTIVE_JOURNAL_BYTES)
             .saturating_add(4 * self.config.blob_file_bytes)
     }
 
