@@ -109,21 +109,32 @@ fn store_config(dir: &std::path::Path) -> FjallConfig {
 
 /// Stored bytes per event of `frames` (renumbered into one seq space), committed in
 /// groups of about `commit_events` events as the log writer does (a segment never spans a
-/// commit): the JSON part (events values plus the 80-byte index entry of each segment)
-/// and the raw part (frames values) apart.
+/// commit): the JSON part (events values plus the 96-byte index entry of each segment)
+/// and the raw part (frames values) apart, and beside it the same segments' frames
+/// compressed whole by zstd at level 3 (the target's reference).
 fn bytes_per_event(name: &str, frames: &[Vec<Event>], commit_events: usize, detail: bool) {
     let store = store_config(std::path::Path::new("."));
     let mut state = StampState::fresh();
     let frames = restamp(frames, &mut state, frames.len());
     let mut encoder = sluice::log::codec::Encoder::new(store.compression).expect("encoder");
     let (mut json, mut raw, mut segments, mut events) = (0usize, 0usize, 0usize, 0usize);
+    let mut zstd3 = 0usize;
     let mut columns: Vec<(&str, usize, usize)> = Vec::new();
     let mut group: Vec<Arc<Event>> = Vec::new();
     let mut flush = |group: &mut Vec<Arc<Event>>| {
         for part in sluice::log::codec::split_segments(group, store.segment_target_bytes) {
             let seg = encoder.encode(part).expect("encode");
-            json += seg.events_value.len() + 80;
+            json += seg.events_value.len() + 96;
             raw += seg.frames_value.len();
+            let mut plain = Vec::new();
+            let mut prev = None;
+            for e in part {
+                if e.op_index == 0 || prev != Some(e.upstream_seq) {
+                    plain.extend_from_slice(&e.raw_frame);
+                }
+                prev = Some(e.upstream_seq);
+            }
+            zstd3 += zstd::bulk::compress(&plain, 3).expect("zstd").len();
             segments += 1;
             if let Ok(sizes) = sluice::log::codec::column_sizes(&seg.events_value) {
                 if columns.is_empty() {
@@ -149,9 +160,11 @@ fn bytes_per_event(name: &str, frames: &[Vec<Event>], commit_events: usize, deta
     let n = events as f64;
     eprintln!(
         "bytes/event {name}, commits of {commit_events} events: {events} events in {segments} \
-         segments; JSON wires {:.0} B/event, raw frames {:.0} B/event, total {:.0} B/event",
+         segments; JSON wires {:.0} B/event, raw frames {:.0} B/event (zstd level 3 of the same: \
+         {:.0}), total {:.0} B/event",
         json as f64 / n,
         raw as f64 / n,
+        zstd3 as f64 / n,
         (json + raw) as f64 / n
     );
     if detail {

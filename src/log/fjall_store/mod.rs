@@ -688,7 +688,14 @@ impl EventStore for FjallStore {
                 raw: payloads.raw && self.holds_raw(&s),
                 ..payloads
             };
-            let Some(decoded) = self.decoded(&s, wanted)? else {
+            // A raw-only read whose segment lost its frames meanwhile (the floor moved
+            // during the read) ends as if the segment were gone, never with empty frames.
+            let decoded = if payloads.raw_only() && !wanted.raw {
+                None
+            } else {
+                self.decoded(&s, wanted)?
+            };
+            let Some(decoded) = decoded else {
                 if out.is_empty() {
                     return Err(LogError::TooOld {
                         requested: from_seq,
