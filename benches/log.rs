@@ -258,6 +258,35 @@ fn bench_scan(c: &mut Criterion) {
         });
     }
 
+    // 100 concurrent v1 readers replaying the same stretch of the store, as after a
+    // reconnect storm with cursors from the same time: what one process delivers from
+    // disk when the decoded-segment cache shares each segment's decode (store reads only;
+    // no websockets, no live subscribers).
+    let readers = 100;
+    let per_reader = scan / 5;
+    g.throughput(Throughput::Elements((readers * per_reader) as u64));
+    g.sample_size(10);
+    g.bench_function("cold_v1_100_readers", |b| {
+        b.iter(|| {
+            std::thread::scope(|s| {
+                for _ in 0..readers {
+                    s.spawn(|| {
+                        let mut next = from;
+                        let end = from + per_reader as u64;
+                        while next < end {
+                            let got = store
+                                .read(next, ReadLimits::events(1024), Payloads::V1)
+                                .expect("read");
+                            next += got.len() as u64;
+                            black_box(got);
+                        }
+                    });
+                }
+            })
+        })
+    });
+    g.sample_size(20);
+
     let tail = HotTail::new(1, usize::MAX);
     let mut state = StampState::fresh();
     let frames = restamp(&templates, &mut state, 100_000 / scale);
