@@ -56,7 +56,7 @@ use crate::procs::{free_port, proc_cpu_secs, wait_tcp, ChildGuard, TempDir};
 use crate::publisher::{publish, start_generator, upstream_server, PubCtx, PubSink};
 use crate::report::{median, q};
 use crate::subscribers::{
-    connect_sub, filter_names, realistic_filter, run_sub, sub_url, SubShared, SubSpec,
+    connect, filter_names, realistic_filter, run_sub, sub_url, SubShared, SubSpec,
 };
 use crate::target::{Target, Wire};
 
@@ -642,7 +642,7 @@ async fn run_target(
                 filter,
                 stalls: false,
             });
-            let ws = connect_sub(&spec).await.context("websocket subscriber")?;
+            let ws = connect(&spec).await.context("websocket subscriber")?;
             let me = Arc::new(SubShared::new());
             ws_subs.push(Arc::clone(&me));
             tasks.push(tokio::spawn(run_sub(
