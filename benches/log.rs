@@ -109,21 +109,32 @@ fn store_config(dir: &std::path::Path) -> FjallConfig {
 
 /// Stored bytes per event of `frames` (renumbered into one seq space), committed in
 /// groups of about `commit_events` events as the log writer does (a segment never spans a
-/// commit): the JSON part (events values plus the 80-byte index entry of each segment)
-/// and the raw part (frames values) apart.
+/// commit): the JSON part (events values plus the 96-byte index entry of each segment)
+/// and the raw part (frames values) apart, and beside it the same segments' frames
+/// compressed whole by zstd at level 3 (the target's reference).
 fn bytes_per_event(name: &str, frames: &[Vec<Event>], commit_events: usize, detail: bool) {
     let store = store_config(std::path::Path::new("."));
     let mut state = StampState::fresh();
     let frames = restamp(frames, &mut state, frames.len());
     let mut encoder = sluice::log::codec::Encoder::new(store.compression).expect("encoder");
     let (mut json, mut raw, mut segments, mut events) = (0usize, 0usize, 0usize, 0usize);
+    let mut zstd3 = 0usize;
     let mut columns: Vec<(&str, usize, usize)> = Vec::new();
     let mut group: Vec<Arc<Event>> = Vec::new();
     let mut flush = |group: &mut Vec<Arc<Event>>| {
         for part in sluice::log::codec::split_segments(group, store.segment_target_bytes) {
             let seg = encoder.encode(part).expect("encode");
-            json += seg.events_value.len() + 80;
+            json += seg.events_value.len() + 96;
             raw += seg.frames_value.len();
+            let mut plain = Vec::new();
+            let mut prev = None;
+            for e in part {
+                if e.op_index == 0 || prev != Some(e.upstream_seq) {
+                    plain.extend_from_slice(&e.raw_frame);
+                }
+                prev = Some(e.upstream_seq);
+            }
+            zstd3 += zstd::bulk::compress(&plain, 3).expect("zstd").len();
             segments += 1;
             if let Ok(sizes) = sluice::log::codec::column_sizes(&seg.events_value) {
                 if columns.is_empty() {
@@ -149,9 +160,11 @@ fn bytes_per_event(name: &str, frames: &[Vec<Event>], commit_events: usize, deta
     let n = events as f64;
     eprintln!(
         "bytes/event {name}, commits of {commit_events} events: {events} events in {segments} \
-         segments; JSON wires {:.0} B/event, raw frames {:.0} B/event, total {:.0} B/event",
+         segments; JSON wires {:.0} B/event, raw frames {:.0} B/event (zstd level 3 of the same: \
+         {:.0}), total {:.0} B/event",
         json as f64 / n,
         raw as f64 / n,
+        zstd3 as f64 / n,
         (json + raw) as f64 / n
     );
     if detail {
@@ -244,6 +257,35 @@ fn bench_scan(c: &mut Criterion) {
             })
         });
     }
+
+    // 100 concurrent v1 readers replaying the same stretch of the store, as after a
+    // reconnect storm with cursors from the same time: what one process delivers from
+    // disk when the decoded-segment cache shares each segment's decode (store reads only;
+    // no websockets, no live subscribers).
+    let readers = 100;
+    let per_reader = scan / 5;
+    g.throughput(Throughput::Elements((readers * per_reader) as u64));
+    g.sample_size(10);
+    g.bench_function("cold_v1_100_readers", |b| {
+        b.iter(|| {
+            std::thread::scope(|s| {
+                for _ in 0..readers {
+                    s.spawn(|| {
+                        let mut next = from;
+                        let end = from + per_reader as u64;
+                        while next < end {
+                            let got = store
+                                .read(next, ReadLimits::events(1024), Payloads::V1)
+                                .expect("read");
+                            next += got.len() as u64;
+                            black_box(got);
+                        }
+                    });
+                }
+            })
+        })
+    });
+    g.sample_size(20);
 
     let tail = HotTail::new(1, usize::MAX);
     let mut state = StampState::fresh();

@@ -20,7 +20,7 @@ use crate::http::budget::MemoryConfig;
 use crate::http::listen::ListenConfig;
 use crate::http::session::SessionConfig;
 use crate::ingest::IngestConfig;
-use crate::log::{LogConfig, RetentionConfig};
+use crate::log::{LogConfig, RawRetention, RetentionConfig};
 use crate::sink::RedisSinkConfig;
 use crate::upstream::client::{UpstreamConfig, DEFAULT_UPSTREAM};
 use crate::wire::zstd::DictionarySource;
@@ -104,10 +104,20 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_RETENTION_HOURS", default_value_t = 72,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub retention_hours: u64,
-    /// Retention by size of the stored log, GiB.
+    /// Retention by size of the stored log, GiB: the total of the JSON wires' share and
+    /// the raw frames' share (--raw-retention-max-gib).
     #[arg(long, env = "SLUICE_RETENTION_MAX_GIB", default_value_t = 20,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub retention_max_gib: u64,
+    /// Raw frames' own retention by age, hours, back from the newest event: older frames
+    /// are dropped while their JSON stays (the raw wire's cursor floor follows them).
+    #[arg(long, env = "SLUICE_RAW_RETENTION_HOURS", default_value_t = 24,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub raw_retention_hours: u64,
+    /// Raw frames' share of --retention-max-gib, GiB (fractions allowed); the JSON wires
+    /// get the rest. Default: a fifth of --retention-max-gib (4 of 20).
+    #[arg(long, env = "SLUICE_RAW_RETENTION_MAX_GIB")]
+    pub raw_retention_max_gib: Option<f64>,
 
     // ---- subscribers
     /// Address of the subscriber endpoints (/subscribe, subscribeEvents, subscribeRepos).
@@ -641,9 +651,25 @@ impl ServeArgs {
         log.decoded_cache_bytes = usize_of(self.log_decoded_cache_mib * MIB)?;
         log.commit_interval = Duration::from_millis(self.commit_interval_ms);
         log.commit_max_events = usize_of(self.commit_max_events)?;
+        let max_bytes = self.retention_max_gib * 1024 * MIB;
+        let raw_max_bytes = match self.raw_retention_max_gib {
+            None => max_bytes / 5,
+            Some(gib) if gib.is_finite() && gib > 0.0 && gib < self.retention_max_gib as f64 => {
+                (gib * (1024 * MIB) as f64) as u64
+            }
+            Some(gib) => anyhow::bail!(
+                "raw_retention_max_gib = {gib} must be more than 0 and less than \
+                 retention_max_gib = {} (it is the raw frames' share of it)",
+                self.retention_max_gib
+            ),
+        };
         log.retention = RetentionConfig {
             max_age: Duration::from_secs(self.retention_hours * 3600),
-            max_bytes: self.retention_max_gib * 1024 * MIB,
+            max_bytes,
+            raw: Some(RawRetention {
+                max_age: Duration::from_secs(self.raw_retention_hours * 3600),
+                max_bytes: raw_max_bytes,
+            }),
             ..RetentionConfig::default()
         };
         let hub = HubConfig {
@@ -902,6 +928,44 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_retention_is_a_share_of_the_size_cap() {
+        let config = |extra: &[&str]| {
+            let mut argv = vec!["x", "--upstream", "ws://127.0.0.1:9"];
+            argv.extend_from_slice(extra);
+            parse_serve_args(argv).and_then(|a| a.to_config())
+        };
+        let gib = 1024 * MIB;
+        // Default: a fifth of the total, 24 h.
+        let c = config(&[]).unwrap();
+        let raw = c.log.retention.raw.unwrap();
+        assert_eq!(c.log.retention.max_bytes, 20 * gib);
+        assert_eq!(raw.max_bytes, 4 * gib);
+        assert_eq!(raw.max_age, Duration::from_secs(24 * 3600));
+        let c = config(&["--retention-max-gib", "10"]).unwrap();
+        assert_eq!(c.log.retention.raw.unwrap().max_bytes, 2 * gib);
+        // Set, fractions allowed.
+        let c = config(&[
+            "--raw-retention-max-gib",
+            "0.5",
+            "--raw-retention-hours",
+            "3",
+        ])
+        .unwrap();
+        let raw = c.log.retention.raw.unwrap();
+        assert_eq!(raw.max_bytes, gib / 2);
+        assert_eq!(raw.max_age, Duration::from_secs(3 * 3600));
+        // Not a share: refused, naming both settings.
+        for bad in ["20", "25", "0", "-1", "NaN"] {
+            let flag = format!("--raw-retention-max-gib={bad}");
+            let err = config(&[&flag]).unwrap_err().to_string();
+            assert!(
+                err.contains("raw_retention_max_gib") || err.contains("raw-retention-max-gib"),
+                "{bad}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn file_fills_defaults_but_flags_win() {

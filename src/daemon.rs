@@ -179,6 +179,7 @@ impl Daemon {
                 log_queue_max_bytes: config.log.queue_max_bytes,
                 log_max_bytes: config.log.retention.max_bytes,
                 log_max_age: config.log.retention.max_age,
+                log_raw: config.log.retention.raw,
             },
             sink.as_ref().map(|s| s.stats.clone()),
         );

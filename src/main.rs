@@ -177,37 +177,73 @@ fn sub_matches<'a>(matches: &'a clap::ArgMatches, path: &[&str]) -> Option<&'a c
 }
 
 fn config_check(args: sluice::config::ServeArgs) -> anyhow::Result<()> {
-    use sluice::log::depth::{projection, MEASURED_BYTES_PER_EVENT};
+    use sluice::log::depth::{
+        projection, MEASURED_BYTES_PER_EVENT, MEASURED_JSON_BYTES_PER_EVENT,
+        MEASURED_RAW_BYTES_PER_EVENT,
+    };
     let config = args.to_config()?;
     println!("configuration is valid\n");
     println!("{args:#?}");
-    // The store's journal and partly reclaimed files come off the cap (log::retention).
+    // The store's journal and partly reclaimed files come off the JSON share
+    // (log::retention).
     let retention = &config.log.retention;
-    let overhead = config.log.max_journal_bytes.max(24 << 20) + 2 * config.log.blob_file_bytes;
-    let budget = retention
-        .max_bytes
-        .saturating_sub(overhead)
-        .max(retention.max_bytes / 2);
-    println!(
-        "\nreplay depth, projected at {MEASURED_BYTES_PER_EVENT} stored bytes per event \
-         (JSON wires and raw frames, measured on real traffic):"
-    );
-    for rate in [500.0, 1_000.0, 2_000.0] {
-        let (secs, by_size) = projection(
+    let overhead = config.log.max_journal_bytes.max(24 << 20)
+        + sluice::log::fjall_store::ACTIVE_JOURNAL_BYTES
+        + 4 * config.log.blob_file_bytes;
+    let budget =
+        sluice::log::retention::json_budget(retention.max_bytes, overhead, retention.raw.as_ref());
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let classes = match &retention.raw {
+        Some(raw) => {
+            println!(
+                "\nsize caps: {:.1} GiB in all = {:.1} GiB for the JSON wires (less {:.2} GiB of \
+                 store overhead) + {:.1} GiB for raw frames",
+                gib(retention.max_bytes),
+                gib(retention.max_bytes - raw.max_bytes),
+                gib(overhead),
+                gib(raw.max_bytes),
+            );
+            vec![
+                (
+                    "JSON wires (v1, v2)",
+                    budget,
+                    retention.max_age,
+                    MEASURED_JSON_BYTES_PER_EVENT,
+                    "--retention-max-gib less --raw-retention-max-gib",
+                    "--retention-hours",
+                ),
+                (
+                    "raw frames (subscribeRepos)",
+                    raw.max_bytes,
+                    raw.max_age.min(retention.max_age),
+                    MEASURED_RAW_BYTES_PER_EVENT,
+                    "--raw-retention-max-gib",
+                    "--raw-retention-hours",
+                ),
+            ]
+        }
+        None => vec![(
+            "JSON wires and raw frames",
             budget,
             retention.max_age,
-            MEASURED_BYTES_PER_EVENT as f64,
-            rate,
-        );
+            MEASURED_BYTES_PER_EVENT,
+            "--retention-max-gib",
+            "--retention-hours",
+        )],
+    };
+    for (class, budget, max_age, per_event, size_flag, age_flag) in classes {
         println!(
-            "  at {rate:>5} events/s: ~{:.1} h ({})",
-            secs / 3600.0,
-            if by_size {
-                "--retention-max-gib is the limit"
-            } else {
-                "--retention-hours is the limit"
-            }
+            "\nreplay depth of the {class}, projected at {per_event} stored bytes per event \
+             (measured on real traffic):"
         );
+        for rate in [500.0, 1_000.0, 2_000.0] {
+            let (secs, by_size) = projection(budget, max_age, per_event as f64, rate);
+            println!(
+                "  at {rate:>5} events/s: ~{:.1} h ({} is the limit)",
+                secs / 3600.0,
+                if by_size { size_flag } else { age_flag }
+            );
+        }
     }
     Ok(())
 }

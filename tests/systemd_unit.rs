@@ -145,9 +145,38 @@ fn example_config_passes_config_check() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("/var/lib/sluice"), "{stdout}");
-    // The example's 20 GiB and 72 h at 1,000 events/s of real traffic: the size cap wins.
+    // The example's 20 GiB, 4 of them for raw frames, at real traffic's bytes per event:
+    // the JSON wires hold more than two days at 500 events/s and a day at 1,000; the raw
+    // frames' share is what limits them.
     assert!(
-        stdout.contains("at  1000 events/s: ~1.6 h (--retention-max-gib is the limit)"),
+        stdout.contains("20.0 GiB in all = 16.0 GiB for the JSON wires"),
+        "{stdout}"
+    );
+    let hours = |class: &str, rate: &str| -> f64 {
+        let section = stdout
+            .split("\nreplay depth of the ")
+            .find(|s| s.starts_with(class))
+            .unwrap_or_else(|| panic!("no projection for {class}:\n{stdout}"));
+        let line = section
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("at {rate} events/s")))
+            .unwrap_or_else(|| panic!("no {rate} events/s line for {class}:\n{stdout}"));
+        line.split('~')
+            .nth(1)
+            .and_then(|r| r.split(' ').next())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    assert!(hours("JSON wires", "  500") >= 48.0, "{stdout}");
+    assert!(hours("JSON wires", " 1000") >= 24.0, "{stdout}");
+    let raw_500 = hours("raw frames", "  500");
+    assert!(
+        raw_500 > 0.5 && raw_500 < 1.0,
+        "4 GiB of 3,529-byte frames at 500/s: {stdout}"
+    );
+    assert!(
+        stdout.contains("at  1000 events/s: ~0.3 h (--raw-retention-max-gib is the limit)"),
         "{stdout}"
     );
 }

@@ -22,15 +22,6 @@ use crate::rate::TokenBucket;
 use crate::wire::raw::FrameOnce;
 use crate::wire::WireKind;
 
-/// Which stored payloads a catch-up read of `wire` needs.
-fn payloads(wire: WireKind) -> crate::log::Payloads {
-    match wire {
-        WireKind::JetstreamV1 => crate::log::Payloads::V1,
-        WireKind::JetstreamV2 => crate::log::Payloads::V2,
-        WireKind::Raw => crate::log::Payloads::RAW,
-    }
-}
-
 enum Mode {
     Live,
     CatchUp { next: u64 },
@@ -410,7 +401,7 @@ impl Subscription {
                 max_events: max,
                 max_bytes: self.hub.config.catchup_batch_bytes,
             };
-            let payloads = payloads(self.wire);
+            let payloads = crate::log::Payloads::of_wire(self.wire);
             tokio::task::spawn_blocking(move || reader.read_from_with(next, limits, payloads))
                 .await
                 .map_err(|e| End::ReadFailed(e.to_string()))?

@@ -57,6 +57,8 @@ pub struct AdminLimits {
     pub log_max_bytes: u64,
     /// The log's age limit (`--retention-hours`), for the depth projection.
     pub log_max_age: Duration,
+    /// Raw frames' own limits (`--raw-retention-*`), when they have them.
+    pub log_raw: Option<crate::log::RawRetention>,
 }
 
 impl AdminLimits {
@@ -64,6 +66,7 @@ impl AdminLimits {
         crate::log::RetentionConfig {
             max_age: self.log_max_age,
             max_bytes: self.log_max_bytes,
+            raw: self.log_raw,
             ..crate::log::RetentionConfig::default()
         }
     }
@@ -351,6 +354,9 @@ impl AdminState {
             gauge!("sluice_log_bytes").set(reader.store().size_bytes() as f64);
             gauge!("sluice_log_disk_bytes").set(reader.store().disk_bytes() as f64);
             gauge!("sluice_log_max_bytes").set(self.limits.log_max_bytes as f64);
+            gauge!("sluice_log_raw_bytes").set(reader.store().raw_size_bytes() as f64);
+            gauge!("sluice_log_raw_max_bytes")
+                .set(self.limits.log_raw.map_or(0.0, |r| r.max_bytes as f64));
             gauge!("sluice_log_tail_bytes").set(reader.tail().bytes() as f64);
             gauge!("sluice_log_writer_queue_bytes").set(self.log.queued_bytes() as f64);
             counter!("sluice_log_commits_total")
@@ -380,6 +386,23 @@ impl AdminState {
                 .set(depth.map_or(0.0, |d| d.bytes_per_event));
             gauge!("sluice_log_projected_depth_seconds")
                 .set(depth.and_then(|d| d.projected_seconds).unwrap_or(0.0));
+            let raw =
+                crate::log::depth::measure_raw(reader.store().as_ref(), &self.limits.retention());
+            gauge!("sluice_log_raw_retained_events")
+                .set(raw.map_or(0.0, |d| d.retained_events as f64));
+            gauge!("sluice_log_raw_retained_seconds").set(raw.map_or(0.0, |d| d.retained_seconds));
+            gauge!("sluice_log_raw_stored_bytes_per_event")
+                .set(raw.map_or(0.0, |d| d.bytes_per_event));
+            gauge!("sluice_log_raw_projected_depth_seconds")
+                .set(raw.and_then(|d| d.projected_seconds).unwrap_or(0.0));
+            // 0 while every event held has its frame.
+            gauge!("sluice_log_raw_floor_seq").set(reader.raw_floor().unwrap_or(0) as f64);
+            counter!("sluice_log_retention_raw_dropped_events_total").absolute(
+                self.log
+                    .retention_stats()
+                    .raw_dropped_events
+                    .load(Ordering::Relaxed),
+            );
             // An empty log reads as seq 0 ("nothing yet") and time 0.
             let b = reader.bounds();
             gauge!("sluice_log_oldest_seq").set(b.map_or(0.0, |b| b.oldest_seq as f64));
@@ -538,18 +561,27 @@ impl AdminState {
                 })),
                 "bytes": reader.store().size_bytes(),
                 "tail_bytes": reader.tail().bytes(),
+                "raw_bytes": reader.store().raw_size_bytes(),
+                "raw_floor_seq": reader.raw_floor(),
                 "depth": crate::log::depth::measure(reader.store().as_ref(), &self.limits.retention())
-                    .map(|d| json!({
-                        "retained_events": d.retained_events,
-                        "retained_seconds": d.retained_seconds,
-                        "recent_rate": d.recent_rate,
-                        "bytes_per_event": d.bytes_per_event,
-                        "projected_seconds": d.projected_seconds,
-                    })),
+                    .map(depth_json),
+                "raw_depth": crate::log::depth::measure_raw(reader.store().as_ref(), &self.limits.retention())
+                    .map(depth_json),
             },
             "redis_sink": self.sink_status(),
         })
     }
+}
+
+/// One class's replay depth on the status page.
+fn depth_json(d: crate::log::depth::Depth) -> serde_json::Value {
+    json!({
+        "retained_events": d.retained_events,
+        "retained_seconds": d.retained_seconds,
+        "recent_rate": d.recent_rate,
+        "bytes_per_event": d.bytes_per_event,
+        "projected_seconds": d.projected_seconds,
+    })
 }
 
 /// Help text for every family `/metrics` exports (Prometheus shows it as `# HELP`).
@@ -579,6 +611,7 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_log_commits_total", "Group commits of the event log."),
     ("sluice_log_commit_failures_total", "Group commits of the event log that failed (retried)."),
     ("sluice_log_retention_deleted_events_total", "Events deleted from the log by retention."),
+    ("sluice_log_retention_raw_dropped_events_total", "Events whose raw frame retention dropped while keeping their JSON (--raw-retention-hours, --raw-retention-max-gib)."),
     ("sluice_log_segment_decodes_total", "Stored segments read by replays: decoded (outcome=decoded) or served by a decode another replay made, from --log-decoded-cache-mib (outcome=shared)."),
     ("sluice_connections_accepted_total", "Connections accepted, by listener."),
     ("sluice_connections_refused_total", "Connections refused before any request was read, by listener and reason (pending_full 503, pending_per_ip 429, fd_reserve 503)."),
@@ -620,7 +653,15 @@ const GAUGES: &[(&str, &str)] = &[
     ),
     (
         "sluice_log_bytes",
-        "Bytes of events held by the log's store.",
+        "Bytes of events held by the log's store (JSON wires and raw frames).",
+    ),
+    (
+        "sluice_log_raw_bytes",
+        "The part of sluice_log_bytes that is raw frames with retention of their own.",
+    ),
+    (
+        "sluice_log_raw_max_bytes",
+        "The raw frames' share of --retention-max-gib (--raw-retention-max-gib), in bytes; 0 when frames have no limits of their own.",
     ),
     (
         "sluice_log_disk_bytes",
@@ -628,11 +669,31 @@ const GAUGES: &[(&str, &str)] = &[
     ),
     (
         "sluice_log_retained_events",
-        "Events the log holds (oldest to newest seq).",
+        "Events the log holds (oldest to newest seq): the JSON wires' window.",
     ),
     (
         "sluice_log_retained_seconds",
-        "Source time the log spans, oldest to newest event held (its replay depth now).",
+        "Source time the log spans, oldest to newest event held (the JSON wires' replay depth now).",
+    ),
+    (
+        "sluice_log_raw_retained_events",
+        "Events whose raw frame the log holds (raw floor to newest seq): the raw wire's window.",
+    ),
+    (
+        "sluice_log_raw_retained_seconds",
+        "Source time the raw frames held span (the raw wire's replay depth now).",
+    ),
+    (
+        "sluice_log_raw_floor_seq",
+        "The oldest seq whose raw frame is held, when raw retention dropped frames the log still holds the JSON of (0 otherwise).",
+    ),
+    (
+        "sluice_log_raw_stored_bytes_per_event",
+        "Stored bytes of raw frame per event held, on average.",
+    ),
+    (
+        "sluice_log_raw_projected_depth_seconds",
+        "How far back the raw frames would reach at the last hour's rate: their share of the cap over the bytes that rate stores, or --raw-retention-hours if less (0 until a rate is known).",
     ),
     (
         "sluice_log_recent_events_per_second",
@@ -640,15 +701,15 @@ const GAUGES: &[(&str, &str)] = &[
     ),
     (
         "sluice_log_stored_bytes_per_event",
-        "Stored bytes per event held, on average (JSON wires and raw frames together).",
+        "Stored bytes of the JSON wires per event held, on average (raw frames together with them when frames have no limits of their own).",
     ),
     (
         "sluice_log_projected_depth_seconds",
-        "How far back the log would reach at the last hour's rate: the size cap over the bytes that rate stores, or --retention-hours if less (0 until a rate is known).",
+        "How far back the JSON wires would reach at the last hour's rate: their share of the size cap over the bytes that rate stores, or --retention-hours if less (0 until a rate is known).",
     ),
     (
         "sluice_log_max_bytes",
-        "The log's size cap (--retention-max-gib), in bytes.",
+        "The log's size cap (--retention-max-gib, JSON and raw shares together), in bytes.",
     ),
     (
         "sluice_log_tail_bytes",

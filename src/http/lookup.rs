@@ -47,9 +47,14 @@ pub async fn event_by_seq(
         Err(message) => return bad_request(&state, "InvalidRequest", message),
     };
     let reader = state.hub.reader().clone();
+    let payloads = crate::log::Payloads::of_wire(wire);
+    let limits = crate::log::ReadLimits {
+        max_events: 1,
+        max_bytes: 64 * 1024 * 1024,
+    };
     let read = if seq >= reader.tail().oldest_seq() {
         // In the hot tail: a lookup in memory.
-        Ok(reader.read_from(seq, 1, 64 * 1024 * 1024))
+        Ok(reader.read_from_with(seq, limits, payloads))
     } else {
         // Below it, a read of the store: through the replays' fair pool, so a flood of
         // lookups takes its turn with them instead of a blocking thread each.
@@ -64,10 +69,26 @@ pub async fn event_by_seq(
                 retry_after_secs: session::retry_after(state.session.retry_after_secs),
             });
         };
-        tokio::task::spawn_blocking(move || reader.read_from(seq, 1, 64 * 1024 * 1024)).await
+        let reader = reader.clone();
+        tokio::task::spawn_blocking(move || reader.read_from_with(seq, limits, payloads)).await
     };
     let event = match read {
         Ok(Ok(events)) => events.into_iter().next().filter(|e| e.seq == seq),
+        // Raw frames have their own retention: below the raw floor the event is still
+        // held, as JSON only.
+        Ok(Err(crate::log::LogError::TooOld { oldest, .. }))
+            if wire == WireKind::Raw && reader.bounds().is_some_and(|b| seq >= b.oldest_seq) =>
+        {
+            return (
+                StatusCode::NOT_FOUND,
+                format!(
+                    "the raw frame of event {seq} is no longer held: raw frames are kept from \
+                     seq {oldest} (--raw-retention-hours, --raw-retention-max-gib); its JSON is \
+                     still served with wire=v1 or wire=v2"
+                ),
+            )
+                .into_response()
+        }
         Ok(Err(crate::log::LogError::TooOld { oldest, .. })) => {
             return (
                 StatusCode::GONE,

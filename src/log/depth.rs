@@ -8,13 +8,18 @@
 
 use std::time::Duration;
 
-use super::retention::{data_budget, RetentionConfig};
-use super::store::EventStore;
+use super::retention::{data_budget, json_bytes, RetentionConfig};
+use super::store::{Bounds, EventStore};
 
 /// Stored bytes per event of the real corpus (`cargo bench --bench log`, commits of 50
 /// events as at 500 events/s): JSON wires 177 B, raw frames 3,529 B. What `config check`
 /// projects with before the daemon has measured its own traffic.
-pub const MEASURED_BYTES_PER_EVENT: u64 = 177 + 3_529;
+pub const MEASURED_JSON_BYTES_PER_EVENT: u64 = 177;
+/// See [`MEASURED_JSON_BYTES_PER_EVENT`].
+pub const MEASURED_RAW_BYTES_PER_EVENT: u64 = 3_529;
+/// Both classes together.
+pub const MEASURED_BYTES_PER_EVENT: u64 =
+    MEASURED_JSON_BYTES_PER_EVENT + MEASURED_RAW_BYTES_PER_EVENT;
 
 /// The rate window: the last hour of source time.
 const RATE_WINDOW_US: i64 = 3_600_000_000;
@@ -56,9 +61,48 @@ pub fn projection(
     }
 }
 
-/// The depth of `store` under `retention`; `None` when it is empty.
+/// The depth of the JSON wires in `store` under `retention` (every event held: the JSON
+/// is what stays longest); `None` when it is empty.
 pub fn measure(store: &dyn EventStore, retention: &RetentionConfig) -> Option<Depth> {
-    let b = store.bounds()?;
+    window(
+        store,
+        store.bounds()?,
+        json_bytes(store, retention),
+        data_budget(store, retention),
+        retention.max_age,
+    )
+}
+
+/// The depth of the raw frames in `store` (those still held) under `retention`; `None`
+/// when no frame is held. Without raw limits of their own, frames are held as long as
+/// their events and share the JSON's caps.
+pub fn measure_raw(store: &dyn EventStore, retention: &RetentionConfig) -> Option<Depth> {
+    match &retention.raw {
+        Some(raw) => window(
+            store,
+            store.raw_bounds()?,
+            store.raw_size_bytes(),
+            raw.max_bytes,
+            raw.max_age.min(retention.max_age),
+        ),
+        None => window(
+            store,
+            store.raw_bounds()?,
+            store.size_bytes(),
+            data_budget(store, retention),
+            retention.max_age,
+        ),
+    }
+}
+
+/// The depth of the window `b` of `store`, holding `bytes`, under `budget` and `max_age`.
+fn window(
+    store: &dyn EventStore,
+    b: Bounds,
+    bytes: u64,
+    budget: u64,
+    max_age: Duration,
+) -> Option<Depth> {
     let retained_events = b.newest_seq.saturating_sub(b.oldest_seq) + 1;
     let span_us = b.newest_time_us.saturating_sub(b.oldest_time_us).max(0);
     let window_start = b.newest_time_us.saturating_sub(RATE_WINDOW_US);
@@ -69,7 +113,8 @@ pub fn measure(store: &dyn EventStore, retention: &RetentionConfig) -> Option<De
             .seq_at_or_after_time(window_start)
             .ok()
             .flatten()
-            .unwrap_or(b.oldest_seq);
+            .unwrap_or(b.oldest_seq)
+            .max(b.oldest_seq);
         (b.newest_seq.saturating_sub(from) + 1, RATE_WINDOW_US)
     };
     let recent_rate = if window_us > 0 && window_events > 1 {
@@ -77,16 +122,9 @@ pub fn measure(store: &dyn EventStore, retention: &RetentionConfig) -> Option<De
     } else {
         0.0
     };
-    let bytes_per_event = store.size_bytes() as f64 / retained_events as f64;
-    let projected_seconds = (recent_rate > 0.0).then(|| {
-        projection(
-            data_budget(store, retention),
-            retention.max_age,
-            bytes_per_event,
-            recent_rate,
-        )
-        .0
-    });
+    let bytes_per_event = bytes as f64 / retained_events as f64;
+    let projected_seconds =
+        (recent_rate > 0.0).then(|| projection(budget, max_age, bytes_per_event, recent_rate).0);
     Some(Depth {
         retained_events,
         retained_seconds: span_us as f64 / 1e6,

@@ -46,7 +46,7 @@ use crate::event::{Event, StampState};
 
 pub use codec::Compression;
 pub use fjall_store::{FjallConfig, FjallStore};
-pub use retention::{RetentionConfig, RetentionStats};
+pub use retention::{RawRetention, RetentionConfig, RetentionStats};
 pub use store::{
     Bounds, EventStore, LogError, Payloads, ReadLimits, RecoveryReport, Segment, SharedEvent,
 };
@@ -410,6 +410,16 @@ impl LogReader {
                 });
             }
         }
+        // The raw wire alone is bound by the raw floor (raw frames have their own
+        // retention), for the same reason: the store's floor, not the tail's contents.
+        if payloads.raw_only() {
+            if let Some(oldest) = self.raw_floor().filter(|&f| seq < f) {
+                return Err(LogError::TooOld {
+                    requested: seq,
+                    oldest,
+                });
+            }
+        }
         match self
             .shared
             .tail
@@ -425,6 +435,19 @@ impl LogReader {
                 }
                 Ok(events.into_iter().map(Arc::new).collect())
             }
+        }
+    }
+
+    /// The oldest seq whose raw frame is held, when raw retention has dropped frames the
+    /// store still holds the JSON of (the raw wire's floor); `None` when every event held
+    /// has its frame. Past the store's newest event when no stored frame is left: the
+    /// raw wire then starts at the events not yet durable.
+    pub fn raw_floor(&self) -> Option<u64> {
+        let store = self.shared.store.bounds()?;
+        match self.shared.store.raw_bounds() {
+            Some(raw) if raw.oldest_seq > store.oldest_seq => Some(raw.oldest_seq),
+            Some(_) => None,
+            None => Some(store.newest_seq + 1),
         }
     }
 
@@ -535,7 +558,18 @@ impl LogReader {
             },
             Cursor::UpstreamAfter(u) if u.saturating_add(1) < b.oldest_upstream_seq => {
                 Resolved::TooOld {
-                    oldest: b.oldest_seq,
+                    oldest: self.raw_floor().unwrap_or(b.oldest_seq),
+                }
+            }
+            // Below the raw floor the frames are gone though the JSON stays: the raw
+            // wire's cursor contract follows the raw floor.
+            Cursor::UpstreamAfter(u)
+                if self
+                    .raw_floor_upstream()
+                    .is_some_and(|(_, f)| u.saturating_add(1) < f) =>
+            {
+                Resolved::TooOld {
+                    oldest: self.raw_floor().unwrap_or(b.oldest_seq),
                 }
             }
             Cursor::UpstreamAfter(u) => {
@@ -550,6 +584,30 @@ impl LogReader {
                 };
                 found.map_or(Resolved::Live { next }, Resolved::From)
             }
+        })
+    }
+
+    /// The raw floor and the upstream seq of the event there (`raw_floor`), when there
+    /// is one and its event is held (in the store or the hot tail).
+    fn raw_floor_upstream(&self) -> Option<(u64, i64)> {
+        let floor = self.raw_floor()?;
+        if let Some(raw) = self.shared.store.raw_bounds() {
+            if raw.oldest_seq == floor {
+                return Some((floor, raw.oldest_upstream_seq));
+            }
+        }
+        match self.shared.tail.read_from(floor, 1, 0) {
+            TailRead::Events(v) => v
+                .into_iter()
+                .next()
+                .filter(|e| e.seq == floor)
+                .map(|e| (floor, e.upstream_seq)),
+            // Nothing after the store yet: every upstream seq held is below the floor.
+            TailRead::Before(_) => None,
+        }
+        .or_else(|| {
+            let b = self.shared.store.bounds()?;
+            (floor > b.newest_seq).then_some((floor, b.newest_upstream_seq.saturating_add(1)))
         })
     }
 

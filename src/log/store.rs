@@ -47,6 +47,22 @@ impl Payloads {
         v2: false,
         raw: true,
     };
+
+    /// What a reader of `wire` needs.
+    pub const fn of_wire(wire: crate::wire::WireKind) -> Payloads {
+        match wire {
+            crate::wire::WireKind::JetstreamV1 => Payloads::V1,
+            crate::wire::WireKind::JetstreamV2 => Payloads::V2,
+            crate::wire::WireKind::Raw => Payloads::RAW,
+        }
+    }
+
+    /// A read for the raw wire alone: it is bound by the raw floor (raw frames have their
+    /// own retention). A read that also wants JSON is bound by the JSON floor only, and
+    /// events below the raw floor come back without their raw frame.
+    pub const fn raw_only(self) -> bool {
+        self.raw && !self.v1 && !self.v2
+    }
 }
 
 /// How much one read may return. At least one event is returned when one exists, even if
@@ -89,6 +105,10 @@ pub struct Segment {
     pub last_upstream_seq: i64,
     /// Stored (compressed) bytes of this segment.
     pub bytes: u64,
+    /// The part of `bytes` that is raw frames stored apart from the JSON (what raw
+    /// retention can free before the segment goes); 0 when the frames share the JSON's
+    /// file (segments written before raw frames had their own files).
+    pub raw_bytes: u64,
 }
 
 /// One segment as the codec encoded it (`log::codec`), ready to be stored.
@@ -204,8 +224,29 @@ pub trait EventStore: Send + Sync + 'static {
     /// Up to `max` segments, oldest first.
     fn segments(&self, max: usize) -> Vec<Segment>;
 
-    /// Stored bytes of retained segments (what retention by size counts).
+    /// Stored bytes of retained segments, raw frames held included.
     fn size_bytes(&self) -> u64;
+
+    /// The part of [`size_bytes`](EventStore::size_bytes) that is raw frames stored apart
+    /// from the JSON and still held (what raw retention counts). Zero for backends that
+    /// keep frames with their events.
+    fn raw_size_bytes(&self) -> u64 {
+        0
+    }
+
+    /// Oldest and newest durable events whose raw frame is held, `None` when none is.
+    /// Backends without raw retention hold every event's frame.
+    fn raw_bounds(&self) -> Option<Bounds> {
+        self.bounds()
+    }
+
+    /// Drops the raw frames of every whole segment whose last seq is < `seq`, keeping
+    /// their JSON; returns the events whose frames were dropped. The new raw floor is
+    /// durable before any frame's bytes go. Backends without raw retention drop nothing.
+    fn delete_raw_before(&self, seq: u64) -> Result<u64, LogError> {
+        let _ = seq;
+        Ok(0)
+    }
 
     /// Bytes the backend may use beyond `size_bytes` (journals, not yet reclaimed files):
     /// retention keeps `size_bytes` under the cap minus this, so the total stays under the

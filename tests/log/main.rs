@@ -1,10 +1,12 @@
 //! The event log, one module per subject: segment formats, the replay-to-live handover at
-//! the log level, retention, and the store (append, reads, cursors, restart, torn tails).
+//! the log level, retention (raw frames' own too), and the store (append, reads, cursors,
+//! restart, torn tails).
 
 #[path = "../log_common/mod.rs"]
 mod log_common;
 
 mod format;
 mod handover;
+mod raw_retention;
 mod retention;
 mod store;

@@ -68,6 +68,7 @@ fn retention_by_age_deletes_only_whole_expired_segments() {
         max_age: Duration::from_micros((newest_time - cutoff_event.time_us) as u64),
         max_bytes: u64::MAX,
         check_interval: Duration::from_secs(1),
+        raw: None,
     };
     let pass = retention::run_once(&store, &config).unwrap();
     assert!(
@@ -102,6 +103,7 @@ fn retention_by_size_keeps_the_newest_under_the_cap() {
         max_age: Duration::from_secs(100 * 365 * 24 * 3600),
         max_bytes: total / 3,
         check_interval: Duration::from_secs(1),
+        raw: None,
     };
     let budget = retention::data_budget(&store, &config);
     let pass = retention::run_once(&store, &config).unwrap();

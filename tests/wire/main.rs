@@ -21,6 +21,7 @@ mod keepalive;
 mod live_start;
 mod raw;
 mod raw_once;
+mod raw_retention;
 mod slow;
 mod tail;
 mod v1;

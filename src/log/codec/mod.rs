@@ -281,6 +281,7 @@ impl Encoder {
             first_upstream_seq: first.upstream_seq,
             last_upstream_seq: last.upstream_seq,
             bytes: (events_value.len() + frames_value.len()) as u64,
+            raw_bytes: frames_value.len() as u64,
         };
         Ok(EncodedSegment {
             info,

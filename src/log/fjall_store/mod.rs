@@ -36,7 +36,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
 
@@ -48,9 +48,20 @@ use super::store::{
     SharedEvent,
 };
 
-const RESUME_KEY: &[u8] = b"resume";
-const INDEX_ENTRY: usize = 7 * 8 + 8 + 8 + 4 + 4;
-const DATA_SUFFIX: &str = ".seg";
+mod decoded;
+mod layout;
+mod recovery;
+
+use decoded::DecodedCache;
+pub use decoded::DecodedStats;
+use layout::{
+    data_path, encode_entry, encode_raw_floor, encode_resume, key, FramesAt, Stored, RAW_FLOOR_KEY,
+    RESUME_KEY,
+};
+
+/// The length fjall (2.x) gives its active journal file up front (sparse: its blocks are
+/// allocated as the index is written).
+pub const ACTIVE_JOURNAL_BYTES: u64 = 32 * 1024 * 1024;
 
 /// Settings of the embedded store.
 #[derive(Debug, Clone)]
@@ -96,56 +107,81 @@ impl FjallConfig {
     }
 }
 
-/// A segment and where its values are.
-#[derive(Debug, Clone, Copy)]
-struct Stored {
-    info: Segment,
-    file: u64,
-    offset: u64,
-    events_len: u32,
-    frames_len: u32,
+/// The open files of one directory, by id.
+type DataFiles = BTreeMap<u64, Arc<File>>;
+
+/// One directory of append-only files: `data/` (events values) or `raw/` (frames values).
+struct Files {
+    dir: PathBuf,
+    open: RwLock<DataFiles>,
+    /// What the files hold ("data", "raw"), for messages.
+    what: &'static str,
 }
 
-impl Stored {
-    fn end(&self) -> u64 {
-        self.offset + u64::from(self.events_len) + u64::from(self.frames_len)
+impl Files {
+    fn get(&self, id: u64) -> Option<Arc<File>> {
+        self.open.read().ok()?.get(&id).cloned()
+    }
+
+    fn path(&self, id: u64) -> PathBuf {
+        data_path(&self.dir, id)
+    }
+
+    /// Bytes the files take on disk.
+    fn disk_bytes(&self) -> u64 {
+        self.open
+            .read()
+            .map(|f| {
+                f.values()
+                    .filter_map(|f| f.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Forgets the files with an id below `keep_from`; returns them, to be removed
+    /// outside the writer lock.
+    fn take_below(&self, keep_from: u64) -> Result<Vec<u64>, LogError> {
+        let mut files = self.open.write().map_err(|_| backend("poisoned"))?;
+        let gone: Vec<u64> = files.range(..keep_from).map(|(id, _)| *id).collect();
+        for id in &gone {
+            files.remove(id);
+        }
+        Ok(gone)
+    }
+
+    fn remove(&self, ids: Vec<u64>) {
+        for id in ids {
+            // Readers holding the file keep reading it; the space is freed when they drop it.
+            let path = self.path(id);
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove an expired {} file", self.what);
+            }
+        }
     }
 }
 
-/// The data file being appended to.
-struct Writer {
+/// The file of one directory being appended to.
+struct Appender {
     current: Option<(u64, Arc<File>, u64)>,
     next_file: u64,
 }
 
-/// One decoded segment: the first reader decodes it, concurrent readers of the same
-/// segment wait for that and share its events (their JSON is slices of one buffer per
-/// wire), so a cold segment is decompressed and its v1 or v2 messages assembled once
-/// however many subscribers replay it.
-type DecodedCell = Arc<OnceLock<Result<Arc<Vec<Event>>, LogError>>>;
-
-struct DecodedEntry {
-    first_seq: u64,
-    payloads: Payloads,
-    /// Payload bytes held once decoded (0 while decoding).
-    bytes: usize,
-    cell: DecodedCell,
+impl Appender {
+    /// The first id not taken by a file that is still open or being written.
+    fn keep_from(&self) -> u64 {
+        match &self.current {
+            Some((id, _, _)) => *id,
+            None => self.next_file,
+        }
+    }
 }
 
-/// Recently decoded segments, newest last, bounded by `decoded_cache_bytes`.
-#[derive(Default)]
-struct DecodedCache {
-    entries: VecDeque<DecodedEntry>,
-    bytes: usize,
-}
-
-/// Counters of the decoded-segment cache.
-#[derive(Debug, Default)]
-pub struct DecodedStats {
-    /// Segment reads served by a decode another read made (or was making).
-    pub hits: AtomicU64,
-    /// Segment reads that decoded.
-    pub misses: AtomicU64,
+/// The data file and the raw file being appended to.
+struct Writer {
+    data: Appender,
+    raw: Appender,
 }
 
 pub struct FjallStore {
@@ -153,110 +189,24 @@ pub struct FjallStore {
     index: PartitionHandle,
     state: PartitionHandle,
     segments: RwLock<VecDeque<Stored>>,
-    files: RwLock<BTreeMap<u64, Arc<File>>>,
+    data: Files,
+    raw: Files,
     writer: Mutex<Writer>,
     resume: Mutex<StampState>,
+    /// The oldest seq whose raw frame may be held: segments wholly below it keep only
+    /// their JSON. Durable (`RAW_FLOOR_KEY`) before any frame below it is removed.
+    raw_floor: AtomicU64,
     encoders: Mutex<Vec<Encoder>>,
     decoded: Mutex<DecodedCache>,
     decoded_stats: DecodedStats,
     stored_bytes: AtomicU64,
-    data_dir: PathBuf,
+    /// Bytes of raw frames in raw files at or above the raw floor.
+    raw_bytes: AtomicU64,
     config: FjallConfig,
 }
 
 fn backend(e: impl std::fmt::Display) -> LogError {
     LogError::Backend(e.to_string())
-}
-
-fn key(seq: u64) -> [u8; 8] {
-    seq.to_be_bytes()
-}
-
-fn encode_entry(s: &Stored) -> [u8; INDEX_ENTRY] {
-    let mut out = [0u8; INDEX_ENTRY];
-    let i = &s.info;
-    let fields = [
-        i.first_seq,
-        i.last_seq,
-        i.first_time_us as u64,
-        i.last_time_us as u64,
-        i.first_upstream_seq as u64,
-        i.last_upstream_seq as u64,
-        i.bytes,
-        s.file,
-        s.offset,
-    ];
-    for (chunk, v) in out.chunks_exact_mut(8).zip(fields) {
-        chunk.copy_from_slice(&v.to_le_bytes());
-    }
-    out[72..76].copy_from_slice(&s.events_len.to_le_bytes());
-    out[76..80].copy_from_slice(&s.frames_len.to_le_bytes());
-    out
-}
-
-fn decode_entry(b: &[u8]) -> Option<Stored> {
-    if b.len() != INDEX_ENTRY {
-        return None;
-    }
-    let u64_at =
-        |i: usize| -> Option<u64> { Some(u64::from_le_bytes(b.get(i..i + 8)?.try_into().ok()?)) };
-    let u32_at =
-        |i: usize| -> Option<u32> { Some(u32::from_le_bytes(b.get(i..i + 4)?.try_into().ok()?)) };
-    let s = Stored {
-        info: Segment {
-            first_seq: u64_at(0)?,
-            last_seq: u64_at(8)?,
-            first_time_us: u64_at(16)? as i64,
-            last_time_us: u64_at(24)? as i64,
-            first_upstream_seq: u64_at(32)? as i64,
-            last_upstream_seq: u64_at(40)? as i64,
-            bytes: u64_at(48)?,
-        },
-        file: u64_at(56)?,
-        offset: u64_at(64)?,
-        events_len: u32_at(72)?,
-        frames_len: u32_at(76)?,
-    };
-    (s.info.first_seq <= s.info.last_seq
-        && s.info.bytes == u64::from(s.events_len) + u64::from(s.frames_len))
-    .then_some(s)
-}
-
-fn encode_resume(s: &StampState) -> [u8; 25] {
-    let mut out = [0u8; 25];
-    out[0..8].copy_from_slice(&s.next_seq.to_le_bytes());
-    out[8..16].copy_from_slice(&s.last_time_us.to_le_bytes());
-    out[16] = u8::from(s.upstream_cursor.is_some());
-    out[17..25].copy_from_slice(&s.upstream_cursor.unwrap_or(0).to_le_bytes());
-    out
-}
-
-fn decode_resume(b: &[u8]) -> Option<StampState> {
-    if b.len() != 25 {
-        return None;
-    }
-    let u = |r: std::ops::Range<usize>| -> Option<[u8; 8]> { b.get(r)?.try_into().ok() };
-    Some(StampState {
-        next_seq: u64::from_le_bytes(u(0..8)?),
-        last_time_us: i64::from_le_bytes(u(8..16)?),
-        upstream_cursor: match b[16] {
-            0 => None,
-            1 => Some(i64::from_le_bytes(u(17..25)?)),
-            _ => return None,
-        },
-    })
-}
-
-fn resume_after(s: &Segment) -> StampState {
-    StampState {
-        next_seq: s.last_seq.saturating_add(1),
-        last_time_us: s.last_time_us,
-        upstream_cursor: Some(s.last_upstream_seq),
-    }
-}
-
-fn data_path(dir: &Path, id: u64) -> PathBuf {
-    dir.join(format!("{id:016}{DATA_SUFFIX}"))
 }
 
 fn io(what: &str, path: &Path, e: std::io::Error) -> LogError {
@@ -268,7 +218,10 @@ impl FjallStore {
     /// the tail: what does not verify is dropped and reported.
     pub fn open(config: FjallConfig) -> Result<(Self, RecoveryReport), LogError> {
         let data_dir = config.dir.join("data");
-        std::fs::create_dir_all(&data_dir).map_err(|e| io("cannot create", &data_dir, e))?;
+        let raw_dir = config.dir.join("raw");
+        for dir in [&data_dir, &raw_dir] {
+            std::fs::create_dir_all(dir).map_err(|e| io("cannot create", dir, e))?;
+        }
         let keyspace = Config::new(&config.dir)
             .max_journaling_size(config.max_journal_bytes.max(24 * 1024 * 1024))
             .cache_size(config.cache_bytes)
@@ -291,247 +244,113 @@ impl FjallStore {
             .open_partition("state", PartitionCreateOptions::default())
             .map_err(backend)?;
         let mut report = RecoveryReport::default();
-        let mut segments = VecDeque::new();
-        for item in index.iter() {
-            let (k, v) = item.map_err(backend)?;
-            match decode_entry(&v) {
-                Some(s) if k.as_ref() == key(s.info.first_seq) => {
-                    if let Some(prev) = segments.back().map(|p: &Stored| p.info.last_seq) {
-                        if s.info.first_seq != prev + 1 {
-                            report.notes.push(format!(
-                                "index jumps from seq {prev} to {}: events in between are lost",
-                                s.info.first_seq
-                            ));
-                        }
-                    }
-                    segments.push_back(s)
-                }
-                _ => report
-                    .notes
-                    .push("unreadable index entry skipped".to_string()),
-            }
-        }
-        let mut files = BTreeMap::new();
-        let mut max_id = None;
-        for entry in std::fs::read_dir(&data_dir).map_err(|e| io("cannot list", &data_dir, e))? {
-            let entry = entry.map_err(|e| io("cannot list", &data_dir, e))?;
-            let name = entry.file_name();
-            let Some(id) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(DATA_SUFFIX))
-                .and_then(|n| n.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            let path = data_path(&data_dir, id);
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .map_err(|e| io("cannot open", &path, e))?;
-            files.insert(id, Arc::new(file));
-            max_id = max_id.max(Some(id));
-        }
+        let segments = recovery::load_index(&index, &mut report)?;
+        let raw_floor = recovery::load_raw_floor(&state, &mut report)?;
+        let (data_files, data_max) = recovery::open_data_files(&data_dir)?;
+        let (raw_files, raw_max) = recovery::open_data_files(&raw_dir)?;
         let store = Self {
             keyspace,
             index,
             state,
             stored_bytes: AtomicU64::new(segments.iter().map(|s| s.info.bytes).sum()),
+            raw_bytes: AtomicU64::new(0),
             segments: RwLock::new(segments),
-            files: RwLock::new(files),
+            data: Files {
+                dir: data_dir,
+                open: RwLock::new(data_files),
+                what: "data",
+            },
+            raw: Files {
+                dir: raw_dir,
+                open: RwLock::new(raw_files),
+                what: "raw",
+            },
             writer: Mutex::new(Writer {
-                current: None,
-                next_file: max_id.map_or(1, |m: u64| m + 1),
+                data: Appender {
+                    current: None,
+                    next_file: data_max.map_or(1, |m: u64| m + 1),
+                },
+                raw: Appender {
+                    current: None,
+                    next_file: raw_max.map_or(1, |m: u64| m + 1),
+                },
             }),
             resume: Mutex::new(StampState::fresh()),
+            raw_floor: AtomicU64::new(raw_floor),
             encoders: Mutex::new(Vec::new()),
             decoded: Mutex::new(DecodedCache::default()),
             decoded_stats: DecodedStats::default(),
-            data_dir,
             config,
         };
+        store.check_raw_floor(&mut report)?;
         store.verify_tail(&mut report)?;
         store.clean_files(&mut report)?;
+        store.recount_bytes()?;
         let resume = store.recover_resume(&mut report)?;
         *store.resume.lock().map_err(|_| backend("poisoned"))? = resume;
         Ok((store, report))
     }
 
-    fn file(&self, id: u64) -> Option<Arc<File>> {
-        self.files.read().ok()?.get(&id).cloned()
+    /// Whether segment `s`'s raw frames are still held (it is at or above the raw floor).
+    fn holds_raw(&self, s: &Stored) -> bool {
+        s.info.first_seq >= self.raw_floor.load(Ordering::Acquire)
     }
 
-    /// Reads a segment's events value, and its frames value too when `frames`, into
-    /// `buf`; `None` when its data file is gone (deleted by retention).
-    fn read_values(&self, s: &Stored, frames: bool, buf: &mut Vec<u8>) -> Result<bool, LogError> {
-        let Some(file) = self.file(s.file) else {
-            return Ok(false);
-        };
-        let len = s.events_len as usize + if frames { s.frames_len as usize } else { 0 };
-        buf.clear();
-        buf.resize(len, 0);
-        file.read_exact_at(buf, s.offset).map_err(|e| {
-            LogError::Corrupt(format!(
-                "segment {}..={} unreadable in data file {}: {e}",
-                s.info.first_seq, s.info.last_seq, s.file
-            ))
-        })?;
-        Ok(true)
-    }
-
-    fn verify_segment(&self, s: &Stored) -> Result<(), LogError> {
-        let mut buf = Vec::new();
-        if !self.read_values(s, true, &mut buf)? {
-            return Err(LogError::Corrupt("data file missing".into()));
-        }
-        let (ev, fr) = buf.split_at(s.events_len as usize);
-        let decoded = codec::decode(ev, Some(fr), Payloads::ALL)?;
-        let i = &s.info;
-        match (decoded.first(), decoded.last()) {
-            (Some(a), Some(b))
-                if a.seq == i.first_seq
-                    && b.seq == i.last_seq
-                    && b.time_us == i.last_time_us
-                    && b.upstream_seq == i.last_upstream_seq =>
-            {
-                Ok(())
-            }
-            _ => Err(LogError::Corrupt(
-                "segment does not match its index entry".into(),
-            )),
-        }
-    }
-
-    /// Drops newest segments until one decodes completely.
-    fn verify_tail(&self, report: &mut RecoveryReport) -> Result<(), LogError> {
-        loop {
-            let Some(last) = self
-                .segments
-                .read()
-                .map_err(|_| backend("poisoned"))?
-                .back()
-                .copied()
-            else {
-                return Ok(());
-            };
-            match self.verify_segment(&last) {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    let i = last.info;
-                    let msg = format!(
-                        "newest segment (seq {}..={}) failed verification and was dropped: {e}",
-                        i.first_seq, i.last_seq
-                    );
-                    tracing::warn!("{msg}");
-                    report.notes.push(msg);
-                    report.dropped_segments += 1;
-                    report.dropped_events += i.last_seq - i.first_seq + 1;
-                    self.index.remove(key(i.first_seq)).map_err(backend)?;
-                    self.keyspace
-                        .persist(PersistMode::SyncAll)
-                        .map_err(backend)?;
-                    self.segments
-                        .write()
-                        .map_err(|_| backend("poisoned"))?
-                        .pop_back();
-                    self.stored_bytes.fetch_sub(i.bytes, Ordering::Relaxed);
-                }
+    /// Sets the stored and the held raw bytes from the segments: raw frames count while
+    /// the segment is at or above the raw floor.
+    fn recount_bytes(&self) -> Result<(), LogError> {
+        let segs = self.segments.read().map_err(|_| backend("poisoned"))?;
+        let (mut stored, mut raw) = (0, 0);
+        for s in segs.iter() {
+            if self.holds_raw(s) {
+                stored += s.info.bytes;
+                raw += s.info.raw_bytes;
+            } else {
+                stored += s.info.bytes - s.info.raw_bytes;
             }
         }
-    }
-
-    /// Deletes data files no segment points into and truncates bytes past the last
-    /// committed segment of each file (written by a commit that did not complete).
-    fn clean_files(&self, report: &mut RecoveryReport) -> Result<(), LogError> {
-        let mut ends: BTreeMap<u64, u64> = BTreeMap::new();
-        for s in self
-            .segments
-            .read()
-            .map_err(|_| backend("poisoned"))?
-            .iter()
-        {
-            let end = ends.entry(s.file).or_insert(0);
-            *end = (*end).max(s.end());
-        }
-        let oldest = ends.keys().next().copied();
-        let mut files = self.files.write().map_err(|_| backend("poisoned"))?;
-        let ids: Vec<u64> = files.keys().copied().collect();
-        for id in ids {
-            let path = data_path(&self.data_dir, id);
-            match ends.get(&id) {
-                None => {
-                    files.remove(&id);
-                    std::fs::remove_file(&path).map_err(|e| io("cannot remove", &path, e))?;
-                    if oldest.is_none_or(|o| id > o) {
-                        report.notes.push(format!(
-                            "data file {id} held no committed segment (a commit was cut short) and was removed"
-                        ));
-                    }
-                }
-                Some(&end) => {
-                    let Some(file) = files.get(&id) else { continue };
-                    let len = file
-                        .metadata()
-                        .map_err(|e| io("cannot stat", &path, e))?
-                        .len();
-                    if len > end {
-                        file.set_len(end)
-                            .and_then(|()| file.sync_all())
-                            .map_err(|e| io("cannot truncate", &path, e))?;
-                        report.notes.push(format!(
-                            "data file {id}: {} uncommitted bytes after the last committed segment truncated",
-                            len - end
-                        ));
-                    }
-                }
-            }
-        }
+        self.stored_bytes.store(stored, Ordering::Relaxed);
+        self.raw_bytes.store(raw, Ordering::Relaxed);
         Ok(())
     }
 
-    fn recover_resume(&self, report: &mut RecoveryReport) -> Result<StampState, LogError> {
-        let stored = match self.state.get(RESUME_KEY).map_err(backend)? {
-            Some(v) => {
-                let r = decode_resume(&v);
-                if r.is_none() {
-                    report.notes.push("resume record unreadable".into());
-                }
-                r
-            }
-            None => None,
+    /// Reads a segment's events value, and its frames value too when `frames`, into
+    /// `buf` (frames after events); `None` when a file holding them is gone (deleted by
+    /// retention).
+    fn read_values(&self, s: &Stored, frames: bool, buf: &mut Vec<u8>) -> Result<bool, LogError> {
+        let Some(file) = self.data.get(s.file) else {
+            return Ok(false);
         };
-        let last = self
-            .segments
-            .read()
-            .map_err(|_| backend("poisoned"))?
-            .back()
-            .map(|s| s.info);
-        let resume = match (stored, last) {
-            (Some(r), Some(last)) if r.next_seq == last.last_seq + 1 => return Ok(r),
-            (Some(r), Some(last)) => {
-                report.notes.push(format!(
-                    "resume record (next seq {}) disagrees with the newest segment (last seq {}); \
-                     resuming after the segment",
-                    r.next_seq, last.last_seq
-                ));
-                resume_after(&last)
-            }
-            (Some(r), None) => return Ok(r),
-            (None, Some(last)) => {
-                report
-                    .notes
-                    .push("resume record missing; derived from the newest segment".into());
-                resume_after(&last)
-            }
-            (None, None) => return Ok(StampState::fresh()),
+        let unreadable = |what: &str, id: u64, e: std::io::Error| {
+            LogError::Corrupt(format!(
+                "segment {}..={} unreadable in {what} file {id}: {e}",
+                s.info.first_seq, s.info.last_seq
+            ))
         };
-        self.state
-            .insert(RESUME_KEY, encode_resume(&resume))
-            .map_err(backend)?;
-        self.keyspace
-            .persist(PersistMode::SyncAll)
-            .map_err(backend)?;
-        Ok(resume)
+        let events_len = s.events_len as usize;
+        let frames_len = if frames { s.frames_len as usize } else { 0 };
+        buf.clear();
+        buf.resize(events_len + frames_len, 0);
+        match s.frames_at {
+            FramesAt::Raw {
+                file: raw_id,
+                offset,
+            } if frames => {
+                let Some(raw) = self.raw.get(raw_id) else {
+                    return Ok(false);
+                };
+                let (ev, fr) = buf.split_at_mut(events_len);
+                file.read_exact_at(ev, s.offset)
+                    .map_err(|e| unreadable("data", s.file, e))?;
+                raw.read_exact_at(fr, offset)
+                    .map_err(|e| unreadable("raw", raw_id, e))?;
+            }
+            // The frames, if wanted, follow the events in the data file.
+            _ => file
+                .read_exact_at(buf, s.offset)
+                .map_err(|e| unreadable("data", s.file, e))?,
+        }
+        Ok(true)
     }
 
     fn locate(&self, pred: impl Fn(&Segment) -> bool) -> Result<Option<Stored>, LogError> {
@@ -553,100 +372,6 @@ impl FjallStore {
         Ok(Some(codec::decode(&buf, None, none)?))
     }
 
-    /// The events of segment `s` with `payloads`, decoded once for every concurrent reader
-    /// while the cache holds them; `None` when the segment's data file is gone.
-    fn decoded(&self, s: &Stored, payloads: Payloads) -> Result<Option<Arc<Vec<Event>>>, LogError> {
-        let limit = self.config.decoded_cache_bytes;
-        let decode = || -> Result<Option<Vec<Event>>, LogError> {
-            let mut buf = Vec::new();
-            if !self.read_values(s, payloads.raw, &mut buf)? {
-                return Ok(None);
-            }
-            let (ev, fr) = buf.split_at(s.events_len as usize);
-            codec::decode(ev, payloads.raw.then_some(fr), payloads).map(Some)
-        };
-        if limit == 0 {
-            self.decoded_stats.misses.fetch_add(1, Ordering::Relaxed);
-            return Ok(decode()?.map(Arc::new));
-        }
-        let first_seq = s.info.first_seq;
-        let (cell, mine) = {
-            let mut cache = self.decoded.lock().map_err(|_| backend("poisoned"))?;
-            match cache
-                .entries
-                .iter()
-                .find(|e| e.first_seq == first_seq && e.payloads == payloads)
-            {
-                Some(e) => (e.cell.clone(), false),
-                None => {
-                    let cell: DecodedCell = Arc::new(OnceLock::new());
-                    cache.entries.push_back(DecodedEntry {
-                        first_seq,
-                        payloads,
-                        bytes: 0,
-                        cell: cell.clone(),
-                    });
-                    (cell, true)
-                }
-            }
-        };
-        let counter = if mine {
-            &self.decoded_stats.misses
-        } else {
-            &self.decoded_stats.hits
-        };
-        counter.fetch_add(1, Ordering::Relaxed);
-        // Concurrent readers of this segment block here until the first has decoded it.
-        let result = cell
-            .get_or_init(|| match decode() {
-                Ok(Some(events)) => Ok(Arc::new(events)),
-                Ok(None) => Err(LogError::TooOld {
-                    requested: first_seq,
-                    oldest: self.oldest_or_next(),
-                }),
-                Err(e) => Err(e),
-            })
-            .clone();
-        if mine {
-            let mut cache = self.decoded.lock().map_err(|_| backend("poisoned"))?;
-            let size = match &result {
-                Ok(events) => events
-                    .iter()
-                    .map(|e| codec::payload_bytes(e, e.op_index == 0) + 160)
-                    .sum(),
-                Err(_) => 0,
-            };
-            if let Some(entry) = cache
-                .entries
-                .iter_mut()
-                .find(|e| Arc::ptr_eq(&e.cell, &cell))
-            {
-                entry.bytes = size;
-            }
-            cache.bytes += size;
-            if result.is_err() {
-                cache.entries.retain(|e| !Arc::ptr_eq(&e.cell, &cell));
-            }
-            // Oldest first out, until the decoded payloads fit the bound.
-            while cache.bytes > limit {
-                let Some(old) = cache.entries.pop_front() else {
-                    break;
-                };
-                cache.bytes = cache.bytes.saturating_sub(old.bytes);
-            }
-        }
-        match result {
-            Ok(events) => Ok(Some(events)),
-            Err(LogError::TooOld { .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Decoded-segment cache counters.
-    pub fn decoded_stats(&self) -> &DecodedStats {
-        &self.decoded_stats
-    }
-
     fn oldest_or_next(&self) -> u64 {
         match self.segments.read().ok().and_then(|s| s.front().copied()) {
             Some(s) => s.info.first_seq,
@@ -654,17 +379,31 @@ impl FjallStore {
         }
     }
 
-    /// The data file to append at, rolling to a new one when the current is full (or
-    /// after a failure, when its end is unknown). True in the second field if created.
-    fn writable(&self, w: &mut Writer) -> Result<(u64, Arc<File>, u64, bool), LogError> {
-        if let Some((id, file, pos)) = &w.current {
+    /// The oldest seq whose raw frame is held, or the next seq when none is.
+    fn raw_oldest_or_next(&self) -> u64 {
+        let floor = self.raw_floor.load(Ordering::Acquire);
+        let held = self.segments.read().ok().and_then(|segs| {
+            let idx = segs.partition_point(|s| s.info.first_seq < floor);
+            segs.get(idx).map(|s| s.info.first_seq)
+        });
+        held.unwrap_or_else(|| self.resume.lock().map(|r| r.next_seq).unwrap_or(1))
+    }
+
+    /// The file of `files` to append at, rolling to a new one when the current is full
+    /// (or after a failure, when its end is unknown). True in the last field if created.
+    fn writable(
+        &self,
+        files: &Files,
+        a: &mut Appender,
+    ) -> Result<(u64, Arc<File>, u64, bool), LogError> {
+        if let Some((id, file, pos)) = &a.current {
             if *pos < self.config.blob_file_bytes.max(1) {
                 return Ok((*id, file.clone(), *pos, false));
             }
         }
-        let id = w.next_file;
-        w.next_file += 1;
-        let path = data_path(&self.data_dir, id);
+        let id = a.next_file;
+        a.next_file += 1;
+        let path = files.path(id);
         let file = Arc::new(
             OpenOptions::new()
                 .read(true)
@@ -673,11 +412,12 @@ impl FjallStore {
                 .open(&path)
                 .map_err(|e| io("cannot create", &path, e))?,
         );
-        self.files
+        files
+            .open
             .write()
             .map_err(|_| backend("poisoned"))?
             .insert(id, file.clone());
-        w.current = Some((id, file.clone(), 0));
+        a.current = Some((id, file.clone(), 0));
         Ok((id, file, 0, true))
     }
 
@@ -689,39 +429,53 @@ impl FjallStore {
     ) -> Result<(), LogError> {
         let mut stored = Vec::with_capacity(encoded.len());
         let mut touched: Vec<Arc<File>> = Vec::new();
-        let mut created = false;
+        let (mut data_created, mut raw_created) = (false, false);
         for seg in encoded {
-            let (id, file, pos, new) = self.writable(w)?;
-            created |= new;
-            if !touched.iter().any(|f| Arc::ptr_eq(f, &file)) {
-                touched.push(file.clone());
-            }
-            let path = || data_path(&self.data_dir, id);
             let events_len = u32::try_from(seg.events_value.len())
                 .map_err(|_| backend("events value too large"))?;
             let frames_len = u32::try_from(seg.frames_value.len())
                 .map_err(|_| backend("frames value too large"))?;
+            let (id, file, pos, new) = self.writable(&self.data, &mut w.data)?;
+            data_created |= new;
             file.write_all_at(&seg.events_value, pos)
-                .and_then(|()| file.write_all_at(&seg.frames_value, pos + u64::from(events_len)))
-                .map_err(|e| io("cannot write", &path(), e))?;
+                .map_err(|e| io("cannot write", &self.data.path(id), e))?;
+            let (raw_id, raw, raw_pos, new) = self.writable(&self.raw, &mut w.raw)?;
+            raw_created |= new;
+            raw.write_all_at(&seg.frames_value, raw_pos)
+                .map_err(|e| io("cannot write", &self.raw.path(raw_id), e))?;
+            for f in [&file, &raw] {
+                if !touched.iter().any(|t| Arc::ptr_eq(t, f)) {
+                    touched.push(f.clone());
+                }
+            }
             let s = Stored {
-                info: seg.info,
+                info: Segment {
+                    raw_bytes: u64::from(frames_len),
+                    ..seg.info
+                },
                 file: id,
                 offset: pos,
                 events_len,
                 frames_len,
+                frames_at: FramesAt::Raw {
+                    file: raw_id,
+                    offset: raw_pos,
+                },
             };
-            w.current = Some((id, file, s.end()));
+            w.data.current = Some((id, file, s.end()));
+            w.raw.current = s.raw_end().map(|(_, end)| (raw_id, raw, end));
             stored.push(s);
         }
         for f in &touched {
             f.sync_data()
                 .map_err(|e| backend(format!("cannot sync a data file: {e}")))?;
         }
-        if created {
-            File::open(&self.data_dir)
-                .and_then(|d| d.sync_all())
-                .map_err(|e| io("cannot sync", &self.data_dir, e))?;
+        for (created, files) in [(data_created, &self.data), (raw_created, &self.raw)] {
+            if created {
+                File::open(&files.dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| io("cannot sync", &files.dir, e))?;
+            }
         }
         // The commit point: index entries pointing at durable bytes, and the resume state.
         let mut batch = self.keyspace.batch();
@@ -736,10 +490,39 @@ impl FjallStore {
         let mut segs = self.segments.write().map_err(|_| backend("poisoned"))?;
         for s in &stored {
             self.stored_bytes.fetch_add(s.info.bytes, Ordering::Relaxed);
+            // New segments are above the raw floor (it never passes the newest segment).
+            self.raw_bytes
+                .fetch_add(s.info.raw_bytes, Ordering::Relaxed);
             segs.push_back(*s);
         }
         drop(segs);
         *self.resume.lock().map_err(|_| backend("poisoned"))? = resume;
+        Ok(())
+    }
+
+    /// Removes the files of both directories below the oldest one a retained segment
+    /// still reads (and not being appended to). Under the writer lock, so no commit lands
+    /// in a file while it is judged.
+    fn reclaim_files(&self) -> Result<(), LogError> {
+        let w = self.writer.lock().map_err(|_| backend("poisoned"))?;
+        let (oldest_data, oldest_raw) = {
+            let segs = self.segments.read().map_err(|_| backend("poisoned"))?;
+            let floor = self.raw_floor.load(Ordering::Acquire);
+            let raw = segs
+                .iter()
+                .skip(segs.partition_point(|s| s.info.first_seq < floor))
+                .find_map(|s| s.raw_end().map(|(file, _)| file));
+            (segs.front().map(|s| s.file), raw)
+        };
+        let data_gone = self
+            .data
+            .take_below(oldest_data.unwrap_or(w.data.keep_from()))?;
+        let raw_gone = self
+            .raw
+            .take_below(oldest_raw.unwrap_or(w.raw.keep_from()))?;
+        drop(w);
+        self.data.remove(data_gone);
+        self.raw.remove(raw_gone);
         Ok(())
     }
 
@@ -841,7 +624,8 @@ impl EventStore for FjallStore {
         if result.is_err() {
             // Never append after bytes in an unknown state: the next commit takes a new
             // file; what was written here is unreferenced and removed at the next open.
-            w.current = None;
+            w.data.current = None;
+            w.raw.current = None;
         }
         result
     }
@@ -852,6 +636,15 @@ impl EventStore for FjallStore {
         limits: ReadLimits,
         payloads: Payloads,
     ) -> Result<Vec<Event>, LogError> {
+        if payloads.raw_only() {
+            let oldest = self.raw_oldest_or_next();
+            if from_seq < oldest {
+                return Err(LogError::TooOld {
+                    requested: from_seq,
+                    oldest,
+                });
+            }
+        }
         let todo: Vec<Stored> = {
             let segs = self.segments.read().map_err(|_| backend("poisoned"))?;
             let Some(front) = segs.front() else {
@@ -889,11 +682,28 @@ impl EventStore for FjallStore {
         let mut out: Vec<Event> = Vec::with_capacity(limits.max_events.min(8192));
         let mut bytes = 0usize;
         for s in todo {
-            let Some(decoded) = self.decoded(&s, payloads)? else {
+            // Below the raw floor a segment has only its JSON: a read that wants JSON too
+            // gets its events without raw frames (a raw-only read was refused above).
+            let wanted = Payloads {
+                raw: payloads.raw && self.holds_raw(&s),
+                ..payloads
+            };
+            // A raw-only read whose segment lost its frames meanwhile (the floor moved
+            // during the read) ends as if the segment were gone, never with empty frames.
+            let decoded = if payloads.raw_only() && !wanted.raw {
+                None
+            } else {
+                self.decoded(&s, wanted)?
+            };
+            let Some(decoded) = decoded else {
                 if out.is_empty() {
                     return Err(LogError::TooOld {
                         requested: from_seq,
-                        oldest: self.oldest_or_next(),
+                        oldest: if payloads.raw_only() {
+                            self.raw_oldest_or_next()
+                        } else {
+                            self.oldest_or_next()
+                        },
                     });
                 }
                 break;
@@ -1018,45 +828,72 @@ impl EventStore for FjallStore {
             for s in chunk {
                 batch.remove(&self.index, key(s.info.first_seq));
                 deleted += s.info.last_seq - s.info.first_seq + 1;
-                self.stored_bytes.fetch_sub(s.info.bytes, Ordering::Relaxed);
+                if self.holds_raw(s) {
+                    self.stored_bytes.fetch_sub(s.info.bytes, Ordering::Relaxed);
+                    self.raw_bytes
+                        .fetch_sub(s.info.raw_bytes, Ordering::Relaxed);
+                } else {
+                    // Its frames were already dropped (and no longer counted).
+                    self.stored_bytes
+                        .fetch_sub(s.info.bytes - s.info.raw_bytes, Ordering::Relaxed);
+                }
             }
             batch.commit().map_err(backend)?;
         }
         self.keyspace
             .persist(PersistMode::SyncAll)
             .map_err(backend)?;
-        // Data files wholly below the oldest retained segment (and not being appended to)
-        // are removed whole; nothing retained is rewritten. Under the writer lock, so no
-        // commit lands in a file while it is judged.
-        let w = self.writer.lock().map_err(|_| backend("poisoned"))?;
-        let oldest_file = self
-            .segments
-            .read()
-            .map_err(|_| backend("poisoned"))?
-            .front()
-            .map(|s| s.file);
-        let keep_from = match (oldest_file, &w.current) {
-            (Some(f), _) => f,
-            (None, Some((f, _, _))) => *f,
-            (None, None) => w.next_file,
-        };
-        let gone: Vec<u64> = {
-            let mut files = self.files.write().map_err(|_| backend("poisoned"))?;
-            let gone: Vec<u64> = files.range(..keep_from).map(|(id, _)| *id).collect();
-            for id in &gone {
-                files.remove(id);
-            }
-            gone
-        };
-        drop(w);
-        for id in gone {
-            // Readers holding the file keep reading it; the space is freed when they drop it.
-            let path = data_path(&self.data_dir, id);
-            if let Err(e) = std::fs::remove_file(&path) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot remove an expired data file");
-            }
-        }
+        // Files wholly below the oldest retained segment are removed whole; nothing
+        // retained is rewritten.
+        self.reclaim_files()?;
         Ok(deleted)
+    }
+
+    fn delete_raw_before(&self, seq: u64) -> Result<u64, LogError> {
+        // The writer lock keeps appends out while the floor moves (new segments are
+        // always above it).
+        let w = self.writer.lock().map_err(|_| backend("poisoned"))?;
+        let old = self.raw_floor.load(Ordering::Acquire);
+        let (floor, dropped, freed) = {
+            let segs = self.segments.read().map_err(|_| backend("poisoned"))?;
+            let n = segs.partition_point(|s| s.info.last_seq < seq);
+            let floor = match segs.get(n) {
+                Some(s) => s.info.first_seq,
+                None => {
+                    self.resume
+                        .lock()
+                        .map_err(|_| backend("poisoned"))?
+                        .next_seq
+                }
+            };
+            let newly: Vec<&Stored> = segs
+                .iter()
+                .take(n)
+                .filter(|s| s.info.first_seq >= old)
+                .collect();
+            let dropped = newly
+                .iter()
+                .map(|s| s.info.last_seq - s.info.first_seq + 1)
+                .sum::<u64>();
+            (floor, dropped, newly.iter().map(|s| s.info.raw_bytes).sum())
+        };
+        if floor <= old {
+            return Ok(0);
+        }
+        // Durable before any frame goes: after a crash the floor is where it was said to
+        // be, and recovery removes the raw files nothing above it reads.
+        self.state
+            .insert(RAW_FLOOR_KEY, encode_raw_floor(floor))
+            .map_err(backend)?;
+        self.keyspace
+            .persist(PersistMode::SyncAll)
+            .map_err(backend)?;
+        self.raw_floor.store(floor, Ordering::Release);
+        self.raw_bytes.fetch_sub(freed, Ordering::Relaxed);
+        self.stored_bytes.fetch_sub(freed, Ordering::Relaxed);
+        drop(w);
+        self.reclaim_files()?;
+        Ok(dropped)
     }
 
     fn bounds(&self) -> Option<Bounds> {
@@ -1083,13 +920,36 @@ impl EventStore for FjallStore {
         self.stored_bytes.load(Ordering::Relaxed)
     }
 
+    fn raw_size_bytes(&self) -> u64 {
+        self.raw_bytes.load(Ordering::Relaxed)
+    }
+
+    fn raw_bounds(&self) -> Option<Bounds> {
+        let floor = self.raw_floor.load(Ordering::Acquire);
+        let segs = self.segments.read().ok()?;
+        let a = segs
+            .get(segs.partition_point(|s| s.info.first_seq < floor))?
+            .info;
+        let b = segs.back()?.info;
+        Some(Bounds {
+            oldest_seq: a.first_seq,
+            oldest_time_us: a.first_time_us,
+            newest_seq: b.last_seq,
+            newest_time_us: b.last_time_us,
+            oldest_upstream_seq: a.first_upstream_seq,
+            newest_upstream_seq: b.last_upstream_seq,
+        })
+    }
+
     fn overhead_bytes(&self) -> u64 {
-        // The index journal, plus the partly deleted oldest data file and the unreferenced
-        // tail of a data file a failed commit left.
+        // The index journals (sealed ones up to the budget, and the active one fjall
+        // preallocates), plus in each of the data and raw directories the partly deleted
+        // oldest file and the unreferenced tail of a file a failed commit left.
         self.config
             .max_journal_bytes
             .max(24 * 1024 * 1024)
-            .saturating_add(2 * self.config.blob_file_bytes)
+            .saturating_add(ACTIVE_JOURNAL_BYTES)
+            .saturating_add(4 * self.config.blob_file_bytes)
     }
 
     fn decoded_cache_counts(&self) -> (u64, u64) {
@@ -1100,16 +960,9 @@ impl EventStore for FjallStore {
     }
 
     fn disk_bytes(&self) -> u64 {
-        let files: u64 = self
-            .files
-            .read()
-            .map(|f| {
-                f.values()
-                    .filter_map(|f| f.metadata().ok())
-                    .map(|m| m.len())
-                    .sum()
-            })
-            .unwrap_or(0);
-        self.keyspace.disk_space().saturating_add(files)
+        self.keyspace
+            .disk_space()
+            .saturating_add(self.data.disk_bytes())
+            .saturating_add(self.raw.disk_bytes())
     }
 }
