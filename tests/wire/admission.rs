@@ -205,7 +205,7 @@ async fn filters_beyond_the_index_budget_wait_then_get_503_or_1013() {
     let env = Env::start(corpus(), Speed::Max, false, |c| {
         // 100 DIDs in and out is 200 entries: one such subscriber per second.
         c.hub.index_changes_per_sec = 200;
-        c.filter_limits.max_dids = 100;
+        c.filter_limits.max_dids = 450;
     })
     .await;
     let dids: Vec<String> = (0..100).map(|i| format!("did:plc:budget{i:08}")).collect();
@@ -231,10 +231,15 @@ async fn filters_beyond_the_index_budget_wait_then_get_503_or_1013() {
     );
     // Refused only past a 5 s wait, so the hint is at least 6 s.
     assert_refused(refusal, 503, "busy with filter changes", 6);
-    // The budget owes about 5 s now: an update naming 100 DIDs would wait longer still.
+    // The budget owes more than 4 s now (the refused subscriber's 1 s would have taken it
+    // past 5 s). An update naming 450 DIDs is 4.5 s of budget: an idle budget would grant
+    // it, this one would make it wait more than 5 s even seconds from now (the budget
+    // refills while a loaded machine gets here; with an update as small as a subscriber's
+    // the margin was however far the debt was past 4 s, and a slow machine missed it).
+    let update_dids: Vec<String> = (0..450).map(|i| format!("did:plc:update{i:08}")).collect();
     let update = serde_json::json!({
         "type": "options_update",
-        "payload": {"wantedDids": dids},
+        "payload": {"wantedDids": update_dids},
     });
     send_text(&mut v1, update.to_string()).await;
     let (_, close) = read_until_close(&mut v1, 1_000_000).await;
