@@ -238,6 +238,13 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_EVENT_REQUESTS_PER_SEC_PER_IP", default_value_t = 50,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub event_requests_per_sec_per_ip: u64,
+    /// `/event/{seq}` requests per second from all clients together (burst as many); over
+    /// it: HTTP 429 for everyone until the budget refills. A lookup below the hot tail
+    /// decodes a stored segment (up to ~1 ms of CPU), so this bounds what lookups can take of
+    /// the daemon however many addresses send them.
+    #[arg(long, env = "SLUICE_EVENT_REQUESTS_PER_SEC", default_value_t = 200,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub event_requests_per_sec: u64,
     /// Threads running the subscriber sessions, the dispatcher and the HTTP listeners
     /// (0 = one per core). Ingest and the log writer have threads of their own. Fewer
     /// workers mean fewer cross-thread wakeups: on 2 cores one worker spent 5-16% less CPU
@@ -705,6 +712,7 @@ impl ServeArgs {
             retry_after_secs: self.retry_after_secs,
             connects_per_sec_per_ip: self.connects_per_sec_per_ip as f64,
             event_requests_per_sec_per_ip: self.event_requests_per_sec_per_ip as f64,
+            event_requests_per_sec: self.event_requests_per_sec as f64,
         };
         let cluster = match &self.redis {
             None => None,

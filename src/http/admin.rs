@@ -119,6 +119,7 @@ impl AdminState {
                 "event_requests_per_sec_per_ip",
                 admission.event_requests_per_sec_per_ip,
             ),
+            ("event_requests_per_sec", admission.event_requests_per_sec),
             (
                 "header_read_timeout_secs",
                 listen.header_read_timeout.as_secs_f64(),

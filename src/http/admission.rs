@@ -27,6 +27,10 @@ pub struct AdmissionConfig {
     pub connects_per_sec_per_ip: f64,
     /// `/event/{seq}` requests per second per IP (burst as many).
     pub event_requests_per_sec_per_ip: f64,
+    /// `/event/{seq}` requests per second from everyone together (burst as many): a
+    /// lookup below the hot tail decodes a stored segment (up to ~1 ms of CPU), so many
+    /// addresses each within their share must not add up to the daemon's cores.
+    pub event_requests_per_sec: f64,
 }
 
 impl Default for AdmissionConfig {
@@ -39,6 +43,7 @@ impl Default for AdmissionConfig {
             retry_after_secs: 5,
             connects_per_sec_per_ip: 100.0,
             event_requests_per_sec_per_ip: 50.0,
+            event_requests_per_sec: 200.0,
         }
     }
 }
@@ -108,8 +113,8 @@ impl Admission {
             per_ip_connect_burst(&config),
         );
         let events = SharedBudget::new(
-            f64::MAX,
-            f64::MAX,
+            config.event_requests_per_sec,
+            config.event_requests_per_sec,
             config.event_requests_per_sec_per_ip,
             config.event_requests_per_sec_per_ip,
         );
@@ -184,19 +189,22 @@ impl Admission {
 }
 
 impl Admission {
-    /// Takes one `/event` request of `ip`'s rate, or refuses it with 429.
+    /// Takes one `/event` request of `ip`'s rate and of the total, or refuses it with 429.
     pub fn admit_event_request(&self, ip: IpAddr) -> Result<(), Refusal> {
         let config = self.config.lock().clone();
         let mut state = self.state.lock();
-        let rate = config.event_requests_per_sec_per_ip;
-        state.events.set_limits(f64::MAX, f64::MAX, rate, rate);
+        let (total, per_ip) = (
+            config.event_requests_per_sec,
+            config.event_requests_per_sec_per_ip,
+        );
+        state.events.set_limits(total, total, per_ip, per_ip);
         state
             .events
             .take_within(Some(ip), 1.0, std::time::Duration::ZERO)
             .map(|_| ())
             .map_err(|refused| Refusal {
                 status: 429,
-                reason: "too many /event requests from this address",
+                reason: "too many /event requests (from this address, or from everyone)",
                 retry_after_secs: refused.would_wait.as_secs() + 1,
             })
     }
@@ -269,6 +277,23 @@ mod tests {
             admission.admit(other).is_ok(),
             "the other address keeps its share"
         );
+    }
+
+    #[test]
+    fn event_requests_are_limited_in_total_across_addresses() {
+        let admission = Admission::new(AdmissionConfig {
+            event_requests_per_sec_per_ip: 3.0,
+            event_requests_per_sec: 4.0,
+            ..AdmissionConfig::default()
+        });
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        let c: IpAddr = "127.0.0.4".parse().unwrap();
+        assert!((0..3).all(|_| admission.admit_event_request(a).is_ok()));
+        assert!(admission.admit_event_request(b).is_ok());
+        // Each address is within its own share, but the total (4) is spent.
+        let refused = admission.admit_event_request(c).err();
+        assert!(refused.is_some_and(|r| r.status == 429 && r.retry_after_secs >= 1));
     }
 
     #[test]

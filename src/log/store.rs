@@ -94,6 +94,20 @@ pub struct Bounds {
     pub newest_upstream_seq: i64,
 }
 
+impl Bounds {
+    /// What the segments from `oldest` to `newest` (inclusive) hold.
+    pub fn spanning(oldest: Segment, newest: Segment) -> Self {
+        Bounds {
+            oldest_seq: oldest.first_seq,
+            oldest_time_us: oldest.first_time_us,
+            newest_seq: newest.last_seq,
+            newest_time_us: newest.last_time_us,
+            oldest_upstream_seq: oldest.first_upstream_seq,
+            newest_upstream_seq: newest.last_upstream_seq,
+        }
+    }
+}
+
 /// A retention unit, oldest first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {

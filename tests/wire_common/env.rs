@@ -93,6 +93,7 @@ pub fn serve_config(
         ("--max-pending-per-ip", "1000000"),
         ("--connects-per-sec-per-ip", "1000000"),
         ("--event-requests-per-sec-per-ip", "1000000"),
+        ("--event-requests-per-sec", "1000000"),
         ("--scan-events-per-sec-per-ip", "1000000000"),
         ("--max-index-changes-per-sec-per-ip", "1000000000"),
     ] {

@@ -14,7 +14,8 @@ use bytes::Bytes;
 use crate::event::Event;
 
 use super::{
-    corrupt, decompress, frames_column, kind_from, next_raw_frame, Cursor, NONE_U16, NONE_U32,
+    corrupt, decompress, frames_column, kind_from, next_raw_frame, seq_at, Cursor, NONE_U16,
+    NONE_U32,
 };
 use crate::log::store::{LogError, Payloads};
 
@@ -94,9 +95,7 @@ pub(super) fn decode(
             };
             let v1_json = slice(&v1, &mut v1_pos, m.u32()?)?;
             let v2_json = slice(&v2, &mut v2_pos, m.u32()?)?;
-            let seq = first_seq
-                .checked_add(out.len() as u64)
-                .ok_or_else(|| corrupt("seq overflow"))?;
+            let seq = seq_at(first_seq, out.len())?;
             out.push(Event {
                 seq,
                 time_us,

@@ -163,6 +163,13 @@ pub(super) fn kind_from(code: u8) -> Result<EventKind, LogError> {
     })
 }
 
+/// The seq of a segment's `index`th event (seqs are consecutive within a segment).
+pub(super) fn seq_at(first_seq: u64, index: usize) -> Result<u64, LogError> {
+    first_seq
+        .checked_add(index as u64)
+        .ok_or_else(|| corrupt("seq overflow"))
+}
+
 pub(super) fn corrupt(msg: impl Into<String>) -> LogError {
     LogError::Corrupt(msg.into())
 }
@@ -687,9 +694,7 @@ fn decode_current(
                         .to_string(),
                 ),
             };
-            let seq = first_seq
-                .checked_add(out.len() as u64)
-                .ok_or_else(|| corrupt("seq overflow"))?;
+            let seq = seq_at(first_seq, out.len())?;
             let event = Event {
                 seq,
                 time_us,

@@ -898,15 +898,7 @@ impl EventStore for FjallStore {
 
     fn bounds(&self) -> Option<Bounds> {
         let segs = self.segments.read().ok()?;
-        let (a, b) = (segs.front()?.info, segs.back()?.info);
-        Some(Bounds {
-            oldest_seq: a.first_seq,
-            oldest_time_us: a.first_time_us,
-            newest_seq: b.last_seq,
-            newest_time_us: b.last_time_us,
-            oldest_upstream_seq: a.first_upstream_seq,
-            newest_upstream_seq: b.last_upstream_seq,
-        })
+        Some(Bounds::spanning(segs.front()?.info, segs.back()?.info))
     }
 
     fn segments(&self, max: usize) -> Vec<Segment> {
@@ -927,18 +919,10 @@ impl EventStore for FjallStore {
     fn raw_bounds(&self) -> Option<Bounds> {
         let floor = self.raw_floor.load(Ordering::Acquire);
         let segs = self.segments.read().ok()?;
-        let a = segs
+        let oldest = segs
             .get(segs.partition_point(|s| s.info.first_seq < floor))?
             .info;
-        let b = segs.back()?.info;
-        Some(Bounds {
-            oldest_seq: a.first_seq,
-            oldest_time_us: a.first_time_us,
-            newest_seq: b.last_seq,
-            newest_time_us: b.last_time_us,
-            oldest_upstream_seq: a.first_upstream_seq,
-            newest_upstream_seq: b.last_upstream_seq,
-        })
+        Some(Bounds::spanning(oldest, segs.back()?.info))
     }
 
     fn overhead_bytes(&self) -> u64 {
