@@ -1,7 +1,7 @@
 //! One phase: start a target, connect subscribers, publish, measure, stall, report.
 
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,18 +12,17 @@ use tokio::io::{AsyncReadExt, BufWriter};
 use tokio::net::TcpStream;
 
 use crate::cli::FanoutArgs;
-use crate::control::{Control, Tally, PH_AFTER, PH_COUNT, PH_MEASURE, PH_STALL, PH_WARMUP};
+use crate::control::{PH_AFTER, PH_MEASURE, PH_STALL};
 use crate::hist::Hist;
 use crate::procs::{
     cpu_each, free_port, machine_jiffies, rss_total, self_cpu, wait_tcp, ChildGuard, TempDir,
 };
-use crate::publisher::{publish, start_generator, start_upstream, BoxSink, PubCtx, PubSink};
+use crate::publisher::{start_upstream, BoxSink, Feed, PubCtx, PubSink};
 use crate::relay::REDIS_CHANNEL;
 use crate::report::{print_phase, q};
-use crate::stamps::Stamps;
 use crate::subscribers::{
-    connect, connect_sub, decoder_dictionary, realistic_filter, run_sub, sub_url, SubShared,
-    SubSpec, TIMED_EVERY,
+    connect, connect_sub, decoder_dictionary, delivered, realistic_filter, run_sub, sub_url,
+    SubShared, SubSpec, TIMED_EVERY,
 };
 use crate::target::{Mix, Target, Wire};
 
@@ -198,22 +197,14 @@ pub(crate) async fn run_phase(
     }
     let sinks = std::mem::replace(&mut running.sinks, tokio::sync::mpsc::channel(1).1);
 
-    let ctl = Arc::new(Control {
-        phase: AtomicU8::new(PH_WARMUP),
-        stall_active: AtomicBool::new(false),
-        stop_publish: AtomicBool::new(false),
-    });
-    let rate = f64::from(args.rate.max(1));
-    let stamps = Arc::new(Stamps::new((rate * 180.0) as usize * 2));
-    let tallies: Arc<[Tally; PH_COUNT]> = Arc::new(Default::default());
-
     // Generate ahead before anything is measured.
-    let ahead = (args.rate as usize * 4).max(1000);
-    let (gen_rx, made) = start_generator(args.seed, args.dids, ahead);
-    let fill_deadline = Instant::now() + Duration::from_secs(60);
-    while made.load(Ordering::Relaxed) < ahead as u64 && Instant::now() < fill_deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let feed = Feed::ready(args.rate, args.seed, args.dids).await;
+    let PubCtx {
+        ctl,
+        stamps,
+        tallies,
+        ..
+    } = feed.ctx.clone();
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_base = rss_total(&running.procs);
@@ -303,24 +294,8 @@ pub(crate) async fn run_phase(
     };
 
     // Traffic.
-    let publisher = tokio::spawn(publish(
-        PubCtx {
-            rate,
-            ctl: Arc::clone(&ctl),
-            stamps: Arc::clone(&stamps),
-            tallies: Arc::clone(&tallies),
-        },
-        gen_rx,
-        sinks,
-    ));
-    tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+    let publisher = feed.start(sinks, args.warmup).await;
 
-    let delivered = |ph: usize| -> u64 {
-        shared
-            .iter()
-            .map(|s| s.delivered[ph].load(Ordering::Relaxed))
-            .sum()
-    };
     let cpu0 = cpu_each(&running.procs);
     let self0 = self_cpu();
     let m0 = machine_jiffies();
@@ -340,7 +315,7 @@ pub(crate) async fn run_phase(
     let self1 = self_cpu();
     let m1 = machine_jiffies();
     let rss_end_measure = rss_total(&running.procs);
-    let delivered_measure = delivered(PH_MEASURE as usize);
+    let delivered_measure = delivered(&shared, PH_MEASURE);
 
     // Stall phase (sluice only).
     let mut stall = serde_json::Value::Null;

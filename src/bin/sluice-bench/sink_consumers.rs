@@ -48,15 +48,16 @@ use sluice::event::StampState;
 use sluice::ingest::{IngestOutcome, Ingestor};
 use sluice::sink::{shape, RedisSinkConfig};
 
-use crate::control::{Control, Tally, PH_AFTER, PH_COUNT, PH_MEASURE, PH_WARMUP};
+use crate::control::{Control, PH_AFTER, PH_COUNT, PH_MEASURE};
 use crate::frame_meta::{commit_key, json_str};
 use crate::hist::{now_ns, Hist};
 use crate::procs::{free_port, proc_cpu_secs, wait_tcp, ChildGuard, TempDir};
-use crate::publisher::{publish, start_generator, upstream_server, PubCtx, PubSink};
+use crate::publisher::{upstream_server, Feed, PubCtx, PubSink};
 use crate::report::{median, q};
 use crate::resp::{read_value, resp_command};
 use crate::subscribers::{
-    self as subscribers, filter_names, realistic_filter, run_sub, sub_url, SubShared, SubSpec,
+    self as subscribers, delivered, filter_names, realistic_filter, run_sub, sub_url, SubShared,
+    SubSpec,
 };
 use crate::target::{Target, Wire};
 
@@ -500,20 +501,13 @@ async fn run_target(
         )?
     };
 
-    let ctl = Arc::new(Control {
-        phase: std::sync::atomic::AtomicU8::new(PH_WARMUP),
-        stall_active: AtomicBool::new(false),
-        stop_publish: AtomicBool::new(false),
-    });
-    let rate = f64::from(args.rate.max(1));
-    let stamps = Arc::new(crate::stamps::Stamps::new((rate * 180.0) as usize * 2));
-    let tallies: Arc<[Tally; PH_COUNT]> = Arc::new(Default::default());
-    let ahead = (args.rate as usize * 4).max(1000);
-    let (gen_rx, made) = start_generator(args.seed, args.dids, ahead);
-    let fill = Instant::now() + Duration::from_secs(60);
-    while made.load(Ordering::Relaxed) < ahead as u64 && Instant::now() < fill {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let feed = Feed::ready(args.rate, args.seed, args.dids).await;
+    let PubCtx {
+        rate,
+        ctl,
+        stamps,
+        tallies,
+    } = feed.ctx.clone();
 
     // Consumers, then the websocket subscribers (sink targets).
     let stop = Arc::new(AtomicBool::new(false));
@@ -580,23 +574,8 @@ async fn run_target(
     tokio::time::sleep(Duration::from_millis(500)).await;
     target.check_alive()?;
 
-    let publisher = tokio::spawn(publish(
-        PubCtx {
-            rate,
-            ctl: Arc::clone(&ctl),
-            stamps: Arc::clone(&stamps),
-            tallies: Arc::clone(&tallies),
-        },
-        gen_rx,
-        sinks,
-    ));
-    tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+    let publisher = feed.start(sinks, args.warmup).await;
 
-    let delivered = |subs: &[Arc<SubShared>], ph: usize| -> u64 {
-        subs.iter()
-            .map(|s| s.delivered[ph].load(Ordering::Relaxed))
-            .sum()
-    };
     let cpu = |pid: u32| proc_cpu_secs(pid).unwrap_or(0.0);
     let (t_cpu0, mut r_cpu0) = (cpu(target.pid()), cpu(redis.pid()));
     let mut redis_cpu_acc = 0.0;
@@ -668,7 +647,7 @@ async fn run_target(
     let secs = t0.elapsed().as_secs_f64();
     let target_cpu = cpu(target.pid()) - t_cpu0;
     let redis_cpu = redis_cpu_acc + cpu(redis.pid()) - r_cpu0;
-    let got = delivered(&consumers, PH_MEASURE as usize);
+    let got = delivered(&consumers, PH_MEASURE);
     ctl.phase.store(PH_AFTER, Ordering::Relaxed);
     ctl.stop_publish.store(true, Ordering::Relaxed);
     let pub_stats = publisher.await.context("publisher")?;
@@ -771,7 +750,7 @@ async fn run_target(
         "ws_p50_us": q(&ws_hist, 0.5),
         "ws_p99_us": q(&ws_hist, 0.99),
         "ws_max_us": ws_hist.max,
-        "ws_delivered_in_window": delivered(&ws_subs, PH_MEASURE as usize),
+        "ws_delivered_in_window": delivered(&ws_subs, PH_MEASURE),
         "ws_ended": ws_ended,
         "outage": outage,
         "load_avg_1m": load_avg(),
