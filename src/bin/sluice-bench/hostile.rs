@@ -41,7 +41,8 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::frame_meta::{commit_key, json_str};
 use crate::hist::{now_ns, Hist};
 use crate::procs::{
-    free_port, proc_cpu_secs, proc_rss_kb, start_watchdog, wait_tcp, ChildGuard, TempDir,
+    free_port, proc_cpu_secs, proc_rss_kb, serve_command, start_watchdog, wait_tcp, ChildGuard,
+    TempDir,
 };
 use crate::publisher::{start_generator, start_upstream, PubSink};
 use crate::report::{median, open_results};
@@ -839,17 +840,8 @@ pub async fn hostile(args: HostileArgs) -> anyhow::Result<()> {
     let upstream = start_upstream(tx).await?;
     let port = free_port()?;
     let admin_port = free_port()?;
-    let mut cmd = Command::new(&args.sluice);
-    cmd.arg("serve")
-        .arg("--upstream")
-        .arg(upstream)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--admin-listen")
-        .arg(format!("127.0.0.1:{admin_port}"))
-        .arg("--data-dir")
-        .arg(dir.0.join("data"))
-        .args(["--log", "warn", "--stats-interval-secs", "0"])
+    let mut cmd = serve_command(&args.sluice, &upstream, port, &dir.0.join("data"));
+    cmd.args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
         .args(&args.serve_args);
     let mut serve = ChildGuard::spawn("sluice serve", &mut cmd, Some(dir.0.join("serve.log")))?;
     wait_tcp(port, &mut serve, 30).await?;

@@ -15,7 +15,8 @@ use crate::cli::FanoutArgs;
 use crate::control::{PH_AFTER, PH_MEASURE, PH_STALL};
 use crate::hist::Hist;
 use crate::procs::{
-    cpu_each, free_port, machine_jiffies, rss_total, self_cpu, wait_tcp, ChildGuard, TempDir,
+    cpu_each, free_port, machine_jiffies, rss_total, self_cpu, serve_command, wait_tcp, ChildGuard,
+    TempDir, SERVE_NO_LIMITS,
 };
 use crate::publisher::{start_upstream, BoxSink, Feed, PubCtx, PubSink};
 use crate::relay::REDIS_CHANNEL;
@@ -47,23 +48,8 @@ pub(crate) async fn start_target(
         Target::Sluice(_) => {
             let upstream = start_upstream(tx).await?;
             let port = free_port()?;
-            let mut cmd = Command::new(&args.sluice);
-            cmd.arg("serve")
-                .arg("--upstream")
-                .arg(upstream)
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
-                .arg("--data-dir")
-                .arg(dir.0.join("data"))
-                .args(["--log", "warn", "--stats-interval-secs", "0"])
-                .args([
-                    "--connects-per-sec",
-                    "1000000",
-                    "--connect-burst",
-                    "1000000",
-                ])
-                .args(["--max-per-ip", "10000000", "--max-subscribers", "10000000"])
-                .args(&args.serve_args);
+            let mut cmd = serve_command(&args.sluice, &upstream, port, &dir.0.join("data"));
+            cmd.args(SERVE_NO_LIMITS).args(&args.serve_args);
             let mut g = ChildGuard::spawn("sluice serve", &mut cmd, Some(dir.0.join("serve.log")))?;
             wait_tcp(port, &mut g, 30).await?;
             Ok(Running {

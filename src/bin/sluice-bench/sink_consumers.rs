@@ -41,7 +41,7 @@ use clap::Parser;
 use futures_util::StreamExt;
 use serde_json::json;
 use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use sluice::event::StampState;
@@ -51,8 +51,10 @@ use sluice::sink::{shape, RedisSinkConfig};
 use crate::control::{Control, PH_AFTER, PH_COUNT, PH_MEASURE};
 use crate::frame_meta::{commit_key, json_str};
 use crate::hist::{now_ns, Hist};
-use crate::procs::{free_port, proc_cpu_secs, wait_tcp, ChildGuard, TempDir};
-use crate::publisher::{upstream_server, Feed, PubCtx, PubSink};
+use crate::procs::{
+    free_port, proc_cpu_secs, serve_command, wait_tcp, ChildGuard, TempDir, SERVE_NO_LIMITS,
+};
+use crate::publisher::{start_upstream, Feed, PubCtx, PubSink};
 use crate::report::{median, q};
 use crate::resp::{read_value, resp_command};
 use crate::subscribers::{
@@ -460,29 +462,12 @@ async fn run_target(
     wait_tcp(rport, &mut redis, 30).await?;
 
     let (tx, sinks) = tokio::sync::mpsc::channel::<PubSink>(4);
-    let up = TcpListener::bind("127.0.0.1:0").await?;
-    let up_url = format!(
-        "ws://127.0.0.1:{}/xrpc/com.atproto.sync.subscribeRepos",
-        up.local_addr()?.port()
-    );
-    tokio::spawn(upstream_server(up, tx));
+    let up_url = start_upstream(tx).await?;
     let (port, admin) = (free_port()?, free_port()?);
     let mut target = if kind.sink() {
-        let mut cmd = Command::new(&args.sluice);
-        cmd.arg("serve")
-            .args(["--upstream", &up_url])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-            .arg("--data-dir")
-            .arg(dir.0.join("data"))
-            .args(["--log", "warn", "--stats-interval-secs", "0"])
-            .args([
-                "--connects-per-sec",
-                "1000000",
-                "--connect-burst",
-                "1000000",
-            ])
-            .args(["--max-per-ip", "10000000", "--max-subscribers", "10000000"])
+        let mut cmd = serve_command(&args.sluice, &up_url, port, &dir.0.join("data"));
+        cmd.args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .args(SERVE_NO_LIMITS)
             .args(["--redis-sink", &format!("redis://127.0.0.1:{rport}/0")])
             .args(&args.serve_args);
         let mut g = ChildGuard::spawn("sluice serve", &mut cmd, Some(dir.0.join("serve.log")))?;
