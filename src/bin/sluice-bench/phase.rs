@@ -8,8 +8,6 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, BufWriter};
-use tokio::net::TcpStream;
 
 use crate::cli::FanoutArgs;
 use crate::control::{PH_AFTER, PH_MEASURE, PH_STALL};
@@ -21,6 +19,7 @@ use crate::procs::{
 use crate::publisher::{start_upstream, BoxSink, Feed, PubCtx, PubSink};
 use crate::relay::REDIS_CHANNEL;
 use crate::report::{print_phase, q};
+use crate::resp::publishing_conn;
 use crate::subscribers::{
     connect, connect_sub, decoder_dictionary, delivered, realistic_filter, run_sub, sub_url,
     SubShared, SubSpec, TIMED_EVERY,
@@ -153,19 +152,8 @@ async fn start_redis(args: &FanoutArgs, dir: &TempDir) -> anyhow::Result<(ChildG
 /// The publisher's own connection to Redis, PUBLISHing every frame; its replies (the
 /// number of receivers) are read and dropped.
 async fn redis_publisher(rport: u16) -> anyhow::Result<PubSink> {
-    let stream = TcpStream::connect(("127.0.0.1", rport)).await?;
-    let _ = stream.set_nodelay(true);
-    let (mut r, w) = stream.into_split();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        while let Ok(n) = r.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-        }
-    });
     Ok(PubSink::Redis {
-        w: BufWriter::with_capacity(1 << 20, w),
+        w: publishing_conn(("127.0.0.1", rport)).await?,
         channel: REDIS_CHANNEL.into(),
     })
 }

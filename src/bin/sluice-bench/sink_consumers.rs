@@ -40,7 +40,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use futures_util::StreamExt;
 use serde_json::json;
-use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -56,7 +56,7 @@ use crate::procs::{
 };
 use crate::publisher::{start_upstream, Feed, PubCtx, PubSink};
 use crate::report::{median, q};
-use crate::resp::{read_value, resp_command};
+use crate::resp::{publishing_conn, read_value, resp_command};
 use crate::subscribers::{
     self as subscribers, delivered, filter_names, realistic_filter, run_sub, sub_url, SubShared,
     SubSpec,
@@ -141,19 +141,7 @@ pub(crate) struct RebroadcastArgs {
 /// comparison is of the architecture, not of a decoder) and each event's v1 JSON is
 /// PUBLISHed on its collection's (or kind's) channel, pipelined, flushed per frame.
 pub(crate) async fn rebroadcast(args: RebroadcastArgs) -> anyhow::Result<()> {
-    let stream = TcpStream::connect(args.redis).await?;
-    let _ = stream.set_nodelay(true);
-    let (mut r, w) = stream.into_split();
-    // One integer reply per PUBLISH: read and dropped.
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        while let Ok(n) = r.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-        }
-    });
-    let mut w = BufWriter::with_capacity(1 << 20, w);
+    let mut w = publishing_conn(args.redis).await?;
     let (ws, _) = tokio_tungstenite::connect_async(args.upstream.as_str())
         .await
         .context("connecting to the upstream")?;
