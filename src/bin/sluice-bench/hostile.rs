@@ -504,6 +504,15 @@ struct Worker {
     stats: Arc<AttackStats>,
 }
 
+impl Worker {
+    /// Counts a refused attempt, then pauses `pause_ms` before the next one (so a refused
+    /// attacker does not spin).
+    async fn refused(&self, pause_ms: u64) {
+        count_refusal(&self.stats);
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+    }
+}
+
 /// Spawns `workers` tasks, task i attacking from attacker address i; each repeats
 /// `attempt` (counted in `attempts`, given the attempt's number) until the attack stops.
 fn spawn_workers<F, Fut>(
@@ -546,9 +555,7 @@ fn start_attack(
     match attack {
         Attack::Slowloris => spawn_workers(set, ctx, attack_ips, 500, |w, _| async move {
             let Ok(mut stream) = connect_from(w.ip, w.addr).await else {
-                count_refusal(&w.stats);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                return;
+                return w.refused(200).await;
             };
             if stream
                 .write_all(b"GET /subscribe HTTP/1.1\r\nHost: x\r\nX-Slow: ")
@@ -589,9 +596,7 @@ fn start_attack(
                 async move {
                     let path = "/subscribe?wantedCollections=com.example.none";
                     let Ok(mut stream) = raw_upgrade(w.ip, w.addr, path).await else {
-                        count_refusal(&w.stats);
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        return;
+                        return w.refused(500).await;
                     };
                     w.stats.admitted.fetch_add(1, Ordering::Relaxed);
                     // The write may end half-way when the budget closes the connection.
@@ -638,9 +643,7 @@ fn start_attack(
         Attack::Scans => spawn_workers(set, ctx, attack_ips, 20, |w, _| async move {
             let path = "/xrpc/network.bsky.jetstream.subscribeEvents?cursor=1&collections=com.example.nothing";
             let Ok(mut ws) = ws_from(w.ip, w.addr, path, true).await else {
-                count_refusal(&w.stats);
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                return;
+                return w.refused(500).await;
             };
             w.stats.admitted.fetch_add(1, Ordering::Relaxed);
             let until = tokio::time::Instant::now() + Duration::from_secs(3);
@@ -679,9 +682,7 @@ fn start_attack(
                 async move {
                     let path = "/subscribe?requireHello=true";
                     let Ok(mut ws) = ws_from(w.ip, w.addr, path, false).await else {
-                        count_refusal(&w.stats);
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        return;
+                        return w.refused(500).await;
                     };
                     w.stats.admitted.fetch_add(1, Ordering::Relaxed);
                     let mut every = tokio::time::interval(Duration::from_secs(1));
