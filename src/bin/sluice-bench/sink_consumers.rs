@@ -57,6 +57,7 @@ use crate::procs::{
 use crate::publisher::{start_upstream, Feed, PubCtx, PubSink};
 use crate::report::{median, q};
 use crate::resp::{publishing_conn, read_value, resp_command};
+use crate::sink::SinkRedisArgs;
 use crate::subscribers::{
     self as subscribers, delivered, filter_names, realistic_filter, run_sub, sub_url, SubShared,
     SubSpec,
@@ -103,12 +104,8 @@ pub(crate) struct RedisConsumersArgs {
     /// Runs; targets alternate within each, the summary shows medians.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// The sink's redis-server appendfsync (AOF on): always, everysec or no.
-    #[arg(long, default_value = "everysec")]
-    appendfsync: String,
-    /// redis-server binary.
-    #[arg(long, default_value = "redis-server")]
-    redis_server: String,
+    #[command(flatten)]
+    redis: SinkRedisArgs,
     /// Seed of the synthetic frames and of the consumers' mix.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -363,11 +360,16 @@ fn redis_command(
     port: u16,
     dir: &std::path::Path,
 ) -> Command {
-    let mut cmd = Command::new(&args.redis_server);
+    let mut cmd = Command::new(&args.redis.redis_server);
     cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
         .args(["--save", "", "--daemonize", "no"]);
     if kind.sink() {
-        cmd.args(["--appendonly", "yes", "--appendfsync", &args.appendfsync]);
+        cmd.args([
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            &args.redis.appendfsync,
+        ]);
     } else {
         cmd.args(["--appendonly", "no"])
             .args(["--client-output-buffer-limit", "pubsub 256mb 64mb 60"]);
