@@ -68,6 +68,13 @@ pub struct RedisSinkArgs {
     batch_events: usize,
     #[command(flatten)]
     redis: SinkRedisArgs,
+    #[command(flatten)]
+    run: SinkRunArgs,
+}
+
+/// What the two sink benches run on: the synthetic frames and a place for their files.
+#[derive(clap::Args, Clone)]
+struct SinkRunArgs {
     /// Seed of the synthetic frames.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -76,18 +83,20 @@ pub struct RedisSinkArgs {
     tmp: std::path::PathBuf,
 }
 
-fn temp_dir(base: &std::path::Path, tag: &str) -> anyhow::Result<TempDir> {
-    TempDir::fresh(base, &format!("sink-{tag}"))
+impl SinkRunArgs {
+    fn temp_dir(&self, tag: &str) -> anyhow::Result<TempDir> {
+        TempDir::fresh(&self.tmp, &format!("sink-{tag}"))
+    }
 }
 
 pub async fn redis_sink(args: RedisSinkArgs) -> anyhow::Result<()> {
-    let dir = temp_dir(&args.tmp, "log")?;
+    let dir = args.run.temp_dir("log")?;
     eprintln!("filling a log with {} synthetic events", args.events);
     let (log, _) =
         Log::open(LogConfig::new(dir.0.join("log"))).map_err(|e| anyhow::anyhow!("log: {e}"))?;
     let mut ingestor = Ingestor::new(StampState::fresh(), Default::default());
     let synth = Synth::new(&SynthOptions {
-        seed: args.seed,
+        seed: args.run.seed,
         count: args.events,
         ..SynthOptions::default()
     });
@@ -113,7 +122,7 @@ pub async fn redis_sink(args: RedisSinkArgs) -> anyhow::Result<()> {
     let mut results: Vec<serde_json::Value> = Vec::new();
     for run in 0..args.runs {
         for &(name, all) in &variants {
-            let rdir = temp_dir(&args.tmp, &format!("redis-{run}-{all}"))?;
+            let rdir = args.run.temp_dir(&format!("redis-{run}-{all}"))?;
             let (redis, port) = args.redis.start(&rdir.0).await?;
             let mut config = RedisSinkConfig::new(format!("redis://127.0.0.1:{port}/0"));
             config.all_stream = all;
@@ -198,12 +207,8 @@ pub struct RedisSinkMemoryArgs {
     all: bool,
     #[command(flatten)]
     redis: SinkRedisArgs,
-    /// Seed of the synthetic frames.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Directory for the log and redis-server's files (a subdirectory, removed after).
-    #[arg(long, default_value = "/tmp")]
-    tmp: std::path::PathBuf,
+    #[command(flatten)]
+    run: SinkRunArgs,
 }
 
 /// `INFO memory` fields, in bytes.
@@ -217,7 +222,7 @@ fn info_field(info: &str, name: &str) -> Option<u64> {
 /// seconds into a fresh redis-server, sampling its memory every `--interval` seconds: with
 /// the trimming bounds set, Redis memory must level off and stay flat.
 pub async fn redis_sink_memory(args: RedisSinkMemoryArgs) -> anyhow::Result<()> {
-    let dir = temp_dir(&args.tmp, "mem")?;
+    let dir = args.run.temp_dir("mem")?;
     let (log, _) =
         Log::open(LogConfig::new(dir.0.join("log"))).map_err(|e| anyhow::anyhow!("log: {e}"))?;
     let (redis, port) = args.redis.start(&dir.0).await?;
@@ -232,7 +237,7 @@ pub async fn redis_sink_memory(args: RedisSinkMemoryArgs) -> anyhow::Result<()> 
     let sink = sluice::sink::start(log.reader(), config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let total = usize::try_from(args.rate * args.duration)?;
     let mut frames = Synth::new(&SynthOptions {
-        seed: args.seed,
+        seed: args.run.seed,
         count: total + 1000,
         ..SynthOptions::default()
     });
