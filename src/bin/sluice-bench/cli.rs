@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::cluster;
 use crate::hostile;
+use crate::procs::ServeArgs;
 use crate::sink;
 use crate::sink_consumers;
 use crate::target::{BaselineArg, Mix, Wire};
@@ -67,9 +68,8 @@ pub(crate) enum Cmd {
 
 #[derive(Parser, Clone)]
 pub(crate) struct FanoutArgs {
-    /// The sluice binary to benchmark.
-    #[arg(long, default_value = "target/release/sluice")]
-    pub(crate) sluice: PathBuf,
+    #[command(flatten)]
+    pub(crate) serve: ServeArgs,
     /// Websocket subscribers per phase.
     #[arg(long, default_value_t = 100)]
     pub(crate) subscribers: usize,
@@ -122,10 +122,6 @@ pub(crate) struct FanoutArgs {
     /// redis-server binary.
     #[arg(long, default_value = "redis-server")]
     pub(crate) redis_server: String,
-    /// Extra argument for `sluice serve` (repeat for several), e.g.
-    /// `--serve-arg=--tail-max-mib=64`.
-    #[arg(long = "serve-arg", allow_hyphen_values = true)]
-    pub(crate) serve_args: Vec<String>,
     /// Concurrent connection attempts while subscribers connect.
     #[arg(long, default_value_t = 64)]
     pub(crate) connect_concurrency: usize,

@@ -42,7 +42,7 @@ use crate::frame_meta::{commit_key, json_str};
 use crate::hist::{now_ns, Hist};
 use crate::procs::{
     free_port, proc_cpu_secs, proc_rss_kb, serve_command, start_watchdog, wait_tcp, ChildGuard,
-    TempDir,
+    ServeArgs, TempDir,
 };
 use crate::publisher::{start_generator, start_upstream, PubSink};
 use crate::report::{median, open_results};
@@ -50,9 +50,8 @@ use crate::stamps::Stamps;
 
 #[derive(Parser, Clone)]
 pub struct HostileArgs {
-    /// The sluice binary to benchmark.
-    #[arg(long, default_value = "target/release/sluice")]
-    sluice: std::path::PathBuf,
+    #[command(flatten)]
+    serve: ServeArgs,
     /// Upstream frames per second while measuring (each synthetic commit is one op, so
     /// about the bystander's event rate); the live firehose averaged 400-500 in 2026.
     #[arg(long, default_value_t = 500)]
@@ -93,9 +92,6 @@ pub struct HostileArgs {
     /// DID pool of the synthetic frames.
     #[arg(long, default_value_t = 2000)]
     dids: usize,
-    /// Extra argument for `sluice serve` (repeat for several).
-    #[arg(long = "serve-arg", allow_hyphen_values = true)]
-    serve_args: Vec<String>,
     /// Write every phase's result as one JSON line to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -841,9 +837,9 @@ pub async fn hostile(args: HostileArgs) -> anyhow::Result<()> {
     let upstream = start_upstream(tx).await?;
     let port = free_port()?;
     let admin_port = free_port()?;
-    let mut cmd = serve_command(&args.sluice, &upstream, port, &dir.0.join("data"));
+    let mut cmd = serve_command(&args.serve.sluice, &upstream, port, &dir.0.join("data"));
     cmd.args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
-        .args(&args.serve_args);
+        .args(&args.serve.serve_args);
     let mut serve = ChildGuard::spawn("sluice serve", &mut cmd, Some(dir.0.join("serve.log")))?;
     wait_tcp(port, &mut serve, 30).await?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();

@@ -47,8 +47,8 @@ pub(crate) async fn start_target(
         Target::Sluice(_) => {
             let upstream = start_upstream(tx).await?;
             let port = free_port()?;
-            let mut cmd = serve_command(&args.sluice, &upstream, port, &dir.0.join("data"));
-            cmd.args(SERVE_NO_LIMITS).args(&args.serve_args);
+            let mut cmd = serve_command(&args.serve.sluice, &upstream, port, &dir.0.join("data"));
+            cmd.args(SERVE_NO_LIMITS).args(&args.serve.serve_args);
             let mut g = ChildGuard::spawn("sluice serve", &mut cmd, Some(dir.0.join("serve.log")))?;
             wait_tcp(port, &mut g, 30).await?;
             Ok(Running {

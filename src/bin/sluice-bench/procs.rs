@@ -9,6 +9,18 @@ use anyhow::{bail, Context};
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
 
+/// The sluice under test: its binary and the user's extra `sluice serve` arguments.
+#[derive(clap::Args, Clone)]
+pub(crate) struct ServeArgs {
+    /// The sluice binary to benchmark.
+    #[arg(long, default_value = "target/release/sluice")]
+    pub(crate) sluice: PathBuf,
+    /// Extra argument for `sluice serve` (repeat for several), e.g.
+    /// `--serve-arg=--tail-max-mib=64`.
+    #[arg(long = "serve-arg", allow_hyphen_values = true)]
+    pub(crate) serve_args: Vec<String>,
+}
+
 /// `sluice serve` from `upstream`, listening on 127.0.0.1:`port` with its log under
 /// `data_dir`, logging warnings only and no periodic stats lines. Callers add their own
 /// flags, then the user's `--serve-args` last.

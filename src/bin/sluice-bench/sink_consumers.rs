@@ -52,7 +52,8 @@ use crate::control::{Control, PH_AFTER, PH_COUNT, PH_MEASURE};
 use crate::frame_meta::{commit_key, json_str};
 use crate::hist::{now_ns, Hist};
 use crate::procs::{
-    free_port, proc_cpu_secs, serve_command, wait_tcp, ChildGuard, TempDir, SERVE_NO_LIMITS,
+    free_port, proc_cpu_secs, serve_command, wait_tcp, ChildGuard, ServeArgs, TempDir,
+    SERVE_NO_LIMITS,
 };
 use crate::publisher::{start_upstream, Feed, PubCtx, PubSink};
 use crate::report::{median, q};
@@ -76,9 +77,8 @@ const ALL_COLLECTIONS: [&str; 6] = [
 
 #[derive(Parser, Clone)]
 pub(crate) struct RedisConsumersArgs {
-    /// The sluice binary.
-    #[arg(long, default_value = "target/release/sluice")]
-    sluice: PathBuf,
+    #[command(flatten)]
+    serve: ServeArgs,
     /// Upstream frames (about events) per second.
     #[arg(long, default_value_t = 2000)]
     rate: u32,
@@ -112,9 +112,6 @@ pub(crate) struct RedisConsumersArgs {
     /// DID pool of the synthetic frames.
     #[arg(long, default_value_t = 2000)]
     dids: usize,
-    /// Extra argument for `sluice serve` (repeatable), e.g. `--serve-arg=--commit-interval-ms=20`.
-    #[arg(long = "serve-arg", allow_hyphen_values = true)]
-    serve_args: Vec<String>,
     /// Where temporary data dirs and child logs go.
     #[arg(long, default_value = "/tmp")]
     tmp: PathBuf,
@@ -455,11 +452,11 @@ async fn run_target(
     let up_url = start_upstream(tx).await?;
     let (port, admin) = (free_port()?, free_port()?);
     let mut target = if kind.sink() {
-        let mut cmd = serve_command(&args.sluice, &up_url, port, &dir.0.join("data"));
+        let mut cmd = serve_command(&args.serve.sluice, &up_url, port, &dir.0.join("data"));
         cmd.args(["--admin-listen", &format!("127.0.0.1:{admin}")])
             .args(SERVE_NO_LIMITS)
             .args(["--redis-sink", &format!("redis://127.0.0.1:{rport}/0")])
-            .args(&args.serve_args);
+            .args(&args.serve.serve_args);
         let mut g = ChildGuard::spawn("sluice serve", &mut cmd, Some(dir.0.join("serve.log")))?;
         wait_tcp(port, &mut g, 30).await?;
         g
