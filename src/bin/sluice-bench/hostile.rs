@@ -44,7 +44,7 @@ use crate::procs::{
     free_port, proc_cpu_secs, proc_rss_kb, serve_command, start_watchdog, wait_tcp, ChildGuard,
     ServeArgs, TempDir,
 };
-use crate::publisher::{start_generator, start_upstream, PubSink};
+use crate::publisher::{next_frame, start_generator, start_upstream, GenFrame, PubSink};
 use crate::report::{median, open_results};
 use crate::stamps::Stamps;
 
@@ -744,7 +744,7 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 /// with their send instant, until `stop`.
 async fn feed(
     mut sinks: tokio::sync::mpsc::Receiver<PubSink>,
-    frames: std::sync::mpsc::Receiver<crate::publisher::GenFrame>,
+    mut frames: std::sync::mpsc::Receiver<GenFrame>,
     stamps: Arc<Stamps>,
     prefill: u64,
     rate: f64,
@@ -761,15 +761,8 @@ async fn feed(
         }
     };
     for i in 0..prefill {
-        // Waits for the generator without blocking the runtime (a `&Receiver` held
-        // across an await would make this future not `Send`).
-        let frame = loop {
-            match frames.try_recv() {
-                Ok(frame) => break frame,
-                Err(std::sync::mpsc::TryRecvError::Empty) => {}
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        let Some(frame) = next_frame(&mut frames).await else {
+            return;
         };
         if sink.feed(&frame.bytes).await.is_err() {
             next(&mut sinks, &mut sink);
@@ -786,13 +779,8 @@ async fn feed(
         next(&mut sinks, &mut sink);
         let due = (t0.elapsed().as_secs_f64() * rate) as u64;
         while sent < due {
-            let frame = loop {
-                match frames.try_recv() {
-                    Ok(frame) => break frame,
-                    Err(std::sync::mpsc::TryRecvError::Empty) => {}
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
+            let Some(frame) = next_frame(&mut frames).await else {
+                return;
             };
             sent += 1;
             let ns = now_ns();

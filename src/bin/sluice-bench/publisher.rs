@@ -108,6 +108,20 @@ pub(crate) struct PubStats {
     pub(crate) lag: Hist,
 }
 
+/// The generator's next frame, waited for without blocking the runtime; None once the
+/// generator has ended. (It takes `&mut`: a `&Receiver` held across the wait would make
+/// the caller's future not `Send`.)
+pub(crate) async fn next_frame(frames: &mut Receiver<GenFrame>) -> Option<GenFrame> {
+    loop {
+        match frames.try_recv() {
+            Ok(frame) => return Some(frame),
+            Err(TryRecvError::Empty) => {}
+            Err(TryRecvError::Disconnected) => return None,
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 #[derive(Clone)]
 pub(crate) struct PubCtx {
     pub(crate) rate: f64,
