@@ -1,6 +1,5 @@
-//! The command line: subcommands and the fan-out and relay arguments.
+//! The command line: subcommands and the fan-out arguments.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -8,6 +7,7 @@ use clap::{Parser, Subcommand};
 use crate::cluster;
 use crate::hostile;
 use crate::procs::ServeArgs;
+use crate::relay;
 use crate::sink;
 use crate::sink_consumers;
 use crate::target::{BaselineArg, Mix, Wire};
@@ -35,7 +35,7 @@ pub(crate) enum Cmd {
     /// CPU can be measured. Subscribes to a Redis channel and forwards every message to
     /// every websocket client (tokio broadcast channel of shared bytes; a lagging client
     /// skips messages, as pub/sub does).
-    RedisRelay(RedisRelayArgs),
+    RedisRelay(relay::RedisRelayArgs),
     /// Cluster: the leader's fenced append into a real redis-server, per batch size and
     /// zstd level (events/s, bytes per event in Redis).
     ClusterAppend(cluster::AppendArgs),
@@ -131,20 +131,4 @@ pub(crate) struct FanoutArgs {
     /// Where temporary data dirs and child logs go.
     #[arg(long, default_value = "/tmp")]
     pub(crate) tmp: PathBuf,
-}
-
-#[derive(Parser, Clone)]
-pub(crate) struct RedisRelayArgs {
-    /// Redis server, host:port.
-    #[arg(long)]
-    pub(crate) redis: SocketAddr,
-    /// Channel to subscribe to.
-    #[arg(long, default_value = "sluice-bench")]
-    pub(crate) channel: String,
-    /// Websocket listen address.
-    #[arg(long)]
-    pub(crate) listen: SocketAddr,
-    /// Messages a client may lag behind before it skips ahead.
-    #[arg(long, default_value_t = 16384)]
-    pub(crate) capacity: usize,
 }
