@@ -1,12 +1,13 @@
-//! The command line: subcommands and the fan-out and relay arguments.
+//! The command line: subcommands and the fan-out arguments.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
 use crate::cluster;
 use crate::hostile;
+use crate::procs::ServeArgs;
+use crate::relay;
 use crate::sink;
 use crate::sink_consumers;
 use crate::target::{BaselineArg, Mix, Wire};
@@ -34,7 +35,7 @@ pub(crate) enum Cmd {
     /// CPU can be measured. Subscribes to a Redis channel and forwards every message to
     /// every websocket client (tokio broadcast channel of shared bytes; a lagging client
     /// skips messages, as pub/sub does).
-    RedisRelay(RedisRelayArgs),
+    RedisRelay(relay::RedisRelayArgs),
     /// Cluster: the leader's fenced append into a real redis-server, per batch size and
     /// zstd level (events/s, bytes per event in Redis).
     ClusterAppend(cluster::AppendArgs),
@@ -67,9 +68,8 @@ pub(crate) enum Cmd {
 
 #[derive(Parser, Clone)]
 pub(crate) struct FanoutArgs {
-    /// The sluice binary to benchmark.
-    #[arg(long, default_value = "target/release/sluice")]
-    pub(crate) sluice: PathBuf,
+    #[command(flatten)]
+    pub(crate) serve: ServeArgs,
     /// Websocket subscribers per phase.
     #[arg(long, default_value_t = 100)]
     pub(crate) subscribers: usize,
@@ -122,10 +122,6 @@ pub(crate) struct FanoutArgs {
     /// redis-server binary.
     #[arg(long, default_value = "redis-server")]
     pub(crate) redis_server: String,
-    /// Extra argument for `sluice serve` (repeat for several), e.g.
-    /// `--serve-arg=--tail-max-mib=64`.
-    #[arg(long = "serve-arg", allow_hyphen_values = true)]
-    pub(crate) serve_args: Vec<String>,
     /// Concurrent connection attempts while subscribers connect.
     #[arg(long, default_value_t = 64)]
     pub(crate) connect_concurrency: usize,
@@ -135,20 +131,4 @@ pub(crate) struct FanoutArgs {
     /// Where temporary data dirs and child logs go.
     #[arg(long, default_value = "/tmp")]
     pub(crate) tmp: PathBuf,
-}
-
-#[derive(Parser, Clone)]
-pub(crate) struct RedisRelayArgs {
-    /// Redis server, host:port.
-    #[arg(long)]
-    pub(crate) redis: SocketAddr,
-    /// Channel to subscribe to.
-    #[arg(long, default_value = "sluice-bench")]
-    pub(crate) channel: String,
-    /// Websocket listen address.
-    #[arg(long)]
-    pub(crate) listen: SocketAddr,
-    /// Messages a client may lag behind before it skips ahead.
-    #[arg(long, default_value_t = 16384)]
-    pub(crate) capacity: usize,
 }

@@ -41,17 +41,17 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::frame_meta::{commit_key, json_str};
 use crate::hist::{now_ns, Hist};
 use crate::procs::{
-    free_port, proc_cpu_secs, proc_rss_kb, start_watchdog, wait_tcp, ChildGuard, TempDir,
+    free_port, proc_cpu_secs, proc_rss_kb, serve_command, start_watchdog, wait_tcp, ChildGuard,
+    ServeArgs, TempDir,
 };
-use crate::publisher::{start_generator, start_upstream, PubSink};
+use crate::publisher::{next_frame, start_generator, start_upstream, GenFrame, PubSink};
 use crate::report::{median, open_results};
 use crate::stamps::Stamps;
 
 #[derive(Parser, Clone)]
 pub struct HostileArgs {
-    /// The sluice binary to benchmark.
-    #[arg(long, default_value = "target/release/sluice")]
-    sluice: std::path::PathBuf,
+    #[command(flatten)]
+    serve: ServeArgs,
     /// Upstream frames per second while measuring (each synthetic commit is one op, so
     /// about the bystander's event rate); the live firehose averaged 400-500 in 2026.
     #[arg(long, default_value_t = 500)]
@@ -92,9 +92,6 @@ pub struct HostileArgs {
     /// DID pool of the synthetic frames.
     #[arg(long, default_value_t = 2000)]
     dids: usize,
-    /// Extra argument for `sluice serve` (repeat for several).
-    #[arg(long = "serve-arg", allow_hyphen_values = true)]
-    serve_args: Vec<String>,
     /// Write every phase's result as one JSON line to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -503,6 +500,15 @@ struct Worker {
     stats: Arc<AttackStats>,
 }
 
+impl Worker {
+    /// Counts a refused attempt, then pauses `pause_ms` before the next one (so a refused
+    /// attacker does not spin).
+    async fn refused(&self, pause_ms: u64) {
+        count_refusal(&self.stats);
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+    }
+}
+
 /// Spawns `workers` tasks, task i attacking from attacker address i; each repeats
 /// `attempt` (counted in `attempts`, given the attempt's number) until the attack stops.
 fn spawn_workers<F, Fut>(
@@ -545,9 +551,7 @@ fn start_attack(
     match attack {
         Attack::Slowloris => spawn_workers(set, ctx, attack_ips, 500, |w, _| async move {
             let Ok(mut stream) = connect_from(w.ip, w.addr).await else {
-                count_refusal(&w.stats);
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                return;
+                return w.refused(200).await;
             };
             if stream
                 .write_all(b"GET /subscribe HTTP/1.1\r\nHost: x\r\nX-Slow: ")
@@ -588,9 +592,7 @@ fn start_attack(
                 async move {
                     let path = "/subscribe?wantedCollections=com.example.none";
                     let Ok(mut stream) = raw_upgrade(w.ip, w.addr, path).await else {
-                        count_refusal(&w.stats);
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        return;
+                        return w.refused(500).await;
                     };
                     w.stats.admitted.fetch_add(1, Ordering::Relaxed);
                     // The write may end half-way when the budget closes the connection.
@@ -637,9 +639,7 @@ fn start_attack(
         Attack::Scans => spawn_workers(set, ctx, attack_ips, 20, |w, _| async move {
             let path = "/xrpc/network.bsky.jetstream.subscribeEvents?cursor=1&collections=com.example.nothing";
             let Ok(mut ws) = ws_from(w.ip, w.addr, path, true).await else {
-                count_refusal(&w.stats);
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                return;
+                return w.refused(500).await;
             };
             w.stats.admitted.fetch_add(1, Ordering::Relaxed);
             let until = tokio::time::Instant::now() + Duration::from_secs(3);
@@ -678,9 +678,7 @@ fn start_attack(
                 async move {
                     let path = "/subscribe?requireHello=true";
                     let Ok(mut ws) = ws_from(w.ip, w.addr, path, false).await else {
-                        count_refusal(&w.stats);
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                        return;
+                        return w.refused(500).await;
                     };
                     w.stats.admitted.fetch_add(1, Ordering::Relaxed);
                     let mut every = tokio::time::interval(Duration::from_secs(1));
@@ -746,7 +744,7 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 /// with their send instant, until `stop`.
 async fn feed(
     mut sinks: tokio::sync::mpsc::Receiver<PubSink>,
-    frames: std::sync::mpsc::Receiver<crate::publisher::GenFrame>,
+    mut frames: std::sync::mpsc::Receiver<GenFrame>,
     stamps: Arc<Stamps>,
     prefill: u64,
     rate: f64,
@@ -763,15 +761,8 @@ async fn feed(
         }
     };
     for i in 0..prefill {
-        // Waits for the generator without blocking the runtime (a `&Receiver` held
-        // across an await would make this future not `Send`).
-        let frame = loop {
-            match frames.try_recv() {
-                Ok(frame) => break frame,
-                Err(std::sync::mpsc::TryRecvError::Empty) => {}
-                Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        let Some(frame) = next_frame(&mut frames).await else {
+            return;
         };
         if sink.feed(&frame.bytes).await.is_err() {
             next(&mut sinks, &mut sink);
@@ -788,13 +779,8 @@ async fn feed(
         next(&mut sinks, &mut sink);
         let due = (t0.elapsed().as_secs_f64() * rate) as u64;
         while sent < due {
-            let frame = loop {
-                match frames.try_recv() {
-                    Ok(frame) => break frame,
-                    Err(std::sync::mpsc::TryRecvError::Empty) => {}
-                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
+            let Some(frame) = next_frame(&mut frames).await else {
+                return;
             };
             sent += 1;
             let ns = now_ns();
@@ -839,18 +825,9 @@ pub async fn hostile(args: HostileArgs) -> anyhow::Result<()> {
     let upstream = start_upstream(tx).await?;
     let port = free_port()?;
     let admin_port = free_port()?;
-    let mut cmd = Command::new(&args.sluice);
-    cmd.arg("serve")
-        .arg("--upstream")
-        .arg(upstream)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{port}"))
-        .arg("--admin-listen")
-        .arg(format!("127.0.0.1:{admin_port}"))
-        .arg("--data-dir")
-        .arg(dir.0.join("data"))
-        .args(["--log", "warn", "--stats-interval-secs", "0"])
-        .args(&args.serve_args);
+    let mut cmd = serve_command(&args.serve.sluice, &upstream, port, &dir.0.join("data"));
+    cmd.args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+        .args(&args.serve.serve_args);
     let mut serve = ChildGuard::spawn("sluice serve", &mut cmd, Some(dir.0.join("serve.log")))?;
     wait_tcp(port, &mut serve, 30).await?;
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();

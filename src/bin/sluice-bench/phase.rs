@@ -1,29 +1,28 @@
 //! One phase: start a target, connect subscribers, publish, measure, stall, report.
 
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, BufWriter};
-use tokio::net::TcpStream;
 
 use crate::cli::FanoutArgs;
-use crate::control::{Control, Tally, PH_AFTER, PH_COUNT, PH_MEASURE, PH_STALL, PH_WARMUP};
+use crate::control::{PH_AFTER, PH_MEASURE, PH_STALL};
 use crate::hist::Hist;
 use crate::procs::{
-    cpu_each, free_port, machine_jiffies, rss_total, self_cpu, wait_tcp, ChildGuard, TempDir,
+    cpu_each, free_port, machine_jiffies, rss_total, self_cpu, serve_command, wait_tcp, ChildGuard,
+    TempDir, SERVE_NO_LIMITS,
 };
-use crate::publisher::{publish, start_generator, start_upstream, BoxSink, PubCtx, PubSink};
+use crate::publisher::{start_upstream, BoxSink, Feed, PubCtx, PubSink};
 use crate::relay::REDIS_CHANNEL;
 use crate::report::{print_phase, q};
-use crate::stamps::Stamps;
+use crate::resp::publishing_conn;
 use crate::subscribers::{
-    connect, connect_sub, decoder_dictionary, realistic_filter, run_sub, sub_url, SubShared,
-    SubSpec, TIMED_EVERY,
+    connect, connect_sub, decoder_dictionary, delivered, realistic_filter, run_sub, sub_url,
+    SubShared, SubSpec, TIMED_EVERY,
 };
 use crate::target::{Mix, Target, Wire};
 
@@ -48,23 +47,8 @@ pub(crate) async fn start_target(
         Target::Sluice(_) => {
             let upstream = start_upstream(tx).await?;
             let port = free_port()?;
-            let mut cmd = Command::new(&args.sluice);
-            cmd.arg("serve")
-                .arg("--upstream")
-                .arg(upstream)
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
-                .arg("--data-dir")
-                .arg(dir.0.join("data"))
-                .args(["--log", "warn", "--stats-interval-secs", "0"])
-                .args([
-                    "--connects-per-sec",
-                    "1000000",
-                    "--connect-burst",
-                    "1000000",
-                ])
-                .args(["--max-per-ip", "10000000", "--max-subscribers", "10000000"])
-                .args(&args.serve_args);
+            let mut cmd = serve_command(&args.serve.sluice, &upstream, port, &dir.0.join("data"));
+            cmd.args(SERVE_NO_LIMITS).args(&args.serve.serve_args);
             let mut g = ChildGuard::spawn("sluice serve", &mut cmd, Some(dir.0.join("serve.log")))?;
             wait_tcp(port, &mut g, 30).await?;
             Ok(Running {
@@ -168,19 +152,8 @@ async fn start_redis(args: &FanoutArgs, dir: &TempDir) -> anyhow::Result<(ChildG
 /// The publisher's own connection to Redis, PUBLISHing every frame; its replies (the
 /// number of receivers) are read and dropped.
 async fn redis_publisher(rport: u16) -> anyhow::Result<PubSink> {
-    let stream = TcpStream::connect(("127.0.0.1", rport)).await?;
-    let _ = stream.set_nodelay(true);
-    let (mut r, w) = stream.into_split();
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        while let Ok(n) = r.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-        }
-    });
     Ok(PubSink::Redis {
-        w: BufWriter::with_capacity(1 << 20, w),
+        w: publishing_conn(("127.0.0.1", rport)).await?,
         channel: REDIS_CHANNEL.into(),
     })
 }
@@ -198,22 +171,14 @@ pub(crate) async fn run_phase(
     }
     let sinks = std::mem::replace(&mut running.sinks, tokio::sync::mpsc::channel(1).1);
 
-    let ctl = Arc::new(Control {
-        phase: AtomicU8::new(PH_WARMUP),
-        stall_active: AtomicBool::new(false),
-        stop_publish: AtomicBool::new(false),
-    });
-    let rate = f64::from(args.rate.max(1));
-    let stamps = Arc::new(Stamps::new((rate * 180.0) as usize * 2));
-    let tallies: Arc<[Tally; PH_COUNT]> = Arc::new(Default::default());
-
     // Generate ahead before anything is measured.
-    let ahead = (args.rate as usize * 4).max(1000);
-    let (gen_rx, made) = start_generator(args.seed, args.dids, ahead);
-    let fill_deadline = Instant::now() + Duration::from_secs(60);
-    while made.load(Ordering::Relaxed) < ahead as u64 && Instant::now() < fill_deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let feed = Feed::ready(args.rate, args.seed, args.dids).await;
+    let PubCtx {
+        ctl,
+        stamps,
+        tallies,
+        ..
+    } = feed.ctx.clone();
 
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_base = rss_total(&running.procs);
@@ -303,24 +268,8 @@ pub(crate) async fn run_phase(
     };
 
     // Traffic.
-    let publisher = tokio::spawn(publish(
-        PubCtx {
-            rate,
-            ctl: Arc::clone(&ctl),
-            stamps: Arc::clone(&stamps),
-            tallies: Arc::clone(&tallies),
-        },
-        gen_rx,
-        sinks,
-    ));
-    tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+    let publisher = feed.start(sinks, args.warmup).await;
 
-    let delivered = |ph: usize| -> u64 {
-        shared
-            .iter()
-            .map(|s| s.delivered[ph].load(Ordering::Relaxed))
-            .sum()
-    };
     let cpu0 = cpu_each(&running.procs);
     let self0 = self_cpu();
     let m0 = machine_jiffies();
@@ -340,7 +289,7 @@ pub(crate) async fn run_phase(
     let self1 = self_cpu();
     let m1 = machine_jiffies();
     let rss_end_measure = rss_total(&running.procs);
-    let delivered_measure = delivered(PH_MEASURE as usize);
+    let delivered_measure = delivered(&shared, PH_MEASURE);
 
     // Stall phase (sluice only).
     let mut stall = serde_json::Value::Null;

@@ -1,6 +1,6 @@
 //! /proc readings (CPU, RSS, machine load) and child processes killed on drop.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
@@ -8,6 +8,45 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
+
+/// The sluice under test: its binary and the user's extra `sluice serve` arguments.
+#[derive(clap::Args, Clone)]
+pub(crate) struct ServeArgs {
+    /// The sluice binary to benchmark.
+    #[arg(long, default_value = "target/release/sluice")]
+    pub(crate) sluice: PathBuf,
+    /// Extra argument for `sluice serve` (repeat for several), e.g.
+    /// `--serve-arg=--tail-max-mib=64`.
+    #[arg(long = "serve-arg", allow_hyphen_values = true)]
+    pub(crate) serve_args: Vec<String>,
+}
+
+/// `sluice serve` from `upstream`, listening on 127.0.0.1:`port` with its log under
+/// `data_dir`, logging warnings only and no periodic stats lines. Callers add their own
+/// flags, then the user's `--serve-args` last.
+pub(crate) fn serve_command(sluice: &Path, upstream: &str, port: u16, data_dir: &Path) -> Command {
+    let mut cmd = Command::new(sluice);
+    cmd.arg("serve")
+        .args(["--upstream", upstream])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--log", "warn", "--stats-interval-secs", "0"]);
+    cmd
+}
+
+/// `sluice serve` flags that take its connection limits (rate, burst, per IP, in all) out
+/// of the way of a bench's thousands of subscribers.
+pub(crate) const SERVE_NO_LIMITS: [&str; 8] = [
+    "--connects-per-sec",
+    "1000000",
+    "--connect-burst",
+    "1000000",
+    "--max-per-ip",
+    "10000000",
+    "--max-subscribers",
+    "10000000",
+];
 
 pub(crate) fn clk_tck() -> f64 {
     static TCK: OnceLock<f64> = OnceLock::new();

@@ -1,7 +1,7 @@
 //! The synthetic frame generator, the paced publisher and the in-process upstream server.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, TryRecvError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use sluice::upstream::synth::{Synth, SynthOptions};
 
-use crate::control::{Control, Tally, PH_COUNT};
+use crate::control::{Control, Tally, PH_COUNT, PH_WARMUP};
 use crate::frame_meta::{frame_meta, seq_key, FrameMeta};
 use crate::hist::{now_ns, Hist};
 use crate::stamps::Stamps;
@@ -108,11 +108,75 @@ pub(crate) struct PubStats {
     pub(crate) lag: Hist,
 }
 
+/// The generator's next frame, waited for without blocking the runtime; None once the
+/// generator has ended. (It takes `&mut`: a `&Receiver` held across the wait would make
+/// the caller's future not `Send`.)
+pub(crate) async fn next_frame(frames: &mut Receiver<GenFrame>) -> Option<GenFrame> {
+    loop {
+        match frames.try_recv() {
+            Ok(frame) => return Some(frame),
+            Err(TryRecvError::Empty) => {}
+            Err(TryRecvError::Disconnected) => return None,
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+#[derive(Clone)]
 pub(crate) struct PubCtx {
     pub(crate) rate: f64,
     pub(crate) ctl: Arc<Control>,
     pub(crate) stamps: Arc<Stamps>,
     pub(crate) tallies: Arc<[Tally; PH_COUNT]>,
+}
+
+/// A paced feed made ready before anything is measured: the state the publisher shares
+/// with the subscribers, and the generator already running ahead.
+pub(crate) struct Feed {
+    pub(crate) ctx: PubCtx,
+    frames: Receiver<GenFrame>,
+}
+
+impl Feed {
+    /// The control in warmup, send stamps for 360 s at `rate` frames/s, and the generator
+    /// filled 4 s ahead (at least 1,000 frames; waiting at most 60 s for it).
+    pub(crate) async fn ready(rate: u32, seed: u64, dids: usize) -> Feed {
+        let ctl = Arc::new(Control {
+            phase: AtomicU8::new(PH_WARMUP),
+            stall_active: AtomicBool::new(false),
+            stop_publish: AtomicBool::new(false),
+        });
+        let ahead = (rate as usize * 4).max(1000);
+        let rate = f64::from(rate.max(1));
+        let stamps = Arc::new(Stamps::new((rate * 180.0) as usize * 2));
+        let tallies: Arc<[Tally; PH_COUNT]> = Arc::new(Default::default());
+        let (frames, made) = start_generator(seed, dids, ahead);
+        let fill_deadline = Instant::now() + Duration::from_secs(60);
+        while made.load(Ordering::Relaxed) < ahead as u64 && Instant::now() < fill_deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Feed {
+            ctx: PubCtx {
+                rate,
+                ctl,
+                stamps,
+                tallies,
+            },
+            frames,
+        }
+    }
+
+    /// Publishes into `sinks` on a task of its own and waits out `warmup_secs`; the
+    /// task ends (with its stats) once `stop_publish` is set.
+    pub(crate) async fn start(
+        self,
+        sinks: tokio::sync::mpsc::Receiver<PubSink>,
+        warmup_secs: u64,
+    ) -> tokio::task::JoinHandle<PubStats> {
+        let publisher = tokio::spawn(publish(self.ctx, self.frames, sinks));
+        tokio::time::sleep(Duration::from_secs(warmup_secs)).await;
+        publisher
+    }
 }
 
 /// Paces frames out at `rate` until `stop_publish`. New sinks (an upstream reconnect)

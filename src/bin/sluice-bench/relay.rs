@@ -1,20 +1,37 @@
 //! The Redis pub/sub rebroadcaster baseline, run as its own process (`redis-relay`).
 
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::bail;
 use bytes::Bytes;
+use clap::Parser;
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::cli::RedisRelayArgs;
 use crate::resp::read_flat;
 
 /// The pub/sub channel the publisher PUBLISHes to and Redis subscribers SUBSCRIBE to.
 pub(crate) const REDIS_CHANNEL: &str = "sluice-bench";
+
+#[derive(Parser, Clone)]
+pub(crate) struct RedisRelayArgs {
+    /// Redis server, host:port.
+    #[arg(long)]
+    pub(crate) redis: SocketAddr,
+    /// Channel to subscribe to.
+    #[arg(long, default_value = "sluice-bench")]
+    pub(crate) channel: String,
+    /// Websocket listen address.
+    #[arg(long)]
+    pub(crate) listen: SocketAddr,
+    /// Messages a client may lag behind before it skips ahead.
+    #[arg(long, default_value_t = 16384)]
+    pub(crate) capacity: usize,
+}
 
 pub(crate) async fn redis_relay(args: RedisRelayArgs) -> anyhow::Result<()> {
     let stream = TcpStream::connect(args.redis).await?;

@@ -3,7 +3,9 @@
 
 use anyhow::bail;
 use bytes::Bytes;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, BufWriter};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpStream, ToSocketAddrs};
 
 /// One reply.
 pub(crate) enum Resp {
@@ -106,4 +108,23 @@ pub(crate) async fn read_flat<R: AsyncBufRead + Unpin + Send>(
     }
     flatten(read_value(r, 0).await?, out);
     Ok(())
+}
+
+/// A connection for PUBLISHing, buffered (1 MiB) for pipelining: its replies (one integer
+/// per PUBLISH, the number of receivers) are read and dropped on a task of their own.
+pub(crate) async fn publishing_conn(
+    addr: impl ToSocketAddrs,
+) -> std::io::Result<BufWriter<OwnedWriteHalf>> {
+    let stream = TcpStream::connect(addr).await?;
+    let _ = stream.set_nodelay(true);
+    let (mut r, w) = stream.into_split();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = r.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    Ok(BufWriter::with_capacity(1 << 20, w))
 }

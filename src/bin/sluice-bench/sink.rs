@@ -8,6 +8,7 @@
 //! case (Redis back after an outage, or a first start), which is also the sink's
 //! sustained ceiling: live traffic only ever asks for less.
 
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -26,6 +27,34 @@ use sluice::upstream::synth::{Synth, SynthOptions};
 use crate::procs::{free_port, proc_cpu_secs, self_cpu, wait_tcp, ChildGuard, TempDir};
 use crate::report::median;
 
+/// The redis-server a sink bench starts for itself, the AOF on.
+#[derive(clap::Args, Clone)]
+pub(crate) struct SinkRedisArgs {
+    /// appendfsync of the sink's redis-server (the AOF is on): always, everysec or no.
+    #[arg(long, default_value = "everysec")]
+    pub(crate) appendfsync: String,
+    /// The redis-server binary.
+    #[arg(long, default_value = "redis-server")]
+    pub(crate) redis_server: String,
+}
+
+impl SinkRedisArgs {
+    /// Starts a redis-server on a free port with its files and log in `dir`, and waits
+    /// until it listens.
+    async fn start(&self, dir: &Path) -> anyhow::Result<(ChildGuard, u16)> {
+        let port = free_port()?;
+        let mut cmd = Command::new(&self.redis_server);
+        cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--save", "", "--appendonly", "yes"])
+            .args(["--appendfsync", &self.appendfsync])
+            .arg("--dir")
+            .arg(dir);
+        let mut redis = ChildGuard::spawn("redis-server", &mut cmd, Some(dir.join("redis.log")))?;
+        wait_tcp(port, &mut redis, 30).await?;
+        Ok((redis, port))
+    }
+}
+
 #[derive(Parser, Clone)]
 pub struct RedisSinkArgs {
     /// Events in the log the sink writes out in each run.
@@ -37,12 +66,15 @@ pub struct RedisSinkArgs {
     /// Events per write (--redis-sink-batch-events).
     #[arg(long, default_value_t = 2000)]
     batch_events: usize,
-    /// redis-server's appendfsync (the AOF is on): always, everysec or no.
-    #[arg(long, default_value = "everysec")]
-    appendfsync: String,
-    /// The redis-server binary.
-    #[arg(long, default_value = "redis-server")]
-    redis_server: String,
+    #[command(flatten)]
+    redis: SinkRedisArgs,
+    #[command(flatten)]
+    run: SinkRunArgs,
+}
+
+/// What the two sink benches run on: the synthetic frames and a place for their files.
+#[derive(clap::Args, Clone)]
+struct SinkRunArgs {
     /// Seed of the synthetic frames.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -51,18 +83,20 @@ pub struct RedisSinkArgs {
     tmp: std::path::PathBuf,
 }
 
-fn temp_dir(base: &std::path::Path, tag: &str) -> anyhow::Result<TempDir> {
-    TempDir::fresh(base, &format!("sink-{tag}"))
+impl SinkRunArgs {
+    fn temp_dir(&self, tag: &str) -> anyhow::Result<TempDir> {
+        TempDir::fresh(&self.tmp, &format!("sink-{tag}"))
+    }
 }
 
 pub async fn redis_sink(args: RedisSinkArgs) -> anyhow::Result<()> {
-    let dir = temp_dir(&args.tmp, "log")?;
+    let dir = args.run.temp_dir("log")?;
     eprintln!("filling a log with {} synthetic events", args.events);
     let (log, _) =
         Log::open(LogConfig::new(dir.0.join("log"))).map_err(|e| anyhow::anyhow!("log: {e}"))?;
     let mut ingestor = Ingestor::new(StampState::fresh(), Default::default());
     let synth = Synth::new(&SynthOptions {
-        seed: args.seed,
+        seed: args.run.seed,
         count: args.events,
         ..SynthOptions::default()
     });
@@ -88,17 +122,8 @@ pub async fn redis_sink(args: RedisSinkArgs) -> anyhow::Result<()> {
     let mut results: Vec<serde_json::Value> = Vec::new();
     for run in 0..args.runs {
         for &(name, all) in &variants {
-            let rdir = temp_dir(&args.tmp, &format!("redis-{run}-{all}"))?;
-            let port = free_port()?;
-            let mut cmd = Command::new(&args.redis_server);
-            cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-                .args(["--save", "", "--appendonly", "yes"])
-                .args(["--appendfsync", &args.appendfsync])
-                .arg("--dir")
-                .arg(&rdir.0);
-            let mut redis =
-                ChildGuard::spawn("redis-server", &mut cmd, Some(rdir.0.join("redis.log")))?;
-            wait_tcp(port, &mut redis, 30).await?;
+            let rdir = args.run.temp_dir(&format!("redis-{run}-{all}"))?;
+            let (redis, port) = args.redis.start(&rdir.0).await?;
             let mut config = RedisSinkConfig::new(format!("redis://127.0.0.1:{port}/0"));
             config.all_stream = all;
             config.batch_max_events = args.batch_events;
@@ -180,18 +205,10 @@ pub struct RedisSinkMemoryArgs {
     /// Also the `<prefix>all` stream.
     #[arg(long, default_value_t = false)]
     all: bool,
-    /// redis-server's appendfsync (the AOF is on): always, everysec or no.
-    #[arg(long, default_value = "everysec")]
-    appendfsync: String,
-    /// The redis-server binary.
-    #[arg(long, default_value = "redis-server")]
-    redis_server: String,
-    /// Seed of the synthetic frames.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-    /// Directory for the log and redis-server's files (a subdirectory, removed after).
-    #[arg(long, default_value = "/tmp")]
-    tmp: std::path::PathBuf,
+    #[command(flatten)]
+    redis: SinkRedisArgs,
+    #[command(flatten)]
+    run: SinkRunArgs,
 }
 
 /// `INFO memory` fields, in bytes.
@@ -205,18 +222,10 @@ fn info_field(info: &str, name: &str) -> Option<u64> {
 /// seconds into a fresh redis-server, sampling its memory every `--interval` seconds: with
 /// the trimming bounds set, Redis memory must level off and stay flat.
 pub async fn redis_sink_memory(args: RedisSinkMemoryArgs) -> anyhow::Result<()> {
-    let dir = temp_dir(&args.tmp, "mem")?;
+    let dir = args.run.temp_dir("mem")?;
     let (log, _) =
         Log::open(LogConfig::new(dir.0.join("log"))).map_err(|e| anyhow::anyhow!("log: {e}"))?;
-    let port = free_port()?;
-    let mut cmd = Command::new(&args.redis_server);
-    cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--save", "", "--appendonly", "yes"])
-        .args(["--appendfsync", &args.appendfsync])
-        .arg("--dir")
-        .arg(&dir.0);
-    let mut redis = ChildGuard::spawn("redis-server", &mut cmd, Some(dir.0.join("redis.log")))?;
-    wait_tcp(port, &mut redis, 30).await?;
+    let (redis, port) = args.redis.start(&dir.0).await?;
     let url = format!("redis://127.0.0.1:{port}/0");
     let mut con = redis::Client::open(url.as_str())?
         .get_multiplexed_async_connection()
@@ -228,7 +237,7 @@ pub async fn redis_sink_memory(args: RedisSinkMemoryArgs) -> anyhow::Result<()> 
     let sink = sluice::sink::start(log.reader(), config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let total = usize::try_from(args.rate * args.duration)?;
     let mut frames = Synth::new(&SynthOptions {
-        seed: args.seed,
+        seed: args.run.seed,
         count: total + 1000,
         ..SynthOptions::default()
     });

@@ -40,23 +40,28 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use futures_util::StreamExt;
 use serde_json::json;
-use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 use sluice::event::StampState;
 use sluice::ingest::{IngestOutcome, Ingestor};
 use sluice::sink::{shape, RedisSinkConfig};
 
-use crate::control::{Control, Tally, PH_AFTER, PH_COUNT, PH_MEASURE, PH_WARMUP};
+use crate::control::{Control, PH_AFTER, PH_COUNT, PH_MEASURE};
 use crate::frame_meta::{commit_key, json_str};
 use crate::hist::{now_ns, Hist};
-use crate::procs::{free_port, proc_cpu_secs, wait_tcp, ChildGuard, TempDir};
-use crate::publisher::{publish, start_generator, upstream_server, PubCtx, PubSink};
+use crate::procs::{
+    free_port, proc_cpu_secs, serve_command, wait_tcp, ChildGuard, ServeArgs, TempDir,
+    SERVE_NO_LIMITS,
+};
+use crate::publisher::{start_upstream, Feed, PubCtx, PubSink};
 use crate::report::{median, q};
-use crate::resp::{read_value, resp_command};
+use crate::resp::{publishing_conn, read_value, resp_command};
+use crate::sink::SinkRedisArgs;
 use crate::subscribers::{
-    self as subscribers, filter_names, realistic_filter, run_sub, sub_url, SubShared, SubSpec,
+    self as subscribers, delivered, filter_names, realistic_filter, run_sub, sub_url, SubShared,
+    SubSpec,
 };
 use crate::target::{Target, Wire};
 
@@ -72,9 +77,8 @@ const ALL_COLLECTIONS: [&str; 6] = [
 
 #[derive(Parser, Clone)]
 pub(crate) struct RedisConsumersArgs {
-    /// The sluice binary.
-    #[arg(long, default_value = "target/release/sluice")]
-    sluice: PathBuf,
+    #[command(flatten)]
+    serve: ServeArgs,
     /// Upstream frames (about events) per second.
     #[arg(long, default_value_t = 2000)]
     rate: u32,
@@ -100,21 +104,14 @@ pub(crate) struct RedisConsumersArgs {
     /// Runs; targets alternate within each, the summary shows medians.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// The sink's redis-server appendfsync (AOF on): always, everysec or no.
-    #[arg(long, default_value = "everysec")]
-    appendfsync: String,
-    /// redis-server binary.
-    #[arg(long, default_value = "redis-server")]
-    redis_server: String,
+    #[command(flatten)]
+    redis: SinkRedisArgs,
     /// Seed of the synthetic frames and of the consumers' mix.
     #[arg(long, default_value_t = 1)]
     seed: u64,
     /// DID pool of the synthetic frames.
     #[arg(long, default_value_t = 2000)]
     dids: usize,
-    /// Extra argument for `sluice serve` (repeatable), e.g. `--serve-arg=--commit-interval-ms=20`.
-    #[arg(long = "serve-arg", allow_hyphen_values = true)]
-    serve_args: Vec<String>,
     /// Where temporary data dirs and child logs go.
     #[arg(long, default_value = "/tmp")]
     tmp: PathBuf,
@@ -138,19 +135,7 @@ pub(crate) struct RebroadcastArgs {
 /// comparison is of the architecture, not of a decoder) and each event's v1 JSON is
 /// PUBLISHed on its collection's (or kind's) channel, pipelined, flushed per frame.
 pub(crate) async fn rebroadcast(args: RebroadcastArgs) -> anyhow::Result<()> {
-    let stream = TcpStream::connect(args.redis).await?;
-    let _ = stream.set_nodelay(true);
-    let (mut r, w) = stream.into_split();
-    // One integer reply per PUBLISH: read and dropped.
-    tokio::spawn(async move {
-        let mut buf = vec![0u8; 65536];
-        while let Ok(n) = r.read(&mut buf).await {
-            if n == 0 {
-                break;
-            }
-        }
-    });
-    let mut w = BufWriter::with_capacity(1 << 20, w);
+    let mut w = publishing_conn(args.redis).await?;
     let (ws, _) = tokio_tungstenite::connect_async(args.upstream.as_str())
         .await
         .context("connecting to the upstream")?;
@@ -372,11 +357,16 @@ fn redis_command(
     port: u16,
     dir: &std::path::Path,
 ) -> Command {
-    let mut cmd = Command::new(&args.redis_server);
+    let mut cmd = Command::new(&args.redis.redis_server);
     cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string()])
         .args(["--save", "", "--daemonize", "no"]);
     if kind.sink() {
-        cmd.args(["--appendonly", "yes", "--appendfsync", &args.appendfsync]);
+        cmd.args([
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            &args.redis.appendfsync,
+        ]);
     } else {
         cmd.args(["--appendonly", "no"])
             .args(["--client-output-buffer-limit", "pubsub 256mb 64mb 60"]);
@@ -459,31 +449,14 @@ async fn run_target(
     wait_tcp(rport, &mut redis, 30).await?;
 
     let (tx, sinks) = tokio::sync::mpsc::channel::<PubSink>(4);
-    let up = TcpListener::bind("127.0.0.1:0").await?;
-    let up_url = format!(
-        "ws://127.0.0.1:{}/xrpc/com.atproto.sync.subscribeRepos",
-        up.local_addr()?.port()
-    );
-    tokio::spawn(upstream_server(up, tx));
+    let up_url = start_upstream(tx).await?;
     let (port, admin) = (free_port()?, free_port()?);
     let mut target = if kind.sink() {
-        let mut cmd = Command::new(&args.sluice);
-        cmd.arg("serve")
-            .args(["--upstream", &up_url])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-            .arg("--data-dir")
-            .arg(dir.0.join("data"))
-            .args(["--log", "warn", "--stats-interval-secs", "0"])
-            .args([
-                "--connects-per-sec",
-                "1000000",
-                "--connect-burst",
-                "1000000",
-            ])
-            .args(["--max-per-ip", "10000000", "--max-subscribers", "10000000"])
+        let mut cmd = serve_command(&args.serve.sluice, &up_url, port, &dir.0.join("data"));
+        cmd.args(["--admin-listen", &format!("127.0.0.1:{admin}")])
+            .args(SERVE_NO_LIMITS)
             .args(["--redis-sink", &format!("redis://127.0.0.1:{rport}/0")])
-            .args(&args.serve_args);
+            .args(&args.serve.serve_args);
         let mut g = ChildGuard::spawn("sluice serve", &mut cmd, Some(dir.0.join("serve.log")))?;
         wait_tcp(port, &mut g, 30).await?;
         g
@@ -500,20 +473,13 @@ async fn run_target(
         )?
     };
 
-    let ctl = Arc::new(Control {
-        phase: std::sync::atomic::AtomicU8::new(PH_WARMUP),
-        stall_active: AtomicBool::new(false),
-        stop_publish: AtomicBool::new(false),
-    });
-    let rate = f64::from(args.rate.max(1));
-    let stamps = Arc::new(crate::stamps::Stamps::new((rate * 180.0) as usize * 2));
-    let tallies: Arc<[Tally; PH_COUNT]> = Arc::new(Default::default());
-    let ahead = (args.rate as usize * 4).max(1000);
-    let (gen_rx, made) = start_generator(args.seed, args.dids, ahead);
-    let fill = Instant::now() + Duration::from_secs(60);
-    while made.load(Ordering::Relaxed) < ahead as u64 && Instant::now() < fill {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let feed = Feed::ready(args.rate, args.seed, args.dids).await;
+    let PubCtx {
+        rate,
+        ctl,
+        stamps,
+        tallies,
+    } = feed.ctx.clone();
 
     // Consumers, then the websocket subscribers (sink targets).
     let stop = Arc::new(AtomicBool::new(false));
@@ -580,23 +546,8 @@ async fn run_target(
     tokio::time::sleep(Duration::from_millis(500)).await;
     target.check_alive()?;
 
-    let publisher = tokio::spawn(publish(
-        PubCtx {
-            rate,
-            ctl: Arc::clone(&ctl),
-            stamps: Arc::clone(&stamps),
-            tallies: Arc::clone(&tallies),
-        },
-        gen_rx,
-        sinks,
-    ));
-    tokio::time::sleep(Duration::from_secs(args.warmup)).await;
+    let publisher = feed.start(sinks, args.warmup).await;
 
-    let delivered = |subs: &[Arc<SubShared>], ph: usize| -> u64 {
-        subs.iter()
-            .map(|s| s.delivered[ph].load(Ordering::Relaxed))
-            .sum()
-    };
     let cpu = |pid: u32| proc_cpu_secs(pid).unwrap_or(0.0);
     let (t_cpu0, mut r_cpu0) = (cpu(target.pid()), cpu(redis.pid()));
     let mut redis_cpu_acc = 0.0;
@@ -668,7 +619,7 @@ async fn run_target(
     let secs = t0.elapsed().as_secs_f64();
     let target_cpu = cpu(target.pid()) - t_cpu0;
     let redis_cpu = redis_cpu_acc + cpu(redis.pid()) - r_cpu0;
-    let got = delivered(&consumers, PH_MEASURE as usize);
+    let got = delivered(&consumers, PH_MEASURE);
     ctl.phase.store(PH_AFTER, Ordering::Relaxed);
     ctl.stop_publish.store(true, Ordering::Relaxed);
     let pub_stats = publisher.await.context("publisher")?;
@@ -771,7 +722,7 @@ async fn run_target(
         "ws_p50_us": q(&ws_hist, 0.5),
         "ws_p99_us": q(&ws_hist, 0.99),
         "ws_max_us": ws_hist.max,
-        "ws_delivered_in_window": delivered(&ws_subs, PH_MEASURE as usize),
+        "ws_delivered_in_window": delivered(&ws_subs, PH_MEASURE),
         "ws_ended": ws_ended,
         "outage": outage,
         "load_avg_1m": load_avg(),

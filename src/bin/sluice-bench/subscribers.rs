@@ -46,6 +46,13 @@ impl SubShared {
     }
 }
 
+/// Events delivered in phase `ph`, summed over `subs`.
+pub(crate) fn delivered(subs: &[Arc<SubShared>], ph: u8) -> u64 {
+    subs.iter()
+        .map(|s| s.delivered[ph as usize].load(Ordering::Relaxed))
+        .sum()
+}
+
 pub(crate) struct SubSpec {
     pub(crate) url: String,
     pub(crate) v2: bool,
