@@ -52,8 +52,6 @@ impl Node {
             "1000".into(),
             "--standby-poll-ms".into(),
             "100".into(),
-            "--retention-hours".into(),
-            "100000".into(),
             "--commit-interval-ms".into(),
             "20".into(),
             "--backoff-min-ms".into(),
