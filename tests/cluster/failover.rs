@@ -20,7 +20,8 @@ use sluice::upstream::replay::{self, Listen, ReplayOptions, ReplaySource, Speed}
 use sluice::upstream::synth::{generate, SynthOptions};
 use tokio_tungstenite::tungstenite::Message;
 
-const KILLS: usize = 4;
+/// The number of leader kills, all while the upstream is sending.
+const KILLS: usize = 20;
 
 /// Events ingest makes of `frames` (what seq N must reach).
 fn events_of(frames: &[Bytes]) -> u64 {
@@ -214,7 +215,7 @@ async fn follow_raw(
 async fn leader_kills_lose_and_duplicate_nothing_on_any_node_or_subscriber() {
     let _machine = crate::exclusive::alone().await;
     let frames: Vec<Bytes> = generate(&SynthOptions {
-        count: 5000,
+        count: 12_000,
         seed: 17,
         ..SynthOptions::default()
     })
@@ -254,7 +255,8 @@ async fn leader_kills_lose_and_duplicate_nothing_on_any_node_or_subscriber() {
         v1_target,
         Duration::from_secs(150),
     ));
-    // ~500 frames/s (synth frames are 1-4 ms apart): ten seconds of traffic.
+    // ~500 frames/s (synth frames are 1-4 ms apart): ~24 s of traffic, about what 20 kills
+    // a few hundred ms apart take (each waits for the next leader).
     tokio::spawn(replay::serve(ReplayOptions {
         frames: ReplaySource::Frames(frames.clone()),
         listen: Listen::Listener(listener),
@@ -264,7 +266,7 @@ async fn leader_kills_lose_and_duplicate_nothing_on_any_node_or_subscriber() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(17);
     let mut takeovers = Vec::new();
     for kill in 0..KILLS {
-        tokio::time::sleep(Duration::from_millis(rng.gen_range(600..1400))).await;
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(150..500))).await;
         let old = wait_for("a leader", Duration::from_secs(30), || leader(&nodes)).await;
         nodes[old].kill9();
         let killed = Instant::now();
