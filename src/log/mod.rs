@@ -264,7 +264,7 @@ impl Log {
         let first = self.shared.tail.next_seq();
         let mut shared = Vec::with_capacity(events.len());
         let mut bytes = 0;
-        let mut prev_upstream = None;
+        let mut starts = codec::FrameStarts::default();
         for (expected, event) in (first..).zip(events) {
             if event.seq != expected {
                 return Err(LogError::OutOfOrder {
@@ -272,9 +272,7 @@ impl Log {
                     got: event.seq,
                 });
             }
-            let first_of_frame = event.op_index == 0 || prev_upstream != Some(event.upstream_seq);
-            prev_upstream = Some(event.upstream_seq);
-            bytes += codec::payload_bytes(&event, first_of_frame);
+            bytes += codec::payload_bytes(&event, starts.next(&event));
             shared.push(Arc::new(event));
         }
         self.shared.tail.push(&shared);

@@ -14,7 +14,7 @@ use std::sync::RwLock;
 
 use tokio::sync::watch;
 
-use super::codec::payload_bytes;
+use super::codec::{payload_bytes, FrameStarts};
 use super::store::SharedEvent;
 
 struct Inner {
@@ -74,11 +74,9 @@ impl HotTail {
         let Some(last) = events.last() else { return };
         {
             let mut inner = self.write_inner();
-            let mut prev_upstream = None;
+            let mut starts = FrameStarts::default();
             for e in events {
-                let first_of_frame = e.op_index == 0 || prev_upstream != Some(e.upstream_seq);
-                prev_upstream = Some(e.upstream_seq);
-                let size = payload_bytes(e, first_of_frame) + 64;
+                let size = payload_bytes(e, starts.next(e)) + 64;
                 inner.bytes += size;
                 inner.events.push_back((e.clone(), size));
             }

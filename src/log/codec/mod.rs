@@ -97,8 +97,9 @@ pub fn split_segments(events: &[SharedEvent], target_bytes: usize) -> Vec<&[Shar
     let mut out = Vec::new();
     let mut start = 0;
     let mut bytes = 0usize;
+    let mut starts = FrameStarts::default();
     for (i, event) in events.iter().enumerate() {
-        let new_frame = i == 0 || starts_frame(&events[i - 1], event);
+        let new_frame = starts.next(event);
         if new_frame && i > start && bytes >= target_bytes {
             out.push(&events[start..i]);
             start = i;
@@ -112,8 +113,27 @@ pub fn split_segments(events: &[SharedEvent], target_bytes: usize) -> Vec<&[Shar
     out
 }
 
-fn starts_frame(prev: &Event, event: &Event) -> bool {
-    event.op_index == 0 || event.upstream_seq != prev.upstream_seq
+/// Tells, event by event in log order, which events start their upstream frame (`op_index`
+/// 0, or another frame than the previous event's): those carry the frame's bytes in every
+/// size account, the later events of the frame share them.
+#[derive(Debug, Default)]
+pub struct FrameStarts {
+    prev_upstream: Option<i64>,
+}
+
+impl FrameStarts {
+    /// Whether `event`, the next in log order, starts its frame.
+    pub fn next(&mut self, event: &Event) -> bool {
+        let starts = starts_frame_after(self.prev_upstream, event);
+        self.prev_upstream = Some(event.upstream_seq);
+        starts
+    }
+}
+
+/// Whether `event` starts its frame, after an event of the frame `prev_upstream` (none:
+/// `event` is the first looked at).
+fn starts_frame_after(prev_upstream: Option<i64>, event: &Event) -> bool {
+    event.op_index == 0 || prev_upstream != Some(event.upstream_seq)
 }
 
 /// Uncompressed payload bytes of an event; the raw frame counts with the frame's first.
@@ -311,7 +331,9 @@ impl Encoder {
         while i < events.len() {
             let head = &events[i];
             let mut end = i + 1;
-            while end < events.len() && !starts_frame(&events[end - 1], &events[end]) {
+            while end < events.len()
+                && !starts_frame_after(Some(events[end - 1].upstream_seq), &events[end])
+            {
                 end += 1;
             }
             frames += 1;

@@ -107,10 +107,13 @@ impl FjallStore {
         if mine {
             let mut cache = self.decoded.lock().map_err(|_| backend("poisoned"))?;
             let size = match &result {
-                Ok(events) => events
-                    .iter()
-                    .map(|e| codec::payload_bytes(e, e.op_index == 0) + 160)
-                    .sum(),
+                Ok(events) => {
+                    let mut starts = codec::FrameStarts::default();
+                    events
+                        .iter()
+                        .map(|e| codec::payload_bytes(e, starts.next(e)) + 160)
+                        .sum()
+                }
                 Err(_) => 0,
             };
             if let Some(entry) = cache

@@ -712,12 +712,10 @@ impl EventStore for FjallStore {
             // limits. Events shared with the cache are cloned (their payloads are
             // refcounted slices, not copies) only when taken; a decode nobody else holds
             // is moved out.
-            let mut prev_upstream = None;
+            let mut starts = codec::FrameStarts::default();
             let mut out_len = out.len();
             let mut take = |event: &Event| -> Option<bool> {
-                let first_of_frame =
-                    event.op_index == 0 || prev_upstream != Some(event.upstream_seq);
-                prev_upstream = Some(event.upstream_seq);
+                let first_of_frame = starts.next(event);
                 if event.seq < from_seq {
                     return Some(false);
                 }
