@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 use crate::cluster;
+use crate::cold_replay;
 use crate::hostile;
 use crate::procs::ServeArgs;
 use crate::relay;
@@ -64,6 +65,9 @@ pub(crate) enum Cmd {
     Hostile(hostile::HostileArgs),
     /// Internal: one attack of `hostile`, run as its own (niced) process.
     HostileAttack(hostile::AttackArgs),
+    /// Cold replay: an hour of events stored first, then 100 v1 subscribers replaying it
+    /// from disk while live subscribers are timed, alternating with windows without replay.
+    ColdReplay(cold_replay::ColdReplayArgs),
 }
 
 #[derive(Parser, Clone)]

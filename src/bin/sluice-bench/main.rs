@@ -20,6 +20,7 @@
 
 mod cli;
 mod cluster;
+mod cold_replay;
 mod control;
 mod fanout;
 mod frame_meta;
@@ -62,5 +63,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::RedisRebroadcast(args) => rt.block_on(sink_consumers::rebroadcast(args)),
         Cmd::Hostile(args) => rt.block_on(hostile::hostile(args)),
         Cmd::HostileAttack(args) => rt.block_on(hostile::attack(args)),
+        Cmd::ColdReplay(args) => rt.block_on(cold_replay::cold_replay(args)),
     }
 }

@@ -31,6 +31,17 @@ pub(crate) fn start_generator(
     dids: usize,
     ahead: usize,
 ) -> (Receiver<GenFrame>, Arc<AtomicU64>) {
+    start_generator_from(seed, dids, ahead, SynthOptions::default().start_seq)
+}
+
+/// [`start_generator`] with the upstream seqs starting at `start_seq` (above what a
+/// pre-filled log already holds, so sluice does not drop the frames as already seen).
+pub(crate) fn start_generator_from(
+    seed: u64,
+    dids: usize,
+    ahead: usize,
+    start_seq: u64,
+) -> (Receiver<GenFrame>, Arc<AtomicU64>) {
     let (tx, rx) = sync_channel::<GenFrame>(ahead);
     let made = Arc::new(AtomicU64::new(0));
     let made2 = Arc::clone(&made);
@@ -42,8 +53,8 @@ pub(crate) fn start_generator(
             seed,
             count: usize::MAX,
             dids,
+            start_seq,
             start_time_ms: sluice::clock::now_us() / 1000,
-            ..SynthOptions::default()
         });
         for frame in synth {
             let meta = frame_meta(&frame);
@@ -141,6 +152,11 @@ impl Feed {
     /// The control in warmup, send stamps for 360 s at `rate` frames/s, and the generator
     /// filled 4 s ahead (at least 1,000 frames; waiting at most 60 s for it).
     pub(crate) async fn ready(rate: u32, seed: u64, dids: usize) -> Feed {
+        Self::ready_from(rate, seed, dids, SynthOptions::default().start_seq).await
+    }
+
+    /// [`Feed::ready`] with the upstream seqs starting at `start_seq`.
+    pub(crate) async fn ready_from(rate: u32, seed: u64, dids: usize, start_seq: u64) -> Feed {
         let ctl = Arc::new(Control {
             phase: AtomicU8::new(PH_WARMUP),
             stall_active: AtomicBool::new(false),
@@ -150,7 +166,7 @@ impl Feed {
         let rate = f64::from(rate.max(1));
         let stamps = Arc::new(Stamps::new((rate * 180.0) as usize * 2));
         let tallies: Arc<[Tally; PH_COUNT]> = Arc::new(Default::default());
-        let (frames, made) = start_generator(seed, dids, ahead);
+        let (frames, made) = start_generator_from(seed, dids, ahead, start_seq);
         let fill_deadline = Instant::now() + Duration::from_secs(60);
         while made.load(Ordering::Relaxed) < ahead as u64 && Instant::now() < fill_deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -1,0 +1,483 @@
+//! The `cold-replay` command: many v1 subscribers replaying an hour of the log from disk
+//! while live subscribers' latency is measured, alternating with windows without replay.
+//!
+//! The data dir is filled first, in this process, through sluice's own ingest and log: the
+//! synthetic generator's frames dated over the last `--span-secs` (its frames are 1-4 ms
+//! apart, about the 2026 live rate), so the store holds an hour of source time. Then `sluice
+//! serve` runs on it with a paced live upstream continuing the upstream seqs, and a few live
+//! v1 subscribers are timed (upstream send to subscriber read) the whole time. Each run is
+//! a window without replay, then a window in which `--replayers` v1 subscribers connect
+//! with `cursor` = the oldest stored event's source time (µs) and read until they reach the
+//! first live event (then they leave) or the window ends. Reported: the replayers'
+//! delivered events/s (stored events received, summed, over the time until the last one
+//! caught up or the window ended) and the live subscribers' p99 in both windows.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+use sluice::decode::DecodeLimits;
+use sluice::ingest::{IngestOutcome, Ingestor};
+use sluice::log::{Log, LogConfig};
+use sluice::upstream::synth::{Synth, SynthOptions};
+
+use crate::control::{PH_AFTER, PH_MEASURE, PH_STALL};
+use crate::hist::{now_ns, Hist};
+use crate::procs::{
+    cpu_each, free_port, serve_command, start_watchdog, wait_tcp, ChildGuard, ServeArgs, TempDir,
+    SERVE_NO_LIMITS,
+};
+use crate::publisher::{start_upstream, Feed, PubSink};
+use crate::report::{f, open_results, q};
+use crate::subscribers::{connect, connect_sub, run_sub, sub_url, SubShared, SubSpec};
+use crate::target::{Target, Wire};
+
+/// `sluice serve` flags that take the server-wide replay budgets out of the way, so the
+/// bench measures what the process can deliver (at the defaults, `--scan-events-per-sec`
+/// 100,000 and its per-IP share 50,000 bound what replays from one address may scan).
+/// Pass `--serve-arg`s after them to measure with the budgets.
+const REPLAY_UNCAPPED: [&str; 4] = [
+    "--scan-events-per-sec",
+    "1000000000",
+    "--scan-events-per-sec-per-ip",
+    "1000000000",
+];
+
+#[derive(clap::Args, Clone)]
+pub(crate) struct ColdReplayArgs {
+    #[command(flatten)]
+    pub(crate) serve: ServeArgs,
+    /// Source-time span of the stored history, seconds: the replayers start this far back.
+    #[arg(long, default_value_t = 3600)]
+    pub(crate) span_secs: u64,
+    /// Live upstream frames per second while sluice serves.
+    #[arg(long, default_value_t = 500)]
+    pub(crate) rate: u32,
+    /// v1 subscribers replaying from the oldest stored event in each replay window.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) replayers: usize,
+    /// Live v1 subscribers (everything, no cursor), timed in every window.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) live: usize,
+    /// Length of a window without replay, seconds.
+    #[arg(long, default_value_t = 30)]
+    pub(crate) duration: u64,
+    /// Longest replay window, seconds (it ends earlier once every replayer caught up).
+    #[arg(long, default_value_t = 60)]
+    pub(crate) replay_secs: u64,
+    /// Seconds of live traffic before the first window.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) warmup: u64,
+    /// Runs, each a window without and a window with replay; the summary shows medians.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) runs: usize,
+    /// Seed of the synthetic frames (the live upstream uses seed + 1).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+    /// DID pool of the synthetic frames.
+    #[arg(long, default_value_t = 100_000)]
+    pub(crate) dids: usize,
+    /// Write every window's result as one JSON line to this file.
+    #[arg(long)]
+    pub(crate) json: Option<PathBuf>,
+    /// Where the data dir and the child's log go.
+    #[arg(long, default_value = "/tmp")]
+    pub(crate) tmp: PathBuf,
+}
+
+/// What the fill stored.
+struct Filled {
+    events: u64,
+    frames: u64,
+    first_time_us: i64,
+    last_time_us: i64,
+    /// The last upstream seq stored (the live upstream continues above it).
+    upstream_cursor: i64,
+    secs: f64,
+    store_bytes: u64,
+}
+
+/// Fills `dir` with `span_secs` of synthetic frames dated up to now, through ingest and the
+/// log as `sluice serve` would store them (default log settings).
+fn fill(dir: &std::path::Path, span_secs: u64, seed: u64, dids: usize) -> anyhow::Result<Filled> {
+    let started = Instant::now();
+    let (log, state) = Log::open(LogConfig::new(dir)).context("opening the log to fill")?;
+    if state.next_seq != 1 {
+        bail!("{} already holds a log", dir.display());
+    }
+    let now_us = sluice::clock::now_us();
+    let span_us = i64::try_from(span_secs)?.saturating_mul(1_000_000);
+    let end_us = now_us.saturating_sub(1_000_000);
+    let synth = Synth::new(&SynthOptions {
+        seed,
+        count: usize::MAX,
+        dids,
+        start_seq: 1,
+        start_time_ms: (end_us - span_us) / 1000,
+    });
+    let mut ingestor = Ingestor::new(state, DecodeLimits::default());
+    let (mut events, mut frames) = (0u64, 0u64);
+    let (mut first_time_us, mut last_time_us, mut upstream_cursor) = (None, 0i64, 0i64);
+    for frame in synth {
+        let IngestOutcome::Events(batch) = ingestor.ingest(Bytes::from(frame), now_us) else {
+            continue;
+        };
+        let Some(last) = batch.last() else { continue };
+        last_time_us = last.time_us;
+        upstream_cursor = last.upstream_seq;
+        first_time_us.get_or_insert(batch[0].time_us);
+        events += batch.len() as u64;
+        frames += 1;
+        log.append(batch).context("appending the fill")?;
+        if last_time_us >= end_us {
+            break;
+        }
+    }
+    if !log.flush(Duration::from_secs(600)) {
+        bail!("the fill did not become durable within 600 s");
+    }
+    let store_bytes = log.reader().store().size_bytes();
+    log.close().context("closing the filled log")?;
+    Ok(Filled {
+        events,
+        frames,
+        first_time_us: first_time_us.unwrap_or(last_time_us),
+        last_time_us,
+        upstream_cursor,
+        secs: started.elapsed().as_secs_f64(),
+        store_bytes,
+    })
+}
+
+/// The `time_us` of a v1 event (its fourth field or so: looked for near the start only).
+fn time_us_of(text: &str) -> Option<i64> {
+    const KEY: &[u8] = b"\"time_us\":";
+    let head = &text.as_bytes()[..text.len().min(256)];
+    let at = head.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let digits = head[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&head[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// One replayer's progress.
+#[derive(Default)]
+struct Replayer {
+    /// Stored events received (source time at or before the fill's last).
+    replayed: AtomicU64,
+    /// When it received its first live event (bench clock, ns), or 0.
+    caught_up_ns: AtomicU64,
+    failed: AtomicBool,
+}
+
+/// Reads `url` until the first event after `last_stored_us`, counting the events before it.
+async fn replay(url: String, last_stored_us: i64, me: Arc<Replayer>) {
+    let spec = SubSpec {
+        url,
+        v2: false,
+        compressed: false,
+        dictionary: None,
+        filter: None,
+        stalls: false,
+    };
+    let Ok(ws) = connect_sub(&spec).await else {
+        me.failed.store(true, Ordering::Relaxed);
+        return;
+    };
+    let (_sink, mut source) = ws.split();
+    let mut n = 0u64;
+    while let Some(msg) = source.next().await {
+        let t = match msg {
+            Ok(Message::Text(t)) => t,
+            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
+            // A close, an error or a binary message: not a replay that can go on.
+            _ => {
+                me.failed.store(true, Ordering::Relaxed);
+                break;
+            }
+        };
+        let Some(time_us) = time_us_of(t.as_str()) else {
+            continue;
+        };
+        if time_us > last_stored_us {
+            me.caught_up_ns.store(now_ns().max(1), Ordering::Relaxed);
+            break;
+        }
+        n += 1;
+        // Published in steps: the window may end (and this task be dropped) at any time.
+        if n % 256 == 0 {
+            me.replayed.store(n, Ordering::Relaxed);
+        }
+    }
+    me.replayed.store(n, Ordering::Relaxed);
+}
+
+/// The live subscribers' latency histogram of phase `ph`, emptied for the next window.
+fn take_hist(live: &[Arc<SubShared>], ph: u8) -> (Hist, u64) {
+    let mut h = Hist::new();
+    let mut delivered = 0;
+    for s in live {
+        let mut hist = s.hist.lock();
+        h.merge(&hist[ph as usize]);
+        hist[ph as usize] = Hist::new();
+        delivered += s.delivered[ph as usize].swap(0, Ordering::Relaxed);
+    }
+    (h, delivered)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
+    if args.replayers == 0 || args.live == 0 || args.rate == 0 || args.span_secs == 0 {
+        bail!("--replayers, --live, --rate and --span-secs must be positive");
+    }
+    let runs = args.runs.max(1);
+    let per_run = args.duration + args.replay_secs + 30;
+    start_watchdog(Duration::from_secs(900 + per_run * runs as u64));
+    let dir = TempDir::fresh(&args.tmp, "cold-replay")?;
+    let data = dir.0.join("data");
+
+    eprintln!(
+        "filling {} with {} s of events...",
+        data.display(),
+        args.span_secs
+    );
+    let (fill_dir, span, seed, dids) = (data.clone(), args.span_secs, args.seed, args.dids);
+    let filled = tokio::task::spawn_blocking(move || fill(&fill_dir, span, seed, dids)).await??;
+    eprintln!(
+        "  {} events ({} frames) over {:.0} s of source time in {:.1} s; store {} MiB",
+        filled.events,
+        filled.frames,
+        (filled.last_time_us - filled.first_time_us) as f64 / 1e6,
+        filled.secs,
+        filled.store_bytes >> 20
+    );
+
+    let (tx, sinks) = tokio::sync::mpsc::channel::<PubSink>(4);
+    let upstream = start_upstream(tx).await?;
+    let port = free_port()?;
+    let mut cmd = serve_command(&args.serve.sluice, &upstream, port, &data);
+    cmd.args(SERVE_NO_LIMITS)
+        .args(REPLAY_UNCAPPED)
+        .args(&args.serve.serve_args);
+    let mut serve = ChildGuard::spawn("sluice serve", &mut cmd, Some(dir.0.join("serve.log")))?;
+    wait_tcp(port, &mut serve, 60).await?;
+
+    let start_seq = u64::try_from(filled.upstream_cursor)?.saturating_add(1_000);
+    let feed = Feed::ready_from(args.rate, args.seed.wrapping_add(1), args.dids, start_seq).await;
+    let ctx = feed.ctx.clone();
+    let live_url = sub_url(Target::Sluice(Wire::V1), port, None);
+    let mut live = Vec::new();
+    let mut live_tasks = Vec::new();
+    for _ in 0..args.live {
+        let spec = Arc::new(SubSpec {
+            url: live_url.clone(),
+            v2: false,
+            compressed: false,
+            dictionary: None,
+            filter: None,
+            stalls: false,
+        });
+        let conn = connect(&spec).await.context("live subscriber")?;
+        let shared = Arc::new(SubShared::new());
+        live.push(Arc::clone(&shared));
+        live_tasks.push(tokio::spawn(run_sub(
+            spec,
+            conn,
+            Arc::clone(&ctx.ctl),
+            Arc::clone(&ctx.stamps),
+            shared,
+        )));
+    }
+    let publisher = feed.start(sinks, args.warmup).await;
+
+    let mut out = open_results(args.json.as_deref())?;
+    let mut results = Vec::new();
+    let replay_url = format!(
+        "ws://127.0.0.1:{port}/subscribe?cursor={}",
+        filled.first_time_us
+    );
+    for run in 1..=runs {
+        for with_replay in [false, true] {
+            serve.check_alive()?;
+            let ph = if with_replay { PH_STALL } else { PH_MEASURE };
+            let _ = take_hist(&live, ph);
+            let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+            let cpu0 = cpu_each(std::slice::from_ref(&serve))[0];
+            let t0 = Instant::now();
+            let t0_ns = now_ns();
+            ctx.ctl.phase.store(ph, Ordering::Relaxed);
+            let mut replay_result = serde_json::Value::Null;
+            if with_replay {
+                let replayers: Vec<Arc<Replayer>> = (0..args.replayers)
+                    .map(|_| Arc::new(Replayer::default()))
+                    .collect();
+                let tasks: Vec<_> = replayers
+                    .iter()
+                    .map(|r| {
+                        tokio::spawn(replay(
+                            replay_url.clone(),
+                            filled.last_time_us,
+                            Arc::clone(r),
+                        ))
+                    })
+                    .collect();
+                let deadline = t0 + Duration::from_secs(args.replay_secs);
+                while Instant::now() < deadline && !tasks.iter().all(|t| t.is_finished()) {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                let window_ns = now_ns().saturating_sub(t0_ns);
+                for t in &tasks {
+                    t.abort();
+                }
+                let replayed: u64 = replayers
+                    .iter()
+                    .map(|r| r.replayed.load(Ordering::Relaxed))
+                    .sum();
+                let caught: Vec<u64> = replayers
+                    .iter()
+                    .map(|r| r.caught_up_ns.load(Ordering::Relaxed))
+                    .filter(|&ns| ns > 0)
+                    .collect();
+                let failed = replayers
+                    .iter()
+                    .filter(|r| r.failed.load(Ordering::Relaxed))
+                    .count();
+                // All caught up: the time until the last did; else the whole window.
+                let span_ns = if caught.len() == replayers.len() {
+                    caught
+                        .iter()
+                        .max()
+                        .map_or(window_ns, |m| m.saturating_sub(t0_ns))
+                } else {
+                    window_ns
+                };
+                let secs = span_ns as f64 / 1e9;
+                replay_result = json!({
+                    "replayers": args.replayers,
+                    "caught_up": caught.len(),
+                    "failed": failed,
+                    "replayed_events": replayed,
+                    "secs": secs,
+                    "delivered_per_sec": replayed as f64 / secs,
+                    "per_replayer_per_sec": replayed as f64 / secs / args.replayers as f64,
+                });
+            } else {
+                tokio::time::sleep(Duration::from_secs(args.duration)).await;
+            }
+            ctx.ctl.phase.store(PH_AFTER, Ordering::Relaxed);
+            let secs = t0.elapsed().as_secs_f64();
+            let cpu = cpu_each(std::slice::from_ref(&serve))[0] - cpu0;
+            let (hist, live_delivered) = take_hist(&live, ph);
+            let r = json!({
+                "run": run,
+                "secs": secs,
+                "live_subscribers": args.live,
+                "live_delivered_per_sec": live_delivered as f64 / secs,
+                "live_p50_us": q(&hist, 0.5),
+                "live_p99_us": q(&hist, 0.99),
+                "live_max_us": hist.max,
+                "live_timed": hist.n,
+                "serve_cpu_pct": cpu / secs * 100.0,
+                "replay": replay_result,
+                "with_replay": with_replay,
+                "loadavg": load.trim(),
+            });
+            eprintln!(
+                "  run {run} {}: live p50 {} us p99 {} us ({} timed), serve CPU {}%{}; load {}",
+                if with_replay {
+                    "WITH replay"
+                } else {
+                    "no replay"
+                },
+                f(&r["live_p50_us"]),
+                f(&r["live_p99_us"]),
+                f(&r["live_timed"]),
+                f(&r["serve_cpu_pct"]),
+                if with_replay {
+                    format!(
+                        "; replayers {} caught up of {} ({} failed), delivered {} events/s over {} s",
+                        f(&replay_result["caught_up"]),
+                        args.replayers,
+                        f(&replay_result["failed"]),
+                        f(&replay_result["delivered_per_sec"]),
+                        f(&replay_result["secs"]),
+                    )
+                } else {
+                    String::new()
+                },
+                load.trim()
+            );
+            if let Some(file) = out.as_mut() {
+                use std::io::Write as _;
+                writeln!(file, "{r}")?;
+            }
+            results.push(r);
+            // Let the replayers' connections close before the next window.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+    }
+    ctx.ctl.stop_publish.store(true, Ordering::Relaxed);
+    let _ = tokio::time::timeout(Duration::from_secs(10), publisher).await;
+    serve.check_alive()?;
+    for t in live_tasks {
+        t.abort();
+    }
+
+    let pick = |with: bool, key: &dyn Fn(&serde_json::Value) -> Option<f64>| {
+        median(
+            results
+                .iter()
+                .filter(|r| r["with_replay"].as_bool() == Some(with))
+                .filter_map(key)
+                .collect(),
+        )
+    };
+    let p99_without = pick(false, &|r: &serde_json::Value| r["live_p99_us"].as_f64());
+    let p99_with = pick(true, &|r: &serde_json::Value| r["live_p99_us"].as_f64());
+    let delivered = pick(true, &|r: &serde_json::Value| {
+        r["replay"]["delivered_per_sec"].as_f64()
+    });
+    println!(
+        "\ncold-replay: {} stored events over {} s, {} replayers, live {} frames/s, {} runs (medians):\n  \
+         replay delivered {:.0} events/s; live p99 {:.0} us without replay, {:.0} us with (ratio {:.2})",
+        filled.events,
+        args.span_secs,
+        args.replayers,
+        args.rate,
+        runs,
+        delivered,
+        p99_without,
+        p99_with,
+        p99_with / p99_without
+    );
+    drop(serve);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::time_us_of;
+
+    #[test]
+    fn time_us_is_read_from_a_v1_event() {
+        let e = r#"{"did":"did:plc:abc","time_us":1725911162329308,"kind":"commit","commit":{}}"#;
+        assert_eq!(time_us_of(e), Some(1_725_911_162_329_308));
+        assert_eq!(time_us_of(r#"{"did":"x","kind":"commit"}"#), None);
+    }
+}
