@@ -176,6 +176,92 @@ fn bytes_per_event(name: &str, frames: &[Vec<Event>], commit_events: usize, deta
     }
 }
 
+/// The raw frames of `frames` as the store's segments hold them (commits of about
+/// `commit_events` events, cut into segments), each segment's frames back to back.
+fn raw_segments(frames: &[Vec<Event>], commit_events: usize) -> (Vec<Vec<u8>>, usize) {
+    let store = store_config(std::path::Path::new("."));
+    let mut state = StampState::fresh();
+    let frames = restamp(frames, &mut state, frames.len());
+    let (mut out, mut events) = (Vec::new(), 0);
+    let mut group: Vec<Arc<Event>> = Vec::new();
+    let mut flush = |group: &mut Vec<Arc<Event>>| {
+        for part in sluice::log::codec::split_segments(group, store.segment_target_bytes) {
+            let mut plain = Vec::new();
+            let mut starts = sluice::log::codec::FrameStarts::default();
+            for e in part {
+                if starts.next(e) {
+                    plain.extend_from_slice(&e.raw_frame);
+                }
+            }
+            out.push(plain);
+        }
+        events += group.len();
+        group.clear();
+    };
+    for f in frames {
+        group.extend(f.into_iter().map(Arc::new));
+        if group.len() >= commit_events {
+            flush(&mut group);
+        }
+    }
+    flush(&mut group);
+    (out, events)
+}
+
+/// Raw-frame compression variants on the same segments: stored bytes per event against
+/// plain zstd level 3, and one thread's compression speed (events/s, best of 3 passes).
+/// `dict` is a dictionary trained on other frames than these.
+fn raw_variants(name: &str, frames: &[Vec<Event>], commit_events: usize, dict: &[u8]) {
+    let (segments, events) = raw_segments(frames, commit_events);
+    let plain: usize = segments.iter().map(Vec::len).sum();
+    let mut line = Vec::new();
+    let mut reference = 0.0;
+    for (label, level, with_dict) in [
+        ("zstd 3", 3, false),
+        ("-3", -3, false),
+        ("1", 1, false),
+        ("2", 2, false),
+        ("-3+dict", -3, true),
+        ("1+dict", 1, true),
+        ("3+dict", 3, true),
+    ] {
+        let mut c = if with_dict {
+            zstd::bulk::Compressor::with_dictionary(level, dict).expect("zstd")
+        } else {
+            zstd::bulk::Compressor::new(level).expect("zstd")
+        };
+        c.set_parameter(zstd::zstd_safe::CParameter::ChecksumFlag(true))
+            .expect("zstd");
+        let passes: Vec<(f64, usize)> = (0..3)
+            .map(|_| {
+                let started = Instant::now();
+                let bytes = segments
+                    .iter()
+                    .map(|s| c.compress(s).expect("compress").len())
+                    .sum::<usize>();
+                (started.elapsed().as_secs_f64(), bytes)
+            })
+            .collect();
+        let best = passes.iter().map(|p| p.0).fold(f64::MAX, f64::min);
+        let bytes = passes[0].1;
+        let per_event = bytes as f64 / events as f64;
+        if label == "zstd 3" {
+            reference = per_event;
+        }
+        line.push(format!(
+            "{label} {per_event:.0} B/event ({:+.1}%), {:.0}k events/s",
+            (per_event / reference - 1.0) * 100.0,
+            events as f64 / best / 1e3
+        ));
+    }
+    eprintln!(
+        "raw variants {name}, commits of {commit_events} ({} segments, {:.0} plain B/event): {}",
+        segments.len(),
+        plain as f64 / events as f64,
+        line.join("; ")
+    );
+}
+
 fn bench_sizes(_c: &mut Criterion) {
     let synth_file =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/synth-1000.bin");
@@ -215,6 +301,25 @@ fn bench_sizes(_c: &mut Criterion) {
         for commit in [50, 200, 1_000, 20_000] {
             bytes_per_event(name, frames, commit, commit == 20_000);
         }
+    }
+    // A raw-frame dictionary trained on the long synthetic run (seed 2), tried on the
+    // corpus and on synth-1000 (seed 1): never on the frames it was trained on.
+    let samples: Vec<&[u8]> = sets[2]
+        .1
+        .iter()
+        .filter_map(|f| f.first().map(|e| e.raw_frame.as_ref()))
+        .collect();
+    match zstd::dict::from_samples(&samples, 64 * 1024) {
+        Ok(dict) => {
+            for (name, frames) in &sets[..2] {
+                if !frames.is_empty() {
+                    for commit in [50, 200, 20_000] {
+                        raw_variants(name, frames, commit, &dict);
+                    }
+                }
+            }
+        }
+        Err(e) => eprintln!("raw variants: no dictionary ({e})"),
     }
 }
 
