@@ -39,17 +39,6 @@ use crate::report::{f, open_results, q};
 use crate::subscribers::{connect, connect_sub, run_sub, sub_url, SubShared, SubSpec};
 use crate::target::{Target, Wire};
 
-/// `sluice serve` flags that take the server-wide replay budgets out of the way, so the
-/// bench measures what the process can deliver (at the defaults, `--scan-events-per-sec`
-/// 100,000 and its per-IP share 50,000 bound what replays from one address may scan).
-/// Pass `--serve-arg`s after them to measure with the budgets.
-const REPLAY_UNCAPPED: [&str; 4] = [
-    "--scan-events-per-sec",
-    "1000000000",
-    "--scan-events-per-sec-per-ip",
-    "1000000000",
-];
-
 #[derive(clap::Args, Clone)]
 pub(crate) struct ColdReplayArgs {
     #[command(flatten)]
@@ -78,6 +67,12 @@ pub(crate) struct ColdReplayArgs {
     /// Runs, each a window without and a window with replay; the summary shows medians.
     #[arg(long, default_value_t = 3)]
     pub(crate) runs: usize,
+    /// `sluice serve`'s `--scan-events-per-sec` and `--scan-events-per-sec-per-ip` (all
+    /// replayers connect from one address). The default lifts the budget, so the bench
+    /// measures what the process can deliver; at sluice's defaults (100,000 and 50,000)
+    /// replays from one address scan at most 50,000 events/s in all.
+    #[arg(long, default_value_t = 1_000_000_000)]
+    pub(crate) scan_events_per_sec: u64,
     /// Seed of the synthetic frames (the live upstream uses seed + 1).
     #[arg(long, default_value_t = 1)]
     pub(crate) seed: u64,
@@ -272,8 +267,10 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
     let upstream = start_upstream(tx).await?;
     let port = free_port()?;
     let mut cmd = serve_command(&args.serve.sluice, &upstream, port, &data);
+    let scan = args.scan_events_per_sec.to_string();
     cmd.args(SERVE_NO_LIMITS)
-        .args(REPLAY_UNCAPPED)
+        .args(["--scan-events-per-sec", &scan])
+        .args(["--scan-events-per-sec-per-ip", &scan])
         .args(&args.serve.serve_args);
     let mut serve = ChildGuard::spawn("sluice serve", &mut cmd, Some(dir.0.join("serve.log")))?;
     wait_tcp(port, &mut serve, 60).await?;
