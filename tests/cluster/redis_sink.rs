@@ -513,14 +513,16 @@ fn spawn_serve(
     Serve(child)
 }
 
-const KILLS: usize = 5;
+const KILLS: usize = 10;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_nines_of_serve_leave_every_stream_exactly_once_in_order() {
     let _machine = crate::exclusive::shared().await;
     let redis = RedisServer::start();
-    // Paced so the kills land while frames are still arriving.
-    let (frames, upstream) = serve_common::paced_upstream(3000, 18, 1.5).await;
+    // About 2,000 events/s (synthetic frames are 1-4 ms apart in source time and carry
+    // ~1.2 events each: 4x is ~1,600 frames/s), ~10 s of them, so the kills (each 0.3-0.9 s
+    // into a life, every life resuming from its cursor) land while frames still arrive.
+    let (frames, upstream) = serve_common::paced_upstream(16_000, 18, 4.0).await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let config = RedisSinkConfig {

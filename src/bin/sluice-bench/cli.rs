@@ -8,6 +8,7 @@ use crate::cluster;
 use crate::cold_replay;
 use crate::hostile;
 use crate::procs::ServeArgs;
+use crate::redis_readers;
 use crate::relay;
 use crate::sink;
 use crate::sink_consumers;
@@ -59,6 +60,9 @@ pub(crate) enum Cmd {
     /// Internal: the home-made pub/sub rebroadcaster (upstream websocket, decode, one
     /// PUBLISH per event on its collection's channel), run as its own process.
     RedisRebroadcast(sink_consumers::RebroadcastArgs),
+    /// Internal: a share of `redis-consumers`' Redis consumers, in a process of their own
+    /// (counts on stdout; see redis_readers.rs).
+    RedisRead(redis_readers::ReadArgs),
     /// Hostile clients: a bystander subscriber's latency, losses and repeats during each
     /// attack (slowloris, fragment hoarding, /event flood, zero-match scans, connect
     /// churn, 10,000-DID filter updates), alternating with unloaded phases.

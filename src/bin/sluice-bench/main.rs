@@ -29,6 +29,7 @@ mod hostile;
 mod phase;
 mod procs;
 mod publisher;
+mod redis_readers;
 mod relay;
 mod report;
 mod resp;
@@ -48,10 +49,15 @@ use crate::relay::redis_relay;
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let _ = epoch();
+    let cmd = match cli.cmd {
+        // A consumer child runs on one thread of its own.
+        Cmd::RedisRead(args) => return redis_readers::read_main(args),
+        cmd => cmd,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match cli.cmd {
+    match cmd {
         Cmd::Fanout(args) => rt.block_on(fanout(args)),
         Cmd::RedisRelay(args) => rt.block_on(redis_relay(args)),
         Cmd::ClusterAppend(args) => rt.block_on(cluster::append(args)),
@@ -61,6 +67,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::RedisSinkMemory(args) => rt.block_on(sink::redis_sink_memory(args)),
         Cmd::RedisConsumers(args) => rt.block_on(sink_consumers::redis_consumers(args)),
         Cmd::RedisRebroadcast(args) => rt.block_on(sink_consumers::rebroadcast(args)),
+        Cmd::RedisRead(_) => Ok(()),
         Cmd::Hostile(args) => rt.block_on(hostile::hostile(args)),
         Cmd::HostileAttack(args) => rt.block_on(hostile::attack(args)),
         Cmd::ColdReplay(args) => rt.block_on(cold_replay::cold_replay(args)),

@@ -126,10 +126,21 @@ impl ChildGuard {
             cmd.stderr(Stdio::from(f.try_clone()?))
                 .stdout(Stdio::from(f));
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
+        cmd.stdin(Stdio::null());
+        Self::start(name, cmd, log)
+    }
+
+    /// `cmd` with its stdin and stdout piped to this process and its stderr to `log`.
+    pub(crate) fn spawn_piped(name: &str, cmd: &mut Command, log: PathBuf) -> anyhow::Result<Self> {
+        let f = std::fs::File::create(&log)?;
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(f));
+        Self::start(name, cmd, Some(log))
+    }
+
+    fn start(name: &str, cmd: &mut Command, log: Option<PathBuf>) -> anyhow::Result<Self> {
+        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
         CHILD_PIDS.lock().push(child.id());
         Ok(ChildGuard {
             child,

@@ -15,21 +15,6 @@ pub(crate) enum Resp {
     Arr(Vec<Resp>),
 }
 
-impl Resp {
-    pub(crate) fn items(&self) -> &[Resp] {
-        match self {
-            Resp::Arr(v) => v,
-            _ => &[],
-        }
-    }
-    pub(crate) fn bytes(&self) -> &[u8] {
-        match self {
-            Resp::Str(b) => b,
-            _ => &[],
-        }
-    }
-}
-
 /// A command as RESP bytes: an array of bulk strings.
 pub(crate) fn resp_command(args: &[&[u8]]) -> Vec<u8> {
     let mut out = Vec::with_capacity(16 + args.iter().map(|a| a.len() + 16).sum::<usize>());

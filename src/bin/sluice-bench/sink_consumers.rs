@@ -18,21 +18,23 @@
 //! `sluice:k:<kind>`); consumer i takes the same names on every target (the fan-out bench's
 //! realistic mix: 1-3 of posts, likes, follows, or everything for one in ten). Latency =
 //! consumer read instant − upstream send instant (the fan-out bench's send stamps, keyed by
-//! commit DID and rev). CPU per delivered event = CPU of the target's processes (sluice or
-//! the rebroadcaster, plus redis-server) in the measured window over the events consumers
-//! received in it. On the sink targets, `--ws-subscribers` Jetstream v2 websocket
+//! commit DID and rev; each consumer stamps one delivery in `--consumer-sample`). The
+//! consumers run in `--consumer-procs` processes of their own (`redis_readers.rs`), so
+//! their reading is not the bench's; their CPU is reported apart. CPU per delivered event =
+//! CPU of the target's processes (sluice or the rebroadcaster, plus redis-server) in the
+//! measured window over the events consumers received in it. On the sink targets, `--ws-subscribers` Jetstream v2 websocket
 //! subscribers of sluice are timed too, so an outage's effect on them shows against the run
 //! without one. After the window the publisher stops and consumers drain (bounded); what a
 //! consumer never received is counted as missing.
 //!
-//! Every loop is bounded: the publisher by the phase, the drain by `--drain-secs`,
-//! reconnects by the stop flag, and the whole run by the number of runs.
+//! Every loop is bounded: the publisher by the phase, the drain by `--drain-secs`, the
+//! consumer processes by the target's run (killed after it), and the whole run by the
+//! number of runs.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,7 +42,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use futures_util::StreamExt;
 use serde_json::json;
-use tokio::io::{AsyncBufRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -48,16 +50,16 @@ use sluice::event::StampState;
 use sluice::ingest::{IngestOutcome, Ingestor};
 use sluice::sink::{shape, RedisSinkConfig};
 
-use crate::control::{Control, PH_AFTER, PH_COUNT, PH_MEASURE};
-use crate::frame_meta::{commit_key, json_str};
-use crate::hist::{now_ns, Hist};
+use crate::control::{PH_AFTER, PH_MEASURE};
+use crate::hist::Hist;
 use crate::procs::{
     free_port, proc_cpu_secs, serve_command, wait_tcp, ChildGuard, ServeArgs, TempDir,
     SERVE_NO_LIMITS,
 };
 use crate::publisher::{start_upstream, Feed, PubCtx, PubSink};
+use crate::redis_readers::{Readers, ReadersAt, Via};
 use crate::report::{median, q};
-use crate::resp::{publishing_conn, read_value, resp_command};
+use crate::resp::{publishing_conn, resp_command};
 use crate::sink::SinkRedisArgs;
 use crate::subscribers::{
     self as subscribers, delivered, filter_names, realistic_filter, run_sub, sub_url, SubShared,
@@ -85,6 +87,13 @@ pub(crate) struct RedisConsumersArgs {
     /// Redis consumers per target.
     #[arg(long, default_value_t = 100)]
     consumers: usize,
+    /// Processes the consumers are spread over (each one thread; their CPU is reported
+    /// apart from the targets').
+    #[arg(long, default_value_t = 4)]
+    consumer_procs: usize,
+    /// Each consumer stamps one delivery in this many (its latency sample).
+    #[arg(long, default_value_t = 8)]
+    consumer_sample: u64,
     /// Jetstream v2 websocket subscribers of sluice on the sink targets (timed).
     #[arg(long, default_value_t = 20)]
     ws_subscribers: usize,
@@ -101,6 +110,9 @@ pub(crate) struct RedisConsumersArgs {
     /// and started again N s later (the window must be longer than N + 10).
     #[arg(long, default_value_t = 0)]
     outage_secs: u64,
+    /// Only the `sink+outage` target (the catch-up after an outage, measured alone).
+    #[arg(long, default_value_t = false)]
+    outage_only: bool,
     /// Runs; targets alternate within each, the summary shows medians.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -159,152 +171,6 @@ pub(crate) async fn rebroadcast(args: RebroadcastArgs) -> anyhow::Result<()> {
             }
         }
         w.flush().await?;
-    }
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------------
-// Consumers
-// ---------------------------------------------------------------------------------------
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Via {
-    Streams,
-    PubSub,
-}
-
-/// One event a consumer received: counted in its phase, timed if it is a commit.
-fn received(json: &[u8], now: u64, ctl: &Control, stamps: &crate::stamps::Stamps, me: &SubShared) {
-    let phase = (ctl.phase.load(Ordering::Relaxed) as usize).min(PH_COUNT - 1);
-    me.delivered[phase].fetch_add(1, Ordering::Relaxed);
-    let Ok(text) = std::str::from_utf8(json) else {
-        me.unmatched.fetch_add(1, Ordering::Relaxed);
-        return;
-    };
-    // identity/account events carry no rev: counted, not timed.
-    if let (Some(did), Some(rev)) = (json_str(text, "did"), json_str(text, "rev")) {
-        match stamps.get(commit_key(did, rev)) {
-            Some(sent) => me.hist.lock()[phase].record(now.saturating_sub(sent) / 1000),
-            None => {
-                me.unmatched.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-}
-
-struct Consumer {
-    via: Via,
-    port: u16,
-    keys: Vec<String>,
-    ctl: Arc<Control>,
-    stamps: Arc<crate::stamps::Stamps>,
-    me: Arc<SubShared>,
-    stop: Arc<AtomicBool>,
-    reconnects: Arc<AtomicU64>,
-}
-
-/// Reads until `stop`; after a lost connection it connects again and (streams) resumes
-/// from the last id it read of each stream, or (pub/sub) subscribes again.
-async fn consume(c: Consumer) {
-    let mut ids: Vec<Vec<u8>> = vec![b"0-0".to_vec(); c.keys.len()];
-    let mut first = true;
-    while !c.stop.load(Ordering::Relaxed) {
-        if !first {
-            c.reconnects.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        first = false;
-        let Ok(Ok(stream)) = tokio::time::timeout(
-            Duration::from_secs(2),
-            TcpStream::connect(("127.0.0.1", c.port)),
-        )
-        .await
-        else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let (r, mut w) = stream.into_split();
-        let mut r = BufReader::with_capacity(1 << 16, r);
-        c.me.connected.store(true, Ordering::Relaxed);
-        let _ = match c.via {
-            Via::Streams => read_streams(&c, &mut r, &mut w, &mut ids).await,
-            Via::PubSub => read_channels(&c, &mut r, &mut w).await,
-        };
-        c.me.connected.store(false, Ordering::Relaxed);
-    }
-    c.me.ended.store(true, Ordering::Relaxed);
-}
-
-async fn read_streams<R: AsyncBufRead + Unpin + Send, W: AsyncWriteExt + Unpin>(
-    c: &Consumer,
-    r: &mut R,
-    w: &mut W,
-    ids: &mut [Vec<u8>],
-) -> anyhow::Result<()> {
-    let index: HashMap<&[u8], usize> = c
-        .keys
-        .iter()
-        .enumerate()
-        .map(|(i, k)| (k.as_bytes(), i))
-        .collect();
-    while !c.stop.load(Ordering::Relaxed) {
-        let mut args: Vec<&[u8]> = vec![b"XREAD", b"COUNT", b"1000", b"BLOCK", b"500", b"STREAMS"];
-        args.extend(c.keys.iter().map(|k| k.as_bytes()));
-        args.extend(ids.iter().map(|id| id.as_slice()));
-        w.write_all(&resp_command(&args)).await?;
-        let reply = read_value(r, 0).await?;
-        let now = now_ns();
-        for stream in reply.items() {
-            let [key, entries] = stream.items() else {
-                bail!("unexpected XREAD reply");
-            };
-            let Some(&i) = index.get(key.bytes()) else {
-                bail!("XREAD answered for a key not asked");
-            };
-            for entry in entries.items() {
-                let [id, fields] = entry.items() else {
-                    bail!("unexpected stream entry");
-                };
-                ids[i] = id.bytes().to_vec();
-                let event = fields
-                    .items()
-                    .chunks(2)
-                    .find(|kv| kv.first().is_some_and(|k| k.bytes() == b"event"))
-                    .and_then(|kv| kv.get(1));
-                match event {
-                    Some(v) => received(v.bytes(), now, &c.ctl, &c.stamps, &c.me),
-                    None => {
-                        c.me.unmatched.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-async fn read_channels<R: AsyncBufRead + Unpin + Send, W: AsyncWriteExt + Unpin>(
-    c: &Consumer,
-    r: &mut R,
-    w: &mut W,
-) -> anyhow::Result<()> {
-    let mut args: Vec<&[u8]> = vec![b"SUBSCRIBE"];
-    args.extend(c.keys.iter().map(|k| k.as_bytes()));
-    w.write_all(&resp_command(&args)).await?;
-    while !c.stop.load(Ordering::Relaxed) {
-        let Ok(reply) = tokio::time::timeout(Duration::from_millis(500), read_value(r, 0)).await
-        else {
-            // Nothing for half a second: look at the stop flag. (A reply cut by the timeout
-            // only happens once traffic has stopped, at the end.)
-            continue;
-        };
-        let reply = reply?;
-        let now = now_ns();
-        if let [kind, _channel, payload] = reply.items() {
-            if kind.bytes() == b"message" {
-                received(payload.bytes(), now, &c.ctl, &c.stamps, &c.me);
-            }
-        }
     }
     Ok(())
 }
@@ -481,32 +347,31 @@ async fn run_target(
         tallies,
     } = feed.ctx.clone();
 
-    // Consumers, then the websocket subscribers (sink targets).
-    let stop = Arc::new(AtomicBool::new(false));
-    let reconnects = Arc::new(AtomicU64::new(0));
+    // Consumers (their own processes), then the websocket subscribers (sink targets).
     let mut filters = Vec::new();
-    let mut consumers = Vec::new();
-    let mut tasks = Vec::new();
+    let mut keys = Vec::new();
     for i in 0..args.consumers {
-        let (filter, keys) = consumer_keys(args.seed, i);
-        let me = Arc::new(SubShared::new());
+        let (filter, k) = consumer_keys(args.seed, i);
         filters.push(filter);
-        consumers.push(Arc::clone(&me));
-        tasks.push(tokio::spawn(consume(Consumer {
-            via: if kind.sink() {
-                Via::Streams
-            } else {
-                Via::PubSub
-            },
-            port: rport,
-            keys,
-            ctl: Arc::clone(&ctl),
-            stamps: Arc::clone(&stamps),
-            me,
-            stop: Arc::clone(&stop),
-            reconnects: Arc::clone(&reconnects),
-        })));
+        keys.push(k);
     }
+    let mut readers = Readers::spawn(
+        rport,
+        if kind.sink() {
+            Via::Streams
+        } else {
+            Via::PubSub
+        },
+        &keys,
+        ReadersAt {
+            procs: args.consumer_procs,
+            sample: args.consumer_sample,
+            log_dir: &dir.0,
+        },
+        Arc::clone(&ctl),
+        Arc::clone(&stamps),
+    )?;
+    let mut tasks = Vec::new();
     let mut ws_subs = Vec::new();
     if kind.sink() {
         for i in 0..args.ws_subscribers {
@@ -534,10 +399,8 @@ async fn run_target(
         }
     }
     let connect_deadline = Instant::now() + Duration::from_secs(30);
-    while consumers
-        .iter()
-        .any(|c| !c.connected.load(Ordering::Relaxed))
-    {
+    while readers.snapshot().await?.connected < args.consumers as u64 {
+        readers.check_alive()?;
         if Instant::now() > connect_deadline {
             bail!("consumers did not connect to redis-server within 30 s");
         }
@@ -551,6 +414,8 @@ async fn run_target(
     let cpu = |pid: u32| proc_cpu_secs(pid).unwrap_or(0.0);
     let (t_cpu0, mut r_cpu0) = (cpu(target.pid()), cpu(redis.pid()));
     let mut redis_cpu_acc = 0.0;
+    let c_cpu0 = readers.cpu_secs();
+    let at_start = readers.snapshot().await?.totals.iter().sum::<u64>();
     ctl.phase.store(PH_MEASURE, Ordering::Relaxed);
     let t0 = Instant::now();
     let window = Duration::from_secs(args.duration);
@@ -619,7 +484,14 @@ async fn run_target(
     let secs = t0.elapsed().as_secs_f64();
     let target_cpu = cpu(target.pid()) - t_cpu0;
     let redis_cpu = redis_cpu_acc + cpu(redis.pid()) - r_cpu0;
-    let got = delivered(&consumers, PH_MEASURE);
+    let consumers_cpu = readers.cpu_secs() - c_cpu0;
+    let got = readers
+        .snapshot()
+        .await?
+        .totals
+        .iter()
+        .sum::<u64>()
+        .saturating_sub(at_start);
     ctl.phase.store(PH_AFTER, Ordering::Relaxed);
     ctl.stop_publish.store(true, Ordering::Relaxed);
     let pub_stats = publisher.await.context("publisher")?;
@@ -645,13 +517,11 @@ async fn run_target(
                 .sum()
         })
         .collect();
-    let total =
-        |s: &SubShared| -> u64 { s.delivered.iter().map(|d| d.load(Ordering::Relaxed)).sum() };
     let drain_deadline = Instant::now() + Duration::from_secs(args.drain_secs);
-    while Instant::now() < drain_deadline
-        && consumers.iter().zip(&expected).any(|(c, e)| total(c) < *e)
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut last = readers.snapshot().await?;
+    while Instant::now() < drain_deadline && last.totals.iter().zip(&expected).any(|(t, e)| t < e) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        last = readers.snapshot().await?;
     }
     if let Some(sampler) = catch_up_samples {
         let samples = sampler.await.unwrap_or_default();
@@ -660,34 +530,29 @@ async fn run_target(
             o.append(c);
         }
     }
-    let missing: u64 = consumers
+    let missing: u64 = last
+        .totals
         .iter()
         .zip(&expected)
-        .map(|(c, e)| e.saturating_sub(total(c)))
+        .map(|(t, e)| e.saturating_sub(*t))
         .sum();
-    let extra: u64 = consumers
+    let extra: u64 = last
+        .totals
         .iter()
         .zip(&expected)
-        .map(|(c, e)| total(c).saturating_sub(*e))
+        .map(|(t, e)| t.saturating_sub(*e))
         .sum();
     if std::env::var_os("SLUICE_BENCH_DEBUG").is_some() {
-        for ((c, e), f) in consumers.iter().zip(&expected).zip(&filters) {
-            eprintln!("  consumer {f:?}: expected {e}, got {}", total(c));
+        for ((t, e), f) in last.totals.iter().zip(&expected).zip(&filters) {
+            eprintln!("  consumer {f:?}: expected {e}, got {t}");
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut hist = Hist::new();
-    for c in &consumers {
-        hist.merge(&c.hist.lock()[PH_MEASURE as usize]);
-    }
+    let hist = readers.hist.lock()[PH_MEASURE as usize].clone();
     let mut ws_hist = Hist::new();
     for s in &ws_subs {
         ws_hist.merge(&s.hist.lock()[PH_MEASURE as usize]);
     }
-    let unmatched: u64 = consumers
-        .iter()
-        .map(|c| c.unmatched.load(Ordering::Relaxed))
-        .sum();
+    let unmatched = readers.unmatched.load(Ordering::Relaxed);
     let ws_ended = ws_subs
         .iter()
         .filter(|s| s.ended.load(Ordering::Relaxed))
@@ -707,6 +572,8 @@ async fn run_target(
         "target_cpu_secs": target_cpu,
         "redis_cpu_secs": redis_cpu,
         "cpu_us_per_delivered": (target_cpu + redis_cpu) * 1e6 / got.max(1) as f64,
+        "consumers_cpu_secs": consumers_cpu,
+        "consumers_cpu_us_per_delivered": consumers_cpu * 1e6 / got.max(1) as f64,
         "target_cpu_us_per_delivered": target_cpu * 1e6 / got.max(1) as f64,
         "redis_cpu_us_per_delivered": redis_cpu * 1e6 / got.max(1) as f64,
         "p50_us": q(&hist, 0.5),
@@ -717,7 +584,7 @@ async fn run_target(
         "unmatched": unmatched,
         "missing_after_drain": missing,
         "extra": extra,
-        "consumer_reconnects": reconnects.load(Ordering::Relaxed),
+        "consumer_reconnects": last.reconnects,
         "ws_subscribers": ws_subs.len(),
         "ws_p50_us": q(&ws_hist, 0.5),
         "ws_p99_us": q(&ws_hist, 0.99),
@@ -750,6 +617,12 @@ pub(crate) async fn redis_consumers(args: RedisConsumersArgs) -> anyhow::Result<
     if args.outage_secs > 0 {
         kinds.push(Kind::SinkOutage);
     }
+    if args.outage_only {
+        if args.outage_secs == 0 {
+            bail!("--outage-only needs --outage-secs");
+        }
+        kinds = vec![Kind::SinkOutage];
+    }
     let mut results = Vec::new();
     for run in 0..args.runs {
         // Alternate the order too, so neither target always runs first.
@@ -779,6 +652,7 @@ pub(crate) async fn redis_consumers(args: RedisConsumersArgs) -> anyhow::Result<
             "median_cpu_us_per_delivered": of("cpu_us_per_delivered"),
             "median_target_cpu_us_per_delivered": of("target_cpu_us_per_delivered"),
             "median_redis_cpu_us_per_delivered": of("redis_cpu_us_per_delivered"),
+            "median_consumers_cpu_us_per_delivered": of("consumers_cpu_us_per_delivered"),
             "median_p50_us": of("p50_us"),
             "median_p99_us": of("p99_us"),
             "median_ws_p99_us": of("ws_p99_us"),
