@@ -344,6 +344,19 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_CLIENT_TEXT_NICE", default_value_t = 10,
           value_parser = clap::value_parser!(u8).range(0..=19))]
     pub client_text_nice: u8,
+    /// Milliseconds a refusal (HTTP 429/503 with Retry-After, e.g. over a connect or
+    /// `/event` rate) is held before it is sent, at most its Retry-After; every refusal
+    /// closes its connection. A client that retries at once then asks at most
+    /// `--max-held-refusals-per-ip` times per hold per address. 0 = answer at once. Less
+    /// than `--handshake-timeout-secs`.
+    #[arg(long, env = "SLUICE_REFUSAL_HOLD_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub refusal_hold_ms: u64,
+    /// Refusals held at once per client IP; past it refusals are answered at once and
+    /// new connections from that IP are refused (429) before their request is read.
+    #[arg(long, env = "SLUICE_MAX_HELD_REFUSALS_PER_IP", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_held_refusals_per_ip: u64,
     /// Most collections one subscriber may name.
     #[arg(long, env = "SLUICE_MAX_COLLECTIONS", default_value_t = 100,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
@@ -613,6 +626,14 @@ impl ServeArgs {
                 self.header_read_timeout_secs
             );
         }
+        if self.refusal_hold_ms >= self.handshake_timeout_secs * 1000 {
+            anyhow::bail!(
+                "refusal_hold_ms ({}) must be less than handshake_timeout_secs ({}) in ms: a \
+                 held refusal is a connection not yet upgraded",
+                self.refusal_hold_ms,
+                self.handshake_timeout_secs
+            );
+        }
         crate::upstream::client::subscribe_url(&self.upstream, None)?;
         let zstd_dictionary = DictionarySource::parse(&self.zstd_dictionary);
         let zstd_dictionary_v2 = DictionarySource::parse(&self.zstd_dictionary_v2);
@@ -817,6 +838,8 @@ impl ServeArgs {
                 send_buffer_bytes: None,
                 retry_after_secs: self.retry_after_secs,
                 max_dids: usize_of(self.max_dids)?,
+                refusal_hold: Duration::from_millis(self.refusal_hold_ms),
+                max_held_refusals_per_ip: usize_of(self.max_held_refusals_per_ip)?,
             },
             fd_reserve: self.fd_reserve,
             client_memory: MemoryConfig {

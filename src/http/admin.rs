@@ -22,7 +22,7 @@ use crate::event::EventKind;
 use crate::fanout::Hub;
 use crate::http::app::AppState;
 use crate::http::budget::Spent;
-use crate::http::listen::{Refused, Side};
+use crate::http::listen::{Hold, Refused, Side};
 use crate::http::session::SessionEnd;
 use crate::ingest::IngestStats;
 use crate::log::Log;
@@ -130,6 +130,11 @@ impl AdminState {
             ),
             ("max_pending_connections", listen.max_pending as f64),
             ("max_pending_per_ip", listen.max_pending_per_ip as f64),
+            ("refusal_hold_ms", listen.refusal_hold.as_millis() as f64),
+            (
+                "max_held_refusals_per_ip",
+                listen.max_held_refusals_per_ip as f64,
+            ),
             (
                 "max_request_head_kib",
                 listen.max_head_bytes as f64 / 1024.0,
@@ -311,6 +316,12 @@ impl AdminState {
                 }
                 counter!("sluice_connections_accept_errors_total", "listener" => name)
                     .absolute(stats.accept_errors.load(Ordering::Relaxed));
+                gauge!("sluice_refusals_held", "listener" => name)
+                    .set(stats.held.load(Ordering::Relaxed) as f64);
+                for how in Hold::ALL {
+                    counter!("sluice_refusals_total", "listener" => name, "answered" => how.reason())
+                        .absolute(stats.holds(how));
+                }
                 if let Some(cap) = connections.cap(side) {
                     gauge!("sluice_connections_fd_cap", "listener" => name).set(cap as f64);
                 }
@@ -615,13 +626,14 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_log_retention_raw_dropped_events_total", "Events whose raw frame retention dropped while keeping their JSON (--raw-retention-hours, --raw-retention-max-gib)."),
     ("sluice_log_segment_decodes_total", "Stored segments read by replays: decoded (outcome=decoded) or served by a decode another replay made, from --log-decoded-cache-mib (outcome=shared)."),
     ("sluice_connections_accepted_total", "Connections accepted, by listener."),
-    ("sluice_connections_refused_total", "Connections refused before any request was read, by listener and reason (pending_full 503, pending_per_ip 429, fd_reserve 503)."),
+    ("sluice_connections_refused_total", "Connections refused before any request was read, by listener and reason (pending_full 503, pending_per_ip 429, fd_reserve 503, held_per_ip 429: the address had --max-held-refusals-per-ip refusals held)."),
     ("sluice_connections_closed_unfinished_total", "Connections closed before their upgrade or answer, by listener and reason (header_timeout, handshake_timeout, shutdown; uri_too_long: answered 414 naming the way to send what did not fit)."),
     ("sluice_connections_accept_errors_total", "accept() failures (e.g. out of descriptors), by listener."),
     ("sluice_client_memory_refused_total", "Subscriber reads or filters refused (close 1013) because they did not fit the client-memory budget, by budget (total, per_ip)."),
     ("sluice_client_text_messages_total", "Subscriber text messages (v1 options_update) parsed, by where: in place (parsed=inline, under 8 KiB) or on the client-text threads (parsed=pool)."),
     ("sluice_client_text_bytes_total", "Bytes of subscriber text messages charged to the --client-text-kib-per-sec budget."),
     ("sluice_client_text_budget_total", "Subscriber text messages that waited for the client-text budget (outcome=waited) or were refused by it, closing the connection with 1013 (outcome=refused)."),
+    ("sluice_refusals_total", "Refusals with Retry-After (429, 503) answered, by listener and how: held --refusal-hold-ms first (answered=held) or at once because the address had --max-held-refusals-per-ip held (answered=at_once); each closes its connection."),
     ("sluice_event_requests_refused_total", "/event requests refused: over the per-IP rate (429) or no cold-read slot in time (503)."),
     ("sluice_redis_sink_events_total", "Events the Redis sink has written (each once, whatever its number of stream entries)."),
     ("sluice_redis_sink_entries_total", "Stream entries the Redis sink has added."),
@@ -635,6 +647,10 @@ const COUNTERS: &[(&str, &str)] = &[
 ];
 
 const GAUGES: &[(&str, &str)] = &[
+    (
+        "sluice_refusals_held",
+        "Refusals being held now before they are answered, by listener.",
+    ),
     (
         "sluice_upstream_connected",
         "1 while the upstream websocket is connected.",

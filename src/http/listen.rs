@@ -5,10 +5,15 @@
 //! header-read timeout, the deadline to upgrade (or finish, for plain HTTP), the caps on
 //! connections not yet upgraded (in total and per IP), the size of a request head, the file
 //! descriptors kept back for the log and the admin listener, and closing pending
-//! connections at once on shutdown.
+//! connections at once on shutdown; and holding refusals: a request refused by a limit
+//! (an HTTP answer with `Retry-After`) gets its answer late and its connection closed, so
+//! a client that retries at once waits instead of making the daemon answer it again
+//! ([`hold_refusal`]), with a bounded number held per IP.
 //! Must never: accept past a cap (the connection is answered 503/429 and closed, and
-//! counted), read from a socket without a deadline before its upgrade, or let client
-//! connections take the descriptors reserved for the log.
+//! counted), read from a socket without a deadline before its upgrade, let client
+//! connections take the descriptors reserved for the log, or hold more refusals of one
+//! IP than its cap (past it the answer goes out at once, and new connections from that IP
+//! are refused before their request is read).
 
 use std::collections::HashMap;
 use std::io;
@@ -55,6 +60,13 @@ pub struct ListenConfig {
     /// The most DIDs a v1 `options_update` may name (`--max-dids`), quoted by the 414
     /// answer to a URI too long, which tells the client to send its DIDs that way.
     pub max_dids: usize,
+    /// How long a refusal (an answer with `Retry-After`: 429, 503) is held before it is
+    /// sent, at most its `Retry-After`; zero answers at once. Every refusal closes its
+    /// connection either way.
+    pub refusal_hold: Duration,
+    /// Refusals held at once per client IP; past it a refusal is answered at once and new
+    /// connections from that IP are refused (429) before their request is read.
+    pub max_held_refusals_per_ip: usize,
 }
 
 impl Default for ListenConfig {
@@ -68,6 +80,8 @@ impl Default for ListenConfig {
             send_buffer_bytes: None,
             retry_after_secs: 5,
             max_dids: 10_000,
+            refusal_hold: Duration::from_secs(1),
+            max_held_refusals_per_ip: 16,
         }
     }
 }
@@ -104,13 +118,17 @@ pub enum Refused {
     PendingPerIp,
     /// Accepting would have eaten into the descriptors kept for the log (503).
     FdReserve,
+    /// The client's IP has its cap of refusals held (429): it keeps asking while being
+    /// refused, so its requests are no longer read.
+    HeldPerIp,
 }
 
 impl Refused {
-    pub const ALL: [Refused; 3] = [
+    pub const ALL: [Refused; 4] = [
         Refused::PendingFull,
         Refused::PendingPerIp,
         Refused::FdReserve,
+        Refused::HeldPerIp,
     ];
 
     pub fn reason(self) -> &'static str {
@@ -118,6 +136,7 @@ impl Refused {
             Refused::PendingFull => "pending_full",
             Refused::PendingPerIp => "pending_per_ip",
             Refused::FdReserve => "fd_reserve",
+            Refused::HeldPerIp => "held_per_ip",
         }
     }
 
@@ -134,6 +153,11 @@ impl Refused {
                 "too many connections being set up from this address",
             ),
             Refused::FdReserve => (503, "Service Unavailable", "no connection capacity left"),
+            Refused::HeldPerIp => (
+                429,
+                "Too Many Requests",
+                "this address keeps asking while refused; wait for Retry-After",
+            ),
         }
     }
 
@@ -142,6 +166,42 @@ impl Refused {
             Refused::PendingFull => 0,
             Refused::PendingPerIp => 1,
             Refused::FdReserve => 2,
+            Refused::HeldPerIp => 3,
+        }
+    }
+}
+
+/// Marks a response as a refusal that may be held: set by the handlers on every answer
+/// with `Retry-After` (`reply::refusal_response`), read by [`hold_refusal`].
+#[derive(Debug, Clone, Copy)]
+pub struct HoldableRefusal {
+    /// The `Retry-After` the answer carries: the hold never exceeds it.
+    pub retry_after: Duration,
+}
+
+/// What [`hold_refusal`] did with a refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    /// Held, then answered.
+    Held,
+    /// Answered at once: the IP had its cap of held refusals.
+    Full,
+}
+
+impl Hold {
+    pub const ALL: [Hold; 2] = [Hold::Held, Hold::Full];
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Hold::Held => "held",
+            Hold::Full => "at_once",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Hold::Held => 0,
+            Hold::Full => 1,
         }
     }
 }
@@ -155,7 +215,7 @@ pub struct ListenStats {
     pub pending: AtomicUsize,
     pub accepted: AtomicU64,
     /// Indexed like [`Refused::ALL`].
-    refused: [AtomicU64; 3],
+    refused: [AtomicU64; 4],
     /// Closed because their request head did not arrive within the header-read timeout.
     pub header_timeouts: AtomicU64,
     /// Closed because they were not upgraded by the handshake deadline.
@@ -166,11 +226,19 @@ pub struct ListenStats {
     pub uri_too_long: AtomicU64,
     /// `accept` itself failed (e.g. EMFILE).
     pub accept_errors: AtomicU64,
+    /// Refusals being held now.
+    pub held: AtomicUsize,
+    /// Refusals answered, by [`Hold`] (indexed like [`Hold::ALL`]).
+    holds: [AtomicU64; 2],
 }
 
 impl ListenStats {
     pub fn refused(&self, why: Refused) -> u64 {
         self.refused[why.index()].load(Ordering::Relaxed)
+    }
+
+    pub fn holds(&self, how: Hold) -> u64 {
+        self.holds[how.index()].load(Ordering::Relaxed)
     }
 }
 
@@ -184,6 +252,8 @@ pub struct Connections {
     reserve: AtomicU64,
     stats: [ListenStats; 2],
     pending_by_ip: [Mutex<HashMap<IpAddr, usize>>; 2],
+    /// Refusals held now, per IP and listener (an IP is in the map only while it has one).
+    held_by_ip: [Mutex<HashMap<IpAddr, usize>>; 2],
     /// What subscribers' connections are charged for what they make the daemon hold.
     memory: Arc<ClientMemory>,
     /// Each listener's limits, read by its accept loop for every connection it accepts,
@@ -202,6 +272,7 @@ impl Connections {
             reserve: AtomicU64::new(reserve),
             stats: Default::default(),
             pending_by_ip: Default::default(),
+            held_by_ip: Default::default(),
             memory,
             limits: [
                 watch::Sender::new(ListenConfig::default()),
@@ -268,6 +339,13 @@ impl Connections {
                 return Err(Refused::FdReserve);
             }
         }
+        if self.held_by_ip[side.index()]
+            .lock()
+            .get(&ip)
+            .is_some_and(|&n| n >= config.max_held_refusals_per_ip)
+        {
+            return Err(Refused::HeldPerIp);
+        }
         {
             let mut by_ip = self.pending_by_ip[side.index()].lock();
             if stats.pending.load(Ordering::Relaxed) >= config.max_pending {
@@ -309,6 +387,91 @@ impl Drop for OpenSlot {
             .open
             .fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// One refusal held for `ip`; given back on drop.
+struct HeldSlot {
+    connections: Arc<Connections>,
+    side: Side,
+    ip: IpAddr,
+}
+
+impl Connections {
+    /// A held-refusal slot of `ip`, unless it has `max` already.
+    fn hold(self: &Arc<Self>, side: Side, ip: IpAddr, max: usize) -> Option<HeldSlot> {
+        let mut by_ip = self.held_by_ip[side.index()].lock();
+        let mine = by_ip.entry(ip).or_default();
+        if *mine >= max {
+            if *mine == 0 {
+                by_ip.remove(&ip);
+            }
+            return None;
+        }
+        *mine += 1;
+        self.stats(side).held.fetch_add(1, Ordering::Relaxed);
+        Some(HeldSlot {
+            connections: self.clone(),
+            side,
+            ip,
+        })
+    }
+}
+
+impl Drop for HeldSlot {
+    fn drop(&mut self) {
+        let mut by_ip = self.connections.held_by_ip[self.side.index()].lock();
+        if let Some(n) = by_ip.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                by_ip.remove(&self.ip);
+            }
+        }
+        self.connections
+            .stats(self.side)
+            .held
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Makes a refusal cost the client time rather than the daemon work. `response` is what
+/// the router answered; a refusal (marked [`HoldableRefusal`]) always closes its
+/// connection (`Connection: close`: a client refused again and again on one kept-alive
+/// connection pays for a new connection each time), and is held for the listener's
+/// `refusal_hold` (at most its `Retry-After`) while `ip` holds fewer than its cap. A
+/// client that retries as soon as it is answered so asks at most (cap / hold) times a
+/// second per IP through the router; past the cap its new connections are refused at
+/// accept, before their request is read ([`Refused::HeldPerIp`]). A held refusal is a
+/// pending connection: the handshake deadline and shutdown end it like any other.
+async fn hold_refusal(
+    connections: &Arc<Connections>,
+    side: Side,
+    ip: IpAddr,
+    config: &ListenConfig,
+    mut response: axum::response::Response,
+) -> axum::response::Response {
+    let Some(refusal) = response.extensions().get::<HoldableRefusal>().copied() else {
+        return response;
+    };
+    response.headers_mut().insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("close"),
+    );
+    let hold = config.refusal_hold.min(refusal.retry_after);
+    if hold.is_zero() {
+        return response;
+    }
+    let stats = connections.stats(side);
+    match connections.hold(side, ip, config.max_held_refusals_per_ip) {
+        Some(slot) => {
+            tokio::time::sleep(hold).await;
+            drop(slot);
+            stats.holds[Hold::Held.index()].fetch_add(1, Ordering::Relaxed);
+        }
+        None => {
+            stats.holds[Hold::Full.index()].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    response
 }
 
 /// Held until the connection is upgraded or closed: one pending connection.
@@ -712,13 +875,21 @@ pub async fn serve(
             first_line: Some(FirstLine::new(&config)),
         });
         let router = router.clone();
+        let holds = (connections.clone(), config.clone());
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(peer));
             if let Some(memory) = &memory {
                 request.extensions_mut().insert(memory.clone());
             }
             let mut router = router.clone();
-            tower_service::Service::call(&mut router, request)
+            let answer = tower_service::Service::call(&mut router, request);
+            let (connections, config) = holds.clone();
+            async move {
+                let response = answer.await?;
+                Ok::<_, std::convert::Infallible>(
+                    hold_refusal(&connections, side, peer.ip(), &config, response).await,
+                )
+            }
         });
         let connection = http.serve_connection(io, service).with_upgrades();
         let mut shutdown = shutdown.clone();
@@ -905,6 +1076,34 @@ mod tests {
                 .load(Ordering::Relaxed),
             2
         );
+    }
+
+    #[test]
+    fn held_refusals_are_capped_per_ip_and_then_refused_at_accept() {
+        let connections = Arc::new(Connections::new(None, 8, memory()));
+        let config = ListenConfig {
+            max_held_refusals_per_ip: 2,
+            ..ListenConfig::default()
+        };
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        let first = connections.hold(Side::Subscriber, a, 2);
+        let second = connections.hold(Side::Subscriber, a, 2);
+        assert!(first.is_some() && second.is_some());
+        assert!(connections.hold(Side::Subscriber, a, 2).is_none());
+        let stats = connections.stats(Side::Subscriber);
+        assert_eq!(stats.held.load(Ordering::Relaxed), 2);
+        // Its new connections are refused before a request is read; others' are not.
+        assert_eq!(
+            connections.open(Side::Subscriber, a, &config).err(),
+            Some(Refused::HeldPerIp)
+        );
+        assert!(connections.open(Side::Subscriber, b, &config).is_ok());
+        drop(first);
+        assert!(connections.open(Side::Subscriber, a, &config).is_ok());
+        drop(second);
+        assert_eq!(stats.held.load(Ordering::Relaxed), 0);
+        assert!(connections.held_by_ip[0].lock().is_empty());
     }
 
     #[test]

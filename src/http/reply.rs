@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::admission::Refusal;
 use super::app::AppState;
+use super::listen::HoldableRefusal;
 
 /// Query pairs in order, repeated keys kept.
 pub fn query_pairs(raw: &Option<String>) -> Vec<(String, String)> {
@@ -63,6 +64,8 @@ pub fn index_busy_response(wait: std::time::Duration) -> Response {
     })
 }
 
+/// A 429 or 503 with `Retry-After`, marked so that the listener holds it and closes its
+/// connection (`listen::hold_refusal`): a client that asks again at once waits.
 pub fn refusal_response(refusal: &Refusal) -> Response {
     let status = StatusCode::from_u16(refusal.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
     let mut response = (
@@ -73,6 +76,9 @@ pub fn refusal_response(refusal: &Refusal) -> Response {
     if let Ok(value) = HeaderValue::from_str(&refusal.retry_after_secs.to_string()) {
         response.headers_mut().insert(header::RETRY_AFTER, value);
     }
+    response.extensions_mut().insert(HoldableRefusal {
+        retry_after: std::time::Duration::from_secs(refusal.retry_after_secs),
+    });
     response
 }
 

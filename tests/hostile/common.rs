@@ -90,13 +90,15 @@ impl Serve {
             addr.to_string(),
             "--admin-listen".into(),
             admin.to_string(),
-            "--retry-after-secs".into(),
-            "1".into(),
             "--backoff-min-ms".into(),
             "20".into(),
             "--backoff-max-ms".into(),
             "200".into(),
         ];
+        // A short retry hint unless the test sets its own.
+        if !extra.contains(&"--retry-after-secs") {
+            args.extend(["--retry-after-secs".into(), "1".into()]);
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut command = match nofile {
             None => {

@@ -67,19 +67,34 @@ async fn an_event_flood_is_limited_per_address_and_takes_no_threads() {
     );
     let ok = statuses.iter().filter(|s| **s == Some(200)).count();
     let limited = statuses.iter().filter(|s| **s == Some(429)).count();
-    assert_eq!(ok + limited, statuses.len(), "every request answered");
+    // A connection refused at accept gets its 429 written and is closed at once; when its
+    // request arrives after that, the close is a reset and the client may not read the
+    // answer. Those are counted below; every other request is answered.
+    let unanswered = statuses.len() - ok - limited;
     // 20/s with a burst of 20.
     assert!(
         (ok as f64) <= 20.0 + 20.0 * elapsed + 5.0,
         "{ok} served in {elapsed:.1} s"
     );
+    // Refused by the rate (each held before its answer), or, while the address had its
+    // cap of held refusals, at accept before the request was read.
     let metrics = serve.metrics().await;
+    let by_rate = metric(
+        &metrics,
+        "sluice_event_requests_refused_total{reason=\"rate\"",
+    );
+    let at_accept = metric(
+        &metrics,
+        "sluice_connections_refused_total{listener=\"subscriber\",reason=\"held_per_ip\"",
+    );
     assert_eq!(
-        metric(
-            &metrics,
-            "sluice_event_requests_refused_total{reason=\"rate\""
-        ),
-        Some(limited as f64)
+        by_rate.zip(at_accept).map(|(r, a)| r + a),
+        Some((limited + unanswered) as f64),
+        "{by_rate:?} + {at_accept:?}: {limited} answered 429, {unanswered} unanswered"
+    );
+    assert!(
+        unanswered as f64 <= at_accept.unwrap_or(0.0),
+        "{unanswered} requests unanswered, more than the {at_accept:?} refused at accept"
     );
     // Reads below the hot tail go through the cold-read pool (4), not a thread each
     // (the log's own threads may start one or two meanwhile).
@@ -189,18 +204,22 @@ async fn one_address_churning_connections_does_not_take_anothers() {
     )
     .await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = Instant::now();
     let churn = {
         let to = serve.addr;
         let stop = stop.clone();
         tokio::spawn(async move {
-            let mut attempts = 0u32;
-            // ~200 attempts per second, four times the server's rate, for at most 10 s.
+            let (mut attempts, mut admitted) = (0u32, 0u32);
+            // ~200 attempts per second, four times the server's rate, for at most 10 s
+            // (fewer once refused: each refusal is held before it is answered).
             while !stop.load(std::sync::atomic::Ordering::Relaxed) && attempts < 2000 {
                 attempts += 1;
-                let _ = ws_from(ATTACKER, to, "/subscribe").await;
+                if ws_from(ATTACKER, to, "/subscribe").await.is_ok() {
+                    admitted += 1;
+                }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            attempts
+            (attempts, admitted)
         })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -213,17 +232,22 @@ async fn one_address_churning_connections_does_not_take_anothers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let attempts = churn.await.expect("churn task");
-    // The churn went over its address's share (20/s): refusals were counted. (How many
-    // attempts a loaded machine manages varies; that it was refused is what matters.)
+    let (attempts, admitted) = churn.await.expect("churn task");
+    let elapsed = started.elapsed().as_secs_f64();
+    // The churn went over its address's share (20/s, burst 50): it was refused, and got
+    // no more than its share. (How many attempts a loaded machine manages varies.)
     let refused_churn = metric(
         &serve.metrics().await,
         "sluice_admission_refused_total{reason=\"rate\"",
     )
     .unwrap_or(0.0);
     assert!(
-        refused_churn >= 50.0,
-        "the churn ran into its share: {refused_churn} of {attempts} attempts refused"
+        refused_churn >= 1.0,
+        "the churn never ran into its share: {admitted} of {attempts} attempts admitted"
+    );
+    assert!(
+        f64::from(admitted) <= 50.0 + 20.0 * elapsed + 5.0,
+        "the churn got {admitted} connections in {elapsed:.1} s, over its share"
     );
     assert_eq!(
         refused, 0,

@@ -15,4 +15,5 @@ mod fairness;
 mod handshake;
 mod memory;
 mod protocol;
+mod refusals;
 mod reload;
