@@ -554,3 +554,57 @@ impl Readers {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strs(buf: &[u8], toks: &[Tok]) -> Vec<String> {
+        toks.iter()
+            .map(|t| match *t {
+                Tok::Arr(n) => format!("*{n}"),
+                Tok::Str(a, b) => String::from_utf8_lossy(&buf[a..b]).into_owned(),
+                Tok::Other => "?".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn walks_an_xread_reply_and_waits_for_the_rest_of_a_cut_one() {
+        let reply =
+            b"*1\r\n*2\r\n$3\r\nk:a\r\n*1\r\n*2\r\n$4\r\n12-0\r\n*2\r\n$5\r\nevent\r\n$2\r\n{}\r\n";
+        let mut toks = Vec::new();
+        let mut pos = 0;
+        assert!(walk(reply, &mut pos, &mut toks, 0).unwrap());
+        assert_eq!(pos, reply.len());
+        assert_eq!(
+            strs(reply, &toks),
+            ["*1", "*2", "k:a", "*1", "*2", "12-0", "*2", "event", "{}"]
+        );
+        for cut in 1..reply.len() {
+            let (mut toks, mut pos) = (Vec::new(), 0);
+            assert!(
+                !walk(&reply[..cut], &mut pos, &mut toks, 0).unwrap(),
+                "a reply cut at {cut} is not complete"
+            );
+        }
+    }
+
+    #[test]
+    fn walks_pub_sub_messages_nil_arrays_and_refuses_errors() {
+        let two = b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$2\r\nhi\r\n";
+        let (mut toks, mut pos) = (Vec::new(), 0);
+        assert!(walk(two, &mut pos, &mut toks, 0).unwrap());
+        assert!(walk(two, &mut pos, &mut toks, 0).unwrap());
+        assert_eq!(pos, two.len());
+        assert_eq!(
+            strs(two, &toks),
+            ["*3", "subscribe", "c", "?", "*3", "message", "c", "hi"]
+        );
+        let (mut toks, mut pos) = (Vec::new(), 0);
+        assert!(walk(b"*-1\r\n", &mut pos, &mut toks, 0).unwrap());
+        assert_eq!(strs(b"", &toks), ["*-1"]);
+        let (mut toks, mut pos) = (Vec::new(), 0);
+        assert!(walk(b"-ERR no\r\n", &mut pos, &mut toks, 0).is_err());
+    }
+}
