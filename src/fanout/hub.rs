@@ -388,8 +388,9 @@ async fn dispatch_loop(inner: Arc<HubInner>) {
     }
 }
 
-/// Most events one subscriber is written directly per round; later ones of the round go
-/// to its queue, behind them (the session takes nothing while the write is under way).
+/// Most events one subscriber is written directly per round (and at most the queue's
+/// byte bound); later ones of the round go to its queue, behind them (the session takes
+/// nothing while the write is under way).
 const DIRECT_MAX_EVENTS: usize = 64;
 
 /// The direct writes of one dispatch round, collected under the hub's lock and made after
@@ -404,8 +405,10 @@ struct Round {
 struct Target {
     writer: Arc<dyn DirectWrite>,
     shared: Arc<SubShared>,
-    wire: WireKind,
     events: Vec<SharedEvent>,
+    /// Bytes of `events` on the subscriber's wire: at most the queue's byte bound (or one
+    /// event), so a refused write puts back no more than a queue's worth.
+    bytes: usize,
 }
 
 fn dispatch(inner: &HubInner, events: &[SharedEvent], round: &mut Round) {
@@ -432,8 +435,13 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent], round: &mut Round) {
             if let Some(writer) = &entry.direct {
                 if queue.claimed {
                     let slot = round.slots.get(&id).map(|&i| &mut round.targets[i]);
-                    if let Some(target) = slot.filter(|t| t.events.len() < DIRECT_MAX_EVENTS) {
+                    let fits = |t: &&mut Target| {
+                        t.events.len() < DIRECT_MAX_EVENTS
+                            && t.bytes + size <= inner.config.queue_max_bytes
+                    };
+                    if let Some(target) = slot.filter(fits) {
                         target.events.push(event.clone());
+                        target.bytes += size;
                         return;
                     }
                 } else if queue.parked && queue.events.is_empty() && !queue.overflowed {
@@ -442,8 +450,8 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent], round: &mut Round) {
                     round.targets.push(Target {
                         writer: writer.clone(),
                         shared: entry.shared.clone(),
-                        wire: entry.wire,
                         events: vec![event.clone()],
+                        bytes: size,
                     });
                     return;
                 }
@@ -500,9 +508,11 @@ fn write_directly(inner: &HubInner, round: &mut Round) {
                 queue.handed |= outcome == Direct::Handed;
             }
             Direct::Refused => {
-                // Older than anything queued behind them this round.
+                // Older than anything queued behind them this round. The queue may pass
+                // its bounds by this round's direct events (at most `DIRECT_MAX_EVENTS`
+                // and a queue's bytes); its next push then overflows it.
+                queue.bytes += target.bytes;
                 for event in target.events.into_iter().rev() {
-                    queue.bytes += target.wire.payload(&event).map_or(0, Bytes::len);
                     queue.events.push_front(event);
                 }
             }

@@ -374,7 +374,7 @@ impl ConnState {
             }
             while let Some(front) = self.tail.front_mut() {
                 if written < front.len() {
-                    let _ = front.split_to(written);
+                    bytes::Buf::advance(front, written);
                     break;
                 }
                 written -= front.len();

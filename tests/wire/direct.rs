@@ -191,7 +191,10 @@ async fn an_options_update_applies_on_the_direct_path() {
     }
     for text in &seen[..50] {
         let c = collection(text);
-        assert!(c.is_none() || c.as_deref() == Some("app.bsky.feed.like"), "{text}");
+        assert!(
+            c.is_none() || c.as_deref() == Some("app.bsky.feed.like"),
+            "{text}"
+        );
     }
     let cursors: Vec<u64> = seen.iter().filter_map(|t| scan_u64(t, "cursor")).collect();
     assert_eq!(cursors.len(), seen.len());
