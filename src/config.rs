@@ -260,6 +260,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_COALESCE_US", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(0..=100_000))]
     pub coalesce_us: u64,
+    /// Let the dispatcher write a live subscriber's events to its socket itself while the
+    /// subscriber's queue is empty and its session waits (one non-blocking write, no task
+    /// woken); the session takes over whatever the socket does not accept at once. Direct
+    /// writes are not paced by `--coalesce-us` (one write per subscriber per dispatch
+    /// round). `false`: every write is the session's (BENCHMARKS.md, Fan-out, session 10).
+    #[arg(long, env = "SLUICE_DIRECT_WRITES", default_value_t = true,
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub direct_writes: bool,
     /// Seconds a subscriber may take to accept 256 KiB of writes (or one larger message)
     /// before it is dropped.
     #[arg(long, env = "SLUICE_WRITE_TIMEOUT_SECS", default_value_t = 10,
@@ -723,6 +731,7 @@ impl ServeArgs {
             client_updates_per_sec: self.max_client_updates_per_sec,
             coalesce: Duration::from_micros(self.coalesce_us),
             client_message_timeout: Duration::from_secs(self.client_message_timeout_secs),
+            direct_writes: self.direct_writes,
             ..SessionConfig::default()
         };
         let admission = AdmissionConfig {

@@ -3,9 +3,11 @@
 //! into the queues of the live subscribers that want it.
 //!
 //! Owns the dispatcher and the live half of each subscriber (its queue and its index
-//! entry). Must never block on a subscriber, copy an event per subscriber, let a queue
-//! pass its bounds (an overflowing subscriber leaves the index for catch-up), or hold the
-//! lock for more than one batch or one index step.
+//! entry), and the dispatcher's direct writes to live subscribers whose session waits
+//! with nothing in hand ([`DirectWrite`]). Must never block on a subscriber, copy an event
+//! per subscriber, let a queue pass its bounds (an overflowing subscriber leaves the index
+//! for catch-up; a refused direct write puts back at most `DIRECT_MAX_EVENTS`), write to a
+//! subscriber under the lock, or hold the lock for more than one batch or one index step.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -19,7 +21,9 @@ use tokio::sync::{Notify, Semaphore};
 
 use super::filter::Filter;
 use super::index::Index;
-use super::{visible, Budgets, HubConfig, HubStats, IndexBusy, Start, MAX_INDEX_WAIT};
+use super::{
+    visible, Budgets, Direct, DirectWrite, HubConfig, HubStats, IndexBusy, Start, MAX_INDEX_WAIT,
+};
 use crate::log::{LogReader, SharedEvent};
 use crate::rate::SharedBudget;
 use crate::wire::raw::FrameOnce;
@@ -29,6 +33,37 @@ pub(super) struct Queue {
     pub(super) events: VecDeque<SharedEvent>,
     pub(super) bytes: usize,
     pub(super) overflowed: bool,
+    /// The session waits for its next batch with nothing in hand (set when it found the
+    /// queue empty, cleared when it takes events): a direct write cannot overtake
+    /// anything it holds.
+    pub(super) parked: bool,
+    /// The dispatcher is writing to this subscriber directly (set under the hub's lock,
+    /// cleared after the write): the session takes nothing from the queue meanwhile, so
+    /// what is queued behind the direct write stays behind it.
+    pub(super) claimed: bool,
+    /// Part of a direct write is left for the session to write (wakes it with an empty
+    /// batch).
+    pub(super) handed: bool,
+    /// The last seq written directly (or handed over): delivered, for the resume
+    /// position; every queued event is newer.
+    pub(super) direct_through: u64,
+    /// The raw frames written directly (see [`FrameOnce`]).
+    pub(super) direct_frames: FrameOnce,
+}
+
+impl Queue {
+    fn new() -> Self {
+        Queue {
+            events: VecDeque::new(),
+            bytes: 0,
+            overflowed: false,
+            parked: false,
+            claimed: false,
+            handed: false,
+            direct_through: 0,
+            direct_frames: FrameOnce::default(),
+        }
+    }
 }
 
 pub(super) struct SubShared {
@@ -48,6 +83,8 @@ pub(super) struct Entry {
     /// The raw frames pushed so far (the live half of the subscriber's record; the
     /// subscription keeps the other half while it catches up).
     pub(super) frames: FrameOnce,
+    /// The connection, when the dispatcher may write to it directly.
+    pub(super) direct: Option<Arc<dyn DirectWrite>>,
 }
 
 pub(super) struct HubState {
@@ -119,11 +156,7 @@ impl HubInner {
     /// now, one starting from the log when it catches up (it counts as catching up).
     pub(super) fn register(&self, wire: WireKind, filter: &Filter, start: Start) -> Registered {
         let shared = Arc::new(SubShared {
-            queue: Mutex::new(Queue {
-                events: VecDeque::new(),
-                bytes: 0,
-                overflowed: false,
-            }),
+            queue: Mutex::new(Queue::new()),
             notify: Notify::new(),
         });
         let mut state = self.state.lock();
@@ -150,6 +183,7 @@ impl HubInner {
                 live,
                 last_pushed: seen_through,
                 frames: FrameOnce::default(),
+                direct: None,
             },
         );
         drop(state);
@@ -321,6 +355,7 @@ impl Hub {
 
 async fn dispatch_loop(inner: Arc<HubInner>) {
     let mut newest = inner.reader.watch_newest();
+    let mut round = Round::default();
     loop {
         let from = inner.state.lock().dispatched_through + 1;
         if inner.reader.newest_seq() < from {
@@ -330,7 +365,7 @@ async fn dispatch_loop(inner: Arc<HubInner>) {
             continue;
         }
         match inner.reader.read_from(from, 1024, 64 * 1024 * 1024) {
-            Ok(events) => dispatch(&inner, &events),
+            Ok(events) => dispatch(&inner, &events, &mut round),
             Err(_) => {
                 // The dispatcher fell out of the log (it should never lag that far): move
                 // every live subscriber to catch-up, which handles it per subscriber, and
@@ -353,7 +388,30 @@ async fn dispatch_loop(inner: Arc<HubInner>) {
     }
 }
 
-fn dispatch(inner: &HubInner, events: &[SharedEvent]) {
+/// Most events one subscriber is written directly per round (and at most the queue's
+/// byte bound); later ones of the round go to its queue, behind them (the session takes
+/// nothing while the write is under way).
+const DIRECT_MAX_EVENTS: usize = 64;
+
+/// The direct writes of one dispatch round, collected under the hub's lock and made after
+/// it (scratch space kept across rounds).
+#[derive(Default)]
+struct Round {
+    targets: Vec<Target>,
+    /// Subscriber id -> its place in `targets`.
+    slots: HashMap<u64, usize>,
+}
+
+struct Target {
+    writer: Arc<dyn DirectWrite>,
+    shared: Arc<SubShared>,
+    events: Vec<SharedEvent>,
+    /// Bytes of `events` on the subscriber's wire: at most the queue's byte bound (or one
+    /// event), so a refused write puts back no more than a queue's worth.
+    bytes: usize,
+}
+
+fn dispatch(inner: &HubInner, events: &[SharedEvent], round: &mut Round) {
     let mut state = inner.state.lock();
     let mut overflowed = Vec::new();
     for event in events {
@@ -374,6 +432,30 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent]) {
             }
             let size = entry.wire.payload(event).map_or(0, Bytes::len);
             let mut queue = entry.shared.queue.lock();
+            if let Some(writer) = &entry.direct {
+                if queue.claimed {
+                    let slot = round.slots.get(&id).map(|&i| &mut round.targets[i]);
+                    let fits = |t: &&mut Target| {
+                        t.events.len() < DIRECT_MAX_EVENTS
+                            && t.bytes + size <= inner.config.queue_max_bytes
+                    };
+                    if let Some(target) = slot.filter(fits) {
+                        target.events.push(event.clone());
+                        target.bytes += size;
+                        return;
+                    }
+                } else if queue.parked && queue.events.is_empty() && !queue.overflowed {
+                    queue.claimed = true;
+                    round.slots.insert(id, round.targets.len());
+                    round.targets.push(Target {
+                        writer: writer.clone(),
+                        shared: entry.shared.clone(),
+                        events: vec![event.clone()],
+                        bytes: size,
+                    });
+                    return;
+                }
+            }
             if queue.events.len() >= inner.config.queue_max_events
                 || (queue.bytes + size > inner.config.queue_max_bytes && !queue.events.is_empty())
             {
@@ -385,8 +467,11 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent]) {
             }
             queue.events.push_back(event.clone());
             queue.bytes += size;
+            let wake = !queue.claimed;
             drop(queue);
-            entry.shared.notify.notify_one();
+            if wake {
+                entry.shared.notify.notify_one();
+            }
         });
         for id in overflowed.drain(..) {
             overflow(inner, &mut state, id);
@@ -395,7 +480,49 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent]) {
     }
     let through = state.dispatched_through;
     drop(state);
+    write_directly(inner, round);
     inner.dispatched.send_replace(through);
+}
+
+/// Makes the round's direct writes, in event order per subscriber, outside the hub's
+/// lock; then releases each claim, and wakes the session only when it has something to
+/// do (queued events, a handed-over rest, an overflow).
+fn write_directly(inner: &HubInner, round: &mut Round) {
+    round.slots.clear();
+    for target in round.targets.drain(..) {
+        let outcome = target.writer.try_write(&target.events);
+        let stat = match outcome {
+            Direct::Written => &inner.stats.direct_written,
+            Direct::Handed => &inner.stats.direct_handed,
+            Direct::Refused => &inner.stats.direct_refused,
+        };
+        stat.fetch_add(1, Ordering::Relaxed);
+        let mut queue = target.shared.queue.lock();
+        queue.claimed = false;
+        match outcome {
+            Direct::Written | Direct::Handed => {
+                if let Some(last) = target.events.last() {
+                    queue.direct_through = last.seq;
+                    queue.direct_frames.sent(last);
+                }
+                queue.handed |= outcome == Direct::Handed;
+            }
+            Direct::Refused => {
+                // Older than anything queued behind them this round. The queue may pass
+                // its bounds by this round's direct events (at most `DIRECT_MAX_EVENTS`
+                // and a queue's bytes); its next push then overflows it.
+                queue.bytes += target.bytes;
+                for event in target.events.into_iter().rev() {
+                    queue.events.push_front(event);
+                }
+            }
+        }
+        let wake = !queue.events.is_empty() || queue.handed || queue.overflowed;
+        drop(queue);
+        if wake {
+            target.shared.notify.notify_one();
+        }
+    }
 }
 
 pub(super) fn overflow(inner: &HubInner, state: &mut HubState, id: u64) {

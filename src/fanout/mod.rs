@@ -26,11 +26,36 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::event::Event;
+use crate::log::SharedEvent;
 use crate::wire::raw::FrameOnce;
 use crate::wire::WireKind;
 
 pub use hub::Hub;
 pub use subscription::{Subscription, INDEX_STEP};
+
+/// How a direct write from the dispatcher went (see [`DirectWrite`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direct {
+    /// All of it is on the wire.
+    Written,
+    /// Part of it is; the connection holds the rest, which its session writes before
+    /// anything else, under its write timeout. Counts as delivered.
+    Handed,
+    /// None of it (the socket would block, or the connection is closing or has a write
+    /// of its own under way): the events go back to the subscriber's queue, in order.
+    Refused,
+}
+
+/// A live subscriber's connection as the dispatcher writes to it directly: while the
+/// subscriber's queue is empty and its session waits with nothing in hand, the
+/// dispatcher encodes and writes the events itself (one non-blocking write, no task
+/// woken), and hands over to the session only when the socket would block. Defined here
+/// so the fan-out reaches the wire's encoding without importing it; the http layer
+/// implements it.
+pub trait DirectWrite: Send + Sync {
+    /// Writes `events` (in seq order, at least one) without blocking.
+    fn try_write(&self, events: &[SharedEvent]) -> Direct;
+}
 
 /// A filter's routing-index work that the index budget cannot pay for within the wait
 /// allowed: nothing was reserved, and `would_wait` is how long it would have taken.
@@ -160,6 +185,11 @@ pub struct HubStats {
     pub index_refusals: AtomicU64,
     /// Caught-up subscribers that stayed on the log one more round for want of budget.
     pub rejoins_deferred: AtomicU64,
+    /// Direct writes from the dispatcher ([`DirectWrite`]), by outcome: written whole,
+    /// written in part (the rest handed to the session), refused (the events queued).
+    pub direct_written: AtomicU64,
+    pub direct_handed: AtomicU64,
+    pub direct_refused: AtomicU64,
 }
 
 impl HubStats {

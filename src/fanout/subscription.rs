@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 use super::filter::Filter;
 use super::hub::{Hub, HubInner, HubState, SubShared};
-use super::{visible, End, IndexBusy, SlowPolicy, Start};
+use super::{visible, DirectWrite, End, IndexBusy, SlowPolicy, Start};
 use crate::log::{LogError, SharedEvent};
 use crate::rate::TokenBucket;
 use crate::wire::raw::FrameOnce;
@@ -145,6 +145,14 @@ impl Subscription {
         self.peer = Some(peer);
     }
 
+    /// Lets the dispatcher write this subscriber's live events to `writer` itself while
+    /// the session waits with nothing in hand ([`DirectWrite`]).
+    pub fn set_direct(&self, writer: Arc<dyn DirectWrite>) {
+        if let Some(entry) = self.hub.state.lock().entries.get_mut(&self.id) {
+            entry.direct = Some(writer);
+        }
+    }
+
     /// The filter in force.
     pub fn filter(&self) -> &Filter {
         &self.filter
@@ -238,14 +246,15 @@ impl Subscription {
     }
 
     /// The next events for this subscriber, in seq order, at most `max`. Waits while there
-    /// are none. Never returns an empty batch.
+    /// are none. An empty batch means only that the connection holds the rest of a direct
+    /// write for the session to write ([`super::Direct::Handed`]).
     pub async fn next_batch(&mut self, max: usize) -> Result<Vec<SharedEvent>, End> {
         let max = max.max(1);
         loop {
             match self.mode {
                 Mode::Live => {
-                    let (batch, drained_overflow) = self.take_queued(max);
-                    if !batch.is_empty() {
+                    let (batch, drained_overflow, handed) = self.take_queued(max, true);
+                    if !batch.is_empty() || handed {
                         return Ok(batch);
                     }
                     if drained_overflow {
@@ -315,16 +324,29 @@ impl Subscription {
     /// woken once per event.
     pub fn try_next_batch(&mut self, max: usize) -> Vec<SharedEvent> {
         match self.mode {
-            Mode::Live => self.take_queued(max.max(1)).0,
+            Mode::Live => self.take_queued(max.max(1), false).0,
             Mode::CatchUp { .. } => Vec::new(),
         }
     }
 
-    /// Takes up to `max` queued events newer than `seen_through`, and whether the queue
-    /// had overflowed and is now empty (time to switch to catch-up).
-    fn take_queued(&mut self, max: usize) -> (Vec<SharedEvent>, bool) {
-        let (mut batch, drained_overflow) = {
+    /// Takes up to `max` queued events newer than `seen_through`, whether the queue had
+    /// overflowed and is now empty (time to switch to catch-up), and whether a direct
+    /// write left its rest to the session. Nothing while the dispatcher writes directly
+    /// (what is queued is behind that write). With `park`, a queue found empty marks the
+    /// session as waiting with nothing in hand, which lets the dispatcher write to it
+    /// directly.
+    fn take_queued(&mut self, max: usize, park: bool) -> (Vec<SharedEvent>, bool, bool) {
+        let (mut batch, drained_overflow, handed) = {
             let mut queue = self.shared.queue.lock();
+            // What the dispatcher wrote directly is delivered; every queued event is newer.
+            if queue.direct_through > self.seen_through {
+                self.seen_through = queue.direct_through;
+                self.frames = queue.direct_frames;
+            }
+            if queue.claimed {
+                return (Vec::new(), false, false);
+            }
+            let handed = std::mem::take(&mut queue.handed);
             let n = queue.events.len().min(max);
             let batch: Vec<SharedEvent> = queue.events.drain(..n).collect();
             let freed: usize = batch
@@ -332,7 +354,12 @@ impl Subscription {
                 .map(|e| self.wire.payload(e).map_or(0, Bytes::len))
                 .sum();
             queue.bytes = queue.bytes.saturating_sub(freed);
-            (batch, queue.overflowed && queue.events.is_empty())
+            if !batch.is_empty() {
+                queue.parked = false;
+            } else if park {
+                queue.parked = true;
+            }
+            (batch, queue.overflowed && queue.events.is_empty(), handed)
         };
         batch.retain(|e| e.seq > self.seen_through);
         if let Some(last) = batch.last() {
@@ -343,7 +370,7 @@ impl Subscription {
         if let Some(last) = batch.last() {
             self.frames.sent(last);
         }
-        (batch, drained_overflow)
+        (batch, drained_overflow, handed)
     }
 
     async fn read_log(&mut self, next: u64, max: usize) -> Result<Vec<SharedEvent>, End> {
@@ -444,6 +471,7 @@ impl Subscription {
             queue.events.clear();
             queue.bytes = 0;
             queue.overflowed = false;
+            queue.parked = false;
         }
         entry.live = true;
         entry.last_pushed = self.seen_through;

@@ -362,6 +362,14 @@ impl AdminState {
                 .absolute(hub.index_refusals.load(Ordering::Relaxed));
             counter!("sluice_index_budget_total", "outcome" => "rejoin_deferred")
                 .absolute(hub.rejoins_deferred.load(Ordering::Relaxed));
+            for (outcome, count) in [
+                ("written", &hub.direct_written),
+                ("handed", &hub.direct_handed),
+                ("refused", &hub.direct_refused),
+            ] {
+                counter!("sluice_direct_writes_total", "outcome" => outcome)
+                    .absolute(count.load(Ordering::Relaxed));
+            }
             let reader = self.log.reader();
             gauge!("sluice_log_bytes").set(reader.store().size_bytes() as f64);
             gauge!("sluice_log_disk_bytes").set(reader.store().disk_bytes() as f64);
@@ -619,6 +627,7 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_zstd_compressed_events_total", "Events compressed, by scheme (v1 compress=true, v2 zstdDictionary): once per event and scheme, shared by its subscribers."),
     ("sluice_zstd_uncached_events_total", "Events compressed but not kept because the scheme's cache was at --zstd-cache-mib, by scheme: the next subscriber compresses them again."),
     ("sluice_zstd_failures_total", "Messages that could not be compressed and so were not sent, by scheme (logged)."),
+    ("sluice_direct_writes_total", "Writes the fan-out dispatcher made to live subscribers itself (--direct-writes), by outcome: written whole, written in part (the rest left to the subscriber's session), refused (the socket would block or was busy; the events went to the subscriber's queue)."),
     ("sluice_index_budget_total", "Routing-index changes that waited for, were refused by, or were deferred by the hub-wide budget."),
     ("sluice_log_commits_total", "Group commits of the event log."),
     ("sluice_log_commit_failures_total", "Group commits of the event log that failed (retried)."),

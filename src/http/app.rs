@@ -24,7 +24,7 @@ pub struct HttpStats {
     pub refused_full: AtomicU64,
     pub refused_invalid: AtomicU64,
     /// Indexed by [`WireKind::index`].
-    pub wires: [WireCounters; 3],
+    pub wires: [Arc<WireCounters>; 3],
     pub v1_cursor_clamped: AtomicU64,
     /// `/event` requests refused: over the per-IP rate, or no cold-read slot in time.
     pub event_refused_rate: AtomicU64,
@@ -33,7 +33,7 @@ pub struct HttpStats {
 }
 
 impl HttpStats {
-    pub fn counters(&self, wire: WireKind) -> &WireCounters {
+    pub fn counters(&self, wire: WireKind) -> &Arc<WireCounters> {
         &self.wires[wire.index()]
     }
 

@@ -676,7 +676,7 @@ pub fn uri_too_long_message(path: &[u8], max_dids: usize) -> String {
 /// also charges what is read to the client-memory budget once the socket is a websocket
 /// (`ConnMemory::arm`), and fails the read that does not fit. Until its first request
 /// line has ended it watches that line's URI ([`FirstLine`]).
-struct Counted {
+pub(crate) struct Counted {
     tcp: TcpStream,
     slot: OpenSlot,
     memory: Option<Arc<ConnMemory>>,
@@ -684,6 +684,12 @@ struct Counted {
 }
 
 impl Counted {
+    /// Writes what the socket takes now, without a task context (the fan-out's direct
+    /// writes to a subscriber, `http::websocket::Conn`).
+    pub(crate) fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.tcp.try_write_vectored(bufs)
+    }
+
     /// Reads and drops the rest of a refused request's head, then answers 414 and fails
     /// the read, which ends the connection.
     fn poll_refuse(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -1,26 +1,32 @@
 //! One subscriber's websocket session: the writer loop shared by every wire.
 //!
 //! Owns batching (many events, one write), the write timeout, ping/pong keepalive with
-//! dead-peer detection, per-subscriber message size limits, and the close on shutdown.
+//! dead-peer detection, per-subscriber message size limits, the close on shutdown, and
+//! the dispatcher's side of the session (`DirectWriter`: the same encoding, written
+//! without blocking while the session waits, the rest left to the session).
 //! Must never: encode an event itself (wires hand over pre-encoded bytes, compressed once
 //! per scheme and shared), wait on a peer without
 //! a timeout, or keep reading from the log after the peer is gone.
 
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
+
+use parking_lot::Mutex;
 
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::event::Event;
 use crate::fanout::filter::Filter;
-use crate::fanout::{End, Subscription};
+use crate::fanout::{Direct, DirectWrite, End, Subscription};
 use crate::http::admission_text::{self, ClientOptions, TextBusy, TextJob, TextPool};
 use crate::http::budget::{spent_in, Spent};
 use crate::log::SharedEvent;
 use crate::rate::TokenBucket;
 
-use super::websocket::Socket;
+use super::websocket::{Conn, Socket};
 use crate::wire::Frame;
 
 /// Limits of one session.
@@ -55,6 +61,9 @@ pub struct SessionConfig {
     /// A message from the subscriber (all its fragments) must arrive within this long of
     /// its first byte, or the session closes with 1008.
     pub client_message_timeout: Duration,
+    /// Whether the dispatcher writes a live subscriber's events itself while the session
+    /// waits with nothing in hand ([`DirectWriter`]); off, every write is the session's.
+    pub direct_writes: bool,
 }
 
 impl Default for SessionConfig {
@@ -72,6 +81,7 @@ impl Default for SessionConfig {
             client_updates_per_sec: 10,
             coalesce: Duration::from_micros(1000),
             client_message_timeout: Duration::from_secs(10),
+            direct_writes: true,
         }
     }
 }
@@ -306,16 +316,18 @@ pub fn retry_after(base_secs: u64) -> u64 {
 pub async fn run(
     mut socket: Socket,
     mut sub: Subscription,
-    mut wire: impl WireSession,
+    wire: impl WireSession,
     config: SessionConfig,
     mut shutdown: watch::Receiver<bool>,
     initial: Vec<Frame>,
-    counters: &WireCounters,
+    counters: &Arc<WireCounters>,
     texts: &TextPool,
 ) -> SessionEnd {
+    // Shared with the dispatcher's direct writes, which encode with it too.
+    let wire = Arc::new(Mutex::new(wire));
     let initial: Vec<Frame> = initial
         .into_iter()
-        .filter_map(|frame| wire.encode(frame, None))
+        .filter_map(|frame| wire.lock().encode(frame, None))
         .collect();
     if let Err(end) = write_chunked(&mut socket, &initial, &config).await {
         return end;
@@ -343,6 +355,14 @@ pub async fn run(
     if let Some(peer) = socket.peer() {
         sub.set_peer(peer.ip());
     }
+    if config.direct_writes && socket.conn().takes_direct() {
+        sub.set_direct(Arc::new(DirectWriter {
+            wire: wire.clone(),
+            conn: socket.conn().clone(),
+            server_max_message_bytes: config.server_max_message_bytes,
+            counters: counters.clone(),
+        }));
+    }
     let charged = match socket.memory() {
         Some(memory) => memory.set_filter(sub.filter().memory_bytes()),
         None => Ok(()),
@@ -369,7 +389,7 @@ pub async fn run(
                                 break 'session SessionEnd::UpdatesTooFast;
                             }
                             let size = text.len();
-                            let Some(job) = wire.on_text(text) else {
+                            let Some(job) = wire.lock().on_text(text) else {
                                 continue;
                             };
                             // Paid for by size before it is parsed: the address's share
@@ -392,7 +412,7 @@ pub async fn run(
                                 Ok(Err(problem)) => break 'session SessionEnd::Protocol(problem),
                                 Err(busy) => break 'session SessionEnd::TextBusy(busy),
                             };
-                            let Some(filter) = wire.apply_text(options) else {
+                            let Some(filter) = wire.lock().apply_text(options) else {
                                 continue;
                             };
                             let wait = match sub.reserve_filter_change(&filter) {
@@ -480,6 +500,15 @@ pub async fn run(
                     Err(end) => break SessionEnd::Stream(end),
                 },
             };
+            if batch.is_empty() {
+                // The rest of a direct write the socket did not take at once.
+                let flushed = tokio::time::timeout(config.write_timeout, socket.flush()).await;
+                if let Err(end) = write_step(flushed) {
+                    break end;
+                }
+                last_write = Some(tokio::time::Instant::now());
+                continue;
+            }
             // At most one write per `coalesce`: an event after a quiet spell goes out at once;
             // in a busy stream the session sleeps out the rest of the interval and then takes
             // everything that queued meanwhile, so it is woken once per write rather than once
@@ -490,22 +519,16 @@ pub async fn run(
                     batch.extend(sub.try_next_batch(config.max_batch - batch.len()));
                 }
             }
-            match write_batch(
-                &mut socket,
-                &mut wire,
-                &batch,
-                &mut frames,
-                &config,
-                counters,
-            )
-            .await
-            {
+            match write_batch(&mut socket, &wire, &batch, &mut frames, &config, counters).await {
                 Ok(true) => last_write = Some(tokio::time::Instant::now()),
                 Ok(false) => {}
                 Err(end) => break end,
             }
         }
     };
+    // The dispatcher writes nothing after this: the session's last frames are its own.
+    socket.conn().close_direct();
+    drop(sub);
     let (last, code, reason) = match &end {
         SessionEnd::Shutdown => (
             None,
@@ -516,7 +539,7 @@ pub async fn run(
             ),
         ),
         SessionEnd::Stream(stream_end) => {
-            let closing = wire.ending(stream_end);
+            let closing = wire.lock().ending(stream_end);
             (closing.last, closing.code, closing.reason)
         }
         SessionEnd::Protocol(problem) => (None, 1008, problem.clone()),
@@ -557,7 +580,8 @@ pub async fn run(
         SessionEnd::PeerClosed | SessionEnd::WriteFailed | SessionEnd::WriteTimeout
     ) {
         let close = async {
-            if let Some(last) = last.and_then(|frame| wire.encode(frame, None)) {
+            let last = last.and_then(|frame| wire.lock().encode(frame, None));
+            if let Some(last) = last {
                 socket.write_frames(&[last]).await?;
             }
             socket.close(code, &reason).await
@@ -600,19 +624,63 @@ fn read_error(error: WsError) -> SessionEnd {
 /// whether anything was written. `frames` is scratch space kept across batches.
 async fn write_batch(
     socket: &mut Socket,
-    wire: &mut impl WireSession,
+    wire: &Mutex<impl WireSession>,
     events: &[SharedEvent],
     frames: &mut Vec<Frame>,
     config: &SessionConfig,
     counters: &WireCounters,
 ) -> Result<bool, SessionEnd> {
+    let sent = encode_batch(
+        &mut *wire.lock(),
+        events,
+        frames,
+        config.server_max_message_bytes,
+    );
+    let outcome = write_chunked(socket, frames, config).await;
+    sent.count(counters);
+    outcome.map(|()| !frames.is_empty())
+}
+
+/// What a batch's messages were, for the wire's counters.
+#[derive(Default)]
+struct Sent {
+    events: u64,
+    bytes: u64,
+    oversized: u64,
+}
+
+impl Sent {
+    /// Adds to the wire's counters. Every session of the wire shares them (one cache line
+    /// between the worker threads): an add of nothing is skipped.
+    fn count(&self, counters: &WireCounters) {
+        if self.events > 0 {
+            counters.events.fetch_add(self.events, Ordering::Relaxed);
+            counters.bytes.fetch_add(self.bytes, Ordering::Relaxed);
+        }
+        if self.oversized > 0 {
+            counters
+                .oversized
+                .fetch_add(self.oversized, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The messages of `events` on `wire` into `frames` (cleared first): each event's message
+/// encoded for this subscriber, or its oversized notice when the message is over the
+/// client's limit (at most `server_max` bytes).
+fn encode_batch(
+    wire: &mut impl WireSession,
+    events: &[SharedEvent],
+    frames: &mut Vec<Frame>,
+    server_max: usize,
+) -> Sent {
     // Read per batch: `options_update` may change it mid-stream.
     let limit = match wire.client_max_message_bytes() {
-        0 => config.server_max_message_bytes,
-        n => n.min(config.server_max_message_bytes),
+        0 => server_max,
+        n => n.min(server_max),
     };
     frames.clear();
-    let (mut sent, mut sent_bytes, mut oversized) = (0u64, 0u64, 0u64);
+    let mut sent = Sent::default();
     for event in events {
         let Some(frame) = wire.message(event) else {
             continue;
@@ -620,26 +688,55 @@ async fn write_batch(
         // The limit applies to the uncompressed message, whatever the wire encoding.
         let size = frame.len();
         if size > limit {
-            oversized += 1;
+            sent.oversized += 1;
             let notice = wire.oversized_notice(event, size, limit);
             frames.extend(notice.and_then(|frame| wire.encode(frame, None)));
         } else if let Some(frame) = wire.encode(frame, Some(event.seq)) {
-            sent += 1;
-            sent_bytes += frame.len() as u64;
+            sent.events += 1;
+            sent.bytes += frame.len() as u64;
             frames.push(frame);
         }
     }
-    let outcome = write_chunked(socket, frames, config).await;
-    // Every session of the wire shares these counters (one cache line between the worker
-    // threads): an add of nothing is skipped.
-    if sent > 0 {
-        counters.events.fetch_add(sent, Ordering::Relaxed);
-        counters.bytes.fetch_add(sent_bytes, Ordering::Relaxed);
+    sent
+}
+
+/// The dispatcher's side of a session ([`DirectWrite`]): encodes a live subscriber's
+/// events with the session's wire and writes them on its connection without blocking,
+/// while the session waits with nothing in hand. What the socket does not take whole is
+/// the session's to write (its write timeout applies there).
+struct DirectWriter<W> {
+    wire: Arc<Mutex<W>>,
+    conn: Conn,
+    server_max_message_bytes: usize,
+    counters: Arc<WireCounters>,
+}
+
+impl<W: WireSession> DirectWrite for DirectWriter<W> {
+    fn try_write(&self, events: &[SharedEvent]) -> Direct {
+        thread_local! {
+            /// Messages and frame headers of the write being made, kept per thread.
+            static SCRATCH: RefCell<(Vec<Frame>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+        }
+        SCRATCH.with_borrow_mut(|(frames, headers)| {
+            let sent = encode_batch(
+                &mut *self.wire.lock(),
+                events,
+                frames,
+                self.server_max_message_bytes,
+            );
+            let outcome = if frames.is_empty() {
+                // Nothing to send (every event skipped): delivered all the same.
+                Direct::Written
+            } else {
+                self.conn.try_write_frames(frames, headers)
+            };
+            if outcome != Direct::Refused {
+                sent.count(&self.counters);
+            }
+            frames.clear();
+            outcome
+        })
     }
-    if oversized > 0 {
-        counters.oversized.fetch_add(oversized, Ordering::Relaxed);
-    }
-    outcome.map(|()| !frames.is_empty())
 }
 
 /// Writes `frames` in chunks of at most `WRITE_CHUNK_BYTES` (or one larger message), each

@@ -5,9 +5,12 @@
 //! answering it, and writing data frames with one `writev` per batch (a frame header of a
 //! few bytes per message, the payload itself borrowed from the event every subscriber
 //! shares). tungstenite still reads every client frame (unmasking, fragments, size limits,
-//! automatic pongs) and writes the control frames (ping, close).
-//! Must never: copy an event payload per subscriber, or let a control frame from
-//! tungstenite's buffer and a data frame from the batch interleave on the wire.
+//! automatic pongs) and writes the control frames (ping, close). Also owns the connection
+//! under the websocket ([`Conn`]), which the session and the fan-out dispatcher's direct
+//! writes share through one lock.
+//! Must never: copy an event payload per subscriber, let a control frame from
+//! tungstenite's buffer and a data frame from the batch interleave on the wire, or start a
+//! direct write while another writer's frame is half written.
 //!
 //! Why not axum's `WebSocket`: it owns the stream behind tungstenite, which copies every
 //! message into its write buffer and frames it per subscriber (DECISIONS, "Subscriber
@@ -15,10 +18,12 @@
 //! not served (the daemon speaks HTTP/1.1 only).
 
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
 use axum::body::Body;
 use axum::extract::FromRequestParts;
@@ -28,14 +33,16 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
+use crate::fanout::Direct;
 use crate::http::budget::ConnMemory;
+use crate::http::listen::Counted;
 use crate::wire::Frame;
 
 /// The websocket opcode a frame goes out with.
@@ -182,7 +189,7 @@ impl Upgrade {
             match on_upgrade.await {
                 Ok(upgraded) => {
                     let stream = WebSocketStream::from_raw_socket(
-                        TokioIo::new(upgraded),
+                        Conn::new(upgraded),
                         Role::Server,
                         Some(config),
                     )
@@ -233,8 +240,226 @@ fn header_has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool 
     })
 }
 
+/// The upgraded connection under a subscriber's websocket, shared by its session
+/// (tungstenite's reads, pongs, pings and closes, and [`Socket::write_frames`]) and the
+/// dispatcher's direct writes ([`Conn::try_write_frames`]). Every read and write takes
+/// its one lock, so only one writer at a time touches the socket, and a write never
+/// starts while another one's frame is half on the wire.
+#[derive(Clone)]
+pub struct Conn {
+    shared: Arc<parking_lot::Mutex<ConnState>>,
+}
+
+struct ConnState {
+    io: Io,
+    /// What hyper read past the upgrade request (the client's first frames): read first.
+    leftover: Bytes,
+    /// The unwritten rest of a direct write, in order: written before anything else.
+    tail: VecDeque<Bytes>,
+    /// The last write through the session's path (tungstenite's buffer or
+    /// `write_frames`) ended inside a frame, whose rest its writer still holds.
+    mid_frame: bool,
+    /// The session is ending: no more direct writes.
+    closed: bool,
+}
+
+/// The socket under the upgrade: the listener's counted TCP stream, which takes a write
+/// without a task context, or (for a connection served some other way) hyper's upgraded
+/// stream, which the dispatcher does not write to.
+enum Io {
+    Listener(Counted),
+    Other(TokioIo<hyper::upgrade::Upgraded>),
+}
+
+impl Conn {
+    fn new(upgraded: hyper::upgrade::Upgraded) -> Self {
+        let (io, leftover) = match upgraded.downcast::<TokioIo<Counted>>() {
+            Ok(parts) => (Io::Listener(parts.io.into_inner()), parts.read_buf),
+            Err(upgraded) => (Io::Other(TokioIo::new(upgraded)), Bytes::new()),
+        };
+        Conn {
+            shared: Arc::new(parking_lot::Mutex::new(ConnState {
+                io,
+                leftover,
+                tail: VecDeque::new(),
+                mid_frame: false,
+                closed: false,
+            })),
+        }
+    }
+
+    /// Whether the dispatcher can write to this connection directly at all.
+    pub fn takes_direct(&self) -> bool {
+        matches!(self.shared.lock().io, Io::Listener(_))
+    }
+
+    /// No more direct writes: the session writes its last frames now.
+    pub fn close_direct(&self) {
+        self.shared.lock().closed = true;
+    }
+
+    /// Writes `frames` now if the socket takes them without blocking: all of them
+    /// ([`Direct::Written`]), part of them with the rest kept to be written before
+    /// anything else ([`Direct::Handed`]; the session flushes it), or nothing
+    /// ([`Direct::Refused`]: the socket would block, is closing, is not a plain TCP
+    /// stream, or another write is under way). `headers` is scratch space.
+    pub fn try_write_frames(&self, frames: &[Frame], headers: &mut Vec<u8>) -> Direct {
+        let mut state = self.shared.lock();
+        let state = &mut *state;
+        let Io::Listener(tcp) = &state.io else {
+            return Direct::Refused;
+        };
+        if state.closed || state.mid_frame || !state.tail.is_empty() {
+            return Direct::Refused;
+        }
+        if format_headers(frames, headers).is_err() {
+            return Direct::Refused;
+        }
+        let (mut inline, mut spilled) = ([IoSlice::new(&[]); INLINE_SLICES], Vec::new());
+        let slices = slices_of(frames, headers, &mut inline, &mut spilled);
+        let total: usize = slices.iter().map(|s| s.len()).sum();
+        let written = match tcp.try_write_vectored(slices) {
+            Ok(n) => n,
+            // Would block, or failed: the session's own write meets the failure.
+            Err(_) => return Direct::Refused,
+        };
+        if written == 0 {
+            return Direct::Refused;
+        }
+        if written == total {
+            return Direct::Written;
+        }
+        // The rest, without copying a payload: header bytes copied, payloads sliced.
+        let mut skip = written;
+        let mut at = 0;
+        for frame in frames {
+            let header_len = frame_header(frame).len(frame.len() as u64);
+            let header = &headers[at..at + header_len];
+            at += header_len;
+            if skip >= header.len() {
+                skip -= header.len();
+            } else {
+                state
+                    .tail
+                    .push_back(Bytes::copy_from_slice(&header[skip..]));
+                skip = 0;
+            }
+            let payload = frame.payload();
+            if skip >= payload.len() {
+                skip -= payload.len();
+            } else {
+                state.tail.push_back(payload.slice(skip..));
+                skip = 0;
+            }
+        }
+        Direct::Handed
+    }
+}
+
+impl ConnState {
+    /// Writes the rest of a direct write, if any: ready when none is left.
+    fn poll_tail(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while !self.tail.is_empty() {
+            let mut slices = [IoSlice::new(&[]); INLINE_SLICES];
+            let n = self.tail.len().min(INLINE_SLICES);
+            for (slot, bytes) in slices.iter_mut().zip(self.tail.iter()) {
+                *slot = IoSlice::new(bytes);
+            }
+            let mut written = match &mut self.io {
+                Io::Listener(io) => ready!(Pin::new(io).poll_write_vectored(cx, &slices[..n]))?,
+                Io::Other(io) => ready!(Pin::new(io).poll_write_vectored(cx, &slices[..n]))?,
+            };
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            while let Some(front) = self.tail.front_mut() {
+                if written < front.len() {
+                    bytes::Buf::advance(front, written);
+                    break;
+                }
+                written -= front.len();
+                self.tail.pop_front();
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn io(&mut self) -> Pin<&mut dyn AsyncReadWrite> {
+        match &mut self.io {
+            Io::Listener(io) => Pin::new(io),
+            Io::Other(io) => Pin::new(io),
+        }
+    }
+}
+
+/// What the session's side needs of the socket under a [`Conn`].
+trait AsyncReadWrite: AsyncRead + AsyncWrite + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncReadWrite for T {}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut state = self.shared.lock();
+        if !state.leftover.is_empty() {
+            let n = state.leftover.len().min(buf.remaining());
+            buf.put_slice(&state.leftover.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        state.io().poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let mut state = self.shared.lock();
+        ready!(state.poll_tail(cx))?;
+        let poll = state.io().poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = poll {
+            state.mid_frame = n < buf.len();
+        }
+        poll
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let mut state = self.shared.lock();
+        ready!(state.poll_tail(cx))?;
+        let poll = state.io().poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = poll {
+            state.mid_frame = n < bufs.iter().map(|b| b.len()).sum::<usize>();
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut state = self.shared.lock();
+        ready!(state.poll_tail(cx))?;
+        state.io().poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut state = self.shared.lock();
+        ready!(state.poll_tail(cx))?;
+        state.io().poll_shutdown(cx)
+    }
+}
+
 /// The upgraded connection of one subscriber.
-pub struct Socket<S = TokioIo<hyper::upgrade::Upgraded>> {
+pub struct Socket<S = Conn> {
     stream: WebSocketStream<S>,
     /// Frame headers of the batch being written; kept to reuse its allocation.
     headers: Vec<u8>,
@@ -296,24 +521,46 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Socket<S> {
     /// end the connection (it does, with `WriteTimeout`).
     pub async fn write_frames(&mut self, frames: &[Frame]) -> Result<(), WsError> {
         self.stream.flush().await?;
-        self.headers.clear();
-        for frame in frames {
-            frame_header(frame).format(frame.len() as u64, &mut self.headers)?;
-        }
-        // At live rates a write carries one to a few messages: their slices live on the
-        // stack, so such a write allocates nothing.
-        let mut inline = [IoSlice::new(&[]); INLINE_SLICES];
-        let mut spilled = Vec::new();
-        let slices: &mut [IoSlice<'_>] = if frames.len() * 2 <= INLINE_SLICES {
-            let n = fill_slices(frames, &self.headers, |i, s| inline[i] = s);
-            &mut inline[..n]
-        } else {
-            spilled.reserve_exact(frames.len() * 2);
-            fill_slices(frames, &self.headers, |_, s| spilled.push(s));
-            &mut spilled
-        };
+        format_headers(frames, &mut self.headers)?;
+        let (mut inline, mut spilled) = ([IoSlice::new(&[]); INLINE_SLICES], Vec::new());
+        let slices = slices_of(frames, &self.headers, &mut inline, &mut spilled);
         write_all_vectored(self.stream.get_mut(), slices).await?;
         Ok(())
+    }
+}
+
+impl Socket<Conn> {
+    /// The connection under the websocket, for the dispatcher's direct writes.
+    pub fn conn(&self) -> &Conn {
+        self.stream.get_ref()
+    }
+}
+
+/// Formats the header of each of `frames`, in order, into `headers`.
+fn format_headers(frames: &[Frame], headers: &mut Vec<u8>) -> Result<(), WsError> {
+    headers.clear();
+    for frame in frames {
+        frame_header(frame).format(frame.len() as u64, headers)?;
+    }
+    Ok(())
+}
+
+/// The slices of `frames` in wire order (headers formatted by [`format_headers`]). At
+/// live rates a write carries one to a few messages: their slices live in `inline`, on
+/// the caller's stack, so such a write allocates nothing; more go in `spilled`.
+fn slices_of<'a, 'b>(
+    frames: &'a [Frame],
+    headers: &'a [u8],
+    inline: &'b mut [IoSlice<'a>; INLINE_SLICES],
+    spilled: &'b mut Vec<IoSlice<'a>>,
+) -> &'b mut [IoSlice<'a>] {
+    if frames.len() * 2 <= INLINE_SLICES {
+        let n = fill_slices(frames, headers, |i, s| inline[i] = s);
+        &mut inline[..n]
+    } else {
+        spilled.reserve_exact(frames.len() * 2);
+        fill_slices(frames, headers, |_, s| spilled.push(s));
+        spilled
     }
 }
 

@@ -16,6 +16,7 @@ mod admin;
 mod admission;
 mod atproto_client;
 mod compressed;
+mod direct;
 mod index_budget;
 mod keepalive;
 mod live_start;

@@ -290,9 +290,11 @@ async fn raw_invalid_parameters_get_400_naming_the_problem() {
     env.stop().await;
 }
 
-/// `--coalesce-us` bounds how often one subscriber is written to: under a steady stream
-/// (~400 frames/s, 1–4 ms apart) with a 100 ms interval, frames arrive in bursts about
-/// 100 ms apart, each carrying tens of frames, instead of one write per frame.
+/// `--coalesce-us` bounds how often the session writes to one subscriber: under a steady
+/// stream (~400 frames/s, 1–4 ms apart) with a 100 ms interval, frames arrive in bursts
+/// about 100 ms apart, each carrying tens of frames, instead of one write per frame. The
+/// session's pacing is what is tested, so the dispatcher's direct writes, which are not
+/// paced (README, `--direct-writes`), are off.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_writes_are_coalesced_to_one_flush_per_interval() {
     let _machine = crate::exclusive::shared().await;
@@ -302,7 +304,7 @@ async fn raw_writes_are_coalesced_to_one_flush_per_interval() {
         Speed::Factor(1.0),
         false,
         false,
-        &["--coalesce-us", "100000"],
+        &["--coalesce-us", "100000", "--direct-writes=false"],
         |_| {},
     )
     .await;

@@ -1,0 +1,253 @@
+//! Direct writes from the dispatcher (`--direct-writes`, on by default), end to end over
+//! real sockets while ingest runs at real time (~400 events/s): a client that stops
+//! reading makes the direct write block, which hands over to its session with nothing
+//! lost, repeated or reordered; a peer that never reads again is still closed by the
+//! write timeout; an `options_update` applies on the direct path; and pings and pongs
+//! flow between direct writes. Each test checks from the hub's counters that the
+//! direct path was taken, so none of them passes on the session's path alone.
+
+use crate::wire_common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::json;
+use sluice::upstream::replay::Speed;
+use tokio_tungstenite::tungstenite::Message;
+use wire_common::*;
+
+/// ~3,200 synthetic frames replayed at real time: ~8 s of live traffic at ~400 events/s.
+async fn live_env(extra: &[&str]) -> Env {
+    let frames = synth(3200, 31, Duration::from_secs(1200));
+    let env = Env::start_with(frames, Speed::Factor(1.0), false, false, extra, |_| {}).await;
+    env.wait_seq(1).await;
+    env
+}
+
+struct Outcomes {
+    written: u64,
+    handed: u64,
+    refused: u64,
+}
+
+fn direct(env: &Env) -> Outcomes {
+    let stats = env.daemon.hub.stats();
+    Outcomes {
+        written: stats.direct_written.load(Ordering::Relaxed),
+        handed: stats.direct_handed.load(Ordering::Relaxed),
+        refused: stats.direct_refused.load(Ordering::Relaxed),
+    }
+}
+
+fn ended(env: &Env, reason: &str) -> u64 {
+    let ended = env.daemon.app.stats.ended.lock();
+    ended.get(reason).copied().unwrap_or(0)
+}
+
+/// The upstream seqs of every frame from the first one `got` holds to the end.
+fn raw_expected_from(env: &Env, first: u64) -> Vec<u64> {
+    env.frames
+        .iter()
+        .map(|f| frame_seq(f) as u64)
+        .filter(|&s| s >= first)
+        .collect()
+}
+
+/// A live raw subscriber that stops reading for 2 s after 200 frames (its socket and the
+/// server's fill: the direct writes block and hand over), then reads on: it gets every
+/// frame from its first one to the last, once each and in order, without leaving the
+/// live path (no overflow, so what is proven is the hand-over, not catch-up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_direct_write_hands_over_with_nothing_lost_or_reordered() {
+    let _machine = crate::exclusive::alone().await;
+    let env = live_env(&["--socket-send-buffer-kib", "8"]).await;
+    let ws = connect_small_buffer(&env.url(RAW_PATH), SMALL_RCVBUF).await;
+    let target = Arc::new(AtomicU64::new(u64::MAX));
+    let how = Follow {
+        wire: Wire::Raw,
+        pause_after: Some(200),
+        pause: Duration::from_secs(2),
+        deadline: tokio::time::Instant::now() + Duration::from_secs(90),
+    };
+    let t = target.clone();
+    let task = tokio::spawn(async move {
+        let mut ws = ws;
+        follow(&mut ws, how, &t).await
+    });
+    env.wait_all_ingested().await;
+    let last = frame_seq(env.frames.last().unwrap()) as u64;
+    target.store(last, Ordering::Release);
+    let got = task.await.unwrap();
+
+    assert_eq!(got.close, None, "the subscriber was closed");
+    let first = *got.positions.first().expect("no frames at all");
+    let want = raw_expected_from(&env, first);
+    assert_eq!(
+        got.positions.len(),
+        want.len(),
+        "frames missing or repeated"
+    );
+    assert_eq!(got.positions, want, "frames out of order");
+    let outcomes = direct(&env);
+    assert!(outcomes.written > 0, "no direct write was made");
+    assert!(
+        outcomes.handed + outcomes.refused > 0,
+        "no direct write blocked while the client did not read"
+    );
+    let overflows = env.daemon.hub.stats().overflows.load(Ordering::Relaxed);
+    assert_eq!(overflows, 0, "the subscriber left the live path");
+    env.stop().await;
+}
+
+/// A live subscriber that never reads after the upgrade: the direct writes fill its
+/// socket, and its session closes it by the write timeout (1 s), long before the upstream
+/// ends; the connection then ends for the client too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_stops_reading_is_closed_by_the_write_timeout() {
+    let _machine = crate::exclusive::alone().await;
+    let env = live_env(&["--socket-send-buffer-kib", "8", "--write-timeout-secs", "1"]).await;
+    let mut ws = connect_small_buffer(&env.url(RAW_PATH), SMALL_RCVBUF).await;
+    let connected = tokio::time::Instant::now();
+    while ended(&env, "write_timeout") == 0 {
+        assert!(
+            connected.elapsed() < LIMIT,
+            "the silent subscriber was not dropped within {LIMIT:?} (write timeout 1 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let outcomes = direct(&env);
+    assert!(outcomes.written > 0, "no direct write was made");
+    assert!(
+        outcomes.handed + outcomes.refused > 0,
+        "no direct write blocked"
+    );
+    let mut received = 0usize;
+    let end = loop {
+        match next(&mut ws, LIMIT).await {
+            Got::Binary(_) => received += 1,
+            other => break other,
+        }
+    };
+    assert!(
+        matches!(end, Got::Gone(_) | Got::Closed(_)),
+        "expected the connection to end, got {end:?} after {received} frames"
+    );
+    assert!(received < env.frames.len(), "it got every frame");
+    env.stop().await;
+}
+
+/// The collection of a v1 event; `None` for identity and account events, which every
+/// v1 subscriber gets whatever its collections.
+fn collection(text: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(text).unwrap();
+    match v["kind"].as_str() {
+        Some("commit") => Some(v["commit"]["collection"].as_str().unwrap().to_string()),
+        Some("identity" | "account") => None,
+        other => panic!("unexpected kind {other:?} in {text}"),
+    }
+}
+
+/// A v1 subscriber of likes switches to posts mid-stream with `options_update`: before
+/// the switch it gets only likes, after it only posts (identity and account events
+/// throughout), with cursors increasing, while the dispatcher writes to it directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_options_update_applies_on_the_direct_path() {
+    let _machine = crate::exclusive::alone().await;
+    let env = live_env(&[]).await;
+    let mut ws = connect(&env.url("/subscribe?wantedCollections=app.bsky.feed.like")).await;
+    let mut seen = Vec::new();
+    while seen.len() < 50 {
+        match next(&mut ws, LIMIT).await {
+            Got::Text(t) => seen.push(t),
+            other => panic!("got {other:?} before the update"),
+        }
+    }
+    let written_before = direct(&env).written;
+    assert!(written_before > 0, "no direct write before the update");
+    let update = json!({"type": "options_update",
+                        "payload": {"wantedCollections": ["app.bsky.feed.post"]}});
+    send_text(&mut ws, update.to_string()).await;
+    let mut switched = false;
+    let mut posts = 0;
+    while posts < 20 {
+        let text = match next(&mut ws, LIMIT).await {
+            Got::Text(t) => t,
+            other => panic!("got {other:?} after the update ({posts} posts so far)"),
+        };
+        match collection(&text).as_deref() {
+            Some("app.bsky.feed.post") => {
+                switched = true;
+                posts += 1;
+            }
+            Some("app.bsky.feed.like") => {
+                assert!(!switched, "a like after the first post: {text}")
+            }
+            Some(other) => panic!("neither a like nor a post: {other} in {text}"),
+            None => {}
+        }
+        seen.push(text);
+    }
+    for text in &seen[..50] {
+        let c = collection(text);
+        assert!(
+            c.is_none() || c.as_deref() == Some("app.bsky.feed.like"),
+            "{text}"
+        );
+    }
+    let cursors: Vec<u64> = seen.iter().filter_map(|t| scan_u64(t, "cursor")).collect();
+    assert_eq!(cursors.len(), seen.len());
+    assert!(
+        cursors.windows(2).all(|w| w[0] < w[1]),
+        "cursors not increasing"
+    );
+    assert!(
+        direct(&env).written > written_before,
+        "no direct write after the update"
+    );
+    env.stop().await;
+}
+
+/// With pings every second and a pong timeout of 2 s, a raw subscriber that reads for
+/// 5 s gets pings between the events written to it directly and stays connected (its
+/// client answers each one); every frame it reads parses, so no ping and no event cut
+/// into another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepalive_works_while_direct_writes_flow() {
+    let _machine = crate::exclusive::alone().await;
+    let env = live_env(&["--ping-interval-secs", "1", "--pong-timeout-secs", "2"]).await;
+    let mut ws = connect(&env.url(RAW_PATH)).await;
+    let (mut pings, mut frames, mut last_seq) = (0, 0, 0u64);
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while let Ok(message) = tokio::time::timeout_at(until, ws.next()).await {
+        match message {
+            Some(Ok(Message::Ping(_))) => pings += 1,
+            Some(Ok(Message::Binary(b))) => {
+                let seq = frame_seq(&b) as u64;
+                assert!(seq > last_seq, "frame {seq} after {last_seq}");
+                last_seq = seq;
+                frames += 1;
+            }
+            other => panic!("unexpected {other:?} after {frames} frames and {pings} pings"),
+        }
+    }
+    assert!(pings >= 2, "{pings} pings in 5 s at one per second");
+    assert!(frames >= 100, "{frames} frames in 5 s at ~400/s");
+    assert_eq!(
+        ended(&env, "peer_dead"),
+        0,
+        "the reading client was dropped"
+    );
+    assert!(direct(&env).written > 0, "no direct write was made");
+    assert_quiet_or_events(&mut ws).await;
+    env.stop().await;
+}
+
+/// The subscriber is still connected: the next message is an event, not an end.
+async fn assert_quiet_or_events(ws: &mut Ws) {
+    match next(ws, Duration::from_secs(2)).await {
+        Got::Binary(_) | Got::Timeout => {}
+        other => panic!("the subscriber's stream ended: {other:?}"),
+    }
+}
