@@ -280,7 +280,7 @@ async fn a_storm_against_tight_limits_succeeds_by_honouring_retry_after() {
     run_storm(Storm {
         clients: 300,
         frames: 600,
-        speed: 0.15,
+        speed: 0.05,
         tight_admission: true,
     })
     .await;
