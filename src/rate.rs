@@ -4,7 +4,8 @@
 //! [`SharedBudget`], a server-wide bucket with a bucket per client beside it, for budgets
 //! one client must not be able to take whole.
 //!
-//! Owns: refilling by elapsed time and taking tokens. Must never: sleep or block (the
+//! Owns: refilling by elapsed time and taking tokens, and the jittered `Retry-After` a
+//! refused client is told ([`retry_after`]). Must never: sleep or block (the
 //! caller decides whether to wait, refuse or close), or hold more than its burst.
 
 use std::collections::HashMap;
@@ -249,6 +250,13 @@ impl<K: Hash + Eq + Copy> SharedBudget<K> {
 fn positive(rate: f64, burst: f64) -> (f64, f64) {
     let floor = |x: f64| if x > 0.0 { x } else { f64::MIN_POSITIVE };
     (floor(rate), floor(burst))
+}
+
+/// The `Retry-After` a refused client is told: the base plus up to the base again, so the
+/// clients refused together do not all come back in the same second.
+pub fn retry_after(base_secs: u64) -> u64 {
+    use rand::Rng;
+    base_secs + rand::thread_rng().gen_range(0..=base_secs.max(1))
 }
 
 #[cfg(test)]

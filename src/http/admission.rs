@@ -145,7 +145,7 @@ impl Admission {
 
     pub fn admit(&self, ip: IpAddr) -> Result<Permit, Refusal> {
         let config = self.config.lock().clone();
-        let retry = crate::http::session::retry_after(config.retry_after_secs);
+        let retry = crate::rate::retry_after(config.retry_after_secs);
         let mut state = self.state.lock();
         // Read per call: SIGHUP may have changed them.
         state.connects.set_limits(

@@ -938,7 +938,7 @@ fn refuse(tcp: TcpStream, why: Refused, retry_after_secs: u64) {
     let response = format!(
         "HTTP/1.1 {status} {text}\r\ncontent-type: application/json\r\nretry-after: {}\r\n\
          content-length: {}\r\nconnection: close\r\n\r\n{body}",
-        crate::http::session::retry_after(retry_after_secs),
+        crate::rate::retry_after(retry_after_secs),
         body.len()
     );
     let mut scratch = [0u8; 4096];

@@ -15,7 +15,6 @@ use axum::response::{IntoResponse, Response};
 use super::admission::Refusal;
 use super::app::{ensure_zstd_v1, AppState};
 use super::reply::{bad_request, query_pairs, refusal_response, unknown_zstd_dictionary};
-use super::session;
 use crate::wire::WireKind;
 
 /// How long an `/event` read below the hot tail waits for the cold-read pool before 503.
@@ -66,7 +65,7 @@ pub async fn event_by_seq(
             return refusal_response(&Refusal {
                 status: 503,
                 reason: "busy with log reads; retry later",
-                retry_after_secs: session::retry_after(state.session.retry_after_secs),
+                retry_after_secs: crate::rate::retry_after(state.session.retry_after_secs),
             });
         };
         let reader = reader.clone();
@@ -125,7 +124,7 @@ pub async fn zstd_dictionary(State(state): State<Arc<AppState>>) -> Response {
         None => refusal_response(&Refusal {
             status: 503,
             reason: "the dictionary is still being trained",
-            retry_after_secs: session::retry_after(state.session.retry_after_secs),
+            retry_after_secs: crate::rate::retry_after(state.session.retry_after_secs),
         }),
     }
 }

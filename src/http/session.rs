@@ -299,12 +299,6 @@ pub fn index_busy_reason(wait: Duration) -> String {
     )
 }
 
-/// Jittered retry hint: base plus up to base again.
-pub fn retry_after(base_secs: u64) -> u64 {
-    use rand::Rng;
-    base_secs + rand::thread_rng().gen_range(0..=base_secs.max(1))
-}
-
 /// Runs the session until the peer leaves, the stream ends, or shutdown.
 ///
 /// The socket is not split into halves: it is read only by the `select!` futures and
@@ -535,7 +529,7 @@ pub async fn run(
             1012,
             format!(
                 "sluice is restarting; resume with your cursor in {} s",
-                retry_after(config.retry_after_secs)
+                crate::rate::retry_after(config.retry_after_secs)
             ),
         ),
         SessionEnd::Stream(stream_end) => {
@@ -563,7 +557,10 @@ pub async fn run(
         SessionEnd::MemorySpent(why) => (
             None,
             1013,
-            format!("{why}; retry in {} s", retry_after(config.retry_after_secs)),
+            format!(
+                "{why}; retry in {} s",
+                crate::rate::retry_after(config.retry_after_secs)
+            ),
         ),
         SessionEnd::MessageTimeout => (
             None,

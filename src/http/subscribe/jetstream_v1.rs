@@ -177,7 +177,7 @@ pub async fn subscribe(
             return refusal_response(&Refusal {
                 status: 503,
                 reason: "the compression dictionary is not ready yet",
-                retry_after_secs: session::retry_after(state.session.retry_after_secs),
+                retry_after_secs: crate::rate::retry_after(state.session.retry_after_secs),
             });
         }
     };
@@ -293,7 +293,7 @@ async fn close_before_hello(state: &AppState, mut socket: Socket, end: HelloEnd)
             1012,
             format!(
                 "sluice is restarting; resume with your cursor in {} s",
-                session::retry_after(state.session.retry_after_secs)
+                crate::rate::retry_after(state.session.retry_after_secs)
             ),
         ),
         HelloEnd::Invalid(problem) => (1008, problem),

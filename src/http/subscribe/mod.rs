@@ -172,7 +172,7 @@ fn admit_connection(state: &AppState, peer: SocketAddr) -> Result<Permit, Box<Re
         return Err(Box::new(refusal_response(&Refusal {
             status: 503,
             reason: "shutting down",
-            retry_after_secs: session::retry_after(state.session.retry_after_secs),
+            retry_after_secs: crate::rate::retry_after(state.session.retry_after_secs),
         })));
     }
     state.admission.admit(peer.ip()).map_err(|refusal| {
