@@ -419,18 +419,26 @@ impl Connections {
 
 impl Drop for HeldSlot {
     fn drop(&mut self) {
-        let mut by_ip = self.connections.held_by_ip[self.side.index()].lock();
-        if let Some(n) = by_ip.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                by_ip.remove(&self.ip);
-            }
-        }
-        self.connections
-            .stats(self.side)
-            .held
-            .fetch_sub(1, Ordering::Relaxed);
+        let connections = &self.connections;
+        give_back(
+            &connections.held_by_ip[self.side.index()],
+            self.ip,
+            &connections.stats(self.side).held,
+        );
     }
+}
+
+/// Gives one slot of `ip` back to a per-IP count (an IP leaves the map at zero, so the map
+/// holds only addresses that have a slot) and to the listener's total.
+fn give_back(by_ip: &Mutex<HashMap<IpAddr, usize>>, ip: IpAddr, total: &AtomicUsize) {
+    let mut by_ip = by_ip.lock();
+    if let Some(n) = by_ip.get_mut(&ip) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            by_ip.remove(&ip);
+        }
+    }
+    total.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Makes a refusal cost the client time rather than the daemon work. `response` is what
@@ -483,17 +491,12 @@ struct PendingSlot {
 
 impl Drop for PendingSlot {
     fn drop(&mut self) {
-        let mut by_ip = self.connections.pending_by_ip[self.side.index()].lock();
-        if let Some(n) = by_ip.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                by_ip.remove(&self.ip);
-            }
-        }
-        self.connections
-            .stats(self.side)
-            .pending
-            .fetch_sub(1, Ordering::Relaxed);
+        let connections = &self.connections;
+        give_back(
+            &connections.pending_by_ip[self.side.index()],
+            self.ip,
+            &connections.stats(self.side).pending,
+        );
     }
 }
 
