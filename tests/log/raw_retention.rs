@@ -7,7 +7,6 @@
 use crate::log_common;
 
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log_common::{test_config, EventGen};
@@ -26,16 +25,7 @@ fn store_config(dir: &Path) -> FjallConfig {
 fn filled_store(dir: &Path, frames: usize) -> (FjallStore, Vec<Event>) {
     let (store, report) = FjallStore::open(store_config(dir)).unwrap();
     assert!(report.is_clean(), "{report:?}");
-    let mut gen = EventGen::new(StampState::fresh());
-    let mut all = Vec::new();
-    for _ in 0..frames / 10 {
-        let batch: Vec<Arc<Event>> = (0..10)
-            .flat_map(|_| gen.next_frame())
-            .map(Arc::new)
-            .collect();
-        store.append(&batch, gen.state).unwrap();
-        all.extend(batch.iter().map(|e| (**e).clone()));
-    }
+    let all = EventGen::new(StampState::fresh()).append_frames(&store, frames);
     (store, all)
 }
 

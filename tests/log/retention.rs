@@ -3,7 +3,6 @@
 
 use crate::log_common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log_common::{test_config, EventGen};
@@ -20,16 +19,7 @@ fn store_with(dir: &std::path::Path, frames: usize) -> (FjallStore, Vec<Event>) 
     cfg.max_journal_bytes = 24 * 1024 * 1024;
     let (store, report) = FjallStore::open(cfg).unwrap();
     assert!(report.is_clean());
-    let mut gen = EventGen::new(StampState::fresh());
-    let mut all = Vec::new();
-    for _ in 0..frames / 10 {
-        let batch: Vec<Arc<Event>> = (0..10)
-            .flat_map(|_| gen.next_frame())
-            .map(Arc::new)
-            .collect();
-        store.append(&batch, gen.state).unwrap();
-        all.extend(batch.iter().map(|e| (**e).clone()));
-    }
+    let all = EventGen::new(StampState::fresh()).append_frames(&store, frames);
     (store, all)
 }
 

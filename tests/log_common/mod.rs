@@ -113,6 +113,25 @@ impl EventGen {
         self.state.upstream_cursor = Some(upstream);
         out
     }
+
+    /// Appends `frames` fresh frames to `store`, ten per commit; every event appended, in
+    /// order.
+    pub fn append_frames(
+        &mut self,
+        store: &impl sluice::log::EventStore,
+        frames: usize,
+    ) -> Vec<Event> {
+        let mut all = Vec::new();
+        for _ in 0..frames / 10 {
+            let batch: Vec<std::sync::Arc<Event>> = (0..10)
+                .flat_map(|_| self.next_frame())
+                .map(std::sync::Arc::new)
+                .collect();
+            store.append(&batch, self.state).unwrap();
+            all.extend(batch.iter().map(|e| (**e).clone()));
+        }
+        all
+    }
 }
 
 pub fn test_config(dir: &std::path::Path) -> LogConfig {
