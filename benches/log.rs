@@ -127,12 +127,11 @@ fn bytes_per_event(name: &str, frames: &[Vec<Event>], commit_events: usize, deta
             json += seg.events_value.len() + 96;
             raw += seg.frames_value.len();
             let mut plain = Vec::new();
-            let mut prev = None;
+            let mut starts = sluice::log::codec::FrameStarts::default();
             for e in part {
-                if e.op_index == 0 || prev != Some(e.upstream_seq) {
+                if starts.next(e) {
                     plain.extend_from_slice(&e.raw_frame);
                 }
-                prev = Some(e.upstream_seq);
             }
             zstd3 += zstd::bulk::compress(&plain, 3).expect("zstd").len();
             segments += 1;
