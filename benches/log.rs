@@ -86,7 +86,7 @@ fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
 
 /// The default store settings, except what `SLUICE_BENCH_JSON_LEVEL`,
 /// `SLUICE_BENCH_RAW_LEVEL`, `SLUICE_BENCH_SEGMENT_BYTES`, `SLUICE_BENCH_ENCODE_THREADS` and
-/// `SLUICE_BENCH_DECODED_CACHE_MIB` override (to compare settings on the same events; unset for the recorded numbers).
+/// `SLUICE_BENCH_DECODED_CACHE_MIB`, `SLUICE_BENCH_READ_AHEAD_SEGMENTS` override (to compare settings on the same events; unset for the recorded numbers).
 fn store_config(dir: &std::path::Path) -> FjallConfig {
     let mut c = FjallConfig::new(dir.join("events"));
     if let Some(l) = env_num("SLUICE_BENCH_JSON_LEVEL") {
@@ -103,6 +103,9 @@ fn store_config(dir: &std::path::Path) -> FjallConfig {
     }
     if let Some(m) = env_num::<usize>("SLUICE_BENCH_DECODED_CACHE_MIB") {
         c.decoded_cache_bytes = m << 20;
+    }
+    if let Some(n) = env_num("SLUICE_BENCH_READ_AHEAD_SEGMENTS") {
+        c.read_ahead_segments = n;
     }
     c
 }
@@ -329,6 +332,7 @@ fn bench_scan(c: &mut Criterion) {
     let templates = corpus();
     let dir = bench_dir();
     let (store, _) = FjallStore::open(store_config(dir.path())).expect("store");
+    let store = Arc::new(store);
     let mut state = StampState::fresh();
     let mut written = 0;
     while written < events_in_store {
@@ -360,6 +364,39 @@ fn bench_scan(c: &mut Criterion) {
                 }
             })
         });
+    }
+
+    // The same scans the way a catch-up session makes them: through the log's reader
+    // (its floor checks, the hot tail's range, then the store), in reads of catch-up's
+    // default size (512 events, at most 1 MiB of payload), with the store's read-ahead
+    // as configured (`SLUICE_BENCH_READ_AHEAD_SEGMENTS`; default 1).
+    {
+        let mut config = LogConfig::new(dir.path());
+        let sc = store_config(dir.path());
+        config.decoded_cache_bytes = sc.decoded_cache_bytes;
+        config.read_ahead_segments = sc.read_ahead_segments;
+        let (log, _) =
+            Log::open_with_store(store.clone() as Arc<dyn EventStore>, config).expect("log");
+        let reader = log.reader();
+        let limits = ReadLimits {
+            max_events: 512,
+            max_bytes: 1 << 20,
+        };
+        g.throughput(Throughput::Elements(scan as u64));
+        for (name, payloads) in [("catchup_v1", Payloads::V1), ("catchup_raw", Payloads::RAW)] {
+            g.bench_function(name, |b| {
+                b.iter(|| {
+                    let mut next = from;
+                    let end = from + scan as u64;
+                    while next < end {
+                        let got = reader.read_from_with(next, limits, payloads).expect("read");
+                        next += got.len() as u64;
+                        black_box(got);
+                    }
+                })
+            });
+        }
+        let _ = log.close();
     }
 
     // 100 concurrent v1 readers replaying the same stretch of the store, as after a
@@ -423,6 +460,16 @@ fn bench_append(c: &mut Criterion) {
     let dir = bench_dir();
     let mut config = LogConfig::new(dir.path());
     config.tail_max_bytes = 64 << 20;
+    // The writer's settings, to find what bounds a sustained append (unset: defaults).
+    if let Some(m) = env_num::<usize>("SLUICE_BENCH_QUEUE_MIB") {
+        config.queue_max_bytes = m << 20;
+    }
+    if let Some(n) = env_num("SLUICE_BENCH_COMMIT_EVENTS") {
+        config.commit_max_events = n;
+    }
+    if let Some(ms) = env_num("SLUICE_BENCH_COMMIT_MS") {
+        config.commit_interval = Duration::from_millis(ms);
+    }
     let store = store_config(dir.path());
     config.compression = store.compression;
     config.segment_target_bytes = store.segment_target_bytes;

@@ -89,6 +89,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_LOG_DECODED_CACHE_MIB", default_value_t = 16,
           value_parser = clap::value_parser!(u64).range(0..=64 * 1024))]
     pub log_decoded_cache_mib: u64,
+    /// Log segments a sequential replay has decoded ahead, on a thread of their own, after
+    /// each segment it decodes itself (0 = off; needs --log-decoded-cache-mib).
+    #[arg(long, env = "SLUICE_LOG_READ_AHEAD_SEGMENTS", default_value_t = 1,
+          value_parser = clap::value_parser!(u64).range(0..=16))]
+    pub log_read_ahead_segments: u64,
     /// Group commit: commit at least this often while events are pending, ms. Longer
     /// means fewer, larger writes; an event is durable at most this long after ingest.
     #[arg(long, env = "SLUICE_COMMIT_INTERVAL_MS", default_value_t = 100,
@@ -685,6 +690,7 @@ impl ServeArgs {
         log.queue_max_bytes = usize_of(self.log_queue_mib * MIB)?;
         log.index_cache_bytes = self.log_index_cache_mib * MIB;
         log.decoded_cache_bytes = usize_of(self.log_decoded_cache_mib * MIB)?;
+        log.read_ahead_segments = usize_of(self.log_read_ahead_segments)?;
         log.commit_interval = Duration::from_millis(self.commit_interval_ms);
         log.commit_max_events = usize_of(self.commit_max_events)?;
         let max_bytes = self.retention_max_gib * 1024 * MIB;

@@ -396,6 +396,8 @@ impl AdminState {
             let (decodes, shared) = reader.store().decoded_cache_counts();
             counter!("sluice_log_segment_decodes_total", "outcome" => "decoded").absolute(decodes);
             counter!("sluice_log_segment_decodes_total", "outcome" => "shared").absolute(shared);
+            counter!("sluice_log_segment_decodes_total", "outcome" => "read_ahead")
+                .absolute(reader.store().read_ahead_decodes());
             let depth =
                 crate::log::depth::measure(reader.store().as_ref(), &self.limits.retention());
             gauge!("sluice_log_retained_events")
@@ -633,7 +635,7 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_log_commit_failures_total", "Group commits of the event log that failed (retried)."),
     ("sluice_log_retention_deleted_events_total", "Events deleted from the log by retention."),
     ("sluice_log_retention_raw_dropped_events_total", "Events whose raw frame retention dropped while keeping their JSON (--raw-retention-hours, --raw-retention-max-gib)."),
-    ("sluice_log_segment_decodes_total", "Stored segments read by replays: decoded (outcome=decoded) or served by a decode another replay made, from --log-decoded-cache-mib (outcome=shared)."),
+    ("sluice_log_segment_decodes_total", "Stored segments read by replays: decoded (outcome=decoded) or served by a decode another replay made, from --log-decoded-cache-mib (outcome=shared), or decoded ahead of the replay that then read it, --log-read-ahead-segments (outcome=read_ahead)."),
     ("sluice_connections_accepted_total", "Connections accepted, by listener."),
     ("sluice_connections_refused_total", "Connections refused before any request was read, by listener and reason (pending_full 503, pending_per_ip 429, fd_reserve 503, held_per_ip 429: the address had --max-held-refusals-per-ip refusals held)."),
     ("sluice_connections_closed_unfinished_total", "Connections closed before their upgrade or answer, by listener and reason (header_timeout, handshake_timeout, shutdown; uri_too_long: answered 414 naming the way to send what did not fit)."),

@@ -80,6 +80,9 @@ pub struct LogConfig {
     pub index_cache_bytes: u64,
     /// Decoded segments shared by concurrent cold readers (default 16 MiB).
     pub decoded_cache_bytes: usize,
+    /// Segments decoded ahead of a sequential cold reader on a thread of their own
+    /// (default 1; 0 = off).
+    pub read_ahead_segments: usize,
     pub compression: Compression,
     /// Threads compressing one commit's segments in parallel (default: available
     /// parallelism, at most 4).
@@ -102,6 +105,7 @@ impl LogConfig {
             memtable_bytes: store.memtable_bytes,
             index_cache_bytes: store.cache_bytes,
             decoded_cache_bytes: store.decoded_cache_bytes,
+            read_ahead_segments: store.read_ahead_segments,
             compression: store.compression,
             encode_threads: store.encode_threads,
         }
@@ -116,6 +120,7 @@ impl LogConfig {
         c.memtable_bytes = self.memtable_bytes;
         c.cache_bytes = self.index_cache_bytes;
         c.decoded_cache_bytes = self.decoded_cache_bytes;
+        c.read_ahead_segments = self.read_ahead_segments;
         c.compression = self.compression;
         c.encode_threads = self.encode_threads;
         c
@@ -431,7 +436,7 @@ impl LogReader {
                         "seq {seq} is below the hot tail ({tail_oldest}) but not in the store"
                     )));
                 }
-                Ok(events.into_iter().map(Arc::new).collect())
+                Ok(events)
             }
         }
     }

@@ -204,12 +204,14 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// Events with seq >= `from_seq`, in order, starting exactly at `from_seq` unless it
     /// is beyond the newest (empty result). `TooOld` if `from_seq` is below the oldest.
+    /// Shared: concurrent readers of a segment get the same events (a refcount each, no
+    /// copy of their strings).
     fn read(
         &self,
         from_seq: u64,
         limits: ReadLimits,
         payloads: Payloads,
-    ) -> Result<Vec<Event>, LogError>;
+    ) -> Result<Vec<SharedEvent>, LogError>;
 
     /// The first seq whose `time_us` >= `time_us` (inclusive), `None` if all are older.
     fn seq_at_or_after_time(&self, time_us: i64) -> Result<Option<u64>, LogError>;
@@ -273,6 +275,12 @@ pub trait EventStore: Send + Sync + 'static {
     /// embedded store's shared cache of decoded segments); zeros without such a cache.
     fn decoded_cache_counts(&self) -> (u64, u64) {
         (0, 0)
+    }
+
+    /// Segments decoded ahead of the readers that then read them (the embedded store's
+    /// read-ahead); zero without read-ahead.
+    fn read_ahead_decodes(&self) -> u64 {
+        0
     }
 
     /// Bytes actually used on the medium, when the backend can tell.

@@ -3,8 +3,16 @@
 
 /// Appends `s` as a JSON string literal.
 pub fn push_str(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
     let bytes = s.as_bytes();
+    // Most strings (DIDs, NSIDs, keys) need no escape: one check, one copy.
+    if !bytes.iter().any(|&b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.reserve(bytes.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(bytes);
+        out.push(b'"');
+        return;
+    }
+    out.push(b'"');
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let escape: &[u8] = match b {
@@ -107,6 +115,17 @@ mod tests {
         push_str(&mut out, "a\"b\\c\nd\u{1}é");
         let back: String = serde_json::from_slice(&out).unwrap();
         assert_eq!(back, "a\"b\\c\nd\u{1}é");
+        // Strings with nothing to escape take the one-copy path: same bytes as serde.
+        for plain in [
+            "",
+            "did:plc:ewvi7nxzyoun6zhxrhs64oiz",
+            "app.bsky.feed.post",
+            "é~ ",
+        ] {
+            let mut out = b"x".to_vec();
+            push_str(&mut out, plain);
+            assert_eq!(&out[1..], serde_json::to_string(plain).unwrap().as_bytes());
+        }
     }
 
     #[test]

@@ -8,5 +8,6 @@ mod log_common;
 mod format;
 mod handover;
 mod raw_retention;
+mod read_ahead;
 mod retention;
 mod store;

@@ -302,9 +302,11 @@ pub fn tid_value(s: &[u8]) -> Option<u64> {
 
 /// Appends the TID of `v` (the inverse of [`tid_value`]).
 pub fn push_tid(out: &mut Vec<u8>, v: u64) {
-    for i in (0..13).rev() {
-        out.push(TID_ALPHABET[((v >> (5 * i)) & 31) as usize]);
+    let mut tid = [0u8; 13];
+    for (i, c) in tid.iter_mut().enumerate() {
+        *c = TID_ALPHABET[((v >> (5 * (12 - i))) & 31) as usize];
     }
+    out.extend_from_slice(&tid);
 }
 
 fn b32_digit(c: u8) -> Option<u32> {
@@ -346,9 +348,20 @@ pub fn cid_bytes(s: &[u8], out: &mut Vec<u8>) -> bool {
 
 /// Appends `bytes` as a multibase base32 string (`b` + lower-case RFC 4648, no padding).
 pub fn push_cid(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.reserve(1 + (bytes.len() * 8).div_ceil(5));
     out.push(b'b');
+    // Whole groups of 5 bytes are 8 characters, written at once.
+    let mut groups = bytes.chunks_exact(5);
+    for g in &mut groups {
+        let v = g.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b));
+        let mut chars = [0u8; 8];
+        for (i, c) in chars.iter_mut().enumerate() {
+            *c = B32_ALPHABET[((v >> (35 - 5 * i)) & 31) as usize];
+        }
+        out.extend_from_slice(&chars);
+    }
     let (mut acc, mut bits) = (0u32, 0u32);
-    for &b in bytes {
+    for &b in groups.remainder() {
         acc = (acc << 8) | u32::from(b);
         bits += 8;
         while bits >= 5 {
@@ -392,5 +405,15 @@ mod tests {
         ));
         assert!(bin.is_empty());
         assert!(!cid_bytes(b"Qmabc", &mut bin));
+        // Every length (whole 5-byte groups and each remainder) round-trips.
+        for len in 0..=41usize {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 37 + len) as u8).collect();
+            let mut text = Vec::new();
+            push_cid(&mut text, &bytes);
+            assert_eq!(text.len(), 1 + (len * 8).div_ceil(5), "length {len}");
+            let mut back = Vec::new();
+            assert!(cid_bytes(&text, &mut back), "length {len}");
+            assert_eq!(back, bytes, "length {len}");
+        }
     }
 }

@@ -520,14 +520,10 @@ impl<'a> Cursor<'a> {
     }
 }
 
-pub(super) fn decompress(data: &[u8], plain_len: usize) -> Result<Bytes, LogError> {
-    if plain_len == 0 {
-        return if data.is_empty() {
-            Ok(Bytes::new())
-        } else {
-            Err(corrupt("data in an empty column"))
-        };
-    }
+/// Runs `f` with this thread's zstd decompression context.
+fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> Result<T, LogError>,
+) -> Result<T, LogError> {
     DECOMPRESSOR.with(|cell| {
         let mut slot = cell.borrow_mut();
         if slot.is_none() {
@@ -536,19 +532,70 @@ pub(super) fn decompress(data: &[u8], plain_len: usize) -> Result<Bytes, LogErro
                     .map_err(|e| LogError::Backend(format!("zstd: {e}")))?,
             );
         }
-        let Some(d) = slot.as_mut() else {
-            return Err(LogError::Backend("zstd context".into()));
+        match slot.as_mut() {
+            Some(d) => f(d),
+            None => Err(LogError::Backend("zstd context".into())),
+        }
+    })
+}
+
+/// Checks that a column decompressed to exactly its stored plain length.
+fn check_plain(got: usize, plain_len: usize) -> Result<(), LogError> {
+    if got != plain_len {
+        return Err(corrupt(format!(
+            "column decompressed to {got} bytes, expected {plain_len}"
+        )));
+    }
+    Ok(())
+}
+
+/// Decompresses one column into a fresh buffer of its own (for columns whose bytes the
+/// decoded events keep: the raw frames, and format 1's messages).
+pub(super) fn decompress(data: &[u8], plain_len: usize) -> Result<Bytes, LogError> {
+    if plain_len == 0 {
+        return if data.is_empty() {
+            Ok(Bytes::new())
+        } else {
+            Err(corrupt("data in an empty column"))
         };
+    }
+    with_decompressor(|d| {
         let out = d
             .decompress(data, plain_len)
             .map_err(|e| corrupt(format!("column does not decompress: {e}")))?;
-        if out.len() != plain_len {
-            return Err(corrupt(format!(
-                "column decompressed to {} bytes, expected {plain_len}",
-                out.len()
-            )));
-        }
+        check_plain(out.len(), plain_len)?;
         Ok(Bytes::from(out))
+    })
+}
+
+/// Checks a column's stored plain length against what its zstd frame declares (the
+/// encoder always writes the content size), before a buffer is sized from it.
+fn check_declared(data: &[u8], plain_len: usize) -> Result<(), LogError> {
+    if data.is_empty() && plain_len == 0 {
+        return Ok(());
+    }
+    match zstd::zstd_safe::get_frame_content_size(data) {
+        Ok(Some(n)) if n == plain_len as u64 => Ok(()),
+        _ => Err(corrupt(format!(
+            "column's frame does not declare its {plain_len} plain bytes"
+        ))),
+    }
+}
+
+/// Decompresses one column into `dest`, which is exactly its plain length.
+fn decompress_into(data: &[u8], plain_len: usize, dest: &mut [u8]) -> Result<(), LogError> {
+    if plain_len == 0 {
+        return if data.is_empty() {
+            Ok(())
+        } else {
+            Err(corrupt("data in an empty column"))
+        };
+    }
+    with_decompressor(|d| {
+        let n = d
+            .decompress_to_buffer(data, dest)
+            .map_err(|e| corrupt(format!("column does not decompress: {e}")))?;
+        check_plain(n, plain_len)
     })
 }
 
@@ -610,15 +657,47 @@ pub fn decode(
     frames_value: Option<&[u8]>,
     payloads: Payloads,
 ) -> Result<Vec<Event>, LogError> {
+    decode_with(
+        events_value,
+        frames_value,
+        payloads,
+        &mut DecodeScratch::default(),
+    )
+}
+
+/// [`decode`] with buffers kept from an earlier decode: a reader that decodes segment
+/// after segment reuses them instead of allocating (and faulting in) its columns afresh.
+pub fn decode_with(
+    events_value: &[u8],
+    frames_value: Option<&[u8]>,
+    payloads: Payloads,
+    scratch: &mut DecodeScratch,
+) -> Result<Vec<Event>, LogError> {
     match events_value.get(..4) {
-        Some(m) if m == EVENTS_MAGIC => decode_current(events_value, frames_value, payloads),
+        Some(m) if m == EVENTS_MAGIC => {
+            decode_current(events_value, frames_value, payloads, scratch)
+        }
         Some(m) if m == format1::MAGIC => format1::decode(events_value, frames_value, payloads),
         _ => Err(corrupt("bad events magic")),
     }
 }
 
+/// What a decode needs only while it runs (the plain columns: the events it returns
+/// hold their own assembled JSON and raw frames, never these), kept to be reused.
+#[derive(Debug, Default)]
+pub struct DecodeScratch {
+    columns: Vec<u8>,
+}
+
+impl DecodeScratch {
+    /// Bytes held between decodes.
+    pub fn capacity(&self) -> usize {
+        self.columns.capacity()
+    }
+}
+
 /// A column's bytes from `pos` on, `len` long (`None` when the column was not read).
-fn part<'a>(col: &'a Option<Bytes>, pos: &mut usize, len: usize) -> Result<&'a [u8], LogError> {
+fn part<'a>(col: Option<&'a [u8]>, pos: &mut usize, len: usize) -> Result<&'a [u8], LogError> {
     let start = *pos;
     let end = start
         .checked_add(len)
@@ -632,7 +711,7 @@ fn part<'a>(col: &'a Option<Bytes>, pos: &mut usize, len: usize) -> Result<&'a [
     }
 }
 
-fn tid_at(col: &Option<Bytes>, pos: &mut usize) -> Result<u64, LogError> {
+fn tid_at(col: Option<&[u8]>, pos: &mut usize) -> Result<u64, LogError> {
     let b = part(col, pos, 8)?;
     Ok(match b.try_into() {
         Ok(a) => u64::from_le_bytes(a),
@@ -640,10 +719,16 @@ fn tid_at(col: &Option<Bytes>, pos: &mut usize) -> Result<u64, LogError> {
     })
 }
 
+/// Fixed bytes of an assembled message besides its variable parts (DID, collection,
+/// record, CID and the `other` column's bodies): the longest envelope (v2's, with a
+/// 20-digit seq and its RFC 3339 time) plus a commit's keys and two TIDs, rounded up.
+const ASSEMBLED_FIXED_BYTES: usize = 320;
+
 fn decode_current(
     events_value: &[u8],
     frames_value: Option<&[u8]>,
     payloads: Payloads,
+    scratch: &mut DecodeScratch,
 ) -> Result<Vec<Event>, LogError> {
     let mut c = Cursor::new(events_value);
     c.take(4)?;
@@ -655,40 +740,76 @@ fn decode_current(
         *l = (c.u32()? as usize, c.u32()? as usize);
     }
     let json = payloads.v1 || payloads.v2;
-    let mut cols: [Option<Bytes>; COLUMNS] = Default::default();
+    let wanted = |i: usize| i == C_META || i == C_DICT || json;
+    // Every wanted column decompressed straight into one buffer, at known offsets. A
+    // plain length is trusted for the buffer only when the column's zstd frame says the
+    // same.
+    let mut ranges = [(0usize, 0usize); COLUMNS];
+    let mut data: [&[u8]; COLUMNS] = [&[]; COLUMNS];
+    let mut total = 0usize;
     for (i, (clen, plain)) in lens.into_iter().enumerate() {
-        let data = c.take(clen)?;
-        if i == C_META || i == C_DICT || json {
-            cols[i] = Some(decompress(data, plain)?);
+        data[i] = c.take(clen)?;
+        if wanted(i) {
+            check_declared(data[i], plain)?;
+            let end = total
+                .checked_add(plain)
+                .ok_or_else(|| corrupt("column lengths overflow"))?;
+            ranges[i] = (total, end);
+            total = end;
         }
     }
+    let buf = &mut scratch.columns;
+    if buf.len() < total {
+        buf.resize(total, 0);
+    }
+    for (i, (start, end)) in ranges.into_iter().enumerate() {
+        if wanted(i) {
+            decompress_into(data[i], end - start, &mut buf[start..end])?;
+        }
+    }
+    let buf = &scratch.columns[..total];
+    let cols: [Option<&[u8]>; COLUMNS] =
+        std::array::from_fn(|i| wanted(i).then(|| &buf[ranges[i].0..ranges[i].1]));
     let raw = frames_column(first_seq, frames_value, payloads)?;
-    let dict = cols[C_DICT].clone().unwrap_or_default();
-    let mut d = Cursor::new(&dict);
+    let dict = cols[C_DICT].unwrap_or_default();
+    let mut d = Cursor::new(dict);
     let mut tables: [Vec<&str>; 2] = Default::default();
-    for table in &mut tables {
+    // The longest entry of each table, for the assembled messages' reservation.
+    let mut longest = [0usize; 2];
+    for (table, longest) in tables.iter_mut().zip(&mut longest) {
         let n = d.var()? as usize;
         // Each entry takes at least one byte: never trust a stored count for an allocation.
         table.reserve(n.min(dict.len()));
         for _ in 0..n {
             let len = d.var()? as usize;
             table.push(d.str(len)?);
+            *longest = (*longest).max(len);
         }
     }
     let [dids, collections] = tables;
-    let meta = cols[C_META].clone().unwrap_or_default();
-    let mut m = Cursor::new(&meta);
+    let meta = cols[C_META].unwrap_or_default();
+    let mut m = Cursor::new(meta);
     // Each event takes at least 5 bytes of metadata.
     let mut out = Vec::with_capacity(count.min(meta.len() / 5));
     let mut pos = [0usize; COLUMNS];
     let mut wire_out: [Vec<u8>; 2] = Default::default();
-    // Sized from what was decompressed, never from a stored count.
-    let records_len = cols[C_RECORDS].as_ref().map_or(0, Bytes::len);
-    if payloads.v1 {
-        wire_out[0].reserve(records_len + out.capacity() * 200);
-    }
-    if payloads.v2 {
-        wire_out[1].reserve(records_len + out.capacity() * 260);
+    if json {
+        // One reservation that holds the whole segment's messages (sized from what was
+        // decompressed, never from a stored count), so assembling never moves them: the
+        // columns' variable parts (a binary CID grows to at most twice its bytes as
+        // text), and per event its envelope, DID and collection, escaped (at most six
+        // bytes per byte).
+        let len = |i: usize| cols[i].map_or(0, <[u8]>::len);
+        let reserve = len(C_RECORDS)
+            + len(C_OTHER)
+            + len(C_STRS)
+            + 2 * len(C_CIDS)
+            + out.capacity() * (ASSEMBLED_FIXED_BYTES + 6 * (longest[0] + longest[1]));
+        for (slot, on) in [(0, payloads.v1), (1, payloads.v2)] {
+            if on {
+                wire_out[slot].reserve_exact(reserve);
+            }
+        }
     }
     let mut ranges: Vec<[(u32, u32); 2]> = Vec::with_capacity(out.capacity());
     let (mut rev_buf, mut rkey_buf, mut cid_buf) = (Vec::new(), Vec::new(), Vec::new());
@@ -738,7 +859,7 @@ fn decode_current(
                     for (bit, slot) in [(SHAPE_V1, 0), (SHAPE_V2, 1)] {
                         if shape & bit != 0 {
                             let len = m.var()? as usize;
-                            v[slot] = Some(part(&cols[C_OTHER], &mut pos[C_OTHER], len)?);
+                            v[slot] = Some(part(cols[C_OTHER], &mut pos[C_OTHER], len)?);
                         }
                     }
                     Split::Verbatim { v1: v[0], v2: v[1] }
@@ -747,13 +868,13 @@ fn decode_current(
                     let len = m.var()? as usize;
                     Split::Wrapped {
                         v1: shape & SHAPE_V1 != 0,
-                        body: part(&cols[C_OTHER], &mut pos[C_OTHER], len)?,
+                        body: part(cols[C_OTHER], &mut pos[C_OTHER], len)?,
                     }
                 }
                 SHAPE_TOO_BIG => {
                     let len = m.var()? as usize;
                     Split::TooBig {
-                        tail: part(&cols[C_OTHER], &mut pos[C_OTHER], len)?,
+                        tail: part(cols[C_OTHER], &mut pos[C_OTHER], len)?,
                     }
                 }
                 SHAPE_COMMIT => {
@@ -762,21 +883,21 @@ fn decode_current(
                     rkey_buf.clear();
                     cid_buf.clear();
                     if flags & F_REV_TID != 0 {
-                        body::push_tid(&mut rev_buf, tid_at(&cols[C_REVS], &mut pos[C_REVS])?);
+                        body::push_tid(&mut rev_buf, tid_at(cols[C_REVS], &mut pos[C_REVS])?);
                     } else {
                         let len = m.var()? as usize;
-                        rev_buf.extend_from_slice(part(&cols[C_STRS], &mut pos[C_STRS], len)?);
+                        rev_buf.extend_from_slice(part(cols[C_STRS], &mut pos[C_STRS], len)?);
                     }
                     if flags & F_RKEY_TID != 0 {
-                        body::push_tid(&mut rkey_buf, tid_at(&cols[C_RKEYS], &mut pos[C_RKEYS])?);
+                        body::push_tid(&mut rkey_buf, tid_at(cols[C_RKEYS], &mut pos[C_RKEYS])?);
                     } else {
                         let len = m.var()? as usize;
-                        rkey_buf.extend_from_slice(part(&cols[C_STRS], &mut pos[C_STRS], len)?);
+                        rkey_buf.extend_from_slice(part(cols[C_STRS], &mut pos[C_STRS], len)?);
                     }
                     let record = record_from(flags >> 2);
                     let record_json = if record == RecordPart::Json {
                         let len = m.var()? as usize;
-                        part(&cols[C_RECORDS], &mut pos[C_RECORDS], len)?
+                        part(cols[C_RECORDS], &mut pos[C_RECORDS], len)?
                     } else {
                         &[]
                     };
@@ -785,10 +906,10 @@ fn decode_current(
                         if flags & F_CID_BIN != 0 {
                             body::push_cid(
                                 &mut cid_buf,
-                                part(&cols[C_CIDS], &mut pos[C_CIDS], len)?,
+                                part(cols[C_CIDS], &mut pos[C_CIDS], len)?,
                             );
                         } else {
-                            cid_buf.extend_from_slice(part(&cols[C_STRS], &mut pos[C_STRS], len)?);
+                            cid_buf.extend_from_slice(part(cols[C_STRS], &mut pos[C_STRS], len)?);
                         }
                         true
                     } else {
@@ -830,6 +951,13 @@ fn decode_current(
         )));
     }
     if json {
+        // Escaped DIDs and collections rarely come near the bound: give the surplus back
+        // (in place), since cached segments hold these buffers.
+        for buf in &mut wire_out {
+            if buf.capacity() > buf.len() + buf.len() / 4 {
+                buf.shrink_to_fit();
+            }
+        }
         let [v1, v2] = wire_out.map(Bytes::from);
         for (event, [r1, r2]) in out.iter_mut().zip(&ranges) {
             if r1.1 != u32::MAX {
@@ -953,6 +1081,67 @@ mod tests {
         let (fast, strong) = (size(1), size(19));
         eprintln!("events value: level 1 {fast} B, level 19 {strong} B");
         assert!(strong < fast, "the level changes the output");
+    }
+
+    /// One scratch buffer decoding segments of different sizes in turn (large, small,
+    /// large again, with every payload choice) gives every event exactly, and a stored
+    /// plain length that disagrees with its column's frame is refused before any buffer
+    /// is sized from it.
+    #[test]
+    fn reused_decode_buffers_give_every_event_exactly() {
+        let segment = |first: u64, frames: u64| -> Vec<SharedEvent> {
+            let mut out = Vec::new();
+            for k in 0..frames {
+                let frame = Bytes::from(vec![(k % 251) as u8; 40 + (k as usize * 13) % 900]);
+                let seq = first + out.len() as u64;
+                out.push(ev(seq, 10_000 + (first + k) as i64, 0, &frame));
+                if k % 3 == 0 {
+                    out.push(ev(seq + 1, 10_000 + (first + k) as i64, 1, &frame));
+                }
+            }
+            out
+        };
+        let mut enc = Encoder::new(Compression::default()).unwrap();
+        let large = segment(1, 400);
+        let small = segment(1000, 3);
+        let medium = segment(2000, 90);
+        let order = [&large, &small, &large, &medium, &small];
+        let encoded: Vec<_> = order
+            .iter()
+            .map(|&events| (events, enc.encode(events).unwrap()))
+            .collect();
+        let mut scratch = DecodeScratch::default();
+        for payloads in [Payloads::ALL, Payloads::V1, Payloads::V2, Payloads::RAW] {
+            for (events, seg) in &encoded {
+                let frames = payloads.raw.then_some(seg.frames_value.as_slice());
+                let got = decode_with(&seg.events_value, frames, payloads, &mut scratch).unwrap();
+                assert_eq!(got.len(), events.len());
+                for (want, got) in events.iter().zip(&got) {
+                    assert_eq!((want.seq, want.time_us), (got.seq, got.time_us));
+                    assert_eq!(want.upstream_seq, got.upstream_seq);
+                    assert_eq!((&want.did, &want.collection), (&got.did, &got.collection));
+                    let v1 = want.v1_json.as_ref().filter(|_| payloads.v1);
+                    let v2 = want.v2_json.as_ref().filter(|_| payloads.v2);
+                    assert_eq!(got.v1_json.as_ref(), v1, "v1 of seq {}", want.seq);
+                    assert_eq!(got.v2_json.as_ref(), v2, "v2 of seq {}", want.seq);
+                    if payloads.raw {
+                        assert_eq!(got.raw_frame, want.raw_frame, "raw of seq {}", want.seq);
+                    } else {
+                        assert!(got.raw_frame.is_empty());
+                    }
+                }
+            }
+        }
+        assert!(scratch.capacity() > 0, "the buffer is kept between decodes");
+        // The records column's plain length (header slot 6) made huge: refused as corrupt.
+        let (_, seg) = &encoded[0];
+        let mut bad = seg.events_value.clone();
+        let at = 4 + 8 + 4 + 4 + C_RECORDS * 8 + 4;
+        bad[at..at + 4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            decode_with(&bad, None, Payloads::V1, &mut scratch),
+            Err(LogError::Corrupt(_))
+        ));
     }
 
     #[test]

@@ -52,8 +52,8 @@ mod decoded;
 mod layout;
 mod recovery;
 
-use decoded::DecodedCache;
 pub use decoded::DecodedStats;
+use decoded::{Asker, ReadAhead, Reads};
 use layout::{
     data_path, encode_entry, encode_raw_floor, encode_resume, key, FramesAt, Stored, RAW_FLOOR_KEY,
     RESUME_KEY,
@@ -86,6 +86,9 @@ pub struct FjallConfig {
     pub max_open_files: usize,
     /// Decoded segments kept for concurrent readers, bytes of payload (0: none kept).
     pub decoded_cache_bytes: usize,
+    /// Segments decoded ahead, on a thread of their own, after each segment a reader
+    /// decodes itself (0: no read-ahead; needs the decoded-segment cache).
+    pub read_ahead_segments: usize,
 }
 
 impl FjallConfig {
@@ -103,6 +106,7 @@ impl FjallConfig {
                 .min(4),
             max_open_files: 256,
             decoded_cache_bytes: 16 * 1024 * 1024,
+            read_ahead_segments: 1,
         }
     }
 }
@@ -189,16 +193,17 @@ pub struct FjallStore {
     index: PartitionHandle,
     state: PartitionHandle,
     segments: RwLock<VecDeque<Stored>>,
-    data: Files,
-    raw: Files,
     writer: Mutex<Writer>,
     resume: Mutex<StampState>,
     /// The oldest seq whose raw frame may be held: segments wholly below it keep only
     /// their JSON. Durable (`RAW_FLOOR_KEY`) before any frame below it is removed.
     raw_floor: AtomicU64,
     encoders: Mutex<Vec<Encoder>>,
-    decoded: Mutex<DecodedCache>,
-    decoded_stats: DecodedStats,
+    /// The files and what reads them (the decoded-segment cache), shared with the
+    /// read-ahead thread.
+    reads: Arc<Reads>,
+    /// Decodes ahead of sequential readers; `None` when off.
+    read_ahead: Option<ReadAhead>,
     stored_bytes: AtomicU64,
     /// Bytes of raw frames in raw files at or above the raw floor.
     raw_bytes: AtomicU64,
@@ -248,6 +253,20 @@ impl FjallStore {
         let raw_floor = recovery::load_raw_floor(&state, &mut report)?;
         let (data_files, data_max) = recovery::open_data_files(&data_dir)?;
         let (raw_files, raw_max) = recovery::open_data_files(&raw_dir)?;
+        let reads = Arc::new(Reads::new(
+            Files {
+                dir: data_dir,
+                open: RwLock::new(data_files),
+                what: "data",
+            },
+            Files {
+                dir: raw_dir,
+                open: RwLock::new(raw_files),
+                what: "raw",
+            },
+            config.decoded_cache_bytes,
+        ));
+        let read_ahead = ReadAhead::start(&reads, config.read_ahead_segments)?;
         let store = Self {
             keyspace,
             index,
@@ -255,16 +274,6 @@ impl FjallStore {
             stored_bytes: AtomicU64::new(segments.iter().map(|s| s.info.bytes).sum()),
             raw_bytes: AtomicU64::new(0),
             segments: RwLock::new(segments),
-            data: Files {
-                dir: data_dir,
-                open: RwLock::new(data_files),
-                what: "data",
-            },
-            raw: Files {
-                dir: raw_dir,
-                open: RwLock::new(raw_files),
-                what: "raw",
-            },
             writer: Mutex::new(Writer {
                 data: Appender {
                     current: None,
@@ -278,8 +287,8 @@ impl FjallStore {
             resume: Mutex::new(StampState::fresh()),
             raw_floor: AtomicU64::new(raw_floor),
             encoders: Mutex::new(Vec::new()),
-            decoded: Mutex::new(DecodedCache::default()),
-            decoded_stats: DecodedStats::default(),
+            reads,
+            read_ahead,
             config,
         };
         store.check_raw_floor(&mut report)?;
@@ -314,43 +323,26 @@ impl FjallStore {
         Ok(())
     }
 
-    /// Reads a segment's events value, and its frames value too when `frames`, into
-    /// `buf` (frames after events); `None` when a file holding them is gone (deleted by
-    /// retention).
-    fn read_values(&self, s: &Stored, frames: bool, buf: &mut Vec<u8>) -> Result<bool, LogError> {
-        let Some(file) = self.data.get(s.file) else {
-            return Ok(false);
+    /// Asks the read-ahead thread for the segments after `s` (a reader is decoding `s`
+    /// itself, so it will want them next), with what `payloads` gets from each.
+    fn read_ahead_after(&self, s: &Stored, payloads: Payloads) {
+        let Some(ahead) = &self.read_ahead else {
+            return;
         };
-        let unreadable = |what: &str, id: u64, e: std::io::Error| {
-            LogError::Corrupt(format!(
-                "segment {}..={} unreadable in {what} file {id}: {e}",
-                s.info.first_seq, s.info.last_seq
-            ))
+        let Ok(segs) = self.segments.read() else {
+            return;
         };
-        let events_len = s.events_len as usize;
-        let frames_len = if frames { s.frames_len as usize } else { 0 };
-        buf.clear();
-        buf.resize(events_len + frames_len, 0);
-        match s.frames_at {
-            FramesAt::Raw {
-                file: raw_id,
-                offset,
-            } if frames => {
-                let Some(raw) = self.raw.get(raw_id) else {
-                    return Ok(false);
-                };
-                let (ev, fr) = buf.split_at_mut(events_len);
-                file.read_exact_at(ev, s.offset)
-                    .map_err(|e| unreadable("data", s.file, e))?;
-                raw.read_exact_at(fr, offset)
-                    .map_err(|e| unreadable("raw", raw_id, e))?;
+        let next = segs.partition_point(|x| x.info.first_seq <= s.info.first_seq);
+        for n in segs.iter().skip(next).take(ahead.segments) {
+            let wanted = Payloads {
+                raw: payloads.raw && self.holds_raw(n),
+                ..payloads
+            };
+            if payloads.raw_only() && !wanted.raw {
+                break;
             }
-            // The frames, if wanted, follow the events in the data file.
-            _ => file
-                .read_exact_at(buf, s.offset)
-                .map_err(|e| unreadable("data", s.file, e))?,
+            ahead.request(*n, wanted);
         }
-        Ok(true)
     }
 
     fn locate(&self, pred: impl Fn(&Segment) -> bool) -> Result<Option<Stored>, LogError> {
@@ -361,7 +353,7 @@ impl FjallStore {
 
     fn decode_meta(&self, s: &Stored) -> Result<Option<Vec<Event>>, LogError> {
         let mut buf = Vec::new();
-        if !self.read_values(s, false, &mut buf)? {
+        if !self.reads.read_values(s, false, &mut buf)? {
             return Ok(None);
         }
         let none = Payloads {
@@ -435,14 +427,14 @@ impl FjallStore {
                 .map_err(|_| backend("events value too large"))?;
             let frames_len = u32::try_from(seg.frames_value.len())
                 .map_err(|_| backend("frames value too large"))?;
-            let (id, file, pos, new) = self.writable(&self.data, &mut w.data)?;
+            let (id, file, pos, new) = self.writable(&self.reads.data, &mut w.data)?;
             data_created |= new;
             file.write_all_at(&seg.events_value, pos)
-                .map_err(|e| io("cannot write", &self.data.path(id), e))?;
-            let (raw_id, raw, raw_pos, new) = self.writable(&self.raw, &mut w.raw)?;
+                .map_err(|e| io("cannot write", &self.reads.data.path(id), e))?;
+            let (raw_id, raw, raw_pos, new) = self.writable(&self.reads.raw, &mut w.raw)?;
             raw_created |= new;
             raw.write_all_at(&seg.frames_value, raw_pos)
-                .map_err(|e| io("cannot write", &self.raw.path(raw_id), e))?;
+                .map_err(|e| io("cannot write", &self.reads.raw.path(raw_id), e))?;
             for f in [&file, &raw] {
                 if !touched.iter().any(|t| Arc::ptr_eq(t, f)) {
                     touched.push(f.clone());
@@ -470,7 +462,10 @@ impl FjallStore {
             f.sync_data()
                 .map_err(|e| backend(format!("cannot sync a data file: {e}")))?;
         }
-        for (created, files) in [(data_created, &self.data), (raw_created, &self.raw)] {
+        for (created, files) in [
+            (data_created, &self.reads.data),
+            (raw_created, &self.reads.raw),
+        ] {
             if created {
                 File::open(&files.dir)
                     .and_then(|d| d.sync_all())
@@ -515,14 +510,16 @@ impl FjallStore {
             (segs.front().map(|s| s.file), raw)
         };
         let data_gone = self
+            .reads
             .data
             .take_below(oldest_data.unwrap_or(w.data.keep_from()))?;
         let raw_gone = self
+            .reads
             .raw
             .take_below(oldest_raw.unwrap_or(w.raw.keep_from()))?;
         drop(w);
-        self.data.remove(data_gone);
-        self.raw.remove(raw_gone);
+        self.reads.data.remove(data_gone);
+        self.reads.raw.remove(raw_gone);
         Ok(())
     }
 
@@ -635,7 +632,7 @@ impl EventStore for FjallStore {
         from_seq: u64,
         limits: ReadLimits,
         payloads: Payloads,
-    ) -> Result<Vec<Event>, LogError> {
+    ) -> Result<Vec<SharedEvent>, LogError> {
         if payloads.raw_only() {
             let oldest = self.raw_oldest_or_next();
             if from_seq < oldest {
@@ -679,7 +676,7 @@ impl EventStore for FjallStore {
                 .copied()
                 .collect()
         };
-        let mut out: Vec<Event> = Vec::with_capacity(limits.max_events.min(8192));
+        let mut out: Vec<SharedEvent> = Vec::with_capacity(limits.max_events.min(8192));
         let mut bytes = 0usize;
         for s in todo {
             // Below the raw floor a segment has only its JSON: a read that wants JSON too
@@ -693,7 +690,9 @@ impl EventStore for FjallStore {
             let decoded = if payloads.raw_only() && !wanted.raw {
                 None
             } else {
-                self.decoded(&s, wanted)?
+                self.reads.decoded_then(&s, wanted, Asker::Reader, || {
+                    self.read_ahead_after(&s, payloads)
+                })?
             };
             let Some(decoded) = decoded else {
                 if out.is_empty() {
@@ -709,45 +708,22 @@ impl EventStore for FjallStore {
                 break;
             };
             // Which events of the segment this read takes: from `from_seq`, within the
-            // limits. Events shared with the cache are cloned (their payloads are
-            // refcounted slices, not copies) only when taken; a decode nobody else holds
-            // is moved out.
+            // limits. They are shared with the cache and with every other reader of the
+            // segment: taking one costs a refcount.
             let mut starts = codec::FrameStarts::default();
-            let mut out_len = out.len();
-            let mut take = |event: &Event| -> Option<bool> {
+            for event in decoded.iter() {
                 let first_of_frame = starts.next(event);
                 if event.seq < from_seq {
-                    return Some(false);
+                    continue;
                 }
                 let size = codec::payload_bytes(event, first_of_frame);
-                if out_len >= limits.max_events
-                    || (out_len > 0 && bytes.saturating_add(size) > limits.max_bytes)
+                if out.len() >= limits.max_events
+                    || (!out.is_empty() && bytes.saturating_add(size) > limits.max_bytes)
                 {
-                    return None;
+                    return Ok(out);
                 }
                 bytes += size;
-                out_len += 1;
-                Some(true)
-            };
-            match Arc::try_unwrap(decoded) {
-                Ok(owned) => {
-                    for event in owned {
-                        match take(&event) {
-                            Some(true) => out.push(event),
-                            Some(false) => {}
-                            None => return Ok(out),
-                        }
-                    }
-                }
-                Err(shared) => {
-                    for event in shared.iter() {
-                        match take(event) {
-                            Some(true) => out.push(event.clone()),
-                            Some(false) => {}
-                            None => return Ok(out),
-                        }
-                    }
-                }
+                out.push(Arc::clone(event));
             }
         }
         Ok(out)
@@ -936,15 +912,19 @@ impl EventStore for FjallStore {
 
     fn decoded_cache_counts(&self) -> (u64, u64) {
         (
-            self.decoded_stats.misses.load(Ordering::Relaxed),
-            self.decoded_stats.hits.load(Ordering::Relaxed),
+            self.reads.stats.misses.load(Ordering::Relaxed),
+            self.reads.stats.hits.load(Ordering::Relaxed),
         )
+    }
+
+    fn read_ahead_decodes(&self) -> u64 {
+        self.reads.stats.read_ahead.load(Ordering::Relaxed)
     }
 
     fn disk_bytes(&self) -> u64 {
         self.keyspace
             .disk_space()
-            .saturating_add(self.data.disk_bytes())
-            .saturating_add(self.raw.disk_bytes())
+            .saturating_add(self.reads.data.disk_bytes())
+            .saturating_add(self.reads.raw.disk_bytes())
     }
 }

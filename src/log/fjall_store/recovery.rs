@@ -94,7 +94,7 @@ impl FjallStore {
                 continue;
             }
             match s.raw_end() {
-                Some((file, _)) if self.raw.get(file).is_none() => {
+                Some((file, _)) if self.reads.raw.get(file).is_none() => {
                     raised = s.info.last_seq + 1;
                 }
                 _ => break,
@@ -118,7 +118,7 @@ impl FjallStore {
     fn verify_segment(&self, s: &Stored) -> Result<(), LogError> {
         let mut buf = Vec::new();
         let frames = self.holds_raw(s);
-        if !self.read_values(s, frames, &mut buf)? {
+        if !self.reads.read_values(s, frames, &mut buf)? {
             return Err(LogError::Corrupt("data or raw file missing".into()));
         }
         let (ev, fr) = buf.split_at(s.events_len as usize);
@@ -207,10 +207,10 @@ impl FjallStore {
             }
         }
         let oldest_data = data_ends.keys().next().copied();
-        clean_dir(&self.data, &data_ends, report, |id| {
+        clean_dir(&self.reads.data, &data_ends, report, |id| {
             oldest_data.is_none_or(|o| id > o)
         })?;
-        clean_dir(&self.raw, &raw_ends, report, |id| {
+        clean_dir(&self.reads.raw, &raw_ends, report, |id| {
             newest_raw_named.is_none_or(|n| id > n)
         })
     }
