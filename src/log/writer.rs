@@ -80,6 +80,10 @@ impl Queue {
     pub fn push(&self, events: Vec<SharedEvent>, bytes: usize) -> Result<(), LogError> {
         let mut st = self.lock();
         while !st.closed && !st.items.is_empty() && st.bytes + bytes > self.max_bytes {
+            // Full: a writer gathering a group gets no more from waiting for its wake-up
+            // count (the queue cannot reach it), so it is woken to take what is queued.
+            // Without this it slept out the commit interval with the appender blocked.
+            self.not_empty.notify_one();
             st = self.not_full.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         if st.closed {
@@ -373,6 +377,33 @@ mod tests {
         queue.push(events(2), 10).unwrap();
         let rx = take_in_background(&queue, 1, Duration::from_secs(60));
         assert_eq!(group_len(&rx), Some(2), "a whole append is taken at once");
+    }
+
+    /// A queue that fills (by bytes) before the group's event count is reached wakes the
+    /// gathering writer, which takes what is queued and lets the appender go on: appends
+    /// never wait out the commit interval (here 60 s) behind a full queue.
+    #[test]
+    fn a_full_queue_wakes_a_writer_gathering_a_group() {
+        let queue = Arc::new(Queue::new(100));
+        let rx = take_in_background(&queue, 1000, Duration::from_secs(60));
+        let pusher = {
+            let queue = Arc::clone(&queue);
+            std::thread::spawn(move || {
+                for _ in 0..10 {
+                    queue.push(events(1), 60).unwrap();
+                }
+            })
+        };
+        let started = Instant::now();
+        while !pusher.is_finished() {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "appends blocked behind a full queue"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        queue.close();
+        assert_eq!(group_len(&rx), Some(10), "one group of everything appended");
     }
 
     #[test]
