@@ -478,6 +478,12 @@ impl AdminState {
                     counter!("sluice_redis_sink_errors_total", "reason" => reason)
                         .absolute(sink.errors(reason));
                 }
+                counter!("sluice_redis_sink_batches_total")
+                    .absolute(sink.batches.load(Ordering::Relaxed));
+                for part in SinkStats::PARTS {
+                    counter!("sluice_redis_sink_time_microseconds_total", "part" => part)
+                        .absolute(sink.time_us(part));
+                }
             }
         });
         self.handle.render()
@@ -655,6 +661,8 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_redis_sink_position_conflicts_total", "Redis sink writes refused because the stored position had changed; it resumed from the stored one."),
     ("sluice_redis_sink_errors_total", "Redis sink failures, by reason; each is retried with backoff."),
     ("sluice_redis_sink_lease_takeovers_total", "Times this node took the cluster's sink lease and started writing (0 on a single node)."),
+    ("sluice_redis_sink_batches_total", "Transactions of the Redis sink that applied a batch (events per batch = the events counter's increase over this one's)."),
+    ("sluice_redis_sink_time_microseconds_total", "Where the Redis sink's time went, by part: write (position check and transaction, round trips included), read_wait (waiting for a batch from the log beyond the write it overlaps), backoff (waiting after failures)."),
 ];
 
 const GAUGES: &[(&str, &str)] = &[

@@ -131,6 +131,16 @@ pub struct SinkStats {
     /// Writes refused because the stored position was not the sink's (another writer, or
     /// a Redis restored to an older state); the sink resumes from the stored one.
     pub position_conflicts: AtomicU64,
+    /// Transactions that applied a batch.
+    pub batches: AtomicU64,
+    /// Microseconds spent in writes to Redis (the position check and the transaction,
+    /// round trips included).
+    pub write_us: AtomicU64,
+    /// Microseconds spent waiting for a batch from the log: its read and encoding when they
+    /// did not overlap a write.
+    pub read_wait_us: AtomicU64,
+    /// Microseconds spent waiting out the backoff after failures.
+    pub backoff_us: AtomicU64,
     pub errors_redis: AtomicU64,
     pub errors_timeout: AtomicU64,
     pub errors_reply: AtomicU64,
@@ -146,6 +156,25 @@ impl SinkStats {
             SinkError::Log(_) => &self.errors_log,
         };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Where the sink's time went (microseconds), by part: see [`SinkStats::PARTS`].
+    pub const PARTS: [&'static str; 3] = ["write", "read_wait", "backoff"];
+
+    pub fn time_us(&self, part: &str) -> u64 {
+        match part {
+            "write" => &self.write_us,
+            "read_wait" => &self.read_wait_us,
+            _ => &self.backoff_us,
+        }
+        .load(Ordering::Relaxed)
+    }
+
+    fn add_time(counter: &AtomicU64, d: Duration) {
+        counter.fetch_add(
+            u64::try_from(d.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
     }
 
     pub fn errors(&self, reason: &str) -> u64 {
@@ -511,10 +540,12 @@ async fn run(
         warned_ahead = false;
         let from = c.position + 1;
         let trim_due = config.max_age.is_some() && last_trim.elapsed() >= Duration::from_secs(1);
+        let reading = Instant::now();
         let prepared = match prefetched.take() {
             Some(p) if p.from == from => Ok(Some(p)),
             _ => prepare(&reader, from, durable_seq, &config, batch_events, trim_due).await,
         };
+        SinkStats::add_time(&stats.read_wait_us, reading.elapsed());
         let batch = match prepared {
             Ok(Some(batch)) => batch,
             Ok(None) => continue,
@@ -549,7 +580,9 @@ async fn run(
                 continue;
             }
         };
-        if batch.minid > 0 {
+        if batch.age_checked {
+            // Checked, whether or not anything was old enough to trim: the next check is
+            // a second away either way.
             last_trim = Instant::now();
         }
         let (last_seq, last_time, events) = (batch.last_seq, batch.last_time_us, batch.events);
@@ -558,23 +591,38 @@ async fn run(
         let next_from = last_seq + 1;
         let durable_now = reader.durable_seq();
         let next_trim = config.max_age.is_some() && last_trim.elapsed() >= Duration::from_secs(1);
-        let (written, next) = tokio::join!(write(c, batch, &config), async {
-            if next_from <= durable_now {
-                prepare(
-                    &reader,
-                    next_from,
-                    durable_now,
-                    &config,
-                    batch_events,
-                    next_trim,
-                )
-                .await
-                .ok()
-                .flatten()
-            } else {
-                None
+        let joined = Instant::now();
+        let (written, next) = tokio::join!(
+            async {
+                let writing = Instant::now();
+                let written = write(c, batch, &config).await;
+                (written, writing.elapsed())
+            },
+            async {
+                if next_from <= durable_now {
+                    prepare(
+                        &reader,
+                        next_from,
+                        durable_now,
+                        &config,
+                        batch_events,
+                        next_trim,
+                    )
+                    .await
+                    .ok()
+                    .flatten()
+                } else {
+                    None
+                }
             }
-        });
+        );
+        let (written, writing) = written;
+        // The write's time, and what the loop waited beyond it for the next batch.
+        SinkStats::add_time(&stats.write_us, writing);
+        SinkStats::add_time(
+            &stats.read_wait_us,
+            joined.elapsed().saturating_sub(writing),
+        );
         prefetched = next;
         match written {
             Ok(Written::Done {
@@ -588,6 +636,7 @@ async fn run(
                 stats.events.fetch_add(events, Ordering::Relaxed);
                 stats.entries.fetch_add(entries, Ordering::Relaxed);
                 stats.duplicates.fetch_add(duplicates, Ordering::Relaxed);
+                stats.batches.fetch_add(1, Ordering::Relaxed);
                 failures = 0;
                 batch_events = batch_events
                     .saturating_mul(2)
@@ -701,10 +750,12 @@ async fn fail(
         tracing::warn!(reason = e.reason(), error = %e, failures = *failures, "redis sink: retrying");
     }
     let wait = ceiling.mul_f64(rand::random::<f64>());
+    let waiting = Instant::now();
     tokio::select! {
         _ = tokio::time::sleep(wait) => {}
         _ = shutdown.changed() => {}
     }
+    SinkStats::add_time(&stats.backoff_us, waiting.elapsed());
 }
 
 /// The seq of the oldest event within `age` of `newest_time_us` (0 when none is older).
@@ -731,8 +782,8 @@ struct Prepared {
     is_xadd: Vec<bool>,
     /// Events with no JSON form.
     skipped: u64,
-    /// The age trim applied with this batch (0 = none).
-    minid: u64,
+    /// Whether the age bound was checked for this batch (whatever it found).
+    age_checked: bool,
 }
 
 /// Reads up to one batch of durable events from `from` and encodes it, on a blocking
@@ -785,6 +836,7 @@ fn prepare_blocking(
     let Some(last) = events.last() else {
         return Ok(None);
     };
+    let age_checked = trim_due && config.max_age.is_some();
     let minid = match config.max_age {
         Some(age) if trim_due => min_seq_within(reader, last.time_us, age),
         _ => 0,
@@ -866,7 +918,7 @@ fn prepare_blocking(
         tx,
         is_xadd,
         skipped,
-        minid,
+        age_checked,
     }))
 }
 

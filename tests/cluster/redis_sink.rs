@@ -947,6 +947,30 @@ async fn redis_away_does_not_touch_ingest_or_subscribers() {
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("redis sink: connected, 0 events"), "{body}");
     assert_streams_match(&mut con, &config, &all_events(&env.daemon.log.reader())).await;
+    // Where the sink's time went is counted: its writes and batches, and the backoff it
+    // waited out while Redis was away.
+    let (_, _, metrics) = http_get(admin, "/metrics").await;
+    let metrics = String::from_utf8_lossy(&metrics).into_owned();
+    let value = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} is exported:\n{metrics}"))
+    };
+    assert!(value("sluice_redis_sink_batches_total") > 0.0, "{metrics}");
+    for part in ["write", "backoff"] {
+        assert!(
+            value(&format!(
+                "sluice_redis_sink_time_microseconds_total{{part=\"{part}\"}}"
+            )) > 0.0,
+            "the sink's {part} time is counted:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("sluice_redis_sink_time_microseconds_total{part=\"read_wait\"}"),
+        "{metrics}"
+    );
 
     // The status page shows the sink (rendered by a real browser).
     let url = format!("http://{admin}/");

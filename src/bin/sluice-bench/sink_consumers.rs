@@ -13,6 +13,11 @@
 //!   keeps nothing); each consumer `SUBSCRIBE`s to the same names.
 //! - `sink+outage` (with `--outage-secs N`): as `sink`, but redis-server is killed (SIGKILL)
 //!   5 s into the measured window and started again N s later from its AOF.
+//!   With `--pairs`, only `sink` and `sink+outage` alternate, so the websocket
+//!   subscribers' p99 with the outage is compared with the same invocation's without it
+//!   (whole window, and the window's tail from the restart moment on, which holds the
+//!   catch-up); the sink's `/metrics` during the catch-up say its batches and where its
+//!   time went (writes, waiting for the log, backoff).
 //!
 //! Stream keys and channels have the same names (`sluice:c:<collection>`,
 //! `sluice:k:<kind>`); consumer i takes the same names on every target (the fan-out bench's
@@ -50,7 +55,7 @@ use sluice::event::StampState;
 use sluice::ingest::{IngestOutcome, Ingestor};
 use sluice::sink::{shape, RedisSinkConfig};
 
-use crate::control::{PH_AFTER, PH_MEASURE};
+use crate::control::{PH_AFTER, PH_MEASURE, PH_STALL};
 use crate::hist::Hist;
 use crate::procs::{
     free_port, proc_cpu_secs, serve_command, wait_tcp, ChildGuard, ServeArgs, TempDir,
@@ -68,6 +73,9 @@ use crate::subscribers::{
 use crate::target::{Target, Wire};
 
 const PREFIX: &str = "sluice:";
+/// The measured window's tail: from the moment the outage target restarts Redis (the same
+/// moment on the `sink` target, with `--outage-secs`) to the window's end.
+const TAIL: u8 = PH_STALL;
 const ALL_COLLECTIONS: [&str; 6] = [
     "app.bsky.feed.like",
     "app.bsky.feed.post",
@@ -113,6 +121,11 @@ pub(crate) struct RedisConsumersArgs {
     /// Only the `sink+outage` target (the catch-up after an outage, measured alone).
     #[arg(long, default_value_t = false)]
     outage_only: bool,
+    /// Only `sink` and `sink+outage`, alternating (needs --outage-secs): the same
+    /// consumers and websocket subscribers with and without the outage, and the ratio of
+    /// the subscribers' p99 in each run's pair.
+    #[arg(long, default_value_t = false)]
+    pairs: bool,
     /// Runs; targets alternate within each, the summary shows medians.
     #[arg(long, default_value_t = 3)]
     runs: usize,
@@ -268,24 +281,70 @@ fn live_lag(rate: f64) -> f64 {
     (rate * 0.5).max(500.0)
 }
 
-/// Samples of (seconds since the outage ended, lag in events, events written) while the
-/// sink catches up, and what they say.
-fn catch_up(samples: &[(f64, f64, f64)], rate: f64) -> serde_json::Value {
+/// One `/metrics` sample while the sink catches up.
+#[derive(Clone, Copy)]
+struct Sample {
+    /// Seconds since the outage ended.
+    t: f64,
+    lag: f64,
+    /// Events written, transactions applied, and the sink's time (µs) in writes, waiting
+    /// for the log and in backoff (`sluice_redis_sink_time_microseconds_total`).
+    events: f64,
+    batches: f64,
+    write_us: f64,
+    read_wait_us: f64,
+    backoff_us: f64,
+}
+
+fn sample(m: &str, t: f64) -> Option<Sample> {
+    let part = |p: &str| {
+        metric(
+            m,
+            &format!("sluice_redis_sink_time_microseconds_total{{part=\"{p}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    Some(Sample {
+        t,
+        lag: metric(m, "sluice_redis_sink_lag_events")?,
+        events: metric(m, "sluice_redis_sink_events_total")?,
+        batches: metric(m, "sluice_redis_sink_batches_total").unwrap_or(0.0),
+        write_us: part("write"),
+        read_wait_us: part("read_wait"),
+        backoff_us: part("backoff"),
+    })
+}
+
+/// What the samples say about the catch-up: from the first write after the restart until
+/// the lag is back to live, its rate, the sink's batches and where its time went.
+fn catch_up(samples: &[Sample], rate: f64) -> serde_json::Value {
     let live = live_lag(rate);
-    let first_write = samples.windows(2).find(|w| w[1].2 > w[0].2).map(|w| w[0]);
+    let first_write = samples
+        .windows(2)
+        .find(|w| w[1].events > w[0].events)
+        .map(|w| w[0]);
     let caught = samples
         .iter()
-        .skip_while(|s| first_write.is_none_or(|f| s.0 <= f.0))
-        .find(|s| s.1 <= live);
-    let peak_lag = samples.iter().map(|s| s.1).fold(0.0, f64::max);
+        .skip_while(|s| first_write.is_none_or(|f| s.t <= f.t))
+        .find(|s| s.lag <= live);
+    let peak_lag = samples.iter().map(|s| s.lag).fold(0.0, f64::max);
     match (first_write, caught) {
-        (Some(f), Some(c)) if c.0 > f.0 => json!({
-            "resume_delay_secs": f.0,
-            "catch_up_secs": c.0 - f.0,
-            "caught_up_events": c.2 - f.2,
-            "catch_up_events_per_sec": (c.2 - f.2) / (c.0 - f.0),
-            "peak_lag_events": peak_lag,
-        }),
+        (Some(f), Some(c)) if c.t > f.t => {
+            let secs = c.t - f.t;
+            let batches = c.batches - f.batches;
+            json!({
+                "resume_delay_secs": f.t,
+                "catch_up_secs": secs,
+                "caught_up_events": c.events - f.events,
+                "catch_up_events_per_sec": (c.events - f.events) / secs,
+                "peak_lag_events": peak_lag,
+                "batches": batches,
+                "events_per_batch": (c.events - f.events) / batches.max(1.0),
+                "share_write": (c.write_us - f.write_us) / 1e6 / secs,
+                "share_read_wait": (c.read_wait_us - f.read_wait_us) / 1e6 / secs,
+                "share_backoff": (c.backoff_us - f.backoff_us) / 1e6 / secs,
+            })
+        }
         _ => json!({"peak_lag_events": peak_lag, "caught_up": false}),
     }
 }
@@ -447,6 +506,8 @@ async fn run_target(
             Some(dir.0.join("redis-2.log")),
         )?;
         let restarted = Instant::now();
+        // From here on latencies go to the window's tail (the catch-up's part of it).
+        ctl.phase.store(TAIL, Ordering::Relaxed);
         r_cpu0 = 0.0;
         wait_tcp(rport, &mut redis, 30).await?;
         // Sampled until the sink is back to live (not only within the window: on a loaded
@@ -454,18 +515,16 @@ async fn run_target(
         let live = live_lag(rate);
         let until = t0 + window + Duration::from_secs(args.drain_secs);
         let sampler = tokio::spawn(async move {
-            let mut samples: Vec<(f64, f64, f64)> = Vec::new();
+            let mut samples: Vec<Sample> = Vec::new();
             while Instant::now() < until {
-                if let Some(m) = metrics(admin).await {
-                    if let (Some(lag), Some(events)) = (
-                        metric(&m, "sluice_redis_sink_lag_events"),
-                        metric(&m, "sluice_redis_sink_events_total"),
-                    ) {
-                        let wrote = samples.first().is_some_and(|f| events > f.2);
-                        samples.push((restarted.elapsed().as_secs_f64(), lag, events));
-                        if wrote && lag <= live {
-                            break;
-                        }
+                if let Some(s) = metrics(admin)
+                    .await
+                    .and_then(|m| sample(&m, restarted.elapsed().as_secs_f64()))
+                {
+                    let wrote = samples.first().is_some_and(|f| s.events > f.events);
+                    samples.push(s);
+                    if wrote && s.lag <= live {
+                        break;
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(25)).await;
@@ -479,7 +538,13 @@ async fn run_target(
             "outage_secs": args.outage_secs,
         });
     } else {
-        tokio::time::sleep(window).await;
+        if args.outage_secs > 0 {
+            // The same split as the outage target's: the tail starts when its Redis
+            // would be restarted.
+            tokio::time::sleep(Duration::from_secs(5 + args.outage_secs)).await;
+            ctl.phase.store(TAIL, Ordering::Relaxed);
+        }
+        tokio::time::sleep_until((t0 + window).into()).await;
     }
     let secs = t0.elapsed().as_secs_f64();
     let target_cpu = cpu(target.pid()) - t_cpu0;
@@ -547,10 +612,14 @@ async fn run_target(
             eprintln!("  consumer {f:?}: expected {e}, got {t}");
         }
     }
-    let hist = readers.hist.lock()[PH_MEASURE as usize].clone();
-    let mut ws_hist = Hist::new();
+    let mut hist = readers.hist.lock()[PH_MEASURE as usize].clone();
+    hist.merge(&readers.hist.lock()[TAIL as usize]);
+    let (mut ws_hist, mut ws_tail) = (Hist::new(), Hist::new());
     for s in &ws_subs {
-        ws_hist.merge(&s.hist.lock()[PH_MEASURE as usize]);
+        let h = s.hist.lock();
+        ws_hist.merge(&h[PH_MEASURE as usize]);
+        ws_hist.merge(&h[TAIL as usize]);
+        ws_tail.merge(&h[TAIL as usize]);
     }
     let unmatched = readers.unmatched.load(Ordering::Relaxed);
     let ws_ended = ws_subs
@@ -589,7 +658,10 @@ async fn run_target(
         "ws_p50_us": q(&ws_hist, 0.5),
         "ws_p99_us": q(&ws_hist, 0.99),
         "ws_max_us": ws_hist.max,
-        "ws_delivered_in_window": delivered(&ws_subs, PH_MEASURE),
+        "ws_tail_p50_us": q(&ws_tail, 0.5),
+        "ws_tail_p99_us": q(&ws_tail, 0.99),
+        "ws_tail_timed": ws_tail.n,
+        "ws_delivered_in_window": delivered(&ws_subs, PH_MEASURE) + delivered(&ws_subs, TAIL),
         "ws_ended": ws_ended,
         "outage": outage,
         "load_avg_1m": load_avg(),
@@ -617,11 +689,15 @@ pub(crate) async fn redis_consumers(args: RedisConsumersArgs) -> anyhow::Result<
     if args.outage_secs > 0 {
         kinds.push(Kind::SinkOutage);
     }
-    if args.outage_only {
+    if args.outage_only || args.pairs {
         if args.outage_secs == 0 {
-            bail!("--outage-only needs --outage-secs");
+            bail!("--outage-only and --pairs need --outage-secs");
         }
-        kinds = vec![Kind::SinkOutage];
+        kinds = if args.pairs {
+            vec![Kind::Sink, Kind::SinkOutage]
+        } else {
+            vec![Kind::SinkOutage]
+        };
     }
     let mut results = Vec::new();
     for run in 0..args.runs {
@@ -656,6 +732,7 @@ pub(crate) async fn redis_consumers(args: RedisConsumersArgs) -> anyhow::Result<
             "median_p50_us": of("p50_us"),
             "median_p99_us": of("p99_us"),
             "median_ws_p99_us": of("ws_p99_us"),
+            "median_ws_tail_p99_us": of("ws_tail_p99_us"),
             "missing_after_drain": results.iter().filter(|r| r["target"] == kind.name()).map(|r| r["missing_after_drain"].as_u64().unwrap_or(0)).sum::<u64>(),
         });
         if *kind == Kind::SinkOutage {
@@ -669,10 +746,34 @@ pub(crate) async fn redis_consumers(args: RedisConsumersArgs) -> anyhow::Result<
         }
         summary.push(s);
     }
+    // Each run's websocket p99 with the outage over the one without (whole window, and
+    // the tail from the restart on).
+    let ratios = |field: &str| -> Vec<f64> {
+        (0..args.runs)
+            .filter_map(|run| {
+                let p99 = |kind: Kind| {
+                    results
+                        .iter()
+                        .find(|r| r["run"] == run && r["target"] == kind.name())
+                        .and_then(|r| r[field].as_f64())
+                };
+                Some(p99(Kind::SinkOutage)? / p99(Kind::Sink)?)
+            })
+            .collect()
+    };
+    let (whole, tail) = (ratios("ws_p99_us"), ratios("ws_tail_p99_us"));
+    let pairs = json!({
+        "ws_p99_ratio_outage_over_none": whole,
+        "median_ratio": median(whole.clone()),
+        "ws_tail_p99_ratio_outage_over_none": tail,
+        "median_tail_ratio": median(tail.clone()),
+    });
     println!(
         "{}",
-        serde_json::to_string_pretty(&json!({"runs": results, "summary": summary}))
-            .context("summary")?
+        serde_json::to_string_pretty(
+            &json!({"runs": results, "summary": summary, "ws_p99_pairs": pairs})
+        )
+        .context("summary")?
     );
     Ok(())
 }
