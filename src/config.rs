@@ -267,9 +267,10 @@ pub struct ServeArgs {
     pub coalesce_us: u64,
     /// Let the dispatcher write a live subscriber's events to its socket itself while the
     /// subscriber's queue is empty and its session waits (one non-blocking write, no task
-    /// woken); the session takes over whatever the socket does not accept at once. Direct
-    /// writes are not paced by `--coalesce-us` (one write per subscriber per dispatch
-    /// round). `false`: every write is the session's (BENCHMARKS.md, Fan-out, session 10).
+    /// woken); the session takes over whatever the socket does not accept at once. Paced by
+    /// `--coalesce-us` like the session's writes: an event within the interval of the
+    /// subscriber's last write (by either path) is queued and its session writes it.
+    /// `false`: every write is the session's (BENCHMARKS.md, Fan-out, sessions 10-11).
     #[arg(long, env = "SLUICE_DIRECT_WRITES", default_value_t = true,
           num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub direct_writes: bool,

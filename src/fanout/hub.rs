@@ -4,10 +4,13 @@
 //!
 //! Owns the dispatcher and the live half of each subscriber (its queue and its index
 //! entry), and the dispatcher's direct writes to live subscribers whose session waits
-//! with nothing in hand ([`DirectWrite`]). Must never block on a subscriber, copy an event
-//! per subscriber, let a queue pass its bounds (an overflowing subscriber leaves the index
-//! for catch-up; a refused direct write puts back at most `DIRECT_MAX_EVENTS`), write to a
-//! subscriber under the lock, or hold the lock for more than one batch or one index step.
+//! with nothing in hand ([`DirectWrite`]), paced like the session's (events within the
+//! interval of the last write wait in the queue for the dispatcher's one timer). Must
+//! never write to a subscriber more than once per its pacing interval, block on a
+//! subscriber, copy an event per subscriber, let a queue pass its bounds (an overflowing
+//! subscriber leaves the index for catch-up; a refused direct write puts back at most
+//! `DIRECT_MAX_EVENTS`), write to a subscriber under the lock, or hold the lock for more
+//! than one batch or one index step.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
@@ -18,6 +21,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::sync::{Notify, Semaphore};
+use tokio::time::Instant;
 
 use super::filter::Filter;
 use super::index::Index;
@@ -49,6 +53,14 @@ pub(super) struct Queue {
     pub(super) direct_through: u64,
     /// The raw frames written directly (see [`FrameOnce`]).
     pub(super) direct_frames: FrameOnce,
+    /// The last write to this subscriber by either path (the dispatcher's direct writes
+    /// set it; the session's are published when it parks): a direct write waits until it
+    /// is the subscriber's pacing interval old.
+    pub(super) last_write: Option<Instant>,
+    /// The queued events are the dispatcher's to write at this instant (the pacing
+    /// interval after `last_write`), the session still parked: they do not wake it.
+    /// Cleared when anyone takes them.
+    pub(super) deferred_until: Option<Instant>,
 }
 
 impl Queue {
@@ -62,6 +74,8 @@ impl Queue {
             handed: false,
             direct_through: 0,
             direct_frames: FrameOnce::default(),
+            last_write: None,
+            deferred_until: None,
         }
     }
 }
@@ -83,8 +97,9 @@ pub(super) struct Entry {
     /// The raw frames pushed so far (the live half of the subscriber's record; the
     /// subscription keeps the other half while it catches up).
     pub(super) frames: FrameOnce,
-    /// The connection, when the dispatcher may write to it directly.
-    pub(super) direct: Option<Arc<dyn DirectWrite>>,
+    /// The connection, when the dispatcher may write to it directly, and the least time
+    /// between two writes to it (`--coalesce-us`).
+    pub(super) direct: Option<(Arc<dyn DirectWrite>, Duration)>,
 }
 
 pub(super) struct HubState {
@@ -357,9 +372,20 @@ async fn dispatch_loop(inner: Arc<HubInner>) {
     let mut newest = inner.reader.watch_newest();
     let mut round = Round::default();
     loop {
+        if round.next_flush.is_some_and(|at| at <= Instant::now()) {
+            flush_deferred(&inner, &mut round);
+        }
         let from = inner.state.lock().dispatched_through + 1;
         if inner.reader.newest_seq() < from {
-            if newest.changed().await.is_err() {
+            let changed = match round.next_flush {
+                // Paced writes are due then: one timer for every subscriber that waits.
+                Some(at) => tokio::select! {
+                    changed = newest.changed() => changed,
+                    () = tokio::time::sleep_until(at) => Ok(()),
+                },
+                None => newest.changed().await,
+            };
+            if changed.is_err() {
                 return;
             }
             continue;
@@ -394,12 +420,25 @@ async fn dispatch_loop(inner: Arc<HubInner>) {
 const DIRECT_MAX_EVENTS: usize = 64;
 
 /// The direct writes of one dispatch round, collected under the hub's lock and made after
-/// it (scratch space kept across rounds).
+/// it (scratch space kept across rounds), and the paced writes waiting for their time.
 #[derive(Default)]
 struct Round {
     targets: Vec<Target>,
     /// Subscriber id -> its place in `targets`.
     slots: HashMap<u64, usize>,
+    /// Subscribers written within their pacing interval whose newer events wait in their
+    /// queue for the dispatcher (`Queue::deferred_until`); one entry per deferral, at most
+    /// one live per subscriber (a stale one is dropped when its time comes).
+    deferred: Vec<Deferred>,
+    /// The earliest time in `deferred`.
+    next_flush: Option<Instant>,
+}
+
+struct Deferred {
+    at: Instant,
+    writer: Arc<dyn DirectWrite>,
+    shared: Arc<SubShared>,
+    wire: WireKind,
 }
 
 struct Target {
@@ -412,6 +451,10 @@ struct Target {
 }
 
 fn dispatch(inner: &HubInner, events: &[SharedEvent], round: &mut Round) {
+    // One reading for the round: whether a subscriber's last write is a pacing interval
+    // old, and the time of the round's own writes (so that rounds as far apart as the
+    // interval write the same subscriber each time, whatever its place in the round).
+    let now = Instant::now();
     let mut state = inner.state.lock();
     let mut overflowed = Vec::new();
     for event in events {
@@ -432,7 +475,7 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent], round: &mut Round) {
             }
             let size = entry.wire.payload(event).map_or(0, Bytes::len);
             let mut queue = entry.shared.queue.lock();
-            if let Some(writer) = &entry.direct {
+            if let Some((writer, pace)) = &entry.direct {
                 if queue.claimed {
                     let slot = round.slots.get(&id).map(|&i| &mut round.targets[i]);
                     let fits = |t: &&mut Target| {
@@ -445,15 +488,31 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent], round: &mut Round) {
                         return;
                     }
                 } else if queue.parked && queue.events.is_empty() && !queue.overflowed {
-                    queue.claimed = true;
-                    round.slots.insert(id, round.targets.len());
-                    round.targets.push(Target {
-                        writer: writer.clone(),
-                        shared: entry.shared.clone(),
-                        events: vec![event.clone()],
-                        bytes: size,
-                    });
-                    return;
+                    match queue.last_write.map(|at| at + *pace).filter(|&at| at > now) {
+                        None => {
+                            queue.claimed = true;
+                            round.slots.insert(id, round.targets.len());
+                            round.targets.push(Target {
+                                writer: writer.clone(),
+                                shared: entry.shared.clone(),
+                                events: vec![event.clone()],
+                                bytes: size,
+                            });
+                            return;
+                        }
+                        // Written within the interval: queued (below) for the dispatcher
+                        // to write when the interval is up, the session left asleep.
+                        Some(at) => {
+                            queue.deferred_until = Some(at);
+                            round.next_flush = Some(round.next_flush.map_or(at, |t| t.min(at)));
+                            round.deferred.push(Deferred {
+                                at,
+                                writer: writer.clone(),
+                                shared: entry.shared.clone(),
+                                wire: entry.wire,
+                            });
+                        }
+                    }
                 }
             }
             if queue.events.len() >= inner.config.queue_max_events
@@ -467,7 +526,7 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent], round: &mut Round) {
             }
             queue.events.push_back(event.clone());
             queue.bytes += size;
-            let wake = !queue.claimed;
+            let wake = !queue.claimed && queue.deferred_until.is_none();
             drop(queue);
             if wake {
                 entry.shared.notify.notify_one();
@@ -480,14 +539,15 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent], round: &mut Round) {
     }
     let through = state.dispatched_through;
     drop(state);
-    write_directly(inner, round);
+    write_directly(inner, round, now);
     inner.dispatched.send_replace(through);
 }
 
 /// Makes the round's direct writes, in event order per subscriber, outside the hub's
-/// lock; then releases each claim, and wakes the session only when it has something to
-/// do (queued events, a handed-over rest, an overflow).
-fn write_directly(inner: &HubInner, round: &mut Round) {
+/// lock; then releases each claim, records `now` (the round's start) as each
+/// subscriber's last write, and wakes the session only when it has something to do
+/// (queued events, a handed-over rest, an overflow).
+fn write_directly(inner: &HubInner, round: &mut Round, now: Instant) {
     round.slots.clear();
     for target in round.targets.drain(..) {
         let outcome = target.writer.try_write(&target.events);
@@ -501,6 +561,7 @@ fn write_directly(inner: &HubInner, round: &mut Round) {
         queue.claimed = false;
         match outcome {
             Direct::Written | Direct::Handed => {
+                queue.last_write = Some(now);
                 if let Some(last) = target.events.last() {
                     queue.direct_through = last.seq;
                     queue.direct_frames.sent(last);
@@ -523,6 +584,52 @@ fn write_directly(inner: &HubInner, round: &mut Round) {
             target.shared.notify.notify_one();
         }
     }
+}
+
+/// Writes the queued events of every subscriber whose pacing interval is up
+/// ([`Queue::deferred_until`]) while its session still waits with nothing in hand: at
+/// most `DIRECT_MAX_EVENTS` each, through [`write_directly`] (the rest, if any, wakes the
+/// session). A session that took its events meanwhile (woken for something else) wrote
+/// them itself, paced from the same last write.
+fn flush_deferred(inner: &HubInner, round: &mut Round) {
+    let now = Instant::now();
+    let mut next_flush = None;
+    let mut deferred = std::mem::take(&mut round.deferred);
+    deferred.retain(|d| {
+        if d.at > now {
+            next_flush = Some(next_flush.map_or(d.at, |t: Instant| t.min(d.at)));
+            return true;
+        }
+        let mut queue = d.shared.queue.lock();
+        // Stale: taken by the session, or deferred again for a later time (whose entry
+        // is further on in the list).
+        if queue.deferred_until.is_none_or(|at| at > now) {
+            return false;
+        }
+        queue.deferred_until = None;
+        if !queue.parked || queue.claimed || queue.overflowed || queue.events.is_empty() {
+            return false;
+        }
+        let n = queue.events.len().min(DIRECT_MAX_EVENTS);
+        let events: Vec<SharedEvent> = queue.events.drain(..n).collect();
+        let bytes: usize = events
+            .iter()
+            .map(|e| d.wire.payload(e).map_or(0, Bytes::len))
+            .sum();
+        queue.bytes = queue.bytes.saturating_sub(bytes);
+        queue.claimed = true;
+        drop(queue);
+        round.targets.push(Target {
+            writer: d.writer.clone(),
+            shared: d.shared.clone(),
+            events,
+            bytes,
+        });
+        false
+    });
+    round.deferred = deferred;
+    round.next_flush = next_flush;
+    write_directly(inner, round, now);
 }
 
 pub(super) fn overflow(inner: &HubInner, state: &mut HubState, id: u64) {

@@ -75,6 +75,9 @@ pub struct Subscription {
     /// The raw frames delivered so far: what catch-up must not send again, handed to the
     /// hub's entry when the subscriber rejoins the live path.
     frames: FrameOnce,
+    /// The last write to this subscriber, by the session or (as of its last look at the
+    /// queue) by the dispatcher.
+    last_write: Option<tokio::time::Instant>,
 }
 
 impl Hub {
@@ -106,6 +109,7 @@ impl Hub {
             paid: None,
             peer: None,
             frames: FrameOnce::default(),
+            last_write: None,
         }
     }
 }
@@ -146,11 +150,26 @@ impl Subscription {
     }
 
     /// Lets the dispatcher write this subscriber's live events to `writer` itself while
-    /// the session waits with nothing in hand ([`DirectWrite`]).
-    pub fn set_direct(&self, writer: Arc<dyn DirectWrite>) {
+    /// the session waits with nothing in hand ([`DirectWrite`]), at most one write (by
+    /// either path) per `pace`: events within `pace` of the last write are queued and
+    /// the dispatcher writes them together when the interval is up, without waking the
+    /// session.
+    pub fn set_direct(&self, writer: Arc<dyn DirectWrite>, pace: Duration) {
         if let Some(entry) = self.hub.state.lock().entries.get_mut(&self.id) {
-            entry.direct = Some(writer);
+            entry.direct = Some((writer, pace));
         }
+    }
+
+    /// Records a write the session made at `at` (told to the dispatcher when the session
+    /// next parks).
+    pub fn wrote(&mut self, at: tokio::time::Instant) {
+        self.last_write = Some(at);
+    }
+
+    /// The last write to this subscriber by either path, as of the session's last look
+    /// at its queue: what its pacing counts from.
+    pub fn last_write(&self) -> Option<tokio::time::Instant> {
+        self.last_write
     }
 
     /// The filter in force.
@@ -343,6 +362,10 @@ impl Subscription {
                 self.seen_through = queue.direct_through;
                 self.frames = queue.direct_frames;
             }
+            // Both paths' last writes, for the session's pacing and the dispatcher's.
+            let last_write = queue.last_write.max(self.last_write);
+            queue.last_write = last_write;
+            self.last_write = last_write;
             if queue.claimed {
                 return (Vec::new(), false, false);
             }
@@ -356,6 +379,7 @@ impl Subscription {
             queue.bytes = queue.bytes.saturating_sub(freed);
             if !batch.is_empty() {
                 queue.parked = false;
+                queue.deferred_until = None;
             } else if park {
                 queue.parked = true;
             }
@@ -472,6 +496,7 @@ impl Subscription {
             queue.bytes = 0;
             queue.overflowed = false;
             queue.parked = false;
+            queue.deferred_until = None;
         }
         entry.live = true;
         entry.last_pushed = self.seen_through;

@@ -333,7 +333,6 @@ pub async fn run(
     let mut last_heard = tokio::time::Instant::now();
     let updates_per_sec = f64::from(config.client_updates_per_sec);
     let mut updates = TokenBucket::new(updates_per_sec, updates_per_sec);
-    let mut last_write: Option<tokio::time::Instant> = None;
     // Checks that a message under way is finished in time; re-armed only when it fires,
     // so the loop does not register a timer per batch.
     let message_check = tokio::time::sleep(config.client_message_timeout);
@@ -350,12 +349,13 @@ pub async fn run(
         sub.set_peer(peer.ip());
     }
     if config.direct_writes && socket.conn().takes_direct() {
-        sub.set_direct(Arc::new(DirectWriter {
+        let writer = DirectWriter {
             wire: wire.clone(),
             conn: socket.conn().clone(),
             server_max_message_bytes: config.server_max_message_bytes,
             counters: counters.clone(),
-        }));
+        };
+        sub.set_direct(Arc::new(writer), config.coalesce);
     }
     let charged = match socket.memory() {
         Some(memory) => memory.set_filter(sub.filter().memory_bytes()),
@@ -500,21 +500,22 @@ pub async fn run(
                 if let Err(end) = write_step(flushed) {
                     break end;
                 }
-                last_write = Some(tokio::time::Instant::now());
+                sub.wrote(tokio::time::Instant::now());
                 continue;
             }
             // At most one write per `coalesce`: an event after a quiet spell goes out at once;
             // in a busy stream the session sleeps out the rest of the interval and then takes
             // everything that queued meanwhile, so it is woken once per write rather than once
-            // per event.
-            if let Some(earliest) = last_write.map(|t| t + config.coalesce) {
+            // per event. The last write may have been the dispatcher's (it queues what comes
+            // within the interval of its own write).
+            if let Some(earliest) = sub.last_write().map(|t| t + config.coalesce) {
                 if batch.len() < config.max_batch && tokio::time::Instant::now() < earliest {
                     tokio::time::sleep_until(earliest).await;
                     batch.extend(sub.try_next_batch(config.max_batch - batch.len()));
                 }
             }
             match write_batch(&mut socket, &wire, &batch, &mut frames, &config, counters).await {
-                Ok(true) => last_write = Some(tokio::time::Instant::now()),
+                Ok(true) => sub.wrote(tokio::time::Instant::now()),
                 Ok(false) => {}
                 Err(end) => break end,
             }

@@ -4,7 +4,9 @@
 //! lost, repeated or reordered; a peer that never reads again is still closed by the
 //! write timeout; an `options_update` applies on the direct path; and pings and pongs
 //! flow between direct writes. Each test checks from the hub's counters that the
-//! direct path was taken, so none of them passes on the session's path alone.
+//! direct path was taken, so none of them passes on the session's path alone. And on a
+//! hub with a recording connection: direct writes are paced by the session's interval,
+//! each carrying what queued meanwhile.
 
 use crate::wire_common;
 
@@ -250,4 +252,120 @@ async fn assert_quiet_or_events(ws: &mut Ws) {
         Got::Binary(_) | Got::Timeout => {}
         other => panic!("the subscriber's stream ended: {other:?}"),
     }
+}
+
+/// The dispatcher's side of a subscriber, as a fake connection that takes every write and
+/// records when it came and what it carried.
+#[derive(Default)]
+struct Recorder {
+    writes: parking_lot::Mutex<Vec<(tokio::time::Instant, Vec<u64>)>>,
+}
+
+impl sluice::fanout::DirectWrite for Recorder {
+    fn try_write(&self, events: &[sluice::log::SharedEvent]) -> sluice::fanout::Direct {
+        let seqs = events.iter().map(|e| e.seq).collect();
+        self.writes.lock().push((tokio::time::Instant::now(), seqs));
+        sluice::fanout::Direct::Written
+    }
+}
+
+/// Direct writes are paced like the session's (`--coalesce-us`): with a 100 ms interval
+/// and an event every ~2 ms, the dispatcher writes a parked subscriber at most once per
+/// interval, each write carrying what queued meanwhile, without handing it to the
+/// session; and every event is delivered once, in order, by one path or the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_writes_are_paced_and_batch_what_queued_meanwhile() {
+    use crate::log_common::{test_config, EventGen};
+    use sluice::fanout::filter::Filter;
+    use sluice::fanout::{Hub, HubConfig, SlowPolicy, Start};
+    use sluice::log::Log;
+    use sluice::wire::WireKind;
+
+    let _machine = crate::exclusive::shared().await;
+    let pace = Duration::from_millis(100);
+    let dir = tempfile::tempdir().unwrap();
+    let (log, state) = Log::open(test_config(dir.path())).unwrap();
+    let log = Arc::new(log);
+    let mut gen = EventGen::new(state);
+    let hub = Hub::start(log.reader(), HubConfig::default());
+    let mut sub = hub.subscribe(
+        WireKind::JetstreamV2,
+        Filter::default(),
+        SlowPolicy::Catchup,
+        Start::Live,
+    );
+    let recorder = Arc::new(Recorder::default());
+    sub.set_direct(recorder.clone(), pace);
+    // The session's side: whatever reaches it instead of a direct write.
+    let session_got = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let got = session_got.clone();
+    let session = tokio::spawn(async move {
+        loop {
+            match sub.next_batch(256).await {
+                Ok(batch) => got.lock().extend(batch.iter().map(|e| e.seq)),
+                Err(end) => panic!("subscription ended: {end:?}"),
+            }
+        }
+    });
+    // Let the session park before the first event.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let first = log.reader().newest_seq() + 1;
+    let started = tokio::time::Instant::now();
+    for _ in 0..150 {
+        log.append(gen.next_frame()).unwrap();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let newest = log.reader().newest_seq();
+    let expected: Vec<u64> = (first..=newest).collect();
+    // Wait (bounded) until every event was written by one path or the other.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let direct_seqs = loop {
+        let seqs: Vec<u64> = recorder
+            .writes
+            .lock()
+            .iter()
+            .flat_map(|(_, s)| s.clone())
+            .collect();
+        let seen = seqs.len() + session_got.lock().len();
+        if seen >= expected.len() || tokio::time::Instant::now() > deadline {
+            break seqs;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let elapsed = started.elapsed();
+    session.abort();
+    let session_seqs = session_got.lock().clone();
+    let writes = recorder.writes.lock().clone();
+
+    // Each path delivers in order, and together they deliver each event exactly once.
+    assert!(
+        direct_seqs.windows(2).all(|w| w[0] < w[1]),
+        "{direct_seqs:?}"
+    );
+    assert!(
+        session_seqs.windows(2).all(|w| w[0] < w[1]),
+        "{session_seqs:?}"
+    );
+    let mut all: Vec<u64> = direct_seqs.iter().chain(&session_seqs).copied().collect();
+    all.sort_unstable();
+    assert_eq!(
+        all, expected,
+        "direct {direct_seqs:?}, session {session_seqs:?}"
+    );
+    // At most one write per interval (the dispatcher's rounds and timer only ever wait
+    // longer), so no more writes than intervals elapsed.
+    let intervals = (elapsed.as_millis() / pace.as_millis()) as usize + 1;
+    assert!(
+        writes.len() <= intervals,
+        "{} direct writes in {elapsed:?}",
+        writes.len()
+    );
+    // The session was left asleep: events waited for the dispatcher, many to a write.
+    assert!(
+        direct_seqs.len() >= expected.len() / 2 && direct_seqs.len() >= 3 * writes.len(),
+        "{} of {} events written directly in {} writes",
+        direct_seqs.len(),
+        expected.len(),
+        writes.len()
+    );
 }

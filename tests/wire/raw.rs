@@ -290,11 +290,11 @@ async fn raw_invalid_parameters_get_400_naming_the_problem() {
     env.stop().await;
 }
 
-/// `--coalesce-us` bounds how often the session writes to one subscriber: under a steady
-/// stream (~400 frames/s, 1–4 ms apart) with a 100 ms interval, frames arrive in bursts
-/// about 100 ms apart, each carrying tens of frames, instead of one write per frame. The
-/// session's pacing is what is tested, so the dispatcher's direct writes, which are not
-/// paced (README, `--direct-writes`), are off.
+/// `--coalesce-us` bounds how often a subscriber is written to, by its session or by the
+/// dispatcher's direct writes (on, the default): under a steady stream (~400 frames/s,
+/// 1–4 ms apart) with a 100 ms interval, frames arrive in bursts about 100 ms apart, each
+/// carrying tens of frames, instead of one write per frame. The first frame goes out by
+/// a direct write (nothing was written before it), so both paths are in play.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_writes_are_coalesced_to_one_flush_per_interval() {
     let _machine = crate::exclusive::shared().await;
@@ -304,7 +304,7 @@ async fn raw_writes_are_coalesced_to_one_flush_per_interval() {
         Speed::Factor(1.0),
         false,
         false,
-        &["--coalesce-us", "100000", "--direct-writes=false"],
+        &["--coalesce-us", "100000"],
         |_| {},
     )
     .await;
@@ -329,6 +329,16 @@ async fn raw_writes_are_coalesced_to_one_flush_per_interval() {
         "{} frames in {window:?} came in {bursts} bursts ({per_burst} per burst); expected \
          about one burst per 100 ms",
         arrivals.len()
+    );
+    let direct = env
+        .daemon
+        .hub
+        .stats()
+        .direct_written
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        direct >= 1,
+        "no direct write was made: the dispatcher's path was not tested"
     );
     env.stop().await;
 }
