@@ -133,6 +133,12 @@ pub(crate) struct FanoutArgs {
     /// Concurrent connection attempts while subscribers connect.
     #[arg(long, default_value_t = 64)]
     pub(crate) connect_concurrency: usize,
+    /// Loopback addresses the websocket subscribers connect from, in turn (127.0.0.1 to
+    /// 127.0.0.N). sluice gives each client IP a share of its catch-up scan budget
+    /// (`--scan-events-per-sec-per-ip`): with 1, every subscriber that falls into
+    /// catch-up shares one client's share, as they would behind one NAT.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=250))]
+    pub(crate) client_ips: u32,
     /// Write every phase's result as one JSON line to this file.
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,

@@ -21,7 +21,7 @@ use crate::relay::REDIS_CHANNEL;
 use crate::report::{print_phase, q};
 use crate::resp::publishing_conn;
 use crate::subscribers::{
-    connect, connect_sub, decoder_dictionary, delivered, realistic_filter, run_sub, sub_url,
+    connect_from, connect_sub, decoder_dictionary, delivered, realistic_filter, run_sub, sub_url,
     SubShared, SubSpec, TIMED_EVERY,
 };
 use crate::target::{Mix, Target, Wire};
@@ -221,12 +221,16 @@ pub(crate) async fn run_phase(
     let mut first_error = None;
     let connecting: Vec<_> = specs
         .iter()
-        .map(|spec| {
+        .enumerate()
+        .map(|(i, spec)| {
             let spec = Arc::clone(spec);
             let sem = Arc::clone(&sem);
+            let source = (args.client_ips > 1).then(|| {
+                std::net::Ipv4Addr::new(127, 0, 0, 1 + (i as u32 % args.client_ips) as u8)
+            });
             tokio::spawn(async move {
                 let _permit = sem.acquire_owned().await;
-                connect(&spec).await
+                connect_from(&spec, source.map(std::net::IpAddr::V4)).await
             })
         })
         .collect();

@@ -1,5 +1,6 @@
 //! Websocket subscribers: filters, URLs, connect, and the read loop that times each message.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -170,9 +171,20 @@ pub(crate) enum SubConn {
 
 /// Connects a subscriber of either kind (`redis://host:port` URLs are pub/sub clients).
 pub(crate) async fn connect(spec: &SubSpec) -> anyhow::Result<SubConn> {
+    connect_from(spec, None).await
+}
+
+/// [`connect`], a websocket subscriber from the local address `source` (a loopback
+/// address: one client IP of many) when given.
+pub(crate) async fn connect_from(
+    spec: &SubSpec,
+    source: Option<IpAddr>,
+) -> anyhow::Result<SubConn> {
     match spec.url.strip_prefix("redis://") {
         Some(addr) => connect_resp(addr).await.map(SubConn::Resp),
-        None => connect_sub(spec).await.map(|ws| SubConn::Ws(Box::new(ws))),
+        None => connect_sub_from(spec, source)
+            .await
+            .map(|ws| SubConn::Ws(Box::new(ws))),
     }
 }
 
@@ -236,6 +248,10 @@ impl Source {
 }
 
 pub(crate) async fn connect_sub(spec: &SubSpec) -> anyhow::Result<ClientWs> {
+    connect_sub_from(spec, None).await
+}
+
+async fn connect_sub_from(spec: &SubSpec, source: Option<IpAddr>) -> anyhow::Result<ClientWs> {
     let mut last = anyhow!("not tried");
     for attempt in 0..5u64 {
         let mut req = spec.url.as_str().into_client_request()?;
@@ -245,13 +261,22 @@ pub(crate) async fn connect_sub(spec: &SubSpec) -> anyhow::Result<ClientWs> {
                 HeaderValue::from_static("xrpc.v1.json"),
             );
         }
-        match tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio_tungstenite::connect_async(req),
-        )
-        .await
-        {
-            Ok(Ok((ws, _))) => return Ok(ws),
+        let attempt_once = async {
+            let Some(source) = source else {
+                return Ok(tokio_tungstenite::connect_async(req).await?.0);
+            };
+            let uri = req.uri();
+            let host = uri.host().ok_or_else(|| anyhow!("no host in {uri}"))?;
+            let port = uri.port_u16().ok_or_else(|| anyhow!("no port in {uri}"))?;
+            let addr: SocketAddr = format!("{host}:{port}").parse()?;
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.bind(SocketAddr::new(source, 0))?;
+            let stream = socket.connect(addr).await?;
+            let plain = tokio_tungstenite::MaybeTlsStream::Plain(stream);
+            anyhow::Ok(tokio_tungstenite::client_async(req, plain).await?.0)
+        };
+        match tokio::time::timeout(Duration::from_secs(10), attempt_once).await {
+            Ok(Ok(ws)) => return Ok(ws),
             Ok(Err(e)) => last = anyhow!("{e}"),
             Err(_) => last = anyhow!("connect timed out"),
         }
