@@ -176,7 +176,11 @@ mod tests {
             .await
             .unwrap();
         assert!(!pool.is_running());
-        assert_eq!(pool.threads_alive(), 0, "every thread of the pool has ended");
+        assert_eq!(
+            pool.threads_alive(),
+            0,
+            "every thread of the pool has ended"
+        );
         assert_eq!(pool.run(async { 1 }).await, Err(PoolStopped));
         assert_eq!(pool.read(|| 1).await, Err(PoolStopped));
     }

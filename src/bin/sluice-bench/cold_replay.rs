@@ -35,8 +35,8 @@ use crate::procs::{
     TempDir, SERVE_NO_LIMITS,
 };
 use crate::publisher::{start_upstream, Feed, PubSink};
-use crate::report::{f, open_results, q};
 use crate::replayers::Replayers;
+use crate::report::{f, open_results, q};
 use crate::subscribers::{connect, run_sub, sub_url, SubShared, SubSpec};
 use crate::target::{Target, Wire};
 
@@ -390,7 +390,10 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
     let delivered = pick(true, &|r: &serde_json::Value| {
         r["replay"]["delivered_per_sec"].as_f64()
     });
-    let (p99_without, p99_with) = (pick(false, &get("live_p99_us")), pick(true, &get("live_p99_us")));
+    let (p99_without, p99_with) = (
+        pick(false, &get("live_p99_us")),
+        pick(true, &get("live_p99_us")),
+    );
     println!(
         "\ncold-replay: {} stored events over {} s, {} replayers, live {} frames/s, {} runs (medians):\n  \
          replay delivered {:.0} events/s; live p50 {:.0} us without replay, {:.0} us with; \
