@@ -154,7 +154,6 @@ mod tests {
             .unwrap(),
         );
         let here = crate::priority::this_thread_nice().unwrap();
-        assert!(pool.threads_alive() >= 1);
         let (name, nice) = pool
             .run(async {
                 (
@@ -165,6 +164,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(name.as_deref(), Some("sluice-catchup"));
+        assert!(pool.threads_alive() >= 1);
         assert_eq!(nice, here.max(7));
         let read_nice = pool
             .read(|| crate::priority::this_thread_nice().unwrap())
