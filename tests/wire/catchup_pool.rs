@@ -57,18 +57,17 @@ fn spawn(name: String, wire: Wire, from: Option<u64>, mut ws: Ws) -> Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_subscribers_stay_gapless_and_in_order_while_two_dozen_replays_catch_up() {
     let _machine = crate::exclusive::alone().await;
-    // ~4,000 frames at real time: ingest runs for several seconds after the replays
+    // ~6,000 frames at real time: ingest runs for several seconds after the replays
     // start. A hot tail of 64 KiB keeps all but the newest events in the store, so the
     // replays read below it (on the pool's blocking threads) and write on its workers.
-    let frames = synth(4000, 47, Duration::from_secs(1800));
+    let frames = synth(6000, 47, Duration::from_secs(1800));
     let env = Env::start(frames, Speed::Factor(1.0), false, |c| {
         c.log.tail_max_bytes = 64 * 1024;
         c.hub.catchup_batch_bytes = 64 * 1024;
     })
     .await;
-    env.wait_seq(1500).await;
-    env.wait_durable().await;
-    let first = env.events_from(1).first().map(|e| e.time_us).unwrap();
+    // The live subscribers from the start, the replays once most of the log is stored.
+    env.wait_seq(1).await;
     let mut clients = Vec::new();
     for i in 0..3 {
         let ws = connect(&env.url("/subscribe")).await;
@@ -76,6 +75,9 @@ async fn live_subscribers_stay_gapless_and_in_order_while_two_dozen_replays_catc
     }
     let ws = connect(&env.url(V2_PATH)).await;
     clients.push(spawn("live v2".into(), Wire::V2, None, ws));
+    env.wait_seq(1500).await;
+    env.wait_durable().await;
+    let first = env.events_from(1).first().map(|e| e.time_us).unwrap();
     for i in 0..20 {
         let ws = connect(&env.url(&format!("/subscribe?cursor={first}"))).await;
         clients.push(spawn(format!("replay v1 {i}"), Wire::V1, Some(1), ws));
