@@ -18,7 +18,7 @@ const UPDATES: u32 = 200;
 async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let (log, _) = Log::open(LogConfig::new(dir.path()))?;
-    let hub = Hub::start(log.reader(), HubConfig::default());
+    let hub = Hub::start(log.reader(), HubConfig::default())?;
     let limits = FilterLimits::default();
     let dids = |prefix: &str| -> Vec<String> {
         (0..10_000)

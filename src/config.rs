@@ -13,7 +13,7 @@ use clap::{ArgMatches, Args, CommandFactory, FromArgMatches};
 
 use crate::cluster::ClusterConfig;
 use crate::fanout::filter::FilterLimits;
-use crate::fanout::{HubConfig, SlowPolicy};
+use crate::fanout::{CatchupThreads, HubConfig, SlowPolicy};
 use crate::http::admission::AdmissionConfig;
 use crate::http::admission_text::TextConfig;
 use crate::http::budget::MemoryConfig;
@@ -358,6 +358,18 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_CLIENT_TEXT_NICE", default_value_t = 10,
           value_parser = clap::value_parser!(u8).range(0..=19))]
     pub client_text_nice: u8,
+    /// Async threads of the catch-up pool, where subscribers in catch-up (replays, slow
+    /// consumers) write what they read from the log (reads below the hot tail run on its
+    /// blocking threads); 0 = one per core (fixed at start).
+    #[arg(long, env = "SLUICE_CATCHUP_THREADS", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=256))]
+    pub catchup_threads: u64,
+    /// Niceness of the catch-up pool's threads (0-19; fixed at start): above the live
+    /// path's, so that on busy cores live delivery runs first and catch-up takes what is
+    /// left. 0 runs catch-up at the live path's priority.
+    #[arg(long, env = "SLUICE_CATCHUP_NICE", default_value_t = 19,
+          value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub catchup_nice: u8,
     /// Milliseconds a refusal (HTTP 429/503 with Retry-After, e.g. over a connect or
     /// `/event` rate) is held before it is sent, at most its Retry-After; every refusal
     /// closes its connection. A client that retries at once then asks at most
@@ -725,6 +737,10 @@ impl ServeArgs {
             index_changes_per_sec_per_ip: self.max_index_changes_per_sec_per_ip,
             scan_events_per_sec: self.scan_events_per_sec,
             scan_events_per_sec_per_ip: self.scan_events_per_sec_per_ip,
+            catchup: CatchupThreads {
+                threads: usize_of(self.catchup_threads)?,
+                nice: i32::from(self.catchup_nice),
+            },
             ..HubConfig::default()
         };
         let session = SessionConfig {

@@ -55,7 +55,8 @@ impl Daemon {
             .map_err(|e| anyhow::anyhow!("cannot open the event log: {e}"))?;
         let log = Arc::new(log);
         let (zstd_v1, zstd_v2) = load_dictionaries(&config)?;
-        let hub = crate::fanout::Hub::start(log.reader(), config.hub.clone());
+        let hub = crate::fanout::Hub::start(log.reader(), config.hub.clone())
+            .map_err(|e| anyhow::anyhow!("cannot start the catch-up threads: {e}"))?;
         let connections = Arc::new(Connections::new(
             crate::http::listen::raise_open_file_limit(),
             config.fd_reserve,
@@ -290,6 +291,10 @@ impl Daemon {
                 Ok(Err(e)) => tracing::warn!(error = %e, "subscriber server ended with an error"),
                 Err(e) => tracing::warn!(error = %e, "subscriber server task failed"),
             }
+            // Last: sessions still catching up have had their close; a write under way
+            // gets a short grace.
+            let hub = self.hub.clone();
+            let _ = tokio::task::spawn_blocking(move || hub.stop_catchup()).await;
             Ok::<_, anyhow::Error>(stats)
         };
         tokio::time::timeout(timeout, work)

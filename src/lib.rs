@@ -17,6 +17,7 @@ pub mod http;
 pub mod ingest;
 pub mod log;
 pub mod logging;
+pub mod priority;
 pub mod rate;
 pub mod sink;
 pub mod systemd;

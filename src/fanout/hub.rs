@@ -23,6 +23,7 @@ use parking_lot::Mutex;
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
+use super::catchup::CatchupPool;
 use super::filter::Filter;
 use super::index::Index;
 use super::{
@@ -127,6 +128,8 @@ pub(super) struct HubInner {
     /// The per-connection replay rate a new subscription gets, events per second
     /// (`config.replay_events_per_sec` until a reload changes it).
     pub(super) replay_rate: AtomicU64,
+    /// Where subscribers in catch-up read and write, below the live path's priority.
+    pub(super) catchup: CatchupPool,
 }
 
 impl HubInner {
@@ -226,9 +229,10 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Creates the hub and starts its dispatcher, which follows the log from its newest
-    /// event. Must be called inside a tokio runtime.
-    pub fn start(reader: LogReader, config: HubConfig) -> Hub {
+    /// Creates the hub, starts its dispatcher, which follows the log from its newest
+    /// event, and its catch-up pool. Must be called inside a tokio runtime. Fails only
+    /// when the pool's threads cannot be started.
+    pub fn start(reader: LogReader, config: HubConfig) -> std::io::Result<Hub> {
         let newest = reader.newest_seq();
         let (dispatched, _) = tokio::sync::watch::channel(newest);
         let index_rate = config.index_changes_per_sec as f64;
@@ -250,6 +254,7 @@ impl Hub {
             )),
             cold_reads: Semaphore::new(config.cold_read_concurrency.max(1)),
             replay_rate: AtomicU64::new(config.replay_events_per_sec),
+            catchup: CatchupPool::start(config.catchup)?,
             reader,
             config,
             state: Mutex::new(HubState {
@@ -262,7 +267,18 @@ impl Hub {
             dispatched,
         });
         tokio::spawn(dispatch_loop(inner.clone()));
-        Hub { inner }
+        Ok(Hub { inner })
+    }
+
+    /// Stops the catch-up pool (shutdown): work under way gets a short grace, then
+    /// subscribers still catching up end as closed. Blocks for that grace at most.
+    pub fn stop_catchup(&self) {
+        self.inner.catchup.stop();
+    }
+
+    /// The catch-up pool, for its state.
+    pub fn catchup(&self) -> &CatchupPool {
+        &self.inner.catchup
     }
 
     pub fn stats(&self) -> &HubStats {

@@ -17,6 +17,7 @@
 //! falls between the two paths; any overlap is dropped by seq). Under `disconnect` it is
 //! ended with `ConsumerTooSlow`. A subscriber that starts from a cursor begins in catch-up.
 
+mod catchup;
 pub mod filter;
 mod hub;
 mod index;
@@ -30,6 +31,7 @@ use crate::log::SharedEvent;
 use crate::wire::raw::FrameOnce;
 use crate::wire::WireKind;
 
+pub use catchup::{CatchupPool, CatchupThreads, PoolStopped};
 pub use hub::Hub;
 pub use subscription::{Subscription, INDEX_STEP};
 
@@ -123,6 +125,8 @@ pub struct HubConfig {
     pub scan_events_per_sec: u64,
     /// The share of that one client IP may use (burst as many).
     pub scan_events_per_sec_per_ip: u64,
+    /// The catch-up pool's threads and their niceness ([`CatchupPool`]).
+    pub catchup: CatchupThreads,
 }
 
 /// The hub's server-wide budgets with their per-IP shares, per second: routing-index
@@ -166,6 +170,7 @@ impl Default for HubConfig {
             index_changes_per_sec_per_ip: 50_000,
             scan_events_per_sec: 100_000,
             scan_events_per_sec_per_ip: 50_000,
+            catchup: CatchupThreads::default(),
         }
     }
 }

@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 use super::filter::Filter;
 use super::hub::{Hub, HubInner, HubState, SubShared};
-use super::{visible, DirectWrite, End, IndexBusy, SlowPolicy, Start};
+use super::{visible, DirectWrite, End, IndexBusy, PoolStopped, SlowPolicy, Start};
 use crate::log::{LogError, SharedEvent};
 use crate::rate::TokenBucket;
 use crate::wire::raw::FrameOnce;
@@ -121,6 +121,16 @@ impl Subscription {
 
     pub fn is_live(&self) -> bool {
         matches!(self.mode, Mode::Live)
+    }
+
+    /// Runs `work` (this subscriber's catch-up write) on the catch-up pool, below the
+    /// live path's priority ([`CatchupPool`]); `Err` once the pool has stopped.
+    pub async fn on_catchup_pool<F>(&self, work: F) -> Result<F::Output, PoolStopped>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.hub.catchup.run(work).await
     }
 
     /// The last seq delivered or filtered out: where a resume would continue from.
@@ -453,9 +463,12 @@ impl Subscription {
                 max_bytes: self.hub.config.catchup_batch_bytes,
             };
             let payloads = crate::log::Payloads::of_wire(self.wire);
-            tokio::task::spawn_blocking(move || reader.read_from_with(next, limits, payloads))
+            // On the catch-up pool's threads, below the live path's priority.
+            self.hub
+                .catchup
+                .read(move || reader.read_from_with(next, limits, payloads))
                 .await
-                .map_err(|e| End::ReadFailed(e.to_string()))?
+                .map_err(|_| End::Closed)?
         } else {
             reader.read_from(next, max, self.hub.config.catchup_batch_bytes)
         };

@@ -225,14 +225,10 @@ fn rates(config: &TextConfig) -> (f64, f64) {
     )
 }
 
-/// Sets this thread's niceness (Linux: `setpriority` on a thread id applies to that
-/// thread only). A failure is logged: the pool still works at the workers' priority.
+/// Lowers this parsing thread's priority. A failure is logged: the pool still works at
+/// the workers' priority.
 fn lower_priority(nice: i32) {
-    if nice == 0 {
-        return;
-    }
-    let tid = rustix::thread::gettid();
-    if let Err(e) = rustix::process::setpriority_process(Some(tid), nice) {
+    if let Err(e) = crate::priority::lower_this_thread(nice) {
         tracing::warn!(error = %e, nice, "cannot lower the text parsing thread's priority");
     }
 }

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::event::Event;
 use crate::fanout::filter::Filter;
-use crate::fanout::{Direct, DirectWrite, End, Subscription};
+use crate::fanout::{Direct, DirectWrite, End, PoolStopped, Subscription};
 use crate::http::admission_text::{self, ClientOptions, TextBusy, TextJob, TextPool};
 use crate::http::budget::{spent_in, Spent};
 use crate::log::SharedEvent;
@@ -514,7 +514,19 @@ pub async fn run(
                     batch.extend(sub.try_next_batch(config.max_batch - batch.len()));
                 }
             }
-            match write_batch(&mut socket, &wire, &batch, &mut frames, &config, counters).await {
+            let written = if sub.is_live() {
+                write_batch(&mut socket, &wire, &batch, &mut frames, &config, counters).await
+            } else {
+                match write_catchup(&sub, socket, &wire, batch, frames, &config, counters).await {
+                    Ok((back, scratch, written)) => {
+                        (socket, frames) = (back, scratch);
+                        written
+                    }
+                    // The pool stopped (shutdown) with the connection in its hands.
+                    Err(PoolStopped) => return SessionEnd::Shutdown,
+                }
+            };
+            match written {
                 Ok(true) => sub.wrote(tokio::time::Instant::now()),
                 Ok(false) => {}
                 Err(end) => break end,
@@ -637,6 +649,27 @@ async fn write_batch(
     let outcome = write_chunked(socket, frames, config).await;
     sent.count(counters);
     outcome.map(|()| !frames.is_empty())
+}
+
+/// [`write_batch`] for a subscriber in catch-up: run on the catch-up pool, below the live
+/// path's priority, with the socket and the scratch space handed there and back (the
+/// session does nothing else with them meanwhile, as for any write).
+async fn write_catchup<W: WireSession>(
+    sub: &Subscription,
+    mut socket: Socket,
+    wire: &Arc<Mutex<W>>,
+    batch: Vec<SharedEvent>,
+    mut frames: Vec<Frame>,
+    config: &SessionConfig,
+    counters: &Arc<WireCounters>,
+) -> Result<(Socket, Vec<Frame>, Result<bool, SessionEnd>), PoolStopped> {
+    let (wire, config, counters) = (wire.clone(), config.clone(), counters.clone());
+    sub.on_catchup_pool(async move {
+        let written =
+            write_batch(&mut socket, &wire, &batch, &mut frames, &config, &counters).await;
+        (socket, frames, written)
+    })
+    .await
 }
 
 /// What a batch's messages were, for the wire's counters.

@@ -287,7 +287,7 @@ async fn direct_writes_are_paced_and_batch_what_queued_meanwhile() {
     let (log, state) = Log::open(test_config(dir.path())).unwrap();
     let log = Arc::new(log);
     let mut gen = EventGen::new(state);
-    let hub = Hub::start(log.reader(), HubConfig::default());
+    let hub = Hub::start(log.reader(), HubConfig::default()).unwrap();
     let mut sub = hub.subscribe(
         WireKind::JetstreamV2,
         Filter::default(),

@@ -31,7 +31,7 @@ fn hub_with_budget(dir: &std::path::Path, per_sec: u64) -> (Arc<Log>, EventGen, 
         index_changes_per_sec: per_sec,
         ..HubConfig::default()
     };
-    let hub = Hub::start(log.reader(), config);
+    let hub = Hub::start(log.reader(), config).unwrap();
     (log, EventGen::new(state), hub)
 }
 
@@ -170,7 +170,7 @@ async fn a_large_filter_change_applies_the_difference_and_leaves_the_index_exact
     let dir = tempfile::tempdir().unwrap();
     let (log, state) = Log::open(test_config(dir.path())).unwrap();
     let log = Arc::new(log);
-    let hub = Hub::start(log.reader(), HubConfig::default());
+    let hub = Hub::start(log.reader(), HubConfig::default()).unwrap();
     let did = |i: usize| format!("did:plc:swap{i:08}");
     let filter = |range: std::ops::Range<usize>| {
         let dids: Vec<String> = range.map(did).collect();

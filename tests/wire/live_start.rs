@@ -21,7 +21,7 @@ async fn live_starts_after_the_newest_logged_event_not_the_newest_dispatched() {
     let mut gen = EventGen::new(state);
     // On a current-thread runtime the dispatcher spawned here does not run until this test
     // awaits, so everything appended before `subscribe` is logged but not yet dispatched.
-    let hub = Hub::start(log.reader(), HubConfig::default());
+    let hub = Hub::start(log.reader(), HubConfig::default()).unwrap();
     for _ in 0..5 {
         log.append(gen.next_frame()).unwrap();
     }

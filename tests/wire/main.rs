@@ -15,6 +15,7 @@ mod wire_common;
 mod admin;
 mod admission;
 mod atproto_client;
+mod catchup_pool;
 mod compressed;
 mod direct;
 mod index_budget;

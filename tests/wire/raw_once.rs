@@ -101,7 +101,7 @@ async fn raw_subscribers_get_each_frame_once_live_and_in_catch_up() {
     let dir = tempfile::tempdir().unwrap();
     let (log, state) = Log::open(test_config(dir.path())).unwrap();
     let log = Arc::new(log);
-    let hub = Hub::start(log.reader(), HubConfig::default());
+    let hub = Hub::start(log.reader(), HubConfig::default()).unwrap();
     let mut gen = EventGen::with_templates(templates(), state);
     let limits = FilterLimits::default();
     let liked = Filter::build(&[LIKE.into(), POST.into()], &[], &[], &limits).unwrap();
@@ -177,7 +177,7 @@ async fn raw_overflow_mid_frame_does_not_repeat_the_frame() {
         queue_max_events: 1,
         ..HubConfig::default()
     };
-    let hub = Hub::start(log.reader(), config);
+    let hub = Hub::start(log.reader(), config).unwrap();
     let mut gen = EventGen::with_templates(templates(), state);
     let limits = FilterLimits::default();
     let liked = Filter::build(&[LIKE.into(), POST.into()], &[], &[], &limits).unwrap();

@@ -10,6 +10,7 @@ use crate::hostile;
 use crate::procs::ServeArgs;
 use crate::redis_readers;
 use crate::relay;
+use crate::replayers;
 use crate::sink;
 use crate::sink_consumers;
 use crate::target::{BaselineArg, Mix, Wire};
@@ -72,6 +73,9 @@ pub(crate) enum Cmd {
     /// Cold replay: an hour of events stored first, then 100 v1 subscribers replaying it
     /// from disk while live subscribers are timed, alternating with windows without replay.
     ColdReplay(cold_replay::ColdReplayArgs),
+    /// Internal: a share of `cold-replay`'s replayers, in a process of their own
+    /// (progress on stdout; see replayers.rs).
+    ColdReplayRead(replayers::ReplayReadArgs),
 }
 
 #[derive(Parser, Clone)]

@@ -8,20 +8,20 @@
 //! v1 subscribers are timed (upstream send to subscriber read) the whole time. Each run is
 //! a window without replay, then a window in which `--replayers` v1 subscribers connect
 //! with `cursor` = the oldest stored event's source time (µs) and read until they reach the
-//! first live event (then they leave) or the window ends. Reported: the replayers'
-//! delivered events/s (stored events received, summed, over the time until the last one
-//! caught up or the window ended) and the live subscribers' p99 in both windows.
+//! first live event (then they leave) or the window ends. The replayers run in processes
+//! of their own (`replayers.rs`), apart from the publisher and the live subscribers.
+//! Reported per window: the replayers' delivered events/s (stored events received,
+//! summed, over the time until the last one caught up or the window ended), the live
+//! subscribers' p50 and p99, and the CPU of sluice, of the replayers and of the bench.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use futures_util::StreamExt;
 use serde_json::json;
-use tokio_tungstenite::tungstenite::Message;
 
 use sluice::decode::DecodeLimits;
 use sluice::ingest::{IngestOutcome, Ingestor};
@@ -31,12 +31,13 @@ use sluice::upstream::synth::{Synth, SynthOptions};
 use crate::control::{PH_AFTER, PH_MEASURE, PH_STALL};
 use crate::hist::{now_ns, Hist};
 use crate::procs::{
-    cpu_each, free_port, serve_command, start_watchdog, wait_tcp, ChildGuard, ServeArgs, TempDir,
-    SERVE_NO_LIMITS,
+    cpu_each, free_port, self_cpu, serve_command, start_watchdog, wait_tcp, ChildGuard, ServeArgs,
+    TempDir, SERVE_NO_LIMITS,
 };
 use crate::publisher::{start_upstream, Feed, PubSink};
+use crate::replayers::Replayers;
 use crate::report::{f, open_results, q};
-use crate::subscribers::{connect, connect_sub, run_sub, sub_url, SubShared, SubSpec};
+use crate::subscribers::{connect, run_sub, sub_url, SubShared, SubSpec};
 use crate::target::{Target, Wire};
 
 #[derive(clap::Args, Clone)]
@@ -73,6 +74,16 @@ pub(crate) struct ColdReplayArgs {
     /// replays from one address scan at most 50,000 events/s in all.
     #[arg(long, default_value_t = 1_000_000_000)]
     pub(crate) scan_events_per_sec: u64,
+    /// Processes the replayers run in (`sluice-bench cold-replay-read`, one thread each),
+    /// apart from the bench's publisher and live subscribers.
+    #[arg(long, default_value_t = 2)]
+    pub(crate) replay_procs: usize,
+    /// Niceness of the replayers' processes (0-19): they stand for remote machines, and
+    /// at 19 their reading takes only what sluice's live path and the live subscribers
+    /// being timed leave of the cores. 0 makes them compete at normal priority.
+    #[arg(long, default_value_t = 19,
+          value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub(crate) replay_nice: i32,
     /// Seed of the synthetic frames (the live upstream uses seed + 1).
     #[arg(long, default_value_t = 1)]
     pub(crate) seed: u64,
@@ -149,70 +160,6 @@ fn fill(dir: &std::path::Path, span_secs: u64, seed: u64, dids: usize) -> anyhow
         secs: started.elapsed().as_secs_f64(),
         store_bytes,
     })
-}
-
-/// The `time_us` of a v1 event (its fourth field or so: looked for near the start only).
-fn time_us_of(text: &str) -> Option<i64> {
-    const KEY: &[u8] = b"\"time_us\":";
-    let head = &text.as_bytes()[..text.len().min(256)];
-    let at = head.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
-    let digits = head[at..].iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&head[at..at + digits])
-        .ok()?
-        .parse()
-        .ok()
-}
-
-/// One replayer's progress.
-#[derive(Default)]
-struct Replayer {
-    /// Stored events received (source time at or before the fill's last).
-    replayed: AtomicU64,
-    /// When it received its first live event (bench clock, ns), or 0.
-    caught_up_ns: AtomicU64,
-    failed: AtomicBool,
-}
-
-/// Reads `url` until the first event after `last_stored_us`, counting the events before it.
-async fn replay(url: String, last_stored_us: i64, me: Arc<Replayer>) {
-    let spec = SubSpec {
-        url,
-        v2: false,
-        compressed: false,
-        dictionary: None,
-        filter: None,
-        stalls: false,
-    };
-    let Ok(ws) = connect_sub(&spec).await else {
-        me.failed.store(true, Ordering::Relaxed);
-        return;
-    };
-    let (_sink, mut source) = ws.split();
-    let mut n = 0u64;
-    while let Some(msg) = source.next().await {
-        let t = match msg {
-            Ok(Message::Text(t)) => t,
-            Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)) => continue,
-            // A close, an error or a binary message: not a replay that can go on.
-            _ => {
-                me.failed.store(true, Ordering::Relaxed);
-                break;
-            }
-        };
-        let Some(time_us) = time_us_of(t.as_str()) else {
-            continue;
-        };
-        if time_us > last_stored_us {
-            me.caught_up_ns.store(now_ns().max(1), Ordering::Relaxed);
-            break;
-        }
-        n += 1;
-        // Published in steps: the window may end (and this task be dropped) at any time.
-        if n % 256 == 0 {
-            me.replayed.store(n, Ordering::Relaxed);
-        }
-    }
-    me.replayed.store(n, Ordering::Relaxed);
 }
 
 /// The live subscribers' latency histogram of phase `ph`, emptied for the next window.
@@ -316,58 +263,47 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
             let _ = take_hist(&live, ph);
             let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
             let cpu0 = cpu_each(std::slice::from_ref(&serve))[0];
+            let bench_cpu0 = self_cpu();
+            let mut replayers_cpu_pct = 0.0;
             let t0 = Instant::now();
             let t0_ns = now_ns();
             ctx.ctl.phase.store(ph, Ordering::Relaxed);
             let mut replay_result = serde_json::Value::Null;
             if with_replay {
-                let replayers: Vec<Arc<Replayer>> = (0..args.replayers)
-                    .map(|_| Arc::new(Replayer::default()))
-                    .collect();
-                let tasks: Vec<_> = replayers
-                    .iter()
-                    .map(|r| {
-                        tokio::spawn(replay(
-                            replay_url.clone(),
-                            filled.last_time_us,
-                            Arc::clone(r),
-                        ))
-                    })
-                    .collect();
+                let mut replayers = Replayers::spawn(
+                    &replay_url,
+                    filled.last_time_us,
+                    args.replayers,
+                    args.replay_procs,
+                    args.replay_nice,
+                    &dir.0,
+                )?;
+                let cpu0 = replayers.cpu_secs();
                 let deadline = t0 + Duration::from_secs(args.replay_secs);
-                while Instant::now() < deadline && !tasks.iter().all(|t| t.is_finished()) {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                let mut progress = replayers.progress();
+                while Instant::now() < deadline
+                    && (progress.caught + progress.failed) < args.replayers as u64
+                {
+                    replayers.check_alive()?;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    progress = replayers.progress();
                 }
                 let window_ns = now_ns().saturating_sub(t0_ns);
-                for t in &tasks {
-                    t.abort();
-                }
-                let replayed: u64 = replayers
-                    .iter()
-                    .map(|r| r.replayed.load(Ordering::Relaxed))
-                    .sum();
-                let caught: Vec<u64> = replayers
-                    .iter()
-                    .map(|r| r.caught_up_ns.load(Ordering::Relaxed))
-                    .filter(|&ns| ns > 0)
-                    .collect();
-                let failed = replayers
-                    .iter()
-                    .filter(|r| r.failed.load(Ordering::Relaxed))
-                    .count();
+                let replay_cpu = replayers.cpu_secs() - cpu0;
+                drop(replayers);
                 // All caught up: the time until the last did; else the whole window.
-                let span_ns = if caught.len() == replayers.len() {
-                    caught
-                        .iter()
-                        .max()
-                        .map_or(window_ns, |m| m.saturating_sub(t0_ns))
+                let span_ns = if progress.caught == args.replayers as u64 {
+                    progress.last_caught_ns.saturating_sub(t0_ns).max(1)
                 } else {
                     window_ns
                 };
                 let secs = span_ns as f64 / 1e9;
+                let (caught, failed, replayed) =
+                    (progress.caught, progress.failed, progress.replayed);
+                replayers_cpu_pct = replay_cpu / (window_ns as f64 / 1e9) * 100.0;
                 replay_result = json!({
                     "replayers": args.replayers,
-                    "caught_up": caught.len(),
+                    "caught_up": caught,
                     "failed": failed,
                     "replayed_events": replayed,
                     "secs": secs,
@@ -380,6 +316,7 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
             ctx.ctl.phase.store(PH_AFTER, Ordering::Relaxed);
             let secs = t0.elapsed().as_secs_f64();
             let cpu = cpu_each(std::slice::from_ref(&serve))[0] - cpu0;
+            let bench_cpu = self_cpu() - bench_cpu0;
             let (hist, live_delivered) = take_hist(&live, ph);
             let r = json!({
                 "run": run,
@@ -391,12 +328,14 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
                 "live_max_us": hist.max,
                 "live_timed": hist.n,
                 "serve_cpu_pct": cpu / secs * 100.0,
+                "replayers_cpu_pct": replayers_cpu_pct,
+                "bench_cpu_pct": bench_cpu / secs * 100.0,
                 "replay": replay_result,
                 "with_replay": with_replay,
                 "loadavg": load.trim(),
             });
             eprintln!(
-                "  run {run} {}: live p50 {} us p99 {} us ({} timed), serve CPU {}%{}; load {}",
+                "  run {run} {}: live p50 {} us p99 {} us ({} timed), CPU serve {}% replayers {}% bench {}%{}; load {}",
                 if with_replay {
                     "WITH replay"
                 } else {
@@ -406,6 +345,8 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
                 f(&r["live_p99_us"]),
                 f(&r["live_timed"]),
                 f(&r["serve_cpu_pct"]),
+                f(&r["replayers_cpu_pct"]),
+                f(&r["bench_cpu_pct"]),
                 if with_replay {
                     format!(
                         "; replayers {} caught up of {} ({} failed), delivered {} events/s over {} s",
@@ -445,36 +386,36 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
                 .collect(),
         )
     };
-    let p99_without = pick(false, &|r: &serde_json::Value| r["live_p99_us"].as_f64());
-    let p99_with = pick(true, &|r: &serde_json::Value| r["live_p99_us"].as_f64());
+    let get = |key: &'static str| move |r: &serde_json::Value| r[key].as_f64();
     let delivered = pick(true, &|r: &serde_json::Value| {
         r["replay"]["delivered_per_sec"].as_f64()
     });
+    let (p99_without, p99_with) = (
+        pick(false, &get("live_p99_us")),
+        pick(true, &get("live_p99_us")),
+    );
     println!(
         "\ncold-replay: {} stored events over {} s, {} replayers, live {} frames/s, {} runs (medians):\n  \
-         replay delivered {:.0} events/s; live p99 {:.0} us without replay, {:.0} us with (ratio {:.2})",
+         replay delivered {:.0} events/s; live p50 {:.0} us without replay, {:.0} us with; \
+         live p99 {:.0} us without, {:.0} us with (ratio {:.2});\n  \
+         CPU % without / with replay: serve {:.0} / {:.0}, replayers - / {:.0}, bench {:.0} / {:.0}",
         filled.events,
         args.span_secs,
         args.replayers,
         args.rate,
         runs,
         delivered,
+        pick(false, &get("live_p50_us")),
+        pick(true, &get("live_p50_us")),
         p99_without,
         p99_with,
-        p99_with / p99_without
+        p99_with / p99_without,
+        pick(false, &get("serve_cpu_pct")),
+        pick(true, &get("serve_cpu_pct")),
+        pick(true, &get("replayers_cpu_pct")),
+        pick(false, &get("bench_cpu_pct")),
+        pick(true, &get("bench_cpu_pct")),
     );
     drop(serve);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::time_us_of;
-
-    #[test]
-    fn time_us_is_read_from_a_v1_event() {
-        let e = r#"{"did":"did:plc:abc","time_us":1725911162329308,"kind":"commit","commit":{}}"#;
-        assert_eq!(time_us_of(e), Some(1_725_911_162_329_308));
-        assert_eq!(time_us_of(r#"{"did":"x","kind":"commit"}"#), None);
-    }
 }

@@ -31,6 +31,7 @@ mod procs;
 mod publisher;
 mod redis_readers;
 mod relay;
+mod replayers;
 mod report;
 mod resp;
 mod sink;
@@ -52,6 +53,7 @@ fn main() -> anyhow::Result<()> {
     let cmd = match cli.cmd {
         // A consumer child runs on one thread of its own.
         Cmd::RedisRead(args) => return redis_readers::read_main(args),
+        Cmd::ColdReplayRead(args) => return replayers::read_main(args),
         cmd => cmd,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -67,7 +69,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::RedisSinkMemory(args) => rt.block_on(sink::redis_sink_memory(args)),
         Cmd::RedisConsumers(args) => rt.block_on(sink_consumers::redis_consumers(args)),
         Cmd::RedisRebroadcast(args) => rt.block_on(sink_consumers::rebroadcast(args)),
-        Cmd::RedisRead(_) => Ok(()),
+        Cmd::RedisRead(_) | Cmd::ColdReplayRead(_) => Ok(()),
         Cmd::Hostile(args) => rt.block_on(hostile::hostile(args)),
         Cmd::HostileAttack(args) => rt.block_on(hostile::attack(args)),
         Cmd::ColdReplay(args) => rt.block_on(cold_replay::cold_replay(args)),

@@ -1,0 +1,135 @@
+//! Replays beside live traffic: subscribers in catch-up read and write on the catch-up
+//! pool (low-priority threads), live subscribers on the main runtime. Whatever the two
+//! share, every live subscriber gets every event once and in order while two dozen
+//! replayers read the log from below the hot tail, every replayer hands over to live
+//! without a gap, and the pool's threads end with the daemon's shutdown.
+
+use crate::wire_common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice::upstream::replay::Speed;
+use wire_common::*;
+
+/// Positions `wire` carries from seq `from` (inclusive) to the end of the log.
+fn expected(env: &Env, wire: Wire, from: u64) -> Vec<u64> {
+    env.events_from(from)
+        .iter()
+        .filter(|e| match wire {
+            Wire::V1 => e.v1_json.is_some(),
+            _ => e.v2_json.is_some(),
+        })
+        .map(|e| e.seq)
+        .collect()
+}
+
+struct Client {
+    name: String,
+    wire: Wire,
+    /// The seq the client started from, or `None` for a live one (it starts wherever its
+    /// first event is).
+    from: Option<u64>,
+    target: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<Followed>,
+}
+
+fn spawn(name: String, wire: Wire, from: Option<u64>, mut ws: Ws) -> Client {
+    let target = Arc::new(AtomicU64::new(u64::MAX));
+    let t = target.clone();
+    let how = Follow {
+        wire,
+        pause_after: None,
+        pause: Duration::ZERO,
+        deadline: tokio::time::Instant::now() + Duration::from_secs(120),
+    };
+    let task = tokio::spawn(async move { follow(&mut ws, how, &t).await });
+    Client {
+        name,
+        wire,
+        from,
+        target,
+        task,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_subscribers_stay_gapless_and_in_order_while_two_dozen_replays_catch_up() {
+    let _machine = crate::exclusive::alone().await;
+    // ~6,000 frames at real time: ingest runs for several seconds after the replays
+    // start. A hot tail of 64 KiB keeps all but the newest events in the store, so the
+    // replays read below it (on the pool's blocking threads) and write on its workers.
+    let frames = synth(6000, 47, Duration::from_secs(1800));
+    let env = Env::start(frames, Speed::Factor(1.0), false, |c| {
+        c.log.tail_max_bytes = 64 * 1024;
+        c.hub.catchup_batch_bytes = 64 * 1024;
+    })
+    .await;
+    // The live subscribers from the start, the replays once most of the log is stored.
+    env.wait_seq(1).await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let ws = connect(&env.url("/subscribe")).await;
+        clients.push(spawn(format!("live v1 {i}"), Wire::V1, None, ws));
+    }
+    let ws = connect(&env.url(V2_PATH)).await;
+    clients.push(spawn("live v2".into(), Wire::V2, None, ws));
+    env.wait_seq(1500).await;
+    env.wait_durable().await;
+    let first = env.events_from(1).first().map(|e| e.time_us).unwrap();
+    for i in 0..20 {
+        let ws = connect(&env.url(&format!("/subscribe?cursor={first}"))).await;
+        clients.push(spawn(format!("replay v1 {i}"), Wire::V1, Some(1), ws));
+    }
+    for i in 0..4 {
+        let ws = connect(&env.url(&format!("{V2_PATH}?cursor=1"))).await;
+        clients.push(spawn(format!("replay v2 {i}"), Wire::V2, Some(1), ws));
+    }
+    env.wait_all_ingested().await;
+    let last = |wire| expected(&env, wire, 1).pop().unwrap();
+    for c in &clients {
+        c.target.store(last(c.wire), Ordering::Release);
+    }
+    let cold_reads = env.daemon.hub.stats().cold_reads.load(Ordering::Relaxed);
+    for c in clients {
+        let got = c.task.await.unwrap();
+        let from = match c.from {
+            Some(from) => from,
+            None => *got
+                .positions
+                .first()
+                .unwrap_or_else(|| panic!("{}: no events", c.name)),
+        };
+        let want = expected(&env, c.wire, from);
+        assert!(
+            got.positions == want,
+            "{}: {} events, expected {}; first difference at {:?}; closed {:?}",
+            c.name,
+            got.positions.len(),
+            want.len(),
+            got.positions.iter().zip(&want).position(|(a, b)| a != b),
+            got.close
+        );
+        assert_eq!(got.close, None, "{}", c.name);
+    }
+    assert!(
+        cold_reads > 0,
+        "the replays read below the hot tail (cold reads {cold_reads})"
+    );
+    let stats = env.daemon.hub.stats();
+    assert!(
+        stats.rejoins.load(Ordering::Relaxed) >= 24,
+        "every replayer rejoined the live path"
+    );
+    let hub = env.daemon.hub.clone();
+    assert!(hub.catchup().is_running());
+    assert!(hub.catchup().threads_alive() > 0);
+    env.stop().await;
+    assert!(!hub.catchup().is_running(), "the pool stops on shutdown");
+    assert_eq!(
+        hub.catchup().threads_alive(),
+        0,
+        "every catch-up thread ended with the shutdown"
+    );
+}
