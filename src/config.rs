@@ -366,7 +366,8 @@ pub struct ServeArgs {
     pub catchup_threads: u64,
     /// Niceness of the catch-up pool's threads (0-19; fixed at start): above the live
     /// path's, so that on busy cores live delivery runs first and catch-up takes what is
-    /// left. 0 runs catch-up at the live path's priority.
+    /// left. The log's read-ahead thread (`--log-read-ahead-segments`) decodes for catch-up
+    /// and runs at the same niceness. 0 runs catch-up at the live path's priority.
     #[arg(long, env = "SLUICE_CATCHUP_NICE", default_value_t = 19,
           value_parser = clap::value_parser!(u8).range(0..=19))]
     pub catchup_nice: u8,
@@ -704,6 +705,7 @@ impl ServeArgs {
         log.index_cache_bytes = self.log_index_cache_mib * MIB;
         log.decoded_cache_bytes = usize_of(self.log_decoded_cache_mib * MIB)?;
         log.read_ahead_segments = usize_of(self.log_read_ahead_segments)?;
+        log.read_ahead_nice = i32::from(self.catchup_nice);
         log.commit_interval = Duration::from_millis(self.commit_interval_ms);
         log.commit_max_events = usize_of(self.commit_max_events)?;
         let max_bytes = self.retention_max_gib * 1024 * MIB;

@@ -192,3 +192,42 @@ fn a_segment_that_does_not_decode_is_reported_and_read_ahead_goes_on() {
         log_common::assert_same(&with_payloads(want, Payloads::V1), got);
     }
 }
+
+/// Niceness of every thread of this process whose name starts with `prefix` (Linux
+/// `/proc`; thread names are cut to 15 bytes there).
+fn thread_nices(prefix: &str) -> Vec<i64> {
+    let mut nices = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap() {
+        let path = task.unwrap().path();
+        let Ok(comm) = std::fs::read_to_string(path.join("comm")) else {
+            continue; // the thread ended meanwhile
+        };
+        if !comm.trim_end().starts_with(prefix) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue;
+        };
+        // Fields after the parenthesised name start with the state (field 3); the
+        // niceness is field 19.
+        let after_name = &stat[stat.rfind(')').unwrap() + 1..];
+        let nice = after_name.split_whitespace().nth(16).unwrap();
+        nices.push(nice.parse().unwrap());
+    }
+    nices
+}
+
+#[test]
+fn the_read_ahead_thread_yields_the_cores_to_the_live_path() {
+    // It decodes for catch-up readers, which take what live delivery leaves: the store's
+    // default niceness is the catch-up pool's (19). Every test here uses the default, so
+    // every read-ahead thread of this process must be at 19.
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = FjallStore::open(config(dir.path())).unwrap();
+    assert_eq!(FjallConfig::new("x").read_ahead_nice, 19);
+    wait_until("the read-ahead thread lowered its priority", || {
+        let nices = thread_nices("sluice-log-read");
+        !nices.is_empty() && nices.iter().all(|&n| n == 19)
+    });
+    drop(store);
+}

@@ -89,6 +89,8 @@ pub struct FjallConfig {
     /// Segments decoded ahead, on a thread of their own, after each segment a reader
     /// decodes itself (0: no read-ahead; needs the decoded-segment cache).
     pub read_ahead_segments: usize,
+    /// Niceness the read-ahead thread runs at (catch-up work; 0 = the daemon's).
+    pub read_ahead_nice: i32,
 }
 
 impl FjallConfig {
@@ -107,6 +109,7 @@ impl FjallConfig {
             max_open_files: 256,
             decoded_cache_bytes: 16 * 1024 * 1024,
             read_ahead_segments: 1,
+            read_ahead_nice: 19,
         }
     }
 }
@@ -266,7 +269,8 @@ impl FjallStore {
             },
             config.decoded_cache_bytes,
         ));
-        let read_ahead = ReadAhead::start(&reads, config.read_ahead_segments)?;
+        let read_ahead =
+            ReadAhead::start(&reads, config.read_ahead_segments, config.read_ahead_nice)?;
         let store = Self {
             keyspace,
             index,
