@@ -79,6 +79,19 @@ impl Queue {
             deferred_until: None,
         }
     }
+
+    /// Takes up to `max` events from the front, with the bytes they held on `wire`
+    /// (given back from the queue's bound).
+    pub(super) fn take_front(&mut self, max: usize, wire: WireKind) -> (Vec<SharedEvent>, usize) {
+        let n = self.events.len().min(max);
+        let taken: Vec<SharedEvent> = self.events.drain(..n).collect();
+        let bytes: usize = taken
+            .iter()
+            .map(|e| wire.payload(e).map_or(0, Bytes::len))
+            .sum();
+        self.bytes = self.bytes.saturating_sub(bytes);
+        (taken, bytes)
+    }
 }
 
 pub(super) struct SubShared {
@@ -626,13 +639,7 @@ fn flush_deferred(inner: &HubInner, round: &mut Round) {
         if !queue.parked || queue.claimed || queue.overflowed || queue.events.is_empty() {
             return false;
         }
-        let n = queue.events.len().min(DIRECT_MAX_EVENTS);
-        let events: Vec<SharedEvent> = queue.events.drain(..n).collect();
-        let bytes: usize = events
-            .iter()
-            .map(|e| d.wire.payload(e).map_or(0, Bytes::len))
-            .sum();
-        queue.bytes = queue.bytes.saturating_sub(bytes);
+        let (events, bytes) = queue.take_front(DIRECT_MAX_EVENTS, d.wire);
         queue.claimed = true;
         drop(queue);
         round.targets.push(Target {

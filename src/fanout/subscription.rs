@@ -12,8 +12,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-
 use super::filter::Filter;
 use super::hub::{Hub, HubInner, HubState, SubShared};
 use super::{visible, DirectWrite, End, IndexBusy, PoolStopped, SlowPolicy, Start};
@@ -380,13 +378,7 @@ impl Subscription {
                 return (Vec::new(), false, false);
             }
             let handed = std::mem::take(&mut queue.handed);
-            let n = queue.events.len().min(max);
-            let batch: Vec<SharedEvent> = queue.events.drain(..n).collect();
-            let freed: usize = batch
-                .iter()
-                .map(|e| self.wire.payload(e).map_or(0, Bytes::len))
-                .sum();
-            queue.bytes = queue.bytes.saturating_sub(freed);
+            let (batch, _) = queue.take_front(max, self.wire);
             if !batch.is_empty() {
                 queue.parked = false;
                 queue.deferred_until = None;
