@@ -108,6 +108,16 @@ pub(crate) fn start_watchdog(bound: std::time::Duration) {
     });
 }
 
+/// CPU seconds of every child in `children` so far (those whose `/proc` entry is readable).
+pub(crate) fn cpu_secs_of(children: &[ChildGuard]) -> f64 {
+    children.iter().filter_map(|c| proc_cpu_secs(c.pid())).sum()
+}
+
+/// Fails naming the first child in `children` that has exited.
+pub(crate) fn check_all_alive(children: &mut [ChildGuard]) -> anyhow::Result<()> {
+    children.iter_mut().try_for_each(ChildGuard::check_alive)
+}
+
 /// A child process killed (SIGKILL) and reaped when dropped.
 pub(crate) struct ChildGuard {
     pub(crate) child: Child,

@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 use crate::control::{Control, PH_COUNT};
 use crate::frame_meta::{commit_key, json_str};
 use crate::hist::{now_ns, Hist};
-use crate::procs::{proc_cpu_secs, ChildGuard};
+use crate::procs::{check_all_alive, cpu_secs_of, ChildGuard};
 use crate::resp::resp_command;
 use crate::stamps::Stamps;
 
@@ -541,17 +541,11 @@ impl Readers {
 
     /// CPU seconds of all the children so far.
     pub(crate) fn cpu_secs(&self) -> f64 {
-        self.children
-            .iter()
-            .filter_map(|c| proc_cpu_secs(c.pid()))
-            .sum()
+        cpu_secs_of(&self.children)
     }
 
     pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
-        for c in &mut self.children {
-            c.check_alive()?;
-        }
-        Ok(())
+        check_all_alive(&mut self.children)
     }
 }
 

@@ -27,7 +27,7 @@ use futures_util::StreamExt;
 use parking_lot::Mutex;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::procs::{proc_cpu_secs, ChildGuard};
+use crate::procs::{check_all_alive, cpu_secs_of, ChildGuard};
 use crate::subscribers::{connect_sub, SubSpec};
 
 #[derive(Parser, Clone)]
@@ -253,17 +253,11 @@ impl Replayers {
 
     /// CPU seconds of all the children so far.
     pub(crate) fn cpu_secs(&self) -> f64 {
-        self.children
-            .iter()
-            .filter_map(|c| proc_cpu_secs(c.pid()))
-            .sum()
+        cpu_secs_of(&self.children)
     }
 
     pub(crate) fn check_alive(&mut self) -> anyhow::Result<()> {
-        for c in &mut self.children {
-            c.check_alive()?;
-        }
-        Ok(())
+        check_all_alive(&mut self.children)
     }
 }
 
