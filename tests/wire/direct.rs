@@ -125,13 +125,7 @@ async fn a_peer_that_stops_reading_is_closed_by_the_write_timeout() {
         outcomes.handed + outcomes.refused > 0,
         "no direct write blocked"
     );
-    let mut received = 0usize;
-    let end = loop {
-        match next(&mut ws, LIMIT).await {
-            Got::Binary(_) => received += 1,
-            other => break other,
-        }
-    };
+    let (received, end) = count_binary_until_end(&mut ws, LIMIT).await;
     assert!(
         matches!(end, Got::Gone(_) | Got::Closed(_)),
         "expected the connection to end, got {end:?} after {received} frames"

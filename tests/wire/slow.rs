@@ -347,13 +347,7 @@ async fn a_stalled_replay_is_dropped_after_the_write_timeout() {
     let mut ws =
         connect_small_buffer(&env.url(&format!("{RAW_PATH}?cursor=0")), SMALL_RCVBUF).await;
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let mut received = 0usize;
-    let end = loop {
-        match next(&mut ws, LIMIT).await {
-            Got::Binary(_) => received += 1,
-            other => break other,
-        }
-    };
+    let (received, end) = count_binary_until_end(&mut ws, LIMIT).await;
     assert!(
         matches!(end, Got::Gone(_) | Got::Closed(_)),
         "expected the connection to end, got {end:?} after {received} frames"

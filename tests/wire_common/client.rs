@@ -131,6 +131,18 @@ pub async fn next(ws: &mut Ws, wait: Duration) -> Got {
     }
 }
 
+/// Counts binary messages until something else comes (each read within `wait`): the
+/// count, and what ended it. For a server that is expected to close a stalled reader.
+pub async fn count_binary_until_end(ws: &mut Ws, wait: Duration) -> (usize, Got) {
+    let mut received = 0usize;
+    loop {
+        match next(ws, wait).await {
+            Got::Binary(_) => received += 1,
+            other => return (received, other),
+        }
+    }
+}
+
 /// Reads exactly `n` text messages as JSON, failing on anything else or on timeout.
 pub async fn read_json(ws: &mut Ws, n: usize) -> Vec<serde_json::Value> {
     let mut out = Vec::with_capacity(n);
