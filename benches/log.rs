@@ -110,6 +110,42 @@ fn store_config(dir: &std::path::Path) -> FjallConfig {
     c
 }
 
+/// Calls `each` with every commit of `frames` as the log writer groups them (about
+/// `commit_events` events, whole upstream frames); the number of events.
+fn in_commits(
+    frames: Vec<Vec<Event>>,
+    commit_events: usize,
+    mut each: impl FnMut(&[Arc<Event>]),
+) -> usize {
+    let mut events = 0;
+    let mut group: Vec<Arc<Event>> = Vec::new();
+    for f in frames {
+        group.extend(f.into_iter().map(Arc::new));
+        if group.len() >= commit_events {
+            each(&group);
+            events += group.len();
+            group.clear();
+        }
+    }
+    if !group.is_empty() {
+        each(&group);
+        events += group.len();
+    }
+    events
+}
+
+/// A segment's raw frames back to back, each once (as its first event carries it).
+fn frames_of(part: &[Arc<Event>]) -> Vec<u8> {
+    let mut plain = Vec::new();
+    let mut starts = sluice::log::codec::FrameStarts::default();
+    for e in part {
+        if starts.next(e) {
+            plain.extend_from_slice(&e.raw_frame);
+        }
+    }
+    plain
+}
+
 /// Stored bytes per event of `frames` (renumbered into one seq space), committed in
 /// groups of about `commit_events` events as the log writer does (a segment never spans a
 /// commit): the JSON part (events values plus the 96-byte index entry of each segment)
@@ -120,23 +156,17 @@ fn bytes_per_event(name: &str, frames: &[Vec<Event>], commit_events: usize, deta
     let mut state = StampState::fresh();
     let frames = restamp(frames, &mut state, frames.len());
     let mut encoder = sluice::log::codec::Encoder::new(store.compression).expect("encoder");
-    let (mut json, mut raw, mut segments, mut events) = (0usize, 0usize, 0usize, 0usize);
+    let (mut json, mut raw, mut segments) = (0usize, 0usize, 0usize);
     let mut zstd3 = 0usize;
     let mut columns: Vec<(&str, usize, usize)> = Vec::new();
-    let mut group: Vec<Arc<Event>> = Vec::new();
-    let mut flush = |group: &mut Vec<Arc<Event>>| {
+    let events = in_commits(frames, commit_events, |group| {
         for part in sluice::log::codec::split_segments(group, store.segment_target_bytes) {
             let seg = encoder.encode(part).expect("encode");
             json += seg.events_value.len() + 96;
             raw += seg.frames_value.len();
-            let mut plain = Vec::new();
-            let mut starts = sluice::log::codec::FrameStarts::default();
-            for e in part {
-                if starts.next(e) {
-                    plain.extend_from_slice(&e.raw_frame);
-                }
-            }
-            zstd3 += zstd::bulk::compress(&plain, 3).expect("zstd").len();
+            zstd3 += zstd::bulk::compress(&frames_of(part), 3)
+                .expect("zstd")
+                .len();
             segments += 1;
             if let Ok(sizes) = sluice::log::codec::column_sizes(&seg.events_value) {
                 if columns.is_empty() {
@@ -149,16 +179,7 @@ fn bytes_per_event(name: &str, frames: &[Vec<Event>], commit_events: usize, deta
                 }
             }
         }
-        events += group.len();
-        group.clear();
-    };
-    for f in frames {
-        group.extend(f.into_iter().map(Arc::new));
-        if group.len() >= commit_events {
-            flush(&mut group);
-        }
-    }
-    flush(&mut group);
+    });
     let n = events as f64;
     eprintln!(
         "bytes/event {name}, commits of {commit_events} events: {events} events in {segments} \
@@ -184,29 +205,12 @@ fn raw_segments(frames: &[Vec<Event>], commit_events: usize) -> (Vec<Vec<u8>>, u
     let store = store_config(std::path::Path::new("."));
     let mut state = StampState::fresh();
     let frames = restamp(frames, &mut state, frames.len());
-    let (mut out, mut events) = (Vec::new(), 0);
-    let mut group: Vec<Arc<Event>> = Vec::new();
-    let mut flush = |group: &mut Vec<Arc<Event>>| {
+    let mut out = Vec::new();
+    let events = in_commits(frames, commit_events, |group| {
         for part in sluice::log::codec::split_segments(group, store.segment_target_bytes) {
-            let mut plain = Vec::new();
-            let mut starts = sluice::log::codec::FrameStarts::default();
-            for e in part {
-                if starts.next(e) {
-                    plain.extend_from_slice(&e.raw_frame);
-                }
-            }
-            out.push(plain);
+            out.push(frames_of(part));
         }
-        events += group.len();
-        group.clear();
-    };
-    for f in frames {
-        group.extend(f.into_iter().map(Arc::new));
-        if group.len() >= commit_events {
-            flush(&mut group);
-        }
-    }
-    flush(&mut group);
+    });
     (out, events)
 }
 
