@@ -524,11 +524,24 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_REDIS_SINK_TIMEOUT_MS", default_value_t = 5000,
           value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub redis_sink_timeout_ms: u64,
-    /// Ceiling of the sink's reconnect backoff, ms (full jitter, doubling from 100 ms): how
-    /// long after Redis returns the sink may take to notice, at worst.
+    /// Ceiling of the sink's backoff after repeated errors from a live Redis, ms (full
+    /// jitter, doubling from 100 ms). A Redis that refuses connections is probed instead
+    /// (--redis-sink-probe-ms).
     #[arg(long, env = "SLUICE_REDIS_SINK_BACKOFF_MAX_MS", default_value_t = 5000,
           value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub redis_sink_backoff_max_ms: u64,
+    /// While Redis refuses connections or is loading its data, the sink tries again this
+    /// often, ms (no backoff): how long after Redis returns the sink may take to notice.
+    #[arg(long, env = "SLUICE_REDIS_SINK_PROBE_MS", default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(10..=60_000))]
+    pub redis_sink_probe_ms: u64,
+    /// Niceness of the sink's threads (0-19; fixed at start): its log reads, encoding and
+    /// Redis I/O run on a runtime of their own at this niceness, so that on busy cores
+    /// live delivery runs first (a catch-up after an outage takes what is left). 0 runs
+    /// it at the live path's priority.
+    #[arg(long, env = "SLUICE_REDIS_SINK_NICE", default_value_t = 19,
+          value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub redis_sink_nice: u8,
 }
 
 /// Everything `serve` runs with, derived from [`ServeArgs`].
@@ -839,6 +852,8 @@ impl ServeArgs {
                 sink.batch_max_bytes = usize_of(self.redis_sink_batch_kib * 1024)?;
                 sink.timeout = Duration::from_millis(self.redis_sink_timeout_ms);
                 sink.backoff_max = Duration::from_millis(self.redis_sink_backoff_max_ms);
+                sink.probe_interval = Duration::from_millis(self.redis_sink_probe_ms);
+                sink.nice = i32::from(self.redis_sink_nice);
                 Some(sink)
             }
         };
@@ -1200,9 +1215,15 @@ mod tests {
             "--redis-sink-all",
             "--redis-sink-prefix",
             "fh:",
+            "--redis-sink-probe-ms",
+            "250",
+            "--redis-sink-nice",
+            "5",
         ])
         .unwrap();
         let sink = args.to_config().unwrap().redis_sink.unwrap();
+        assert_eq!(sink.probe_interval, Duration::from_millis(250));
+        assert_eq!(sink.nice, 5);
         assert_eq!(sink.url, "redis://127.0.0.1:6390/2");
         assert_eq!(sink.prefix, "fh:");
         assert!(sink.all_stream, "a bare flag is true");
@@ -1210,6 +1231,16 @@ mod tests {
         assert_eq!(sink.max_age, None, "0 means no age bound");
         assert_eq!(sink.max_len, 1_000_000);
         assert_eq!(sink.backoff_max, Duration::from_millis(1500));
+        let defaults = parse_serve_args(["x", "--redis-sink", "redis://h:1/0"])
+            .unwrap()
+            .to_config()
+            .unwrap()
+            .redis_sink
+            .unwrap();
+        assert_eq!(defaults.probe_interval, Duration::from_millis(100));
+        assert_eq!(defaults.nice, 19);
+        assert!(parse_serve_args(["x", "--redis-sink-nice", "20"]).is_err());
+        assert!(parse_serve_args(["x", "--redis-sink-probe-ms", "0"]).is_err());
         let off = parse_serve_args(["x"]).unwrap().to_config().unwrap();
         assert!(off.redis_sink.is_none(), "off unless asked for");
         let bad = parse_serve_args(["x", "--redis-sink", "http://example.com"])

@@ -478,6 +478,8 @@ impl AdminState {
                     counter!("sluice_redis_sink_errors_total", "reason" => reason)
                         .absolute(sink.errors(reason));
                 }
+                counter!("sluice_redis_sink_probes_total")
+                    .absolute(sink.probes.load(Ordering::Relaxed));
                 counter!("sluice_redis_sink_batches_total")
                     .absolute(sink.batches.load(Ordering::Relaxed));
                 for part in SinkStats::PARTS {
@@ -659,7 +661,8 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_redis_sink_skipped_total", "Events with no JSON form (empty commits, unknown types), not written to Redis."),
     ("sluice_redis_sink_lost_events_total", "Events retention deleted before the Redis sink reached them."),
     ("sluice_redis_sink_position_conflicts_total", "Redis sink writes refused because the stored position had changed; it resumed from the stored one."),
-    ("sluice_redis_sink_errors_total", "Redis sink failures, by reason; each is retried with backoff."),
+    ("sluice_redis_sink_errors_total", "Redis sink failures, by reason; each is retried, after --redis-sink-probe-ms while Redis refuses connections or is loading, else with backoff."),
+    ("sluice_redis_sink_probes_total", "Redis sink attempts that found Redis not up (connection refused, or loading its data), each retried after --redis-sink-probe-ms without backoff."),
     ("sluice_redis_sink_lease_takeovers_total", "Times this node took the cluster's sink lease and started writing (0 on a single node)."),
     ("sluice_redis_sink_batches_total", "Transactions of the Redis sink that applied a batch (events per batch = the events counter's increase over this one's)."),
     ("sluice_redis_sink_time_microseconds_total", "Where the Redis sink's time went, by part: write (position check and transaction, round trips included), read_wait (waiting for a batch from the log beyond the write it overlaps), backoff (waiting after failures)."),

@@ -5,12 +5,14 @@
 //! shaping each event's stream entries (`<prefix>c:<collection>`, `<prefix>k:<kind>`,
 //! optionally `<prefix>all`; entry id `<seq>-0`; fields `event`, `time_us`, `seq`, `did`),
 //! and writing each batch together with the sink's position in one Redis transaction that
-//! compares and sets that position (`WATCH`, then `MULTI`/`EXEC`; see [`transact`]).
+//! compares and sets that position (`WATCH`, then `MULTI`/`EXEC`; see [`transact`]); its
+//! own thread and runtime at `--redis-sink-nice`; probing a Redis that is not up, and
+//! backing off from one that fails ([`fail`]).
 //! Must never: hold more than two batches of events (`--redis-sink-batch-events`,
 //! `--redis-sink-batch-kib`), write an event the log could still lose (it sinks only what
 //! is durable), write a stream entry twice or skip one without counting it, or slow ingest
-//! and subscribers: it is one more reader of the log, and when Redis is slow or away it
-//! simply falls behind and catches up later.
+//! and subscribers: it is one more reader of the log, its CPU runs below the live path's
+//! priority, and when Redis is slow or away it simply falls behind and catches up later.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -47,9 +49,18 @@ pub struct RedisSinkConfig {
     pub batch_max_bytes: usize,
     /// Deadline of one Redis command (connect, write).
     pub timeout: Duration,
-    /// Reconnect backoff: full jitter, doubling from `backoff_min` up to `backoff_max`.
+    /// Reconnect backoff after errors from a live Redis: full jitter, doubling from
+    /// `backoff_min` up to `backoff_max`.
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// While Redis refuses connections (or answers that it is loading its data), the sink
+    /// tries again this often, without backoff: a refused connect costs Redis nothing, and
+    /// the sink resumes within this interval of Redis coming back.
+    pub probe_interval: Duration,
+    /// Niceness of the sink's thread (its log reads, encoding and Redis I/O run on a
+    /// runtime of their own): above the live path's, so that on busy cores live delivery
+    /// runs first. 0 = the live path's priority.
+    pub nice: i32,
 }
 
 impl RedisSinkConfig {
@@ -66,6 +77,8 @@ impl RedisSinkConfig {
             timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            probe_interval: Duration::from_millis(100),
+            nice: 19,
         }
     }
 
@@ -86,9 +99,13 @@ pub enum SinkError {
     Reply(String),
     #[error("event log: {0}")]
     Log(#[from] LogError),
+    /// The sink's thread or runtime could not be started (only from [`start`]).
+    #[error("cannot start the sink's thread: {0}")]
+    Start(std::io::Error),
 }
 
 impl SinkError {
+    /// The reasons a running sink counts (`Start` happens before it runs).
     pub const REASONS: [&'static str; 4] = ["redis", "timeout", "reply", "log"];
 
     pub fn reason(&self) -> &'static str {
@@ -97,6 +114,19 @@ impl SinkError {
             SinkError::Timeout(_) => "timeout",
             SinkError::Reply(_) => "reply",
             SinkError::Log(_) => "log",
+            SinkError::Start(_) => "start",
+        }
+    }
+
+    /// Redis is not there to answer yet: it refused the connection, or it answered that
+    /// it is still loading its data. Such failures are probed for at
+    /// `--redis-sink-probe-ms` rather than backed off from.
+    pub fn redis_not_up(&self) -> bool {
+        match self {
+            SinkError::Redis(e) => {
+                e.is_connection_refusal() || e.kind() == redis::ErrorKind::BusyLoadingError
+            }
+            _ => false,
         }
     }
 }
@@ -139,8 +169,11 @@ pub struct SinkStats {
     /// Microseconds spent waiting for a batch from the log: its read and encoding when they
     /// did not overlap a write.
     pub read_wait_us: AtomicU64,
-    /// Microseconds spent waiting out the backoff after failures.
+    /// Microseconds spent waiting out the backoff (or the probe interval) after failures.
     pub backoff_us: AtomicU64,
+    /// Attempts that found Redis not up (connection refused, or loading its data), each
+    /// followed by the probe interval rather than the backoff.
+    pub probes: AtomicU64,
     pub errors_redis: AtomicU64,
     pub errors_timeout: AtomicU64,
     pub errors_reply: AtomicU64,
@@ -153,7 +186,7 @@ impl SinkStats {
             SinkError::Redis(_) => &self.errors_redis,
             SinkError::Timeout(_) => &self.errors_timeout,
             SinkError::Reply(_) => &self.errors_reply,
-            SinkError::Log(_) => &self.errors_log,
+            SinkError::Log(_) | SinkError::Start(_) => &self.errors_log,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -327,11 +360,15 @@ fn v1_shaped(event: &Event, kind: &str, body: &[u8]) -> Bytes {
     out.into()
 }
 
-/// A running sink.
+/// A running sink: its own thread, with a runtime of its own (see [`start_with_lease`]).
+/// Dropping it stops the sink as a timed-out shutdown does.
 pub struct SinkHandle {
     pub stats: Arc<SinkStats>,
     shutdown: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    /// Dropping the sink's loop at once (after a shutdown that did not finish in time).
+    abort: tokio::sync::oneshot::Sender<()>,
+    /// Answered when the sink's loop has ended.
+    done: tokio::sync::oneshot::Receiver<()>,
 }
 
 impl SinkHandle {
@@ -339,10 +376,10 @@ impl SinkHandle {
     /// the stored position, so nothing is lost or repeated.
     pub async fn shutdown(self, timeout: Duration) {
         let _ = self.shutdown.send(true);
-        let mut task = self.task;
-        if tokio::time::timeout(timeout, &mut task).await.is_err() {
+        let mut done = self.done;
+        if tokio::time::timeout(timeout, &mut done).await.is_err() {
             tracing::warn!("redis sink did not stop in time; aborted");
-            task.abort();
+            let _ = self.abort.send(());
         }
     }
 }
@@ -372,19 +409,47 @@ pub fn start_with_lease(
         ..SinkStats::default()
     });
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let task = tokio::spawn(run(
-        client,
-        reader,
-        config,
-        stats.clone(),
-        shutdown_rx,
-        lease,
-    ));
+    let (abort_tx, abort_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    // The sink's CPU (log reads, shaping, encoding the commands, the client's packing and
+    // reply parsing) runs on its own niced thread and blocking threads, not on the live
+    // path's workers: while it catches up after an outage, live delivery runs first on
+    // busy cores (docs/DECISIONS.md, Redis sink).
+    let nice = config.nice;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .thread_name("redis-sink-read")
+        .on_thread_start(move || lower_priority(nice))
+        .build()
+        .map_err(SinkError::Start)?;
+    let loop_stats = stats.clone();
+    std::thread::Builder::new()
+        .name("redis-sink".into())
+        .spawn(move || {
+            lower_priority(nice);
+            runtime.block_on(async move {
+                tokio::select! {
+                    _ = run(client, reader, config, loop_stats, shutdown_rx, lease) => {}
+                    _ = abort_rx => {}
+                }
+            });
+            // Blocking reads still under way end on their own; nothing waits for them.
+            runtime.shutdown_background();
+            let _ = done_tx.send(());
+        })
+        .map_err(SinkError::Start)?;
     Ok(SinkHandle {
         stats,
         shutdown: shutdown_tx,
-        task,
+        abort: abort_tx,
+        done: done_rx,
     })
+}
+
+fn lower_priority(nice: i32) {
+    if let Err(e) = crate::priority::lower_this_thread(nice) {
+        tracing::warn!(error = %e, nice, "redis sink: cannot lower its thread's priority");
+    }
 }
 
 struct Conn {
@@ -498,7 +563,6 @@ async fn run(
                     tracing::info!(position = c.position, "redis sink connected");
                     stats.connected.store(true, Ordering::Relaxed);
                     stats.position.store(c.position, Ordering::Relaxed);
-                    failures = 0;
                     conn.insert(c)
                 }
                 Err(e) => {
@@ -529,10 +593,13 @@ async fn run(
                 // `connected` (metrics, status, /readyz) is true only while it is.
                 let ping: Result<Value, _> =
                     with_timeout(config.timeout, redis::cmd("PING").query_async(&mut c.con)).await;
-                if let Err(e) = ping {
-                    conn = None;
-                    stats.connected.store(false, Ordering::Relaxed);
-                    fail(&stats, &e, &mut failures, &config, &mut shutdown).await;
+                match ping {
+                    Ok(_) => failures = 0,
+                    Err(e) => {
+                        conn = None;
+                        stats.connected.store(false, Ordering::Relaxed);
+                        fail(&stats, &e, &mut failures, &config, &mut shutdown).await;
+                    }
                 }
             }
             continue;
@@ -732,7 +799,17 @@ async fn follow(
     }
 }
 
-/// Counts and logs `e`, then waits out a full-jitter backoff (or shutdown).
+/// Counts and logs `e`, then waits (or until shutdown) before the next attempt:
+/// - Redis not up (connection refused, or still loading its data): the probe interval,
+///   with no backoff, so the sink resumes within it of Redis being back;
+/// - the first other failure since the last success (usually: Redis just went away, and
+///   the next attempt finds out whether it refuses): the probe interval too;
+/// - every further one (a live Redis that keeps failing, or a flapping one that accepts
+///   and drops): full-jitter backoff, doubling from `backoff_min` up to `backoff_max`.
+///
+/// `failures` counts the failures of the second and third kinds; only a successful
+/// command from Redis resets it (a connect alone does not), so a Redis that flaps is
+/// backed off from.
 async fn fail(
     stats: &SinkStats,
     e: &SinkError,
@@ -741,15 +818,27 @@ async fn fail(
     shutdown: &mut watch::Receiver<bool>,
 ) {
     stats.count_error(e);
-    *failures = failures.saturating_add(1);
-    let ceiling = config
-        .backoff_min
-        .saturating_mul(1u32 << (*failures - 1).min(16))
-        .min(config.backoff_max);
-    if *failures <= 3 || failures.is_power_of_two() {
-        tracing::warn!(reason = e.reason(), error = %e, failures = *failures, "redis sink: retrying");
-    }
-    let wait = ceiling.mul_f64(rand::random::<f64>());
+    let wait = if e.redis_not_up() {
+        let probes = stats.probes.fetch_add(1, Ordering::Relaxed) + 1;
+        if probes.is_power_of_two() {
+            tracing::warn!(error = %e, probes, "redis sink: redis is not up; probing");
+        }
+        config.probe_interval
+    } else {
+        *failures = failures.saturating_add(1);
+        if *failures <= 3 || failures.is_power_of_two() {
+            tracing::warn!(reason = e.reason(), error = %e, failures = *failures, "redis sink: retrying");
+        }
+        if *failures == 1 {
+            config.probe_interval
+        } else {
+            config
+                .backoff_min
+                .saturating_mul(1u32 << (*failures - 2).min(16))
+                .min(config.backoff_max)
+                .mul_f64(rand::random::<f64>())
+        }
+    };
     let waiting = Instant::now();
     tokio::select! {
         _ = tokio::time::sleep(wait) => {}

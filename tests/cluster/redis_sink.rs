@@ -442,6 +442,84 @@ async fn redis_killed_and_restarted_mid_stream_loses_and_repeats_nothing() {
     sink.shutdown(Duration::from_secs(5)).await;
 }
 
+/// A Redis that went away is found again by the sink's probes (every `probe_interval`),
+/// not after its backoff, here set far longer than the test waits; a live Redis that
+/// keeps failing is backed off from, not probed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_redis_is_found_by_probes_and_a_failing_one_is_backed_off_from() {
+    let _machine = crate::exclusive::shared().await;
+    let mut redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(LogConfig::new(dir.path())).unwrap();
+    let events = ingest_all(&corpus_and_edges());
+    let newest = events.last().unwrap().seq;
+    let (first, second) = (events.len() / 3, 2 * events.len() / 3);
+    let mut events = events.into_iter();
+    log.append(events.by_ref().take(first).collect()).unwrap();
+    assert!(log.flush(Duration::from_secs(10)));
+
+    let mut config = sink_config(&redis.url());
+    config.backoff_min = Duration::from_secs(600);
+    config.backoff_max = Duration::from_secs(600);
+    config.probe_interval = Duration::from_millis(50);
+    let sink = sluice::sink::start(log.reader(), config.clone()).unwrap();
+    wait_for_position(&sink.stats, first as u64, Duration::from_secs(20)).await;
+
+    redis.kill9();
+    log.append(events.by_ref().take(second - first).collect())
+        .unwrap();
+    assert!(log.flush(Duration::from_secs(10)));
+    // Redis refuses connections: the sink probes it again and again (with the backoff, it
+    // would make one attempt in up to 600 s).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sink.stats.probes.load(Ordering::Relaxed) < 5 {
+        assert!(Instant::now() < deadline, "no probes while Redis is away");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!sink.stats.connected.load(Ordering::Relaxed));
+    assert!(sink.stats.position.load(Ordering::Relaxed) < second as u64);
+
+    redis.restart();
+    // Only the probes can find it within the bound: the backoff is 600 s.
+    wait_for_position(&sink.stats, second as u64, Duration::from_secs(30)).await;
+    let mut con = connect(&redis.url()).await;
+    assert_eq!(position(&mut con, &config).await, second as u64);
+    assert_eq!(sink.stats.duplicates.load(Ordering::Relaxed), 0);
+
+    // A live Redis that answers with errors: the position is no seq. The first failure
+    // is retried after the probe interval, every further one after the backoff, so
+    // within a few seconds the sink fails only about twice, and never probes.
+    let probes = sink.stats.probes.load(Ordering::Relaxed);
+    assert_eq!(sink.stats.errors("reply"), 0);
+    let _: () = redis::cmd("HSET")
+        .arg(config.position_key())
+        .arg("seq")
+        .arg("not-a-seq")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    log.append(events.collect()).unwrap();
+    assert!(log.flush(Duration::from_secs(10)));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sink.stats.errors("reply") < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the bad position is not reported: {} errors",
+            sink.stats.errors("reply")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let errors = sink.stats.errors("reply");
+    assert!(
+        (2..=3).contains(&errors),
+        "a failing Redis is backed off from: {errors} errors in 3 s"
+    );
+    assert_eq!(sink.stats.probes.load(Ordering::Relaxed), probes);
+    assert!(sink.stats.position.load(Ordering::Relaxed) < newest);
+    sink.shutdown(Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_writer_with_a_stale_position_writes_nothing() {
     let _machine = crate::exclusive::shared().await;
