@@ -58,6 +58,9 @@ pub(crate) struct ReadArgs {
     /// One delivery in this many is stamped.
     #[arg(long, default_value_t = 8)]
     sample: u64,
+    /// Niceness of this process (0 = as started).
+    #[arg(long, default_value_t = 0)]
+    nice: i32,
 }
 
 fn unix_ns() -> u64 {
@@ -315,6 +318,8 @@ async fn consume(mut rd: Reader, port: u16, via: Via) {
 
 /// `sluice-bench redis-read`: the child. Runs until its stdin closes.
 pub(crate) fn read_main(args: ReadArgs) -> anyhow::Result<()> {
+    // Before any thread is made, so that every one inherits it.
+    sluice::priority::lower_this_thread(args.nice)?;
     // Stdin on a thread of its own: each line is a request, its end the end of the run.
     let (tx, mut requests) = tokio::sync::mpsc::channel::<String>(4);
     std::thread::spawn(move || {
@@ -407,6 +412,8 @@ pub(crate) struct ReadersAt<'a> {
     pub(crate) procs: usize,
     pub(crate) sample: u64,
     pub(crate) log_dir: &'a std::path::Path,
+    /// Niceness of the children (0 = the bench's).
+    pub(crate) nice: i32,
 }
 
 impl Readers {
@@ -447,7 +454,8 @@ impl Readers {
                         "pub-sub"
                     },
                 ])
-                .args(["--sample", &at.sample.to_string()]);
+                .args(["--sample", &at.sample.to_string()])
+                .args(["--nice", &at.nice.to_string()]);
             for keys in share {
                 cmd.arg(format!("--keys={}", keys.join(",")));
             }

@@ -99,6 +99,10 @@ pub(crate) struct RedisConsumersArgs {
     /// apart from the targets').
     #[arg(long, default_value_t = 4)]
     consumer_procs: usize,
+    /// Niceness of the consumer processes (0 = the bench's): with 19 they stand in for
+    /// consumers on other machines, taking only what sluice and Redis leave of the cores.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i32).range(0..=19))]
+    consumer_nice: i32,
     /// Each consumer stamps one delivery in this many (its latency sample).
     #[arg(long, default_value_t = 8)]
     consumer_sample: u64,
@@ -426,6 +430,7 @@ async fn run_target(
             procs: args.consumer_procs,
             sample: args.consumer_sample,
             log_dir: &dir.0,
+            nice: args.consumer_nice,
         },
         Arc::clone(&ctl),
         Arc::clone(&stamps),
@@ -634,6 +639,7 @@ async fn run_target(
         "target": kind.name(),
         "rate": args.rate,
         "consumers": args.consumers,
+        "consumer_nice": args.consumer_nice,
         "window_secs": secs,
         "frames_sent": pub_stats.sent,
         "delivered_in_window": got,
