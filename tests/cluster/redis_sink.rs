@@ -520,6 +520,60 @@ async fn a_returning_redis_is_found_by_probes_and_a_failing_one_is_backed_off_fr
     sink.shutdown(Duration::from_secs(5)).await;
 }
 
+/// Niceness of this process's threads named `name` (Linux: field 19 of each task's stat).
+fn nice_of_threads(name: &str) -> Vec<i64> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != name {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        // After the command name's closing parenthesis: field 3 onwards.
+        let (_, rest) = stat.rsplit_once(')').unwrap();
+        let nice: i64 = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
+        out.push(nice);
+    }
+    out
+}
+
+/// The sink's work (its loop and Redis I/O, and the log reads and encoding on its blocking
+/// threads) runs on threads of its own at `--redis-sink-nice` (19 here: the highest, so
+/// the check holds whatever niceness the test runs at below it), not on the caller's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sink_runs_on_its_own_threads_at_its_niceness() {
+    let _machine = crate::exclusive::shared().await;
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (log, _) = Log::open(LogConfig::new(dir.path())).unwrap();
+    let events = ingest_all(&corpus_and_edges());
+    let newest = events.last().unwrap().seq;
+    log.append(events).unwrap();
+    assert!(log.flush(Duration::from_secs(10)));
+    let own = sluice::priority::this_thread_nice().unwrap();
+    assert!(own < 19, "the test already runs at niceness {own}: nothing to check");
+    let mut config = sink_config(&redis.url());
+    config.nice = 19;
+    let sink = sluice::sink::start(log.reader(), config.clone()).unwrap();
+    // Several batches: the log was read on the sink's blocking threads.
+    wait_for_position(&sink.stats, newest, Duration::from_secs(20)).await;
+    assert!(sink.stats.batches.load(Ordering::Relaxed) > 1);
+    for name in ["redis-sink", "redis-sink-read"] {
+        let nices = nice_of_threads(name);
+        assert!(!nices.is_empty(), "no thread named {name}");
+        // Other tests' sinks run at the default, 19 too; the caller's threads at `own`.
+        assert!(
+            nices.iter().all(|&n| n == 19),
+            "{name} threads at niceness {nices:?}, the test's at {own}"
+        );
+    }
+    let mut con = connect(&redis.url()).await;
+    assert_streams_match(&mut con, &config, &all_events(&log.reader())).await;
+    sink.shutdown(Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_writer_with_a_stale_position_writes_nothing() {
     let _machine = crate::exclusive::shared().await;
