@@ -553,7 +553,10 @@ async fn the_sink_runs_on_its_own_threads_at_its_niceness() {
     log.append(events).unwrap();
     assert!(log.flush(Duration::from_secs(10)));
     let own = sluice::priority::this_thread_nice().unwrap();
-    assert!(own < 19, "the test already runs at niceness {own}: nothing to check");
+    assert!(
+        own < 19,
+        "the test already runs at niceness {own}: nothing to check"
+    );
     let mut config = sink_config(&redis.url());
     config.nice = 19;
     let sink = sluice::sink::start(log.reader(), config.clone()).unwrap();
