@@ -281,6 +281,10 @@ fn raw_variants(name: &str, frames: &[Vec<Event>], commit_events: usize, dict: &
 }
 
 fn bench_sizes(_c: &mut Criterion) {
+    // Not a timed bench: it runs on every invocation unless turned off, to time others.
+    if env_num::<u8>("SLUICE_BENCH_SIZES") == Some(0) {
+        return;
+    }
     let synth_file =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/synth-1000.bin");
     let synth_long = {
