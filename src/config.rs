@@ -1008,6 +1008,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn raw_zstd_levels_reach_the_log_and_negative_levels_parse() {
+        let config = |extra: &[&str]| {
+            let mut argv = vec!["x", "--upstream", "ws://127.0.0.1:9"];
+            argv.extend_from_slice(extra);
+            parse_serve_args(argv).and_then(|a| a.to_config())
+        };
+        let c = config(&[]).unwrap();
+        assert_eq!(
+            (
+                c.log.compression.raw_level,
+                c.log.compression.raw_fast_level
+            ),
+            (3, -3)
+        );
+        let c = config(&[
+            "--log-raw-zstd-level",
+            "-1",
+            "--log-raw-zstd-fast-level",
+            "-7",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                c.log.compression.raw_level,
+                c.log.compression.raw_fast_level
+            ),
+            (-1, -7)
+        );
+        for bad in ["20", "-51", "x"] {
+            assert!(
+                config(&["--log-raw-zstd-level", bad]).is_err(),
+                "{bad} refused"
+            );
+        }
+    }
+
+    #[test]
     fn raw_retention_is_a_share_of_the_size_cap() {
         let config = |extra: &[&str]| {
             let mut argv = vec!["x", "--upstream", "ws://127.0.0.1:9"];
