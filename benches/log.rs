@@ -85,7 +85,8 @@ fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
 }
 
 /// The default store settings, except what `SLUICE_BENCH_JSON_LEVEL`,
-/// `SLUICE_BENCH_RAW_LEVEL`, `SLUICE_BENCH_SEGMENT_BYTES`, `SLUICE_BENCH_ENCODE_THREADS` and
+/// `SLUICE_BENCH_RAW_LEVEL` (the raw level while the writer keeps up),
+/// `SLUICE_BENCH_RAW_FAST_LEVEL` (behind), `SLUICE_BENCH_SEGMENT_BYTES`, `SLUICE_BENCH_ENCODE_THREADS` and
 /// `SLUICE_BENCH_DECODED_CACHE_MIB`, `SLUICE_BENCH_READ_AHEAD_SEGMENTS` override (to compare settings on the same events; unset for the recorded numbers).
 fn store_config(dir: &std::path::Path) -> FjallConfig {
     let mut c = FjallConfig::new(dir.join("events"));
@@ -94,6 +95,9 @@ fn store_config(dir: &std::path::Path) -> FjallConfig {
     }
     if let Some(l) = env_num("SLUICE_BENCH_RAW_LEVEL") {
         c.compression.raw_level = l;
+    }
+    if let Some(l) = env_num("SLUICE_BENCH_RAW_FAST_LEVEL") {
+        c.compression.raw_fast_level = l;
     }
     if let Some(b) = env_num("SLUICE_BENCH_SEGMENT_BYTES") {
         c.segment_target_bytes = b;
@@ -157,13 +161,18 @@ fn bytes_per_event(name: &str, frames: &[Vec<Event>], commit_events: usize, deta
     let frames = restamp(frames, &mut state, frames.len());
     let mut encoder = sluice::log::codec::Encoder::new(store.compression).expect("encoder");
     let (mut json, mut raw, mut segments) = (0usize, 0usize, 0usize);
-    let mut zstd3 = 0usize;
+    let (mut zstd3, mut raw_fast) = (0usize, 0usize);
     let mut columns: Vec<(&str, usize, usize)> = Vec::new();
     let events = in_commits(frames, commit_events, |group| {
         for part in sluice::log::codec::split_segments(group, store.segment_target_bytes) {
             let seg = encoder.encode(part).expect("encode");
             json += seg.events_value.len() + 96;
             raw += seg.frames_value.len();
+            raw_fast += encoder
+                .encode_at(part, store.compression.raw_fast_level)
+                .expect("encode")
+                .frames_value
+                .len();
             zstd3 += zstd::bulk::compress(&frames_of(part), 3)
                 .expect("zstd")
                 .len();
@@ -183,11 +192,14 @@ fn bytes_per_event(name: &str, frames: &[Vec<Event>], commit_events: usize, deta
     let n = events as f64;
     eprintln!(
         "bytes/event {name}, commits of {commit_events} events: {events} events in {segments} \
-         segments; JSON wires {:.0} B/event, raw frames {:.0} B/event (zstd level 3 of the same: \
-         {:.0}), total {:.0} B/event",
+         segments; JSON wires {:.0} B/event, raw frames {:.0} B/event at level {} (zstd level 3 \
+         of the same: {:.0}; at the fast level {}: {:.0}), total {:.0} B/event",
         json as f64 / n,
         raw as f64 / n,
+        store.compression.raw_level,
         zstd3 as f64 / n,
+        store.compression.raw_fast_level,
+        raw_fast as f64 / n,
         (json + raw) as f64 / n
     );
     if detail {
@@ -269,6 +281,10 @@ fn raw_variants(name: &str, frames: &[Vec<Event>], commit_events: usize, dict: &
 }
 
 fn bench_sizes(_c: &mut Criterion) {
+    // Not a timed bench: it runs on every invocation unless turned off, to time others.
+    if env_num::<u8>("SLUICE_BENCH_SIZES") == Some(0) {
+        return;
+    }
     let synth_file =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/synth-1000.bin");
     let synth_long = {
@@ -506,13 +522,109 @@ fn bench_append(c: &mut Criterion) {
     });
     g.finish();
     let stats = log.writer_stats();
+    let events = stats
+        .events_committed
+        .load(std::sync::atomic::Ordering::Relaxed);
     eprintln!(
-        "append: {} commits, {} events, store {} MiB",
+        "append: {} commits, {events} events, store {} MiB, raw frames {:.0} B/event, \
+         segments per raw level {:?}",
         stats.commits.load(std::sync::atomic::Ordering::Relaxed),
-        stats
-            .events_committed
+        log.reader().store().size_bytes() >> 20,
+        log.reader().store().raw_size_bytes() as f64 / events.max(1) as f64,
+        stats.raw_level_segments()
+    );
+    let _ = log.close();
+}
+
+/// CPU seconds this process has used (user + system), from `/proc/self/stat` (clock ticks
+/// of 1/100 s).
+fn process_cpu_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    let Some((_, after_name)) = stat.rsplit_once(')') else {
+        return f64::NAN;
+    };
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(user), Some(system)) => (user + system) / 100.0,
+        _ => f64::NAN,
+    }
+}
+
+/// Appends the corpus through the log at a live rate (`SLUICE_BENCH_PACED_RATE` events/s,
+/// default 2,000) for `SLUICE_BENCH_PACED_SECS` seconds (unset: not run when measuring),
+/// with the default writer settings and the store's levels (as the env overrides say), and
+/// prints what the live rate stores and costs: raw bytes per event against zstd level 3
+/// and the fast level of the same segments, the segments per raw level, and the CPU the
+/// process used (the writer, its encoders and committer; the events are made before).
+fn bench_paced(_c: &mut Criterion) {
+    let secs: f64 =
+        env_num("SLUICE_BENCH_PACED_SECS").unwrap_or(if measuring() { 0.0 } else { 0.3 });
+    if secs <= 0.0 {
+        return;
+    }
+    let rate: f64 = env_num("SLUICE_BENCH_PACED_RATE").unwrap_or(2_000.0);
+    let templates = corpus();
+    let dir = bench_dir();
+    let mut config = LogConfig::new(dir.path());
+    let store = store_config(dir.path());
+    config.compression = store.compression;
+    config.segment_target_bytes = store.segment_target_bytes;
+    config.encode_threads = store.encode_threads;
+    let (log, mut state) = Log::open(config).expect("log");
+    let per_frame = templates.iter().map(Vec::len).sum::<usize>() as f64 / templates.len() as f64;
+    let frames = restamp(
+        &templates,
+        &mut state,
+        (rate * secs / per_frame).ceil() as usize,
+    );
+    let (cpu_before, started) = (process_cpu_secs(), Instant::now());
+    let mut sent = 0usize;
+    for f in frames {
+        let due = started + Duration::from_secs_f64(sent as f64 / rate);
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        sent += f.len();
+        log.append(f).expect("append");
+    }
+    assert!(log.flush(Duration::from_secs(60)));
+    let (wall, cpu) = (
+        started.elapsed().as_secs_f64(),
+        process_cpu_secs() - cpu_before,
+    );
+    let reader = log.reader();
+    let store_ref = reader.store();
+    let (mut zstd3, mut fast) = (0usize, 0usize);
+    let segments = store_ref.segments(usize::MAX);
+    for seg in &segments {
+        let n = (seg.last_seq - seg.first_seq + 1) as usize;
+        let events = store_ref
+            .read(seg.first_seq, ReadLimits::events(n), Payloads::RAW)
+            .expect("read");
+        let plain = frames_of(&events);
+        zstd3 += zstd::bulk::compress(&plain, 3).expect("zstd").len();
+        fast += zstd::bulk::compress(&plain, store.compression.raw_fast_level)
+            .expect("zstd")
+            .len();
+    }
+    let n = sent as f64;
+    eprintln!(
+        "paced {rate:.0} events/s for {wall:.1} s: {sent} events in {} commits, {} segments, \
+         per raw level {:?}; raw frames {:.0} B/event (zstd level 3 of the same segments: \
+         {:.0}; level {}: {:.0}); CPU {:.1}% of one core",
+        log.writer_stats()
+            .commits
             .load(std::sync::atomic::Ordering::Relaxed),
-        log.reader().store().size_bytes() >> 20
+        segments.len(),
+        log.writer_stats().raw_level_segments(),
+        store_ref.raw_size_bytes() as f64 / n,
+        zstd3 as f64 / n,
+        store.compression.raw_fast_level,
+        fast as f64 / n,
+        cpu / wall * 100.0
     );
     let _ = log.close();
 }
@@ -542,5 +654,12 @@ fn bench_encode(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_sizes, bench_scan, bench_encode, bench_append);
+criterion_group!(
+    benches,
+    bench_sizes,
+    bench_paced,
+    bench_scan,
+    bench_encode,
+    bench_append
+);
 criterion_main!(benches);

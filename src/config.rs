@@ -94,6 +94,17 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_LOG_READ_AHEAD_SEGMENTS", default_value_t = 1,
           value_parser = clap::value_parser!(u64).range(0..=16))]
     pub log_read_ahead_segments: u64,
+    /// zstd level of the raw frames the log stores while its writer keeps up (the live
+    /// rate): smaller files for CPU the live rate leaves idle.
+    #[arg(long, env = "SLUICE_LOG_RAW_ZSTD_LEVEL", default_value_t = 3, allow_hyphen_values = true,
+          value_parser = clap::value_parser!(i32).range(-50..=19))]
+    pub log_raw_zstd_level: i32,
+    /// zstd level of the raw frames of a group the log writer takes with a backlog
+    /// building (catching up, bursts): cheap, so the writer keeps pace. Set it equal to
+    /// --log-raw-zstd-level for one fixed level.
+    #[arg(long, env = "SLUICE_LOG_RAW_ZSTD_FAST_LEVEL", default_value_t = -3, allow_hyphen_values = true,
+          value_parser = clap::value_parser!(i32).range(-50..=19))]
+    pub log_raw_zstd_fast_level: i32,
     /// Group commit: commit at least this often while events are pending, ms. Longer
     /// means fewer, larger writes; an event is durable at most this long after ingest.
     #[arg(long, env = "SLUICE_COMMIT_INTERVAL_MS", default_value_t = 100,
@@ -719,6 +730,8 @@ impl ServeArgs {
         log.decoded_cache_bytes = usize_of(self.log_decoded_cache_mib * MIB)?;
         log.read_ahead_segments = usize_of(self.log_read_ahead_segments)?;
         log.read_ahead_nice = i32::from(self.catchup_nice);
+        log.compression.raw_level = self.log_raw_zstd_level;
+        log.compression.raw_fast_level = self.log_raw_zstd_fast_level;
         log.commit_interval = Duration::from_millis(self.commit_interval_ms);
         log.commit_max_events = usize_of(self.commit_max_events)?;
         let max_bytes = self.retention_max_gib * 1024 * MIB;
@@ -1008,6 +1021,43 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn raw_zstd_levels_reach_the_log_and_negative_levels_parse() {
+        let config = |extra: &[&str]| {
+            let mut argv = vec!["x", "--upstream", "ws://127.0.0.1:9"];
+            argv.extend_from_slice(extra);
+            parse_serve_args(argv).and_then(|a| a.to_config())
+        };
+        let c = config(&[]).unwrap();
+        assert_eq!(
+            (
+                c.log.compression.raw_level,
+                c.log.compression.raw_fast_level
+            ),
+            (3, -3)
+        );
+        let c = config(&[
+            "--log-raw-zstd-level",
+            "-1",
+            "--log-raw-zstd-fast-level",
+            "-7",
+        ])
+        .unwrap();
+        assert_eq!(
+            (
+                c.log.compression.raw_level,
+                c.log.compression.raw_fast_level
+            ),
+            (-1, -7)
+        );
+        for bad in ["20", "-51", "x"] {
+            assert!(
+                config(&["--log-raw-zstd-level", bad]).is_err(),
+                "{bad} refused"
+            );
+        }
+    }
 
     #[test]
     fn raw_retention_is_a_share_of_the_size_cap() {

@@ -387,6 +387,10 @@ impl AdminState {
                     .commit_failures
                     .load(Ordering::Relaxed),
             );
+            for (level, segments) in self.log.writer_stats().raw_level_segments() {
+                counter!("sluice_log_raw_level_segments_total", "level" => level.to_string())
+                    .absolute(segments);
+            }
             counter!("sluice_log_retention_deleted_events_total").absolute(
                 self.log
                     .retention_stats()
@@ -642,6 +646,7 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_log_commits_total", "Group commits of the event log."),
     ("sluice_log_commit_failures_total", "Group commits of the event log that failed (retried)."),
     ("sluice_log_retention_deleted_events_total", "Events deleted from the log by retention."),
+    ("sluice_log_raw_level_segments_total", "Log segments committed, by the zstd level of their raw frames: --log-raw-zstd-level while the log writer keeps up, --log-raw-zstd-fast-level for groups taken with a backlog building."),
     ("sluice_log_retention_raw_dropped_events_total", "Events whose raw frame retention dropped while keeping their JSON (--raw-retention-hours, --raw-retention-max-gib)."),
     ("sluice_log_segment_decodes_total", "Stored segments read by replays: decoded (outcome=decoded) or served by a decode another replay made, from --log-decoded-cache-mib (outcome=shared), or decoded ahead of the replay that then read it, --log-read-ahead-segments (outcome=read_ahead)."),
     ("sluice_connections_accepted_total", "Connections accepted, by listener."),

@@ -49,6 +49,7 @@ pub use fjall_store::{FjallConfig, FjallStore};
 pub use retention::{RawRetention, RetentionConfig, RetentionStats};
 pub use store::{
     Bounds, EventStore, LogError, Payloads, ReadLimits, RecoveryReport, Segment, SharedEvent,
+    WriterPace,
 };
 pub use tail::{HotTail, TailRead};
 pub use writer::WriterStats;
@@ -212,7 +213,10 @@ impl Log {
         let tail = Arc::new(HotTail::new(resume.next_seq, config.tail_max_bytes));
         let (durable_tx, durable_rx) = watch::channel(resume.next_seq.saturating_sub(1));
         let queue = Arc::new(writer::Queue::new(config.queue_max_bytes));
-        let writer_stats = Arc::new(WriterStats::default());
+        let writer_stats = Arc::new(WriterStats::with_raw_levels(&[
+            config.compression.raw_level,
+            config.compression.raw_fast_level,
+        ]));
         let retention_stats = Arc::new(RetentionStats::default());
         let durable_keep = durable_tx.clone();
         let writer = {

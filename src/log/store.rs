@@ -131,6 +131,19 @@ pub struct EncodedSegment {
     pub info: Segment,
     pub events_value: Vec<u8>,
     pub frames_value: Vec<u8>,
+    /// The zstd level its raw frames were compressed at.
+    pub raw_level: i32,
+}
+
+/// Whether the log writer keeps up with the appends: how it took the group it hands to
+/// [`EventStore::encode`], which may spend more CPU on a smaller encoding while it does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriterPace {
+    /// The group was gathered over the commit interval with nothing waiting behind it.
+    KeepingUp,
+    /// A backlog is building: the group filled, an append waited for room in the queue,
+    /// or its first event had waited longer than a commit interval to be taken.
+    Behind,
 }
 
 /// What opening a store found and repaired.
@@ -182,11 +195,17 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// The CPU half of [`append`]: compresses `events` into stored segments without
     /// touching storage, so the writer can encode the next batch while the previous one
-    /// commits. Backends that encode inside `append` keep the default (nothing).
+    /// commits. `pace` says whether the writer keeps up (the store may then spend more
+    /// CPU for fewer bytes). Backends that encode inside `append` keep the default
+    /// (nothing).
     ///
     /// [`append`]: EventStore::append
-    fn encode(&self, events: &[SharedEvent]) -> Result<Vec<EncodedSegment>, LogError> {
-        let _ = events;
+    fn encode(
+        &self,
+        events: &[SharedEvent],
+        pace: WriterPace,
+    ) -> Result<Vec<EncodedSegment>, LogError> {
+        let _ = (events, pace);
         Ok(Vec::new())
     }
 

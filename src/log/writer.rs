@@ -20,6 +20,13 @@
 //! byte-bounded queue at most two groups (`2 * commit_max_events` events) are in flight.
 //! Those are the only events in the hot tail beyond its byte bound (it cannot evict what
 //! is not durable).
+//!
+//! Pace: each group is handed to the store's encoder with whether the writer keeps up
+//! ([`WriterPace`]): a group gathered over the interval with nothing waiting behind it is
+//! `KeepingUp` (the store spends more CPU on smaller raw frames); a full group, one during
+//! which an append waited for room, or one whose first event waited longer than an
+//! interval to be taken is `Behind` (the store takes its fast level, so the backlog
+//! drains). The raw level of every committed segment is counted in [`WriterStats`].
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,13 +38,16 @@ use tokio::sync::watch;
 use crate::event::StampState;
 use crate::logging::RateLimited;
 
-use super::store::{EncodedSegment, EventStore, LogError, SharedEvent};
+use super::store::{EncodedSegment, EventStore, LogError, SharedEvent, WriterPace};
 use super::tail::HotTail;
 
 struct QueueState {
-    items: VecDeque<(Vec<SharedEvent>, usize)>,
+    /// Appends with their payload bytes and when they were queued.
+    items: VecDeque<(Vec<SharedEvent>, usize, Instant)>,
     bytes: usize,
     closed: bool,
+    /// An append waited for room since the writer last took a group: a backlog.
+    push_waited: bool,
     /// Events queued (an empty append counts as one).
     events: usize,
     /// Queued events at which an append wakes the writer: 1 while it waits for a first
@@ -62,6 +72,7 @@ impl Queue {
                 items: VecDeque::new(),
                 bytes: 0,
                 closed: false,
+                push_waited: false,
                 events: 0,
                 wake_at: 1,
             }),
@@ -84,6 +95,7 @@ impl Queue {
             // count (the queue cannot reach it), so it is woken to take what is queued.
             // Without this it slept out the commit interval with the appender blocked.
             self.not_empty.notify_one();
+            st.push_waited = true;
             st = self.not_full.wait(st).unwrap_or_else(|p| p.into_inner());
         }
         if st.closed {
@@ -91,7 +103,7 @@ impl Queue {
         }
         st.bytes += bytes;
         st.events += events.len().max(1);
-        st.items.push_back((events, bytes));
+        st.items.push_back((events, bytes, Instant::now()));
         let wake = st.events >= st.wake_at;
         drop(st);
         if wake {
@@ -110,21 +122,30 @@ impl Queue {
         self.lock().bytes
     }
 
-    /// The next group to commit; `None` once closed and drained.
-    fn take_group(&self, max_events: usize, interval: Duration) -> Option<Vec<SharedEvent>> {
+    /// The next group to commit and whether the writer is keeping up (see the module
+    /// header); `None` once closed and drained.
+    fn take_group(
+        &self,
+        max_events: usize,
+        interval: Duration,
+    ) -> Option<(Vec<SharedEvent>, WriterPace)> {
         let mut st = self.lock();
         while st.items.is_empty() && !st.closed {
             st.wake_at = 1;
             st = self.not_empty.wait(st).unwrap_or_else(|p| p.into_inner());
         }
-        if st.items.is_empty() {
-            return None;
-        }
-        let deadline = Instant::now() + interval;
+        let started = Instant::now();
+        // Queued longer than an interval before the writer came for it: the writer was
+        // still busy with earlier groups.
+        let late = match st.items.front() {
+            Some((_, _, queued_at)) => started.duration_since(*queued_at) > interval,
+            None => return None,
+        };
+        let deadline = started + interval;
         let mut group: Vec<SharedEvent> = Vec::new();
         loop {
             while group.len() < max_events {
-                let Some((events, bytes)) = st.items.pop_front() else {
+                let Some((events, bytes, _)) = st.items.pop_front() else {
                     break;
                 };
                 st.bytes -= bytes;
@@ -135,7 +156,14 @@ impl Queue {
             let now = Instant::now();
             if group.len() >= max_events || st.closed || now >= deadline {
                 st.wake_at = usize::MAX;
-                return Some(group);
+                let behind = late || group.len() >= max_events || st.push_waited;
+                st.push_waited = false;
+                let pace = if behind {
+                    WriterPace::Behind
+                } else {
+                    WriterPace::KeepingUp
+                };
+                return Some((group, pace));
             }
             st.wake_at = max_events - group.len();
             st = self
@@ -155,6 +183,36 @@ pub struct WriterStats {
     pub commit_failures: AtomicU64,
     /// Duration of the last commit, µs.
     pub last_commit_us: AtomicU64,
+    /// Committed segments by the zstd level of their raw frames, ordered by level.
+    raw_levels: Mutex<Vec<(i32, u64)>>,
+}
+
+impl WriterStats {
+    /// Stats that list `levels` (the configured raw levels) from the start, at zero.
+    pub fn with_raw_levels(levels: &[i32]) -> Self {
+        let stats = Self::default();
+        for &level in levels {
+            stats.add_raw_segments(level, 0);
+        }
+        stats
+    }
+
+    fn add_raw_segments(&self, level: i32, n: u64) {
+        let mut levels = self.raw_levels.lock().unwrap_or_else(|p| p.into_inner());
+        match levels.binary_search_by_key(&level, |e| e.0) {
+            Ok(i) => levels[i].1 += n,
+            Err(i) => levels.insert(i, (level, n)),
+        }
+    }
+
+    /// Committed segments per raw zstd level, ordered by level (every configured level
+    /// listed, also at zero).
+    pub fn raw_level_segments(&self) -> Vec<(i32, u64)> {
+        self.raw_levels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
 }
 
 pub struct WriterConfig {
@@ -190,7 +248,7 @@ pub fn run(
             .map_err(|e| LogError::Backend(format!("cannot start the commit thread: {e}")))?;
         let mut encoded_result = Ok(());
         let mut failure_log = RateLimited::new(5, Duration::from_secs(30));
-        while let Some(group) = queue.take_group(max_events, config.commit_interval) {
+        while let Some((group, pace)) = queue.take_group(max_events, config.commit_interval) {
             if group.is_empty() {
                 continue;
             }
@@ -200,7 +258,7 @@ pub fn run(
                 &stats,
                 &queue,
                 &mut failure_log,
-                || store.encode(&group),
+                || store.encode(&group, pace),
             ) {
                 Ok(encoded) => encoded,
                 Err(e) => {
@@ -254,6 +312,9 @@ fn commit_loop(
             },
         )?;
         stats.commits.fetch_add(1, Ordering::Relaxed);
+        for segment in &encoded {
+            stats.add_raw_segments(segment.raw_level, 1);
+        }
         stats
             .events_committed
             .fetch_add(group.len() as u64, Ordering::Relaxed);
@@ -336,7 +397,7 @@ mod tests {
         queue: &Arc<Queue>,
         max_events: usize,
         interval: Duration,
-    ) -> mpsc::Receiver<Option<Vec<SharedEvent>>> {
+    ) -> mpsc::Receiver<Option<(Vec<SharedEvent>, WriterPace)>> {
         let (tx, rx) = mpsc::channel();
         let queue = Arc::clone(queue);
         std::thread::spawn(move || {
@@ -347,10 +408,17 @@ mod tests {
 
     /// The size of the group taken; panics after 5 s (a missed wakeup: the writer would
     /// sleep until the interval, or forever).
-    fn group_len(rx: &mpsc::Receiver<Option<Vec<SharedEvent>>>) -> Option<usize> {
+    fn group_len(rx: &mpsc::Receiver<Option<(Vec<SharedEvent>, WriterPace)>>) -> Option<usize> {
+        group_of(rx).map(|(len, _)| len)
+    }
+
+    /// The size and pace of the group taken; panics after 5 s as [`group_len`].
+    fn group_of(
+        rx: &mpsc::Receiver<Option<(Vec<SharedEvent>, WriterPace)>>,
+    ) -> Option<(usize, WriterPace)> {
         rx.recv_timeout(Duration::from_secs(5))
             .expect("take_group did not return within 5 s")
-            .map(|g| g.len())
+            .map(|(g, pace)| (g.len(), pace))
     }
 
     #[test]
@@ -403,7 +471,37 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         queue.close();
-        assert_eq!(group_len(&rx), Some(10), "one group of everything appended");
+        assert_eq!(
+            group_of(&rx),
+            Some((10, WriterPace::Behind)),
+            "one group of everything appended, taken behind (appends waited for room)"
+        );
+    }
+
+    /// The pace the writer reports: a group gathered over the interval with nothing behind
+    /// it keeps up; a full group, and a group whose first append waited longer than an
+    /// interval for the writer, are behind. The next group after a backlog keeps up again.
+    #[test]
+    fn groups_taken_with_a_backlog_are_behind() {
+        let queue = Arc::new(Queue::new(1 << 20));
+        let rx = take_in_background(&queue, 1000, Duration::from_millis(30));
+        queue.push(events(3), 10).unwrap();
+        assert_eq!(group_of(&rx), Some((3, WriterPace::KeepingUp)));
+
+        // Full: the group's event count was reached before the interval.
+        queue.push(events(5), 10).unwrap();
+        let rx = take_in_background(&queue, 4, Duration::from_secs(60));
+        assert_eq!(group_of(&rx), Some((5, WriterPace::Behind)));
+
+        // Late: queued while the writer was busy elsewhere, for longer than an interval.
+        queue.push(events(2), 10).unwrap();
+        std::thread::sleep(Duration::from_millis(60));
+        let rx = take_in_background(&queue, 1000, Duration::from_millis(30));
+        assert_eq!(group_of(&rx), Some((2, WriterPace::Behind)));
+
+        let rx = take_in_background(&queue, 1000, Duration::from_millis(30));
+        queue.push(events(1), 10).unwrap();
+        assert_eq!(group_of(&rx), Some((1, WriterPace::KeepingUp)));
     }
 
     #[test]

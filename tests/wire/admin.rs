@@ -290,6 +290,8 @@ const EXPECTED_SERIES: &[&str] = &[
     "sluice_log_retention_deleted_events_total",
     r#"sluice_log_segment_decodes_total{outcome="decoded"}"#,
     r#"sluice_log_segment_decodes_total{outcome="shared"}"#,
+    r#"sluice_log_raw_level_segments_total{level="3"}"#,
+    r#"sluice_log_raw_level_segments_total{level="-3"}"#,
     "sluice_log_oldest_seq",
     "sluice_log_newest_seq",
     "sluice_log_retained_events",

@@ -45,7 +45,7 @@ use crate::event::{Event, StampState};
 use super::codec::{self, Compression, Encoder};
 use super::store::{
     Bounds, EncodedSegment, EventStore, LogError, Payloads, ReadLimits, RecoveryReport, Segment,
-    SharedEvent,
+    SharedEvent, WriterPace,
 };
 
 mod decoded;
@@ -546,18 +546,24 @@ impl EventStore for FjallStore {
     }
 
     fn append(&self, events: &[SharedEvent], resume: StampState) -> Result<(), LogError> {
-        let encoded = self.encode(events)?;
+        let encoded = self.encode(events, WriterPace::KeepingUp)?;
         self.append_encoded(events, &encoded, resume)
     }
 
-    /// Compresses the segments of a batch, on up to `encode_threads` threads.
-    fn encode(&self, events: &[SharedEvent]) -> Result<Vec<EncodedSegment>, LogError> {
+    /// Compresses the segments of a batch, on up to `encode_threads` threads, the raw
+    /// frames at the level for `pace` ([`Compression::raw_level_at`]).
+    fn encode(
+        &self,
+        events: &[SharedEvent],
+        pace: WriterPace,
+    ) -> Result<Vec<EncodedSegment>, LogError> {
+        let level = self.config.compression.raw_level_at(pace);
         let parts = codec::split_segments(events, self.config.segment_target_bytes);
         let threads = self.config.encode_threads.clamp(1, parts.len().max(1));
         let mut encoders = self.take_encoders(threads)?;
         let result = if threads == 1 {
             match encoders.first_mut() {
-                Some(enc) => parts.iter().map(|p| enc.encode(p)).collect(),
+                Some(enc) => parts.iter().map(|p| enc.encode_at(p, level)).collect(),
                 None => Err(backend("no encoder")),
             }
         } else {
@@ -572,14 +578,14 @@ impl EventStore for FjallStore {
                         s.spawn(move || {
                             chunk
                                 .iter()
-                                .map(|p| enc.encode(p))
+                                .map(|p| enc.encode_at(p, level))
                                 .collect::<Result<Vec<_>, _>>()
                         })
                     })
                     .collect();
                 let mut out: Vec<EncodedSegment> = mine
                     .iter()
-                    .map(|p| my_enc.encode(p))
+                    .map(|p| my_enc.encode_at(p, level))
                     .collect::<Result<_, _>>()?;
                 for h in handles {
                     out.extend(
