@@ -13,6 +13,7 @@ use crate::relay;
 use crate::replayers;
 use crate::sink;
 use crate::sink_consumers;
+use crate::sub_procs;
 use crate::target::{BaselineArg, Mix, Wire};
 
 #[derive(Parser)]
@@ -76,6 +77,9 @@ pub(crate) enum Cmd {
     /// Internal: a share of `cold-replay`'s replayers, in a process of their own
     /// (progress on stdout; see replayers.rs).
     ColdReplayRead(replayers::ReplayReadArgs),
+    /// Internal: a share of `fanout`'s subscribers, in a process of their own
+    /// (`--sub-procs`; counts and timing stamps on stdout, see sub_procs.rs).
+    FanoutRead(sub_procs::FanoutReadArgs),
 }
 
 #[derive(Parser, Clone)]
@@ -143,6 +147,15 @@ pub(crate) struct FanoutArgs {
     /// catch-up shares one client's share, as they would behind one NAT.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=250))]
     pub(crate) client_ips: u32,
+    /// Run the subscribers in this many processes of their own (`fanout-read`, one thread
+    /// each) instead of the bench's: the target is then not timed through the bench's
+    /// busy runtime, and their CPU is reported apart. 0 keeps them in the bench. No stall
+    /// phase with this.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) sub_procs: usize,
+    /// With `--sub-procs`: one message in this many per subscriber is timed.
+    #[arg(long, default_value_t = 4)]
+    pub(crate) sub_sample: u64,
     /// Write every phase's result as one JSON line to this file.
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,

@@ -37,6 +37,7 @@ mod resp;
 mod sink;
 mod sink_consumers;
 mod stamps;
+mod sub_procs;
 mod subscribers;
 mod target;
 
@@ -54,6 +55,7 @@ fn main() -> anyhow::Result<()> {
         // A consumer child runs on one thread of its own.
         Cmd::RedisRead(args) => return redis_readers::read_main(args),
         Cmd::ColdReplayRead(args) => return replayers::read_main(args),
+        Cmd::FanoutRead(args) => return sub_procs::read_main(args),
         cmd => cmd,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -69,7 +71,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::RedisSinkMemory(args) => rt.block_on(sink::redis_sink_memory(args)),
         Cmd::RedisConsumers(args) => rt.block_on(sink_consumers::redis_consumers(args)),
         Cmd::RedisRebroadcast(args) => rt.block_on(sink_consumers::rebroadcast(args)),
-        Cmd::RedisRead(_) | Cmd::ColdReplayRead(_) => Ok(()),
+        Cmd::RedisRead(_) | Cmd::ColdReplayRead(_) | Cmd::FanoutRead(_) => Ok(()),
         Cmd::Hostile(args) => rt.block_on(hostile::hostile(args)),
         Cmd::HostileAttack(args) => rt.block_on(hostile::attack(args)),
         Cmd::ColdReplay(args) => rt.block_on(cold_replay::cold_replay(args)),

@@ -21,7 +21,7 @@ use crate::relay::REDIS_CHANNEL;
 use crate::report::{print_phase, q};
 use crate::resp::publishing_conn;
 use crate::subscribers::{
-    connect_from, connect_sub, decoder_dictionary, delivered, realistic_filter, run_sub, sub_url,
+    connect_from, connect_sub, decoder_dictionary, realistic_filter, run_sub, sub_url,
     SubShared, SubSpec, TIMED_EVERY,
 };
 use crate::target::{Mix, Target, Wire};
@@ -215,41 +215,76 @@ pub(crate) async fn run_phase(
         })
         .collect();
     let shared: Vec<Arc<SubShared>> = specs.iter().map(|_| Arc::new(SubShared::new())).collect();
-    let mut tasks = Vec::with_capacity(specs.len());
-    let sem = Arc::new(tokio::sync::Semaphore::new(args.connect_concurrency.max(1)));
-    let mut connect_errors = 0usize;
-    let mut first_error = None;
-    let connecting: Vec<_> = specs
-        .iter()
-        .enumerate()
-        .map(|(i, spec)| {
-            let spec = Arc::clone(spec);
-            let sem = Arc::clone(&sem);
-            let source = (args.client_ips > 1).then(|| {
-                std::net::Ipv4Addr::new(127, 0, 0, 1 + (i as u32 % args.client_ips) as u8)
-            });
-            tokio::spawn(async move {
-                let _permit = sem.acquire_owned().await;
-                connect_from(&spec, source.map(std::net::IpAddr::V4)).await
+    let sources: Vec<Option<std::net::IpAddr>> = (0..specs.len())
+        .map(|i| {
+            (args.client_ips > 1).then(|| {
+                std::net::IpAddr::V4(std::net::Ipv4Addr::new(
+                    127,
+                    0,
+                    0,
+                    1 + (i as u32 % args.client_ips) as u8,
+                ))
             })
         })
         .collect();
-    for (i, c) in connecting.into_iter().enumerate() {
-        match c.await {
-            Ok(Ok(ws)) => tasks.push(tokio::spawn(run_sub(
-                Arc::clone(&specs[i]),
-                ws,
-                Arc::clone(&ctl),
-                Arc::clone(&stamps),
-                Arc::clone(&shared[i]),
-            ))),
-            Ok(Err(e)) => {
-                connect_errors += 1;
-                first_error.get_or_insert_with(|| e.to_string());
-            }
-            Err(e) => {
-                connect_errors += 1;
-                first_error.get_or_insert_with(|| e.to_string());
+    let mut tasks = Vec::with_capacity(specs.len());
+    let mut connect_errors = 0usize;
+    let mut first_error = None;
+    // With `--sub-procs`, the subscribers run in child processes instead.
+    let mut sub_procs = None;
+    if args.sub_procs > 0 {
+        let subs: Vec<_> = specs.iter().cloned().zip(sources.iter().copied()).collect();
+        let log_dir = running
+            ._dir
+            .as_ref()
+            .map_or_else(|| args.tmp.clone(), |d| d.0.clone());
+        let (readers, connected) = crate::sub_procs::spawn(
+            &subs,
+            args.sub_procs,
+            args.sub_sample,
+            &log_dir,
+            Arc::clone(&ctl),
+            Arc::clone(&stamps),
+            Duration::from_secs(60),
+        )
+        .await?;
+        connect_errors = specs.len() - connected.min(specs.len());
+        if connect_errors > 0 {
+            first_error = Some(format!("see {}/fanout-read-*.log", log_dir.display()));
+        }
+        sub_procs = Some(readers);
+    } else {
+        let sem = Arc::new(tokio::sync::Semaphore::new(args.connect_concurrency.max(1)));
+        let connecting: Vec<_> = specs
+            .iter()
+            .zip(&sources)
+            .map(|(spec, source)| {
+                let spec = Arc::clone(spec);
+                let sem = Arc::clone(&sem);
+                let source = *source;
+                tokio::spawn(async move {
+                    let _permit = sem.acquire_owned().await;
+                    connect_from(&spec, source).await
+                })
+            })
+            .collect();
+        for (i, c) in connecting.into_iter().enumerate() {
+            match c.await {
+                Ok(Ok(ws)) => tasks.push(tokio::spawn(run_sub(
+                    Arc::clone(&specs[i]),
+                    ws,
+                    Arc::clone(&ctl),
+                    Arc::clone(&stamps),
+                    Arc::clone(&shared[i]),
+                ))),
+                Ok(Err(e)) => {
+                    connect_errors += 1;
+                    first_error.get_or_insert_with(|| e.to_string());
+                }
+                Err(e) => {
+                    connect_errors += 1;
+                    first_error.get_or_insert_with(|| e.to_string());
+                }
             }
         }
     }
@@ -276,6 +311,10 @@ pub(crate) async fn run_phase(
 
     let cpu0 = cpu_each(&running.procs);
     let self0 = self_cpu();
+    let (subs_cpu0, snap0) = match sub_procs.as_mut() {
+        Some(r) => (r.cpu_secs(), Some(r.snapshot().await?.totals)),
+        None => (0.0, None),
+    };
     let m0 = machine_jiffies();
     let t0 = Instant::now();
     ctl.phase.store(PH_MEASURE, Ordering::Relaxed);
@@ -293,12 +332,24 @@ pub(crate) async fn run_phase(
     let self1 = self_cpu();
     let m1 = machine_jiffies();
     let rss_end_measure = rss_total(&running.procs);
-    let delivered_measure = delivered(&shared, PH_MEASURE);
+    // Per subscriber, in the window.
+    let delivered_each: Vec<u64> = match (sub_procs.as_mut(), snap0) {
+        (Some(r), Some(snap0)) => {
+            let snap1 = r.snapshot().await?.totals;
+            snap1.iter().zip(&snap0).map(|(b, a)| b - a).collect()
+        }
+        _ => shared
+            .iter()
+            .map(|s| s.delivered[PH_MEASURE as usize].load(Ordering::Relaxed))
+            .collect(),
+    };
+    let subs_cpu = sub_procs.as_ref().map_or(0.0, |r| r.cpu_secs() - subs_cpu0);
+    let delivered_measure: u64 = delivered_each.iter().sum();
 
     // Stall phase (sluice only).
     let mut stall = serde_json::Value::Null;
     let stalled_count = specs.iter().filter(|s| s.stalls).count();
-    if is_sluice && args.stall_secs > 0 && stalled_count > 0 {
+    if is_sluice && args.stall_secs > 0 && stalled_count > 0 && sub_procs.is_none() {
         let rss_start = rss_total(&running.procs);
         ctl.phase.store(PH_STALL, Ordering::Relaxed);
         ctl.stall_active.store(true, Ordering::Relaxed);
@@ -390,14 +441,19 @@ pub(crate) async fn run_phase(
     let mut unmatched = 0;
     let mut expected_measure = 0u64;
     let mut delivered_live = 0u64;
-    for (spec, s) in specs.iter().zip(&shared) {
-        if !s.connected.load(Ordering::Relaxed) {
+    for ((spec, s), got) in specs.iter().zip(&shared).zip(&delivered_each) {
+        if sub_procs.is_none() && !s.connected.load(Ordering::Relaxed) {
             continue;
         }
         hist.merge(&s.hist.lock()[PH_MEASURE as usize]);
         unmatched += s.unmatched.load(Ordering::Relaxed);
         expected_measure += tallies[PH_MEASURE as usize].expected(target, spec.filter);
-        delivered_live += s.delivered[PH_MEASURE as usize].load(Ordering::Relaxed);
+        delivered_live += got;
+    }
+    if let Some(r) = sub_procs.as_mut() {
+        hist.merge(&r.hist.lock()[PH_MEASURE as usize]);
+        unmatched += r.unmatched.load(Ordering::Relaxed);
+        r.check_alive()?;
     }
     for t in tasks {
         t.abort();
@@ -415,7 +471,7 @@ pub(crate) async fn run_phase(
     };
     let names: Vec<String> = running.procs.iter().map(|p| p.name.clone()).collect();
     let frames_measure = tallies[PH_MEASURE as usize].frames.load(Ordering::Relaxed);
-    let result = json!({
+    let mut result = json!({
         "run": run,
         "target": target.name(),
         "mix": if is_sluice { format!("{:?}", args.mix).to_lowercase() } else { "all (no filtering)".into() },
@@ -459,6 +515,9 @@ pub(crate) async fn run_phase(
         },
         "stall": stall,
     });
+    // Outside the macro: one more key there passes its recursion limit.
+    result["sub_procs"] = json!(args.sub_procs);
+    result["sub_procs_cpu_pct"] = json!(subs_cpu / secs * 100.0);
     print_phase(&result);
     drop(running);
     Ok(result)

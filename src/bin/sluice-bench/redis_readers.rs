@@ -136,11 +136,13 @@ fn walk(buf: &[u8], pos: &mut usize, toks: &mut Vec<Tok>, depth: usize) -> anyho
 }
 
 /// What every consumer of one child shares (one thread: no locks).
-struct Shared {
-    totals: Vec<u64>,
-    reconnects: u64,
-    connected: Vec<bool>,
-    samples: Vec<(u64, u64)>,
+pub(crate) struct Shared {
+    /// Deliveries so far, per consumer.
+    pub(crate) totals: Vec<u64>,
+    pub(crate) reconnects: u64,
+    pub(crate) connected: Vec<bool>,
+    /// Sampled deliveries not yet reported: (match key, unix ns read).
+    pub(crate) samples: Vec<(u64, u64)>,
 }
 
 struct Reader {
@@ -320,6 +322,28 @@ async fn consume(mut rd: Reader, port: u16, via: Via) {
 pub(crate) fn read_main(args: ReadArgs) -> anyhow::Result<()> {
     // Before any thread is made, so that every one inherits it.
     sluice::priority::lower_this_thread(args.nice)?;
+    let n = args.keys.len();
+    child_main(n, move |shared| {
+        for (i, keys) in args.keys.iter().enumerate() {
+            let rd = Reader {
+                i,
+                keys: keys.split(',').map(str::to_owned).collect(),
+                sample: args.sample.max(1),
+                shared: Rc::clone(&shared),
+                seen: 0,
+            };
+            tokio::task::spawn_local(consume(rd, args.port, args.via));
+        }
+    })
+}
+
+/// A reader child's main: a one-thread runtime where `start` spawns the `n` readers
+/// (local tasks sharing what they count), then the protocol above on stdin and stdout
+/// until stdin closes. Shared by every bench whose readers run in processes of their own.
+pub(crate) fn child_main(
+    n: usize,
+    start: impl FnOnce(Rc<RefCell<Shared>>),
+) -> anyhow::Result<()> {
     // Stdin on a thread of its own: each line is a request, its end the end of the run.
     let (tx, mut requests) = tokio::sync::mpsc::channel::<String>(4);
     std::thread::spawn(move || {
@@ -335,23 +359,13 @@ pub(crate) fn read_main(args: ReadArgs) -> anyhow::Result<()> {
         .build()?;
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
-        let n = args.keys.len();
         let shared = Rc::new(RefCell::new(Shared {
             totals: vec![0; n],
             reconnects: 0,
             connected: vec![false; n],
             samples: Vec::new(),
         }));
-        for (i, keys) in args.keys.iter().enumerate() {
-            let rd = Reader {
-                i,
-                keys: keys.split(',').map(str::to_owned).collect(),
-                sample: args.sample.max(1),
-                shared: Rc::clone(&shared),
-                seen: 0,
-            };
-            tokio::task::spawn_local(consume(rd, args.port, args.via));
-        }
+        start(Rc::clone(&shared));
         let mut out = std::io::stdout().lock();
         let mut tick = tokio::time::interval(Duration::from_millis(20));
         loop {
@@ -429,6 +443,41 @@ impl Readers {
     ) -> anyhow::Result<Readers> {
         let exe = std::env::current_exe()?;
         let procs = at.procs.clamp(1, consumers.len().max(1));
+        let per = consumers.len().div_ceil(procs).max(1);
+        let commands = consumers
+            .chunks(per)
+            .map(|share| {
+                let mut cmd = Command::new(&exe);
+                cmd.arg("redis-read")
+                    .args(["--port", &port.to_string()])
+                    .args([
+                        "--via",
+                        if via == Via::Streams {
+                            "streams"
+                        } else {
+                            "pub-sub"
+                        },
+                    ])
+                    .args(["--sample", &at.sample.to_string()])
+                    .args(["--nice", &at.nice.to_string()]);
+                for keys in share {
+                    cmd.arg(format!("--keys={}", keys.join(",")));
+                }
+                (cmd, share.len())
+            })
+            .collect();
+        Readers::start("redis-read", commands, at.log_dir, ctl, stamps)
+    }
+
+    /// Starts one reader child per command (with the number of readers it runs), each
+    /// speaking the protocol above ([`child_main`]); its stderr goes to `log_dir`.
+    pub(crate) fn start(
+        name: &str,
+        commands: Vec<(Command, usize)>,
+        log_dir: &std::path::Path,
+        ctl: Arc<Control>,
+        stamps: Arc<Stamps>,
+    ) -> anyhow::Result<Readers> {
         // Wall clock → the bench's monotonic clock.
         let offset = i128::from(unix_ns()) - i128::from(now_ns());
         let hist = Arc::new(Mutex::new(std::array::from_fn(|_| Hist::new())));
@@ -441,32 +490,12 @@ impl Readers {
             hist: Arc::clone(&hist),
             unmatched: Arc::clone(&unmatched),
         };
-        let per = consumers.len().div_ceil(procs).max(1);
-        for (c, share) in consumers.chunks(per).enumerate() {
-            let mut cmd = Command::new(&exe);
-            cmd.arg("redis-read")
-                .args(["--port", &port.to_string()])
-                .args([
-                    "--via",
-                    if via == Via::Streams {
-                        "streams"
-                    } else {
-                        "pub-sub"
-                    },
-                ])
-                .args(["--sample", &at.sample.to_string()])
-                .args(["--nice", &at.nice.to_string()]);
-            for keys in share {
-                cmd.arg(format!("--keys={}", keys.join(",")));
-            }
-            let mut guard = ChildGuard::spawn_piped(
-                "redis-read",
-                &mut cmd,
-                at.log_dir.join(format!("redis-read-{c}.log")),
-            )?;
+        for (c, (mut cmd, size)) in commands.into_iter().enumerate() {
+            let mut guard =
+                ChildGuard::spawn_piped(name, &mut cmd, log_dir.join(format!("{name}-{c}.log")))?;
             let (Some(stdin), Some(stdout)) = (guard.child.stdin.take(), guard.child.stdout.take())
             else {
-                bail!("redis-read has no pipes");
+                bail!("{name} has no pipes");
             };
             let (tx, rx) = tokio::sync::mpsc::channel(4);
             let (ctl, stamps, hist, unmatched) = (
@@ -513,7 +542,7 @@ impl Readers {
             readers.children.push(guard);
             readers.stdins.push(stdin);
             readers.snaps.push(rx);
-            readers.sizes.push(share.len());
+            readers.sizes.push(size);
         }
         Ok(readers)
     }
@@ -532,11 +561,11 @@ impl Readers {
         for (rx, size) in self.snaps.iter_mut().zip(&self.sizes) {
             let v = tokio::time::timeout(Duration::from_secs(10), rx.recv())
                 .await
-                .context("a redis-read child did not answer within 10 s")?
-                .context("a redis-read child ended")?;
+                .context("a reader child did not answer within 10 s")?
+                .context("a reader child ended")?;
             if v.len() != size + 2 {
                 bail!(
-                    "redis-read answered {} numbers for {size} consumers",
+                    "a reader child answered {} numbers for {size} consumers",
                     v.len()
                 );
             }

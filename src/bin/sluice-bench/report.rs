@@ -42,7 +42,7 @@ pub(crate) fn print_phase(r: &serde_json::Value) {
     eprintln!(
         "  {} mix={} subs={}/{} rate={} (achieved {}/s): delivered {}/s (ratio {}), \
          CPU {} us/event ({}% of a core), p50 {} us p99 {} us max {} us, \
-         RSS base {} KiB idle {} KiB ({} B/sub) end {} KiB (slope {} KiB/s); bench CPU {}%, machine busy {}%, load {}",
+         RSS base {} KiB idle {} KiB ({} B/sub) end {} KiB (slope {} KiB/s); bench CPU {}% (subscriber processes {}%), machine busy {}%, load {}",
         r["target"].as_str().unwrap_or(""),
         r["mix"].as_str().unwrap_or(""),
         f(&r["connected"]),
@@ -62,6 +62,7 @@ pub(crate) fn print_phase(r: &serde_json::Value) {
         f(&r["rss_end_measure_kb"]),
         f(&r["rss_slope_measure_kb_s"]),
         f(&r["bench_cpu_pct"]),
+        f(&r["sub_procs_cpu_pct"]),
         f(&r["machine_busy_pct"]),
         r["loadavg_at_measure"].as_str().unwrap_or(""),
     );

@@ -292,6 +292,39 @@ pub(crate) async fn run_sub(
     stamps: Arc<Stamps>,
     me: Arc<SubShared>,
 ) {
+    me.connected.store(true, Ordering::Relaxed);
+    let stalled = || spec.stalls && ctl.stall_active.load(Ordering::Relaxed);
+    let end = read_messages(&spec, conn, stalled, |key, timed| {
+        let now = now_ns();
+        let phase = (ctl.phase.load(Ordering::Relaxed) as usize).min(PH_COUNT - 1);
+        me.delivered[phase].fetch_add(1, Ordering::Relaxed);
+        match key.and_then(|k| stamps.get(k)) {
+            Some(sent) => {
+                let us = now.saturating_sub(sent) / 1000;
+                me.hist.lock()[phase].record(us);
+            }
+            None if timed => {
+                me.unmatched.fetch_add(1, Ordering::Relaxed);
+            }
+            // identity/account events carry no rev: not timed.
+            None => {}
+        }
+    })
+    .await;
+    *me.end_reason.lock() = Some(end);
+    me.ended.store(true, Ordering::Relaxed);
+}
+
+/// Reads a subscriber's messages until its stream ends (why, returned), calling `each`
+/// as each one arrives with its match key, if it has one, and whether it should have
+/// one (a raw frame always does; a commit event's key comes from its `did` and `rev`).
+/// While `stalled()` says so, it stops reading (the peer sees a full socket).
+pub(crate) async fn read_messages(
+    spec: &SubSpec,
+    conn: SubConn,
+    stalled: impl Fn() -> bool,
+    mut each: impl FnMut(Option<u64>, bool),
+) -> String {
     // The sink half is kept so the connection stays open.
     let (_sink, mut source) = match conn {
         SubConn::Ws(ws) => {
@@ -303,24 +336,16 @@ pub(crate) async fn run_sub(
     let mut decompressor = spec
         .dictionary
         .and_then(|d| zstd::bulk::Decompressor::with_prepared_dictionary(d).ok());
-    me.connected.store(true, Ordering::Relaxed);
     loop {
-        if spec.stalls && ctl.stall_active.load(Ordering::Relaxed) {
+        if stalled() {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         }
         let msg = match source.next().await {
             Some(Ok(m)) => m,
-            Some(Err(e)) => {
-                *me.end_reason.lock() = Some(format!("error: {e}"));
-                break;
-            }
-            None => {
-                *me.end_reason.lock() = Some("stream ended".into());
-                break;
-            }
+            Some(Err(e)) => return format!("error: {e}"),
+            None => return "stream ended".into(),
         };
-        let now = now_ns();
         let key = match &msg {
             Message::Binary(b) if spec.compressed => decompressor
                 .as_mut()
@@ -337,28 +362,12 @@ pub(crate) async fn run_sub(
                     _ => None,
                 }
             }
-            Message::Close(c) => {
-                *me.end_reason.lock() = Some(format!("closed: {c:?}"));
-                break;
-            }
+            Message::Close(c) => return format!("closed: {c:?}"),
             _ => continue,
         };
-        let phase = (ctl.phase.load(Ordering::Relaxed) as usize).min(PH_COUNT - 1);
-        me.delivered[phase].fetch_add(1, Ordering::Relaxed);
-        match key.and_then(|k| stamps.get(k)) {
-            Some(sent) => {
-                let us = now.saturating_sub(sent) / 1000;
-                me.hist.lock()[phase].record(us);
-            }
-            None => {
-                // identity/account events carry no rev: not timed.
-                if (matches!(msg, Message::Binary(_)) && !spec.compressed) || key.is_some() {
-                    me.unmatched.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
+        let timed = (matches!(msg, Message::Binary(_)) && !spec.compressed) || key.is_some();
+        each(key, timed);
     }
-    me.ended.store(true, Ordering::Relaxed);
 }
 
 #[cfg(test)]
