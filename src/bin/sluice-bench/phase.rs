@@ -21,8 +21,8 @@ use crate::relay::REDIS_CHANNEL;
 use crate::report::{print_phase, q};
 use crate::resp::publishing_conn;
 use crate::subscribers::{
-    connect_from, connect_sub, decoder_dictionary, realistic_filter, run_sub, sub_url,
-    SubShared, SubSpec, TIMED_EVERY,
+    connect_from, connect_sub, decoder_dictionary, realistic_filter, run_sub, sub_url, SubShared,
+    SubSpec, TIMED_EVERY,
 };
 use crate::target::{Mix, Target, Wire};
 

@@ -340,10 +340,7 @@ pub(crate) fn read_main(args: ReadArgs) -> anyhow::Result<()> {
 /// A reader child's main: a one-thread runtime where `start` spawns the `n` readers
 /// (local tasks sharing what they count), then the protocol above on stdin and stdout
 /// until stdin closes. Shared by every bench whose readers run in processes of their own.
-pub(crate) fn child_main(
-    n: usize,
-    start: impl FnOnce(Rc<RefCell<Shared>>),
-) -> anyhow::Result<()> {
+pub(crate) fn child_main(n: usize, start: impl FnOnce(Rc<RefCell<Shared>>)) -> anyhow::Result<()> {
     // Stdin on a thread of its own: each line is a request, its end the end of the run.
     let (tx, mut requests) = tokio::sync::mpsc::channel::<String>(4);
     std::thread::spawn(move || {

@@ -145,7 +145,10 @@ pub(crate) async fn spawn(
     connect_wait: Duration,
 ) -> anyhow::Result<(Readers, usize)> {
     let exe = std::env::current_exe()?;
-    let per = subs.len().div_ceil(procs.clamp(1, subs.len().max(1))).max(1);
+    let per = subs
+        .len()
+        .div_ceil(procs.clamp(1, subs.len().max(1)))
+        .max(1);
     let commands = subs
         .chunks(per)
         .map(|share| {
