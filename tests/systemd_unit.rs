@@ -173,7 +173,7 @@ fn example_config_passes_config_check() {
     let raw_500 = hours("raw frames", "  500");
     assert!(
         raw_500 > 0.5 && raw_500 < 1.0,
-        "4 GiB of 3,529-byte frames at 500/s: {stdout}"
+        "4 GiB of 3,421-byte frames at 500/s: {stdout}"
     );
     assert!(
         stdout.contains("at  1000 events/s: ~0.3 h (--raw-retention-max-gib is the limit)"),
