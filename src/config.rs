@@ -21,6 +21,7 @@ use crate::http::listen::ListenConfig;
 use crate::http::session::SessionConfig;
 use crate::ingest::IngestConfig;
 use crate::log::{LogConfig, RawRetention, RetentionConfig};
+use crate::priority::Background;
 use crate::sink::RedisSinkConfig;
 use crate::upstream::client::{UpstreamConfig, DEFAULT_UPSTREAM};
 use crate::wire::zstd::DictionarySource;
@@ -382,6 +383,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_CATCHUP_NICE", default_value_t = 19,
           value_parser = clap::value_parser!(u8).range(0..=19))]
     pub catchup_nice: u8,
+    /// Scheduling of the catch-up pool's threads and the log's read-ahead thread: nice
+    /// (at `--catchup-nice`) or idle (Linux's SCHED_IDLE class: they run only on what the
+    /// live path leaves of a core, and a live thread that wakes takes the core from them
+    /// at once instead of waiting for their time slice to end).
+    #[arg(long, env = "SLUICE_CATCHUP_SCHED", default_value = "nice")]
+    pub catchup_sched: CatchupSched,
     /// Milliseconds a refusal (HTTP 429/503 with Retry-After, e.g. over a connect or
     /// `/event` rate) is held before it is sent, at most its Retry-After; every refusal
     /// closes its connection. A client that retries at once then asks at most
@@ -605,7 +612,25 @@ fn usize_of(v: u64) -> anyhow::Result<usize> {
     usize::try_from(v).map_err(|_| anyhow::anyhow!("{v} does not fit this platform"))
 }
 
+/// How the catch-up pool's threads and the log's read-ahead thread give way to the live
+/// path (`--catchup-sched`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CatchupSched {
+    /// At `--catchup-nice`.
+    Nice,
+    /// In the SCHED_IDLE class (`--catchup-nice` does not apply).
+    Idle,
+}
+
 impl ServeArgs {
+    /// Where the catch-up pool's threads and the read-ahead thread run.
+    pub fn catchup_class(&self) -> Background {
+        match self.catchup_sched {
+            CatchupSched::Nice => Background::Nice(i32::from(self.catchup_nice)),
+            CatchupSched::Idle => Background::Idle,
+        }
+    }
+
     /// Async worker threads to start: `--worker-threads`, or one per core.
     pub fn runtime_worker_threads(&self) -> usize {
         match self.worker_threads {
@@ -729,7 +754,7 @@ impl ServeArgs {
         log.index_cache_bytes = self.log_index_cache_mib * MIB;
         log.decoded_cache_bytes = usize_of(self.log_decoded_cache_mib * MIB)?;
         log.read_ahead_segments = usize_of(self.log_read_ahead_segments)?;
-        log.read_ahead_nice = i32::from(self.catchup_nice);
+        log.read_ahead_class = self.catchup_class();
         log.compression.raw_level = self.log_raw_zstd_level;
         log.compression.raw_fast_level = self.log_raw_zstd_fast_level;
         log.commit_interval = Duration::from_millis(self.commit_interval_ms);
@@ -767,7 +792,7 @@ impl ServeArgs {
             scan_events_per_sec_per_ip: self.scan_events_per_sec_per_ip,
             catchup: CatchupThreads {
                 threads: usize_of(self.catchup_threads)?,
-                nice: i32::from(self.catchup_nice),
+                class: self.catchup_class(),
             },
             ..HubConfig::default()
         };
