@@ -376,10 +376,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_CATCHUP_THREADS", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=256))]
     pub catchup_threads: u64,
-    /// Niceness of the catch-up pool's threads (0-19; fixed at start): above the live
-    /// path's, so that on busy cores live delivery runs first and catch-up takes what is
-    /// left. The log's read-ahead thread (`--log-read-ahead-segments`) decodes for catch-up
-    /// and runs at the same niceness. 0 runs catch-up at the live path's priority.
+    /// Niceness of the catch-up pool's threads with `--catchup-sched nice` (0-19; fixed at
+    /// start): above the live path's, so that on busy cores live delivery runs first and
+    /// catch-up takes what is left. The log's read-ahead thread (`--log-read-ahead-segments`)
+    /// decodes for catch-up and runs at the same niceness. 0 runs catch-up at the live
+    /// path's priority.
     #[arg(long, env = "SLUICE_CATCHUP_NICE", default_value_t = 19,
           value_parser = clap::value_parser!(u8).range(0..=19))]
     pub catchup_nice: u8,
@@ -387,7 +388,7 @@ pub struct ServeArgs {
     /// (at `--catchup-nice`) or idle (Linux's SCHED_IDLE class: they run only on what the
     /// live path leaves of a core, and a live thread that wakes takes the core from them
     /// at once instead of waiting for their time slice to end).
-    #[arg(long, env = "SLUICE_CATCHUP_SCHED", default_value = "nice")]
+    #[arg(long, env = "SLUICE_CATCHUP_SCHED", default_value = "idle")]
     pub catchup_sched: CatchupSched,
     /// Milliseconds a refusal (HTTP 429/503 with Retry-After, e.g. over a connect or
     /// `/event` rate) is held before it is sent, at most its Retry-After; every refusal
@@ -1120,6 +1121,35 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn catchup_scheduling_is_idle_by_default_and_nice_when_asked_from_a_flag_or_the_file() {
+        let class = |argv: &[&str]| {
+            let c = parse_serve_args(argv.iter().copied()).and_then(|a| a.to_config())?;
+            anyhow::ensure!(
+                c.hub.catchup.class == c.log.read_ahead_class,
+                "the read-ahead thread runs as the pool does"
+            );
+            Ok::<_, anyhow::Error>(c.hub.catchup.class)
+        };
+        assert_eq!(class(&["x"]).unwrap(), Background::Idle);
+        assert_eq!(
+            class(&["x", "--catchup-sched", "nice"]).unwrap(),
+            Background::Nice(19)
+        );
+        assert_eq!(
+            class(&["x", "--catchup-sched", "nice", "--catchup-nice", "5"]).unwrap(),
+            Background::Nice(5)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(&path, "catchup_sched = \"nice\"\ncatchup_nice = 12\n").unwrap();
+        assert_eq!(
+            class(&["x", "--config", path.to_str().unwrap()]).unwrap(),
+            Background::Nice(12)
+        );
+        assert!(class(&["x", "--catchup-sched", "realtime"]).is_err());
     }
 
     #[test]

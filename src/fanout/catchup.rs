@@ -101,7 +101,7 @@ impl Default for CatchupThreads {
     fn default() -> Self {
         Self {
             threads: 0,
-            class: Background::Nice(19),
+            class: Background::Idle,
         }
     }
 }
@@ -309,7 +309,7 @@ mod tests {
         };
         assert_eq!(pool.run(async move { on() }).await, Ok((true, here)));
         assert_eq!(pool.read(on).await, Ok((true, here)));
-        pool.stop();
+        drop(pool);
     }
 
     #[tokio::test]
@@ -341,7 +341,7 @@ mod tests {
         assert_eq!(pool.read(|| 3).await, Ok(3));
         assert_eq!(pool.stats().reads.load(Ordering::Relaxed), 0);
         assert_eq!(pool.stats().writes.load(Ordering::Relaxed), 0);
-        pool.stop();
+        drop(pool);
     }
 
     #[tokio::test]
