@@ -97,11 +97,14 @@ pub struct CatchupThreads {
     pub class: Background,
 }
 
+/// The library's default, nice 19, is what in-process users and tests get; the daemon's
+/// default is the idle class (`--catchup-sched`, chosen by measurement: docs/DECISIONS.md,
+/// "Session 12"), which takes even less from other work on a saturated machine.
 impl Default for CatchupThreads {
     fn default() -> Self {
         Self {
             threads: 0,
-            class: Background::Idle,
+            class: Background::Nice(19),
         }
     }
 }
