@@ -388,7 +388,7 @@ pub struct ServeArgs {
     /// (at `--catchup-nice`) or idle (Linux's SCHED_IDLE class: they run only on what the
     /// live path leaves of a core, and a live thread that wakes takes the core from them
     /// at once instead of waiting for their time slice to end).
-    #[arg(long, env = "SLUICE_CATCHUP_SCHED", default_value = "idle")]
+    #[arg(long, env = "SLUICE_CATCHUP_SCHED", default_value = "nice")]
     pub catchup_sched: CatchupSched,
     /// Milliseconds a refusal (HTTP 429/503 with Retry-After, e.g. over a connect or
     /// `/event` rate) is held before it is sent, at most its Retry-After; every refusal
@@ -1124,7 +1124,7 @@ mod tests {
     }
 
     #[test]
-    fn catchup_scheduling_is_idle_by_default_and_nice_when_asked_from_a_flag_or_the_file() {
+    fn catchup_scheduling_is_nice_by_default_and_idle_when_asked_from_a_flag_or_the_file() {
         let class = |argv: &[&str]| {
             let c = parse_serve_args(argv.iter().copied()).and_then(|a| a.to_config())?;
             anyhow::ensure!(
@@ -1133,10 +1133,10 @@ mod tests {
             );
             Ok::<_, anyhow::Error>(c.hub.catchup.class)
         };
-        assert_eq!(class(&["x"]).unwrap(), Background::Idle);
+        assert_eq!(class(&["x"]).unwrap(), Background::Nice(19));
         assert_eq!(
-            class(&["x", "--catchup-sched", "nice"]).unwrap(),
-            Background::Nice(19)
+            class(&["x", "--catchup-sched", "idle"]).unwrap(),
+            Background::Idle
         );
         assert_eq!(
             class(&["x", "--catchup-sched", "nice", "--catchup-nice", "5"]).unwrap(),

@@ -97,9 +97,8 @@ pub struct CatchupThreads {
     pub class: Background,
 }
 
-/// The library's default, nice 19, is what in-process users and tests get; the daemon's
-/// default is the idle class (`--catchup-sched`, chosen by measurement: docs/DECISIONS.md,
-/// "Session 12"), which takes even less from other work on a saturated machine.
+/// Nice 19, as the daemon's default (`--catchup-sched nice`); the idle class is the
+/// operator's choice (docs/DECISIONS.md, "Session 12").
 impl Default for CatchupThreads {
     fn default() -> Self {
         Self {
