@@ -21,6 +21,7 @@ use crate::http::listen::ListenConfig;
 use crate::http::session::SessionConfig;
 use crate::ingest::IngestConfig;
 use crate::log::{LogConfig, RawRetention, RetentionConfig};
+use crate::priority::Background;
 use crate::sink::RedisSinkConfig;
 use crate::upstream::client::{UpstreamConfig, DEFAULT_UPSTREAM};
 use crate::wire::zstd::DictionarySource;
@@ -375,13 +376,20 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_CATCHUP_THREADS", default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=256))]
     pub catchup_threads: u64,
-    /// Niceness of the catch-up pool's threads (0-19; fixed at start): above the live
-    /// path's, so that on busy cores live delivery runs first and catch-up takes what is
-    /// left. The log's read-ahead thread (`--log-read-ahead-segments`) decodes for catch-up
-    /// and runs at the same niceness. 0 runs catch-up at the live path's priority.
+    /// Niceness of the catch-up pool's threads with `--catchup-sched nice` (0-19; fixed at
+    /// start): above the live path's, so that on busy cores live delivery runs first and
+    /// catch-up takes what is left. The log's read-ahead thread (`--log-read-ahead-segments`)
+    /// decodes for catch-up and runs at the same niceness. 0 runs catch-up at the live
+    /// path's priority.
     #[arg(long, env = "SLUICE_CATCHUP_NICE", default_value_t = 19,
           value_parser = clap::value_parser!(u8).range(0..=19))]
     pub catchup_nice: u8,
+    /// Scheduling of the catch-up pool's threads and the log's read-ahead thread: nice
+    /// (at `--catchup-nice`) or idle (Linux's SCHED_IDLE class: they run only on what the
+    /// live path leaves of a core, and a live thread that wakes takes the core from them
+    /// at once instead of waiting for their time slice to end).
+    #[arg(long, env = "SLUICE_CATCHUP_SCHED", default_value = "nice")]
+    pub catchup_sched: CatchupSched,
     /// Milliseconds a refusal (HTTP 429/503 with Retry-After, e.g. over a connect or
     /// `/event` rate) is held before it is sent, at most its Retry-After; every refusal
     /// closes its connection. A client that retries at once then asks at most
@@ -605,7 +613,25 @@ fn usize_of(v: u64) -> anyhow::Result<usize> {
     usize::try_from(v).map_err(|_| anyhow::anyhow!("{v} does not fit this platform"))
 }
 
+/// How the catch-up pool's threads and the log's read-ahead thread give way to the live
+/// path (`--catchup-sched`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CatchupSched {
+    /// At `--catchup-nice`.
+    Nice,
+    /// In the SCHED_IDLE class (`--catchup-nice` does not apply).
+    Idle,
+}
+
 impl ServeArgs {
+    /// Where the catch-up pool's threads and the read-ahead thread run.
+    pub fn catchup_class(&self) -> Background {
+        match self.catchup_sched {
+            CatchupSched::Nice => Background::Nice(i32::from(self.catchup_nice)),
+            CatchupSched::Idle => Background::Idle,
+        }
+    }
+
     /// Async worker threads to start: `--worker-threads`, or one per core.
     pub fn runtime_worker_threads(&self) -> usize {
         match self.worker_threads {
@@ -729,7 +755,7 @@ impl ServeArgs {
         log.index_cache_bytes = self.log_index_cache_mib * MIB;
         log.decoded_cache_bytes = usize_of(self.log_decoded_cache_mib * MIB)?;
         log.read_ahead_segments = usize_of(self.log_read_ahead_segments)?;
-        log.read_ahead_nice = i32::from(self.catchup_nice);
+        log.read_ahead_class = self.catchup_class();
         log.compression.raw_level = self.log_raw_zstd_level;
         log.compression.raw_fast_level = self.log_raw_zstd_fast_level;
         log.commit_interval = Duration::from_millis(self.commit_interval_ms);
@@ -767,7 +793,7 @@ impl ServeArgs {
             scan_events_per_sec_per_ip: self.scan_events_per_sec_per_ip,
             catchup: CatchupThreads {
                 threads: usize_of(self.catchup_threads)?,
-                nice: i32::from(self.catchup_nice),
+                class: self.catchup_class(),
             },
             ..HubConfig::default()
         };
@@ -1095,6 +1121,35 @@ mod tests {
                 "{bad}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn catchup_scheduling_is_nice_by_default_and_idle_when_asked_from_a_flag_or_the_file() {
+        let class = |argv: &[&str]| {
+            let c = parse_serve_args(argv.iter().copied()).and_then(|a| a.to_config())?;
+            anyhow::ensure!(
+                c.hub.catchup.class == c.log.read_ahead_class,
+                "the read-ahead thread runs as the pool does"
+            );
+            Ok::<_, anyhow::Error>(c.hub.catchup.class)
+        };
+        assert_eq!(class(&["x"]).unwrap(), Background::Nice(19));
+        assert_eq!(
+            class(&["x", "--catchup-sched", "idle"]).unwrap(),
+            Background::Idle
+        );
+        assert_eq!(
+            class(&["x", "--catchup-sched", "nice", "--catchup-nice", "5"]).unwrap(),
+            Background::Nice(5)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(&path, "catchup_sched = \"nice\"\ncatchup_nice = 12\n").unwrap();
+        assert_eq!(
+            class(&["x", "--config", path.to_str().unwrap()]).unwrap(),
+            Background::Nice(12)
+        );
+        assert!(class(&["x", "--catchup-sched", "realtime"]).is_err());
     }
 
     #[test]

@@ -10,34 +10,100 @@
 //! bounded time, then dropped).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use crate::priority::Background;
+
 /// How long [`CatchupPool::stop`] lets catch-up work under way finish (a write is at
 /// most one catch-up batch).
 const STOP_GRACE: Duration = Duration::from_secs(2);
 
-/// The catch-up pool was stopped (shutdown): the work was not run, or was dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoolStopped;
+/// Why work handed to the catch-up pool gave no output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PoolError {
+    /// The pool was stopped (shutdown): the work was not run, or was dropped.
+    Stopped,
+    /// The work panicked (a bug, counted and logged); the panic's message.
+    Panicked(String),
+}
 
-/// The pool's threads and niceness (fixed at start).
+impl PoolError {
+    /// Stable label for logs and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PoolError::Stopped => "stopped",
+            PoolError::Panicked(_) => "panicked",
+        }
+    }
+}
+
+impl std::fmt::Display for PoolError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PoolError::Stopped => f.write_str("the catch-up pool has stopped"),
+            PoolError::Panicked(message) => {
+                write!(f, "catch-up work panicked: {message}")
+            }
+        }
+    }
+}
+
+/// What the pool's threads are doing now and have done, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct PoolStats {
+    /// Catch-up reads below the hot tail handed to the pool and not finished (queued or
+    /// running).
+    pub reads: AtomicUsize,
+    /// Catch-up writes handed to the pool and not finished (one per subscriber at most).
+    pub writes: AtomicUsize,
+    /// Work that panicked (each is logged; the subscriber's session ends).
+    pub panics: AtomicU64,
+}
+
+/// Counts one piece of work in flight, from when it is handed to the pool until it is
+/// dropped (finished, panicked, or dropped by a stop).
+struct InFlight {
+    stats: Arc<PoolStats>,
+    count: fn(&PoolStats) -> &AtomicUsize,
+}
+
+impl InFlight {
+    fn new(stats: &Arc<PoolStats>, count: fn(&PoolStats) -> &AtomicUsize) -> Self {
+        count(stats).fetch_add(1, Ordering::Relaxed);
+        Self {
+            stats: stats.clone(),
+            count,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        (self.count)(&self.stats).fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The pool's threads and their priority (fixed at start).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CatchupThreads {
     /// Async worker threads (catch-up writes); 0 = one per core.
     pub threads: usize,
-    /// Niceness of every thread of the pool (0-19; 0 = the live path's priority).
-    pub nice: i32,
+    /// Where every thread of the pool runs: a niceness (0-19; 0 = the live path's
+    /// priority) or the idle scheduling class.
+    pub class: Background,
 }
 
+/// Nice 19, as the daemon's default (`--catchup-sched nice`); the idle class is the
+/// operator's choice (docs/DECISIONS.md, "Session 12").
 impl Default for CatchupThreads {
     fn default() -> Self {
         Self {
             threads: 0,
-            nice: 19,
+            class: Background::Nice(19),
         }
     }
 }
@@ -48,6 +114,7 @@ pub struct CatchupPool {
     handle: Mutex<Option<tokio::runtime::Handle>>,
     /// The pool's threads alive now (workers and blocking threads).
     alive: Arc<AtomicUsize>,
+    stats: Arc<PoolStats>,
 }
 
 impl CatchupPool {
@@ -57,7 +124,7 @@ impl CatchupPool {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
             n => n,
         };
-        let nice = config.nice;
+        let class = config.class;
         let alive = Arc::new(AtomicUsize::new(0));
         let (started, stopped) = (alive.clone(), alive.clone());
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -65,8 +132,8 @@ impl CatchupPool {
             .thread_name("sluice-catchup")
             .on_thread_start(move || {
                 started.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = crate::priority::lower_this_thread(nice) {
-                    tracing::warn!(error = %e, nice, "cannot lower a catch-up thread's priority");
+                if let Err(e) = crate::priority::lower_this_thread_to(class) {
+                    tracing::warn!(error = %e, ?class, "cannot lower a catch-up thread's priority");
                 }
             })
             .on_thread_stop(move || {
@@ -79,33 +146,73 @@ impl CatchupPool {
             runtime: Mutex::new(Some(runtime)),
             handle: Mutex::new(Some(handle)),
             alive,
+            stats: Arc::new(PoolStats::default()),
         })
     }
 
-    fn handle(&self) -> Result<tokio::runtime::Handle, PoolStopped> {
-        self.handle.lock().clone().ok_or(PoolStopped)
+    fn handle(&self) -> Result<tokio::runtime::Handle, PoolError> {
+        self.handle.lock().clone().ok_or(PoolError::Stopped)
     }
 
-    /// Runs `work` on the pool's workers and waits for its output.
-    pub async fn run<F>(&self, work: F) -> Result<F::Output, PoolStopped>
+    /// Runs `work` (a catch-up write) on the pool's workers and waits for its output.
+    pub async fn run<F>(&self, work: F) -> Result<F::Output, PoolError>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.handle()?.spawn(work).await.map_err(|_| PoolStopped)
+        let handle = self.handle()?;
+        let counted = InFlight::new(&self.stats, |s| &s.writes);
+        let joined = handle
+            .spawn(async move {
+                let _counted = counted;
+                work.await
+            })
+            .await;
+        self.joined(joined)
     }
 
     /// Runs the blocking `work` (a read below the hot tail) on the pool's blocking
     /// threads and waits for its output.
-    pub async fn read<T, F>(&self, work: F) -> Result<T, PoolStopped>
+    pub async fn read<T, F>(&self, work: F) -> Result<T, PoolError>
     where
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        self.handle()?
-            .spawn_blocking(work)
-            .await
-            .map_err(|_| PoolStopped)
+        let handle = self.handle()?;
+        let counted = InFlight::new(&self.stats, |s| &s.reads);
+        let joined = handle
+            .spawn_blocking(move || {
+                let _counted = counted;
+                work()
+            })
+            .await;
+        self.joined(joined)
+    }
+
+    /// The output of work the pool ran, or why there is none: a panic is told apart
+    /// from a stop (and counted and logged), so a bug in a read does not look like a
+    /// restart to the subscriber.
+    fn joined<T>(&self, joined: Result<T, tokio::task::JoinError>) -> Result<T, PoolError> {
+        match joined {
+            Ok(output) => Ok(output),
+            Err(e) if e.is_panic() => {
+                let payload = e.into_panic();
+                let message = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "(no message)".to_owned());
+                self.stats.panics.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(panic = %message, "catch-up work panicked");
+                Err(PoolError::Panicked(message))
+            }
+            Err(_) => Err(PoolError::Stopped),
+        }
+    }
+
+    /// What the pool is doing now and has done.
+    pub fn stats(&self) -> &PoolStats {
+        &self.stats
     }
 
     /// Whether the pool still takes work.
@@ -149,7 +256,7 @@ mod tests {
         let pool = std::sync::Arc::new(
             CatchupPool::start(CatchupThreads {
                 threads: 1,
-                nice: 7,
+                class: Background::Nice(7),
             })
             .unwrap(),
         );
@@ -181,7 +288,99 @@ mod tests {
             0,
             "every thread of the pool has ended"
         );
-        assert_eq!(pool.run(async { 1 }).await, Err(PoolStopped));
-        assert_eq!(pool.read(|| 1).await, Err(PoolStopped));
+        assert_eq!(pool.run(async { 1 }).await, Err(PoolError::Stopped));
+        assert_eq!(pool.read(|| 1).await, Err(PoolError::Stopped));
+        assert_eq!(pool.stats().reads.load(Ordering::Relaxed), 0);
+        assert_eq!(pool.stats().writes.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn in_the_idle_class_every_thread_of_the_pool_is_idle_and_keeps_its_niceness() {
+        let pool = CatchupPool::start(CatchupThreads {
+            threads: 1,
+            class: Background::Idle,
+        })
+        .unwrap();
+        let here = crate::priority::this_thread_nice().unwrap();
+        assert!(!crate::priority::this_thread_is_idle().unwrap());
+        let on = || {
+            (
+                crate::priority::this_thread_is_idle().unwrap(),
+                crate::priority::this_thread_nice().unwrap(),
+            )
+        };
+        assert_eq!(pool.run(async move { on() }).await, Ok((true, here)));
+        assert_eq!(pool.read(on).await, Ok((true, here)));
+        drop(pool);
+    }
+
+    #[tokio::test]
+    async fn a_panic_in_pool_work_is_told_apart_from_a_stop_and_counted() {
+        let pool = CatchupPool::start(CatchupThreads {
+            threads: 1,
+            class: Background::Nice(0),
+        })
+        .unwrap();
+        let read = pool
+            .read(|| -> u32 { panic!("a cold read went wrong") })
+            .await;
+        assert_eq!(
+            read,
+            Err(PoolError::Panicked("a cold read went wrong".into()))
+        );
+        let code = 7;
+        let write = pool
+            .run(async move {
+                if code == 7 {
+                    panic!("write {code} went wrong");
+                }
+                code
+            })
+            .await;
+        assert_eq!(write, Err(PoolError::Panicked("write 7 went wrong".into())));
+        assert_eq!(pool.stats().panics.load(Ordering::Relaxed), 2);
+        // The pool still works after its work panicked.
+        assert_eq!(pool.read(|| 3).await, Ok(3));
+        assert_eq!(pool.stats().reads.load(Ordering::Relaxed), 0);
+        assert_eq!(pool.stats().writes.load(Ordering::Relaxed), 0);
+        drop(pool);
+    }
+
+    #[tokio::test]
+    async fn work_in_flight_is_counted_until_it_ends() {
+        let pool = Arc::new(
+            CatchupPool::start(CatchupThreads {
+                threads: 1,
+                class: Background::Nice(0),
+            })
+            .unwrap(),
+        );
+        let (go_read, wait_read) = std::sync::mpsc::channel::<()>();
+        let (go_write, wait_write) = tokio::sync::oneshot::channel::<()>();
+        let reading = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.read(move || wait_read.recv().is_ok()).await }
+        });
+        let writing = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.run(async move { wait_write.await.is_ok() }).await }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while pool.stats().reads.load(Ordering::Relaxed) != 1
+            || pool.stats().writes.load(Ordering::Relaxed) != 1
+        {
+            assert!(std::time::Instant::now() < deadline, "work never counted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        go_read.send(()).unwrap();
+        go_write.send(()).unwrap();
+        assert_eq!(reading.await.unwrap(), Ok(true));
+        assert_eq!(writing.await.unwrap(), Ok(true));
+        assert_eq!(pool.stats().reads.load(Ordering::Relaxed), 0);
+        assert_eq!(pool.stats().writes.load(Ordering::Relaxed), 0);
+        let stopping = pool.clone();
+        tokio::task::spawn_blocking(move || stopping.stop())
+            .await
+            .unwrap();
     }
 }

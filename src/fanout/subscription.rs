@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use super::filter::Filter;
 use super::hub::{Hub, HubInner, HubState, SubShared};
-use super::{visible, DirectWrite, End, IndexBusy, PoolStopped, SlowPolicy, Start};
+use super::{visible, DirectWrite, End, IndexBusy, PoolError, SlowPolicy, Start};
 use crate::log::{LogError, SharedEvent};
 use crate::rate::TokenBucket;
 use crate::wire::raw::FrameOnce;
@@ -122,8 +122,9 @@ impl Subscription {
     }
 
     /// Runs `work` (this subscriber's catch-up write) on the catch-up pool, below the
-    /// live path's priority ([`CatchupPool`]); `Err` once the pool has stopped.
-    pub async fn on_catchup_pool<F>(&self, work: F) -> Result<F::Output, PoolStopped>
+    /// live path's priority ([`CatchupPool`]); `Err` once the pool has stopped or if the
+    /// write panicked.
+    pub async fn on_catchup_pool<F>(&self, work: F) -> Result<F::Output, PoolError>
     where
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
@@ -460,7 +461,7 @@ impl Subscription {
                 .catchup
                 .read(move || reader.read_from_with(next, limits, payloads))
                 .await
-                .map_err(|_| End::Closed)?
+                .map_err(cold_read_end)?
         } else {
             reader.read_from(next, max, self.hub.config.catchup_batch_bytes)
         };
@@ -535,5 +536,31 @@ impl Drop for Subscription {
                 .fetch_sub(1, Ordering::Relaxed);
         }
         self.hub.stats.subscribers[self.wire.index()].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How a catch-up stream ends when its cold read on the pool gave nothing: at shutdown
+/// as the log closing, and on a panic in the read (a bug) as a failed read, so the
+/// subscriber is told of an internal error rather than of a restart.
+fn cold_read_end(e: PoolError) -> End {
+    match e {
+        PoolError::Stopped => End::Closed,
+        PoolError::Panicked(message) => {
+            End::ReadFailed(format!("the log read panicked: {message}"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicked_cold_read_ends_as_a_failed_read_and_a_stop_as_closed() {
+        assert_eq!(cold_read_end(PoolError::Stopped), End::Closed);
+        assert!(matches!(
+            cold_read_end(PoolError::Panicked("boom".into())),
+            End::ReadFailed(m) if m.contains("boom")
+        ));
     }
 }

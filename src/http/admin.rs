@@ -356,6 +356,14 @@ impl AdminState {
             }
             gauge!("sluice_active_replays").set(hub.catchups_active.load(Ordering::Relaxed) as f64);
             counter!("sluice_cold_reads_total").absolute(hub.cold_reads.load(Ordering::Relaxed));
+            let pool = self.hub.catchup();
+            gauge!("sluice_catchup_pool_threads").set(pool.threads_alive() as f64);
+            gauge!("sluice_catchup_pool_work", "kind" => "read")
+                .set(pool.stats().reads.load(Ordering::Relaxed) as f64);
+            gauge!("sluice_catchup_pool_work", "kind" => "write")
+                .set(pool.stats().writes.load(Ordering::Relaxed) as f64);
+            counter!("sluice_catchup_pool_panics_total")
+                .absolute(pool.stats().panics.load(Ordering::Relaxed));
             counter!("sluice_index_budget_total", "outcome" => "waited")
                 .absolute(hub.index_waits.load(Ordering::Relaxed));
             counter!("sluice_index_budget_total", "outcome" => "refused")
@@ -671,6 +679,7 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_redis_sink_lease_takeovers_total", "Times this node took the cluster's sink lease and started writing (0 on a single node)."),
     ("sluice_redis_sink_batches_total", "Transactions of the Redis sink that applied a batch (events per batch = the events counter's increase over this one's)."),
     ("sluice_redis_sink_time_microseconds_total", "Where the Redis sink's time went, by part: write (position check and transaction, round trips included), read_wait (waiting for a batch from the log beyond the write it overlaps), backoff (waiting after failures)."),
+    ("sluice_catchup_pool_panics_total", "Catch-up reads and writes that panicked on the catch-up pool (a bug; each is logged and ends its subscriber's session as read_failed or write_failed)."),
 ];
 
 const GAUGES: &[(&str, &str)] = &[
@@ -835,6 +844,13 @@ const GAUGES: &[(&str, &str)] = &[
     (
         "sluice_redis_sink_lag_seconds",
         "Source time between the newest event and the Redis sink's position, seconds.",
+    ),    (
+        "sluice_catchup_pool_threads",
+        "Threads of the catch-up pool alive now (its workers and its blocking threads for cold reads).",
+    ),
+    (
+        "sluice_catchup_pool_work",
+        "Catch-up work handed to the catch-up pool and not finished (queued or running), by kind: read (a cold read below the hot tail), write (a subscriber's catch-up write).",
     ),
 ];
 

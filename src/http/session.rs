@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use crate::event::Event;
 use crate::fanout::filter::Filter;
-use crate::fanout::{Direct, DirectWrite, End, PoolStopped, Subscription};
+use crate::fanout::{Direct, DirectWrite, End, PoolError, Subscription};
 use crate::http::admission_text::{self, ClientOptions, TextBusy, TextJob, TextPool};
 use crate::http::budget::{spent_in, Spent};
 use crate::log::SharedEvent;
@@ -523,7 +523,10 @@ pub async fn run(
                         written
                     }
                     // The pool stopped (shutdown) with the connection in its hands.
-                    Err(PoolStopped) => return SessionEnd::Shutdown,
+                    Err(PoolError::Stopped) => return SessionEnd::Shutdown,
+                    // The write panicked (counted and logged by the pool): the
+                    // connection went with it.
+                    Err(PoolError::Panicked(_)) => return SessionEnd::WriteFailed,
                 }
             };
             match written {
@@ -662,7 +665,7 @@ async fn write_catchup<W: WireSession>(
     mut frames: Vec<Frame>,
     config: &SessionConfig,
     counters: &Arc<WireCounters>,
-) -> Result<(Socket, Vec<Frame>, Result<bool, SessionEnd>), PoolStopped> {
+) -> Result<(Socket, Vec<Frame>, Result<bool, SessionEnd>), PoolError> {
     let (wire, config, counters) = (wire.clone(), config.clone(), counters.clone());
     sub.on_catchup_pool(async move {
         let written =

@@ -84,10 +84,10 @@ pub struct LogConfig {
     /// Segments decoded ahead of a sequential cold reader on a thread of their own
     /// (default 1; 0 = off).
     pub read_ahead_segments: usize,
-    /// Niceness of the read-ahead thread: it decodes for catch-up readers, so it yields
-    /// the cores to the live path as the catch-up pool does (default 19; 0 = as the
-    /// daemon).
-    pub read_ahead_nice: i32,
+    /// Where the read-ahead thread runs: it decodes for catch-up readers, so it yields
+    /// the cores to the live path as the catch-up pool does (default nice 19; nice 0 =
+    /// as the daemon).
+    pub read_ahead_class: crate::priority::Background,
     pub compression: Compression,
     /// Threads compressing one commit's segments in parallel (default: available
     /// parallelism, at most 4).
@@ -111,7 +111,7 @@ impl LogConfig {
             index_cache_bytes: store.cache_bytes,
             decoded_cache_bytes: store.decoded_cache_bytes,
             read_ahead_segments: store.read_ahead_segments,
-            read_ahead_nice: store.read_ahead_nice,
+            read_ahead_class: store.read_ahead_class,
             compression: store.compression,
             encode_threads: store.encode_threads,
         }
@@ -127,7 +127,7 @@ impl LogConfig {
         c.cache_bytes = self.index_cache_bytes;
         c.decoded_cache_bytes = self.decoded_cache_bytes;
         c.read_ahead_segments = self.read_ahead_segments;
-        c.read_ahead_nice = self.read_ahead_nice;
+        c.read_ahead_class = self.read_ahead_class;
         c.compression = self.compression;
         c.encode_threads = self.encode_threads;
         c

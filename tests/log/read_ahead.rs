@@ -224,7 +224,10 @@ fn the_read_ahead_thread_yields_the_cores_to_the_live_path() {
     // every read-ahead thread of this process must be at 19.
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = FjallStore::open(config(dir.path())).unwrap();
-    assert_eq!(FjallConfig::new("x").read_ahead_nice, 19);
+    assert_eq!(
+        FjallConfig::new("x").read_ahead_class,
+        sluice::priority::Background::Nice(19)
+    );
     wait_until("the read-ahead thread lowered its priority", || {
         let nices = thread_nices("sluice-log-read");
         !nices.is_empty() && nices.iter().all(|&n| n == 19)

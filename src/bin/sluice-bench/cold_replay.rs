@@ -84,6 +84,11 @@ pub(crate) struct ColdReplayArgs {
     #[arg(long, default_value_t = 19,
           value_parser = clap::value_parser!(i32).range(0..=19))]
     pub(crate) replay_nice: i32,
+    /// Runs the replayers' processes in the SCHED_IDLE class instead of at
+    /// `--replay-nice`: closer to remote machines, whose reading takes no core from the
+    /// live path at all.
+    #[arg(long)]
+    pub(crate) replay_idle: bool,
     /// Seed of the synthetic frames (the live upstream uses seed + 1).
     #[arg(long, default_value_t = 1)]
     pub(crate) seed: u64,
@@ -276,6 +281,7 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
                     args.replayers,
                     args.replay_procs,
                     args.replay_nice,
+                    args.replay_idle,
                     &dir.0,
                 )?;
                 let cpu0 = replayers.cpu_secs();

@@ -9,6 +9,9 @@
 //! On this one machine the children's reading competes for the cores with sluice and the
 //! timed live subscribers, which remote replayers would not: `--replay-nice` runs them at
 //! a lower priority, so what they take is what sluice's live path and the bench leave.
+//! `--replay-idle` puts them in the SCHED_IDLE class instead, closer still to remote
+//! machines: a live thread (sluice's or the bench's) that wakes takes the core from them
+//! at once, rather than after their time slice.
 //!
 //! Protocol: the child writes `p <replayed> <caught up> <failed> <last caught unix ns>`
 //! on stdout every 100 ms and once more when every replayer of it has ended; it exits when
@@ -44,6 +47,9 @@ pub(crate) struct ReplayReadArgs {
     /// Niceness of this process (0-19).
     #[arg(long, default_value_t = 0)]
     nice: i32,
+    /// Runs this process in the SCHED_IDLE class (`--nice` does not apply then).
+    #[arg(long)]
+    idle: bool,
 }
 
 pub(crate) fn unix_ns() -> u64 {
@@ -112,7 +118,12 @@ async fn replay(url: String, last_stored_us: i64, tally: Rc<RefCell<Tally>>) {
 /// `sluice-bench cold-replay-read`: the child. Runs until its stdin closes.
 pub(crate) fn read_main(args: ReplayReadArgs) -> anyhow::Result<()> {
     // Before any other thread starts: they inherit it.
-    sluice::priority::lower_this_thread(args.nice)?;
+    let class = if args.idle {
+        sluice::priority::Background::Idle
+    } else {
+        sluice::priority::Background::Nice(args.nice)
+    };
+    sluice::priority::lower_this_thread_to(class)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -182,6 +193,7 @@ impl Replayers {
         replayers: usize,
         procs: usize,
         nice: i32,
+        idle: bool,
         log_dir: &std::path::Path,
     ) -> anyhow::Result<Replayers> {
         let exe = std::env::current_exe()?;
@@ -200,6 +212,9 @@ impl Replayers {
                 .args(["--last-stored-us", &last_stored_us.to_string()])
                 .args(["--replayers", &share.to_string()])
                 .args(["--nice", &nice.to_string()]);
+            if idle {
+                cmd.arg("--idle");
+            }
             let mut guard = ChildGuard::spawn_piped(
                 "cold-replay-read",
                 &mut cmd,

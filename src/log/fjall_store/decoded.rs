@@ -103,12 +103,12 @@ pub(super) struct ReadAhead {
 impl ReadAhead {
     /// Starts the read-ahead thread over `reads`; `None` when `segments` is 0 or the cache
     /// is off (a decode ahead would have nowhere to wait for its reader).
-    /// The thread runs at niceness `nice` (0: the daemon's): it decodes for catch-up
-    /// readers, which take what the live path leaves of the cores.
+    /// The thread runs in `class` (nice 0: the daemon's priority): it decodes for
+    /// catch-up readers, which take what the live path leaves of the cores.
     pub(super) fn start(
         reads: &Arc<Reads>,
         segments: usize,
-        nice: i32,
+        class: crate::priority::Background,
     ) -> Result<Option<Self>, LogError> {
         if segments == 0 || reads.cache_limit == 0 {
             return Ok(None);
@@ -118,8 +118,8 @@ impl ReadAhead {
         std::thread::Builder::new()
             .name("sluice-log-read-ahead".into())
             .spawn(move || {
-                if let Err(e) = crate::priority::lower_this_thread(nice) {
-                    tracing::warn!(error = %e, nice, "cannot lower the log read-ahead thread's priority");
+                if let Err(e) = crate::priority::lower_this_thread_to(class) {
+                    tracing::warn!(error = %e, ?class, "cannot lower the log read-ahead thread's priority");
                 }
                 for (s, payloads) in rx {
                     // A failed decode ahead is not remembered (a failed entry leaves the

@@ -89,8 +89,8 @@ pub struct FjallConfig {
     /// Segments decoded ahead, on a thread of their own, after each segment a reader
     /// decodes itself (0: no read-ahead; needs the decoded-segment cache).
     pub read_ahead_segments: usize,
-    /// Niceness the read-ahead thread runs at (catch-up work; 0 = the daemon's).
-    pub read_ahead_nice: i32,
+    /// Where the read-ahead thread runs (catch-up work; nice 0 = the daemon's priority).
+    pub read_ahead_class: crate::priority::Background,
 }
 
 impl FjallConfig {
@@ -109,7 +109,7 @@ impl FjallConfig {
             max_open_files: 256,
             decoded_cache_bytes: 16 * 1024 * 1024,
             read_ahead_segments: 1,
-            read_ahead_nice: 19,
+            read_ahead_class: crate::priority::Background::Nice(19),
         }
     }
 }
@@ -270,7 +270,7 @@ impl FjallStore {
             config.decoded_cache_bytes,
         ));
         let read_ahead =
-            ReadAhead::start(&reads, config.read_ahead_segments, config.read_ahead_nice)?;
+            ReadAhead::start(&reads, config.read_ahead_segments, config.read_ahead_class)?;
         let store = Self {
             keyspace,
             index,
