@@ -17,22 +17,20 @@ pub enum Background {
     Idle,
 }
 
-impl Background {
-    /// Stable label for logs and `/metrics`.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Background::Nice(_) => "nice",
-            Background::Idle => "idle",
-        }
-    }
-}
-
 /// Moves the calling thread to `class` (never up): [`lower_this_thread`] for a niceness,
 /// the idle scheduling class otherwise.
 pub fn lower_this_thread_to(class: Background) -> std::io::Result<()> {
     match class {
         Background::Nice(nice) => lower_this_thread(nice),
         Background::Idle => idle_this_thread(),
+    }
+}
+
+/// [`lower_this_thread_to`] for a background thread that works at any priority: a
+/// failure is logged (naming `thread`), and the thread goes on at the one it has.
+pub fn lower_this_thread_or_log(class: Background, thread: &str) {
+    if let Err(e) = lower_this_thread_to(class) {
+        tracing::warn!(error = %e, ?class, thread, "cannot lower a thread's priority");
     }
 }
 

@@ -132,9 +132,7 @@ impl CatchupPool {
             .thread_name("sluice-catchup")
             .on_thread_start(move || {
                 started.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = crate::priority::lower_this_thread_to(class) {
-                    tracing::warn!(error = %e, ?class, "cannot lower a catch-up thread's priority");
-                }
+                crate::priority::lower_this_thread_or_log(class, "catch-up pool");
             })
             .on_thread_stop(move || {
                 stopped.fetch_sub(1, Ordering::Relaxed);

@@ -104,11 +104,12 @@ impl TextPool {
         let rx = Arc::new(Mutex::new(rx));
         for i in 0..config.threads.max(1) {
             let rx = rx.clone();
-            let nice = config.nice;
+            // A failure to lower is logged: the pool still works at the workers' priority.
+            let class = crate::priority::Background::Nice(config.nice);
             std::thread::Builder::new()
                 .name(format!("sluice-text-{i}"))
                 .spawn(move || {
-                    lower_priority(nice);
+                    crate::priority::lower_this_thread_or_log(class, "client text parsing");
                     loop {
                         // The lock is held only while waiting for the next job.
                         let job = rx.lock().recv();
@@ -223,14 +224,6 @@ fn rates(config: &TextConfig) -> (f64, f64) {
         config.bytes_per_sec as f64,
         config.bytes_per_sec_per_ip as f64,
     )
-}
-
-/// Lowers this parsing thread's priority. A failure is logged: the pool still works at
-/// the workers' priority.
-fn lower_priority(nice: i32) {
-    if let Err(e) = crate::priority::lower_this_thread(nice) {
-        tracing::warn!(error = %e, nice, "cannot lower the text parsing thread's priority");
-    }
 }
 
 /// The close reason for a message the text budget could not take in time.

@@ -415,18 +415,18 @@ pub fn start_with_lease(
     // reply parsing) runs on its own niced thread and blocking threads, not on the live
     // path's workers: while it catches up after an outage, live delivery runs first on
     // busy cores (docs/DECISIONS.md, Redis sink).
-    let nice = config.nice;
+    let class = crate::priority::Background::Nice(config.nice);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("redis-sink-read")
-        .on_thread_start(move || lower_priority(nice))
+        .on_thread_start(move || crate::priority::lower_this_thread_or_log(class, "redis sink"))
         .build()
         .map_err(SinkError::Start)?;
     let loop_stats = stats.clone();
     std::thread::Builder::new()
         .name("redis-sink".into())
         .spawn(move || {
-            lower_priority(nice);
+            crate::priority::lower_this_thread_or_log(class, "redis sink");
             runtime.block_on(async move {
                 tokio::select! {
                     _ = run(client, reader, config, loop_stats, shutdown_rx, lease) => {}
@@ -444,12 +444,6 @@ pub fn start_with_lease(
         abort: abort_tx,
         done: done_rx,
     })
-}
-
-fn lower_priority(nice: i32) {
-    if let Err(e) = crate::priority::lower_this_thread(nice) {
-        tracing::warn!(error = %e, nice, "redis sink: cannot lower its thread's priority");
-    }
 }
 
 struct Conn {

@@ -118,9 +118,7 @@ impl ReadAhead {
         std::thread::Builder::new()
             .name("sluice-log-read-ahead".into())
             .spawn(move || {
-                if let Err(e) = crate::priority::lower_this_thread_to(class) {
-                    tracing::warn!(error = %e, ?class, "cannot lower the log read-ahead thread's priority");
-                }
+                crate::priority::lower_this_thread_or_log(class, "log read-ahead");
                 for (s, payloads) in rx {
                     // A failed decode ahead is not remembered (a failed entry leaves the
                     // cache); the reader that needs the segment decodes it and reports.
