@@ -553,6 +553,70 @@ fn process_cpu_secs() -> f64 {
     }
 }
 
+/// Scans of a store written as the log writer writes at the live rate: one commit per
+/// ~50 events (a 100 ms commit at 500 events/s; a segment is cut at every commit), first
+/// as committed (`live_*`, what a store written before merging holds), then after merging
+/// the small segments (`merged_*`, what the retention thread makes of them), beside the
+/// bulk-written store's `durable_*`. Same reads as `durable_*`: 50,000 events from a
+/// third in, 4,096 per read, through `EventStore::read` (with the read-ahead).
+fn bench_scan_live(c: &mut Criterion) {
+    let scale = if measuring() { 1 } else { 10 };
+    let (events_in_store, scan) = (120_000 / scale, 50_000 / scale);
+    let commit_frames: usize = env_num("SLUICE_BENCH_LIVE_COMMIT_FRAMES").unwrap_or(50);
+    let templates = corpus();
+    let dir = bench_dir();
+    let (store, _) = FjallStore::open(store_config(dir.path())).expect("store");
+    let mut state = StampState::fresh();
+    let mut written = 0;
+    let started = Instant::now();
+    while written < events_in_store {
+        let frames = restamp(&templates, &mut state, commit_frames);
+        let batch: Vec<Arc<Event>> = frames.into_iter().flatten().map(Arc::new).collect();
+        written += batch.len();
+        store.append(&batch, state).expect("append");
+    }
+    let committed = store.segments(usize::MAX).len();
+    let from = (written / 3) as u64;
+    let scan_all = |store: &FjallStore, payloads: Payloads| {
+        let mut next = from;
+        let end = from + scan as u64;
+        while next < end {
+            let got = store
+                .read(next, ReadLimits::events(4096), payloads)
+                .expect("read");
+            next += got.len() as u64;
+            black_box(got);
+        }
+    };
+    let mut g = c.benchmark_group("log_scan");
+    g.throughput(Throughput::Elements(scan as u64));
+    g.sample_size(20);
+    for (name, payloads) in [("live_v1", Payloads::V1), ("live_raw", Payloads::RAW)] {
+        g.bench_function(name, |b| b.iter(|| scan_all(&store, payloads)));
+    }
+    let (merge_started, stored_before) = (Instant::now(), store.size_bytes());
+    let mut merged = 0;
+    loop {
+        let step = store.merge_small_segments().expect("merge");
+        if step.merged == 0 {
+            break;
+        }
+        merged += step.merged;
+    }
+    eprintln!(
+        "live-written store: {written} events in {committed} commits ({:.1} s); merged {merged}          segments into {} in {:.1} s; stored {} -> {} MiB",
+        (merge_started - started).as_secs_f64(),
+        store.segments(usize::MAX).len(),
+        merge_started.elapsed().as_secs_f64(),
+        stored_before >> 20,
+        store.size_bytes() >> 20,
+    );
+    for (name, payloads) in [("merged_v1", Payloads::V1), ("merged_raw", Payloads::RAW)] {
+        g.bench_function(name, |b| b.iter(|| scan_all(&store, payloads)));
+    }
+    g.finish();
+}
+
 /// Appends the corpus through the log at a live rate (`SLUICE_BENCH_PACED_RATE` events/s,
 /// default 2,000) for `SLUICE_BENCH_PACED_SECS` seconds (unset: not run when measuring),
 /// with the default writer settings and the store's levels (as the env overrides say), and
@@ -659,6 +723,7 @@ criterion_group!(
     bench_sizes,
     bench_paced,
     bench_scan,
+    bench_scan_live,
     bench_encode,
     bench_append
 );

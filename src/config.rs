@@ -95,6 +95,19 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_LOG_READ_AHEAD_SEGMENTS", default_value_t = 1,
           value_parser = clap::value_parser!(u64).range(0..=16))]
     pub log_read_ahead_segments: u64,
+    /// Uncompressed bytes per log segment, KiB: a scan pays fixed work per segment, a
+    /// replay decodes whole segments (docs/DECISIONS.md, Event log, session 13). Commits
+    /// cut segments too; merging (--log-merge-segments) joins the small ones to this size.
+    #[arg(long, env = "SLUICE_LOG_SEGMENT_KIB", default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(16..=64 * 1024))]
+    pub log_segment_kib: u64,
+    /// Merge runs of small log segments (cut at every commit at the live rate, ~50 events
+    /// each at 500 events/s) into full-size ones on the retention thread, so a replay of
+    /// live-written hours scans as fast as of bulk-written ones (docs/DECISIONS.md, Event
+    /// log, session 13). `false`: segments stay as committed.
+    #[arg(long, env = "SLUICE_LOG_MERGE_SEGMENTS", default_value_t = true,
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub log_merge_segments: bool,
     /// zstd level of the raw frames the log stores while its writer keeps up (the live
     /// rate): smaller files for CPU the live rate leaves idle.
     #[arg(long, env = "SLUICE_LOG_RAW_ZSTD_LEVEL", default_value_t = 3, allow_hyphen_values = true,
@@ -755,6 +768,8 @@ impl ServeArgs {
         log.index_cache_bytes = self.log_index_cache_mib * MIB;
         log.decoded_cache_bytes = usize_of(self.log_decoded_cache_mib * MIB)?;
         log.read_ahead_segments = usize_of(self.log_read_ahead_segments)?;
+        log.merge_small_segments = self.log_merge_segments;
+        log.segment_target_bytes = usize_of(self.log_segment_kib * 1024)?;
         log.read_ahead_class = self.catchup_class();
         log.compression.raw_level = self.log_raw_zstd_level;
         log.compression.raw_fast_level = self.log_raw_zstd_fast_level;

@@ -405,6 +405,11 @@ impl AdminState {
                     .deleted_events
                     .load(Ordering::Relaxed),
             );
+            let rs = self.log.retention_stats();
+            counter!("sluice_log_merged_segments_total", "outcome" => "merged")
+                .absolute(rs.merged_segments.load(Ordering::Relaxed));
+            counter!("sluice_log_merged_segments_total", "outcome" => "failed_step")
+                .absolute(rs.merge_failures.load(Ordering::Relaxed));
             let (decodes, shared) = reader.store().decoded_cache_counts();
             counter!("sluice_log_segment_decodes_total", "outcome" => "decoded").absolute(decodes);
             counter!("sluice_log_segment_decodes_total", "outcome" => "shared").absolute(shared);
@@ -656,6 +661,7 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_log_retention_deleted_events_total", "Events deleted from the log by retention."),
     ("sluice_log_raw_level_segments_total", "Log segments committed, by the zstd level of their raw frames: --log-raw-zstd-level while the log writer keeps up, --log-raw-zstd-fast-level for groups taken with a backlog building."),
     ("sluice_log_retention_raw_dropped_events_total", "Events whose raw frame retention dropped while keeping their JSON (--raw-retention-hours, --raw-retention-max-gib)."),
+    ("sluice_log_merged_segments_total", "Small log segments (cut by commits at the live rate) merged into full-size ones so replays scan them fast (outcome=merged), and merge steps that failed and are retried (outcome=failed_step); --log-merge-segments."),
     ("sluice_log_segment_decodes_total", "Stored segments read by replays: decoded (outcome=decoded) or served by a decode another replay made, from --log-decoded-cache-mib (outcome=shared), or decoded ahead of the replay that then read it, --log-read-ahead-segments (outcome=read_ahead)."),
     ("sluice_connections_accepted_total", "Connections accepted, by listener."),
     ("sluice_connections_refused_total", "Connections refused before any request was read, by listener and reason (pending_full 503, pending_per_ip 429, fd_reserve 503, held_per_ip 429: the address had --max-held-refusals-per-ip refusals held)."),

@@ -48,8 +48,8 @@ pub use codec::Compression;
 pub use fjall_store::{FjallConfig, FjallStore};
 pub use retention::{RawRetention, RetentionConfig, RetentionStats};
 pub use store::{
-    Bounds, EventStore, LogError, Payloads, ReadLimits, RecoveryReport, Segment, SharedEvent,
-    WriterPace,
+    Bounds, EventStore, LogError, MergeStep, Payloads, ReadLimits, RecoveryReport, Segment,
+    SharedEvent, WriterPace,
 };
 pub use tail::{HotTail, TailRead};
 pub use writer::WriterStats;
@@ -69,7 +69,7 @@ pub struct LogConfig {
     /// Bytes of payload queued for the writer before `append` blocks (default 32 MiB).
     pub queue_max_bytes: usize,
     pub retention: RetentionConfig,
-    /// Uncompressed bytes per stored segment (default 256 KiB).
+    /// Uncompressed bytes per stored segment (default 1 MiB; commits cut segments too).
     pub segment_target_bytes: usize,
     /// Blob file size of the embedded store: the granularity of space reclamation.
     pub blob_file_bytes: u64,
@@ -92,6 +92,9 @@ pub struct LogConfig {
     /// Threads compressing one commit's segments in parallel (default: available
     /// parallelism, at most 4).
     pub encode_threads: usize,
+    /// Merge runs of small segments (cut by commits at the live rate) into full-size
+    /// ones, on the retention thread (default on).
+    pub merge_small_segments: bool,
 }
 
 impl LogConfig {
@@ -114,6 +117,7 @@ impl LogConfig {
             read_ahead_class: store.read_ahead_class,
             compression: store.compression,
             encode_threads: store.encode_threads,
+            merge_small_segments: store.merge_small_segments,
         }
     }
 
@@ -130,6 +134,7 @@ impl LogConfig {
         c.read_ahead_class = self.read_ahead_class;
         c.compression = self.compression;
         c.encode_threads = self.encode_threads;
+        c.merge_small_segments = self.merge_small_segments;
         c
     }
 }

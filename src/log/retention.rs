@@ -4,9 +4,11 @@
 //! capture recorded last week and replayed into `serve` is kept like live traffic, and an
 //! upstream that has been down for days does not empty the log.
 //!
-//! Owns: the retention policy and its background thread. Must never: delete anything but
-//! whole oldest segments through [`EventStore::delete_before`] (no rewriting of retained
-//! data), or block the writer or readers for longer than one store deletion.
+//! Owns: the retention policy and its background thread, which also runs the store's
+//! merging of small segments ([`EventStore::merge_small_segments`], after each pass, for
+//! at most half the check interval). Must never: delete anything but whole oldest
+//! segments through [`EventStore::delete_before`] (retention itself rewrites nothing), or
+//! block the writer or readers for longer than one store deletion or merge commit.
 //!
 //! Size: the store's `size_bytes` (compressed segment bytes) is kept under
 //! `max_bytes - overhead_bytes` (the backend's journals and not-yet-reclaimed files), so
@@ -85,6 +87,9 @@ pub struct RetentionPass {
 #[derive(Debug, Default)]
 pub struct RetentionStats {
     pub deleted_events: AtomicU64,
+    /// Small segments merged into full-size ones, and merge steps that failed.
+    pub merged_segments: AtomicU64,
+    pub merge_failures: AtomicU64,
     pub raw_dropped_events: AtomicU64,
     pub passes: AtomicU64,
     pub failures: AtomicU64,
@@ -189,6 +194,27 @@ fn raw_pass(
     Ok(())
 }
 
+/// Runs merge steps while they merge something, for at most `budget`.
+fn merge_for(store: &dyn EventStore, budget: Duration, stats: &RetentionStats) {
+    let started = std::time::Instant::now();
+    while started.elapsed() < budget {
+        match store.merge_small_segments() {
+            Ok(step) if step.merged > 0 => {
+                stats
+                    .merged_segments
+                    .fetch_add(step.merged, Ordering::Relaxed);
+                tracing::debug!(?step, "merged small segments");
+            }
+            Ok(_) => return,
+            Err(e) => {
+                stats.merge_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "merging small segments failed; will retry");
+                return;
+            }
+        }
+    }
+}
+
 /// Runs passes every `check_interval` until `stop` is dropped or sent to.
 pub fn run(
     store: Arc<dyn EventStore>,
@@ -215,6 +241,7 @@ pub fn run(
                 tracing::warn!(error = %e, "retention pass failed; will retry");
             }
         }
+        merge_for(store.as_ref(), config.check_interval / 2, &stats);
         match stop.recv_timeout(config.check_interval) {
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             _ => return,

@@ -146,6 +146,15 @@ pub enum WriterPace {
     Behind,
 }
 
+/// What one [`EventStore::merge_small_segments`] step did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MergeStep {
+    /// Small segments replaced.
+    pub merged: u64,
+    /// Segments written in their place.
+    pub written: u64,
+}
+
 /// What opening a store found and repaired.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
@@ -281,6 +290,14 @@ pub trait EventStore: Send + Sync + 'static {
     fn delete_raw_before(&self, seq: u64) -> Result<u64, LogError> {
         let _ = seq;
         Ok(0)
+    }
+
+    /// One step of merging small segments (cut short by commits at the live rate) into
+    /// full-size ones, so that a scan pays its per-segment work as rarely as on bulk-written
+    /// data. Rewrites retained events without changing any of them; crash-safe like an
+    /// append. Backends without it merge nothing.
+    fn merge_small_segments(&self) -> Result<MergeStep, LogError> {
+        Ok(MergeStep::default())
     }
 
     /// Bytes the backend may use beyond `size_bytes` (journals, not yet reclaimed files):

@@ -7,6 +7,7 @@ mod log_common;
 
 mod format;
 mod handover;
+mod merge;
 mod raw_level;
 mod raw_retention;
 mod read_ahead;

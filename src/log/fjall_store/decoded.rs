@@ -27,7 +27,9 @@ use super::{backend, Files};
 type DecodedCell = Arc<OnceLock<Result<Arc<Vec<SharedEvent>>, LogError>>>;
 
 struct DecodedEntry {
-    first_seq: u64,
+    /// Which segment: its seqs and where its events value is (a merged segment starts at
+    /// the seq of the first segment it replaced, so the seq alone does not say).
+    key: (u64, u64, u64, u64),
     payloads: Payloads,
     /// Payload bytes held once decoded (0 while decoding).
     bytes: usize,
@@ -227,19 +229,20 @@ impl Reads {
             return Ok(decode()?.map(Arc::new));
         }
         let first_seq = s.info.first_seq;
+        let key = (first_seq, s.info.last_seq, s.file, s.offset);
         let (cell, mine) = {
             let mut cache = self.cache.lock().map_err(|_| backend("poisoned"))?;
             match cache
                 .entries
                 .iter()
-                .find(|e| e.first_seq == first_seq && e.payloads == payloads)
+                .find(|e| e.key == key && e.payloads == payloads)
             {
                 Some(_) if asker == Asker::ReadAhead => return Ok(None),
                 Some(e) => (e.cell.clone(), false),
                 None => {
                     let cell: DecodedCell = Arc::new(OnceLock::new());
                     cache.entries.push_back(DecodedEntry {
-                        first_seq,
+                        key,
                         payloads,
                         bytes: 0,
                         cell: cell.clone(),

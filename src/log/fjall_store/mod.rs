@@ -44,12 +44,13 @@ use crate::event::{Event, StampState};
 
 use super::codec::{self, Compression, Encoder};
 use super::store::{
-    Bounds, EncodedSegment, EventStore, LogError, Payloads, ReadLimits, RecoveryReport, Segment,
-    SharedEvent, WriterPace,
+    Bounds, EncodedSegment, EventStore, LogError, MergeStep, Payloads, ReadLimits, RecoveryReport,
+    Segment, SharedEvent, WriterPace,
 };
 
 mod decoded;
 mod layout;
+mod merge;
 mod recovery;
 
 pub use decoded::DecodedStats;
@@ -91,6 +92,9 @@ pub struct FjallConfig {
     pub read_ahead_segments: usize,
     /// Where the read-ahead thread runs (catch-up work; nice 0 = the daemon's priority).
     pub read_ahead_class: crate::priority::Background,
+    /// Whether runs of small segments (cut by commits at the live rate) are merged into
+    /// full-size ones ([`EventStore::merge_small_segments`]).
+    pub merge_small_segments: bool,
 }
 
 impl FjallConfig {
@@ -110,6 +114,7 @@ impl FjallConfig {
             decoded_cache_bytes: 16 * 1024 * 1024,
             read_ahead_segments: 1,
             read_ahead_class: crate::priority::Background::Nice(19),
+            merge_small_segments: true,
         }
     }
 }
@@ -147,11 +152,18 @@ impl Files {
             .unwrap_or(0)
     }
 
-    /// Forgets the files with an id below `keep_from`; returns them, to be removed
-    /// outside the writer lock.
-    fn take_below(&self, keep_from: u64) -> Result<Vec<u64>, LogError> {
+    /// Forgets the files not in `referenced`; returns them, to be removed outside the
+    /// writer lock.
+    fn take_unreferenced(
+        &self,
+        referenced: &std::collections::BTreeSet<u64>,
+    ) -> Result<Vec<u64>, LogError> {
         let mut files = self.open.write().map_err(|_| backend("poisoned"))?;
-        let gone: Vec<u64> = files.range(..keep_from).map(|(id, _)| *id).collect();
+        let gone: Vec<u64> = files
+            .keys()
+            .filter(|id| !referenced.contains(id))
+            .copied()
+            .collect();
         for id in &gone {
             files.remove(id);
         }
@@ -169,26 +181,45 @@ impl Files {
     }
 }
 
-/// The file of one directory being appended to.
-struct Appender {
-    current: Option<(u64, Arc<File>, u64)>,
-    next_file: u64,
+/// The file of one directory being appended to: id, file, end.
+type Appender = Option<(u64, Arc<File>, u64)>;
+
+/// A data file and a raw file being appended to.
+#[derive(Default)]
+struct Pair {
+    data: Appender,
+    raw: Appender,
 }
 
-impl Appender {
-    /// The first id not taken by a file that is still open or being written.
-    fn keep_from(&self) -> u64 {
-        match &self.current {
-            Some((id, _, _)) => *id,
-            None => self.next_file,
+/// What is being appended to: the commits' files, and apart from them the files merged
+/// segments go to (so that files of merged-away segments empty out and are reclaimed
+/// whole, instead of holding merged data that lives on).
+struct Writer {
+    commits: Pair,
+    merged: Pair,
+    /// The next file id of each directory (shared by both pairs).
+    next_data: u64,
+    next_raw: u64,
+}
+
+impl Writer {
+    /// The files being appended to, of `data` (else raw): never reclaimed.
+    fn current(&self, data: bool) -> [Option<u64>; 2] {
+        let id = |a: &Appender| a.as_ref().map(|(id, _, _)| *id);
+        if data {
+            [id(&self.commits.data), id(&self.merged.data)]
+        } else {
+            [id(&self.commits.raw), id(&self.merged.raw)]
         }
     }
 }
 
-/// The data file and the raw file being appended to.
-struct Writer {
-    data: Appender,
-    raw: Appender,
+/// Values written to the files and not yet committed to the index.
+struct Written {
+    stored: Vec<Stored>,
+    touched: Vec<Arc<File>>,
+    data_created: bool,
+    raw_created: bool,
 }
 
 pub struct FjallStore {
@@ -197,6 +228,11 @@ pub struct FjallStore {
     state: PartitionHandle,
     segments: RwLock<VecDeque<Stored>>,
     writer: Mutex<Writer>,
+    /// Held by whatever replaces or deletes index entries other than the newest
+    /// (retention, raw retention, merging), one at a time.
+    maintenance: Mutex<()>,
+    /// Segments below this seq were judged by merging already (this process).
+    merge_from: AtomicU64,
     resume: Mutex<StampState>,
     /// The oldest seq whose raw frame may be held: segments wholly below it keep only
     /// their JSON. Durable (`RAW_FLOOR_KEY`) before any frame below it is removed.
@@ -279,15 +315,13 @@ impl FjallStore {
             raw_bytes: AtomicU64::new(0),
             segments: RwLock::new(segments),
             writer: Mutex::new(Writer {
-                data: Appender {
-                    current: None,
-                    next_file: data_max.map_or(1, |m: u64| m + 1),
-                },
-                raw: Appender {
-                    current: None,
-                    next_file: raw_max.map_or(1, |m: u64| m + 1),
-                },
+                commits: Pair::default(),
+                merged: Pair::default(),
+                next_data: data_max.map_or(1, |m: u64| m + 1),
+                next_raw: raw_max.map_or(1, |m: u64| m + 1),
             }),
+            maintenance: Mutex::new(()),
+            merge_from: AtomicU64::new(0),
             resume: Mutex::new(StampState::fresh()),
             raw_floor: AtomicU64::new(raw_floor),
             encoders: Mutex::new(Vec::new()),
@@ -391,14 +425,15 @@ impl FjallStore {
         &self,
         files: &Files,
         a: &mut Appender,
+        next_file: &mut u64,
     ) -> Result<(u64, Arc<File>, u64, bool), LogError> {
-        if let Some((id, file, pos)) = &a.current {
+        if let Some((id, file, pos)) = a {
             if *pos < self.config.blob_file_bytes.max(1) {
                 return Ok((*id, file.clone(), *pos, false));
             }
         }
-        let id = a.next_file;
-        a.next_file += 1;
+        let id = *next_file;
+        *next_file += 1;
         let path = files.path(id);
         let file = Arc::new(
             OpenOptions::new()
@@ -413,35 +448,50 @@ impl FjallStore {
             .write()
             .map_err(|_| backend("poisoned"))?
             .insert(id, file.clone());
-        a.current = Some((id, file.clone(), 0));
+        *a = Some((id, file.clone(), 0));
         Ok((id, file, 0, true))
     }
 
-    fn write_and_commit(
+    /// Writes the values of `encoded` to the files of `merged` (else the commits' pair)
+    /// and syncs them (and their directories when a file was created): the first half of
+    /// a commit, before the index batch that makes them visible.
+    fn write_values(
         &self,
         w: &mut Writer,
+        merged: bool,
         encoded: &[EncodedSegment],
-        resume: StampState,
-    ) -> Result<(), LogError> {
-        let mut stored = Vec::with_capacity(encoded.len());
-        let mut touched: Vec<Arc<File>> = Vec::new();
-        let (mut data_created, mut raw_created) = (false, false);
+    ) -> Result<Written, LogError> {
+        let Writer {
+            commits,
+            merged: merged_pair,
+            next_data,
+            next_raw,
+        } = w;
+        let pair = if merged { merged_pair } else { commits };
+        let mut out = Written {
+            stored: Vec::with_capacity(encoded.len()),
+            touched: Vec::new(),
+            data_created: false,
+            raw_created: false,
+        };
         for seg in encoded {
             let events_len = u32::try_from(seg.events_value.len())
                 .map_err(|_| backend("events value too large"))?;
             let frames_len = u32::try_from(seg.frames_value.len())
                 .map_err(|_| backend("frames value too large"))?;
-            let (id, file, pos, new) = self.writable(&self.reads.data, &mut w.data)?;
-            data_created |= new;
+            let (id, file, pos, new) =
+                self.writable(&self.reads.data, &mut pair.data, next_data)?;
+            out.data_created |= new;
             file.write_all_at(&seg.events_value, pos)
                 .map_err(|e| io("cannot write", &self.reads.data.path(id), e))?;
-            let (raw_id, raw, raw_pos, new) = self.writable(&self.reads.raw, &mut w.raw)?;
-            raw_created |= new;
+            let (raw_id, raw, raw_pos, new) =
+                self.writable(&self.reads.raw, &mut pair.raw, next_raw)?;
+            out.raw_created |= new;
             raw.write_all_at(&seg.frames_value, raw_pos)
                 .map_err(|e| io("cannot write", &self.reads.raw.path(raw_id), e))?;
             for f in [&file, &raw] {
-                if !touched.iter().any(|t| Arc::ptr_eq(t, f)) {
-                    touched.push(f.clone());
+                if !out.touched.iter().any(|t| Arc::ptr_eq(t, f)) {
+                    out.touched.push(f.clone());
                 }
             }
             let s = Stored {
@@ -458,17 +508,17 @@ impl FjallStore {
                     offset: raw_pos,
                 },
             };
-            w.data.current = Some((id, file, s.end()));
-            w.raw.current = s.raw_end().map(|(_, end)| (raw_id, raw, end));
-            stored.push(s);
+            pair.data = Some((id, file, s.end()));
+            pair.raw = s.raw_end().map(|(_, end)| (raw_id, raw, end));
+            out.stored.push(s);
         }
-        for f in &touched {
+        for f in &out.touched {
             f.sync_data()
                 .map_err(|e| backend(format!("cannot sync a data file: {e}")))?;
         }
         for (created, files) in [
-            (data_created, &self.reads.data),
-            (raw_created, &self.reads.raw),
+            (out.data_created, &self.reads.data),
+            (out.raw_created, &self.reads.raw),
         ] {
             if created {
                 File::open(&files.dir)
@@ -476,6 +526,16 @@ impl FjallStore {
                     .map_err(|e| io("cannot sync", &files.dir, e))?;
             }
         }
+        Ok(out)
+    }
+
+    fn write_and_commit(
+        &self,
+        w: &mut Writer,
+        encoded: &[EncodedSegment],
+        resume: StampState,
+    ) -> Result<(), LogError> {
+        let stored = self.write_values(w, false, encoded)?.stored;
         // The commit point: index entries pointing at durable bytes, and the resume state.
         let mut batch = self.keyspace.batch();
         for s in &stored {
@@ -499,32 +559,157 @@ impl FjallStore {
         Ok(())
     }
 
-    /// Removes the files of both directories below the oldest one a retained segment
-    /// still reads (and not being appended to). Under the writer lock, so no commit lands
-    /// in a file while it is judged.
+    /// Removes the files of both directories no retained segment reads (raw files: none
+    /// at or above the raw floor) and not being appended to. Under the writer lock, so no
+    /// commit lands in a file while it is judged. (Merging writes older data to newer
+    /// files, so a file's id says nothing about whether it is still read.)
     fn reclaim_files(&self) -> Result<(), LogError> {
         let w = self.writer.lock().map_err(|_| backend("poisoned"))?;
-        let (oldest_data, oldest_raw) = {
+        let mut data_refs: std::collections::BTreeSet<u64> =
+            w.current(true).into_iter().flatten().collect();
+        let mut raw_refs: std::collections::BTreeSet<u64> =
+            w.current(false).into_iter().flatten().collect();
+        {
             let segs = self.segments.read().map_err(|_| backend("poisoned"))?;
             let floor = self.raw_floor.load(Ordering::Acquire);
-            let raw = segs
-                .iter()
-                .skip(segs.partition_point(|s| s.info.first_seq < floor))
-                .find_map(|s| s.raw_end().map(|(file, _)| file));
-            (segs.front().map(|s| s.file), raw)
-        };
-        let data_gone = self
-            .reads
-            .data
-            .take_below(oldest_data.unwrap_or(w.data.keep_from()))?;
-        let raw_gone = self
-            .reads
-            .raw
-            .take_below(oldest_raw.unwrap_or(w.raw.keep_from()))?;
+            for s in segs.iter() {
+                data_refs.insert(s.file);
+                if s.info.first_seq >= floor {
+                    if let Some((file, _)) = s.raw_end() {
+                        raw_refs.insert(file);
+                    }
+                }
+            }
+        }
+        let data_gone = self.reads.data.take_unreferenced(&data_refs)?;
+        let raw_gone = self.reads.raw.take_unreferenced(&raw_refs)?;
         drop(w);
         self.reads.data.remove(data_gone);
         self.reads.raw.remove(raw_gone);
         Ok(())
+    }
+
+    /// One read as planned on the index as it is now; `None` when a segment of the plan
+    /// was merged away and its file removed before this read got to it (plan again).
+    fn read_planned(
+        &self,
+        from_seq: u64,
+        limits: ReadLimits,
+        payloads: Payloads,
+    ) -> Result<Option<Vec<SharedEvent>>, LogError> {
+        if payloads.raw_only() {
+            let oldest = self.raw_oldest_or_next();
+            if from_seq < oldest {
+                return Err(LogError::TooOld {
+                    requested: from_seq,
+                    oldest,
+                });
+            }
+        }
+        let todo: Vec<Stored> = {
+            let segs = self.segments.read().map_err(|_| backend("poisoned"))?;
+            let Some(front) = segs.front() else {
+                let next = self.resume_state().next_seq;
+                return if from_seq < next {
+                    Err(LogError::TooOld {
+                        requested: from_seq,
+                        oldest: next,
+                    })
+                } else {
+                    Ok(Some(Vec::new()))
+                };
+            };
+            if from_seq < front.info.first_seq {
+                return Err(LogError::TooOld {
+                    requested: from_seq,
+                    oldest: front.info.first_seq,
+                });
+            }
+            let idx = segs.partition_point(|s| s.info.last_seq < from_seq);
+            // Enough segments for the event limit.
+            let mut events = 0u64;
+            let want = limits.max_events.max(1) as u64;
+            segs.iter()
+                .skip(idx)
+                .take(4096)
+                .take_while(|s| {
+                    let more = events < want;
+                    events += s.info.last_seq + 1 - s.info.first_seq.max(from_seq);
+                    more
+                })
+                .copied()
+                .collect()
+        };
+        let mut out: Vec<SharedEvent> = Vec::with_capacity(limits.max_events.min(8192));
+        let mut bytes = 0usize;
+        for s in todo {
+            // Below the raw floor a segment has only its JSON: a read that wants JSON too
+            // gets its events without raw frames (a raw-only read was refused above).
+            let wanted = Payloads {
+                raw: payloads.raw && self.holds_raw(&s),
+                ..payloads
+            };
+            // A raw-only read whose segment lost its frames meanwhile (the floor moved
+            // during the read) ends as if the segment were gone, never with empty frames.
+            let decoded = if payloads.raw_only() && !wanted.raw {
+                None
+            } else {
+                self.reads.decoded_then(&s, wanted, Asker::Reader, || {
+                    self.read_ahead_after(&s, payloads)
+                })?
+            };
+            let Some(decoded) = decoded else {
+                if out.is_empty() && self.merged_away(&s) {
+                    return Ok(None);
+                }
+                if out.is_empty() {
+                    return Err(LogError::TooOld {
+                        requested: from_seq,
+                        oldest: if payloads.raw_only() {
+                            self.raw_oldest_or_next()
+                        } else {
+                            self.oldest_or_next()
+                        },
+                    });
+                }
+                break;
+            };
+            // Which events of the segment this read takes: from `from_seq`, within the
+            // limits. They are shared with the cache and with every other reader of the
+            // segment: taking one costs a refcount.
+            let mut starts = codec::FrameStarts::default();
+            for event in decoded.iter() {
+                let first_of_frame = starts.next(event);
+                if event.seq < from_seq {
+                    continue;
+                }
+                let size = codec::payload_bytes(event, first_of_frame);
+                if out.len() >= limits.max_events
+                    || (!out.is_empty() && bytes.saturating_add(size) > limits.max_bytes)
+                {
+                    return Ok(Some(out));
+                }
+                bytes += size;
+                out.push(Arc::clone(event));
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Whether `s` is no longer in the index but the events it held still are (a merge
+    /// replaced it).
+    fn merged_away(&self, s: &Stored) -> bool {
+        let Ok(segs) = self.segments.read() else {
+            return false;
+        };
+        let held = segs.partition_point(|x| x.info.first_seq < s.info.first_seq);
+        let same = segs.get(held).is_some_and(|x| {
+            x.info.last_seq == s.info.last_seq && x.file == s.file && x.offset == s.offset
+        });
+        !same
+            && segs
+                .front()
+                .is_some_and(|f| f.info.first_seq <= s.info.first_seq)
     }
 
     fn take_encoders(&self, n: usize) -> Result<Vec<Encoder>, LogError> {
@@ -631,8 +816,7 @@ impl EventStore for FjallStore {
         if result.is_err() {
             // Never append after bytes in an unknown state: the next commit takes a new
             // file; what was written here is unreferenced and removed at the next open.
-            w.data.current = None;
-            w.raw.current = None;
+            w.commits = Pair::default();
         }
         result
     }
@@ -643,100 +827,15 @@ impl EventStore for FjallStore {
         limits: ReadLimits,
         payloads: Payloads,
     ) -> Result<Vec<SharedEvent>, LogError> {
-        if payloads.raw_only() {
-            let oldest = self.raw_oldest_or_next();
-            if from_seq < oldest {
-                return Err(LogError::TooOld {
-                    requested: from_seq,
-                    oldest,
-                });
+        // A read planned on segments that a merge then replaced, and whose file is gone
+        // by the time it gets there, plans again (a merge replaces a run at most once per
+        // step, so this ends quickly).
+        for _ in 0..64 {
+            if let Some(out) = self.read_planned(from_seq, limits, payloads)? {
+                return Ok(out);
             }
         }
-        let todo: Vec<Stored> = {
-            let segs = self.segments.read().map_err(|_| backend("poisoned"))?;
-            let Some(front) = segs.front() else {
-                let next = self.resume_state().next_seq;
-                return if from_seq < next {
-                    Err(LogError::TooOld {
-                        requested: from_seq,
-                        oldest: next,
-                    })
-                } else {
-                    Ok(Vec::new())
-                };
-            };
-            if from_seq < front.info.first_seq {
-                return Err(LogError::TooOld {
-                    requested: from_seq,
-                    oldest: front.info.first_seq,
-                });
-            }
-            let idx = segs.partition_point(|s| s.info.last_seq < from_seq);
-            // Enough segments for the event limit.
-            let mut events = 0u64;
-            let want = limits.max_events.max(1) as u64;
-            segs.iter()
-                .skip(idx)
-                .take(4096)
-                .take_while(|s| {
-                    let more = events < want;
-                    events += s.info.last_seq + 1 - s.info.first_seq.max(from_seq);
-                    more
-                })
-                .copied()
-                .collect()
-        };
-        let mut out: Vec<SharedEvent> = Vec::with_capacity(limits.max_events.min(8192));
-        let mut bytes = 0usize;
-        for s in todo {
-            // Below the raw floor a segment has only its JSON: a read that wants JSON too
-            // gets its events without raw frames (a raw-only read was refused above).
-            let wanted = Payloads {
-                raw: payloads.raw && self.holds_raw(&s),
-                ..payloads
-            };
-            // A raw-only read whose segment lost its frames meanwhile (the floor moved
-            // during the read) ends as if the segment were gone, never with empty frames.
-            let decoded = if payloads.raw_only() && !wanted.raw {
-                None
-            } else {
-                self.reads.decoded_then(&s, wanted, Asker::Reader, || {
-                    self.read_ahead_after(&s, payloads)
-                })?
-            };
-            let Some(decoded) = decoded else {
-                if out.is_empty() {
-                    return Err(LogError::TooOld {
-                        requested: from_seq,
-                        oldest: if payloads.raw_only() {
-                            self.raw_oldest_or_next()
-                        } else {
-                            self.oldest_or_next()
-                        },
-                    });
-                }
-                break;
-            };
-            // Which events of the segment this read takes: from `from_seq`, within the
-            // limits. They are shared with the cache and with every other reader of the
-            // segment: taking one costs a refcount.
-            let mut starts = codec::FrameStarts::default();
-            for event in decoded.iter() {
-                let first_of_frame = starts.next(event);
-                if event.seq < from_seq {
-                    continue;
-                }
-                let size = codec::payload_bytes(event, first_of_frame);
-                if out.len() >= limits.max_events
-                    || (!out.is_empty() && bytes.saturating_add(size) > limits.max_bytes)
-                {
-                    return Ok(out);
-                }
-                bytes += size;
-                out.push(Arc::clone(event));
-            }
-        }
-        Ok(out)
+        Err(backend("segments are merged faster than they can be read"))
     }
 
     fn seq_at_or_after_time(&self, time_us: i64) -> Result<Option<u64>, LogError> {
@@ -798,6 +897,7 @@ impl EventStore for FjallStore {
     }
 
     fn delete_before(&self, seq: u64) -> Result<u64, LogError> {
+        let _m = self.maintenance.lock().map_err(|_| backend("poisoned"))?;
         let doomed: Vec<Stored> = {
             let mut segs = self.segments.write().map_err(|_| backend("poisoned"))?;
             let n = segs.partition_point(|s| s.info.last_seq < seq);
@@ -834,6 +934,7 @@ impl EventStore for FjallStore {
     }
 
     fn delete_raw_before(&self, seq: u64) -> Result<u64, LogError> {
+        let _m = self.maintenance.lock().map_err(|_| backend("poisoned"))?;
         // The writer lock keeps appends out while the floor moves (new segments are
         // always above it).
         let w = self.writer.lock().map_err(|_| backend("poisoned"))?;
@@ -909,15 +1010,26 @@ impl EventStore for FjallStore {
         Some(Bounds::spanning(oldest, segs.back()?.info))
     }
 
+    fn merge_small_segments(&self) -> Result<MergeStep, LogError> {
+        self.merge_step()
+    }
+
     fn overhead_bytes(&self) -> u64 {
         // The index journals (sealed ones up to the budget, and the active one fjall
         // preallocates), plus in each of the data and raw directories the partly deleted
-        // oldest file and the unreferenced tail of a file a failed commit left.
+        // oldest file and the unreferenced tail of a file a failed commit left; with
+        // merging, also the commits' files whose segments are partly merged away (the
+        // current one and the one before it) in each directory.
+        let files = if self.config.merge_small_segments {
+            8
+        } else {
+            4
+        };
         self.config
             .max_journal_bytes
             .max(24 * 1024 * 1024)
             .saturating_add(ACTIVE_JOURNAL_BYTES)
-            .saturating_add(4 * self.config.blob_file_bytes)
+            .saturating_add(files * self.config.blob_file_bytes)
     }
 
     fn decoded_cache_counts(&self) -> (u64, u64) {
