@@ -345,22 +345,66 @@ fn bench_sizes(_c: &mut Criterion) {
     }
 }
 
+/// The frames the scan benches store: the corpus (default; its 150 frames cycle, so a
+/// segment of more than ~150 events holds some frames twice, which zstd finds), or with
+/// `SLUICE_BENCH_SCAN_DATA=synth` synthetic frames that never repeat within a store (30,000
+/// frames over 1M DIDs, more than a scan's store cycles through).
+fn scan_templates() -> Vec<Vec<Event>> {
+    if std::env::var("SLUICE_BENCH_SCAN_DATA").as_deref() != Ok("synth") {
+        return corpus();
+    }
+    use sluice::upstream::synth::{Synth, SynthOptions};
+    let opts = SynthOptions {
+        seed: 3,
+        count: if measuring() { 30_000 } else { 500 },
+        dids: 1_000_000,
+        ..SynthOptions::default()
+    };
+    let mut ingestor = Ingestor::new(StampState::fresh(), DecodeLimits::default());
+    Synth::new(&opts)
+        .filter_map(|f| match ingestor.ingest(Bytes::from(f), i64::MAX / 2) {
+            IngestOutcome::Events(e) => Some(e),
+            _ => None,
+        })
+        .collect()
+}
+
 fn bench_scan(c: &mut Criterion) {
     // One tenth under `cargo test` (a smoke run of every bench, in a debug build).
     let scale = if measuring() { 1 } else { 10 };
     let (events_in_store, scan) = (120_000 / scale, 50_000 / scale);
-    let templates = corpus();
+    let templates = scan_templates();
     let dir = bench_dir();
     let (store, _) = FjallStore::open(store_config(dir.path())).expect("store");
     let store = Arc::new(store);
     let mut state = StampState::fresh();
     let mut written = 0;
+    // One restamp of every frame the store gets (templates cycle once per call), then
+    // appended 2,000 frames at a time.
+    let per_frame = templates.iter().map(Vec::len).sum::<usize>() as f64 / templates.len() as f64;
+    let all = restamp(
+        &templates,
+        &mut state,
+        (events_in_store as f64 / per_frame).ceil() as usize + 2_000,
+    );
+    let mut frames = all.into_iter();
     while written < events_in_store {
-        let frames = restamp(&templates, &mut state, 2_000 / scale);
-        let batch: Vec<Arc<Event>> = frames.into_iter().flatten().map(Arc::new).collect();
+        let batch: Vec<Arc<Event>> = frames
+            .by_ref()
+            .take(2_000 / scale)
+            .flatten()
+            .map(Arc::new)
+            .collect();
+        let Some(last) = batch.last() else { break };
+        let resume = StampState {
+            next_seq: last.seq + 1,
+            last_time_us: last.time_us,
+            upstream_cursor: Some(last.upstream_seq),
+        };
         written += batch.len();
-        store.append(&batch, state).expect("append");
+        store.append(&batch, resume).expect("append");
     }
+    drop(frames);
     let from = (written / 3) as u64;
     let mut g = c.benchmark_group("log_scan");
     g.throughput(Throughput::Elements(scan as u64));
@@ -560,21 +604,42 @@ fn process_cpu_secs() -> f64 {
 /// bulk-written store's `durable_*`. Same reads as `durable_*`: 50,000 events from a
 /// third in, 4,096 per read, through `EventStore::read` (with the read-ahead).
 fn bench_scan_live(c: &mut Criterion) {
+    if env_num::<u8>("SLUICE_BENCH_LIVE") == Some(0) {
+        return;
+    }
     let scale = if measuring() { 1 } else { 10 };
     let (events_in_store, scan) = (120_000 / scale, 50_000 / scale);
     let commit_frames: usize = env_num("SLUICE_BENCH_LIVE_COMMIT_FRAMES").unwrap_or(50);
-    let templates = corpus();
+    let templates = scan_templates();
     let dir = bench_dir();
     let (store, _) = FjallStore::open(store_config(dir.path())).expect("store");
     let mut state = StampState::fresh();
     let mut written = 0;
+    let per_frame = templates.iter().map(Vec::len).sum::<usize>() as f64 / templates.len() as f64;
+    let all = restamp(
+        &templates,
+        &mut state,
+        (events_in_store as f64 / per_frame).ceil() as usize + commit_frames,
+    );
+    let mut frames = all.into_iter();
     let started = Instant::now();
     while written < events_in_store {
-        let frames = restamp(&templates, &mut state, commit_frames);
-        let batch: Vec<Arc<Event>> = frames.into_iter().flatten().map(Arc::new).collect();
+        let batch: Vec<Arc<Event>> = frames
+            .by_ref()
+            .take(commit_frames)
+            .flatten()
+            .map(Arc::new)
+            .collect();
+        let Some(last) = batch.last() else { break };
+        let resume = StampState {
+            next_seq: last.seq + 1,
+            last_time_us: last.time_us,
+            upstream_cursor: Some(last.upstream_seq),
+        };
         written += batch.len();
-        store.append(&batch, state).expect("append");
+        store.append(&batch, resume).expect("append");
     }
+    drop(frames);
     let committed = store.segments(usize::MAX).len();
     let from = (written / 3) as u64;
     let scan_all = |store: &FjallStore, payloads: Payloads| {
