@@ -187,9 +187,7 @@ fn config_check(args: sluice::config::ServeArgs) -> anyhow::Result<()> {
     // The store's journal and partly reclaimed files come off the JSON share
     // (log::retention).
     let retention = &config.log.retention;
-    let overhead = config.log.max_journal_bytes.max(24 << 20)
-        + sluice::log::fjall_store::ACTIVE_JOURNAL_BYTES
-        + 4 * config.log.blob_file_bytes;
+    let overhead = config.log.store_config().overhead_bytes();
     let budget =
         sluice::log::retention::json_budget(retention.max_bytes, overhead, retention.raw.as_ref());
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;

@@ -98,6 +98,20 @@ pub struct FjallConfig {
 }
 
 impl FjallConfig {
+    /// Bytes a store with these settings may use beyond its segments'
+    /// ([`EventStore::overhead_bytes`]): the index journals (sealed ones up to the budget,
+    /// and the active one fjall preallocates), plus in each of the data and raw
+    /// directories the partly deleted oldest file and the unreferenced tail of a file a
+    /// failed commit left; with merging, also the commits' files whose segments are
+    /// partly merged away (the current one and the one before it) in each directory.
+    pub fn overhead_bytes(&self) -> u64 {
+        let files = if self.merge_small_segments { 8 } else { 4 };
+        self.max_journal_bytes
+            .max(24 * 1024 * 1024)
+            .saturating_add(ACTIVE_JOURNAL_BYTES)
+            .saturating_add(files * self.blob_file_bytes)
+    }
+
     pub fn new(dir: impl Into<PathBuf>) -> Self {
         Self {
             dir: dir.into(),
@@ -1015,21 +1029,7 @@ impl EventStore for FjallStore {
     }
 
     fn overhead_bytes(&self) -> u64 {
-        // The index journals (sealed ones up to the budget, and the active one fjall
-        // preallocates), plus in each of the data and raw directories the partly deleted
-        // oldest file and the unreferenced tail of a file a failed commit left; with
-        // merging, also the commits' files whose segments are partly merged away (the
-        // current one and the one before it) in each directory.
-        let files = if self.config.merge_small_segments {
-            8
-        } else {
-            4
-        };
-        self.config
-            .max_journal_bytes
-            .max(24 * 1024 * 1024)
-            .saturating_add(ACTIVE_JOURNAL_BYTES)
-            .saturating_add(files * self.config.blob_file_bytes)
+        self.config.overhead_bytes()
     }
 
     fn decoded_cache_counts(&self) -> (u64, u64) {
