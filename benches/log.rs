@@ -580,21 +580,127 @@ fn bench_append(c: &mut Criterion) {
     let _ = log.close();
 }
 
+/// The `utime + stime` fields (clock ticks of 1/100 s) of a `/proc/.../stat` line, in seconds.
+fn stat_cpu_secs(stat: &str) -> Option<f64> {
+    let (_, after_name) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    Some((ticks(11)? + ticks(12)?) / 100.0)
+}
+
+/// CPU seconds of each live thread of this process by thread id, with its name (the main
+/// thread named "appender": it is the one appending in the sustained bench).
+fn threads_cpu_secs() -> std::collections::HashMap<String, (String, f64)> {
+    let me = std::process::id().to_string();
+    let mut out = std::collections::HashMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let tid = task.file_name().to_string_lossy().into_owned();
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let name = match (stat.find('('), stat.rfind(')')) {
+            _ if tid == me => "appender".to_string(),
+            (Some(a), Some(b)) if a < b => stat[a + 1..b].to_string(),
+            _ => "?".to_string(),
+        };
+        if let Some(secs) = stat_cpu_secs(&stat) {
+            out.insert(tid, (name, secs));
+        }
+    }
+    out
+}
+
+/// A sustained append as the ingest thread makes it under a backlog: the corpus's events,
+/// made before the clock starts, appended frame by frame through `Log::append` with the
+/// daemon's default log settings (`LogConfig::new`; the store's as `store_config` says),
+/// timed until every one is durable. `SLUICE_BENCH_SUSTAINED_EVENTS` events (unset: not
+/// run when measuring; make it several hundred thousand past the writer queue's ~5,000
+/// corpus events, e.g. 1,000,000). Prints the rate, the commits, and the CPU of each
+/// thread over the append alone, in cores and in µs per event; threads that ended meanwhile
+/// (a commit's encoder helpers) count as "ended threads".
+fn bench_sustained(_c: &mut Criterion) {
+    let target: usize =
+        env_num("SLUICE_BENCH_SUSTAINED_EVENTS").unwrap_or(if measuring() { 0 } else { 2_000 });
+    if target == 0 {
+        return;
+    }
+    let templates = corpus();
+    let dir = bench_dir();
+    let mut config = LogConfig::new(dir.path());
+    if let Some(m) = env_num::<usize>("SLUICE_BENCH_QUEUE_MIB") {
+        config.queue_max_bytes = m << 20;
+    }
+    if let Some(n) = env_num("SLUICE_BENCH_COMMIT_EVENTS") {
+        config.commit_max_events = n;
+    }
+    let store = store_config(dir.path());
+    config.compression = store.compression;
+    config.segment_target_bytes = store.segment_target_bytes;
+    config.encode_threads = store.encode_threads;
+    let (log, mut state) = Log::open(config).expect("log");
+    let per_frame = templates.iter().map(Vec::len).sum::<usize>() as f64 / templates.len() as f64;
+    let frames = restamp(
+        &templates,
+        &mut state,
+        (target as f64 / per_frame).ceil() as usize,
+    );
+    let events: usize = frames.iter().map(Vec::len).sum();
+    let (threads_before, process_before) = (threads_cpu_secs(), process_cpu_secs());
+    let started = Instant::now();
+    for f in frames {
+        log.append(f).expect("append");
+    }
+    assert!(log.flush(Duration::from_secs(600)));
+    let wall = started.elapsed().as_secs_f64();
+    let (threads_after, process_after) = (threads_cpu_secs(), process_cpu_secs());
+    let mut by_name: Vec<(String, f64)> = Vec::new();
+    for (tid, (name, after)) in &threads_after {
+        let before = threads_before.get(tid).map_or(0.0, |t| t.1);
+        match by_name.iter_mut().find(|(n, _)| n == name) {
+            Some(entry) => entry.1 += after - before,
+            None => by_name.push((name.clone(), after - before)),
+        }
+    }
+    let process = process_after - process_before;
+    let live: f64 = by_name.iter().map(|t| t.1).sum();
+    by_name.push(("ended threads".into(), (process - live).max(0.0)));
+    by_name.retain(|t| t.1 > 0.0);
+    by_name.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let stats = log.writer_stats();
+    let n = events as f64;
+    let threads: Vec<String> = by_name
+        .iter()
+        .map(|(name, secs)| {
+            format!(
+                "{name} {:.2} cores ({:.1} us/event)",
+                secs / wall,
+                secs / n * 1e6
+            )
+        })
+        .collect();
+    eprintln!(
+        "sustained append: {events} events in {wall:.1} s = {:.0} events/s; {} commits, \
+         segments per raw level {:?}; CPU {:.2} cores ({:.1} us/event): {}",
+        n / wall,
+        stats.commits.load(std::sync::atomic::Ordering::Relaxed),
+        stats.raw_level_segments(),
+        process / wall,
+        process / n * 1e6,
+        threads.join(", ")
+    );
+    let _ = log.close();
+}
+
 /// CPU seconds this process has used (user + system), from `/proc/self/stat` (clock ticks
 /// of 1/100 s).
 fn process_cpu_secs() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return f64::NAN;
-    };
-    let Some((_, after_name)) = stat.rsplit_once(')') else {
-        return f64::NAN;
-    };
-    let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
-    match (ticks(11), ticks(12)) {
-        (Some(user), Some(system)) => (user + system) / 100.0,
-        _ => f64::NAN,
-    }
+    std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| stat_cpu_secs(&stat))
+        .unwrap_or(f64::NAN)
 }
 
 /// Scans of a store written as the log writer writes at the live rate: one commit per
@@ -787,6 +893,7 @@ criterion_group!(
     benches,
     bench_sizes,
     bench_paced,
+    bench_sustained,
     bench_scan,
     bench_scan_live,
     bench_encode,
