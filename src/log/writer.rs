@@ -7,7 +7,9 @@
 //! mark an event durable before the store said so.
 //!
 //! Cadence: a commit starts when `commit_max_events` are queued or `commit_interval` after
-//! the first uncommitted event arrived, whichever is first. Trade-off: a longer interval
+//! the first uncommitted event arrived, whichever is first; under a backlog (an append
+//! waited for room in the queue) it starts with what is queued, a full queue's worth, so
+//! the appends that refill the queue overlap its encoding. Trade-off: a longer interval
 //! or a larger batch means fewer fsyncs and larger, better-compressed segments (higher
 //! throughput, smaller disk) but a longer window of events that live readers saw and a
 //! crash loses; those are re-fetched from the upstream after restart and re-stamped with
@@ -154,7 +156,12 @@ impl Queue {
             }
             self.not_full.notify_all();
             let now = Instant::now();
-            if group.len() >= max_events || st.closed || now >= deadline {
+            // A backlog (an append waited for room): what was queued is all the queue
+            // holds, so it is taken now and encoded while the appends refill the queue.
+            // Gathering a whole group first left the encoders idle while the appender
+            // refilled the queue, several times per group (DECISIONS.md, "Session 13").
+            let backlog = st.push_waited;
+            if group.len() >= max_events || st.closed || now >= deadline || backlog {
                 st.wake_at = usize::MAX;
                 let behind = late || group.len() >= max_events || st.push_waited;
                 st.push_waited = false;
@@ -448,12 +455,21 @@ mod tests {
     }
 
     /// A queue that fills (by bytes) before the group's event count is reached wakes the
-    /// gathering writer, which takes what is queued and lets the appender go on: appends
-    /// never wait out the commit interval (here 60 s) behind a full queue.
+    /// gathering writer, which takes what is queued at once (a backlog: it does not wait
+    /// for the group to fill) and lets the appender go on: appends never wait out the
+    /// commit interval (here 60 s) behind a full queue.
     #[test]
-    fn a_full_queue_wakes_a_writer_gathering_a_group() {
+    fn a_full_queue_hands_the_writer_what_is_queued() {
         let queue = Arc::new(Queue::new(100));
-        let rx = take_in_background(&queue, 1000, Duration::from_secs(60));
+        let (tx, rx) = mpsc::channel();
+        let taker = {
+            let queue = Arc::clone(&queue);
+            std::thread::spawn(move || {
+                while let Some((group, pace)) = queue.take_group(1000, Duration::from_secs(60)) {
+                    let _ = tx.send((group.len(), pace));
+                }
+            })
+        };
         let pusher = {
             let queue = Arc::clone(&queue);
             std::thread::spawn(move || {
@@ -471,11 +487,15 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         queue.close();
-        assert_eq!(
-            group_of(&rx),
-            Some((10, WriterPace::Behind)),
-            "one group of everything appended, taken behind (appends waited for room)"
-        );
+        taker.join().expect("taker");
+        let groups: Vec<(usize, WriterPace)> = rx.try_iter().collect();
+        assert_eq!(groups.iter().map(|g| g.0).sum::<usize>(), 10, "{groups:?}");
+        // The queue holds one 60-byte append at a time, so no group holds more than it and
+        // the one that waited for room: taken as the backlog built, not gathered to 1,000.
+        assert!(groups.iter().all(|g| g.0 <= 2), "{groups:?}");
+        // Every group but one taken at the close had an append waiting behind it.
+        let behind = groups.iter().filter(|g| g.1 == WriterPace::Behind).count();
+        assert!(behind + 1 >= groups.len(), "{groups:?}");
     }
 
     /// The pace the writer reports: a group gathered over the interval with nothing behind

@@ -772,16 +772,19 @@ impl EventStore for FjallStore {
                 let Some((mine, my_enc)) = chunks.next() else {
                     return Ok(Vec::new());
                 };
-                let handles: Vec<_> = chunks
+                let handles = chunks
                     .map(|(chunk, enc)| {
-                        s.spawn(move || {
-                            chunk
-                                .iter()
-                                .map(|p| enc.encode_at(p, level))
-                                .collect::<Result<Vec<_>, _>>()
-                        })
+                        std::thread::Builder::new()
+                            .name("sluice-log-enc".into())
+                            .spawn_scoped(s, move || {
+                                chunk
+                                    .iter()
+                                    .map(|p| enc.encode_at(p, level))
+                                    .collect::<Result<Vec<_>, _>>()
+                            })
+                            .map_err(|e| backend(format!("cannot start an encoder thread: {e}")))
                     })
-                    .collect();
+                    .collect::<Result<Vec<_>, _>>()?;
                 let mut out: Vec<EncodedSegment> = mine
                     .iter()
                     .map(|p| my_enc.encode_at(p, level))
