@@ -81,14 +81,13 @@ fn idle_this_thread() -> std::io::Result<()> {
 }
 
 /// Whether the calling thread is in the `SCHED_IDLE` class (Linux), for checks and logs.
+/// Asks the kernel (`/proc/thread-self/stat`): glibc's `pthread_getschedparam` answers
+/// from what the thread itself last set, and misses a change made by [`IdleWatch`].
 pub fn this_thread_is_idle() -> std::io::Result<bool> {
-    use thread_priority::unix::{
-        thread_native_id, thread_schedule_policy_param, NormalThreadSchedulePolicy,
-        ThreadSchedulePolicy,
-    };
-    let (policy, _) = thread_schedule_policy_param(thread_native_id())
-        .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
-    Ok(policy == ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Idle))
+    let stat = std::fs::read_to_string("/proc/thread-self/stat")?;
+    let parsed = ThreadStat::parse(&stat)
+        .ok_or_else(|| std::io::Error::other(format!("unexpected thread stat: {stat}")))?;
+    Ok(parsed.idle())
 }
 
 /// The calling thread's niceness (Linux), for checks and logs.
@@ -266,7 +265,6 @@ struct IdleThread {
 /// of `names` (a thread's name is cut at 15 bytes), from `/proc/self/task/<tid>/stat`; a
 /// thread that ends meanwhile is left out.
 fn idle_threads(names: &[&str]) -> Vec<IdleThread> {
-    const SCHED_IDLE: &str = "5";
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return Vec::new();
     };
@@ -282,27 +280,50 @@ fn idle_threads(names: &[&str]) -> Vec<IdleThread> {
         let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
             continue;
         };
-        // `tid (name) state ...`: the name may hold spaces and parentheses; after it,
-        // the state is the first field and the policy the 39th (proc(5): fields 3, 41).
-        let (Some(start), Some(end)) = (stat.find('('), stat.rfind(')')) else {
+        let Some(thread) = ThreadStat::parse(&stat) else {
             continue;
         };
-        let name = &stat[start + 1..end];
-        if !names
-            .iter()
-            .any(|n| name.starts_with(n.get(..15).unwrap_or(n)))
+        if thread.idle()
+            && names
+                .iter()
+                .any(|n| thread.name.starts_with(n.get(..15).unwrap_or(n)))
         {
-            continue;
-        }
-        let fields: Vec<&str> = stat[end + 1..].split_whitespace().collect();
-        if fields.get(38) == Some(&SCHED_IDLE) {
             out.push(IdleThread {
                 tid,
-                ready: fields.first() == Some(&"R"),
+                ready: thread.state == "R",
             });
         }
     }
     out
+}
+
+/// What the watch reads of a thread's `/proc/.../stat`.
+struct ThreadStat<'a> {
+    name: &'a str,
+    /// `R` running or ready to run, `S` sleeping, ...
+    state: &'a str,
+    /// The scheduling policy's number (`SCHED_IDLE` = 5).
+    policy: &'a str,
+}
+
+impl<'a> ThreadStat<'a> {
+    /// `tid (name) state ...`: the name may hold spaces and parentheses; after it the
+    /// state is the first field and the policy the 39th (proc(5): fields 3 and 41).
+    fn parse(stat: &'a str) -> Option<Self> {
+        let (start, end) = (stat.find('(')?, stat.rfind(')')?);
+        let mut fields = stat.get(end + 1..)?.split_whitespace();
+        let state = fields.next()?;
+        let policy = fields.nth(37)?;
+        Some(Self {
+            name: stat.get(start + 1..end)?,
+            state,
+            policy,
+        })
+    }
+
+    fn idle(&self) -> bool {
+        self.policy == "5"
+    }
 }
 
 /// Sets thread `tid`'s niceness to `nice` if it is lower (any thread of the process).
