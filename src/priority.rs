@@ -423,19 +423,24 @@ mod tests {
     }
 
     #[test]
-    fn an_idle_thread_without_work_handed_over_or_waiting_is_never_raised() {
+    fn an_idle_thread_waiting_on_something_else_than_a_core_is_never_raised() {
         let watch = IdleWatch::start(Duration::from_millis(20), &["test-sleeping"]).unwrap();
+        let (entered, is_in) = std::sync::mpsc::channel::<()>();
         let (done, wait) = std::sync::mpsc::channel::<()>();
-        // Work handed over, but the idle thread sleeps (waits on a peer, not a core).
-        watch.handed();
         let sleeper = std::thread::Builder::new()
             .name("test-sleeping".into())
             .spawn(move || {
                 idle_this_thread().unwrap();
+                entered.send(()).unwrap();
                 let _ = wait.recv_timeout(Duration::from_secs(10));
                 this_thread_is_idle().unwrap()
             })
             .unwrap();
+        is_in.recv().unwrap();
+        // Work handed over once the thread sleeps (waits on a peer, not on a core):
+        // ten bounds without progress.
+        std::thread::sleep(Duration::from_millis(50));
+        watch.handed();
         std::thread::sleep(Duration::from_millis(200));
         done.send(()).unwrap();
         assert!(sleeper.join().unwrap(), "a sleeping thread stays idle");

@@ -370,8 +370,8 @@ impl AdminState {
                 .absolute(watched(|w| w.raises.load(Ordering::Relaxed)));
             counter!("sluice_catchup_pool_raise_refusals_total")
                 .absolute(watched(|w| w.refused.load(Ordering::Relaxed)));
-            gauge!("sluice_catchup_pool_starvation_bound_ms")
-                .set(pool.starvation_bound().as_millis() as f64);
+            gauge!("sluice_catchup_pool_starvation_bound_seconds")
+                .set(pool.starvation_bound().as_secs_f64());
             gauge!("sluice_catchup_pool_raised")
                 .set(watched(|w| u64::from(w.raised.load(Ordering::Relaxed))) as f64);
             counter!("sluice_index_budget_total", "outcome" => "waited")
@@ -871,8 +871,8 @@ const GAUGES: &[(&str, &str)] = &[
         "Catch-up work handed to the catch-up pool and not finished (queued or running), by kind: read (a cold read below the hot tail), write (a subscriber's catch-up write).",
     ),
     (
-        "sluice_catchup_pool_starvation_bound_ms",
-        "The idle catch-up pool's starvation bound (--catchup-starvation-ms), milliseconds; 0 in the nice class or with the bound off.",
+        "sluice_catchup_pool_starvation_bound_seconds",
+        "The idle catch-up pool's starvation bound (--catchup-starvation-ms), seconds; 0 in the nice class or with the bound off.",
     ),
     (
         "sluice_catchup_pool_raised",

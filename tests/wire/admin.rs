@@ -286,7 +286,7 @@ const EXPECTED_SERIES: &[&str] = &[
     "sluice_catchup_pool_raises_total",
     "sluice_catchup_pool_raise_refusals_total",
     "sluice_catchup_pool_raised",
-    "sluice_catchup_pool_starvation_bound_ms",
+    "sluice_catchup_pool_starvation_bound_seconds",
     r#"sluice_index_budget_total{outcome="refused"}"#,
     "sluice_log_bytes",
     "sluice_log_disk_bytes",
