@@ -348,12 +348,16 @@ mod tests {
 
     #[tokio::test]
     async fn in_the_idle_class_every_thread_of_the_pool_is_idle_and_keeps_its_niceness() {
+        // Without the starvation bound: another test's busy loops could get the pool
+        // raised (rightly) while this one looks at its class.
         let pool = CatchupPool::start(CatchupThreads {
             threads: 1,
             class: Background::Idle,
-            ..Default::default()
+            starvation_bound: Duration::ZERO,
         })
         .unwrap();
+        assert!(pool.starvation().is_none());
+        assert_eq!(pool.starvation_bound(), Duration::ZERO);
         let here = crate::priority::this_thread_nice().unwrap();
         assert!(!crate::priority::this_thread_is_idle().unwrap());
         let on = || {
