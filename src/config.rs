@@ -403,6 +403,13 @@ pub struct ServeArgs {
     /// at once instead of waiting for their time slice to end).
     #[arg(long, env = "SLUICE_CATCHUP_SCHED", default_value = "nice")]
     pub catchup_sched: CatchupSched,
+    /// With `--catchup-sched idle`: milliseconds catch-up may make no progress while its
+    /// threads wait for a core (the cores busy with other work) before they are raised to
+    /// nice 19 until some of it finishes; bounds how long other work can starve replays.
+    /// 0 = never raised. Needs RLIMIT_NICE >= 1 or CAP_SYS_NICE (refusals are counted).
+    #[arg(long, env = "SLUICE_CATCHUP_STARVATION_MS", default_value_t = 500,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub catchup_starvation_ms: u64,
     /// Milliseconds a refusal (HTTP 429/503 with Retry-After, e.g. over a connect or
     /// `/event` rate) is held before it is sent, at most its Retry-After; every refusal
     /// closes its connection. A client that retries at once then asks at most
@@ -809,6 +816,7 @@ impl ServeArgs {
             catchup: CatchupThreads {
                 threads: usize_of(self.catchup_threads)?,
                 class: self.catchup_class(),
+                starvation_bound: Duration::from_millis(self.catchup_starvation_ms),
             },
             ..HubConfig::default()
         };
@@ -1165,6 +1173,28 @@ mod tests {
             Background::Nice(12)
         );
         assert!(class(&["x", "--catchup-sched", "realtime"]).is_err());
+    }
+
+    #[test]
+    fn the_idle_pools_starvation_bound_comes_from_a_flag_or_the_file() {
+        let bound = |argv: &[&str]| {
+            parse_serve_args(argv.iter().copied())
+                .and_then(|a| a.to_config())
+                .map(|c| c.hub.catchup.starvation_bound)
+        };
+        assert_eq!(bound(&["x"]).unwrap(), Duration::from_millis(500));
+        assert_eq!(
+            bound(&["x", "--catchup-starvation-ms", "0"]).unwrap(),
+            Duration::ZERO
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(&path, "catchup_starvation_ms = 250\n").unwrap();
+        assert_eq!(
+            bound(&["x", "--config", path.to_str().unwrap()]).unwrap(),
+            Duration::from_millis(250)
+        );
+        assert!(bound(&["x", "--catchup-starvation-ms", "60001"]).is_err());
     }
 
     #[test]

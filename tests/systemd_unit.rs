@@ -108,6 +108,8 @@ fn unit_keeps_the_required_settings() {
     assert_eq!(one("CapabilityBoundingSet"), "");
     assert_eq!(one("RestrictAddressFamilies"), "AF_INET AF_INET6 AF_UNIX");
     assert_eq!(one("LimitNOFILE"), "1048576");
+    // The idle catch-up pool's starvation bound raises starved threads to nice 19.
+    assert_eq!(one("LimitNICE"), "1");
     let watchdog: u64 = one("WatchdogSec").parse().unwrap();
     assert_eq!(watchdog, 30);
     // The stop timeout must leave headroom above sluice's own shutdown timeout

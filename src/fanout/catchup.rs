@@ -2,12 +2,15 @@
 //! read, on threads at a lower priority than the live path.
 //!
 //! Owns a small tokio runtime of its own (`--catchup-threads` workers, and its blocking
-//! threads for reads below the hot tail), every thread of it at `--catchup-nice`. The
-//! live path (the ingest thread, the log writer, the dispatcher and its direct writes,
-//! live sessions) runs on the main runtime at normal priority, so when the cores are
-//! busy the kernel runs it first and catch-up gets what is left. Must never run live
-//! work, or keep running after [`CatchupPool::stop`] (tasks still under way are given a
-//! bounded time, then dropped).
+//! threads for reads below the hot tail), every thread of it at `--catchup-nice` or in the
+//! idle class (`--catchup-sched idle`, then with its starvation bound, an
+//! [`IdleWatch`] counting the pool's work). The live path (the ingest thread, the log
+//! writer, the dispatcher and its direct writes, live sessions) runs on the main runtime
+//! at normal priority, so when the cores are busy the kernel runs it first and catch-up
+//! gets what is left. Cold reads are filtered where they are read, on the pool, so the
+//! sessions' workers get only what they write. Must never run live work, or keep running
+//! after [`CatchupPool::stop`] (tasks still under way are given a bounded time, then
+//! dropped).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -16,7 +19,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::priority::Background;
+use crate::priority::{Background, IdleWatch, WatchStats};
 
 /// How long [`CatchupPool::stop`] lets catch-up work under way finish (a write is at
 /// most one catch-up batch).
@@ -65,18 +68,27 @@ pub struct PoolStats {
 }
 
 /// Counts one piece of work in flight, from when it is handed to the pool until it is
-/// dropped (finished, panicked, or dropped by a stop).
+/// dropped (finished, panicked, or dropped by a stop); the starvation bound's progress.
 struct InFlight {
     stats: Arc<PoolStats>,
     count: fn(&PoolStats) -> &AtomicUsize,
+    watch: Option<IdleWatch>,
 }
 
 impl InFlight {
-    fn new(stats: &Arc<PoolStats>, count: fn(&PoolStats) -> &AtomicUsize) -> Self {
+    fn new(
+        stats: &Arc<PoolStats>,
+        count: fn(&PoolStats) -> &AtomicUsize,
+        watch: &Option<IdleWatch>,
+    ) -> Self {
         count(stats).fetch_add(1, Ordering::Relaxed);
+        if let Some(watch) = watch {
+            watch.handed();
+        }
         Self {
             stats: stats.clone(),
             count,
+            watch: watch.clone(),
         }
     }
 }
@@ -84,6 +96,9 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         (self.count)(&self.stats).fetch_sub(1, Ordering::Relaxed);
+        if let Some(watch) = &self.watch {
+            watch.finished();
+        }
     }
 }
 
@@ -95,6 +110,10 @@ pub struct CatchupThreads {
     /// Where every thread of the pool runs: a niceness (0-19; 0 = the live path's
     /// priority) or the idle scheduling class.
     pub class: Background,
+    /// In the idle class, how long catch-up work may make no progress while its threads
+    /// wait for a core before they are raised to nice 19 until it does
+    /// ([`IdleWatch`]); zero: never.
+    pub starvation_bound: Duration,
 }
 
 /// Nice 19, as the daemon's default (`--catchup-sched nice`); the idle class is the
@@ -104,9 +123,17 @@ impl Default for CatchupThreads {
         Self {
             threads: 0,
             class: Background::Nice(19),
+            starvation_bound: DEFAULT_STARVATION_BOUND,
         }
     }
 }
+
+/// The threads the idle pool's starvation bound raises: the pool's own, and the log's
+/// read-ahead thread, which decodes segments the pool's reads may wait for.
+const WATCHED_THREADS: &[&str] = &["sluice-catchup", "sluice-log-read-ahead"];
+
+/// The idle pool's starvation bound by default (`--catchup-starvation-ms`).
+pub const DEFAULT_STARVATION_BOUND: Duration = Duration::from_millis(500);
 
 /// The low-priority runtime catch-up runs on. Stopped on [`CatchupPool::stop`] or drop.
 pub struct CatchupPool {
@@ -115,6 +142,9 @@ pub struct CatchupPool {
     /// The pool's threads alive now (workers and blocking threads).
     alive: Arc<AtomicUsize>,
     stats: Arc<PoolStats>,
+    /// The starvation bound of an idle-class pool, and how long it is.
+    watch: Option<IdleWatch>,
+    starvation_bound: Duration,
 }
 
 impl CatchupPool {
@@ -125,6 +155,12 @@ impl CatchupPool {
             n => n,
         };
         let class = config.class;
+        let watch = match class {
+            Background::Idle if !config.starvation_bound.is_zero() => {
+                Some(IdleWatch::start(config.starvation_bound, WATCHED_THREADS)?)
+            }
+            _ => None,
+        };
         let alive = Arc::new(AtomicUsize::new(0));
         let (started, stopped) = (alive.clone(), alive.clone());
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -145,6 +181,12 @@ impl CatchupPool {
             handle: Mutex::new(Some(handle)),
             alive,
             stats: Arc::new(PoolStats::default()),
+            starvation_bound: if watch.is_some() {
+                config.starvation_bound
+            } else {
+                Duration::ZERO
+            },
+            watch,
         })
     }
 
@@ -159,7 +201,7 @@ impl CatchupPool {
         F::Output: Send + 'static,
     {
         let handle = self.handle()?;
-        let counted = InFlight::new(&self.stats, |s| &s.writes);
+        let counted = InFlight::new(&self.stats, |s| &s.writes, &self.watch);
         let joined = handle
             .spawn(async move {
                 let _counted = counted;
@@ -177,7 +219,7 @@ impl CatchupPool {
         T: Send + 'static,
     {
         let handle = self.handle()?;
-        let counted = InFlight::new(&self.stats, |s| &s.reads);
+        let counted = InFlight::new(&self.stats, |s| &s.reads, &self.watch);
         let joined = handle
             .spawn_blocking(move || {
                 let _counted = counted;
@@ -211,6 +253,17 @@ impl CatchupPool {
     /// What the pool is doing now and has done.
     pub fn stats(&self) -> &PoolStats {
         &self.stats
+    }
+
+    /// What the idle pool's starvation bound has done; `None` without one (nice class,
+    /// or a zero bound).
+    pub fn starvation(&self) -> Option<&WatchStats> {
+        self.watch.as_ref().map(IdleWatch::stats)
+    }
+
+    /// The starvation bound in force: zero without one.
+    pub fn starvation_bound(&self) -> Duration {
+        self.starvation_bound
     }
 
     /// Whether the pool still takes work.
@@ -255,6 +308,7 @@ mod tests {
             CatchupPool::start(CatchupThreads {
                 threads: 1,
                 class: Background::Nice(7),
+                ..Default::default()
             })
             .unwrap(),
         );
@@ -294,11 +348,16 @@ mod tests {
 
     #[tokio::test]
     async fn in_the_idle_class_every_thread_of_the_pool_is_idle_and_keeps_its_niceness() {
+        // Without the starvation bound: another test's busy loops could get the pool
+        // raised (rightly) while this one looks at its class.
         let pool = CatchupPool::start(CatchupThreads {
             threads: 1,
             class: Background::Idle,
+            starvation_bound: Duration::ZERO,
         })
         .unwrap();
+        assert!(pool.starvation().is_none());
+        assert_eq!(pool.starvation_bound(), Duration::ZERO);
         let here = crate::priority::this_thread_nice().unwrap();
         assert!(!crate::priority::this_thread_is_idle().unwrap());
         let on = || {
@@ -317,6 +376,7 @@ mod tests {
         let pool = CatchupPool::start(CatchupThreads {
             threads: 1,
             class: Background::Nice(0),
+            ..Default::default()
         })
         .unwrap();
         let read = pool
@@ -350,6 +410,7 @@ mod tests {
             CatchupPool::start(CatchupThreads {
                 threads: 1,
                 class: Background::Nice(0),
+                ..Default::default()
             })
             .unwrap(),
         );

@@ -59,7 +59,8 @@ pub struct Subscription {
     id: u64,
     shared: Arc<SubShared>,
     wire: WireKind,
-    filter: Filter,
+    /// Shared with the catch-up reads under way on the pool, which filter by it.
+    filter: Arc<Filter>,
     policy: SlowPolicy,
     mode: Mode,
     /// Every event up to this seq has been delivered or filtered out.
@@ -99,7 +100,7 @@ impl Hub {
             id: registered.id,
             shared: registered.shared,
             wire,
-            filter,
+            filter: Arc::new(filter),
             policy,
             mode,
             seen_through: registered.seen_through,
@@ -198,9 +199,9 @@ impl Subscription {
     /// dispatcher checks each candidate against the entry's filter, so the subscriber
     /// gets exactly the old filter's events before the swap and the new one's after.
     pub fn set_filter(&mut self, filter: Filter) {
-        let shared = Arc::new(filter.clone());
-        let old = std::mem::replace(&mut self.filter, filter);
-        let new = &self.filter;
+        let shared = Arc::new(filter);
+        let old = std::mem::replace(&mut self.filter, shared.clone());
+        let new = &*self.filter;
         let retired = if !old.dids.is_empty() && !new.dids.is_empty() {
             let added: Vec<&String> = new.dids.difference(&old.dids).collect();
             let dropped: Vec<&String> = old.dids.difference(&new.dids).collect();
@@ -306,8 +307,8 @@ impl Subscription {
                     self.shared.notify.notified().await;
                 }
                 Mode::CatchUp { next } => {
-                    let events = self.read_log(next, max).await?;
-                    let Some(last) = events.last() else {
+                    let read = self.read_log(next, max).await?;
+                    let Some(last_seq) = read.last else {
                         match self.try_rejoin(next) {
                             Rejoin::Done => {}
                             Rejoin::Behind => {
@@ -326,19 +327,11 @@ impl Subscription {
                         }
                         continue;
                     };
-                    let last_seq = last.seq;
-                    let wanted: Vec<SharedEvent> = events
-                        .into_iter()
-                        .filter(|e| {
-                            e.seq > self.seen_through
-                                && self.filter.matches(e)
-                                && visible(self.wire, e, &mut self.frames)
-                        })
-                        .collect();
+                    self.frames = read.frames;
                     self.seen_through = self.seen_through.max(last_seq);
                     self.mode = Mode::CatchUp { next: last_seq + 1 };
-                    if !wanted.is_empty() {
-                        return Ok(wanted);
+                    if !read.wanted.is_empty() {
+                        return Ok(read.wanted);
                     }
                     tokio::task::yield_now().await;
                 }
@@ -400,7 +393,7 @@ impl Subscription {
         (batch, drained_overflow, handed)
     }
 
-    async fn read_log(&mut self, next: u64, max: usize) -> Result<Vec<SharedEvent>, End> {
+    async fn read_log(&mut self, next: u64, max: usize) -> Result<Picked, End> {
         let max = max.min(self.hub.config.catchup_batch.max(1));
         // Paid for every event the read may scan, matched or not: a filter that matches
         // nothing costs the same CPU as one that matches everything. First this
@@ -423,12 +416,12 @@ impl Subscription {
             self.paid = Some(paid);
             match paid {
                 Paid::Share(n, until) => {
-                    tokio::time::sleep_until(until).await;
+                    sleep_until_due(until).await;
                     let wait = self.hub.scan_budget.lock().take_total_on_credit(n as f64);
                     self.paid = Some(Paid::Total(n, tokio::time::Instant::now() + wait));
                 }
                 Paid::Total(n, until) => {
-                    tokio::time::sleep_until(until).await;
+                    sleep_until_due(until).await;
                     // What was paid for, at most what is asked now.
                     break n.min(max);
                 }
@@ -439,9 +432,18 @@ impl Subscription {
         result
     }
 
-    /// The catch-up read itself, once paid for.
-    async fn read_paid(&self, next: u64, max: usize) -> Result<Vec<SharedEvent>, End> {
+    /// The catch-up read itself, once paid for, and what of it this subscriber gets
+    /// ([`pick`]). A read below the hot tail is picked where it is read, on the catch-up
+    /// pool: the events the filter drops are dropped there, and the session's worker
+    /// gets only what it writes.
+    async fn read_paid(&self, next: u64, max: usize) -> Result<Picked, End> {
         let reader = self.hub.reader.clone();
+        let picking = Picking {
+            seen_through: self.seen_through,
+            filter: self.filter.clone(),
+            wire: self.wire,
+            frames: self.frames,
+        };
         let cold = next < reader.tail().oldest_seq();
         let result = if cold {
             let _permit = self
@@ -459,14 +461,20 @@ impl Subscription {
             // On the catch-up pool's threads, below the live path's priority.
             self.hub
                 .catchup
-                .read(move || reader.read_from_with(next, limits, payloads))
+                .read(move || {
+                    reader
+                        .read_from_with(next, limits, payloads)
+                        .map(|events| picking.pick(events))
+                })
                 .await
                 .map_err(cold_read_end)?
         } else {
-            reader.read_from(next, max, self.hub.config.catchup_batch_bytes)
+            reader
+                .read_from(next, max, self.hub.config.catchup_batch_bytes)
+                .map(|events| picking.pick(events))
         };
         match result {
-            Ok(events) => Ok(events),
+            Ok(picked) => Ok(picked),
             Err(LogError::TooOld { oldest, .. }) => Err(End::TooOld { oldest }),
             Err(LogError::Closed) => Err(End::Closed),
             Err(e) => Err(End::ReadFailed(e.to_string())),
@@ -539,6 +547,56 @@ impl Drop for Subscription {
     }
 }
 
+/// Waits until `until`, without a timer when it has passed (a catch-up read within its
+/// budget, the usual case: two timers per read were a share of the time driver's lock,
+/// which the live path's timers use too).
+async fn sleep_until_due(until: tokio::time::Instant) {
+    if until > tokio::time::Instant::now() {
+        tokio::time::sleep_until(until).await;
+    }
+}
+
+/// What a catch-up read is filtered by: the subscriber's position, filter and wire as of
+/// the read (a copy, so a read cancelled or still on the pool changes nothing).
+struct Picking {
+    seen_through: u64,
+    filter: Arc<Filter>,
+    wire: WireKind,
+    frames: FrameOnce,
+}
+
+/// One catch-up read as the session takes it: the events it delivers, and how far the
+/// read went.
+struct Picked {
+    /// The events read that this subscriber gets, in seq order.
+    wanted: Vec<SharedEvent>,
+    /// The last seq read (delivered or filtered out); `None` when nothing was read.
+    last: Option<u64>,
+    /// The raw frames delivered, with `wanted`'s.
+    frames: FrameOnce,
+}
+
+impl Picking {
+    /// The events of `events` (one read, in seq order) newer than `seen_through` that
+    /// the filter matches and the wire shows; the rest are dropped here.
+    fn pick(mut self, events: Vec<SharedEvent>) -> Picked {
+        let last = events.last().map(|e| e.seq);
+        let wanted = events
+            .into_iter()
+            .filter(|e| {
+                e.seq > self.seen_through
+                    && self.filter.matches(e)
+                    && visible(self.wire, e, &mut self.frames)
+            })
+            .collect();
+        Picked {
+            wanted,
+            last,
+            frames: self.frames,
+        }
+    }
+}
+
 /// How a catch-up stream ends when its cold read on the pool gave nothing: at shutdown
 /// as the log closing, and on a panic in the read (a bug) as a failed read, so the
 /// subscriber is told of an internal error rather than of a restart.
@@ -562,5 +620,86 @@ mod tests {
             cold_read_end(PoolError::Panicked("boom".into())),
             End::ReadFailed(m) if m.contains("boom")
         ));
+    }
+
+    fn event(seq: u64, upstream_seq: i64, op_index: u16, collection: &str) -> SharedEvent {
+        Arc::new(crate::event::Event {
+            seq,
+            time_us: seq as i64,
+            upstream_seq,
+            received_us: 0,
+            kind: crate::event::EventKind::Commit,
+            did: "did:plc:a".into(),
+            collection: Some(collection.into()),
+            op_index,
+            v1_json: Some(bytes::Bytes::from_static(b"{}")),
+            v2_json: None,
+            raw_frame: bytes::Bytes::from_static(b"frame"),
+        })
+    }
+
+    fn filter_of(collections: &[&str]) -> Arc<Filter> {
+        let collections: Vec<String> = collections.iter().map(|c| (*c).to_owned()).collect();
+        Arc::new(Filter::build(&collections, &[], &[], &Default::default()).unwrap())
+    }
+
+    #[test]
+    fn a_catchup_read_is_picked_by_position_filter_and_wire_and_reports_how_far_it_went() {
+        let events = vec![
+            event(4, 40, 0, "app.bsky.feed.like"),
+            event(5, 41, 0, "app.bsky.feed.post"),
+            event(6, 41, 1, "app.bsky.feed.post"),
+            event(7, 42, 0, "app.bsky.feed.like"),
+            event(8, 43, 0, "app.bsky.graph.follow"),
+        ];
+        // Seq 4 was seen; likes are filtered out; the tail of the read (8) neither.
+        let v1 = Picking {
+            seen_through: 4,
+            filter: filter_of(&["app.bsky.feed.post"]),
+            wire: WireKind::JetstreamV1,
+            frames: FrameOnce::default(),
+        }
+        .pick(events.clone());
+        let seqs = |p: &Picked| p.wanted.iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&v1), [5, 6]);
+        assert_eq!(
+            v1.last,
+            Some(8),
+            "the read went to its last event, matched or not"
+        );
+        // v2 shows nothing of these (no v2 JSON), and still covers the read.
+        let v2 = Picking {
+            seen_through: 0,
+            filter: filter_of(&[]),
+            wire: WireKind::JetstreamV2,
+            frames: FrameOnce::default(),
+        }
+        .pick(events.clone());
+        assert!(v2.wanted.is_empty());
+        assert_eq!(v2.last, Some(8));
+        // Raw: one event per frame, and the frames delivered are carried on.
+        let mut frames = FrameOnce::default();
+        frames.sent(&events[0]);
+        let raw = Picking {
+            seen_through: 0,
+            filter: filter_of(&[]),
+            wire: WireKind::Raw,
+            frames,
+        }
+        .pick(events.clone());
+        assert_eq!(seqs(&raw), [5, 7, 8], "frame 40 was sent before, 41 once");
+        let mut after = raw.frames;
+        assert!(!after.first_sight(&events[4]), "frame 43 counts as sent");
+        assert_eq!(
+            Picking {
+                seen_through: 0,
+                filter: filter_of(&[]),
+                wire: WireKind::JetstreamV1,
+                frames: FrameOnce::default(),
+            }
+            .pick(Vec::new())
+            .last,
+            None
+        );
     }
 }

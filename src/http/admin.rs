@@ -364,6 +364,16 @@ impl AdminState {
                 .set(pool.stats().writes.load(Ordering::Relaxed) as f64);
             counter!("sluice_catchup_pool_panics_total")
                 .absolute(pool.stats().panics.load(Ordering::Relaxed));
+            let starvation = pool.starvation();
+            let watched = |f: fn(&crate::priority::WatchStats) -> u64| starvation.map_or(0, f);
+            counter!("sluice_catchup_pool_raises_total")
+                .absolute(watched(|w| w.raises.load(Ordering::Relaxed)));
+            counter!("sluice_catchup_pool_raise_refusals_total")
+                .absolute(watched(|w| w.refused.load(Ordering::Relaxed)));
+            gauge!("sluice_catchup_pool_starvation_bound_seconds")
+                .set(pool.starvation_bound().as_secs_f64());
+            gauge!("sluice_catchup_pool_raised")
+                .set(watched(|w| u64::from(w.raised.load(Ordering::Relaxed))) as f64);
             counter!("sluice_index_budget_total", "outcome" => "waited")
                 .absolute(hub.index_waits.load(Ordering::Relaxed));
             counter!("sluice_index_budget_total", "outcome" => "refused")
@@ -686,6 +696,8 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_redis_sink_batches_total", "Transactions of the Redis sink that applied a batch (events per batch = the events counter's increase over this one's)."),
     ("sluice_redis_sink_time_microseconds_total", "Where the Redis sink's time went, by part: write (position check and transaction, round trips included), read_wait (waiting for a batch from the log beyond the write it overlaps), backoff (waiting after failures)."),
     ("sluice_catchup_pool_panics_total", "Catch-up reads and writes that panicked on the catch-up pool (a bug; each is logged and ends its subscriber's session as read_failed or write_failed)."),
+    ("sluice_catchup_pool_raises_total", "Times the idle-class catch-up threads (--catchup-sched idle) were raised to nice 19 because catch-up made no progress for --catchup-starvation-ms while they waited for a core (0 in the nice class)."),
+    ("sluice_catchup_pool_raise_refusals_total", "Thread raises of the starvation bound the kernel refused (needs RLIMIT_NICE >= 1 or CAP_SYS_NICE); those threads stayed idle."),
 ];
 
 const GAUGES: &[(&str, &str)] = &[
@@ -857,6 +869,14 @@ const GAUGES: &[(&str, &str)] = &[
     (
         "sluice_catchup_pool_work",
         "Catch-up work handed to the catch-up pool and not finished (queued or running), by kind: read (a cold read below the hot tail), write (a subscriber's catch-up write).",
+    ),
+    (
+        "sluice_catchup_pool_starvation_bound_seconds",
+        "The idle catch-up pool's starvation bound (--catchup-starvation-ms), seconds; 0 in the nice class or with the bound off.",
+    ),
+    (
+        "sluice_catchup_pool_raised",
+        "1 while the starvation bound holds the idle-class catch-up threads at nice 19 (until catch-up work finishes again), else 0.",
     ),
 ];
 

@@ -143,3 +143,68 @@ async fn live_subscribers_stay_gapless_and_in_order_while_two_dozen_replays_catc
         "every catch-up thread ended with the shutdown"
     );
 }
+
+/// The idle class with its starvation bound (`--catchup-sched idle`): a replay completes,
+/// gapless and in order, while a busy loop at normal priority holds every core (the
+/// pool's threads are raised to nice 19 whenever its work makes no progress for the
+/// bound).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_class_replay_completes_while_normal_priority_work_saturates_the_cores() {
+    use sluice::priority::Background;
+    let _machine = crate::exclusive::alone().await;
+    let frames = synth(3000, 53, Duration::from_secs(1800));
+    let env = Env::start(frames, Speed::Max, false, |c| {
+        c.log.tail_max_bytes = 64 * 1024;
+        c.log.read_ahead_class = Background::Idle;
+        c.hub.catchup_batch_bytes = 64 * 1024;
+        c.hub.catchup.class = Background::Idle;
+        c.hub.catchup.starvation_bound = Duration::from_millis(50);
+    })
+    .await;
+    env.wait_all_ingested().await;
+    env.wait_durable().await;
+    // Every core busy at normal priority until the replay is done (at most 30 s).
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let busy: Vec<_> = (0..cores)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while std::time::Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let first = env.events_from(1).first().map(|e| e.time_us).unwrap();
+    let ws = connect(&env.url(&format!("/subscribe?cursor={first}"))).await;
+    let replay = spawn("replay v1".into(), Wire::V1, Some(1), ws);
+    let want = expected(&env, Wire::V1, 1);
+    replay
+        .target
+        .store(*want.last().unwrap(), Ordering::Release);
+    // The follower's own deadline (120 s) only catches a hang.
+    let got = replay.task.await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for b in busy {
+        b.join().unwrap();
+    }
+    assert!(
+        got.positions == want,
+        "the replay got {} events of {}; closed {:?}",
+        got.positions.len(),
+        want.len(),
+        got.close
+    );
+    let hub = env.daemon.hub.clone();
+    assert!(hub.stats().cold_reads.load(Ordering::Relaxed) > 0);
+    let starvation = hub
+        .catchup()
+        .starvation()
+        .expect("idle pools have the bound");
+    // Whether it was raised depends on how the kernel shares the cores out (the raise
+    // itself is tested in `priority::tests`); none was refused.
+    assert_eq!(starvation.refused.load(Ordering::Relaxed), 0);
+    env.stop().await;
+}
