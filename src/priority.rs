@@ -383,30 +383,80 @@ mod tests {
             .collect()
     }
 
+    /// Whether this process may move an idle-class thread to nice 19 in the normal class
+    /// (root, `CAP_SYS_NICE` or `RLIMIT_NICE` >= 1): tried on a thread of its own, with the
+    /// same calls the watch makes.
+    fn raising_is_permitted() -> bool {
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let probe = std::thread::spawn(move || {
+            let entered =
+                idle_this_thread().map(|()| rustix::thread::gettid().as_raw_nonzero().get());
+            let _ = tid_tx.send(entered);
+            let _ = done_rx.recv_timeout(Duration::from_secs(10));
+        });
+        let tid = tid_rx.recv().unwrap().unwrap();
+        let permitted = lower_thread(tid, RAISED_NICE)
+            .and_then(|()| set_class(tid, Class::Normal))
+            .is_ok();
+        let _ = done_tx.send(());
+        probe.join().unwrap();
+        permitted
+    }
+
+    /// With the privilege, a starved idle thread is raised to nice 19 (no higher) and put
+    /// back when its work finishes; without it, the refusal is counted and the thread stays
+    /// in the idle class (the daemon goes on; the unit files grant `LimitNICE=1`).
     #[test]
     fn a_starved_idle_thread_is_raised_to_nice_19_until_its_work_finishes() {
+        let permitted = raising_is_permitted();
         let watch = IdleWatch::start(Duration::from_millis(50), &["test-starved"]).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         // The cores busy at normal priority for at most 10 s (the bound catches a hang).
         let busy = saturate(Instant::now() + Duration::from_secs(10), &stop);
         watch.handed();
-        let worker = std::thread::Builder::new()
-            .name("test-starved".into())
-            .spawn(move || {
-                idle_this_thread().unwrap();
-                // Work until the thread finds itself out of the idle class (raised), at most
-                // 10 s: then report whether it was raised and at what niceness.
-                let until = Instant::now() + Duration::from_secs(10);
-                while this_thread_is_idle().unwrap() && Instant::now() < until {
-                    std::hint::spin_loop();
-                }
-                (this_thread_is_idle().unwrap(), this_thread_nice().unwrap())
-            });
-        let worker = worker.unwrap();
+        let give_up = Arc::new(AtomicBool::new(false));
+        let worker = {
+            let give_up = give_up.clone();
+            std::thread::Builder::new()
+                .name("test-starved".into())
+                .spawn(move || {
+                    idle_this_thread().unwrap();
+                    // Work until the thread finds itself out of the idle class (raised), at
+                    // most 10 s or until told to stop: then report whether it was raised and
+                    // at what niceness.
+                    let until = Instant::now() + Duration::from_secs(10);
+                    while this_thread_is_idle().unwrap()
+                        && Instant::now() < until
+                        && !give_up.load(Ordering::Relaxed)
+                    {
+                        std::hint::spin_loop();
+                    }
+                    (this_thread_is_idle().unwrap(), this_thread_nice().unwrap())
+                })
+                .unwrap()
+        };
+        if !permitted {
+            // Not permitted: the watch tries, is refused, counts it.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while watch.stats().refused.load(Ordering::Relaxed) == 0 {
+                assert!(
+                    Instant::now() < deadline,
+                    "the refused raise was never counted"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            give_up.store(true, Ordering::Relaxed);
+        }
         let (idle, nice) = worker.join().unwrap();
         stop.store(true, Ordering::Relaxed);
         for b in busy {
             b.join().unwrap();
+        }
+        if !permitted {
+            assert!(idle, "a refused raise leaves the thread in the idle class");
+            assert!(watch.stats().raises.load(Ordering::Relaxed) >= 1);
+            return;
         }
         assert!(!idle, "the starved thread was raised out of the idle class");
         assert_eq!(nice, RAISED_NICE, "to nice 19, no higher");
