@@ -199,12 +199,9 @@ async fn an_idle_class_replay_completes_while_normal_priority_work_saturates_the
     );
     let hub = env.daemon.hub.clone();
     assert!(hub.stats().cold_reads.load(Ordering::Relaxed) > 0);
-    let starvation = hub
-        .catchup()
-        .starvation()
-        .expect("idle pools have the bound");
-    // Whether it was raised depends on how the kernel shares the cores out (the raise
-    // itself is tested in `priority::tests`); none was refused.
-    assert_eq!(starvation.refused.load(Ordering::Relaxed), 0);
+    // Whether it was raised depends on how the kernel shares the cores out, and whether a
+    // raise is permitted on the privilege this test runs with (both cases are tested in
+    // `priority::tests`): the pool of an idle-class hub has the bound either way.
+    assert!(hub.catchup().starvation().is_some(), "idle pools have the bound");
     env.stop().await;
 }
