@@ -168,13 +168,9 @@ mod tests {
     const PREFIXES: [&str; 3] = ["app.bsky.feed.*", "app.bsky.*", "com.example.*"];
 
     /// A filter as a client would build it: some DIDs, or some collections and
-    /// prefixes, or both, or nothing (each picked by a bit mask over the pools).
-    fn filter_of(dids: u8, collections: u8, prefixes: u8) -> Filter {
-        filter_with_kinds(dids, collections, prefixes, 0)
-    }
-
-    /// [`filter_of`] with v2 `kinds` too (a bit mask over commit, identity, account, sync).
-    fn filter_with_kinds(dids: u8, collections: u8, prefixes: u8, kinds: u8) -> Filter {
+    /// prefixes, or both, or nothing, and v2 `kinds` or none (each picked by a bit mask
+    /// over the pools; kinds: commit, identity, account, sync).
+    fn filter_of(dids: u8, collections: u8, prefixes: u8, kinds: u8) -> Filter {
         let pick = |mask: u8, pool: &[&str]| -> Vec<String> {
             pool.iter()
                 .enumerate()
@@ -208,7 +204,7 @@ mod tests {
             0u8..8,
             prop_oneof![Just(0u8), 0u8..16],
         )
-            .prop_map(|(d, c, p, k)| filter_with_kinds(d, c, p, k))
+            .prop_map(|(d, c, p, k)| filter_of(d, c, p, k))
     }
 
     fn event(kind: EventKind, did: &str, collection: Option<&str>) -> Event {
