@@ -174,6 +174,12 @@ impl Filter {
         true
     }
 
+    /// Whether the filter takes the event's kind (and so the event itself, when its
+    /// collection and DID are known to pass: see `index::Via`).
+    pub fn matches_kind(&self, event: &Event) -> bool {
+        Kind::of(event.kind).is_some_and(|kind| self.kinds.is_empty() || self.kinds.contains(&kind))
+    }
+
     pub fn matches_collection(&self, collection: &str) -> bool {
         self.collections.contains(collection)
             || collection_prefixes(collection).any(|p| self.prefixes.contains(p))

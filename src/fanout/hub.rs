@@ -12,7 +12,7 @@
 //! `DIRECT_MAX_EVENTS`), write to a subscriber under the lock, or hold the lock for more
 //! than one batch or one index step.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
 use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
@@ -119,7 +120,10 @@ pub(super) struct Entry {
 pub(super) struct HubState {
     /// Every event up to this seq has been offered to the live subscribers.
     pub(super) dispatched_through: u64,
-    pub(super) entries: HashMap<u64, Entry>,
+    /// Looked up once per candidate of every event: hashed with rustc-hash's Fx rather
+    /// than SipHash (the ids are the hub's own counter, not a client's choice, so there
+    /// is no flooding to resist).
+    pub(super) entries: FxHashMap<u64, Entry>,
     pub(super) index: Index,
     next_id: u64,
 }
@@ -272,7 +276,7 @@ impl Hub {
             config,
             state: Mutex::new(HubState {
                 dispatched_through: newest,
-                entries: HashMap::new(),
+                entries: FxHashMap::default(),
                 index: Index::default(),
                 next_id: 1,
             }),
@@ -454,7 +458,7 @@ const DIRECT_MAX_EVENTS: usize = 64;
 struct Round {
     targets: Vec<Target>,
     /// Subscriber id -> its place in `targets`.
-    slots: HashMap<u64, usize>,
+    slots: FxHashMap<u64, usize>,
     /// Subscribers written within their pacing interval whose newer events wait in their
     /// queue for the dispatcher (`Queue::deferred_until`); one entry per deferral, at most
     /// one live per subscriber (a stale one is dropped when its time comes).
@@ -491,7 +495,7 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent], round: &mut Round) {
             continue;
         }
         let HubState { entries, index, .. } = &mut *state;
-        index.candidates(event, |id| {
+        index.candidates(event, |id, via| {
             let Some(entry) = entries.get_mut(&id) else {
                 return;
             };
@@ -499,7 +503,9 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent], round: &mut Round) {
                 return;
             }
             entry.last_pushed = event.seq;
-            if !entry.filter.matches(event) || !visible(entry.wire, event, &mut entry.frames) {
+            let wanted = via.wants(&entry.filter, event);
+            debug_assert_eq!(wanted, entry.filter.matches(event), "{via:?}");
+            if !wanted || !visible(entry.wire, event, &mut entry.frames) {
                 return;
             }
             let size = entry.wire.payload(event).map_or(0, Bytes::len);

@@ -21,6 +21,28 @@ pub(super) struct Index {
     non_commit: Vec<u64>,
 }
 
+/// How [`Index::candidates`] found a subscriber: what of its filter is left to check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Via {
+    /// Listed under the event's exact collection: the filter names that collection and
+    /// holds no DIDs (the index lists a filter so only then, with the filter the hub's
+    /// entry holds under the same lock), so only its kinds are left to check.
+    Collection,
+    /// Any other key: the whole filter decides.
+    Other,
+}
+
+impl Via {
+    /// Whether `filter`, found this way for `event`, wants it: [`Filter::matches`]
+    /// without the collection lookup the index already made.
+    pub(super) fn wants(self, filter: &Filter, event: &Event) -> bool {
+        match self {
+            Via::Collection => filter.matches_kind(event),
+            Via::Other => filter.matches(event),
+        }
+    }
+}
+
 fn add(list: &mut Vec<u64>, id: u64) {
     list.push(id);
 }
@@ -78,27 +100,28 @@ impl Index {
         }
     }
 
-    /// Calls `f` with every subscriber that may want the event (possibly twice; the caller
-    /// dedups by seq). Cost is proportional to the candidates, not to all subscribers.
-    pub(super) fn candidates(&self, event: &Event, mut f: impl FnMut(u64)) {
-        self.everyone.iter().for_each(|&id| f(id));
+    /// Calls `f` with every subscriber that may want the event and how it was found
+    /// (possibly twice; the caller dedups by seq). Cost is proportional to the
+    /// candidates, not to all subscribers.
+    pub(super) fn candidates(&self, event: &Event, mut f: impl FnMut(u64, Via)) {
+        self.everyone.iter().for_each(|&id| f(id, Via::Other));
         if let Some(list) = self.by_did.get(&event.did) {
-            list.iter().for_each(|&id| f(id));
+            list.iter().for_each(|&id| f(id, Via::Other));
         }
         match (&event.kind, &event.collection) {
             (EventKind::Commit, Some(collection)) => {
                 if let Some(list) = self.by_collection.get(collection) {
-                    list.iter().for_each(|&id| f(id));
+                    list.iter().for_each(|&id| f(id, Via::Collection));
                 }
                 if !self.by_prefix.is_empty() {
                     for prefix in collection_prefixes(collection) {
                         if let Some(list) = self.by_prefix.get(prefix) {
-                            list.iter().for_each(|&id| f(id));
+                            list.iter().for_each(|&id| f(id, Via::Other));
                         }
                     }
                 }
             }
-            _ => self.non_commit.iter().for_each(|&id| f(id)),
+            _ => self.non_commit.iter().for_each(|&id| f(id, Via::Other)),
         }
     }
 
@@ -133,7 +156,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::fanout::filter::FilterLimits;
+    use crate::fanout::filter::{FilterLimits, Kind};
 
     const DIDS: [&str; 4] = ["did:plc:aa", "did:plc:bb", "did:plc:cc", "did:web:dd.test"];
     const COLLECTIONS: [&str; 4] = [
@@ -145,8 +168,9 @@ mod tests {
     const PREFIXES: [&str; 3] = ["app.bsky.feed.*", "app.bsky.*", "com.example.*"];
 
     /// A filter as a client would build it: some DIDs, or some collections and
-    /// prefixes, or both, or nothing (each picked by a bit mask over the pools).
-    fn filter_of(dids: u8, collections: u8, prefixes: u8) -> Filter {
+    /// prefixes, or both, or nothing, and v2 `kinds` or none (each picked by a bit mask
+    /// over the pools; kinds: commit, identity, account, sync).
+    fn filter_of(dids: u8, collections: u8, prefixes: u8, kinds: u8) -> Filter {
         let pick = |mask: u8, pool: &[&str]| -> Vec<String> {
             pool.iter()
                 .enumerate()
@@ -156,13 +180,31 @@ mod tests {
         };
         let mut wanted = pick(collections, &COLLECTIONS);
         wanted.extend(pick(prefixes, &PREFIXES));
-        Filter::build(&wanted, &pick(dids, &DIDS), &[], &FilterLimits::default())
-            .unwrap_or_else(|e| panic!("the pools hold valid names: {e}"))
+        let kinds: Vec<Kind> = [Kind::Commit, Kind::Identity, Kind::Account, Kind::Sync]
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| kinds & (1 << i) != 0)
+            .map(|(_, k)| k)
+            .collect();
+        Filter::build(
+            &wanted,
+            &pick(dids, &DIDS),
+            &kinds,
+            &FilterLimits::default(),
+        )
+        .unwrap_or_else(|e| panic!("the pools hold valid names: {e}"))
     }
 
     fn arb_filter() -> impl Strategy<Value = Filter> {
-        // Half the filters have no DIDs, so collection and everyone keys get exercised.
-        (prop_oneof![Just(0u8), 0u8..16], 0u8..16, 0u8..8).prop_map(|(d, c, p)| filter_of(d, c, p))
+        // Half the filters have no DIDs, so collection and everyone keys get exercised;
+        // half have no kinds.
+        (
+            prop_oneof![Just(0u8), 0u8..16],
+            0u8..16,
+            0u8..8,
+            prop_oneof![Just(0u8), 0u8..16],
+        )
+            .prop_map(|(d, c, p, k)| filter_of(d, c, p, k))
     }
 
     fn event(kind: EventKind, did: &str, collection: Option<&str>) -> Event {
@@ -248,9 +290,18 @@ mod tests {
             }
             for e in events() {
                 let mut offered = Vec::new();
-                index.candidates(&e, |id| offered.push(id));
+                let mut via = Vec::new();
+                index.candidates(&e, |id, how| {
+                    offered.push(id);
+                    via.push((id, how));
+                });
                 prop_assert!(offered.len() <= index.entries());
                 let offered: HashSet<u64> = offered.into_iter().collect();
+                // What the dispatcher decides by is what the whole filter says.
+                for (id, how) in via {
+                    let f = &filters[id as usize];
+                    prop_assert_eq!(how.wants(f, &e), f.matches(&e), "{:?} via {:?}", f, how);
+                }
                 for (id, f) in filters.iter().enumerate() {
                     if f.matches(&e) {
                         prop_assert!(offered.contains(&(id as u64)), "{:?} missed {:?}", f, e.kind);
@@ -268,7 +319,7 @@ mod tests {
         index.add_did("did:plc:aa", 8);
         assert_eq!(index.entries(), 3);
         let mut offered = Vec::new();
-        index.candidates(&event(EventKind::Identity, "did:plc:aa", None), |id| {
+        index.candidates(&event(EventKind::Identity, "did:plc:aa", None), |id, _| {
             offered.push(id)
         });
         offered.sort_unstable();
