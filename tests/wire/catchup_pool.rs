@@ -202,6 +202,9 @@ async fn an_idle_class_replay_completes_while_normal_priority_work_saturates_the
     // Whether it was raised depends on how the kernel shares the cores out, and whether a
     // raise is permitted on the privilege this test runs with (both cases are tested in
     // `priority::tests`): the pool of an idle-class hub has the bound either way.
-    assert!(hub.catchup().starvation().is_some(), "idle pools have the bound");
+    assert!(
+        hub.catchup().starvation().is_some(),
+        "idle pools have the bound"
+    );
     env.stop().await;
 }
