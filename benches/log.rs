@@ -369,29 +369,20 @@ fn scan_templates() -> Vec<Vec<Event>> {
         .collect()
 }
 
-fn bench_scan(c: &mut Criterion) {
-    // One tenth under `cargo test` (a smoke run of every bench, in a debug build).
-    let scale = if measuring() { 1 } else { 10 };
-    let (events_in_store, scan) = (120_000 / scale, 50_000 / scale);
-    let templates = scan_templates();
-    let dir = bench_dir();
-    let (store, _) = FjallStore::open(store_config(dir.path())).expect("store");
-    let store = Arc::new(store);
-    let mut state = StampState::fresh();
+/// Appends `frames` to `store`, `frames_per_commit` frames per commit, until it holds
+/// `events` events (or the frames run out); returns the events appended.
+fn append_in_commits(
+    store: &FjallStore,
+    frames: Vec<Vec<Event>>,
+    events: usize,
+    frames_per_commit: usize,
+) -> usize {
+    let mut frames = frames.into_iter();
     let mut written = 0;
-    // One restamp of every frame the store gets (templates cycle once per call), then
-    // appended 2,000 frames at a time.
-    let per_frame = templates.iter().map(Vec::len).sum::<usize>() as f64 / templates.len() as f64;
-    let all = restamp(
-        &templates,
-        &mut state,
-        (events_in_store as f64 / per_frame).ceil() as usize + 2_000,
-    );
-    let mut frames = all.into_iter();
-    while written < events_in_store {
+    while written < events {
         let batch: Vec<Arc<Event>> = frames
             .by_ref()
-            .take(2_000 / scale)
+            .take(frames_per_commit)
             .flatten()
             .map(Arc::new)
             .collect();
@@ -404,7 +395,27 @@ fn bench_scan(c: &mut Criterion) {
         written += batch.len();
         store.append(&batch, resume).expect("append");
     }
-    drop(frames);
+    written
+}
+
+fn bench_scan(c: &mut Criterion) {
+    // One tenth under `cargo test` (a smoke run of every bench, in a debug build).
+    let scale = if measuring() { 1 } else { 10 };
+    let (events_in_store, scan) = (120_000 / scale, 50_000 / scale);
+    let templates = scan_templates();
+    let dir = bench_dir();
+    let (store, _) = FjallStore::open(store_config(dir.path())).expect("store");
+    let store = Arc::new(store);
+    let mut state = StampState::fresh();
+    // One restamp of every frame the store gets (templates cycle once per call), then
+    // appended 2,000 frames at a time.
+    let per_frame = templates.iter().map(Vec::len).sum::<usize>() as f64 / templates.len() as f64;
+    let all = restamp(
+        &templates,
+        &mut state,
+        (events_in_store as f64 / per_frame).ceil() as usize + 2_000,
+    );
+    let written = append_in_commits(&store, all, events_in_store, 2_000 / scale);
     let from = (written / 3) as u64;
     let mut g = c.benchmark_group("log_scan");
     g.throughput(Throughput::Elements(scan as u64));
@@ -720,32 +731,14 @@ fn bench_scan_live(c: &mut Criterion) {
     let dir = bench_dir();
     let (store, _) = FjallStore::open(store_config(dir.path())).expect("store");
     let mut state = StampState::fresh();
-    let mut written = 0;
     let per_frame = templates.iter().map(Vec::len).sum::<usize>() as f64 / templates.len() as f64;
     let all = restamp(
         &templates,
         &mut state,
         (events_in_store as f64 / per_frame).ceil() as usize + commit_frames,
     );
-    let mut frames = all.into_iter();
     let started = Instant::now();
-    while written < events_in_store {
-        let batch: Vec<Arc<Event>> = frames
-            .by_ref()
-            .take(commit_frames)
-            .flatten()
-            .map(Arc::new)
-            .collect();
-        let Some(last) = batch.last() else { break };
-        let resume = StampState {
-            next_seq: last.seq + 1,
-            last_time_us: last.time_us,
-            upstream_cursor: Some(last.upstream_seq),
-        };
-        written += batch.len();
-        store.append(&batch, resume).expect("append");
-    }
-    drop(frames);
+    let written = append_in_commits(&store, all, events_in_store, commit_frames);
     let committed = store.segments(usize::MAX).len();
     let from = (written / 3) as u64;
     let scan_all = |store: &FjallStore, payloads: Payloads| {

@@ -13,3 +13,21 @@ mod raw_retention;
 mod read_ahead;
 mod retention;
 mod store;
+
+use sluice::event::Event;
+use sluice::log::Payloads;
+
+/// `want` with only `payloads` filled in, as a read with `payloads` returns it.
+fn with_payloads(want: &Event, payloads: Payloads) -> Event {
+    let mut e = want.clone();
+    if !payloads.v1 {
+        e.v1_json = None;
+    }
+    if !payloads.v2 {
+        e.v2_json = None;
+    }
+    if !payloads.raw {
+        e.raw_frame = bytes::Bytes::new();
+    }
+    e
+}

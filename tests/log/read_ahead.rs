@@ -41,21 +41,6 @@ fn scan(
     (out, None)
 }
 
-/// `want` with only `payloads` filled in, as a read with `payloads` returns it.
-fn with_payloads(want: &Event, payloads: Payloads) -> Event {
-    let mut e = want.clone();
-    if !payloads.v1 {
-        e.v1_json = None;
-    }
-    if !payloads.v2 {
-        e.v2_json = None;
-    }
-    if !payloads.raw {
-        e.raw_frame = bytes::Bytes::new();
-    }
-    e
-}
-
 fn wait_until(what: &str, cond: impl Fn() -> bool) {
     let started = Instant::now();
     while !cond() {
@@ -105,7 +90,7 @@ fn sequential_reads_with_read_ahead_return_every_event_exactly() {
         assert!(err.is_none(), "{err:?}");
         assert_eq!(got.len(), written.len());
         for (want, got) in written.iter().zip(&got) {
-            log_common::assert_same(&with_payloads(want, payloads), got);
+            log_common::assert_same(&crate::with_payloads(want, payloads), got);
         }
     }
     let after = store.decoded_cache_counts().0 + store.read_ahead_decodes();
@@ -182,14 +167,14 @@ fn a_segment_that_does_not_decode_is_reported_and_read_ahead_goes_on() {
         "everything before it, nothing of it"
     );
     for (want, got) in written.iter().zip(&got) {
-        log_common::assert_same(&with_payloads(want, Payloads::V1), got);
+        log_common::assert_same(&crate::with_payloads(want, Payloads::V1), got);
     }
     // The segments after it read as before.
     let (got, err) = scan(&store, bad.last_seq + 1, 29, Payloads::V1);
     assert!(err.is_none(), "{err:?}");
     assert_eq!(got.len() as u64, written.len() as u64 - bad.last_seq);
     for (want, got) in written[bad.last_seq as usize..].iter().zip(&got) {
-        log_common::assert_same(&with_payloads(want, Payloads::V1), got);
+        log_common::assert_same(&crate::with_payloads(want, Payloads::V1), got);
     }
 }
 
