@@ -114,6 +114,16 @@ fn store_config(dir: &std::path::Path) -> FjallConfig {
     c
 }
 
+/// The daemon's log settings with the store's as the benches set them (`store_config`).
+fn log_config(dir: &std::path::Path) -> LogConfig {
+    let mut config = LogConfig::new(dir);
+    let store = store_config(dir);
+    config.compression = store.compression;
+    config.segment_target_bytes = store.segment_target_bytes;
+    config.encode_threads = store.encode_threads;
+    config
+}
+
 /// Calls `each` with every commit of `frames` as the log writer groups them (about
 /// `commit_events` events, whole upstream frames); the number of events.
 fn in_commits(
@@ -533,7 +543,7 @@ fn bench_append(c: &mut Criterion) {
     const PER_ITER: usize = 20_000;
     let templates = corpus();
     let dir = bench_dir();
-    let mut config = LogConfig::new(dir.path());
+    let mut config = log_config(dir.path());
     config.tail_max_bytes = 64 << 20;
     // The writer's settings, to find what bounds a sustained append (unset: defaults).
     if let Some(m) = env_num::<usize>("SLUICE_BENCH_QUEUE_MIB") {
@@ -545,10 +555,6 @@ fn bench_append(c: &mut Criterion) {
     if let Some(ms) = env_num("SLUICE_BENCH_COMMIT_MS") {
         config.commit_interval = Duration::from_millis(ms);
     }
-    let store = store_config(dir.path());
-    config.compression = store.compression;
-    config.segment_target_bytes = store.segment_target_bytes;
-    config.encode_threads = store.encode_threads;
     let (log, mut state) = Log::open(config).expect("log");
     let mut g = c.benchmark_group("log_append");
     g.sample_size(10);
@@ -640,17 +646,13 @@ fn bench_sustained(_c: &mut Criterion) {
     }
     let templates = corpus();
     let dir = bench_dir();
-    let mut config = LogConfig::new(dir.path());
+    let mut config = log_config(dir.path());
     if let Some(m) = env_num::<usize>("SLUICE_BENCH_QUEUE_MIB") {
         config.queue_max_bytes = m << 20;
     }
     if let Some(n) = env_num("SLUICE_BENCH_COMMIT_EVENTS") {
         config.commit_max_events = n;
     }
-    let store = store_config(dir.path());
-    config.compression = store.compression;
-    config.segment_target_bytes = store.segment_target_bytes;
-    config.encode_threads = store.encode_threads;
     let (log, mut state) = Log::open(config).expect("log");
     let per_frame = templates.iter().map(Vec::len).sum::<usize>() as f64 / templates.len() as f64;
     let frames = restamp(
@@ -796,11 +798,8 @@ fn bench_paced(_c: &mut Criterion) {
     let rate: f64 = env_num("SLUICE_BENCH_PACED_RATE").unwrap_or(2_000.0);
     let templates = corpus();
     let dir = bench_dir();
-    let mut config = LogConfig::new(dir.path());
-    let store = store_config(dir.path());
-    config.compression = store.compression;
-    config.segment_target_bytes = store.segment_target_bytes;
-    config.encode_threads = store.encode_threads;
+    let config = log_config(dir.path());
+    let raw_fast_level = config.compression.raw_fast_level;
     let (log, mut state) = Log::open(config).expect("log");
     let per_frame = templates.iter().map(Vec::len).sum::<usize>() as f64 / templates.len() as f64;
     let frames = restamp(
@@ -834,7 +833,7 @@ fn bench_paced(_c: &mut Criterion) {
             .expect("read");
         let plain = frames_of(&events);
         zstd3 += zstd::bulk::compress(&plain, 3).expect("zstd").len();
-        fast += zstd::bulk::compress(&plain, store.compression.raw_fast_level)
+        fast += zstd::bulk::compress(&plain, raw_fast_level)
             .expect("zstd")
             .len();
     }
@@ -850,7 +849,7 @@ fn bench_paced(_c: &mut Criterion) {
         log.writer_stats().raw_level_segments(),
         store_ref.raw_size_bytes() as f64 / n,
         zstd3 as f64 / n,
-        store.compression.raw_fast_level,
+        raw_fast_level,
         fast as f64 / n,
         cpu / wall * 100.0
     );

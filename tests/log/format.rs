@@ -23,19 +23,6 @@ use sluice::upstream::capture::read_all;
 /// The receipt time `examples/log_fixture.rs` gave every frame.
 const RECEIVED_US: i64 = 1_748_800_000_000_000;
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
 fn fixture(name: &str) -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("fixtures")
@@ -85,7 +72,7 @@ fn a_data_dir_of_the_first_layout_opens_reads_exactly_and_takes_new_events() {
     assert_eq!(old.len(), 363, "the fixture holds 300 frames' 363 events");
 
     let dir = tempfile::tempdir().unwrap();
-    copy_dir(&fixture("log-format-1"), dir.path());
+    crate::copy_dir(&fixture("log-format-1"), dir.path());
     {
         let (store, report) =
             FjallStore::open(FjallConfig::new(dir.path().join("events"))).unwrap();

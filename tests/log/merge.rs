@@ -220,19 +220,6 @@ fn a_reader_scanning_while_segments_merge_gets_every_event_once() {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
-}
-
 /// Copies the data and raw files of `from` that `to` does not have.
 fn add_missing_files(from: &Path, to: &Path) -> usize {
     let mut added = 0;
@@ -260,7 +247,7 @@ fn a_merge_cut_short_at_either_side_of_its_commit_opens_to_the_same_events() {
     };
     let small = frames.len();
     let before = root.path().join("before");
-    copy_dir(&live, &before);
+    crate::copy_dir(&live, &before);
     let merged_segments = {
         let (store, _) = FjallStore::open(config(&live)).unwrap();
         assert!(merge_all(&store) > 0);
@@ -271,7 +258,7 @@ fn a_merge_cut_short_at_either_side_of_its_commit_opens_to_the_same_events() {
     // 1. The merged values were written and synced, the index batch never committed:
     // the old index with every file of both.
     let cut_before = root.path().join("cut-before-commit");
-    copy_dir(&before, &cut_before);
+    crate::copy_dir(&before, &cut_before);
     assert!(add_missing_files(&live, &cut_before) > 0);
     let files_with_merged = file_names(&cut_before);
     {
@@ -291,7 +278,7 @@ fn a_merge_cut_short_at_either_side_of_its_commit_opens_to_the_same_events() {
     // 2. The index batch committed, the merged-away segments' files not yet removed: the
     // new index with every file of both.
     let cut_after = root.path().join("cut-after-commit");
-    copy_dir(&live, &cut_after);
+    crate::copy_dir(&live, &cut_after);
     assert!(add_missing_files(&before, &cut_after) > 0);
     let files_with_old = file_names(&cut_after);
     {
