@@ -298,26 +298,12 @@ fn bench_sizes(_c: &mut Criterion) {
     let synth_file =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/synth-1000.bin");
     let synth_long = {
-        use sluice::upstream::synth::{Synth, SynthOptions};
-        let opts = SynthOptions {
-            seed: 2,
-            // `cargo test` runs this bench once as a smoke test (no `--bench` argument):
-            // a short run there keeps the suite lean.
-            count: env_num("SLUICE_BENCH_SYNTH_FRAMES").unwrap_or(if measuring() {
-                30_000
-            } else {
-                500
-            }),
-            dids: 1_000_000,
-            ..SynthOptions::default()
-        };
-        let mut ingestor = Ingestor::new(StampState::fresh(), DecodeLimits::default());
-        Synth::new(&opts)
-            .filter_map(|f| match ingestor.ingest(Bytes::from(f), i64::MAX / 2) {
-                IngestOutcome::Events(e) => Some(e),
-                _ => None,
-            })
-            .collect::<Vec<_>>()
+        // `cargo test` runs this bench once as a smoke test (no `--bench` argument):
+        // a short run there keeps the suite lean.
+        synth_templates(
+            2,
+            env_num("SLUICE_BENCH_SYNTH_FRAMES").unwrap_or(if measuring() { 30_000 } else { 500 }),
+        )
     };
     let sets = [
         ("corpus", corpus()),
@@ -363,10 +349,15 @@ fn scan_templates() -> Vec<Vec<Event>> {
     if std::env::var("SLUICE_BENCH_SCAN_DATA").as_deref() != Ok("synth") {
         return corpus();
     }
+    synth_templates(3, if measuring() { 30_000 } else { 500 })
+}
+
+/// `count` synthetic frames over 1M DIDs from `seed`, ingested into events.
+fn synth_templates(seed: u64, count: usize) -> Vec<Vec<Event>> {
     use sluice::upstream::synth::{Synth, SynthOptions};
     let opts = SynthOptions {
-        seed: 3,
-        count: if measuring() { 30_000 } else { 500 },
+        seed,
+        count,
         dids: 1_000_000,
         ..SynthOptions::default()
     };
