@@ -293,3 +293,40 @@ pub(crate) fn cpu_each(procs: &[ChildGuard]) -> Vec<f64> {
 pub(crate) fn self_cpu() -> f64 {
     proc_cpu_secs(std::process::id()).unwrap_or(0.0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sample is found by its family and label, never by a family whose name only
+    /// begins with the one asked for, and comment lines are skipped.
+    #[test]
+    fn metrics_are_read_by_family_and_label() {
+        let text = "# HELP sluice_direct_writes_total x\n\
+                    # TYPE sluice_direct_writes_total counter\n\
+                    sluice_direct_writes_total_other 9\n\
+                    sluice_direct_writes_total{outcome=\"written\"} 12\n\
+                    sluice_direct_writes_total{outcome=\"refused\"} 3\n\
+                    sluice_active_replays 4\n";
+        assert_eq!(
+            metric_with(text, "sluice_direct_writes_total", "outcome=\"refused\""),
+            Some(3.0)
+        );
+        assert_eq!(metric(text, "sluice_direct_writes_total"), Some(12.0));
+        assert_eq!(metric(text, "sluice_active_replays"), Some(4.0));
+        assert_eq!(metric(text, "sluice_active"), None);
+        assert_eq!(
+            metric_with(text, "sluice_direct_writes_total", "outcome=\"handed\""),
+            None
+        );
+    }
+
+    /// This machine's `/proc/stat` parses, steal within the total and busy.
+    #[test]
+    fn the_cpu_line_has_steal_within_busy_within_total() {
+        let c = cpu_line().expect("/proc/stat");
+        assert!(c.total > 0);
+        assert!(c.busy <= c.total);
+        assert!(c.steal <= c.busy);
+    }
+}
