@@ -156,6 +156,11 @@ pub(crate) struct FanoutArgs {
     /// With `--sub-procs`: one message in this many per subscriber is timed.
     #[arg(long, default_value_t = 4)]
     pub(crate) sub_sample: u64,
+    /// After the source stops, how long (at most) to wait for subscribers that are behind
+    /// to read the rest: what they still lack then is reported as missing (lost, if
+    /// nothing moved for 2 s) apart from what was only late.
+    #[arg(long, default_value_t = 30)]
+    pub(crate) drain_secs: u64,
     /// Write every phase's result as one JSON line to this file.
     #[arg(long)]
     pub(crate) json: Option<PathBuf>,

@@ -30,7 +30,7 @@ pub(crate) async fn fanout(args: FanoutArgs) -> anyhow::Result<()> {
     targets.dedup();
     let runs = args.runs.max(1);
     // Watchdog: every phase is bounded; this bounds the whole run even if something hangs.
-    let per_phase = args.warmup + args.duration + args.stall_secs + 120;
+    let per_phase = args.warmup + args.duration + args.stall_secs + args.drain_secs + 120;
     let bound = Duration::from_secs(per_phase * (targets.len() * runs) as u64 + 120);
     start_watchdog(bound);
 

@@ -41,8 +41,8 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::frame_meta::{commit_key, json_str};
 use crate::hist::{now_ns, Hist};
 use crate::procs::{
-    free_port, proc_cpu_secs, proc_rss_kb, serve_command, start_watchdog, wait_tcp, ChildGuard,
-    ServeArgs, TempDir,
+    free_port, metric, metrics, proc_cpu_secs, proc_rss_kb, serve_command, start_watchdog,
+    wait_tcp, ChildGuard, ServeArgs, TempDir,
 };
 use crate::publisher::{next_frame, start_generator, start_upstream, GenFrame, PubSink};
 use crate::report::{median, open_results};
@@ -712,33 +712,6 @@ fn start_attack(
 // ---------------------------------------------------------------------------------------
 // The daemon and the upstream
 // ---------------------------------------------------------------------------------------
-
-/// `/metrics` of the admin listener, or an empty text.
-async fn metrics(admin: SocketAddr) -> String {
-    let exchange = async {
-        let mut stream = TcpStream::connect(admin).await.ok()?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await
-            .ok()?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await.ok()?;
-        Some(String::from_utf8_lossy(&raw).into_owned())
-    };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or_default()
-}
-
-fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit_once(' '))
-        .and_then(|(_, v)| v.parse().ok())
-}
 
 /// Sends `prefill` frames as fast as the sink takes them, then frames at `rate` stamped
 /// with their send instant, until `stop`.

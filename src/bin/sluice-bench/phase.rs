@@ -10,11 +10,11 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 
 use crate::cli::FanoutArgs;
-use crate::control::{PH_AFTER, PH_MEASURE, PH_STALL};
+use crate::control::{PH_AFTER, PH_MEASURE, PH_STALL, PH_WARMUP};
 use crate::hist::Hist;
 use crate::procs::{
-    cpu_each, free_port, machine_jiffies, rss_total, self_cpu, serve_command, wait_tcp, ChildGuard,
-    TempDir, SERVE_NO_LIMITS,
+    cpu_each, cpu_line, free_port, metric_with, metrics, rss_total, self_cpu, serve_command,
+    wait_tcp, ChildGuard, TempDir, SERVE_NO_LIMITS,
 };
 use crate::publisher::{start_upstream, BoxSink, Feed, PubCtx, PubSink};
 use crate::relay::REDIS_CHANNEL;
@@ -33,6 +33,8 @@ pub(crate) struct Running {
     pub(crate) port: u16,
     /// Sink the publisher writes to.
     pub(crate) sinks: tokio::sync::mpsc::Receiver<PubSink>,
+    /// sluice's admin listener (its `/metrics`), if the target is sluice.
+    pub(crate) admin: Option<std::net::SocketAddr>,
     pub(crate) _dir: Option<TempDir>,
 }
 
@@ -47,14 +49,18 @@ pub(crate) async fn start_target(
         Target::Sluice(_) => {
             let upstream = start_upstream(tx).await?;
             let port = free_port()?;
+            let admin_port = free_port()?;
             let mut cmd = serve_command(&args.serve.sluice, &upstream, port, &dir.0.join("data"));
-            cmd.args(SERVE_NO_LIMITS).args(&args.serve.serve_args);
+            cmd.args(SERVE_NO_LIMITS)
+                .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+                .args(&args.serve.serve_args);
             let mut g = ChildGuard::spawn("sluice serve", &mut cmd, Some(dir.0.join("serve.log")))?;
             wait_tcp(port, &mut g, 30).await?;
             Ok(Running {
                 procs: vec![g],
                 port,
                 sinks: rx,
+                admin: Some(([127, 0, 0, 1], admin_port).into()),
                 _dir: Some(dir),
             })
         }
@@ -95,6 +101,7 @@ pub(crate) async fn start_target(
                 procs: vec![g],
                 port,
                 sinks: rx,
+                admin: None,
                 _dir: Some(dir),
             })
         }
@@ -106,6 +113,7 @@ pub(crate) async fn start_target(
                 procs: vec![redis],
                 port: rport,
                 sinks: rx,
+                admin: None,
                 _dir: Some(dir),
             })
         }
@@ -128,6 +136,7 @@ pub(crate) async fn start_target(
                 procs: vec![relay, redis],
                 port,
                 sinks: rx,
+                admin: None,
                 _dir: Some(dir),
             })
         }
@@ -315,7 +324,8 @@ pub(crate) async fn run_phase(
         Some(r) => (r.cpu_secs(), Some(r.snapshot().await?.totals)),
         None => (0.0, None),
     };
-    let m0 = machine_jiffies();
+    let m0 = cpu_line();
+    let hub0 = hub_metrics(running.admin).await;
     let t0 = Instant::now();
     ctl.phase.store(PH_MEASURE, Ordering::Relaxed);
     let rss_start_measure = rss_total(&running.procs);
@@ -330,19 +340,29 @@ pub(crate) async fn run_phase(
     let secs = t0.elapsed().as_secs_f64();
     let cpu1 = cpu_each(&running.procs);
     let self1 = self_cpu();
-    let m1 = machine_jiffies();
+    let m1 = cpu_line();
+    let hub1 = hub_metrics(running.admin).await;
+    let loadavg_end = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let rss_end_measure = rss_total(&running.procs);
     // Per subscriber, in the window.
-    let delivered_each: Vec<u64> = match (sub_procs.as_mut(), snap0) {
-        (Some(r), Some(snap0)) => {
-            let snap1 = r.snapshot().await?.totals;
-            snap1.iter().zip(&snap0).map(|(b, a)| b - a).collect()
-        }
-        _ => shared
+    let totals_end = totals_now(sub_procs.as_mut(), &shared).await?;
+    let delivered_each: Vec<u64> = match snap0 {
+        Some(snap0) => totals_end.iter().zip(&snap0).map(|(b, a)| b - a).collect(),
+        None => shared
             .iter()
             .map(|s| s.delivered[PH_MEASURE as usize].load(Ordering::Relaxed))
             .collect(),
     };
+    // What each subscriber should have had by the window's end (everything sent since
+    // it connected, which was before the first frame).
+    let expected_by_end: u64 = specs
+        .iter()
+        .map(|spec| {
+            tallies[PH_WARMUP as usize].expected(target, spec.filter)
+                + tallies[PH_MEASURE as usize].expected(target, spec.filter)
+        })
+        .sum();
+    let behind_at_end = expected_by_end.saturating_sub(totals_end.iter().sum());
     let subs_cpu = sub_procs.as_ref().map_or(0.0, |r| r.cpu_secs() - subs_cpu0);
     let delivered_measure: u64 = delivered_each.iter().sum();
 
@@ -432,6 +452,43 @@ pub(crate) async fn run_phase(
         .ok()
         .and_then(|r| r.ok())
         .unwrap_or_default();
+    // Late or lost: with the source stopped, wait (bounded) for the subscribers that were
+    // behind to read what they still should get. What is missing when nobody makes any
+    // more progress was lost; what arrives meanwhile was only late.
+    let expected_each: Vec<u64> = specs
+        .iter()
+        .map(|spec| {
+            tallies
+                .iter()
+                .map(|t| t.expected(target, spec.filter))
+                .sum()
+        })
+        .collect();
+    let drain_start = Instant::now();
+    let (missing_after_drain, still_reading) = loop {
+        let totals = totals_now(sub_procs.as_mut(), &shared).await?;
+        let missing: u64 = expected_each
+            .iter()
+            .zip(&totals)
+            .map(|(e, t)| e.saturating_sub(*t))
+            .sum();
+        if missing == 0 || drain_start.elapsed() >= Duration::from_secs(args.drain_secs) {
+            break (missing, missing > 0);
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let later: u64 = totals_now(sub_procs.as_mut(), &shared).await?.iter().sum();
+        if later == totals.iter().sum::<u64>() {
+            // Nothing moved for 2 s: what is missing now is not coming.
+            let missing = expected_each
+                .iter()
+                .zip(&totals)
+                .map(|(e, t)| e.saturating_sub(*t))
+                .sum();
+            break (missing, false);
+        }
+    };
+    let drain_secs = drain_start.elapsed().as_secs_f64();
+    let hub_drained = hub_metrics(running.admin).await;
     for p in running.procs.iter_mut() {
         p.check_alive()?;
     }
@@ -465,9 +522,15 @@ pub(crate) async fn run_phase(
     } else {
         f64::NAN
     };
-    let machine_busy = match (m0, m1) {
-        (Some((b0, t0)), Some((b1, t1))) if t1 > t0 => (b1 - b0) as f64 / (t1 - t0) as f64 * 100.0,
-        _ => f64::NAN,
+    let (machine_busy, steal) = match (&m0, &m1) {
+        (Some(a), Some(b)) if b.total > a.total => {
+            let span = (b.total - a.total) as f64;
+            (
+                (b.busy - a.busy) as f64 / span * 100.0,
+                (b.steal - a.steal) as f64 / span * 100.0,
+            )
+        }
+        _ => (f64::NAN, f64::NAN),
     };
     let names: Vec<String> = running.procs.iter().map(|p| p.name.clone()).collect();
     let frames_measure = tallies[PH_MEASURE as usize].frames.load(Ordering::Relaxed);
@@ -518,7 +581,93 @@ pub(crate) async fn run_phase(
     // Outside the macro: one more key there passes its recursion limit.
     result["sub_procs"] = json!(args.sub_procs);
     result["sub_procs_cpu_pct"] = json!(subs_cpu / secs * 100.0);
+    result["steal_pct"] = json!(steal);
+    result["loadavg_at_end"] = json!(loadavg_end.trim());
+    result["behind_at_end"] = json!(behind_at_end);
+    result["missing_after_drain"] = json!(missing_after_drain);
+    result["still_reading_after_drain"] = json!(still_reading);
+    result["drain_s"] = json!(drain_secs);
+    result["hub"] = hub_report(&hub0, &hub1, &hub_drained);
     print_phase(&result);
     drop(running);
     Ok(result)
+}
+
+/// Every subscriber's deliveries so far: the child processes' counts, or the in-process
+/// subscribers' over all phases.
+async fn totals_now(
+    sub_procs: Option<&mut crate::redis_readers::Readers>,
+    shared: &[Arc<SubShared>],
+) -> anyhow::Result<Vec<u64>> {
+    Ok(match sub_procs {
+        Some(r) => r.snapshot().await?.totals,
+        None => shared
+            .iter()
+            .map(|s| s.delivered.iter().map(|d| d.load(Ordering::Relaxed)).sum())
+            .collect(),
+    })
+}
+
+/// The fan-out's own account of a run, from sluice's `/metrics` (family, label).
+const HUB_METRICS: [(&str, &str, &str); 11] = [
+    (
+        "to_catchup",
+        "sluice_slow_consumer_transitions_total",
+        "to=\"catchup\"",
+    ),
+    (
+        "to_live",
+        "sluice_slow_consumer_transitions_total",
+        "to=\"live\"",
+    ),
+    ("in_catchup", "sluice_active_replays", ""),
+    ("cold_reads", "sluice_cold_reads_total", ""),
+    ("queued_events", "sluice_queued_events", ""),
+    (
+        "direct_written",
+        "sluice_direct_writes_total",
+        "outcome=\"written\"",
+    ),
+    (
+        "direct_handed",
+        "sluice_direct_writes_total",
+        "outcome=\"handed\"",
+    ),
+    (
+        "direct_refused",
+        "sluice_direct_writes_total",
+        "outcome=\"refused\"",
+    ),
+    (
+        "disconnects_too_slow",
+        "sluice_subscriber_disconnects_total",
+        "reason=\"too_slow\"",
+    ),
+    (
+        "disconnects_too_old",
+        "sluice_subscriber_disconnects_total",
+        "reason=\"too_old\"",
+    ),
+    ("log_tail_bytes", "sluice_log_tail_bytes", ""),
+];
+
+/// `/metrics` of sluice's admin listener (empty without one).
+async fn hub_metrics(admin: Option<std::net::SocketAddr>) -> String {
+    match admin {
+        Some(a) => metrics(a).await,
+        None => String::new(),
+    }
+}
+
+/// Each of [`HUB_METRICS`] at the window's start, its end and after the drain.
+fn hub_report(start: &str, end: &str, drained: &str) -> serde_json::Value {
+    if start.is_empty() {
+        return serde_json::Value::Null;
+    }
+    let mut out = serde_json::Map::new();
+    for (key, name, label) in HUB_METRICS {
+        let v = |t: &str| metric_with(t, name, label);
+        out.insert(key.into(), json!([v(start), v(end), v(drained)]));
+    }
+    out.into()
 }

@@ -80,7 +80,17 @@ pub(crate) fn proc_rss_kb(pid: u32) -> Option<u64> {
 }
 
 /// (busy, total) jiffies of the whole machine.
-pub(crate) fn machine_jiffies() -> Option<(u64, u64)> {
+/// The first (all-CPU) line of `/proc/stat`, in jiffies.
+pub(crate) struct CpuLine {
+    /// Everything but idle and iowait (steal included: the hypervisor gave that time to
+    /// someone else).
+    pub(crate) busy: u64,
+    pub(crate) total: u64,
+    /// Time the hypervisor ran something else while this VM had work (`steal`).
+    pub(crate) steal: u64,
+}
+
+pub(crate) fn cpu_line() -> Option<CpuLine> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let line = stat.lines().next()?;
     let v: Vec<u64> = line
@@ -90,7 +100,47 @@ pub(crate) fn machine_jiffies() -> Option<(u64, u64)> {
         .collect();
     let total: u64 = v.iter().take(8).sum();
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
-    Some((total - idle, total))
+    Some(CpuLine {
+        busy: total - idle,
+        total,
+        steal: v.get(7).copied().unwrap_or(0),
+    })
+}
+
+/// `/metrics` of an admin listener, or an empty text.
+pub(crate) async fn metrics(admin: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = TcpStream::connect(admin).await.ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.ok()?;
+        Some(String::from_utf8_lossy(&raw).into_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(5), exchange)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// The first sample of the family `name` in a `/metrics` text.
+pub(crate) fn metric(text: &str, name: &str) -> Option<f64> {
+    metric_with(text, name, "")
+}
+
+/// The first sample of the family `name` whose line contains `label` (e.g.
+/// `to="catchup"`; empty: any).
+pub(crate) fn metric_with(text: &str, name: &str, label: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .find(|l| l.contains(label))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse().ok())
 }
 
 pub(crate) static CHILD_PIDS: Mutex<Vec<u32>> = Mutex::new(Vec::new());
@@ -242,4 +292,41 @@ pub(crate) fn cpu_each(procs: &[ChildGuard]) -> Vec<f64> {
 
 pub(crate) fn self_cpu() -> f64 {
     proc_cpu_secs(std::process::id()).unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sample is found by its family and label, never by a family whose name only
+    /// begins with the one asked for, and comment lines are skipped.
+    #[test]
+    fn metrics_are_read_by_family_and_label() {
+        let text = "# HELP sluice_direct_writes_total x\n\
+                    # TYPE sluice_direct_writes_total counter\n\
+                    sluice_direct_writes_total_other 9\n\
+                    sluice_direct_writes_total{outcome=\"written\"} 12\n\
+                    sluice_direct_writes_total{outcome=\"refused\"} 3\n\
+                    sluice_active_replays 4\n";
+        assert_eq!(
+            metric_with(text, "sluice_direct_writes_total", "outcome=\"refused\""),
+            Some(3.0)
+        );
+        assert_eq!(metric(text, "sluice_direct_writes_total"), Some(12.0));
+        assert_eq!(metric(text, "sluice_active_replays"), Some(4.0));
+        assert_eq!(metric(text, "sluice_active"), None);
+        assert_eq!(
+            metric_with(text, "sluice_direct_writes_total", "outcome=\"handed\""),
+            None
+        );
+    }
+
+    /// This machine's `/proc/stat` parses, steal within the total and busy.
+    #[test]
+    fn the_cpu_line_has_steal_within_busy_within_total() {
+        let c = cpu_line().expect("/proc/stat");
+        assert!(c.total > 0);
+        assert!(c.busy <= c.total);
+        assert!(c.steal <= c.busy);
+    }
 }

@@ -66,6 +66,33 @@ pub(crate) fn print_phase(r: &serde_json::Value) {
         f(&r["machine_busy_pct"]),
         r["loadavg_at_measure"].as_str().unwrap_or(""),
     );
+    eprintln!(
+        "  steal {}% of the machine, load at the end {}; behind at the window's end {} messages; \
+         after the source stopped: missing {} after {} s ({})",
+        f(&r["steal_pct"]),
+        r["loadavg_at_end"].as_str().unwrap_or(""),
+        f(&r["behind_at_end"]),
+        f(&r["missing_after_drain"]),
+        f(&r["drain_s"]),
+        if r["still_reading_after_drain"].as_bool() == Some(true) {
+            "still reading: late, not known lost"
+        } else if r["missing_after_drain"].as_u64() == Some(0) {
+            "nothing lost"
+        } else {
+            "no progress for 2 s: lost"
+        },
+    );
+    let h = &r["hub"];
+    if let Some(h) = h.as_object() {
+        let line: Vec<String> = h
+            .iter()
+            .map(|(k, v)| {
+                let at = |i: usize| f(&v[i]);
+                format!("{k} {}/{}/{}", at(0), at(1), at(2))
+            })
+            .collect();
+        eprintln!("  hub (window start/end/after drain): {}", line.join(", "));
+    }
     let s = &r["stall"];
     if !s.is_null() {
         eprintln!(
