@@ -29,7 +29,7 @@ use crate::wire::zstd::DictionarySource;
 const MIB: u64 = 1024 * 1024;
 
 /// `--catchup-pace-mib-per-sec` by default (docs/DECISIONS.md, "Session 14").
-pub const DEFAULT_CATCHUP_PACE_MIB_PER_SEC: u64 = 0;
+pub const DEFAULT_CATCHUP_PACE_MIB_PER_SEC: u64 = crate::fanout::DEFAULT_PACE_BYTES_PER_SEC / MIB;
 
 /// Every setting of `sluice serve`. Defaults suit a small VPS (2 cores, 2-4 GB).
 #[derive(Debug, Clone, Args)]

@@ -276,14 +276,19 @@ async fn paced_replays_get_every_event_in_order_and_pay_every_byte_into_one_pace
     assert!(stats.paced_ns.load(Ordering::Relaxed) > 0);
     let metrics = http_get(env.daemon.admin_addr, "/metrics").await;
     let text = String::from_utf8_lossy(&metrics.2).into_owned();
-    assert!(
-        text.contains(&format!("sluice_catchup_pace_bytes_per_sec {pace}")),
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    assert_eq!(
+        value("sluice_catchup_pace_bytes_per_sec"),
+        Some(pace as f64),
         "the pace is reported in /metrics"
     );
-    let paced_bytes = text
-        .lines()
-        .find_map(|l| l.strip_prefix("sluice_catchup_paced_bytes_total "))
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    assert_eq!(paced_bytes, Some(2 * want_bytes));
+    assert_eq!(
+        value("sluice_catchup_paced_bytes_total"),
+        Some((2 * want_bytes) as f64)
+    );
     env.stop().await;
 }
