@@ -282,7 +282,7 @@ async fn paced_replays_get_every_event_in_order_and_pay_every_byte_into_one_pace
             .and_then(|v| v.trim().parse::<f64>().ok())
     };
     assert_eq!(
-        value("sluice_catchup_pace_bytes_per_sec"),
+        value("sluice_catchup_pace_bytes_per_second"),
         Some(pace as f64),
         "the pace is reported in /metrics"
     );
