@@ -275,23 +275,14 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
 
     let mut out = open_results(args.json.as_deref())?;
     let mut results = Vec::new();
-    // Each `sluice serve` continues the upstream seqs well above the previous one's.
-    let mut start_seq = u64::try_from(filled.upstream_cursor)?.saturating_add(1_000);
     if args.variant.is_empty() {
-        results = serve_windows(
-            &args,
-            &dir,
-            &data,
-            &filled,
-            &variants[0],
-            1..=runs,
-            start_seq,
-        )
-        .await?;
+        let start_seq = live_start_seq(&filled)?;
+        let all = 1..=runs;
+        results = serve_windows(&args, &dir, &data, &filled, &variants[0], all, start_seq).await?;
     } else {
         for run in 1..=runs {
             for variant in &variants {
-                start_seq = start_seq.saturating_add(100_000_000);
+                let start_seq = live_start_seq(&filled)?;
                 let r = serve_windows(&args, &dir, &data, &filled, variant, run..=run, start_seq)
                     .await?;
                 results.extend(r);
@@ -308,6 +299,15 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
         summary(&args, &filled, &variant.name, &results, runs);
     }
     Ok(())
+}
+
+/// Where a new `sluice serve`'s live upstream starts its seqs: above the fill's, and above
+/// every earlier serve's on this store (a kept store holds their live events, and sluice
+/// drops frames at or below its cursor). The wall clock in µs at the serve's start does
+/// both: an earlier serve, started earlier, published fewer than 10^6 frames a second.
+fn live_start_seq(filled: &Filled) -> anyhow::Result<u64> {
+    let above_fill = u64::try_from(filled.upstream_cursor)?.saturating_add(1_000);
+    Ok(above_fill.max(u64::try_from(sluice::clock::now_us())?))
 }
 
 /// The store to replay: kept in `--store` (filled there on first use), or filled in
