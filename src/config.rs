@@ -28,6 +28,9 @@ use crate::wire::zstd::DictionarySource;
 
 const MIB: u64 = 1024 * 1024;
 
+/// `--catchup-pace-mib-per-sec` by default (docs/DECISIONS.md, "Session 14").
+pub const DEFAULT_CATCHUP_PACE_MIB_PER_SEC: u64 = crate::fanout::DEFAULT_PACE_BYTES_PER_SEC / MIB;
+
 /// Every setting of `sluice serve`. Defaults suit a small VPS (2 cores, 2-4 GB).
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -410,6 +413,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_CATCHUP_STARVATION_MS", default_value_t = 500,
           value_parser = clap::value_parser!(u64).range(0..=60_000))]
     pub catchup_starvation_ms: u64,
+    /// Mebibytes per second all subscribers in catch-up (replays, slow consumers) may be
+    /// sent in total, counted as their events' bytes on their wires before compression:
+    /// each catch-up write waits on the catch-up pool until its bytes are due, so replays
+    /// take a bounded share of the machine and only last longer (lossless; nothing is
+    /// dropped or closed for it). 0 = unpaced (fixed at start).
+    #[arg(long, env = "SLUICE_CATCHUP_PACE_MIB_PER_SEC", default_value_t = DEFAULT_CATCHUP_PACE_MIB_PER_SEC,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub catchup_pace_mib_per_sec: u64,
     /// Milliseconds a refusal (HTTP 429/503 with Retry-After, e.g. over a connect or
     /// `/event` rate) is held before it is sent, at most its Retry-After; every refusal
     /// closes its connection. A client that retries at once then asks at most
@@ -817,6 +828,7 @@ impl ServeArgs {
                 threads: usize_of(self.catchup_threads)?,
                 class: self.catchup_class(),
                 starvation_bound: Duration::from_millis(self.catchup_starvation_ms),
+                pace_bytes_per_sec: self.catchup_pace_mib_per_sec.saturating_mul(MIB),
             },
             ..HubConfig::default()
         };
@@ -1173,6 +1185,37 @@ mod tests {
             Background::Nice(12)
         );
         assert!(class(&["x", "--catchup-sched", "realtime"]).is_err());
+    }
+
+    #[test]
+    fn the_catchup_pace_comes_from_a_flag_or_the_file_in_mib_per_sec() {
+        let pace = |argv: &[&str]| {
+            parse_serve_args(argv.iter().copied())
+                .and_then(|a| a.to_config())
+                .map(|c| c.hub.catchup.pace_bytes_per_sec)
+        };
+        assert_eq!(
+            pace(&["x"]).unwrap(),
+            DEFAULT_CATCHUP_PACE_MIB_PER_SEC * MIB
+        );
+        assert_eq!(
+            pace(&["x", "--catchup-pace-mib-per-sec", "0"]).unwrap(),
+            0,
+            "0 = unpaced"
+        );
+        assert_eq!(
+            pace(&["x", "--catchup-pace-mib-per-sec", "150"]).unwrap(),
+            150 * MIB
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(&path, "catchup_pace_mib_per_sec = 64\n").unwrap();
+        assert_eq!(
+            pace(&["x", "--config", path.to_str().unwrap()]).unwrap(),
+            64 * MIB
+        );
+        assert!(pace(&["x", "--catchup-pace-mib-per-sec", "1000001"]).is_err());
+        assert!(pace(&["x", "--catchup-pace-mib-per-sec", "-1"]).is_err());
     }
 
     #[test]

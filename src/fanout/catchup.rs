@@ -8,9 +8,12 @@
 //! writer, the dispatcher and its direct writes, live sessions) runs on the main runtime
 //! at normal priority, so when the cores are busy the kernel runs it first and catch-up
 //! gets what is left. Cold reads are filtered where they are read, on the pool, so the
-//! sessions' workers get only what they write. Must never run live work, or keep running
-//! after [`CatchupPool::stop`] (tasks still under way are given a bounded time, then
-//! dropped).
+//! sessions' workers get only what they write. With `--catchup-pace-mib-per-sec`, every
+//! catch-up write first pays its bytes into one server-wide token bucket (`Pace`) and
+//! waits, on the pool, until they are due: replays then take a bounded share of the
+//! machine and only last longer (nothing is dropped or closed for it). Must never run
+//! live work, or keep running after [`CatchupPool::stop`] (tasks still under way are
+//! given a bounded time, then dropped).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -20,6 +23,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::priority::{Background, IdleWatch, WatchStats};
+use crate::rate::TokenBucket;
 
 /// How long [`CatchupPool::stop`] lets catch-up work under way finish (a write is at
 /// most one catch-up batch).
@@ -65,6 +69,13 @@ pub struct PoolStats {
     pub writes: AtomicUsize,
     /// Work that panicked (each is logged; the subscriber's session ends).
     pub panics: AtomicU64,
+    /// Catch-up writes that waited for the pace (`Pace`).
+    pub paced_writes: AtomicU64,
+    /// Time those writes waited, summed, nanoseconds.
+    pub paced_ns: AtomicU64,
+    /// Bytes of catch-up writes paid into the pace (every catch-up write's, waited or
+    /// not); 0 while unpaced.
+    pub paced_bytes: AtomicU64,
 }
 
 /// Counts one piece of work in flight, from when it is handed to the pool until it is
@@ -102,7 +113,7 @@ impl Drop for InFlight {
     }
 }
 
-/// The pool's threads and their priority (fixed at start).
+/// The pool's threads and their priority, and the pace of its writes (fixed at start).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CatchupThreads {
     /// Async worker threads (catch-up writes); 0 = one per core.
@@ -114,17 +125,69 @@ pub struct CatchupThreads {
     /// wait for a core before they are raised to nice 19 until it does
     /// ([`IdleWatch`]); zero: never.
     pub starvation_bound: Duration,
+    /// Bytes per second all catch-up writes together may send (`Pace`); 0: unpaced.
+    pub pace_bytes_per_sec: u64,
 }
 
-/// Nice 19, as the daemon's default (`--catchup-sched nice`); the idle class is the
-/// operator's choice (docs/DECISIONS.md, "Session 12").
+/// Nice 19, as the daemon's default (`--catchup-sched nice`; the idle class is the
+/// operator's choice, docs/DECISIONS.md, "Session 12"), at the daemon's default pace.
 impl Default for CatchupThreads {
     fn default() -> Self {
         Self {
             threads: 0,
             class: Background::Nice(19),
             starvation_bound: DEFAULT_STARVATION_BOUND,
+            pace_bytes_per_sec: DEFAULT_PACE_BYTES_PER_SEC,
         }
+    }
+}
+
+/// The catch-up pace by default (`--catchup-pace-mib-per-sec` 256): on 2 cores, 100 cold
+/// v1 replays still get ≥ 500,000 events/s and the live p99 stays within 20% of unloaded
+/// (docs/DECISIONS.md, "Session 14").
+pub const DEFAULT_PACE_BYTES_PER_SEC: u64 = 256 * 1024 * 1024;
+
+/// How much of the pace's rate one burst may be: after a quiet spell, catch-up writes go
+/// out unpaced for at most this long before they queue on the bucket.
+const PACE_BURST: Duration = Duration::from_millis(20);
+
+/// The server-wide pace of catch-up writes: one token bucket of bytes per second shared
+/// by every subscriber in catch-up. A write takes its bytes on credit and waits until
+/// the debt is paid (so writes are served in the order they asked, each waiting its
+/// share), on the pool's own timer; nothing is refused or dropped. Bounds what the
+/// kernel's sends and the replays' reads (each session reads its next batch only after
+/// writing the last) take of the machine, whatever the wire and the filter.
+struct Pace {
+    bucket: Option<Mutex<TokenBucket>>,
+    bytes_per_sec: u64,
+}
+
+impl Pace {
+    fn new(bytes_per_sec: u64) -> Self {
+        let bucket = (bytes_per_sec > 0).then(|| {
+            let rate = bytes_per_sec as f64;
+            Mutex::new(TokenBucket::new(rate, rate * PACE_BURST.as_secs_f64()))
+        });
+        Self {
+            bucket,
+            bytes_per_sec,
+        }
+    }
+
+    /// Pays `bytes` and waits until they are due (at once while unpaced), counting it.
+    async fn wait(&self, bytes: u64, stats: &PoolStats) {
+        let Some(bucket) = &self.bucket else {
+            return;
+        };
+        stats.paced_bytes.fetch_add(bytes, Ordering::Relaxed);
+        let wait = bucket.lock().take_on_credit(bytes as f64);
+        if wait.is_zero() {
+            return;
+        }
+        tokio::time::sleep(wait).await;
+        stats.paced_writes.fetch_add(1, Ordering::Relaxed);
+        let ns = u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX);
+        stats.paced_ns.fetch_add(ns, Ordering::Relaxed);
     }
 }
 
@@ -145,6 +208,7 @@ pub struct CatchupPool {
     /// The starvation bound of an idle-class pool, and how long it is.
     watch: Option<IdleWatch>,
     starvation_bound: Duration,
+    pace: Arc<Pace>,
 }
 
 impl CatchupPool {
@@ -187,6 +251,7 @@ impl CatchupPool {
                 Duration::ZERO
             },
             watch,
+            pace: Arc::new(Pace::new(config.pace_bytes_per_sec)),
         })
     }
 
@@ -209,6 +274,27 @@ impl CatchupPool {
             })
             .await;
         self.joined(joined)
+    }
+
+    /// Runs `work` (a catch-up write of `bytes`) on the pool's workers once the pace lets
+    /// those bytes go (`Pace`; at once while unpaced), and waits for its output. The
+    /// wait is the pool's: the caller's write timeout starts with `work`.
+    pub async fn run_paced<F>(&self, bytes: u64, work: F) -> Result<F::Output, PoolError>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let (pace, stats) = (self.pace.clone(), self.stats.clone());
+        self.run(async move {
+            pace.wait(bytes, &stats).await;
+            work.await
+        })
+        .await
+    }
+
+    /// The pace of catch-up writes in force, bytes per second; 0 while unpaced.
+    pub fn pace_bytes_per_sec(&self) -> u64 {
+        self.pace.bytes_per_sec
     }
 
     /// Runs the blocking `work` (a read below the hot tail) on the pool's blocking
@@ -354,6 +440,7 @@ mod tests {
             threads: 1,
             class: Background::Idle,
             starvation_bound: Duration::ZERO,
+            pace_bytes_per_sec: 0,
         })
         .unwrap();
         assert!(pool.starvation().is_none());

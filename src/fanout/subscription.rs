@@ -122,15 +122,25 @@ impl Subscription {
         matches!(self.mode, Mode::Live)
     }
 
-    /// Runs `work` (this subscriber's catch-up write) on the catch-up pool, below the
-    /// live path's priority ([`CatchupPool`]); `Err` once the pool has stopped or if the
-    /// write panicked.
-    pub async fn on_catchup_pool<F>(&self, work: F) -> Result<F::Output, PoolError>
+    /// Runs `work` (this subscriber's catch-up write of `bytes`, [`Self::wire_bytes`]) on
+    /// the catch-up pool, below the live path's priority and at the server-wide catch-up
+    /// pace ([`run_paced`](super::CatchupPool::run_paced)); `Err` once the pool has
+    /// stopped or if the write panicked.
+    pub async fn on_catchup_pool<F>(&self, bytes: u64, work: F) -> Result<F::Output, PoolError>
     where
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.hub.catchup.run(work).await
+        self.hub.catchup.run_paced(bytes, work).await
+    }
+
+    /// The bytes of `events`' payloads on this subscriber's wire (before compression):
+    /// what a catch-up write of them pays into the pace.
+    pub fn wire_bytes(&self, events: &[SharedEvent]) -> u64 {
+        events
+            .iter()
+            .map(|e| self.wire.payload(e).map_or(0, |p| p.len() as u64))
+            .sum()
     }
 
     /// The last seq delivered or filtered out: where a resume would continue from.

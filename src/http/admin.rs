@@ -374,6 +374,13 @@ impl AdminState {
                 .set(pool.starvation_bound().as_secs_f64());
             gauge!("sluice_catchup_pool_raised")
                 .set(watched(|w| u64::from(w.raised.load(Ordering::Relaxed))) as f64);
+            gauge!("sluice_catchup_pace_bytes_per_second").set(pool.pace_bytes_per_sec() as f64);
+            counter!("sluice_catchup_paced_writes_total")
+                .absolute(pool.stats().paced_writes.load(Ordering::Relaxed));
+            counter!("sluice_catchup_paced_seconds_total")
+                .absolute(pool.stats().paced_ns.load(Ordering::Relaxed) / 1_000_000_000);
+            counter!("sluice_catchup_paced_bytes_total")
+                .absolute(pool.stats().paced_bytes.load(Ordering::Relaxed));
             counter!("sluice_index_budget_total", "outcome" => "waited")
                 .absolute(hub.index_waits.load(Ordering::Relaxed));
             counter!("sluice_index_budget_total", "outcome" => "refused")
@@ -698,6 +705,9 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_catchup_pool_panics_total", "Catch-up reads and writes that panicked on the catch-up pool (a bug; each is logged and ends its subscriber's session as read_failed or write_failed)."),
     ("sluice_catchup_pool_raises_total", "Times the idle-class catch-up threads (--catchup-sched idle) were raised to nice 19 because catch-up made no progress for --catchup-starvation-ms while they waited for a core (0 in the nice class)."),
     ("sluice_catchup_pool_raise_refusals_total", "Thread raises of the starvation bound the kernel refused (needs RLIMIT_NICE >= 1 or CAP_SYS_NICE); those threads stayed idle."),
+    ("sluice_catchup_paced_writes_total", "Catch-up writes that waited for the catch-up pace (--catchup-pace-mib-per-sec) before going out."),
+    ("sluice_catchup_paced_seconds_total", "Time catch-up writes waited for the catch-up pace, summed over subscribers, in whole seconds (a replay that waited only takes longer; nothing is dropped)."),
+    ("sluice_catchup_paced_bytes_total", "Bytes of catch-up writes paid into the catch-up pace (their events' bytes on their wires before compression); 0 while unpaced."),
 ];
 
 const GAUGES: &[(&str, &str)] = &[
@@ -877,6 +887,10 @@ const GAUGES: &[(&str, &str)] = &[
     (
         "sluice_catchup_pool_raised",
         "1 while the starvation bound holds the idle-class catch-up threads at nice 19 (until catch-up work finishes again), else 0.",
+    ),
+    (
+        "sluice_catchup_pace_bytes_per_second",
+        "The server-wide pace of catch-up writes (--catchup-pace-mib-per-sec), bytes per second; 0 = unpaced.",
     ),
 ];
 

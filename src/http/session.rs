@@ -667,7 +667,8 @@ async fn write_catchup<W: WireSession>(
     counters: &Arc<WireCounters>,
 ) -> Result<(Socket, Vec<Frame>, Result<bool, SessionEnd>), PoolError> {
     let (wire, config, counters) = (wire.clone(), config.clone(), counters.clone());
-    sub.on_catchup_pool(async move {
+    let bytes = sub.wire_bytes(&batch);
+    sub.on_catchup_pool(bytes, async move {
         let written =
             write_batch(&mut socket, &wire, &batch, &mut frames, &config, &counters).await;
         (socket, frames, written)

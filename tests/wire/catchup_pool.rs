@@ -208,3 +208,87 @@ async fn an_idle_class_replay_completes_while_normal_priority_work_saturates_the
     );
     env.stop().await;
 }
+
+/// The server-wide catch-up pace (`--catchup-pace-mib-per-sec`): two replays paced far
+/// below what the machine could send still get every event once and in order, and every
+/// byte they were sent was paid into the one bucket they share (counted, not timed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paced_replays_get_every_event_in_order_and_pay_every_byte_into_one_pace() {
+    let _machine = crate::exclusive::shared().await;
+    let frames = synth(1500, 59, Duration::from_secs(1800));
+    // ~1,800 v1 events of a few hundred bytes each, per replay: a pace of 256 KiB/s
+    // (a 20 ms burst of 5 KiB) makes nearly every catch-up write wait.
+    let pace = 256 * 1024;
+    let env = Env::start(frames, Speed::Max, false, |c| {
+        c.log.tail_max_bytes = 64 * 1024;
+        c.hub.catchup_batch_bytes = 64 * 1024;
+        c.hub.catchup.pace_bytes_per_sec = pace;
+    })
+    .await;
+    env.wait_all_ingested().await;
+    env.wait_durable().await;
+    let hub = env.daemon.hub.clone();
+    assert_eq!(hub.catchup().pace_bytes_per_sec(), pace);
+    let want = expected(&env, Wire::V1, 1);
+    let want_bytes: u64 = env
+        .events_from(1)
+        .iter()
+        .filter_map(|e| e.v1_json.as_ref().map(|j| j.len() as u64))
+        .sum();
+    let first = env.events_from(1).first().map(|e| e.time_us).unwrap();
+    let mut replays = Vec::new();
+    for i in 0..2 {
+        let ws = connect(&env.url(&format!("/subscribe?cursor={first}"))).await;
+        let replay = spawn(format!("paced replay v1 {i}"), Wire::V1, Some(1), ws);
+        replay
+            .target
+            .store(*want.last().unwrap(), Ordering::Release);
+        replays.push(replay);
+    }
+    // Together ~2 x 0.9 MB at 256 KiB/s: ~7 s. The follower's own deadline (120 s) only
+    // catches a hang.
+    for replay in replays {
+        let got = replay.task.await.unwrap();
+        assert!(
+            got.positions == want,
+            "{}: {} events of {}, first difference at {:?}; closed {:?}",
+            replay.name,
+            got.positions.len(),
+            want.len(),
+            got.positions.iter().zip(&want).position(|(a, b)| a != b),
+            got.close
+        );
+        assert_eq!(got.close, None, "{}: not closed for the pace", replay.name);
+    }
+    let stats = hub.catchup().stats();
+    assert!(hub.stats().cold_reads.load(Ordering::Relaxed) > 0);
+    // Everything was in the log before the replays began, so every event reached them
+    // by catch-up writes, each paid with its v1 bytes.
+    assert_eq!(
+        stats.paced_bytes.load(Ordering::Relaxed),
+        2 * want_bytes,
+        "every byte of both replays was paid into the pace"
+    );
+    assert!(
+        stats.paced_writes.load(Ordering::Relaxed) > 0,
+        "writes waited"
+    );
+    assert!(stats.paced_ns.load(Ordering::Relaxed) > 0);
+    let metrics = http_get(env.daemon.admin_addr, "/metrics").await;
+    let text = String::from_utf8_lossy(&metrics.2).into_owned();
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    assert_eq!(
+        value("sluice_catchup_pace_bytes_per_second"),
+        Some(pace as f64),
+        "the pace is reported in /metrics"
+    );
+    assert_eq!(
+        value("sluice_catchup_paced_bytes_total"),
+        Some((2 * want_bytes) as f64)
+    );
+    env.stop().await;
+}

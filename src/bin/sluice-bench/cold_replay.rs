@@ -13,6 +13,9 @@
 //! Reported per window: the replayers' delivered events/s (stored events received,
 //! summed, over the time until the last one caught up or the window ended), the live
 //! subscribers' p50 and p99, and the CPU of sluice, of the replayers and of the bench.
+//! With `--variant`, each run starts one `sluice serve` per variant in turn on the same
+//! store, so settings alternate window by window; `--store` keeps the filled store for
+//! later calls.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -101,6 +104,40 @@ pub(crate) struct ColdReplayArgs {
     /// Where the data dir and the child's log go.
     #[arg(long, default_value = "/tmp")]
     pub(crate) tmp: PathBuf,
+    /// A `sluice serve` setting to compare, as `NAME=ARG[,ARG...]` (repeat for several,
+    /// e.g. `--variant paced=--catchup-pace-mib-per-sec=200`): each run then starts one
+    /// `sluice serve` per variant in turn on the same store (a window without and one
+    /// with replay each), so the variants alternate; the summary gives each one's medians.
+    /// Without it, one `sluice serve` runs every window.
+    #[arg(long)]
+    pub(crate) variant: Vec<String>,
+    /// Keep the filled store in this directory and use it again on later calls (it is
+    /// filled only when the directory holds none); the caller deletes it. Without it, the
+    /// store is filled under `--tmp` and deleted at the end.
+    #[arg(long)]
+    pub(crate) store: Option<PathBuf>,
+}
+
+/// One `sluice serve` setting compared by [`cold_replay`]: a name and its extra arguments.
+struct Variant {
+    name: String,
+    args: Vec<String>,
+}
+
+impl Variant {
+    fn parse(text: &str) -> anyhow::Result<Self> {
+        let Some((name, args)) = text.split_once('=') else {
+            bail!("--variant {text:?}: expected NAME=ARG[,ARG...]");
+        };
+        Ok(Self {
+            name: name.to_owned(),
+            args: args
+                .split(',')
+                .filter(|a| !a.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        })
+    }
 }
 
 /// What the fill stored.
@@ -113,6 +150,32 @@ struct Filled {
     upstream_cursor: i64,
     secs: f64,
     store_bytes: u64,
+}
+
+impl Filled {
+    fn to_json(&self) -> serde_json::Value {
+        json!({
+            "events": self.events,
+            "frames": self.frames,
+            "first_time_us": self.first_time_us,
+            "last_time_us": self.last_time_us,
+            "upstream_cursor": self.upstream_cursor,
+            "secs": self.secs,
+            "store_bytes": self.store_bytes,
+        })
+    }
+
+    fn from_json(v: &serde_json::Value) -> Option<Self> {
+        Some(Self {
+            events: v["events"].as_u64()?,
+            frames: v["frames"].as_u64()?,
+            first_time_us: v["first_time_us"].as_i64()?,
+            last_time_us: v["last_time_us"].as_i64()?,
+            upstream_cursor: v["upstream_cursor"].as_i64()?,
+            secs: v["secs"].as_f64()?,
+            store_bytes: v["store_bytes"].as_u64()?,
+        })
+    }
 }
 
 /// Fills `dir` with `span_secs` of synthetic frames dated up to now, through ingest and the
@@ -194,11 +257,83 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
         bail!("--replayers, --live, --rate and --span-secs must be positive");
     }
     let runs = args.runs.max(1);
-    let per_run = args.duration + args.replay_secs + 30;
+    let variants = if args.variant.is_empty() {
+        vec![Variant {
+            name: "serve".into(),
+            args: Vec::new(),
+        }]
+    } else {
+        args.variant
+            .iter()
+            .map(|v| Variant::parse(v))
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
+    let per_run = (args.warmup + args.duration + args.replay_secs + 30) * variants.len() as u64;
     start_watchdog(Duration::from_secs(900 + per_run * runs as u64));
     let dir = TempDir::fresh(&args.tmp, "cold-replay")?;
-    let data = dir.0.join("data");
+    let (data, filled) = store(&args, &dir).await?;
 
+    let mut out = open_results(args.json.as_deref())?;
+    let mut results = Vec::new();
+    if args.variant.is_empty() {
+        let start_seq = live_start_seq(&filled)?;
+        let all = 1..=runs;
+        results = serve_windows(&args, &dir, &data, &filled, &variants[0], all, start_seq).await?;
+    } else {
+        for run in 1..=runs {
+            for variant in &variants {
+                let start_seq = live_start_seq(&filled)?;
+                let r = serve_windows(&args, &dir, &data, &filled, variant, run..=run, start_seq)
+                    .await?;
+                results.extend(r);
+            }
+        }
+    }
+    if let Some(file) = out.as_mut() {
+        use std::io::Write as _;
+        for r in &results {
+            writeln!(file, "{r}")?;
+        }
+    }
+    for variant in &variants {
+        summary(&args, &filled, &variant.name, &results, runs);
+    }
+    Ok(())
+}
+
+/// Where a new `sluice serve`'s live upstream starts its seqs: above the fill's, and above
+/// every earlier serve's on this store (a kept store holds their live events, and sluice
+/// drops frames at or below its cursor). The wall clock in µs at the serve's start does
+/// both: an earlier serve, started earlier, published fewer than 10^6 frames a second.
+fn live_start_seq(filled: &Filled) -> anyhow::Result<u64> {
+    let above_fill = u64::try_from(filled.upstream_cursor)?.saturating_add(1_000);
+    Ok(above_fill.max(u64::try_from(sluice::clock::now_us())?))
+}
+
+/// The store to replay: kept in `--store` (filled there on first use), or filled in
+/// `dir` (deleted with it).
+async fn store(args: &ColdReplayArgs, dir: &TempDir) -> anyhow::Result<(PathBuf, Filled)> {
+    let (data, meta) = match &args.store {
+        Some(keep) => (keep.join("data"), Some(keep.join("filled.json"))),
+        None => (dir.0.join("data"), None),
+    };
+    if let (Some(keep), Some(meta)) = (&args.store, &meta) {
+        std::fs::create_dir_all(keep).with_context(|| format!("creating {}", keep.display()))?;
+        if let Ok(text) = std::fs::read_to_string(meta) {
+            let value: serde_json::Value = serde_json::from_str(&text)?;
+            let filled = Filled::from_json(&value)
+                .with_context(|| format!("{} is not a fill's record", meta.display()))?;
+            eprintln!(
+                "using the store in {} ({} events, filled earlier)",
+                data.display(),
+                filled.events
+            );
+            return Ok((data, filled));
+        }
+        if data.exists() {
+            bail!("{} holds a store without its fill record", data.display());
+        }
+    }
     eprintln!(
         "filling {} with {} s of events...",
         data.display(),
@@ -214,20 +349,38 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
         filled.secs,
         filled.store_bytes >> 20
     );
+    if let Some(meta) = &meta {
+        std::fs::write(meta, filled.to_json().to_string())?;
+    }
+    Ok((data, filled))
+}
 
+/// One `sluice serve` (with `variant`'s arguments) on `data`, its live upstream and live
+/// subscribers, for `runs`: each a window without replay, then one with it. One result
+/// per window.
+async fn serve_windows(
+    args: &ColdReplayArgs,
+    dir: &TempDir,
+    data: &std::path::Path,
+    filled: &Filled,
+    variant: &Variant,
+    runs: std::ops::RangeInclusive<usize>,
+    start_seq: u64,
+) -> anyhow::Result<Vec<serde_json::Value>> {
     let (tx, sinks) = tokio::sync::mpsc::channel::<PubSink>(4);
     let upstream = start_upstream(tx).await?;
     let port = free_port()?;
-    let mut cmd = serve_command(&args.serve.sluice, &upstream, port, &data);
+    let mut cmd = serve_command(&args.serve.sluice, &upstream, port, data);
     let scan = args.scan_events_per_sec.to_string();
     cmd.args(SERVE_NO_LIMITS)
         .args(["--scan-events-per-sec", &scan])
         .args(["--scan-events-per-sec-per-ip", &scan])
-        .args(&args.serve.serve_args);
-    let mut serve = ChildGuard::spawn("sluice serve", &mut cmd, Some(dir.0.join("serve.log")))?;
+        .args(&args.serve.serve_args)
+        .args(&variant.args);
+    let log = dir.0.join(format!("serve-{}.log", variant.name));
+    let mut serve = ChildGuard::spawn("sluice serve", &mut cmd, Some(log))?;
     wait_tcp(port, &mut serve, 60).await?;
 
-    let start_seq = u64::try_from(filled.upstream_cursor)?.saturating_add(1_000);
     let feed = Feed::ready_from(args.rate, args.seed.wrapping_add(1), args.dids, start_seq).await;
     let ctx = feed.ctx.clone();
     let live_url = sub_url(Target::Sluice(Wire::V1), port, None);
@@ -255,13 +408,12 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
     }
     let publisher = feed.start(sinks, args.warmup).await;
 
-    let mut out = open_results(args.json.as_deref())?;
     let mut results = Vec::new();
     let replay_url = format!(
         "ws://127.0.0.1:{port}/subscribe?cursor={}",
         filled.first_time_us
     );
-    for run in 1..=runs {
+    for run in runs {
         for with_replay in [false, true] {
             serve.check_alive()?;
             let ph = if with_replay { PH_STALL } else { PH_MEASURE };
@@ -325,6 +477,7 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
             let bench_cpu = self_cpu() - bench_cpu0;
             let (hist, live_delivered) = take_hist(&live, ph);
             let r = json!({
+                "variant": variant.name,
                 "run": run,
                 "secs": secs,
                 "live_subscribers": args.live,
@@ -341,7 +494,8 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
                 "loadavg": load.trim(),
             });
             eprintln!(
-                "  run {run} {}: live p50 {} us p99 {} us ({} timed), CPU serve {}% replayers {}% bench {}%{}; load {}",
+                "  {} run {run} {}: live p50 {} us p99 {} us ({} timed), CPU serve {}% replayers {}% bench {}%{}; load {}",
+                variant.name,
                 if with_replay {
                     "WITH replay"
                 } else {
@@ -367,10 +521,6 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
                 },
                 load.trim()
             );
-            if let Some(file) = out.as_mut() {
-                use std::io::Write as _;
-                writeln!(file, "{r}")?;
-            }
             results.push(r);
             // Let the replayers' connections close before the next window.
             tokio::time::sleep(Duration::from_secs(2)).await;
@@ -382,11 +532,23 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
     for t in live_tasks {
         t.abort();
     }
+    drop(serve);
+    Ok(results)
+}
 
+/// Prints the medians of `variant`'s windows.
+fn summary(
+    args: &ColdReplayArgs,
+    filled: &Filled,
+    variant: &str,
+    results: &[serde_json::Value],
+    runs: usize,
+) {
     let pick = |with: bool, key: &dyn Fn(&serde_json::Value) -> Option<f64>| {
         median(
             results
                 .iter()
+                .filter(|r| r["variant"].as_str() == Some(variant))
                 .filter(|r| r["with_replay"].as_bool() == Some(with))
                 .filter_map(key)
                 .collect(),
@@ -396,13 +558,17 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
     let delivered = pick(true, &|r: &serde_json::Value| {
         r["replay"]["delivered_per_sec"].as_f64()
     });
+    let (p50_without, p50_with) = (
+        pick(false, &get("live_p50_us")),
+        pick(true, &get("live_p50_us")),
+    );
     let (p99_without, p99_with) = (
         pick(false, &get("live_p99_us")),
         pick(true, &get("live_p99_us")),
     );
     println!(
-        "\ncold-replay: {} stored events over {} s, {} replayers, live {} frames/s, {} runs (medians):\n  \
-         replay delivered {:.0} events/s; live p50 {:.0} us without replay, {:.0} us with; \
+        "\ncold-replay [{variant}]: {} stored events over {} s, {} replayers, live {} frames/s, {} runs (medians):\n  \
+         replay delivered {:.0} events/s; live p50 {:.0} us without replay, {:.0} us with (ratio {:.2}); \
          live p99 {:.0} us without, {:.0} us with (ratio {:.2});\n  \
          CPU % without / with replay: serve {:.0} / {:.0}, replayers - / {:.0}, bench {:.0} / {:.0}",
         filled.events,
@@ -411,8 +577,9 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
         args.rate,
         runs,
         delivered,
-        pick(false, &get("live_p50_us")),
-        pick(true, &get("live_p50_us")),
+        p50_without,
+        p50_with,
+        p50_with / p50_without,
         p99_without,
         p99_with,
         p99_with / p99_without,
@@ -422,6 +589,4 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
         pick(false, &get("bench_cpu_pct")),
         pick(true, &get("bench_cpu_pct")),
     );
-    drop(serve);
-    Ok(())
 }
