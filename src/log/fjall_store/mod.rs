@@ -252,6 +252,9 @@ pub struct FjallStore {
     /// their JSON. Durable (`RAW_FLOOR_KEY`) before any frame below it is removed.
     raw_floor: AtomicU64,
     encoders: Mutex<Vec<Encoder>>,
+    /// Value buffers of committed segments, for the next segments' values (see
+    /// [`EventStore::recycle`]).
+    spare: Mutex<SpareValues>,
     /// The files and what reads them (the decoded-segment cache), shared with the
     /// read-ahead thread.
     reads: Arc<Reads>,
@@ -261,6 +264,42 @@ pub struct FjallStore {
     /// Bytes of raw frames in raw files at or above the raw floor.
     raw_bytes: AtomicU64,
     config: FjallConfig,
+}
+
+/// Buffers of committed segments' values, reused for the next segments' values: fresh
+/// buffers of ~1 MiB cost ~1.5 µs of page faults per event at a sustained append
+/// (DECISIONS.md, "Event log", session 13). Holds at most the buffers of the last group
+/// committed (events and frames values apart, as they differ in size), so it never holds
+/// more than the one group the writer bounds already, and shrinks back with the groups
+/// once the writer keeps up (one segment per commit at the live rate).
+#[derive(Default)]
+struct SpareValues {
+    events: Vec<Vec<u8>>,
+    frames: Vec<Vec<u8>>,
+}
+
+impl SpareValues {
+    /// Buffers for one segment's two values (empty ones when none are spare).
+    fn take(&mut self) -> [Vec<u8>; 2] {
+        [
+            self.events.pop().unwrap_or_default(),
+            self.frames.pop().unwrap_or_default(),
+        ]
+    }
+
+    /// Keeps the values of a committed group, at most as many of each as it had.
+    fn keep(&mut self, encoded: Vec<EncodedSegment>) {
+        let n = encoded.len();
+        for seg in encoded {
+            self.events.push(seg.events_value);
+            self.frames.push(seg.frames_value);
+        }
+        for spare in [&mut self.events, &mut self.frames] {
+            if spare.len() > n {
+                spare.drain(..spare.len() - n);
+            }
+        }
+    }
 }
 
 fn backend(e: impl std::fmt::Display) -> LogError {
@@ -339,6 +378,7 @@ impl FjallStore {
             resume: Mutex::new(StampState::fresh()),
             raw_floor: AtomicU64::new(raw_floor),
             encoders: Mutex::new(Vec::new()),
+            spare: Mutex::new(SpareValues::default()),
             reads,
             read_ahead,
             config,
@@ -760,9 +800,16 @@ impl EventStore for FjallStore {
         let parts = codec::split_segments(events, self.config.segment_target_bytes);
         let threads = self.config.encode_threads.clamp(1, parts.len().max(1));
         let mut encoders = self.take_encoders(threads)?;
+        let encode_one = |enc: &mut Encoder, part: &[SharedEvent]| {
+            let buffers = match self.spare.lock() {
+                Ok(mut spare) => spare.take(),
+                Err(_) => Default::default(),
+            };
+            enc.encode_into(part, level, buffers)
+        };
         let result = if threads == 1 {
             match encoders.first_mut() {
-                Some(enc) => parts.iter().map(|p| enc.encode_at(p, level)).collect(),
+                Some(enc) => parts.iter().map(|p| encode_one(enc, p)).collect(),
                 None => Err(backend("no encoder")),
             }
         } else {
@@ -779,7 +826,7 @@ impl EventStore for FjallStore {
                             .spawn_scoped(s, move || {
                                 chunk
                                     .iter()
-                                    .map(|p| enc.encode_at(p, level))
+                                    .map(|p| encode_one(enc, p))
                                     .collect::<Result<Vec<_>, _>>()
                             })
                             .map_err(|e| backend(format!("cannot start an encoder thread: {e}")))
@@ -787,7 +834,7 @@ impl EventStore for FjallStore {
                     .collect::<Result<Vec<_>, _>>()?;
                 let mut out: Vec<EncodedSegment> = mine
                     .iter()
-                    .map(|p| my_enc.encode_at(p, level))
+                    .map(|p| encode_one(my_enc, p))
                     .collect::<Result<_, _>>()?;
                 for h in handles {
                     out.extend(
@@ -802,6 +849,12 @@ impl EventStore for FjallStore {
             pool.extend(encoders);
         }
         result
+    }
+
+    fn recycle(&self, encoded: Vec<EncodedSegment>) {
+        if let Ok(mut spare) = self.spare.lock() {
+            spare.keep(encoded);
+        }
     }
 
     fn append_encoded(
