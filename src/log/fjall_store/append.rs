@@ -108,6 +108,16 @@ impl FileAppend {
         }
     }
 
+    /// [`FileAppend::finish`] for a file that gets nothing more (rolled): a direct file is
+    /// also cut back to its end, so no padding stays on disk until the next open.
+    pub(super) fn finish_last(&mut self) -> io::Result<()> {
+        self.finish()?;
+        if self.direct.is_some() {
+            self.file.set_len(self.end)?;
+        }
+        Ok(())
+    }
+
     /// The handle whose `fdatasync` makes this file's writes durable.
     pub(super) fn sync_handle(&self) -> Arc<File> {
         match &self.direct {
@@ -258,6 +268,9 @@ mod tests {
             } else {
                 assert_eq!(len, a.end);
             }
+            // A rolled file is cut back to its end.
+            a.finish_last().unwrap();
+            assert_eq!(file.metadata().unwrap().len(), a.end);
         }
     }
 }

@@ -509,7 +509,7 @@ impl FjallStore {
         let mut created = false;
         if full {
             if let Some(old) = a.as_mut() {
-                old.finish()
+                old.finish_last()
                     .map_err(|e| io("cannot write", &files.path(old.id), e))?;
                 note_touched(touched, old.sync_handle());
             }
