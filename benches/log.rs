@@ -87,7 +87,9 @@ fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
 /// The default store settings, except what `SLUICE_BENCH_JSON_LEVEL`,
 /// `SLUICE_BENCH_RAW_LEVEL` (the raw level while the writer keeps up),
 /// `SLUICE_BENCH_RAW_FAST_LEVEL` (behind), `SLUICE_BENCH_SEGMENT_BYTES`, `SLUICE_BENCH_ENCODE_THREADS` and
-/// `SLUICE_BENCH_DECODED_CACHE_MIB`, `SLUICE_BENCH_READ_AHEAD_SEGMENTS` override (to compare settings on the same events; unset for the recorded numbers).
+/// `SLUICE_BENCH_DECODED_CACHE_MIB`, `SLUICE_BENCH_READ_AHEAD_SEGMENTS` and
+/// `SLUICE_BENCH_DIRECT_RAW` (0: raw files through the page cache) override (to compare
+/// settings on the same events; unset for the recorded numbers).
 fn store_config(dir: &std::path::Path) -> FjallConfig {
     let mut c = FjallConfig::new(dir.join("events"));
     if let Some(l) = env_num("SLUICE_BENCH_JSON_LEVEL") {
@@ -111,6 +113,9 @@ fn store_config(dir: &std::path::Path) -> FjallConfig {
     if let Some(n) = env_num("SLUICE_BENCH_READ_AHEAD_SEGMENTS") {
         c.read_ahead_segments = n;
     }
+    if let Some(d) = env_num::<u8>("SLUICE_BENCH_DIRECT_RAW") {
+        c.direct_raw_writes = d != 0;
+    }
     c
 }
 
@@ -121,6 +126,7 @@ fn log_config(dir: &std::path::Path) -> LogConfig {
     config.compression = store.compression;
     config.segment_target_bytes = store.segment_target_bytes;
     config.encode_threads = store.encode_threads;
+    config.direct_raw_writes = store.direct_raw_writes;
     config
 }
 

@@ -111,6 +111,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_LOG_MERGE_SEGMENTS", default_value_t = true,
           num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub log_merge_segments: bool,
+    /// Write the log's raw-frame files with O_DIRECT, past the page cache: the kernel's
+    /// allocation of cache pages for the frames was the commit's largest CPU cost under a
+    /// sustained append (docs/DECISIONS.md, Event log, session 14). Falls back to
+    /// buffered writes by itself where the file system refuses O_DIRECT. `false`: through
+    /// the page cache (recently written frames then stay cached for raw replays).
+    #[arg(long, env = "SLUICE_LOG_DIRECT_RAW_WRITES", default_value_t = true,
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub log_direct_raw_writes: bool,
     /// zstd level of the raw frames the log stores while its writer keeps up (the live
     /// rate): smaller files for CPU the live rate leaves idle.
     #[arg(long, env = "SLUICE_LOG_RAW_ZSTD_LEVEL", default_value_t = 3, allow_hyphen_values = true,
@@ -787,6 +795,7 @@ impl ServeArgs {
         log.decoded_cache_bytes = usize_of(self.log_decoded_cache_mib * MIB)?;
         log.read_ahead_segments = usize_of(self.log_read_ahead_segments)?;
         log.merge_small_segments = self.log_merge_segments;
+        log.direct_raw_writes = self.log_direct_raw_writes;
         log.segment_target_bytes = usize_of(self.log_segment_kib * 1024)?;
         log.read_ahead_class = self.catchup_class();
         log.compression.raw_level = self.log_raw_zstd_level;

@@ -95,6 +95,9 @@ pub struct LogConfig {
     /// Merge runs of small segments (cut by commits at the live rate) into full-size
     /// ones, on the retention thread (default on).
     pub merge_small_segments: bool,
+    /// Write the raw files with `O_DIRECT`, past the page cache (default on; see
+    /// `fjall_store::FjallConfig::direct_raw_writes`).
+    pub direct_raw_writes: bool,
 }
 
 impl LogConfig {
@@ -118,6 +121,7 @@ impl LogConfig {
             compression: store.compression,
             encode_threads: store.encode_threads,
             merge_small_segments: store.merge_small_segments,
+            direct_raw_writes: store.direct_raw_writes,
         }
     }
 
@@ -135,6 +139,7 @@ impl LogConfig {
         c.compression = self.compression;
         c.encode_threads = self.encode_threads;
         c.merge_small_segments = self.merge_small_segments;
+        c.direct_raw_writes = self.direct_raw_writes;
         c
     }
 }

@@ -218,6 +218,12 @@ pub trait EventStore: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    /// Takes back a committed group's segments: a backend may keep their buffers for the
+    /// segments it encodes next (fresh buffers cost page faults). The default drops them.
+    fn recycle(&self, encoded: Vec<EncodedSegment>) {
+        drop(encoded);
+    }
+
     /// The I/O half: commits `events`, as `encoded` by [`encode`](EventStore::encode), and
     /// `resume`, with exactly the guarantees of [`append`](EventStore::append).
     fn append_encoded(

@@ -331,6 +331,7 @@ fn commit_loop(
         );
         tail.set_durable(last.seq);
         durable.send_replace(last.seq);
+        store.recycle(encoded);
     }
     Ok(())
 }

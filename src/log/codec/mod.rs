@@ -261,7 +261,6 @@ pub struct Encoder {
     /// segment costs page faults and zeroing).
     cols: [Vec<u8>; COLUMNS],
     raw_buf: Vec<u8>,
-    scratch: Vec<u8>,
     check: Vec<u8>,
 }
 
@@ -281,7 +280,6 @@ impl Encoder {
             default_raw_level: compression.raw_level,
             cols: Default::default(),
             raw_buf: Vec::new(),
-            scratch: Vec::new(),
             check: Vec::new(),
         })
     }
@@ -299,6 +297,19 @@ impl Encoder {
         events: &[SharedEvent],
         raw_level: i32,
     ) -> Result<EncodedSegment, LogError> {
+        self.encode_into(events, raw_level, [Vec::new(), Vec::new()])
+    }
+
+    /// [`Encoder::encode_at`] into `buffers` (the events value's and the frames value's,
+    /// cleared first): buffers of an earlier segment, already faulted in, cost no page
+    /// faults when they are large enough.
+    pub fn encode_into(
+        &mut self,
+        events: &[SharedEvent],
+        raw_level: i32,
+        buffers: [Vec<u8>; 2],
+    ) -> Result<EncodedSegment, LogError> {
+        let [mut events_value, mut frames_value] = buffers;
         let (Some(first), Some(last)) = (events.first(), events.last()) else {
             return Err(LogError::Backend("cannot encode an empty segment".into()));
         };
@@ -314,8 +325,15 @@ impl Encoder {
         self.raw_buf.clear();
         let frames = self.fill_columns(events)?;
         let count = len_u32(events.len(), "segment event count")?;
-        let mut events_value = Vec::with_capacity(
-            EVENTS_HEADER + self.cols.iter().map(Vec::len).sum::<usize>() / 3 + 64,
+        // Room for the worst case up front: each column compresses straight into it.
+        events_value.clear();
+        events_value.reserve(
+            EVENTS_HEADER
+                + self
+                    .cols
+                    .iter()
+                    .map(|c| zstd::zstd_safe::compress_bound(c.len()))
+                    .sum::<usize>(),
         );
         events_value.extend_from_slice(EVENTS_MAGIC);
         put_u64(&mut events_value, first.seq);
@@ -324,22 +342,18 @@ impl Encoder {
         let lens_at = events_value.len();
         events_value.resize(EVENTS_HEADER, 0);
         for (i, col) in self.cols.iter().enumerate() {
-            let n = compress_into(&mut self.json, col, &mut self.scratch, &mut events_value)?;
+            let n = compress_into(&mut self.json, col, &mut events_value)?;
             let at = lens_at + i * 8;
             events_value[at..at + 4].copy_from_slice(&len_u32(n, "column")?.to_le_bytes());
             events_value[at + 4..at + 8]
                 .copy_from_slice(&len_u32(col.len(), "column")?.to_le_bytes());
         }
-        let mut frames_value = Vec::with_capacity(FRAMES_HEADER + self.raw_buf.len() / 2 + 64);
+        frames_value.clear();
+        frames_value.reserve(FRAMES_HEADER + zstd::zstd_safe::compress_bound(self.raw_buf.len()));
         frames_value.extend_from_slice(FRAMES_MAGIC);
         put_u64(&mut frames_value, first.seq);
         put_u32(&mut frames_value, len_u32(self.raw_buf.len(), "frames")?);
-        compress_into(
-            &mut self.raw,
-            &self.raw_buf,
-            &mut self.scratch,
-            &mut frames_value,
-        )?;
+        compress_into(&mut self.raw, &self.raw_buf, &mut frames_value)?;
         let info = Segment {
             first_seq: first.seq,
             last_seq: last.seq,
@@ -487,21 +501,24 @@ impl Encoder {
 }
 
 /// Appends `data` compressed to `out`, returning the compressed length (0 for no data).
+/// zstd writes straight into `out`'s spare room (reserved to the worst case), so the
+/// compressed bytes are not copied again.
 fn compress_into(
     c: &mut zstd::bulk::Compressor<'static>,
     data: &[u8],
-    scratch: &mut Vec<u8>,
     out: &mut Vec<u8>,
 ) -> Result<usize, LogError> {
     if data.is_empty() {
         return Ok(0);
     }
-    scratch.clear();
-    scratch.reserve(zstd::zstd_safe::compress_bound(data.len()));
+    let at = out.len();
+    out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+    let mut dest = std::io::Cursor::new(&mut *out);
+    dest.set_position(at as u64);
     let n = c
-        .compress_to_buffer(data, scratch)
+        .compress_to_buffer(data, &mut dest)
         .map_err(|e| LogError::Backend(format!("zstd: {e}")))?;
-    out.extend_from_slice(&scratch[..n]);
+    debug_assert_eq!(out.len(), at + n);
     Ok(n)
 }
 

@@ -33,7 +33,6 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -48,11 +47,13 @@ use super::store::{
     Segment, SharedEvent, WriterPace,
 };
 
+mod append;
 mod decoded;
 mod layout;
 mod merge;
 mod recovery;
 
+use append::FileAppend;
 pub use decoded::DecodedStats;
 use decoded::{Asker, ReadAhead, Reads};
 use layout::{
@@ -95,6 +96,11 @@ pub struct FjallConfig {
     /// Whether runs of small segments (cut by commits at the live rate) are merged into
     /// full-size ones ([`EventStore::merge_small_segments`]).
     pub merge_small_segments: bool,
+    /// Whether the raw files are written with `O_DIRECT` (when the file system takes
+    /// it): no page-cache pages allocated for the frames, the commit's largest CPU cost
+    /// under a backlog (module `append`). The JSON data files stay buffered, so the
+    /// recent JSON that replays read stays in the page cache.
+    pub direct_raw_writes: bool,
 }
 
 impl FjallConfig {
@@ -129,6 +135,7 @@ impl FjallConfig {
             read_ahead_segments: 1,
             read_ahead_class: crate::priority::Background::Nice(19),
             merge_small_segments: true,
+            direct_raw_writes: true,
         }
     }
 }
@@ -195,8 +202,8 @@ impl Files {
     }
 }
 
-/// The file of one directory being appended to: id, file, end.
-type Appender = Option<(u64, Arc<File>, u64)>;
+/// The file of one directory being appended to.
+type Appender = Option<FileAppend>;
 
 /// A data file and a raw file being appended to.
 #[derive(Default)]
@@ -219,7 +226,7 @@ struct Writer {
 impl Writer {
     /// The files being appended to, of `data` (else raw): never reclaimed.
     fn current(&self, data: bool) -> [Option<u64>; 2] {
-        let id = |a: &Appender| a.as_ref().map(|(id, _, _)| *id);
+        let id = |a: &Appender| a.as_ref().map(|a| a.id);
         if data {
             [id(&self.commits.data), id(&self.merged.data)]
         } else {
@@ -251,7 +258,13 @@ pub struct FjallStore {
     /// The oldest seq whose raw frame may be held: segments wholly below it keep only
     /// their JSON. Durable (`RAW_FLOOR_KEY`) before any frame below it is removed.
     raw_floor: AtomicU64,
+    /// Whether new raw files are written with `O_DIRECT` (the setting, until the file
+    /// system refuses a direct write).
+    direct_raw: std::sync::atomic::AtomicBool,
     encoders: Mutex<Vec<Encoder>>,
+    /// Value buffers of committed segments, for the next segments' values (see
+    /// [`EventStore::recycle`]).
+    spare: Mutex<SpareValues>,
     /// The files and what reads them (the decoded-segment cache), shared with the
     /// read-ahead thread.
     reads: Arc<Reads>,
@@ -261,6 +274,49 @@ pub struct FjallStore {
     /// Bytes of raw frames in raw files at or above the raw floor.
     raw_bytes: AtomicU64,
     config: FjallConfig,
+}
+
+/// Buffers of committed segments' values, reused for the next segments' values: fresh
+/// buffers of ~1 MiB cost ~1.5 µs of page faults per event at a sustained append
+/// (DECISIONS.md, "Event log", session 13). Holds at most the buffers of the last group
+/// committed (events and frames values apart, as they differ in size), so it never holds
+/// more than the one group the writer bounds already, and shrinks back with the groups
+/// once the writer keeps up (one segment per commit at the live rate).
+#[derive(Default)]
+struct SpareValues {
+    events: Vec<Vec<u8>>,
+    frames: Vec<Vec<u8>>,
+}
+
+impl SpareValues {
+    /// Buffers for one segment's two values (empty ones when none are spare).
+    fn take(&mut self) -> [Vec<u8>; 2] {
+        [
+            self.events.pop().unwrap_or_default(),
+            self.frames.pop().unwrap_or_default(),
+        ]
+    }
+
+    /// Keeps the values of a committed group, at most as many of each as it had.
+    fn keep(&mut self, encoded: Vec<EncodedSegment>) {
+        let n = encoded.len();
+        for seg in encoded {
+            self.events.push(seg.events_value);
+            self.frames.push(seg.frames_value);
+        }
+        for spare in [&mut self.events, &mut self.frames] {
+            if spare.len() > n {
+                spare.drain(..spare.len() - n);
+            }
+        }
+    }
+}
+
+/// Adds `f` to the files a commit syncs, once.
+fn note_touched(touched: &mut Vec<Arc<File>>, f: Arc<File>) {
+    if !touched.iter().any(|t| Arc::ptr_eq(t, &f)) {
+        touched.push(f);
+    }
 }
 
 fn backend(e: impl std::fmt::Display) -> LogError {
@@ -338,7 +394,9 @@ impl FjallStore {
             merge_from: AtomicU64::new(0),
             resume: Mutex::new(StampState::fresh()),
             raw_floor: AtomicU64::new(raw_floor),
+            direct_raw: std::sync::atomic::AtomicBool::new(config.direct_raw_writes),
             encoders: Mutex::new(Vec::new()),
+            spare: Mutex::new(SpareValues::default()),
             reads,
             read_ahead,
             config,
@@ -434,36 +492,50 @@ impl FjallStore {
     }
 
     /// The file of `files` to append at, rolling to a new one when the current is full
-    /// (or after a failure, when its end is unknown). True in the last field if created.
-    fn writable(
+    /// (or after a failure, when its end is unknown). A file rolled off is finished (its
+    /// staged bytes written) and its handle to sync added to `touched`. True in the second
+    /// field if created.
+    fn writable<'a>(
         &self,
         files: &Files,
-        a: &mut Appender,
+        a: &'a mut Appender,
         next_file: &mut u64,
-    ) -> Result<(u64, Arc<File>, u64, bool), LogError> {
-        if let Some((id, file, pos)) = a {
-            if *pos < self.config.blob_file_bytes.max(1) {
-                return Ok((*id, file.clone(), *pos, false));
+        direct: bool,
+        touched: &mut Vec<Arc<File>>,
+    ) -> Result<(&'a mut FileAppend, bool), LogError> {
+        let full = a
+            .as_ref()
+            .is_none_or(|f| f.end >= self.config.blob_file_bytes.max(1));
+        let mut created = false;
+        if full {
+            if let Some(old) = a.as_mut() {
+                old.finish_last()
+                    .map_err(|e| io("cannot write", &files.path(old.id), e))?;
+                note_touched(touched, old.sync_handle());
             }
+            let id = *next_file;
+            *next_file += 1;
+            let path = files.path(id);
+            let file = Arc::new(
+                OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .map_err(|e| io("cannot create", &path, e))?,
+            );
+            files
+                .open
+                .write()
+                .map_err(|_| backend("poisoned"))?
+                .insert(id, file.clone());
+            *a = Some(FileAppend::new(id, file, &path, direct));
+            created = true;
         }
-        let id = *next_file;
-        *next_file += 1;
-        let path = files.path(id);
-        let file = Arc::new(
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&path)
-                .map_err(|e| io("cannot create", &path, e))?,
-        );
-        files
-            .open
-            .write()
-            .map_err(|_| backend("poisoned"))?
-            .insert(id, file.clone());
-        *a = Some((id, file.clone(), 0));
-        Ok((id, file, 0, true))
+        match a.as_mut() {
+            Some(f) => Ok((f, created)),
+            None => Err(backend("no file to append to")),
+        }
     }
 
     /// Writes the values of `encoded` to the files of `merged` (else the commits' pair)
@@ -482,6 +554,7 @@ impl FjallStore {
             next_raw,
         } = w;
         let pair = if merged { merged_pair } else { commits };
+        let direct = self.direct_raw.load(Ordering::Relaxed);
         let mut out = Written {
             stored: Vec::with_capacity(encoded.len()),
             touched: Vec::new(),
@@ -493,22 +566,29 @@ impl FjallStore {
                 .map_err(|_| backend("events value too large"))?;
             let frames_len = u32::try_from(seg.frames_value.len())
                 .map_err(|_| backend("frames value too large"))?;
-            let (id, file, pos, new) =
-                self.writable(&self.reads.data, &mut pair.data, next_data)?;
+            let (data, new) = self.writable(
+                &self.reads.data,
+                &mut pair.data,
+                next_data,
+                false,
+                &mut out.touched,
+            )?;
             out.data_created |= new;
-            file.write_all_at(&seg.events_value, pos)
-                .map_err(|e| io("cannot write", &self.reads.data.path(id), e))?;
-            let (raw_id, raw, raw_pos, new) =
-                self.writable(&self.reads.raw, &mut pair.raw, next_raw)?;
+            let (id, pos) = (data.id, data.write(&seg.events_value));
+            let pos = pos.map_err(|e| io("cannot write", &self.reads.data.path(id), e))?;
+            note_touched(&mut out.touched, data.sync_handle());
+            let (raw, new) = self.writable(
+                &self.reads.raw,
+                &mut pair.raw,
+                next_raw,
+                direct,
+                &mut out.touched,
+            )?;
             out.raw_created |= new;
-            raw.write_all_at(&seg.frames_value, raw_pos)
-                .map_err(|e| io("cannot write", &self.reads.raw.path(raw_id), e))?;
-            for f in [&file, &raw] {
-                if !out.touched.iter().any(|t| Arc::ptr_eq(t, f)) {
-                    out.touched.push(f.clone());
-                }
-            }
-            let s = Stored {
+            let (raw_id, raw_pos) = (raw.id, raw.write(&seg.frames_value));
+            let raw_pos = raw_pos.map_err(|e| self.raw_write_failed(raw, e))?;
+            note_touched(&mut out.touched, raw.sync_handle());
+            out.stored.push(Stored {
                 info: Segment {
                     raw_bytes: u64::from(frames_len),
                     ..seg.info
@@ -521,10 +601,14 @@ impl FjallStore {
                     file: raw_id,
                     offset: raw_pos,
                 },
-            };
-            pair.data = Some((id, file, s.end()));
-            pair.raw = s.raw_end().map(|(_, end)| (raw_id, raw, end));
-            out.stored.push(s);
+            });
+        }
+        if let Some(data) = pair.data.as_mut() {
+            data.finish()
+                .map_err(|e| io("cannot write", &self.reads.data.path(data.id), e))?;
+        }
+        if let Some(raw) = pair.raw.as_mut() {
+            raw.finish().map_err(|e| self.raw_write_failed(raw, e))?;
         }
         for f in &out.touched {
             f.sync_data()
@@ -541,6 +625,19 @@ impl FjallStore {
             }
         }
         Ok(out)
+    }
+
+    /// The error of a failed write to the raw file `raw`. A direct write the file system
+    /// refuses as invalid (alignment it does not take) turns direct writes off for the
+    /// files created from now on, so the retry of the commit (on a new file) succeeds.
+    fn raw_write_failed(&self, raw: &FileAppend, e: std::io::Error) -> LogError {
+        if raw.is_direct()
+            && e.kind() == std::io::ErrorKind::InvalidInput
+            && self.direct_raw.swap(false, Ordering::Relaxed)
+        {
+            tracing::warn!(error = %e, "the file system refused a direct write of raw frames; writing them through the page cache from now on");
+        }
+        io("cannot write", &self.reads.raw.path(raw.id), e)
     }
 
     fn write_and_commit(
@@ -760,9 +857,16 @@ impl EventStore for FjallStore {
         let parts = codec::split_segments(events, self.config.segment_target_bytes);
         let threads = self.config.encode_threads.clamp(1, parts.len().max(1));
         let mut encoders = self.take_encoders(threads)?;
+        let encode_one = |enc: &mut Encoder, part: &[SharedEvent]| {
+            let buffers = match self.spare.lock() {
+                Ok(mut spare) => spare.take(),
+                Err(_) => Default::default(),
+            };
+            enc.encode_into(part, level, buffers)
+        };
         let result = if threads == 1 {
             match encoders.first_mut() {
-                Some(enc) => parts.iter().map(|p| enc.encode_at(p, level)).collect(),
+                Some(enc) => parts.iter().map(|p| encode_one(enc, p)).collect(),
                 None => Err(backend("no encoder")),
             }
         } else {
@@ -779,7 +883,7 @@ impl EventStore for FjallStore {
                             .spawn_scoped(s, move || {
                                 chunk
                                     .iter()
-                                    .map(|p| enc.encode_at(p, level))
+                                    .map(|p| encode_one(enc, p))
                                     .collect::<Result<Vec<_>, _>>()
                             })
                             .map_err(|e| backend(format!("cannot start an encoder thread: {e}")))
@@ -787,7 +891,7 @@ impl EventStore for FjallStore {
                     .collect::<Result<Vec<_>, _>>()?;
                 let mut out: Vec<EncodedSegment> = mine
                     .iter()
-                    .map(|p| my_enc.encode_at(p, level))
+                    .map(|p| encode_one(my_enc, p))
                     .collect::<Result<_, _>>()?;
                 for h in handles {
                     out.extend(
@@ -802,6 +906,12 @@ impl EventStore for FjallStore {
             pool.extend(encoders);
         }
         result
+    }
+
+    fn recycle(&self, encoded: Vec<EncodedSegment>) {
+        if let Ok(mut spare) = self.spare.lock() {
+            spare.keep(encoded);
+        }
     }
 
     fn append_encoded(

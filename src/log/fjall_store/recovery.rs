@@ -6,7 +6,8 @@
 //! reported), or remove bytes a committed index entry points at.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -294,18 +295,32 @@ fn clean_dir(
                     .map_err(|e| io("cannot stat", &path, e))?
                     .len();
                 if len > end {
+                    let padding = is_padding(file, end, len);
                     file.set_len(end)
                         .and_then(|()| file.sync_all())
                         .map_err(|e| io("cannot truncate", &path, e))?;
-                    report.notes.push(format!(
-                        "{what} file {id}: {} uncommitted bytes after the last committed segment truncated",
-                        len - end
-                    ));
+                    if !padding {
+                        report.notes.push(format!(
+                            "{what} file {id}: {} uncommitted bytes after the last committed segment truncated",
+                            len - end
+                        ));
+                    }
                 }
             }
         }
     }
     Ok(())
+}
+
+/// Whether the bytes of `file` from `end` to `len` are only the zeros a direct write pads
+/// its last block with (see `append`): no commit was cut short there, so nothing to note.
+fn is_padding(file: &File, end: u64, len: u64) -> bool {
+    let block = super::append::BLOCK as u64;
+    if len > end.div_ceil(block) * block {
+        return false;
+    }
+    let mut tail = vec![0u8; (len - end) as usize];
+    file.read_exact_at(&mut tail, end).is_ok() && tail.iter().all(|&b| b == 0)
 }
 
 /// The persisted raw floor (0, everything held, when none was ever written).
