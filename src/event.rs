@@ -5,6 +5,8 @@
 //! routing key or shared bytes. Also [`StampState`], where stamping resumes: written by
 //! ingest, made durable by the log, so it lives here below both.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 /// What kind of event this is, for routing and for the wires.
@@ -61,10 +63,13 @@ pub struct Event {
     /// Wall clock at receipt, unix µs.
     pub received_us: i64,
     pub kind: EventKind,
-    /// Repo DID, empty when the message has none (`#info`).
-    pub did: String,
-    /// Collection NSID for commit ops.
-    pub collection: Option<String>,
+    /// Repo DID, empty when the message has none (`#info`). Shared: the events of one
+    /// frame, and the events a decoded log segment holds for one DID, point at one copy
+    /// (a log scan makes no string per event).
+    pub did: Arc<str>,
+    /// Collection NSID for commit ops, shared like `did` (one copy per collection in a
+    /// decoded log segment).
+    pub collection: Option<Arc<str>>,
     /// Index of this op in its frame; 0 for the first event of a frame. The raw wire sends
     /// the frame once, with the event whose `op_index` is 0.
     pub op_index: u16,

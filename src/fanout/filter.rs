@@ -160,7 +160,7 @@ impl Filter {
         if !self.kinds.is_empty() && !self.kinds.contains(&kind) {
             return false;
         }
-        if !self.dids.is_empty() && !self.dids.contains(&event.did) {
+        if !self.dids.is_empty() && !self.dids.contains(&*event.did) {
             return false;
         }
         if kind == Kind::Commit && self.has_collections() {

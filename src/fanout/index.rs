@@ -105,12 +105,12 @@ impl Index {
     /// candidates, not to all subscribers.
     pub(super) fn candidates(&self, event: &Event, mut f: impl FnMut(u64, Via)) {
         self.everyone.iter().for_each(|&id| f(id, Via::Other));
-        if let Some(list) = self.by_did.get(&event.did) {
+        if let Some(list) = self.by_did.get(&*event.did) {
             list.iter().for_each(|&id| f(id, Via::Other));
         }
         match (&event.kind, &event.collection) {
             (EventKind::Commit, Some(collection)) => {
-                if let Some(list) = self.by_collection.get(collection) {
+                if let Some(list) = self.by_collection.get(&**collection) {
                     list.iter().for_each(|&id| f(id, Via::Collection));
                 }
                 if !self.by_prefix.is_empty() {
@@ -214,8 +214,8 @@ mod tests {
             upstream_seq: 1,
             received_us: 0,
             kind,
-            did: did.to_owned(),
-            collection: collection.map(str::to_owned),
+            did: did.into(),
+            collection: collection.map(Into::into),
             op_index: 0,
             v1_json: None,
             v2_json: None,

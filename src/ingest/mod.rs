@@ -8,6 +8,7 @@
 
 mod thread;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -160,10 +161,10 @@ impl Ingestor {
                 .or_default() += 1;
             if let Some(collection) = &event.collection {
                 let counted = &mut self.stats.events_by_collection;
-                if let Some(n) = counted.get_mut(collection.as_str()) {
+                if let Some(n) = counted.get_mut(&**collection) {
                     *n += 1;
                 } else if counted.len() < MAX_COUNTED_COLLECTIONS {
-                    counted.insert(collection.clone(), 1);
+                    counted.insert(collection.to_string(), 1);
                 } else {
                     *counted.entry("other".to_string()).or_default() += 1;
                 }
@@ -226,13 +227,15 @@ impl Ingestor {
         frame: Bytes,
     ) -> Vec<Event> {
         let did = message.did.unwrap_or_default();
+        // One copy of the DID for every event of the frame.
+        let shared_did: Arc<str> = Arc::from(did.as_str());
         let base = |seq: u64, time_us: i64, kind: EventKind, op_index: u16| Event {
             seq,
             time_us,
             upstream_seq,
             received_us,
             kind,
-            did: did.clone(),
+            did: Arc::clone(&shared_did),
             collection: None,
             op_index,
             v1_json: None,
@@ -266,7 +269,7 @@ impl Ingestor {
                         Some(jetstream_v1::commit_op(seq, t, &did, &commit.rev, op).into());
                     event.v2_json =
                         Some(jetstream_v2::commit_op(seq, t, &did, &commit.rev, op).into());
-                    event.collection = Some(op.collection.clone());
+                    event.collection = Some(Arc::from(op.collection.as_str()));
                     events.push(event);
                 }
                 events

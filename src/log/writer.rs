@@ -389,7 +389,7 @@ mod tests {
                     upstream_seq: 0,
                     received_us: 0,
                     kind: EventKind::Identity,
-                    did: String::new(),
+                    did: "".into(),
                     collection: None,
                     op_index: 0,
                     v1_json: None,

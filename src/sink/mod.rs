@@ -958,7 +958,7 @@ fn prepare_blocking(
                 .arg("seq")
                 .arg(seq)
                 .arg("did")
-                .arg(&event.did);
+                .arg(&*event.did);
             tx.add_command(xadd);
             is_xadd.push(true);
             if entry.publish {

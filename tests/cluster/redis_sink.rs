@@ -242,7 +242,7 @@ async fn assert_streams_match(
                 ),
                 ("time_us".to_string(), event.time_us.to_string()),
                 ("seq".to_string(), event.seq.to_string()),
-                ("did".to_string(), event.did.clone()),
+                ("did".to_string(), event.did.to_string()),
             ]);
             expected
                 .entry(entry.key)
@@ -321,7 +321,7 @@ async fn every_event_lands_in_the_right_streams_with_ids_and_fields() {
                 let (_, fields) = find(&xrange(&mut con, &key).await).expect("entry");
                 assert_eq!(fields["event"].as_bytes(), e.v1_json.as_deref().unwrap());
                 assert_eq!(fields["time_us"], e.time_us.to_string(), "source time");
-                assert_eq!(fields["did"], e.did);
+                assert_eq!(fields["did"], *e.did);
             }
             EventKind::Identity | EventKind::Account => {
                 let key = format!("sluice:k:{}", e.kind.as_str());
@@ -362,7 +362,7 @@ async fn every_event_lands_in_the_right_streams_with_ids_and_fields() {
     }
     let missing = stored
         .iter()
-        .find(|e| e.did == DID && e.kind == EventKind::Commit && e.op_index == 0)
+        .find(|e| &*e.did == DID && e.kind == EventKind::Commit && e.op_index == 0)
         .expect("the commit with a missing record");
     let posts = xrange(&mut con, "sluice:c:app.bsky.feed.post").await;
     let (_, fields) = posts

@@ -5,6 +5,7 @@
 #[path = "../log_common/mod.rs"]
 mod log_common;
 
+mod allocs;
 mod direct_writes;
 mod format;
 mod handover;

@@ -50,7 +50,7 @@ pub fn template_frames() -> Vec<Vec<Event>> {
                         upstream_seq: 0,
                         received_us: 0,
                         kind: EventKind::Commit,
-                        did: format!("did:plc:test{i}"),
+                        did: format!("did:plc:test{i}").into(),
                         collection: Some("app.bsky.feed.like".into()),
                         op_index: op,
                         v1_json: Some(Bytes::from(format!(

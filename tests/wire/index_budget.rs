@@ -160,7 +160,7 @@ async fn a_caught_up_subscriber_without_budget_stays_on_the_log_and_loses_nothin
 /// A frame of one event by `did`, on the first template's event.
 fn frame_by(did: &str) -> Vec<sluice::event::Event> {
     let mut event = log_common::template_frames()[0][0].clone();
-    event.did = did.to_string();
+    event.did = did.into();
     vec![event]
 }
 
@@ -203,7 +203,7 @@ async fn a_large_filter_change_applies_the_difference_and_leaves_the_index_exact
     while let Ok(Ok(batch)) =
         tokio::time::timeout(Duration::from_millis(300), sub.next_batch(64)).await
     {
-        got.extend(batch.iter().map(|e| e.did.clone()));
+        got.extend(batch.iter().map(|e| e.did.to_string()));
     }
     assert_eq!(
         got,

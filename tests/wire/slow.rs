@@ -32,7 +32,7 @@ fn expected(env: &Env, wire: Wire, from: u64, only_collection: Option<&str>) -> 
                 _ => e.v2_json.is_some(),
             })
             .filter(|e| match (only_collection, &e.collection) {
-                (Some(want), Some(c)) => c == want,
+                (Some(want), Some(c)) => **c == *want,
                 _ => true,
             })
             .map(|e| e.seq)

@@ -32,7 +32,7 @@ fn v1_text(e: &Event) -> String {
 /// The v1 filter model, written independently of the daemon's: collections (exact or
 /// `prefix.*`) constrain commits only; DIDs constrain every kind.
 fn wanted(e: &Event, collections: &[&str], dids: &[&str]) -> bool {
-    if !dids.is_empty() && !dids.contains(&e.did.as_str()) {
+    if !dids.is_empty() && !dids.contains(&&*e.did) {
         return false;
     }
     if collections.is_empty() || e.kind != EventKind::Commit {
@@ -163,14 +163,14 @@ async fn v1_filters_collections_prefixes_and_dids() {
     let commit_dids: Vec<String> = all
         .iter()
         .filter(|e| e.kind == EventKind::Commit)
-        .map(|e| e.did.clone())
+        .map(|e| e.did.to_string())
         .collect();
     let identity_did = all
         .iter()
         .find(|e| e.kind == EventKind::Identity)
         .unwrap()
         .did
-        .clone();
+        .to_string();
     let (d1, d2) = (commit_dids[3].as_str(), commit_dids[77].as_str());
     let cases: Vec<(Vec<&str>, Vec<&str>)> = vec![
         (vec!["app.bsky.feed.like"], vec![]),
@@ -348,14 +348,14 @@ async fn v1_require_hello_waits_for_options_and_applies_them() {
         .find(|e| e.kind == EventKind::Commit)
         .unwrap()
         .did
-        .clone();
+        .to_string();
     let mut dids: Vec<String> = (0..9_999).map(|i| format!("did:plc:nobody{i}")).collect();
     dids.push(target.clone());
     let mut ws = connect(&env.url("/subscribe?requireHello=true&cursor=1")).await;
     send_text(&mut ws, options(json!({"wantedDids": dids}))).await;
     let want: Vec<u64> = all
         .iter()
-        .filter(|e| e.did == target)
+        .filter(|e| *e.did == target)
         .map(|e| e.seq)
         .collect();
     let got = read_json(&mut ws, want.len()).await;
@@ -719,7 +719,7 @@ async fn v1_oversized_events_are_skipped_noticed_on_request_and_fetchable() {
         assert_eq!(v["notice"]["name"], "EventTooBig");
         assert_eq!(v["notice"]["size"].as_u64(), Some(size as u64));
         assert_eq!(v["notice"]["limit"].as_u64(), Some(limit as u64));
-        assert_eq!(v["did"].as_str(), Some(event.did.as_str()));
+        assert_eq!(v["did"].as_str(), Some(&*event.did));
         let fetch = v["notice"]["fetch"].as_str().unwrap();
         assert_eq!(fetch, format!("/event/{}?wire=v1", event.seq));
         let (status, headers, body) = http_get(env.addr(), fetch).await;

@@ -54,7 +54,7 @@ fn wanted(e: &Event, kinds: &[&str], dids: &[&str], collections: &[&str]) -> boo
     if !kinds.is_empty() && !kinds.contains(&kind) {
         return false;
     }
-    if !dids.is_empty() && !dids.contains(&e.did.as_str()) {
+    if !dids.is_empty() && !dids.contains(&&*e.did) {
         return false;
     }
     if kind != "commit" || collections.is_empty() {
@@ -98,7 +98,7 @@ async fn v2_replays_by_inclusive_seq_with_the_subprotocol() {
         };
         assert_eq!(p["$type"], format!("{NSID}#{def}"));
         assert_eq!(p["seq"].as_u64(), Some(event.seq));
-        assert_eq!(p["did"].as_str(), Some(event.did.as_str()));
+        assert_eq!(p["did"].as_str(), Some(&*event.did));
         // `time` is the event's source time to the microsecond, RFC 3339.
         let time = time::OffsetDateTime::parse(
             p["time"].as_str().unwrap(),
@@ -157,14 +157,13 @@ async fn v2_filters_by_kinds_dids_and_collections() {
     let commit_dids: Vec<&str> = all
         .iter()
         .filter(|e| e.kind == EventKind::Commit)
-        .map(|e| e.did.as_str())
+        .map(|e| &*e.did)
         .collect();
-    let account_did = all
+    let account_did: &str = &all
         .iter()
         .find(|e| e.kind == EventKind::Account)
         .unwrap()
-        .did
-        .as_str();
+        .did;
     type Case<'a> = (Vec<&'a str>, Vec<&'a str>, Vec<&'a str>);
     let cases: Vec<Case> = vec![
         (vec!["identity"], vec![], vec![]),

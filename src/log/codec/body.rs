@@ -109,7 +109,7 @@ pub fn split<'a>(event: &'a Event, scratch: &mut Vec<u8>) -> Split<'a> {
     // The check: both wires assembled from the split equal what ingest made.
     let same = |wire_v1: bool, want: Option<&[u8]>, scratch: &mut Vec<u8>| {
         scratch.clear();
-        let built = assemble(event, event.did.as_str(), &candidate, wire_v1, scratch);
+        let built = assemble(event, &event.did, &candidate, wire_v1, scratch);
         match (built, want) {
             (true, Some(w)) => scratch.as_slice() == w,
             (false, None) => true,

@@ -9,6 +9,8 @@
 //! (per frame: upstream seq, receipt time, raw length, DID, event count; per event: time,
 //! kind, op index, collection, v1 and v2 lengths), the v1 JSON column, the v2 JSON column.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use crate::event::Event;
@@ -17,7 +19,7 @@ use super::{
     corrupt, decompress, frames_column, kind_from, next_raw_frame, seq_at, Cursor, NONE_U16,
     NONE_U32,
 };
-use crate::log::store::{LogError, Payloads};
+use crate::log::store::{LogError, Payloads, SharedEvent};
 
 pub(super) const MAGIC: &[u8; 4] = b"SLE1";
 
@@ -26,7 +28,7 @@ pub(super) fn decode(
     events_value: &[u8],
     frames_value: Option<&[u8]>,
     payloads: Payloads,
-) -> Result<Vec<Event>, LogError> {
+) -> Result<Vec<SharedEvent>, LogError> {
     let mut c = Cursor::new(events_value);
     if c.take(4)? != MAGIC {
         return Err(corrupt("bad events magic"));
@@ -80,7 +82,7 @@ pub(super) fn decode(
         let received_us = m.i64()?;
         let raw_len = m.u32()? as usize;
         let did_len = usize::from(m.u16()?);
-        let did = m.str(did_len)?;
+        let did: Arc<str> = Arc::from(m.str(did_len)?);
         let n = m.u32()? as usize;
         let raw_frame = next_raw_frame(raw.as_ref(), &mut raw_pos, raw_len)?;
         for _ in 0..n {
@@ -91,24 +93,24 @@ pub(super) fn decode(
             let collection = if coll_len == NONE_U16 {
                 None
             } else {
-                Some(m.str(usize::from(coll_len))?.to_owned())
+                Some(Arc::from(m.str(usize::from(coll_len))?))
             };
             let v1_json = slice(&v1, &mut v1_pos, m.u32()?)?;
             let v2_json = slice(&v2, &mut v2_pos, m.u32()?)?;
             let seq = seq_at(first_seq, out.len())?;
-            out.push(Event {
+            out.push(Arc::new(Event {
                 seq,
                 time_us,
                 upstream_seq,
                 received_us,
                 kind,
-                did: did.to_owned(),
+                did: Arc::clone(&did),
                 collection,
                 op_index,
                 v1_json,
                 v2_json,
                 raw_frame: raw_frame.clone(),
-            });
+            }));
         }
     }
     if out.len() != count {

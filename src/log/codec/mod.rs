@@ -32,6 +32,7 @@ mod format1;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
@@ -399,8 +400,8 @@ impl Encoder {
             put_var(meta, head.raw_frame.len() as u64);
             self.raw_buf.extend_from_slice(&head.raw_frame);
             let next = did_list.len() as u64;
-            let did = *dids.entry(head.did.as_str()).or_insert_with(|| {
-                did_list.push(head.did.as_str());
+            let did = *dids.entry(&*head.did).or_insert_with(|| {
+                did_list.push(&*head.did);
                 next
             });
             put_var(meta, did);
@@ -413,8 +414,8 @@ impl Encoder {
                 let collection = match &event.collection {
                     Some(c) => {
                         let next = collection_list.len() as u64;
-                        1 + *collections.entry(c.as_str()).or_insert_with(|| {
-                            collection_list.push(c.as_str());
+                        1 + *collections.entry(&**c).or_insert_with(|| {
+                            collection_list.push(&**c);
                             next
                         })
                     }
@@ -714,7 +715,7 @@ pub fn decode(
     events_value: &[u8],
     frames_value: Option<&[u8]>,
     payloads: Payloads,
-) -> Result<Vec<Event>, LogError> {
+) -> Result<Vec<SharedEvent>, LogError> {
     decode_with(
         events_value,
         frames_value,
@@ -730,7 +731,7 @@ pub fn decode_with(
     frames_value: Option<&[u8]>,
     payloads: Payloads,
     scratch: &mut DecodeScratch,
-) -> Result<Vec<Event>, LogError> {
+) -> Result<Vec<SharedEvent>, LogError> {
     match events_value.get(..4) {
         Some(m) if m == EVENTS_MAGIC => {
             decode_current(events_value, frames_value, payloads, scratch)
@@ -787,7 +788,7 @@ fn decode_current(
     frames_value: Option<&[u8]>,
     payloads: Payloads,
     scratch: &mut DecodeScratch,
-) -> Result<Vec<Event>, LogError> {
+) -> Result<Vec<SharedEvent>, LogError> {
     let mut c = Cursor::new(events_value);
     c.take(4)?;
     let first_seq = c.u64()?;
@@ -831,7 +832,9 @@ fn decode_current(
     let raw = frames_column(first_seq, frames_value, payloads)?;
     let dict = cols[C_DICT].unwrap_or_default();
     let mut d = Cursor::new(dict);
-    let mut tables: [Vec<&str>; 2] = Default::default();
+    // The segment's DIDs and collections, one shared copy each: its events point at them
+    // (no string is made per event).
+    let mut tables: [Vec<Arc<str>>; 2] = Default::default();
     // The longest entry of each table, for the assembled messages' reservation.
     let mut longest = [0usize; 2];
     for (table, longest) in tables.iter_mut().zip(&mut longest) {
@@ -840,7 +843,7 @@ fn decode_current(
         table.reserve(n.min(dict.len()));
         for _ in 0..n {
             let len = d.var()? as usize;
-            table.push(d.str(len)?);
+            table.push(Arc::from(d.str(len)?));
             *longest = (*longest).max(len);
         }
     }
@@ -848,7 +851,7 @@ fn decode_current(
     let meta = cols[C_META].unwrap_or_default();
     let mut m = Cursor::new(meta);
     // Each event takes at least 5 bytes of metadata.
-    let mut out = Vec::with_capacity(count.min(meta.len() / 5));
+    let mut out: Vec<SharedEvent> = Vec::with_capacity(count.min(meta.len() / 5));
     let mut pos = [0usize; COLUMNS];
     let mut wire_out: [Vec<u8>; 2] = Default::default();
     if json {
@@ -877,7 +880,7 @@ fn decode_current(
         upstream_seq = upstream_seq.wrapping_add(unzigzag(m.var()?));
         received_us = received_us.wrapping_add(unzigzag(m.var()?));
         let raw_len = m.var()? as usize;
-        let did = *dids
+        let did = dids
             .get(m.var()? as usize)
             .ok_or_else(|| corrupt("DID number beyond the table"))?;
         let n = m.var()? as usize;
@@ -888,12 +891,11 @@ fn decode_current(
             let op_index = u16::try_from(m.var()?).map_err(|_| corrupt("op index out of range"))?;
             let collection = match m.var()? {
                 0 => None,
-                k => Some(
-                    collections
-                        .get(k as usize - 1)
-                        .ok_or_else(|| corrupt("collection number beyond the table"))?
-                        .to_string(),
-                ),
+                k => {
+                    Some(Arc::clone(collections.get(k as usize - 1).ok_or_else(
+                        || corrupt("collection number beyond the table"),
+                    )?))
+                }
             };
             let seq = seq_at(first_seq, out.len())?;
             let event = Event {
@@ -902,7 +904,7 @@ fn decode_current(
                 upstream_seq,
                 received_us,
                 kind,
-                did: did.to_owned(),
+                did: Arc::clone(did),
                 collection,
                 op_index,
                 v1_json: None,
@@ -999,7 +1001,8 @@ fn decode_current(
                 }
             }
             ranges.push(range);
-            out.push(event);
+            // Moved once, into its shared allocation; its messages are set below.
+            out.push(Arc::new(event));
         }
     }
     if out.len() != count {
@@ -1018,6 +1021,11 @@ fn decode_current(
         }
         let [v1, v2] = wire_out.map(Bytes::from);
         for (event, [r1, r2]) in out.iter_mut().zip(&ranges) {
+            if r1.1 == u32::MAX && r2.1 == u32::MAX {
+                continue;
+            }
+            // Not shared yet (made above), so this never copies the event.
+            let event = Arc::make_mut(event);
             if r1.1 != u32::MAX {
                 event.v1_json = Some(v1.slice(r1.0 as usize..r1.1 as usize));
             }
@@ -1047,7 +1055,6 @@ fn next_raw_frame(raw: Option<&Bytes>, pos: &mut usize, len: usize) -> Result<By
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn ev(seq: u64, upstream: i64, op: u16, frame: &Bytes) -> SharedEvent {
         Arc::new(Event {
@@ -1060,8 +1067,8 @@ mod tests {
             } else {
                 EventKind::Commit
             },
-            did: format!("did:plc:{upstream}"),
-            collection: (seq % 2 == 0).then(|| "app.bsky.feed.post".to_string()),
+            did: format!("did:plc:{upstream}").into(),
+            collection: (seq % 2 == 0).then(|| "app.bsky.feed.post".into()),
             op_index: op,
             v1_json: (seq % 5 != 0).then(|| Bytes::from(format!("{{\"v1\":{seq}}}"))),
             v2_json: Some(Bytes::from(format!("{{\"v2\":{seq}}}"))),

@@ -272,8 +272,11 @@ impl Reads {
                 Err(e) => Err(e),
             })
             .clone();
+        // Entries the bound pushes out, dropped after the lock is released: dropping a
+        // segment nobody else holds frees each of its events, which must not hold up
+        // the other readers and the read-ahead waiting for the cache.
+        let mut evicted = Vec::new();
         if mine {
-            let mut cache = self.cache.lock().map_err(|_| backend("poisoned"))?;
             let size = match &result {
                 Ok(events) => {
                     let mut starts = codec::FrameStarts::default();
@@ -284,6 +287,7 @@ impl Reads {
                 }
                 Err(_) => 0,
             };
+            let mut cache = self.cache.lock().map_err(|_| backend("poisoned"))?;
             if let Some(entry) = cache
                 .entries
                 .iter_mut()
@@ -301,8 +305,10 @@ impl Reads {
                     break;
                 };
                 cache.bytes = cache.bytes.saturating_sub(old.bytes);
+                evicted.push(old);
             }
         }
+        drop(evicted);
         match result {
             Ok(events) => Ok(Some(events)),
             Err(LogError::TooOld { .. }) => Ok(None),
@@ -324,7 +330,7 @@ impl Reads {
         let (ev, fr) = bufs.values.split_at(s.events_len as usize);
         let events =
             codec::decode_with(ev, payloads.raw.then_some(fr), payloads, &mut bufs.scratch)?;
-        Ok(Some(events.into_iter().map(Arc::new).collect()))
+        Ok(Some(events))
     }
 
     fn take_buffers(&self) -> ReadBuffers {

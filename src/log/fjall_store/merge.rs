@@ -18,7 +18,6 @@
 //! ([`FjallStore::read`](super::FjallStore)).
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use super::super::codec::{self, FrameStarts};
 use super::super::store::{EncodedSegment, LogError, MergeStep, Payloads, SharedEvent};
@@ -61,10 +60,7 @@ impl FjallStore {
                 return Ok(MergeStep::default());
             }
             let (ev, fr) = buf.split_at(s.events_len as usize);
-            let events: Vec<SharedEvent> = codec::decode(ev, Some(fr), Payloads::ALL)?
-                .into_iter()
-                .map(Arc::new)
-                .collect();
+            let events: Vec<SharedEvent> = codec::decode(ev, Some(fr), Payloads::ALL)?;
             let mut starts = FrameStarts::default();
             let plain = events
                 .iter()

@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
 
-use crate::event::{Event, StampState};
+use crate::event::StampState;
 
 use super::codec::{self, Compression, Encoder};
 use super::store::{
@@ -461,7 +461,7 @@ impl FjallStore {
         Ok(segs.get(idx).copied())
     }
 
-    fn decode_meta(&self, s: &Stored) -> Result<Option<Vec<Event>>, LogError> {
+    fn decode_meta(&self, s: &Stored) -> Result<Option<Vec<SharedEvent>>, LogError> {
         let mut buf = Vec::new();
         if !self.reads.read_values(s, false, &mut buf)? {
             return Ok(None);
