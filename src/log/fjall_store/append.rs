@@ -40,6 +40,16 @@ pub(super) struct FileAppend {
     direct: Option<Direct>,
 }
 
+/// Creates a new data or raw file to append to (never an existing one: a file's bytes
+/// belong to the commits that wrote them), readable through the same handle.
+pub(super) fn create(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+}
+
 /// A file's `O_DIRECT` handle and the bytes staged for it.
 struct Direct {
     file: Arc<File>,
@@ -230,14 +240,7 @@ mod tests {
         ];
         for direct in [true, false] {
             let path = dir.path().join(format!("f-{direct}"));
-            let file = Arc::new(
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)
-                    .unwrap(),
-            );
+            let file = Arc::new(create(&path).unwrap());
             let mut a = FileAppend::new(1, file.clone(), &path, direct);
             // Where the file system refuses O_DIRECT (tmpfs) the file is written through
             // the page cache, and the rest of the test checks that fallback instead.

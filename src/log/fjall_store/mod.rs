@@ -32,9 +32,9 @@
 //! MB/s. See `docs/DECISIONS.md`.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
@@ -260,7 +260,7 @@ pub struct FjallStore {
     raw_floor: AtomicU64,
     /// Whether new raw files are written with `O_DIRECT` (the setting, until the file
     /// system refuses a direct write).
-    direct_raw: std::sync::atomic::AtomicBool,
+    direct_raw: AtomicBool,
     encoders: Mutex<Vec<Encoder>>,
     /// Value buffers of committed segments, for the next segments' values (see
     /// [`EventStore::recycle`]).
@@ -394,7 +394,7 @@ impl FjallStore {
             merge_from: AtomicU64::new(0),
             resume: Mutex::new(StampState::fresh()),
             raw_floor: AtomicU64::new(raw_floor),
-            direct_raw: std::sync::atomic::AtomicBool::new(config.direct_raw_writes),
+            direct_raw: AtomicBool::new(config.direct_raw_writes),
             encoders: Mutex::new(Vec::new()),
             spare: Mutex::new(SpareValues::default()),
             reads,
@@ -516,14 +516,7 @@ impl FjallStore {
             let id = *next_file;
             *next_file += 1;
             let path = files.path(id);
-            let file = Arc::new(
-                OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)
-                    .map_err(|e| io("cannot create", &path, e))?,
-            );
+            let file = Arc::new(append::create(&path).map_err(|e| io("cannot create", &path, e))?);
             files
                 .open
                 .write()
