@@ -135,12 +135,12 @@ fn log_config(dir: &std::path::Path) -> LogConfig {
 fn in_commits(
     frames: Vec<Vec<Event>>,
     commit_events: usize,
-    mut each: impl FnMut(&[Arc<Event>]),
+    mut each: impl FnMut(&[sluice::log::SharedEvent]),
 ) -> usize {
     let mut events = 0;
-    let mut group: Vec<Arc<Event>> = Vec::new();
+    let mut group: Vec<sluice::log::SharedEvent> = Vec::new();
     for f in frames {
-        group.extend(f.into_iter().map(Arc::new));
+        group.extend(f.into_iter().map(sluice::log::SharedEvent::new));
         if group.len() >= commit_events {
             each(&group);
             events += group.len();
@@ -155,7 +155,7 @@ fn in_commits(
 }
 
 /// A segment's raw frames back to back, each once (as its first event carries it).
-fn frames_of(part: &[Arc<Event>]) -> Vec<u8> {
+fn frames_of(part: &[sluice::log::SharedEvent]) -> Vec<u8> {
     let mut plain = Vec::new();
     let mut starts = sluice::log::codec::FrameStarts::default();
     for e in part {
@@ -387,11 +387,11 @@ fn append_in_commits(
     let mut frames = frames.into_iter();
     let mut written = 0;
     while written < events {
-        let batch: Vec<Arc<Event>> = frames
+        let batch: Vec<sluice::log::SharedEvent> = frames
             .by_ref()
             .take(frames_per_commit)
             .flatten()
-            .map(Arc::new)
+            .map(sluice::log::SharedEvent::new)
             .collect();
         let Some(last) = batch.last() else { break };
         let resume = StampState {
@@ -514,7 +514,8 @@ fn bench_scan(c: &mut Criterion) {
     let mut state = StampState::fresh();
     let frames = restamp(&templates, &mut state, 100_000 / scale);
     for f in frames {
-        let shared: Vec<Arc<Event>> = f.into_iter().map(Arc::new).collect();
+        let shared: Vec<sluice::log::SharedEvent> =
+            f.into_iter().map(sluice::log::SharedEvent::new).collect();
         tail.push(&shared);
     }
     let n = tail.len();
@@ -858,10 +859,10 @@ fn bench_paced(_c: &mut Criterion) {
 fn bench_encode(c: &mut Criterion) {
     let templates = corpus();
     let mut state = StampState::fresh();
-    let events: Vec<Arc<Event>> = restamp(&templates, &mut state, 2_000)
+    let events: Vec<sluice::log::SharedEvent> = restamp(&templates, &mut state, 2_000)
         .into_iter()
         .flatten()
-        .map(Arc::new)
+        .map(sluice::log::SharedEvent::new)
         .collect();
     let store = store_config(std::path::Path::new("."));
     let segments = sluice::log::codec::split_segments(&events, store.segment_target_bytes);

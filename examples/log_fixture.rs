@@ -6,8 +6,6 @@
 //!
 //! `tests/log/format.rs` re-ingests the same frames the same way and compares every event.
 
-use std::sync::Arc;
-
 use bytes::Bytes;
 use sluice::decode::DecodeLimits;
 use sluice::event::StampState;
@@ -48,7 +46,7 @@ fn main() {
         let mut events = Vec::new();
         for f in chunk {
             if let IngestOutcome::Events(e) = ingestor.ingest(Bytes::from(f.clone()), RECEIVED_US) {
-                events.extend(e.into_iter().map(Arc::new));
+                events.extend(sluice::log::SharedEvent::run(e));
             }
         }
         if let Err(e) = store.append(&events, ingestor.state()) {

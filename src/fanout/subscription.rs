@@ -633,7 +633,7 @@ mod tests {
     }
 
     fn event(seq: u64, upstream_seq: i64, op_index: u16, collection: &str) -> SharedEvent {
-        Arc::new(crate::event::Event {
+        SharedEvent::new(crate::event::Event {
             seq,
             time_us: seq as i64,
             upstream_seq,

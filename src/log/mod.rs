@@ -290,6 +290,10 @@ impl Log {
         let mut shared = Vec::with_capacity(events.len());
         let mut bytes = 0;
         let mut starts = codec::FrameStarts::default();
+        // One run per frame: the tail may keep a frame's last events after its first
+        // ones left, and a run is freed with its last event, so a run is never longer
+        // than a frame (whose events share their raw frame anyway).
+        let mut frame: Vec<Event> = Vec::new();
         for (expected, event) in (first..).zip(events) {
             if event.seq != expected {
                 return Err(LogError::OutOfOrder {
@@ -297,9 +301,14 @@ impl Log {
                     got: event.seq,
                 });
             }
-            bytes += codec::payload_bytes(&event, starts.next(&event));
-            shared.push(Arc::new(event));
+            let starts_frame = starts.next(&event);
+            if starts_frame && !frame.is_empty() {
+                shared.extend(SharedEvent::iter(&Arc::new(std::mem::take(&mut frame)), 0));
+            }
+            bytes += codec::payload_bytes(&event, starts_frame);
+            frame.push(event);
         }
+        shared.extend(SharedEvent::iter(&Arc::new(frame), 0));
         self.shared.tail.push(&shared);
         self.queue.push(shared, bytes)
     }

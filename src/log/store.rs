@@ -13,8 +13,104 @@ use std::sync::Arc;
 
 use crate::event::{Event, StampState};
 
-/// An event shared between the hot tail, the writer and every reader.
-pub type SharedEvent = Arc<Event>;
+/// An event shared between the hot tail, the writer and every reader: a handle on one
+/// event of a *run*, events that live in one shared allocation (a decoded segment's
+/// events; the events ingest made of one frame). It derefs to its [`Event`]. A clone
+/// costs one refcount on the run, and the run, every event of it, is freed with its last
+/// handle: a scan allocates once per decoded segment instead of once per event, and
+/// dropping a segment sweeps contiguous memory. Holding one event of a run holds the
+/// whole run (as holding one event of a decoded segment already held the segment's
+/// message buffer), so runs are never longer than one segment or one frame.
+#[derive(Clone)]
+pub struct SharedEvent {
+    run: Arc<Vec<Event>>,
+    /// Always within `run` (checked where a handle is made).
+    index: u32,
+}
+
+impl SharedEvent {
+    /// A run of one event.
+    pub fn new(event: Event) -> Self {
+        Self {
+            run: Arc::new(vec![event]),
+            index: 0,
+        }
+    }
+
+    /// One handle per event of `events`, all sharing one run (one allocation besides the
+    /// vector's own).
+    pub fn run(events: Vec<Event>) -> Vec<SharedEvent> {
+        Self::handles(&Arc::new(events))
+    }
+
+    /// One handle per event of a shared `run`.
+    pub fn handles(run: &Arc<Vec<Event>>) -> Vec<SharedEvent> {
+        let mut out = Vec::with_capacity(run.len());
+        out.extend(Self::iter(run, 0));
+        out
+    }
+
+    /// The handle on event `index` of a shared `run`, `None` beyond it.
+    #[inline]
+    pub fn at(run: &Arc<Vec<Event>>, index: usize) -> Option<Self> {
+        let index = u32::try_from(index).ok().filter(|_| index < run.len())?;
+        Some(SharedEvent {
+            run: Arc::clone(run),
+            index,
+        })
+    }
+
+    /// Handles on the events of `run` from index `from` on, in order.
+    pub fn iter(run: &Arc<Vec<Event>>, from: usize) -> impl Iterator<Item = SharedEvent> + '_ {
+        // A run never holds more than u32::MAX events (a segment's count is a u32).
+        (from..run.len().min(u32::MAX as usize)).map(move |i| SharedEvent {
+            run: Arc::clone(run),
+            index: i as u32,
+        })
+    }
+
+    /// The event itself: moved out when this is the last handle on its run, cloned
+    /// otherwise.
+    pub fn into_event(self) -> Event {
+        let index = self.index as usize;
+        match Arc::try_unwrap(self.run) {
+            Ok(mut run) => run.swap_remove(index),
+            Err(run) => run[index].clone(),
+        }
+    }
+
+    /// Whether `a` and `b` are the same shared event (not merely equal ones).
+    pub fn ptr_eq(a: &SharedEvent, b: &SharedEvent) -> bool {
+        Arc::ptr_eq(&a.run, &b.run) && a.index == b.index
+    }
+}
+
+impl From<Event> for SharedEvent {
+    fn from(event: Event) -> Self {
+        Self::new(event)
+    }
+}
+
+impl std::ops::Deref for SharedEvent {
+    type Target = Event;
+
+    #[inline]
+    fn deref(&self) -> &Event {
+        &self.run[self.index as usize]
+    }
+}
+
+impl AsRef<Event> for SharedEvent {
+    fn as_ref(&self) -> &Event {
+        self
+    }
+}
+
+impl std::fmt::Debug for SharedEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        (**self).fmt(f)
+    }
+}
 
 /// Which encoded payloads a read must fill in. Unrequested payloads come back empty
 /// (`None` for v1/v2, an empty `raw_frame`), which lets a v1 replay skip the raw frames,

@@ -4,10 +4,12 @@
 //! notification of new events. Must never: hold a gap (events enter in seq order and leave
 //! from the front only), evict an event that is not yet durable (a reader that finds an
 //! event missing from the tail must find it in the store), or copy payload bytes (events
-//! are `Arc`s whose payloads are refcounted `Bytes`).
+//! are shared handles whose payloads are refcounted `Bytes`).
 //!
 //! Bound: `max_bytes` of payloads (a raw frame counts once, with its first event). The
-//! tail can exceed it only by events not yet durable, which the writer queue bounds.
+//! tail can exceed it only by events not yet durable, which the writer queue bounds, and
+//! by the earlier events of a frame whose later events it still holds (a frame's events
+//! share one allocation, freed with the last of them).
 
 use std::collections::VecDeque;
 use std::sync::RwLock;

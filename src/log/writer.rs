@@ -383,7 +383,7 @@ mod tests {
     fn events(n: usize) -> Vec<SharedEvent> {
         (0..n)
             .map(|i| {
-                Arc::new(Event {
+                SharedEvent::new(Event {
                     seq: i as u64 + 1,
                     time_us: 0,
                     upstream_seq: 0,

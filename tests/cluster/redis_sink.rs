@@ -12,7 +12,6 @@ use crate::wire_common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -210,7 +209,7 @@ async fn wait_for_position(stats: &SinkStats, seq: u64, within: Duration) {
     }
 }
 
-fn all_events(reader: &LogReader) -> Vec<Arc<Event>> {
+fn all_events(reader: &LogReader) -> Vec<sluice::log::SharedEvent> {
     let mut events = Vec::new();
     let mut next = 1;
     while next <= reader.newest_seq() {
@@ -227,7 +226,7 @@ fn all_events(reader: &LogReader) -> Vec<Arc<Event>> {
 async fn assert_streams_match(
     con: &mut MultiplexedConnection,
     config: &RedisSinkConfig,
-    events: &[Arc<Event>],
+    events: &[sluice::log::SharedEvent],
 ) {
     let mut expected: BTreeMap<String, Vec<Entry>> = BTreeMap::new();
     for event in events {

@@ -178,9 +178,12 @@ async fn restart_resumes_from_the_log_without_gap_or_duplicate() {
     );
     let reader = log.reader();
     let mut events = Vec::new();
-    while let Some(next) = events.last().map_or(Some(1), |e: &Arc<Event>| {
-        (e.seq < reader.newest_seq()).then_some(e.seq + 1)
-    }) {
+    while let Some(next) = events
+        .last()
+        .map_or(Some(1), |e: &sluice::log::SharedEvent| {
+            (e.seq < reader.newest_seq()).then_some(e.seq + 1)
+        })
+    {
         events.extend(reader.read_from(next, 1000, usize::MAX).unwrap());
     }
     assert_eq!(events.len(), 152, "every event exactly once");

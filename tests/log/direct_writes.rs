@@ -28,7 +28,7 @@ fn read_all(store: &FjallStore) -> Vec<Event> {
             .unwrap();
         let Some(last) = got.last() else { break };
         next = last.seq + 1;
-        out.extend(got.into_iter().map(std::sync::Arc::unwrap_or_clone));
+        out.extend(got.into_iter().map(sluice::log::SharedEvent::into_event));
     }
     out
 }

@@ -56,7 +56,7 @@ fn read_store(store: &dyn EventStore, from: u64, payloads: Payloads) -> Vec<Even
             .expect("read");
         let Some(last) = got.last() else { break };
         next = last.seq + 1;
-        out.extend(got.into_iter().map(std::sync::Arc::unwrap_or_clone));
+        out.extend(got.into_iter().map(sluice::log::SharedEvent::into_event));
     }
     out
 }
@@ -130,7 +130,7 @@ fn the_current_layout_stores_json_once_and_rebuilds_both_wires_exactly() {
     for path in [corpus, fixture("synth-1000.bin")] {
         let frames = read_all(&path, 8 << 20).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let mut ingestor = Ingestor::new(StampState::fresh(), DecodeLimits::default());
-        let events: Vec<Arc<Event>> = frames
+        let events: Vec<sluice::log::SharedEvent> = frames
             .into_iter()
             .filter_map(
                 |f| match ingestor.ingest(Bytes::from(f), 1_900_000_000_000_000) {
@@ -139,7 +139,7 @@ fn the_current_layout_stores_json_once_and_rebuilds_both_wires_exactly() {
                 },
             )
             .flatten()
-            .map(Arc::new)
+            .map(sluice::log::SharedEvent::new)
             .collect();
         assert!(events.len() > 100);
         let mut encoder = Encoder::new(Compression::default()).unwrap();
@@ -196,7 +196,10 @@ fn concurrent_cold_readers_share_each_segments_assembled_json() {
     let mut written = Vec::new();
     let mut state = StampState::fresh();
     for commit in commits {
-        let shared: Vec<Arc<Event>> = commit.into_iter().map(Arc::new).collect();
+        let shared: Vec<sluice::log::SharedEvent> = commit
+            .into_iter()
+            .map(sluice::log::SharedEvent::new)
+            .collect();
         state.next_seq = shared.last().unwrap().seq + 1;
         state.last_time_us = shared.last().unwrap().time_us;
         state.upstream_cursor = Some(shared.last().unwrap().upstream_seq);

@@ -49,7 +49,12 @@ fn synth_frames(n: usize) -> Vec<Vec<Event>> {
 fn append_in_commits(store: &FjallStore, frames: &[Vec<Event>], per_commit: usize) -> Vec<Event> {
     let mut all = Vec::new();
     for chunk in frames.chunks(per_commit) {
-        let batch: Vec<Arc<Event>> = chunk.iter().flatten().cloned().map(Arc::new).collect();
+        let batch: Vec<sluice::log::SharedEvent> = chunk
+            .iter()
+            .flatten()
+            .cloned()
+            .map(sluice::log::SharedEvent::new)
+            .collect();
         let last = batch.last().unwrap();
         let resume = StampState {
             next_seq: last.seq + 1,
@@ -71,7 +76,7 @@ fn read_store(store: &dyn EventStore, payloads: Payloads, chunk: usize) -> Vec<E
             .expect("read");
         let Some(last) = got.last() else { break };
         next = last.seq + 1;
-        out.extend(got.into_iter().map(Arc::unwrap_or_clone));
+        out.extend(got.into_iter().map(sluice::log::SharedEvent::into_event));
     }
     out
 }

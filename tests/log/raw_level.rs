@@ -5,7 +5,6 @@
 
 use crate::log_common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use log_common::{assert_same, test_config, EventGen};
@@ -15,7 +14,7 @@ use sluice::log::{
 };
 
 /// Every event from `from` on, all payloads, in reads of 100 events.
-fn read_store(store: &dyn EventStore, from: u64) -> Vec<Arc<Event>> {
+fn read_store(store: &dyn EventStore, from: u64) -> Vec<sluice::log::SharedEvent> {
     let mut out = Vec::new();
     let mut next = from;
     for _ in 0..100_000 {
@@ -29,7 +28,7 @@ fn read_store(store: &dyn EventStore, from: u64) -> Vec<Arc<Event>> {
     out
 }
 
-fn assert_all_same(want: &[Event], got: &[Arc<Event>]) {
+fn assert_all_same(want: &[Event], got: &[sluice::log::SharedEvent]) {
     assert_eq!(got.len(), want.len(), "every event read back");
     for (w, g) in want.iter().zip(got) {
         assert_same(w, g);
@@ -59,9 +58,9 @@ fn segments_at_each_raw_level_read_back_exactly() {
             } else {
                 WriterPace::Behind
             };
-            let batch: Vec<Arc<Event>> = (0..20)
+            let batch: Vec<sluice::log::SharedEvent> = (0..20)
                 .flat_map(|_| gen.next_frame())
-                .map(Arc::new)
+                .map(sluice::log::SharedEvent::new)
                 .collect();
             let encoded = store.encode(&batch, pace).unwrap();
             assert!(!encoded.is_empty());

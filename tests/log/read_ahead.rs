@@ -9,7 +9,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use log_common::EventGen;
-use sluice::event::{Event, StampState};
+use sluice::event::StampState;
 use sluice::log::{EventStore, FjallConfig, FjallStore, LogError, Payloads, ReadLimits};
 
 fn config(dir: &std::path::Path) -> FjallConfig {
@@ -25,7 +25,7 @@ fn scan(
     from: u64,
     chunk: usize,
     payloads: Payloads,
-) -> (Vec<Arc<Event>>, Option<LogError>) {
+) -> (Vec<sluice::log::SharedEvent>, Option<LogError>) {
     let mut out = Vec::new();
     let mut next = from;
     for _ in 0..100_000 {

@@ -8,7 +8,7 @@ use log_common::{assert_same, test_config, EventGen};
 use sluice::event::{Event, StampState};
 use sluice::log::{Cursor, Log, LogError, Payloads, ReadLimits, Resolved};
 
-fn read_all(log: &Log, from: u64, chunk: usize) -> Vec<std::sync::Arc<Event>> {
+fn read_all(log: &Log, from: u64, chunk: usize) -> Vec<sluice::log::SharedEvent> {
     let reader = log.reader();
     let mut out = Vec::new();
     let mut next = from;

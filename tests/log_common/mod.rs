@@ -123,9 +123,9 @@ impl EventGen {
     ) -> Vec<Event> {
         let mut all = Vec::new();
         for _ in 0..frames / 10 {
-            let batch: Vec<std::sync::Arc<Event>> = (0..10)
+            let batch: Vec<sluice::log::SharedEvent> = (0..10)
                 .flat_map(|_| self.next_frame())
-                .map(std::sync::Arc::new)
+                .map(sluice::log::SharedEvent::new)
                 .collect();
             store.append(&batch, self.state).unwrap();
             all.extend(batch.iter().map(|e| (**e).clone()));

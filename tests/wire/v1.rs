@@ -8,7 +8,6 @@ use crate::wire_common;
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,7 +17,7 @@ use sluice::upstream::replay::Speed;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use wire_common::*;
 
-fn v1_events(env: &Env) -> Vec<Arc<Event>> {
+fn v1_events(env: &Env) -> Vec<sluice::log::SharedEvent> {
     env.events()
         .into_iter()
         .filter(|e| e.v1_json.is_some())
@@ -526,7 +525,7 @@ async fn v1_options_update_switches_filters_mid_stream() {
         "ordered, no duplicates"
     );
     let (first, last) = (seqs[0], *seqs.last().unwrap());
-    let log: Vec<Arc<Event>> = env
+    let log: Vec<sluice::log::SharedEvent> = env
         .events_from(first)
         .into_iter()
         .filter(|e| e.seq <= last && e.v1_json.is_some())
@@ -611,7 +610,11 @@ async fn v1_compress_uses_the_served_dictionary() {
 
 /// Each message decompresses with `dictionary` to its event's v1 JSON; the compressed and
 /// plain byte totals.
-fn assert_decompress_to_v1(got: &[Bytes], all: &[Arc<Event>], dictionary: &[u8]) -> (usize, usize) {
+fn assert_decompress_to_v1(
+    got: &[Bytes],
+    all: &[sluice::log::SharedEvent],
+    dictionary: &[u8],
+) -> (usize, usize) {
     let mut decompressor = zstd::bulk::Decompressor::with_dictionary(dictionary).unwrap();
     let (mut compressed, mut plain) = (0usize, 0usize);
     for (bytes, event) in got.iter().zip(all) {
@@ -686,7 +689,7 @@ async fn v1_oversized_events_are_skipped_noticed_on_request_and_fetchable() {
         .filter(|e| e.v1_json.as_ref().unwrap().len() <= limit)
         .map(|e| e.seq)
         .collect();
-    let big: Vec<&Arc<Event>> = all
+    let big: Vec<&sluice::log::SharedEvent> = all
         .iter()
         .filter(|e| e.v1_json.as_ref().unwrap().len() > limit)
         .collect();

@@ -5,7 +5,6 @@
 
 use crate::wire_common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -15,7 +14,7 @@ use wire_common::*;
 
 const NSID: &str = "network.bsky.jetstream.subscribeEvents";
 
-fn v2_events(env: &Env) -> Vec<Arc<Event>> {
+fn v2_events(env: &Env) -> Vec<sluice::log::SharedEvent> {
     env.events()
         .into_iter()
         .filter(|e| e.v2_json.is_some())

@@ -7,7 +7,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use sluice::config::ServeConfig;
 use sluice::daemon::Daemon;
-use sluice::event::Event;
 use sluice::upstream::replay::{self, Listen, ReplayOptions, ReplaySource, Speed};
 use tokio::net::TcpListener;
 
@@ -250,7 +249,7 @@ impl Env {
     }
 
     /// Every event in the log from `from` on (ground truth for what wires carry).
-    pub fn events_from(&self, from: u64) -> Vec<std::sync::Arc<Event>> {
+    pub fn events_from(&self, from: u64) -> Vec<sluice::log::SharedEvent> {
         let reader = self.daemon.log.reader();
         let mut out = Vec::new();
         let mut next = from.max(1);
@@ -263,7 +262,7 @@ impl Env {
         out
     }
 
-    pub fn events(&self) -> Vec<std::sync::Arc<Event>> {
+    pub fn events(&self) -> Vec<sluice::log::SharedEvent> {
         self.events_from(1)
     }
 

@@ -19,7 +19,7 @@ use super::{
     corrupt, decompress, frames_column, kind_from, next_raw_frame, seq_at, Cursor, NONE_U16,
     NONE_U32,
 };
-use crate::log::store::{LogError, Payloads, SharedEvent};
+use crate::log::store::{LogError, Payloads};
 
 pub(super) const MAGIC: &[u8; 4] = b"SLE1";
 
@@ -28,7 +28,7 @@ pub(super) fn decode(
     events_value: &[u8],
     frames_value: Option<&[u8]>,
     payloads: Payloads,
-) -> Result<Vec<SharedEvent>, LogError> {
+) -> Result<Vec<Event>, LogError> {
     let mut c = Cursor::new(events_value);
     if c.take(4)? != MAGIC {
         return Err(corrupt("bad events magic"));
@@ -98,7 +98,7 @@ pub(super) fn decode(
             let v1_json = slice(&v1, &mut v1_pos, m.u32()?)?;
             let v2_json = slice(&v2, &mut v2_pos, m.u32()?)?;
             let seq = seq_at(first_seq, out.len())?;
-            out.push(Arc::new(Event {
+            out.push(Event {
                 seq,
                 time_us,
                 upstream_seq,
@@ -110,7 +110,7 @@ pub(super) fn decode(
                 v1_json,
                 v2_json,
                 raw_frame: raw_frame.clone(),
-            }));
+            });
         }
     }
     if out.len() != count {

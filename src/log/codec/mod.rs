@@ -715,7 +715,7 @@ pub fn decode(
     events_value: &[u8],
     frames_value: Option<&[u8]>,
     payloads: Payloads,
-) -> Result<Vec<SharedEvent>, LogError> {
+) -> Result<Vec<Event>, LogError> {
     decode_with(
         events_value,
         frames_value,
@@ -731,7 +731,7 @@ pub fn decode_with(
     frames_value: Option<&[u8]>,
     payloads: Payloads,
     scratch: &mut DecodeScratch,
-) -> Result<Vec<SharedEvent>, LogError> {
+) -> Result<Vec<Event>, LogError> {
     match events_value.get(..4) {
         Some(m) if m == EVENTS_MAGIC => {
             decode_current(events_value, frames_value, payloads, scratch)
@@ -788,7 +788,7 @@ fn decode_current(
     frames_value: Option<&[u8]>,
     payloads: Payloads,
     scratch: &mut DecodeScratch,
-) -> Result<Vec<SharedEvent>, LogError> {
+) -> Result<Vec<Event>, LogError> {
     let mut c = Cursor::new(events_value);
     c.take(4)?;
     let first_seq = c.u64()?;
@@ -851,7 +851,7 @@ fn decode_current(
     let meta = cols[C_META].unwrap_or_default();
     let mut m = Cursor::new(meta);
     // Each event takes at least 5 bytes of metadata.
-    let mut out: Vec<SharedEvent> = Vec::with_capacity(count.min(meta.len() / 5));
+    let mut out: Vec<Event> = Vec::with_capacity(count.min(meta.len() / 5));
     let mut pos = [0usize; COLUMNS];
     let mut wire_out: [Vec<u8>; 2] = Default::default();
     if json {
@@ -1001,8 +1001,8 @@ fn decode_current(
                 }
             }
             ranges.push(range);
-            // Moved once, into its shared allocation; its messages are set below.
-            out.push(Arc::new(event));
+            // Its messages are set below, once the segment's buffers are done.
+            out.push(event);
         }
     }
     if out.len() != count {
@@ -1024,8 +1024,6 @@ fn decode_current(
             if r1.1 == u32::MAX && r2.1 == u32::MAX {
                 continue;
             }
-            // Not shared yet (made above), so this never copies the event.
-            let event = Arc::make_mut(event);
             if r1.1 != u32::MAX {
                 event.v1_json = Some(v1.slice(r1.0 as usize..r1.1 as usize));
             }
@@ -1057,7 +1055,7 @@ mod tests {
     use super::*;
 
     fn ev(seq: u64, upstream: i64, op: u16, frame: &Bytes) -> SharedEvent {
-        Arc::new(Event {
+        SharedEvent::new(Event {
             seq,
             time_us: 1000 + seq as i64,
             upstream_seq: upstream,
@@ -1127,7 +1125,7 @@ mod tests {
                     i,
                     i * i % 1013
                 )));
-                Arc::new(e)
+                SharedEvent::new(e)
             })
             .collect();
         let size = |json_level| {

@@ -16,15 +16,16 @@ use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use super::super::codec;
-use super::super::store::{LogError, Payloads, SharedEvent};
+use super::super::store::{LogError, Payloads};
 use super::layout::{FramesAt, Stored};
 use super::{backend, Files};
+use crate::event::Event;
 
 /// One decoded segment: the first reader decodes it, concurrent readers of the same
-/// segment wait for that and share its events (their JSON is slices of one buffer per
-/// wire), so a cold segment is decompressed and its v1 or v2 messages assembled once
+/// segment wait for that and share its events (one run: one allocation for the events,
+/// their JSON slices of one buffer per wire), so a cold segment is decompressed and its v1 or v2 messages assembled once
 /// however many subscribers replay it.
-type DecodedCell = Arc<OnceLock<Result<Arc<Vec<SharedEvent>>, LogError>>>;
+type DecodedCell = Arc<OnceLock<Result<Arc<Vec<Event>>, LogError>>>;
 
 struct DecodedEntry {
     /// Which segment: its seqs and where its events value is (a merged segment starts at
@@ -205,7 +206,7 @@ impl Reads {
         s: &Stored,
         payloads: Payloads,
         asker: Asker,
-    ) -> Result<Option<Arc<Vec<SharedEvent>>>, LogError> {
+    ) -> Result<Option<Arc<Vec<Event>>>, LogError> {
         self.decoded_then(s, payloads, asker, || {})
     }
 
@@ -216,9 +217,9 @@ impl Reads {
         payloads: Payloads,
         asker: Asker,
         claimed: impl FnOnce(),
-    ) -> Result<Option<Arc<Vec<SharedEvent>>>, LogError> {
+    ) -> Result<Option<Arc<Vec<Event>>>, LogError> {
         let limit = self.cache_limit;
-        let decode = || -> Result<Option<Vec<SharedEvent>>, LogError> {
+        let decode = || -> Result<Option<Vec<Event>>, LogError> {
             let mut bufs = self.take_buffers();
             let result = self.decode_into(s, payloads, &mut bufs);
             self.give_back_buffers(bufs);
@@ -323,7 +324,7 @@ impl Reads {
         s: &Stored,
         payloads: Payloads,
         bufs: &mut ReadBuffers,
-    ) -> Result<Option<Vec<SharedEvent>>, LogError> {
+    ) -> Result<Option<Vec<Event>>, LogError> {
         if !self.read_values(s, payloads.raw, &mut bufs.values)? {
             return Ok(None);
         }

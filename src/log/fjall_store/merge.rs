@@ -60,7 +60,7 @@ impl FjallStore {
                 return Ok(MergeStep::default());
             }
             let (ev, fr) = buf.split_at(s.events_len as usize);
-            let events: Vec<SharedEvent> = codec::decode(ev, Some(fr), Payloads::ALL)?;
+            let events = SharedEvent::run(codec::decode(ev, Some(fr), Payloads::ALL)?);
             let mut starts = FrameStarts::default();
             let plain = events
                 .iter()

@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use fjall::{Config, Keyspace, PartitionCreateOptions, PartitionHandle, PersistMode};
 
-use crate::event::StampState;
+use crate::event::{Event, StampState};
 
 use super::codec::{self, Compression, Encoder};
 use super::store::{
@@ -461,7 +461,7 @@ impl FjallStore {
         Ok(segs.get(idx).copied())
     }
 
-    fn decode_meta(&self, s: &Stored) -> Result<Option<Vec<SharedEvent>>, LogError> {
+    fn decode_meta(&self, s: &Stored) -> Result<Option<Vec<Event>>, LogError> {
         let mut buf = Vec::new();
         if !self.reads.read_values(s, false, &mut buf)? {
             return Ok(None);
@@ -782,7 +782,7 @@ impl FjallStore {
             // limits. They are shared with the cache and with every other reader of the
             // segment: taking one costs a refcount.
             let mut starts = codec::FrameStarts::default();
-            for event in decoded.iter() {
+            for (i, event) in decoded.iter().enumerate() {
                 let first_of_frame = starts.next(event);
                 if event.seq < from_seq {
                     continue;
@@ -794,7 +794,7 @@ impl FjallStore {
                     return Ok(Some(out));
                 }
                 bytes += size;
-                out.push(Arc::clone(event));
+                out.extend(SharedEvent::at(&decoded, i));
             }
         }
         Ok(Some(out))
