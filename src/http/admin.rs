@@ -400,6 +400,8 @@ impl AdminState {
             gauge!("sluice_log_disk_bytes").set(reader.store().disk_bytes() as f64);
             gauge!("sluice_log_max_bytes").set(self.limits.log_max_bytes as f64);
             gauge!("sluice_log_raw_bytes").set(reader.store().raw_size_bytes() as f64);
+            let direct = u8::from(reader.store().direct_raw_writes());
+            gauge!("sluice_log_direct_raw_writes").set(f64::from(direct));
             gauge!("sluice_log_raw_max_bytes")
                 .set(self.limits.log_raw.map_or(0.0, |r| r.max_bytes as f64));
             gauge!("sluice_log_tail_bytes").set(reader.tail().bytes() as f64);
@@ -739,6 +741,10 @@ const GAUGES: &[(&str, &str)] = &[
     (
         "sluice_log_raw_bytes",
         "The part of sluice_log_bytes that is raw frames with retention of their own.",
+    ),
+    (
+        "sluice_log_direct_raw_writes",
+        "1 while the log writes its raw-frame files with O_DIRECT, past the page cache (--log-direct-raw-writes on, the file system takes it, none refused since); 0 when they go through the page cache, and until this process has written its first raw file.",
     ),
     (
         "sluice_log_raw_max_bytes",
