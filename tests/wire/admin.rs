@@ -309,6 +309,8 @@ const EXPECTED_SERIES: &[&str] = &[
     "sluice_catchup_paced_writes_total",
     "sluice_catchup_paced_seconds_total",
     "sluice_catchup_paced_bytes_total",
+    "sluice_catchup_pace_events_per_second",
+    "sluice_catchup_paced_events_total",
     r#"sluice_index_budget_total{outcome="refused"}"#,
     "sluice_log_bytes",
     "sluice_log_direct_raw_writes",
