@@ -319,6 +319,8 @@ fn fill(
                 match outcome {
                     IngestOutcome::Events(mut batch) => {
                         // Upstream seqs renumbered: the corpus's own repeat every cycle.
+                        // (The stored raw frames keep their own seq inside: this store is
+                        // for v1 and v2 replays, not for the raw wire's.)
                         let upstream = upstream_cursor + 1;
                         for e in &mut batch {
                             e.upstream_seq = upstream;
