@@ -31,6 +31,9 @@ const MIB: u64 = 1024 * 1024;
 /// `--catchup-pace-mib-per-sec` by default (docs/DECISIONS.md, "Session 14").
 pub const DEFAULT_CATCHUP_PACE_MIB_PER_SEC: u64 = crate::fanout::DEFAULT_PACE_BYTES_PER_SEC / MIB;
 
+/// `--catchup-pace-events-per-sec` by default (docs/DECISIONS.md, "Session 15").
+pub const DEFAULT_CATCHUP_PACE_EVENTS_PER_SEC: u64 = crate::fanout::DEFAULT_PACE_EVENTS_PER_SEC;
+
 /// Every setting of `sluice serve`. Defaults suit a small VPS (2 cores, 2-4 GB).
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -429,6 +432,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_CATCHUP_PACE_MIB_PER_SEC", default_value_t = DEFAULT_CATCHUP_PACE_MIB_PER_SEC,
           value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub catchup_pace_mib_per_sec: u64,
+    /// Events per second all subscribers in catch-up may be sent in total, beside the
+    /// pace in bytes: each catch-up write waits until both its bytes and its events are
+    /// due. Bounds catch-up's per-event costs (reads, hand-offs, one message each), which
+    /// a pace in bytes leaves unbounded when events are small. 0 = unpaced (fixed at
+    /// start).
+    #[arg(long, env = "SLUICE_CATCHUP_PACE_EVENTS_PER_SEC", default_value_t = DEFAULT_CATCHUP_PACE_EVENTS_PER_SEC,
+          value_parser = clap::value_parser!(u64).range(0..=1_000_000_000))]
+    pub catchup_pace_events_per_sec: u64,
     /// Milliseconds a refusal (HTTP 429/503 with Retry-After, e.g. over a connect or
     /// `/event` rate) is held before it is sent, at most its Retry-After; every refusal
     /// closes its connection. A client that retries at once then asks at most
@@ -838,6 +849,7 @@ impl ServeArgs {
                 class: self.catchup_class(),
                 starvation_bound: Duration::from_millis(self.catchup_starvation_ms),
                 pace_bytes_per_sec: self.catchup_pace_mib_per_sec.saturating_mul(MIB),
+                pace_events_per_sec: self.catchup_pace_events_per_sec,
             },
             ..HubConfig::default()
         };
@@ -1225,6 +1237,49 @@ mod tests {
         );
         assert!(pace(&["x", "--catchup-pace-mib-per-sec", "1000001"]).is_err());
         assert!(pace(&["x", "--catchup-pace-mib-per-sec", "-1"]).is_err());
+    }
+
+    #[test]
+    fn the_catchup_pace_in_events_comes_from_a_flag_or_the_file() {
+        let pace = |argv: &[&str]| {
+            parse_serve_args(argv.iter().copied())
+                .and_then(|a| a.to_config())
+                .map(|c| c.hub.catchup.pace_events_per_sec)
+        };
+        assert_eq!(pace(&["x"]).unwrap(), DEFAULT_CATCHUP_PACE_EVENTS_PER_SEC);
+        assert_eq!(
+            pace(&["x", "--catchup-pace-events-per-sec", "0"]).unwrap(),
+            0,
+            "0 = unpaced"
+        );
+        assert_eq!(
+            pace(&["x", "--catchup-pace-events-per-sec", "250000"]).unwrap(),
+            250_000
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(&path, "catchup_pace_events_per_sec = 1234\n").unwrap();
+        assert_eq!(
+            pace(&["x", "--config", path.to_str().unwrap()]).unwrap(),
+            1234
+        );
+        // The flag wins over the file; the bytes pace is its own setting.
+        let both = parse_serve_args([
+            "x",
+            "--config",
+            path.to_str().unwrap(),
+            "--catchup-pace-events-per-sec",
+            "99",
+        ])
+        .and_then(|a| a.to_config())
+        .unwrap();
+        assert_eq!(both.hub.catchup.pace_events_per_sec, 99);
+        assert_eq!(
+            both.hub.catchup.pace_bytes_per_sec,
+            DEFAULT_CATCHUP_PACE_MIB_PER_SEC * MIB
+        );
+        assert!(pace(&["x", "--catchup-pace-events-per-sec", "1000000001"]).is_err());
+        assert!(pace(&["x", "--catchup-pace-events-per-sec", "-1"]).is_err());
     }
 
     #[test]

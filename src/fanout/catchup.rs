@@ -8,10 +8,11 @@
 //! writer, the dispatcher and its direct writes, live sessions) runs on the main runtime
 //! at normal priority, so when the cores are busy the kernel runs it first and catch-up
 //! gets what is left. Cold reads are filtered where they are read, on the pool, so the
-//! sessions' workers get only what they write. With `--catchup-pace-mib-per-sec`, every
-//! catch-up write first pays its bytes into one server-wide token bucket (`Pace`) and
-//! waits, on the pool, until they are due: replays then take a bounded share of the
-//! machine and only last longer (nothing is dropped or closed for it). Must never run
+//! sessions' workers get only what they write. With `--catchup-pace-mib-per-sec` and
+//! `--catchup-pace-events-per-sec`, every catch-up write first pays its bytes and its
+//! events into the server-wide pace (`Pace`: one token bucket for each) and waits, on the
+//! pool, until both are due: replays then take a bounded share of the machine and only
+//! last longer (nothing is dropped or closed for it). Must never run
 //! live work, or keep running after [`CatchupPool::stop`] (tasks still under way are
 //! given a bounded time, then dropped).
 
@@ -74,8 +75,18 @@ pub struct PoolStats {
     /// Time those writes waited, summed, nanoseconds.
     pub paced_ns: AtomicU64,
     /// Bytes of catch-up writes paid into the pace (every catch-up write's, waited or
-    /// not); 0 while unpaced.
+    /// not); 0 while bytes are unpaced.
     pub paced_bytes: AtomicU64,
+    /// Events of catch-up writes paid into the pace; 0 while events are unpaced.
+    pub paced_events: AtomicU64,
+}
+
+/// What one catch-up write pays into the pace: its events' bytes on the subscriber's
+/// wire (before compression) and how many events it sends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PaceCost {
+    pub bytes: u64,
+    pub events: u64,
 }
 
 /// Counts one piece of work in flight, from when it is handed to the pool until it is
@@ -127,6 +138,8 @@ pub struct CatchupThreads {
     pub starvation_bound: Duration,
     /// Bytes per second all catch-up writes together may send (`Pace`); 0: unpaced.
     pub pace_bytes_per_sec: u64,
+    /// Events per second all catch-up writes together may send (`Pace`); 0: unpaced.
+    pub pace_events_per_sec: u64,
 }
 
 /// Nice 19, as the daemon's default (`--catchup-sched nice`; the idle class is the
@@ -138,49 +151,75 @@ impl Default for CatchupThreads {
             class: Background::Nice(19),
             starvation_bound: DEFAULT_STARVATION_BOUND,
             pace_bytes_per_sec: DEFAULT_PACE_BYTES_PER_SEC,
+            pace_events_per_sec: DEFAULT_PACE_EVENTS_PER_SEC,
         }
     }
 }
 
-/// The catch-up pace by default (`--catchup-pace-mib-per-sec` 256): on 2 cores, 100 cold
-/// v1 replays still get ≥ 500,000 events/s and the live p99 stays within 20% of unloaded
-/// (docs/DECISIONS.md, "Session 14").
-pub const DEFAULT_PACE_BYTES_PER_SEC: u64 = 256 * 1024 * 1024;
+/// The catch-up pace by default (`--catchup-pace-mib-per-sec` 320): on 2 cores, 100 cold
+/// v1 replays of real events (~570 B each) still get ≥ 500,000 events/s and the live p99
+/// stays within 20% of unloaded (docs/DECISIONS.md, "Session 14" and "Session 15").
+pub const DEFAULT_PACE_BYTES_PER_SEC: u64 = 320 * 1024 * 1024;
+
+/// The catch-up pace in events by default (`--catchup-pace-events-per-sec`): bounds the
+/// per-event part of catch-up's cost (reads, hand-offs, one websocket message each),
+/// which the pace in bytes leaves unbounded for small events (docs/DECISIONS.md,
+/// "Session 15").
+pub const DEFAULT_PACE_EVENTS_PER_SEC: u64 = 600_000;
 
 /// How much of the pace's rate one burst may be: after a quiet spell, catch-up writes go
 /// out unpaced for at most this long before they queue on the bucket.
 const PACE_BURST: Duration = Duration::from_millis(20);
 
-/// The server-wide pace of catch-up writes: one token bucket of bytes per second shared
-/// by every subscriber in catch-up. A write takes its bytes on credit and waits until
-/// the debt is paid (so writes are served in the order they asked, each waiting its
-/// share), on the pool's own timer; nothing is refused or dropped. Bounds what the
-/// kernel's sends and the replays' reads (each session reads its next batch only after
-/// writing the last) take of the machine, whatever the wire and the filter.
+/// The server-wide pace of catch-up writes: a token bucket of bytes per second and one
+/// of events per second, each shared by every subscriber in catch-up. A write takes its
+/// bytes and its events on credit and waits until both debts are paid (so writes are
+/// served in the order they asked, each waiting its share), on the pool's own timer;
+/// nothing is refused or dropped. Bounds what the kernel's sends (per byte) and the
+/// reads, hand-offs and messages (per event) of the replays (each session reads its
+/// next batch only after writing the last) take of the machine, whatever the wire, the
+/// filter and the events' sizes.
 struct Pace {
-    bucket: Option<Mutex<TokenBucket>>,
+    bytes: Option<Mutex<TokenBucket>>,
+    events: Option<Mutex<TokenBucket>>,
     bytes_per_sec: u64,
+    events_per_sec: u64,
+}
+
+/// A token bucket of `per_sec` with [`PACE_BURST`] of burst; none for 0 (unpaced).
+fn pace_bucket(per_sec: u64) -> Option<Mutex<TokenBucket>> {
+    (per_sec > 0).then(|| {
+        let rate = per_sec as f64;
+        // At least one whole unit of burst: a rate under 50/s still lets one through.
+        Mutex::new(TokenBucket::new(
+            rate,
+            (rate * PACE_BURST.as_secs_f64()).max(1.0),
+        ))
+    })
 }
 
 impl Pace {
-    fn new(bytes_per_sec: u64) -> Self {
-        let bucket = (bytes_per_sec > 0).then(|| {
-            let rate = bytes_per_sec as f64;
-            Mutex::new(TokenBucket::new(rate, rate * PACE_BURST.as_secs_f64()))
-        });
+    fn new(bytes_per_sec: u64, events_per_sec: u64) -> Self {
         Self {
-            bucket,
+            bytes: pace_bucket(bytes_per_sec),
+            events: pace_bucket(events_per_sec),
             bytes_per_sec,
+            events_per_sec,
         }
     }
 
-    /// Pays `bytes` and waits until they are due (at once while unpaced), counting it.
-    async fn wait(&self, bytes: u64, stats: &PoolStats) {
-        let Some(bucket) = &self.bucket else {
-            return;
-        };
-        stats.paced_bytes.fetch_add(bytes, Ordering::Relaxed);
-        let wait = bucket.lock().take_on_credit(bytes as f64);
+    /// Pays `cost` into both buckets and waits until it is due in both (at once while
+    /// unpaced), counting it.
+    async fn wait(&self, cost: PaceCost, stats: &PoolStats) {
+        let mut wait = Duration::ZERO;
+        if let Some(bucket) = &self.bytes {
+            stats.paced_bytes.fetch_add(cost.bytes, Ordering::Relaxed);
+            wait = wait.max(bucket.lock().take_on_credit(cost.bytes as f64));
+        }
+        if let Some(bucket) = &self.events {
+            stats.paced_events.fetch_add(cost.events, Ordering::Relaxed);
+            wait = wait.max(bucket.lock().take_on_credit(cost.events as f64));
+        }
         if wait.is_zero() {
             return;
         }
@@ -251,7 +290,10 @@ impl CatchupPool {
                 Duration::ZERO
             },
             watch,
-            pace: Arc::new(Pace::new(config.pace_bytes_per_sec)),
+            pace: Arc::new(Pace::new(
+                config.pace_bytes_per_sec,
+                config.pace_events_per_sec,
+            )),
         })
     }
 
@@ -276,17 +318,17 @@ impl CatchupPool {
         self.joined(joined)
     }
 
-    /// Runs `work` (a catch-up write of `bytes`) on the pool's workers once the pace lets
-    /// those bytes go (`Pace`; at once while unpaced), and waits for its output. The
-    /// wait is the pool's: the caller's write timeout starts with `work`.
-    pub async fn run_paced<F>(&self, bytes: u64, work: F) -> Result<F::Output, PoolError>
+    /// Runs `work` (a catch-up write of `cost`) on the pool's workers once the pace lets
+    /// it go (`Pace`; at once while unpaced), and waits for its output. The wait is the
+    /// pool's: the caller's write timeout starts with `work`.
+    pub async fn run_paced<F>(&self, cost: PaceCost, work: F) -> Result<F::Output, PoolError>
     where
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
         let (pace, stats) = (self.pace.clone(), self.stats.clone());
         self.run(async move {
-            pace.wait(bytes, &stats).await;
+            pace.wait(cost, &stats).await;
             work.await
         })
         .await
@@ -295,6 +337,11 @@ impl CatchupPool {
     /// The pace of catch-up writes in force, bytes per second; 0 while unpaced.
     pub fn pace_bytes_per_sec(&self) -> u64 {
         self.pace.bytes_per_sec
+    }
+
+    /// The pace of catch-up writes in force, events per second; 0 while unpaced.
+    pub fn pace_events_per_sec(&self) -> u64 {
+        self.pace.events_per_sec
     }
 
     /// Runs the blocking `work` (a read below the hot tail) on the pool's blocking
@@ -441,6 +488,7 @@ mod tests {
             class: Background::Idle,
             starvation_bound: Duration::ZERO,
             pace_bytes_per_sec: 0,
+            pace_events_per_sec: 0,
         })
         .unwrap();
         assert!(pool.starvation().is_none());

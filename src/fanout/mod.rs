@@ -31,7 +31,10 @@ use crate::log::SharedEvent;
 use crate::wire::raw::FrameOnce;
 use crate::wire::WireKind;
 
-pub use catchup::{CatchupPool, CatchupThreads, PoolError, PoolStats, DEFAULT_PACE_BYTES_PER_SEC};
+pub use catchup::{
+    CatchupPool, CatchupThreads, PaceCost, PoolError, PoolStats, DEFAULT_PACE_BYTES_PER_SEC,
+    DEFAULT_PACE_EVENTS_PER_SEC,
+};
 pub use hub::Hub;
 pub use subscription::{Subscription, INDEX_STEP};
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use super::filter::Filter;
 use super::hub::{Hub, HubInner, HubState, SubShared};
-use super::{visible, DirectWrite, End, IndexBusy, PoolError, SlowPolicy, Start};
+use super::{visible, DirectWrite, End, IndexBusy, PaceCost, PoolError, SlowPolicy, Start};
 use crate::log::{LogError, SharedEvent};
 use crate::rate::TokenBucket;
 use crate::wire::raw::FrameOnce;
@@ -122,25 +122,27 @@ impl Subscription {
         matches!(self.mode, Mode::Live)
     }
 
-    /// Runs `work` (this subscriber's catch-up write of `bytes`, [`Self::wire_bytes`]) on
+    /// Runs `work` (this subscriber's catch-up write of `cost`, [`Self::pace_cost`]) on
     /// the catch-up pool, below the live path's priority and at the server-wide catch-up
     /// pace ([`run_paced`](super::CatchupPool::run_paced)); `Err` once the pool has
     /// stopped or if the write panicked.
-    pub async fn on_catchup_pool<F>(&self, bytes: u64, work: F) -> Result<F::Output, PoolError>
+    pub async fn on_catchup_pool<F>(&self, cost: PaceCost, work: F) -> Result<F::Output, PoolError>
     where
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.hub.catchup.run_paced(bytes, work).await
+        self.hub.catchup.run_paced(cost, work).await
     }
 
-    /// The bytes of `events`' payloads on this subscriber's wire (before compression):
-    /// what a catch-up write of them pays into the pace.
-    pub fn wire_bytes(&self, events: &[SharedEvent]) -> u64 {
-        events
-            .iter()
-            .map(|e| self.wire.payload(e).map_or(0, |p| p.len() as u64))
-            .sum()
+    /// What a catch-up write of `events` pays into the pace: the bytes of their payloads
+    /// on this subscriber's wire (before compression), and the events that have one.
+    pub fn pace_cost(&self, events: &[SharedEvent]) -> PaceCost {
+        let mut cost = PaceCost::default();
+        for payload in events.iter().filter_map(|e| self.wire.payload(e)) {
+            cost.bytes += payload.len() as u64;
+            cost.events += 1;
+        }
+        cost
     }
 
     /// The last seq delivered or filtered out: where a resume would continue from.

@@ -375,12 +375,15 @@ impl AdminState {
             gauge!("sluice_catchup_pool_raised")
                 .set(watched(|w| u64::from(w.raised.load(Ordering::Relaxed))) as f64);
             gauge!("sluice_catchup_pace_bytes_per_second").set(pool.pace_bytes_per_sec() as f64);
+            gauge!("sluice_catchup_pace_events_per_second").set(pool.pace_events_per_sec() as f64);
             counter!("sluice_catchup_paced_writes_total")
                 .absolute(pool.stats().paced_writes.load(Ordering::Relaxed));
             counter!("sluice_catchup_paced_seconds_total")
                 .absolute(pool.stats().paced_ns.load(Ordering::Relaxed) / 1_000_000_000);
             counter!("sluice_catchup_paced_bytes_total")
                 .absolute(pool.stats().paced_bytes.load(Ordering::Relaxed));
+            counter!("sluice_catchup_paced_events_total")
+                .absolute(pool.stats().paced_events.load(Ordering::Relaxed));
             counter!("sluice_index_budget_total", "outcome" => "waited")
                 .absolute(hub.index_waits.load(Ordering::Relaxed));
             counter!("sluice_index_budget_total", "outcome" => "refused")
@@ -400,6 +403,8 @@ impl AdminState {
             gauge!("sluice_log_disk_bytes").set(reader.store().disk_bytes() as f64);
             gauge!("sluice_log_max_bytes").set(self.limits.log_max_bytes as f64);
             gauge!("sluice_log_raw_bytes").set(reader.store().raw_size_bytes() as f64);
+            let direct = u8::from(reader.store().direct_raw_writes());
+            gauge!("sluice_log_direct_raw_writes").set(f64::from(direct));
             gauge!("sluice_log_raw_max_bytes")
                 .set(self.limits.log_raw.map_or(0.0, |r| r.max_bytes as f64));
             gauge!("sluice_log_tail_bytes").set(reader.tail().bytes() as f64);
@@ -708,6 +713,7 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_catchup_paced_writes_total", "Catch-up writes that waited for the catch-up pace (--catchup-pace-mib-per-sec) before going out."),
     ("sluice_catchup_paced_seconds_total", "Time catch-up writes waited for the catch-up pace, summed over subscribers, in whole seconds (a replay that waited only takes longer; nothing is dropped)."),
     ("sluice_catchup_paced_bytes_total", "Bytes of catch-up writes paid into the catch-up pace (their events' bytes on their wires before compression); 0 while unpaced."),
+    ("sluice_catchup_paced_events_total", "Events of catch-up writes paid into the catch-up pace in events (--catchup-pace-events-per-sec); 0 while unpaced."),
 ];
 
 const GAUGES: &[(&str, &str)] = &[
@@ -739,6 +745,10 @@ const GAUGES: &[(&str, &str)] = &[
     (
         "sluice_log_raw_bytes",
         "The part of sluice_log_bytes that is raw frames with retention of their own.",
+    ),
+    (
+        "sluice_log_direct_raw_writes",
+        "1 while the log writes its raw-frame files with O_DIRECT, past the page cache (--log-direct-raw-writes on, the file system takes it, none refused since); 0 when they go through the page cache, and until this process has written its first raw file.",
     ),
     (
         "sluice_log_raw_max_bytes",
@@ -891,6 +901,10 @@ const GAUGES: &[(&str, &str)] = &[
     (
         "sluice_catchup_pace_bytes_per_second",
         "The server-wide pace of catch-up writes (--catchup-pace-mib-per-sec), bytes per second; 0 = unpaced.",
+    ),
+    (
+        "sluice_catchup_pace_events_per_second",
+        "The server-wide pace of catch-up writes in events (--catchup-pace-events-per-sec), events per second; 0 = unpaced.",
     ),
 ];
 

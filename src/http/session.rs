@@ -667,8 +667,8 @@ async fn write_catchup<W: WireSession>(
     counters: &Arc<WireCounters>,
 ) -> Result<(Socket, Vec<Frame>, Result<bool, SessionEnd>), PoolError> {
     let (wire, config, counters) = (wire.clone(), config.clone(), counters.clone());
-    let bytes = sub.wire_bytes(&batch);
-    sub.on_catchup_pool(bytes, async move {
+    let cost = sub.pace_cost(&batch);
+    sub.on_catchup_pool(cost, async move {
         let written =
             write_batch(&mut socket, &wire, &batch, &mut frames, &config, &counters).await;
         (socket, frames, written)

@@ -380,6 +380,14 @@ pub trait EventStore: Send + Sync + 'static {
         0
     }
 
+    /// Whether raw frames are being written past the page cache (`O_DIRECT`): the raw
+    /// file written last was opened so, which needs the setting on, a file system that
+    /// takes it, and no direct write refused since. False before this process wrote its
+    /// first raw file, and for backends without raw files of their own.
+    fn direct_raw_writes(&self) -> bool {
+        false
+    }
+
     /// Oldest and newest durable events whose raw frame is held, `None` when none is.
     /// Backends without raw retention hold every event's frame.
     fn raw_bounds(&self) -> Option<Bounds> {

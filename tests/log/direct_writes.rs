@@ -1,7 +1,9 @@
 //! Raw files written with `O_DIRECT` (the default): the same bytes as through the page
 //! cache, read back exactly, reopened clean (the zero padding of a direct write's last
 //! block is not an uncommitted tail), and what lies past the padding after a cut-short
-//! commit is still truncated and reported.
+//! commit is still truncated and reported. The store says whether its raw files are
+//! written direct (`EventStore::direct_raw_writes`, the `sluice_log_direct_raw_writes`
+//! gauge).
 
 use std::path::{Path, PathBuf};
 
@@ -114,4 +116,44 @@ fn a_cut_short_direct_write_is_truncated_and_reported() {
     assert!(std::fs::metadata(&path).unwrap().len() <= bytes.len() as u64);
     written.extend(gen.append_frames(&store, 20));
     assert_all(&read_all(&store), &written);
+}
+
+/// Whether `dir`'s file system takes `O_DIRECT` (tmpfs refused it before Linux 6.6).
+fn fs_takes_direct(dir: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let probe = dir.join("o-direct-probe");
+    let taken = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe)
+        .is_ok();
+    let _ = std::fs::remove_file(&probe);
+    taken
+}
+
+/// The store says raw frames go past the page cache only once a raw file is written so:
+/// never with the setting off, never before its first raw file, and with the setting on
+/// exactly when the file system takes `O_DIRECT`; the same again after a reopen.
+#[test]
+fn the_store_says_whether_its_raw_files_are_written_direct() {
+    let root = tempfile::tempdir().unwrap();
+    let takes = fs_takes_direct(root.path());
+    for direct in [true, false] {
+        let dir = root.path().join(format!("store-{direct}"));
+        for round in 0..2 {
+            let (store, _) = FjallStore::open(config(&dir, direct)).unwrap();
+            assert!(
+                !store.direct_raw_writes(),
+                "no raw file written yet (setting {direct}, round {round})"
+            );
+            EventGen::new(store.resume_state()).append_frames(&store, 40);
+            assert_eq!(
+                store.direct_raw_writes(),
+                direct && takes,
+                "setting {direct}, file system takes O_DIRECT: {takes}, round {round}"
+            );
+        }
+    }
 }

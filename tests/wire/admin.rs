@@ -145,6 +145,24 @@ async fn metrics_and_readiness_show_the_real_state() {
     assert!((50.0..20_000.0).contains(&per_event), "{per_event}");
     let projected = metric(&text, "sluice_log_projected_depth_seconds").unwrap();
     assert!(projected > 0.0 && projected <= 72.0 * 3600.0, "{projected}");
+    // Raw files past the page cache (the default) where the data dir's file system takes
+    // O_DIRECT (ext4; tmpfs since Linux 6.6), through it where it refuses.
+    let probe = _dir.path().join("o-direct-probe");
+    let fs_takes_direct = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&probe)
+            .is_ok()
+    };
+    let _ = std::fs::remove_file(&probe);
+    assert_eq!(
+        metric(&text, "sluice_log_direct_raw_writes"),
+        Some(if fs_takes_direct { 1.0 } else { 0.0 })
+    );
     let (status, body) = tokio::task::spawn_blocking(move || get(admin, "/readyz"))
         .await
         .unwrap();
@@ -291,8 +309,11 @@ const EXPECTED_SERIES: &[&str] = &[
     "sluice_catchup_paced_writes_total",
     "sluice_catchup_paced_seconds_total",
     "sluice_catchup_paced_bytes_total",
+    "sluice_catchup_pace_events_per_second",
+    "sluice_catchup_paced_events_total",
     r#"sluice_index_budget_total{outcome="refused"}"#,
     "sluice_log_bytes",
+    "sluice_log_direct_raw_writes",
     "sluice_log_disk_bytes",
     "sluice_log_max_bytes",
     "sluice_log_tail_bytes",

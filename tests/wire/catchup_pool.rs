@@ -292,3 +292,91 @@ async fn paced_replays_get_every_event_in_order_and_pay_every_byte_into_one_pace
     );
     env.stop().await;
 }
+
+/// The pace in events (`--catchup-pace-events-per-sec`), with bytes unpaced: two replays
+/// paced far below what the machine could send still get every event once and in order,
+/// every event they were sent was paid into the one bucket they share, and writes waited
+/// for it (counted, not timed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_paced_in_events_get_every_event_in_order_and_pay_each_one() {
+    let _machine = crate::exclusive::shared().await;
+    let frames = synth(1500, 61, Duration::from_secs(1800));
+    // ~1,800 v1 events per replay at 1,000 events/s for both (a 20 ms burst of 20):
+    // nearly every catch-up write waits, ~4 s in all.
+    let pace = 1_000;
+    let env = Env::start(frames, Speed::Max, false, |c| {
+        c.log.tail_max_bytes = 64 * 1024;
+        c.hub.catchup_batch_bytes = 64 * 1024;
+        c.hub.catchup.pace_bytes_per_sec = 0;
+        c.hub.catchup.pace_events_per_sec = pace;
+    })
+    .await;
+    env.wait_all_ingested().await;
+    env.wait_durable().await;
+    let hub = env.daemon.hub.clone();
+    assert_eq!(hub.catchup().pace_events_per_sec(), pace);
+    assert_eq!(hub.catchup().pace_bytes_per_sec(), 0);
+    let want = expected(&env, Wire::V1, 1);
+    let want_events = env
+        .events_from(1)
+        .iter()
+        .filter(|e| e.v1_json.is_some())
+        .count() as u64;
+    let first = env.events_from(1).first().map(|e| e.time_us).unwrap();
+    let mut replays = Vec::new();
+    for i in 0..2 {
+        let ws = connect(&env.url(&format!("/subscribe?cursor={first}"))).await;
+        let replay = spawn(format!("events-paced replay v1 {i}"), Wire::V1, Some(1), ws);
+        replay
+            .target
+            .store(*want.last().unwrap(), Ordering::Release);
+        replays.push(replay);
+    }
+    for replay in replays {
+        let got = replay.task.await.unwrap();
+        assert!(
+            got.positions == want,
+            "{}: {} events of {}, first difference at {:?}; closed {:?}",
+            replay.name,
+            got.positions.len(),
+            want.len(),
+            got.positions.iter().zip(&want).position(|(a, b)| a != b),
+            got.close
+        );
+        assert_eq!(got.close, None, "{}: not closed for the pace", replay.name);
+    }
+    let stats = hub.catchup().stats();
+    assert!(hub.stats().cold_reads.load(Ordering::Relaxed) > 0);
+    assert_eq!(
+        stats.paced_events.load(Ordering::Relaxed),
+        2 * want_events,
+        "every event of both replays was paid into the pace"
+    );
+    assert_eq!(
+        stats.paced_bytes.load(Ordering::Relaxed),
+        0,
+        "bytes are unpaced, so not counted"
+    );
+    assert!(
+        stats.paced_writes.load(Ordering::Relaxed) > 0,
+        "writes waited"
+    );
+    assert!(stats.paced_ns.load(Ordering::Relaxed) > 0);
+    let metrics = http_get(env.daemon.admin_addr, "/metrics").await;
+    let text = String::from_utf8_lossy(&metrics.2).into_owned();
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    };
+    assert_eq!(
+        value("sluice_catchup_pace_events_per_second"),
+        Some(pace as f64),
+        "the pace is reported in /metrics"
+    );
+    assert_eq!(
+        value("sluice_catchup_paced_events_total"),
+        Some((2 * want_events) as f64)
+    );
+    env.stop().await;
+}

@@ -1,9 +1,12 @@
 //! The `cold-replay` command: many v1 subscribers replaying an hour of the log from disk
 //! while live subscribers' latency is measured, alternating with windows without replay.
 //!
-//! The data dir is filled first, in this process, through sluice's own ingest and log: the
-//! synthetic generator's frames dated over the last `--span-secs` (its frames are 1-4 ms
-//! apart, about the 2026 live rate), so the store holds an hour of source time. Then `sluice
+//! The data dir is filled first, in this process, through sluice's own ingest and log, with
+//! frames dated over the last `--span-secs` 1-4 ms apart (about the 2026 live rate), so the
+//! store holds an hour of source time: the synthetic generator's frames (`--data synth`),
+//! or the real corpus's 150 relay frames (`--data corpus`, from the shared upstream
+//! fixtures), cycled and ingested again with new stamps as the log bench's corpus mode
+//! does, so the replayed v1 events are real ones in size and shape. Then `sluice
 //! serve` runs on it with a paced live upstream continuing the upstream seqs, and a few live
 //! v1 subscribers are timed (upstream send to subscriber read) the whole time. Each run is
 //! a window without replay, then a window in which `--replayers` v1 subscribers connect
@@ -11,7 +14,8 @@
 //! first live event (then they leave) or the window ends. The replayers run in processes
 //! of their own (`replayers.rs`), apart from the publisher and the live subscribers.
 //! Reported per window: the replayers' delivered events/s (stored events received,
-//! summed, over the time until the last one caught up or the window ended), the live
+//! summed, over the time until the last one caught up or the window ended) and their mean
+//! v1 bytes per delivered event, the live
 //! subscribers' p50 and p99, and the CPU of sluice, of the replayers and of the bench.
 //! With `--variant`, each run starts one `sluice serve` per variant in turn on the same
 //! store, so settings alternate window by window; `--store` keeps the filled store for
@@ -27,8 +31,10 @@ use bytes::Bytes;
 use serde_json::json;
 
 use sluice::decode::DecodeLimits;
+use sluice::event::StampState;
 use sluice::ingest::{IngestOutcome, Ingestor};
 use sluice::log::{Log, LogConfig};
+use sluice::upstream::capture::{read_all, upstream_fixtures_dir};
 use sluice::upstream::synth::{Synth, SynthOptions};
 
 use crate::control::{PH_AFTER, PH_MEASURE, PH_STALL};
@@ -92,6 +98,12 @@ pub(crate) struct ColdReplayArgs {
     /// live path at all.
     #[arg(long)]
     pub(crate) replay_idle: bool,
+    /// What the stored hour is made of: `synth` (the synthetic generator's frames, ~524 B
+    /// per v1 event) or `corpus` (the real relay frames of the shared upstream fixtures'
+    /// `jetstream-corpus`, cycled and stamped again). The live upstream is synthetic either
+    /// way (its frames carry the send instants the live subscribers are timed by).
+    #[arg(long, value_enum, default_value_t = Data::Synth)]
+    pub(crate) data: Data,
     /// Seed of the synthetic frames (the live upstream uses seed + 1).
     #[arg(long, default_value_t = 1)]
     pub(crate) seed: u64,
@@ -108,7 +120,9 @@ pub(crate) struct ColdReplayArgs {
     /// e.g. `--variant paced=--catchup-pace-mib-per-sec=200`): each run then starts one
     /// `sluice serve` per variant in turn on the same store (a window without and one
     /// with replay each), so the variants alternate; the summary gives each one's medians.
-    /// Without it, one `sluice serve` runs every window.
+    /// An ARG `--sluice=PATH` runs that binary for the variant instead of `--sluice` (to
+    /// alternate two builds), and is not passed to it. Without it, one `sluice serve`
+    /// runs every window.
     #[arg(long)]
     pub(crate) variant: Vec<String>,
     /// Keep the filled store in this directory and use it again on later calls (it is
@@ -118,10 +132,28 @@ pub(crate) struct ColdReplayArgs {
     pub(crate) store: Option<PathBuf>,
 }
 
+/// What `cold-replay` stores: see [`ColdReplayArgs::data`].
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Data {
+    Synth,
+    Corpus,
+}
+
+impl Data {
+    fn name(self) -> &'static str {
+        match self {
+            Data::Synth => "synth",
+            Data::Corpus => "corpus",
+        }
+    }
+}
+
 /// One `sluice serve` setting compared by [`cold_replay`]: a name and its extra arguments.
 struct Variant {
     name: String,
     args: Vec<String>,
+    /// The binary this variant runs, if not `--sluice`.
+    sluice: Option<PathBuf>,
 }
 
 impl Variant {
@@ -129,13 +161,18 @@ impl Variant {
         let Some((name, args)) = text.split_once('=') else {
             bail!("--variant {text:?}: expected NAME=ARG[,ARG...]");
         };
+        let mut sluice = None;
+        let mut rest = Vec::new();
+        for arg in args.split(',').filter(|a| !a.is_empty()) {
+            match arg.strip_prefix("--sluice=") {
+                Some(path) => sluice = Some(PathBuf::from(path)),
+                None => rest.push(arg.to_owned()),
+            }
+        }
         Ok(Self {
             name: name.to_owned(),
-            args: args
-                .split(',')
-                .filter(|a| !a.is_empty())
-                .map(str::to_owned)
-                .collect(),
+            args: rest,
+            sluice,
         })
     }
 }
@@ -150,6 +187,10 @@ struct Filled {
     upstream_cursor: i64,
     secs: f64,
     store_bytes: u64,
+    /// What the store was filled with ([`Data::name`]).
+    data: String,
+    /// The stored events' v1 messages, summed (what a full v1 replay delivers).
+    v1_bytes: u64,
 }
 
 impl Filled {
@@ -162,6 +203,8 @@ impl Filled {
             "upstream_cursor": self.upstream_cursor,
             "secs": self.secs,
             "store_bytes": self.store_bytes,
+            "data": self.data,
+            "v1_bytes": self.v1_bytes,
         })
     }
 
@@ -174,13 +217,61 @@ impl Filled {
             upstream_cursor: v["upstream_cursor"].as_i64()?,
             secs: v["secs"].as_f64()?,
             store_bytes: v["store_bytes"].as_u64()?,
+            // Stores kept by earlier bench builds were synthetic and did not count bytes.
+            data: v["data"].as_str().unwrap_or("synth").to_owned(),
+            v1_bytes: v["v1_bytes"].as_u64().unwrap_or(0),
         })
+    }
+
+    /// Mean v1 message bytes per stored event.
+    fn v1_bytes_per_event(&self) -> f64 {
+        self.v1_bytes as f64 / self.events.max(1) as f64
     }
 }
 
-/// Fills `dir` with `span_secs` of synthetic frames dated up to now, through ingest and the
-/// log as `sluice serve` would store them (default log settings).
-fn fill(dir: &std::path::Path, span_secs: u64, seed: u64, dids: usize) -> anyhow::Result<Filled> {
+/// The corpus's frames that ingest to events, as templates to cycle.
+fn corpus_frames() -> anyhow::Result<Vec<Bytes>> {
+    let path = upstream_fixtures_dir().join("jetstream-corpus/frames.bin");
+    let frames = read_all(&path, 8 << 20)
+        .with_context(|| format!("reading the corpus at {}", path.display()))?;
+    let mut ingestor = Ingestor::new(StampState::fresh(), DecodeLimits::default());
+    let templates: Vec<Bytes> = frames
+        .into_iter()
+        .map(Bytes::from)
+        .filter(|f| {
+            matches!(ingestor.ingest(f.clone(), i64::MAX / 2),
+                     IngestOutcome::Events(e) if !e.is_empty())
+        })
+        .collect();
+    if templates.is_empty() {
+        bail!("no frame of {} ingests to an event", path.display());
+    }
+    Ok(templates)
+}
+
+/// The frames a fill stores, each with the source time (µs) its first event gets.
+enum Frames {
+    Synth(Synth),
+    /// The corpus's templates, cycled, 1-4 ms apart from `time_us` on.
+    Corpus {
+        templates: Vec<Bytes>,
+        next: usize,
+        time_us: i64,
+        rng: rand::rngs::StdRng,
+    },
+}
+
+/// Fills `dir` with `span_secs` of `data`'s frames dated up to now, through ingest and the
+/// log as `sluice serve` would store them (default log settings). Corpus frames are
+/// stamped again as they are stored (new seqs and times, upstream seqs renumbered), as a
+/// cluster follower restamps a leader's frames.
+fn fill(
+    dir: &std::path::Path,
+    data: Data,
+    span_secs: u64,
+    seed: u64,
+    dids: usize,
+) -> anyhow::Result<Filled> {
     let started = Instant::now();
     let (log, state) = Log::open(LogConfig::new(dir)).context("opening the log to fill")?;
     if state.next_seq != 1 {
@@ -189,18 +280,58 @@ fn fill(dir: &std::path::Path, span_secs: u64, seed: u64, dids: usize) -> anyhow
     let now_us = sluice::clock::now_us();
     let span_us = i64::try_from(span_secs)?.saturating_mul(1_000_000);
     let end_us = now_us.saturating_sub(1_000_000);
-    let synth = Synth::new(&SynthOptions {
-        seed,
-        count: usize::MAX,
-        dids,
-        start_seq: 1,
-        start_time_ms: (end_us - span_us) / 1000,
-    });
+    let start_us = end_us - span_us;
+    let mut source = match data {
+        Data::Synth => Frames::Synth(Synth::new(&SynthOptions {
+            seed,
+            count: usize::MAX,
+            dids,
+            start_seq: 1,
+            start_time_ms: start_us / 1000,
+        })),
+        Data::Corpus => Frames::Corpus {
+            templates: corpus_frames()?,
+            next: 0,
+            time_us: start_us,
+            rng: rand::SeedableRng::seed_from_u64(seed),
+        },
+    };
     let mut ingestor = Ingestor::new(state, DecodeLimits::default());
-    let (mut events, mut frames) = (0u64, 0u64);
+    let (mut events, mut frames, mut v1_bytes) = (0u64, 0u64, 0u64);
     let (mut first_time_us, mut last_time_us, mut upstream_cursor) = (None, 0i64, 0i64);
-    for frame in synth {
-        let IngestOutcome::Events(batch) = ingestor.ingest(Bytes::from(frame), now_us) else {
+    loop {
+        let outcome = match &mut source {
+            Frames::Synth(synth) => {
+                let Some(frame) = synth.next() else { break };
+                ingestor.ingest(Bytes::from(frame), now_us)
+            }
+            Frames::Corpus {
+                templates,
+                next,
+                time_us,
+                rng,
+            } => {
+                let frame = templates[*next % templates.len()].clone();
+                *next += 1;
+                *time_us = (*time_us).max(last_time_us + 1);
+                let outcome = ingestor.restamp(frame, now_us, ingestor.state().next_seq, *time_us);
+                *time_us += rand::Rng::gen_range(rng, 1..=4) * 1000;
+                match outcome {
+                    IngestOutcome::Events(mut batch) => {
+                        // Upstream seqs renumbered: the corpus's own repeat every cycle.
+                        // (The stored raw frames keep their own seq inside: this store is
+                        // for v1 and v2 replays, not for the raw wire's.)
+                        let upstream = upstream_cursor + 1;
+                        for e in &mut batch {
+                            e.upstream_seq = upstream;
+                        }
+                        IngestOutcome::Events(batch)
+                    }
+                    other => other,
+                }
+            }
+        };
+        let IngestOutcome::Events(batch) = outcome else {
             continue;
         };
         let Some(last) = batch.last() else { continue };
@@ -209,6 +340,10 @@ fn fill(dir: &std::path::Path, span_secs: u64, seed: u64, dids: usize) -> anyhow
         first_time_us.get_or_insert(batch[0].time_us);
         events += batch.len() as u64;
         frames += 1;
+        v1_bytes += batch
+            .iter()
+            .map(|e| e.v1_json.as_ref().map_or(0, |j| j.len() as u64))
+            .sum::<u64>();
         log.append(batch).context("appending the fill")?;
         if last_time_us >= end_us {
             break;
@@ -227,6 +362,8 @@ fn fill(dir: &std::path::Path, span_secs: u64, seed: u64, dids: usize) -> anyhow
         upstream_cursor,
         secs: started.elapsed().as_secs_f64(),
         store_bytes,
+        data: data.name().to_owned(),
+        v1_bytes,
     })
 }
 
@@ -261,6 +398,7 @@ pub(crate) async fn cold_replay(args: ColdReplayArgs) -> anyhow::Result<()> {
         vec![Variant {
             name: "serve".into(),
             args: Vec::new(),
+            sluice: None,
         }]
     } else {
         args.variant
@@ -323,10 +461,20 @@ async fn store(args: &ColdReplayArgs, dir: &TempDir) -> anyhow::Result<(PathBuf,
             let value: serde_json::Value = serde_json::from_str(&text)?;
             let filled = Filled::from_json(&value)
                 .with_context(|| format!("{} is not a fill's record", meta.display()))?;
+            if filled.data != args.data.name() {
+                bail!(
+                    "{} holds a store of {} events; this call asks for --data {}",
+                    data.display(),
+                    filled.data,
+                    args.data.name()
+                );
+            }
             eprintln!(
-                "using the store in {} ({} events, filled earlier)",
+                "using the store in {} ({} {} events, {:.0} v1 bytes each, filled earlier)",
                 data.display(),
-                filled.events
+                filled.events,
+                filled.data,
+                filled.v1_bytes_per_event()
             );
             return Ok((data, filled));
         }
@@ -335,19 +483,29 @@ async fn store(args: &ColdReplayArgs, dir: &TempDir) -> anyhow::Result<(PathBuf,
         }
     }
     eprintln!(
-        "filling {} with {} s of events...",
+        "filling {} with {} s of {} events...",
         data.display(),
-        args.span_secs
+        args.span_secs,
+        args.data.name()
     );
-    let (fill_dir, span, seed, dids) = (data.clone(), args.span_secs, args.seed, args.dids);
-    let filled = tokio::task::spawn_blocking(move || fill(&fill_dir, span, seed, dids)).await??;
+    let (fill_dir, kind, span, seed, dids) = (
+        data.clone(),
+        args.data,
+        args.span_secs,
+        args.seed,
+        args.dids,
+    );
+    let filled =
+        tokio::task::spawn_blocking(move || fill(&fill_dir, kind, span, seed, dids)).await??;
     eprintln!(
-        "  {} events ({} frames) over {:.0} s of source time in {:.1} s; store {} MiB",
+        "  {} events ({} frames) over {:.0} s of source time in {:.1} s; store {} MiB; \
+         {:.0} v1 bytes per event",
         filled.events,
         filled.frames,
         (filled.last_time_us - filled.first_time_us) as f64 / 1e6,
         filled.secs,
-        filled.store_bytes >> 20
+        filled.store_bytes >> 20,
+        filled.v1_bytes_per_event()
     );
     if let Some(meta) = &meta {
         std::fs::write(meta, filled.to_json().to_string())?;
@@ -370,7 +528,8 @@ async fn serve_windows(
     let (tx, sinks) = tokio::sync::mpsc::channel::<PubSink>(4);
     let upstream = start_upstream(tx).await?;
     let port = free_port()?;
-    let mut cmd = serve_command(&args.serve.sluice, &upstream, port, data);
+    let binary = variant.sluice.as_ref().unwrap_or(&args.serve.sluice);
+    let mut cmd = serve_command(binary, &upstream, port, data);
     let scan = args.scan_events_per_sec.to_string();
     cmd.args(SERVE_NO_LIMITS)
         .args(["--scan-events-per-sec", &scan])
@@ -456,8 +615,12 @@ async fn serve_windows(
                     window_ns
                 };
                 let secs = span_ns as f64 / 1e9;
-                let (caught, failed, replayed) =
-                    (progress.caught, progress.failed, progress.replayed);
+                let (caught, failed, replayed, replayed_bytes) = (
+                    progress.caught,
+                    progress.failed,
+                    progress.replayed,
+                    progress.replayed_bytes,
+                );
                 replayers_cpu_pct = replay_cpu / (window_ns as f64 / 1e9) * 100.0;
                 replay_result = json!({
                     "replayers": args.replayers,
@@ -466,6 +629,8 @@ async fn serve_windows(
                     "replayed_events": replayed,
                     "secs": secs,
                     "delivered_per_sec": replayed as f64 / secs,
+                    "delivered_mib_per_sec": replayed_bytes as f64 / secs / f64::from(1 << 20),
+                    "v1_bytes_per_event": replayed_bytes as f64 / replayed.max(1) as f64,
                     "per_replayer_per_sec": replayed as f64 / secs / args.replayers as f64,
                 });
             } else {
@@ -509,11 +674,13 @@ async fn serve_windows(
                 f(&r["bench_cpu_pct"]),
                 if with_replay {
                     format!(
-                        "; replayers {} caught up of {} ({} failed), delivered {} events/s over {} s",
+                        "; replayers {} caught up of {} ({} failed), delivered {} events/s ({} MiB/s, {} v1 B/event) over {} s",
                         f(&replay_result["caught_up"]),
                         args.replayers,
                         f(&replay_result["failed"]),
                         f(&replay_result["delivered_per_sec"]),
+                        f(&replay_result["delivered_mib_per_sec"]),
+                        f(&replay_result["v1_bytes_per_event"]),
                         f(&replay_result["secs"]),
                     )
                 } else {
@@ -558,6 +725,12 @@ fn summary(
     let delivered = pick(true, &|r: &serde_json::Value| {
         r["replay"]["delivered_per_sec"].as_f64()
     });
+    let delivered_mib = pick(true, &|r: &serde_json::Value| {
+        r["replay"]["delivered_mib_per_sec"].as_f64()
+    });
+    let bytes_per_event = pick(true, &|r: &serde_json::Value| {
+        r["replay"]["v1_bytes_per_event"].as_f64()
+    });
     let (p50_without, p50_with) = (
         pick(false, &get("live_p50_us")),
         pick(true, &get("live_p50_us")),
@@ -567,16 +740,20 @@ fn summary(
         pick(true, &get("live_p99_us")),
     );
     println!(
-        "\ncold-replay [{variant}]: {} stored events over {} s, {} replayers, live {} frames/s, {} runs (medians):\n  \
-         replay delivered {:.0} events/s; live p50 {:.0} us without replay, {:.0} us with (ratio {:.2}); \
+        "\ncold-replay [{variant}]: {} stored {} events ({:.0} v1 B each) over {} s, {} replayers, live {} frames/s, {} runs (medians):\n  \
+         replay delivered {:.0} events/s ({:.0} MiB/s, {:.0} v1 B per delivered event); live p50 {:.0} us without replay, {:.0} us with (ratio {:.2}); \
          live p99 {:.0} us without, {:.0} us with (ratio {:.2});\n  \
          CPU % without / with replay: serve {:.0} / {:.0}, replayers - / {:.0}, bench {:.0} / {:.0}",
         filled.events,
+        filled.data,
+        filled.v1_bytes_per_event(),
         args.span_secs,
         args.replayers,
         args.rate,
         runs,
         delivered,
+        delivered_mib,
+        bytes_per_event,
         p50_without,
         p50_with,
         p50_with / p50_without,

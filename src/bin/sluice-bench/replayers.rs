@@ -13,8 +13,8 @@
 //! machines: a live thread (sluice's or the bench's) that wakes takes the core from them
 //! at once, rather than after their time slice.
 //!
-//! Protocol: the child writes `p <replayed> <caught up> <failed> <last caught unix ns>`
-//! on stdout every 100 ms and once more when every replayer of it has ended; it exits when
+//! Protocol: the child writes `p <replayed> <caught up> <failed> <last caught unix ns>
+//! <replayed bytes>` on stdout every 100 ms and once more when every replayer of it has ended; it exits when
 //! its stdin closes (or the parent kills it).
 
 use std::cell::RefCell;
@@ -74,6 +74,8 @@ pub(crate) fn time_us_of(text: &str) -> Option<i64> {
 #[derive(Default, Clone, Copy)]
 struct Tally {
     replayed: u64,
+    /// The replayed events' v1 messages, summed (text bytes as received).
+    replayed_bytes: u64,
     caught: u64,
     failed: u64,
     last_caught_ns: u64,
@@ -111,6 +113,7 @@ async fn replay(url: String, last_stored_us: i64, tally: Rc<RefCell<Tally>>) {
             return;
         }
         tally.replayed += 1;
+        tally.replayed_bytes += t.len() as u64;
     }
     tally.borrow_mut().failed += 1;
 }
@@ -154,8 +157,8 @@ pub(crate) fn read_main(args: ReplayReadArgs) -> anyhow::Result<()> {
             let t = *tally.borrow();
             writeln!(
                 out,
-                "p {} {} {} {}",
-                t.replayed, t.caught, t.failed, t.last_caught_ns
+                "p {} {} {} {} {}",
+                t.replayed, t.caught, t.failed, t.last_caught_ns, t.replayed_bytes
             )?;
             out.flush()?;
             if ended {
@@ -171,6 +174,8 @@ pub(crate) fn read_main(args: ReplayReadArgs) -> anyhow::Result<()> {
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct Progress {
     pub(crate) replayed: u64,
+    /// The replayed events' v1 messages, summed.
+    pub(crate) replayed_bytes: u64,
     pub(crate) caught: u64,
     pub(crate) failed: u64,
     /// When the last replayer caught up, on the bench's monotonic clock (ns), or 0.
@@ -233,9 +238,10 @@ impl Replayers {
                         .skip(1)
                         .filter_map(|p| p.parse().ok())
                         .collect();
-                    if let [replayed, caught, failed, last_caught_ns] = v[..] {
+                    if let [replayed, caught, failed, last_caught_ns, replayed_bytes] = v[..] {
                         *mine.lock() = Tally {
                             replayed,
+                            replayed_bytes,
                             caught,
                             failed,
                             last_caught_ns,
@@ -256,6 +262,7 @@ impl Replayers {
         for t in &self.latest {
             let t = *t.lock();
             p.replayed += t.replayed;
+            p.replayed_bytes += t.replayed_bytes;
             p.caught += t.caught;
             p.failed += t.failed;
             last_unix = last_unix.max(t.last_caught_ns);

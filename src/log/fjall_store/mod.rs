@@ -261,6 +261,9 @@ pub struct FjallStore {
     /// Whether new raw files are written with `O_DIRECT` (the setting, until the file
     /// system refuses a direct write).
     direct_raw: AtomicBool,
+    /// Whether the raw file written last was opened with `O_DIRECT` (false before the
+    /// first one of this process): the setting, the file system and a refusal together.
+    direct_raw_in_effect: AtomicBool,
     encoders: Mutex<Vec<Encoder>>,
     /// Value buffers of committed segments, for the next segments' values (see
     /// [`EventStore::recycle`]).
@@ -395,6 +398,7 @@ impl FjallStore {
             resume: Mutex::new(StampState::fresh()),
             raw_floor: AtomicU64::new(raw_floor),
             direct_raw: AtomicBool::new(config.direct_raw_writes),
+            direct_raw_in_effect: AtomicBool::new(false),
             encoders: Mutex::new(Vec::new()),
             spare: Mutex::new(SpareValues::default()),
             reads,
@@ -578,6 +582,10 @@ impl FjallStore {
                 &mut out.touched,
             )?;
             out.raw_created |= new;
+            if new {
+                self.direct_raw_in_effect
+                    .store(raw.is_direct(), Ordering::Relaxed);
+            }
             let (raw_id, raw_pos) = (raw.id, raw.write(&seg.frames_value));
             let raw_pos = raw_pos.map_err(|e| self.raw_write_failed(raw, e))?;
             note_touched(&mut out.touched, raw.sync_handle());
@@ -624,11 +632,11 @@ impl FjallStore {
     /// refuses as invalid (alignment it does not take) turns direct writes off for the
     /// files created from now on, so the retry of the commit (on a new file) succeeds.
     fn raw_write_failed(&self, raw: &FileAppend, e: std::io::Error) -> LogError {
-        if raw.is_direct()
-            && e.kind() == std::io::ErrorKind::InvalidInput
-            && self.direct_raw.swap(false, Ordering::Relaxed)
-        {
-            tracing::warn!(error = %e, "the file system refused a direct write of raw frames; writing them through the page cache from now on");
+        if raw.is_direct() && e.kind() == std::io::ErrorKind::InvalidInput {
+            self.direct_raw_in_effect.store(false, Ordering::Relaxed);
+            if self.direct_raw.swap(false, Ordering::Relaxed) {
+                tracing::warn!(error = %e, "the file system refused a direct write of raw frames; writing them through the page cache from now on");
+            }
         }
         io("cannot write", &self.reads.raw.path(raw.id), e)
     }
@@ -1119,6 +1127,10 @@ impl EventStore for FjallStore {
 
     fn raw_size_bytes(&self) -> u64 {
         self.raw_bytes.load(Ordering::Relaxed)
+    }
+
+    fn direct_raw_writes(&self) -> bool {
+        self.direct_raw_in_effect.load(Ordering::Relaxed)
     }
 
     fn raw_bounds(&self) -> Option<Bounds> {
