@@ -147,16 +147,23 @@ async fn ingest_loop(
     let mut decode_log = RateLimited::new(10, Duration::from_secs(10));
     let mut regression_log = RateLimited::new(10, Duration::from_secs(10));
     let mut last_accepted: Option<(u64, i64)> = None;
+    // One timer for the loop's life, not a timeout per frame: at a live rate each frame's
+    // wait registered a timer entry and dropped it when the frame came.
+    let mut tick = tokio::time::interval(idle_tick.max(Duration::from_millis(1)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.reset();
     loop {
         // Wake at least once per tick so liveness is visible even when the stream is idle.
         shared
             .ingest_heartbeat
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let next = tokio::time::timeout(idle_tick, frames.recv()).await;
-        let frame = match next {
-            Ok(Some(frame)) => frame,
-            Ok(None) => break,
-            Err(_elapsed) => {
+        let frame = tokio::select! {
+            biased;
+            next = frames.recv() => match next {
+                Some(frame) => frame,
+                None => break,
+            },
+            _ = tick.tick() => {
                 *published.lock() = ingestor.stats().clone();
                 since_publish = 0;
                 continue;

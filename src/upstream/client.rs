@@ -314,13 +314,22 @@ async fn connect_and_read(
     ping.tick().await;
     let mut last_heard = tokio::time::Instant::now();
     let mut progressed = false;
+    // One shutdown future and one stall timer for the whole connection, not one of each
+    // per frame: at a live rate every frame found both pending and registered them anew
+    // (a waiter on the shutdown channel, an entry in the timer wheel) only to drop them
+    // when the frame arrived. The stall timer is armed at the deadline of the last frame
+    // heard when it was armed; when it fires it is moved to the current one if a frame
+    // came meanwhile, so a stall is still "nothing heard for `stall_timeout`".
+    let shutdown_signal = shutdown.changed();
+    tokio::pin!(shutdown_signal);
+    let stall = tokio::time::sleep_until(last_heard + config.stall_timeout);
+    tokio::pin!(stall);
     let ended = loop {
-        let deadline = last_heard + config.stall_timeout;
         // Biased, stall check last: after the thread was held up (a log append waiting on
         // backpressure), a frame already in the socket must count before the deadline does.
         tokio::select! {
             biased;
-            _ = shutdown.changed() => {
+            _ = &mut shutdown_signal => {
                 let close = CloseFrame { code: CloseCode::Away, reason: "sluice shutting down".into() };
                 let _ = tokio::time::timeout(Duration::from_secs(1), sink.send(Message::Close(Some(close)))).await;
                 break Ended::Shutdown;
@@ -360,7 +369,13 @@ async fn connect_and_read(
                     break Ended::Failed;
                 }
             },
-            _ = tokio::time::sleep_until(deadline) => {
+            () = &mut stall => {
+                let deadline = last_heard + config.stall_timeout;
+                if deadline > tokio::time::Instant::now() {
+                    // Heard from since the timer was armed: not a stall yet.
+                    stall.as_mut().reset(deadline);
+                    continue;
+                }
                 shared.stalls.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(stall_timeout_s = config.stall_timeout.as_secs(), "upstream stalled: no frame and no pong; replacing the connection");
                 break Ended::Failed;

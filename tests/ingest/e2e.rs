@@ -321,6 +321,68 @@ async fn a_sink_held_up_longer_than_the_stall_timeout_is_not_an_upstream_stall()
     handle.shutdown().await.unwrap();
 }
 
+/// A paced live upstream: a frame every `every` (at most `count`), answering pings.
+async fn paced_upstream(
+    count: i64,
+    every: Duration,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let accepts_in_task = accepts.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else {
+                continue;
+            };
+            accepts_in_task.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut sink, mut stream) = ws.split();
+                tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+                for seq in 1..=count {
+                    let frame = identity(seq, &format!("p{seq}.test"));
+                    if sink.send(Message::Binary(frame)).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(every).await;
+                }
+            });
+        }
+    });
+    (addr, accepts)
+}
+
+/// The stall timer is armed once per connection and moved on when it fires after a
+/// frame came (not re-armed per frame), and the counters are published every idle tick
+/// (not only after a tick without frames): a steady stream lasting many stall timeouts
+/// is never a stall, and its counters show up long before 1,000 frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_steady_stream_is_never_a_stall_and_its_counters_are_published_every_tick() {
+    let (addr, accepts) = paced_upstream(2000, Duration::from_millis(5)).await;
+    let mut cfg = config(addr);
+    cfg.upstream.stall_timeout = Duration::from_millis(200);
+    cfg.idle_tick = Duration::from_millis(100);
+    let (handle, collected) = start(cfg, StampState::fresh());
+    // Published while frames keep coming every 5 ms, well below the 1,000-frame refresh.
+    wait_for("counters published during the stream", || {
+        let published = handle.stats.lock().frames;
+        published > 0 && published < 1000
+    })
+    .await;
+    // Well past several stall timeouts of steady frames.
+    wait_for("frames over 6 stall timeouts", || {
+        collected.lock().unwrap().len() >= 250
+    })
+    .await;
+    assert_eq!(handle.shared.stalls.load(Ordering::Relaxed), 0);
+    assert_eq!(accepts.load(Ordering::SeqCst), 1);
+    let seqs = upstream_seqs(&collected);
+    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>());
+    handle.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn future_cursor_makes_ingest_follow_the_new_numbering() {
     let frames: Vec<Bytes> = (1..=5).map(|s| identity(s, "ok.test")).collect();
