@@ -75,12 +75,25 @@ pub struct ServeArgs {
     /// Directory of the embedded event log.
     #[arg(long, env = "SLUICE_DATA_DIR", default_value = "./sluice-data")]
     pub data_dir: PathBuf,
-    /// In-memory hot tail of recent events, MiB: ~4 s of the firehose at 2,000 events/s,
-    /// ~16 s at 500/s. Live subscribers and those a little behind read it without copies;
-    /// older reads go to the store (docs/DECISIONS.md, "Memory at the defaults").
-    #[arg(long, env = "SLUICE_TAIL_MAX_MIB", default_value_t = 32,
+    /// Ceiling of the in-memory hot tail of recent events, MiB: it never holds more,
+    /// whatever the rate. Live subscribers and those a little behind read the tail without
+    /// copies; older reads go to the store (docs/DECISIONS.md, "Subscriber writes" and
+    /// "Memory at the defaults").
+    #[arg(long, env = "SLUICE_TAIL_MAX_MIB", default_value_t = 128,
           value_parser = clap::value_parser!(u64).range(1..=1024 * 1024))]
     pub tail_max_mib: u64,
+    /// Hot tail kept at any rate, MiB (capped by --tail-max-mib): ~16 s of the firehose at
+    /// 500 events/s.
+    #[arg(long, env = "SLUICE_TAIL_MIN_MIB", default_value_t = 32,
+          value_parser = clap::value_parser!(u64).range(1..=1024 * 1024))]
+    pub tail_min_mib: u64,
+    /// Above --tail-min-mib, the hot tail keeps this many seconds of the stream (by
+    /// receipt time) up to --tail-max-mib, so at high rates a subscriber that overflows
+    /// catches up from memory: 5 s is ~43 MiB at 2,000 events/s and ~107 MiB at 5,000/s
+    /// (0 = the tail is --tail-min-mib at any rate).
+    #[arg(long, env = "SLUICE_TAIL_MIN_SECS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub tail_min_secs: u64,
     /// Bound of the log writer's queue, MiB: events ingested but not yet committed. When
     /// it is full, ingest stops reading the upstream until the writer catches up.
     #[arg(long, env = "SLUICE_LOG_QUEUE_MIB", default_value_t = 32,
@@ -801,6 +814,8 @@ impl ServeArgs {
         ingest.decode_limits.max_depth = usize_of(self.max_cbor_depth)?;
         let mut log = LogConfig::new(self.data_dir.clone());
         log.tail_max_bytes = usize_of(self.tail_max_mib * MIB)?;
+        log.tail_min_bytes = usize_of(self.tail_min_mib * MIB)?;
+        log.tail_min_age = Duration::from_secs(self.tail_min_secs);
         log.queue_max_bytes = usize_of(self.log_queue_mib * MIB)?;
         log.index_cache_bytes = self.log_index_cache_mib * MIB;
         log.decoded_cache_bytes = usize_of(self.log_decoded_cache_mib * MIB)?;
@@ -1206,6 +1221,59 @@ mod tests {
             Background::Nice(12)
         );
         assert!(class(&["x", "--catchup-sched", "realtime"]).is_err());
+    }
+
+    #[test]
+    fn the_hot_tail_is_sized_by_time_under_a_ceiling_from_flags_or_the_file() {
+        let tail = |argv: &[&str]| {
+            parse_serve_args(argv.iter().copied())
+                .and_then(|a| a.to_config())
+                .map(|c| {
+                    (
+                        c.log.tail_min_bytes,
+                        c.log.tail_min_age,
+                        c.log.tail_max_bytes,
+                    )
+                })
+        };
+        assert_eq!(
+            tail(&["x"]).unwrap(),
+            (
+                32 * MIB as usize,
+                Duration::from_secs(5),
+                128 * MIB as usize
+            )
+        );
+        assert_eq!(
+            tail(&[
+                "x",
+                "--tail-min-mib",
+                "16",
+                "--tail-min-secs",
+                "0",
+                "--tail-max-mib",
+                "64"
+            ])
+            .unwrap(),
+            (16 * MIB as usize, Duration::ZERO, 64 * MIB as usize)
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(
+            &path,
+            "tail_min_mib = 48\ntail_min_secs = 20\ntail_max_mib = 512\n",
+        )
+        .unwrap();
+        assert_eq!(
+            tail(&["x", "--config", path.to_str().unwrap()]).unwrap(),
+            (
+                48 * MIB as usize,
+                Duration::from_secs(20),
+                512 * MIB as usize
+            )
+        );
+        assert!(tail(&["x", "--tail-min-secs", "3601"]).is_err());
+        assert!(tail(&["x", "--tail-min-mib", "0"]).is_err());
     }
 
     #[test]

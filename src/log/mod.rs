@@ -51,7 +51,7 @@ pub use store::{
     Bounds, EventStore, LogError, MergeStep, Payloads, ReadLimits, RecoveryReport, Segment,
     SharedEvent, WriterPace,
 };
-pub use tail::{HotTail, TailRead};
+pub use tail::{HotTail, TailBounds, TailRead};
 pub use writer::WriterStats;
 
 /// Everything the log is configured with.
@@ -59,9 +59,14 @@ pub use writer::WriterStats;
 pub struct LogConfig {
     /// The embedded store lives in `<data_dir>/events`.
     pub data_dir: PathBuf,
-    /// Hot tail bound, bytes of payload (default 32 MiB, docs/DECISIONS.md "Memory at the
-    /// defaults").
+    /// Hot tail ceiling, bytes of payload (default 128 MiB): see [`TailBounds`] and
+    /// docs/DECISIONS.md "Subscriber writes" (session 15) and "Memory at the defaults".
     pub tail_max_bytes: usize,
+    /// Hot tail bytes kept at any rate (default 32 MiB; capped by `tail_max_bytes`).
+    pub tail_min_bytes: usize,
+    /// Above `tail_min_bytes`, the tail keeps this much of the stream by receipt time
+    /// (default 5 s), up to `tail_max_bytes`.
+    pub tail_min_age: Duration,
     /// Commit at least this often while events are pending (default 100 ms).
     pub commit_interval: Duration,
     /// ...or as soon as this many events are pending (default 20,000).
@@ -105,7 +110,9 @@ impl LogConfig {
         let store = FjallConfig::new("");
         Self {
             data_dir: data_dir.into(),
-            tail_max_bytes: 32 * 1024 * 1024,
+            tail_max_bytes: 128 * 1024 * 1024,
+            tail_min_bytes: 32 * 1024 * 1024,
+            tail_min_age: Duration::from_secs(5),
             commit_interval: Duration::from_millis(100),
             commit_max_events: 20_000,
             queue_max_bytes: 32 * 1024 * 1024,
@@ -220,7 +227,14 @@ impl Log {
         config: LogConfig,
     ) -> Result<(Log, StampState), LogError> {
         let resume = store.resume_state();
-        let tail = Arc::new(HotTail::new(resume.next_seq, config.tail_max_bytes));
+        let tail = Arc::new(HotTail::with_bounds(
+            resume.next_seq,
+            TailBounds {
+                min_bytes: config.tail_min_bytes,
+                min_age: config.tail_min_age,
+                max_bytes: config.tail_max_bytes,
+            },
+        ));
         let (durable_tx, durable_rx) = watch::channel(resume.next_seq.saturating_sub(1));
         let queue = Arc::new(writer::Queue::new(config.queue_max_bytes));
         let writer_stats = Arc::new(WriterStats::with_raw_levels(&[

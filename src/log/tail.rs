@@ -6,13 +6,17 @@
 //! event missing from the tail must find it in the store), or copy payload bytes (events
 //! are shared handles whose payloads are refcounted `Bytes`).
 //!
-//! Bound: `max_bytes` of payloads (a raw frame counts once, with its first event). The
-//! tail can exceed it only by events not yet durable, which the writer queue bounds, and
-//! by the earlier events of a frame whose later events it still holds (a frame's events
-//! share one allocation, freed with the last of them).
+//! Bound: sized by time under a byte ceiling ([`TailBounds`]). It keeps `min_bytes` of
+//! payloads at any rate, more while its oldest event was received less than `min_age`
+//! before its newest, and never more than `max_bytes` (a raw frame counts once, with its
+//! first event). Ages are differences of the events' own receipt stamps, never the clock
+//! now. The tail can exceed `max_bytes` only by events not yet durable, which the writer
+//! queue bounds, and by the earlier events of a frame whose later events it still holds
+//! (a frame's events share one allocation, freed with the last of them).
 
 use std::collections::VecDeque;
 use std::sync::RwLock;
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -36,15 +40,46 @@ pub enum TailRead {
     Before(u64),
 }
 
+/// How much the tail holds (docs/DECISIONS.md, "Subscriber writes", session 15).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TailBounds {
+    /// Payload bytes kept whatever their age (capped by `max_bytes`).
+    pub min_bytes: usize,
+    /// Above `min_bytes`, events are kept while the oldest was received less than this
+    /// before the newest: at high rates the tail holds this many seconds of the stream.
+    pub min_age: Duration,
+    /// The ceiling: the tail never holds more durable payload bytes than this.
+    pub max_bytes: usize,
+}
+
+impl TailBounds {
+    /// A tail of `bytes` at any rate (no time rule).
+    pub fn fixed(bytes: usize) -> Self {
+        Self {
+            min_bytes: bytes,
+            min_age: Duration::ZERO,
+            max_bytes: bytes,
+        }
+    }
+}
+
 pub struct HotTail {
     inner: RwLock<Inner>,
+    /// `bounds.min_bytes`, capped by `max_bytes`.
+    floor_bytes: usize,
     max_bytes: usize,
+    min_age_us: i64,
     newest: watch::Sender<u64>,
 }
 
 impl HotTail {
-    /// An empty tail whose first event will be `next_seq`.
+    /// An empty tail of at most `max_bytes` whose first event will be `next_seq`.
     pub fn new(next_seq: u64, max_bytes: usize) -> Self {
+        Self::with_bounds(next_seq, TailBounds::fixed(max_bytes))
+    }
+
+    /// An empty tail sized by `bounds` whose first event will be `next_seq`.
+    pub fn with_bounds(next_seq: u64, bounds: TailBounds) -> Self {
         let (newest, _) = watch::channel(next_seq.saturating_sub(1));
         Self {
             inner: RwLock::new(Inner {
@@ -53,7 +88,9 @@ impl HotTail {
                 bytes: 0,
                 durable_seq: next_seq.saturating_sub(1),
             }),
-            max_bytes,
+            floor_bytes: bounds.min_bytes.min(bounds.max_bytes),
+            max_bytes: bounds.max_bytes,
+            min_age_us: i64::try_from(bounds.min_age.as_micros()).unwrap_or(i64::MAX),
             newest,
         }
     }
@@ -107,10 +144,24 @@ impl HotTail {
         self.evict(&mut inner);
     }
 
+    /// Drops durable events from the front while the tail is above its ceiling, or above
+    /// its floor and still spanning `min_age` of receipt time without its front event.
     fn evict(&self, inner: &mut Inner) {
-        while inner.bytes > self.max_bytes {
+        let newest_us = inner.events.back().map_or(0, |(e, _)| e.received_us);
+        while inner.bytes > self.floor_bytes {
             match inner.events.front() {
                 Some((e, size)) if e.seq <= inner.durable_seq => {
+                    let size = *size;
+                    if inner.bytes <= self.max_bytes {
+                        // Under the ceiling: keep the front unless the rest spans min_age.
+                        let next_us = inner
+                            .events
+                            .get(1)
+                            .map_or(newest_us, |(n, _)| n.received_us);
+                        if newest_us.saturating_sub(next_us) < self.min_age_us {
+                            break;
+                        }
+                    }
                     inner.bytes -= size;
                     inner.events.pop_front();
                 }
@@ -194,6 +245,16 @@ impl HotTail {
         self.read_inner().events.len()
     }
 
+    /// Receipt time the tail spans, oldest to newest event, µs (0 when it holds fewer
+    /// than two).
+    pub fn span_us(&self) -> i64 {
+        let inner = self.read_inner();
+        match (inner.events.front(), inner.events.back()) {
+            (Some((a, _)), Some((b, _))) => b.received_us.saturating_sub(a.received_us).max(0),
+            _ => 0,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -201,5 +262,129 @@ impl HotTail {
     /// A receiver of the newest appended seq (0 before any).
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.newest.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::event::{Event, EventKind};
+
+    /// One event per frame, `payload` bytes of frame, received at `received_us`.
+    fn event(seq: u64, received_us: i64, payload: usize) -> SharedEvent {
+        SharedEvent::new(Event {
+            seq,
+            time_us: received_us,
+            upstream_seq: seq as i64,
+            received_us,
+            kind: EventKind::Commit,
+            did: Arc::from("did:plc:tail"),
+            collection: Some(Arc::from("app.bsky.feed.like")),
+            op_index: 0,
+            v1_json: None,
+            v2_json: None,
+            raw_frame: Bytes::from(vec![0u8; payload]),
+        })
+    }
+
+    /// Bytes the tail counts for one event of `payload` bytes.
+    const OVERHEAD: usize = 64;
+
+    /// Pushes `n` durable events from `seq`, `gap_us` of receipt time apart.
+    fn push_durable(tail: &HotTail, seq: u64, n: u64, t0: i64, gap_us: i64, payload: usize) {
+        for i in 0..n {
+            tail.push(&[event(seq + i, t0 + i as i64 * gap_us, payload)]);
+            tail.set_durable(seq + i);
+        }
+    }
+
+    fn bounds(min_events: usize, secs: u64, max_events: usize) -> TailBounds {
+        TailBounds {
+            min_bytes: min_events * (1000 + OVERHEAD),
+            min_age: Duration::from_secs(secs),
+            max_bytes: max_events * (1000 + OVERHEAD),
+        }
+    }
+
+    #[test]
+    fn at_a_low_rate_the_floor_in_bytes_decides() {
+        // 1 event a second, floor 10 events, 5 s minimum age, ceiling 100 events: the
+        // floor holds more than 5 s, so the tail holds exactly the floor.
+        let tail = HotTail::with_bounds(1, bounds(10, 5, 100));
+        push_durable(&tail, 1, 50, 0, 1_000_000, 1000);
+        assert_eq!(tail.len(), 10);
+        assert_eq!(tail.oldest_seq(), 41);
+        assert_eq!(tail.bytes(), 10 * (1000 + OVERHEAD));
+    }
+
+    #[test]
+    fn at_a_high_rate_it_keeps_the_minimum_age_under_the_ceiling() {
+        // 100 events a second (10 ms apart), floor 10 events, 2 s minimum age, ceiling
+        // 1,000 events: it keeps every event received within 2 s of the newest.
+        let tail = HotTail::with_bounds(1, bounds(10, 2, 1000));
+        push_durable(&tail, 1, 500, 0, 10_000, 1000);
+        // Newest received at 4.99 s: 2.99 s and later are younger than 2 s (201 events).
+        assert_eq!(tail.oldest_seq(), 300);
+        assert_eq!(tail.len(), 201);
+        assert!(tail.span_us() >= 2_000_000, "span {}", tail.span_us());
+        let oldest_kept = match tail.read_from(300, 1, usize::MAX) {
+            TailRead::Events(e) => e[0].received_us,
+            TailRead::Before(s) => panic!("seq 300 is before the tail ({s})"),
+        };
+        assert_eq!(oldest_kept, 2_990_000);
+        assert!(matches!(
+            tail.read_from(299, 1, usize::MAX),
+            TailRead::Before(300)
+        ));
+    }
+
+    #[test]
+    fn at_the_ceiling_it_evicts_younger_events() {
+        // 1,000 events a second, 10 s minimum age, ceiling 50 events: the ceiling wins.
+        let tail = HotTail::with_bounds(1, bounds(10, 10, 50));
+        push_durable(&tail, 1, 400, 0, 1_000, 1000);
+        assert_eq!(tail.len(), 50);
+        assert_eq!(tail.oldest_seq(), 351);
+        assert!(tail.bytes() <= 50 * (1000 + OVERHEAD));
+        assert!(tail.span_us() < 10_000_000);
+    }
+
+    #[test]
+    fn when_the_rate_falls_it_shrinks_back_to_the_floor() {
+        let tail = HotTail::with_bounds(1, bounds(10, 2, 1000));
+        // A burst: 300 events 1 ms apart (all within 2 s: all kept).
+        push_durable(&tail, 1, 300, 0, 1_000, 1000);
+        assert_eq!(tail.len(), 300);
+        // Then one event 10 s later: everything else is older than 2 s, the floor stays.
+        push_durable(&tail, 301, 1, 10_000_000, 0, 1000);
+        assert_eq!(tail.len(), 10);
+        assert_eq!(tail.oldest_seq(), 292);
+    }
+
+    #[test]
+    fn events_not_yet_durable_are_never_evicted() {
+        let tail = HotTail::with_bounds(1, bounds(1, 0, 5));
+        for seq in 1..=20 {
+            tail.push(&[event(seq, seq as i64 * 1_000_000, 1000)]);
+        }
+        assert_eq!(tail.len(), 20, "nothing durable: all kept over the ceiling");
+        tail.set_durable(12);
+        assert_eq!(tail.oldest_seq(), 13, "only durable events leave");
+        tail.set_durable(20);
+        assert_eq!(tail.len(), 1, "the floor, with no minimum age");
+    }
+
+    #[test]
+    fn a_floor_above_the_ceiling_is_capped_by_it() {
+        let tail = HotTail::with_bounds(1, bounds(100, 0, 10));
+        push_durable(&tail, 1, 50, 0, 1_000_000, 1000);
+        assert_eq!(tail.len(), 10);
+        let fixed = HotTail::new(1, 10 * (1000 + OVERHEAD));
+        push_durable(&fixed, 1, 50, 0, 1, 1000);
+        assert_eq!(fixed.len(), 10, "new() is a fixed size whatever the rate");
     }
 }
