@@ -54,6 +54,45 @@ fn spawn(name: String, wire: Wire, from: Option<u64>, mut ws: Ws) -> Client {
     }
 }
 
+/// Two v1 replays from the oldest event, run to `want`'s last position: each gets every
+/// event once and in order, and neither is closed (for the pace or anything else).
+async fn two_replays_get_every_event_in_order(env: &Env, want: &[u64], what: &str) {
+    let first = env.events_from(1).first().map(|e| e.time_us).unwrap();
+    let mut replays = Vec::new();
+    for i in 0..2 {
+        let ws = connect(&env.url(&format!("/subscribe?cursor={first}"))).await;
+        let replay = spawn(format!("{what} replay v1 {i}"), Wire::V1, Some(1), ws);
+        replay
+            .target
+            .store(*want.last().unwrap(), Ordering::Release);
+        replays.push(replay);
+    }
+    for replay in replays {
+        let got = replay.task.await.unwrap();
+        assert!(
+            got.positions == want,
+            "{}: {} events of {}, first difference at {:?}; closed {:?}",
+            replay.name,
+            got.positions.len(),
+            want.len(),
+            got.positions.iter().zip(want).position(|(a, b)| a != b),
+            got.close
+        );
+        assert_eq!(got.close, None, "{}: not closed for the pace", replay.name);
+    }
+}
+
+/// The daemon's `/metrics` now, as a lookup of one unlabelled sample's value by name.
+async fn metrics_of(env: &Env) -> impl Fn(&str) -> Option<f64> {
+    let metrics = http_get(env.daemon.admin_addr, "/metrics").await;
+    let text = String::from_utf8_lossy(&metrics.2).into_owned();
+    move |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_subscribers_stay_gapless_and_in_order_while_two_dozen_replays_catch_up() {
     let _machine = crate::exclusive::alone().await;
@@ -235,31 +274,9 @@ async fn paced_replays_get_every_event_in_order_and_pay_every_byte_into_one_pace
         .iter()
         .filter_map(|e| e.v1_json.as_ref().map(|j| j.len() as u64))
         .sum();
-    let first = env.events_from(1).first().map(|e| e.time_us).unwrap();
-    let mut replays = Vec::new();
-    for i in 0..2 {
-        let ws = connect(&env.url(&format!("/subscribe?cursor={first}"))).await;
-        let replay = spawn(format!("paced replay v1 {i}"), Wire::V1, Some(1), ws);
-        replay
-            .target
-            .store(*want.last().unwrap(), Ordering::Release);
-        replays.push(replay);
-    }
     // Together ~2 x 0.9 MB at 256 KiB/s: ~7 s. The follower's own deadline (120 s) only
     // catches a hang.
-    for replay in replays {
-        let got = replay.task.await.unwrap();
-        assert!(
-            got.positions == want,
-            "{}: {} events of {}, first difference at {:?}; closed {:?}",
-            replay.name,
-            got.positions.len(),
-            want.len(),
-            got.positions.iter().zip(&want).position(|(a, b)| a != b),
-            got.close
-        );
-        assert_eq!(got.close, None, "{}: not closed for the pace", replay.name);
-    }
+    two_replays_get_every_event_in_order(&env, &want, "paced").await;
     let stats = hub.catchup().stats();
     assert!(hub.stats().cold_reads.load(Ordering::Relaxed) > 0);
     // Everything was in the log before the replays began, so every event reached them
@@ -274,13 +291,7 @@ async fn paced_replays_get_every_event_in_order_and_pay_every_byte_into_one_pace
         "writes waited"
     );
     assert!(stats.paced_ns.load(Ordering::Relaxed) > 0);
-    let metrics = http_get(env.daemon.admin_addr, "/metrics").await;
-    let text = String::from_utf8_lossy(&metrics.2).into_owned();
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-    };
+    let value = metrics_of(&env).await;
     assert_eq!(
         value("sluice_catchup_pace_bytes_per_second"),
         Some(pace as f64),
@@ -322,29 +333,7 @@ async fn replays_paced_in_events_get_every_event_in_order_and_pay_each_one() {
         .iter()
         .filter(|e| e.v1_json.is_some())
         .count() as u64;
-    let first = env.events_from(1).first().map(|e| e.time_us).unwrap();
-    let mut replays = Vec::new();
-    for i in 0..2 {
-        let ws = connect(&env.url(&format!("/subscribe?cursor={first}"))).await;
-        let replay = spawn(format!("events-paced replay v1 {i}"), Wire::V1, Some(1), ws);
-        replay
-            .target
-            .store(*want.last().unwrap(), Ordering::Release);
-        replays.push(replay);
-    }
-    for replay in replays {
-        let got = replay.task.await.unwrap();
-        assert!(
-            got.positions == want,
-            "{}: {} events of {}, first difference at {:?}; closed {:?}",
-            replay.name,
-            got.positions.len(),
-            want.len(),
-            got.positions.iter().zip(&want).position(|(a, b)| a != b),
-            got.close
-        );
-        assert_eq!(got.close, None, "{}: not closed for the pace", replay.name);
-    }
+    two_replays_get_every_event_in_order(&env, &want, "events-paced").await;
     let stats = hub.catchup().stats();
     assert!(hub.stats().cold_reads.load(Ordering::Relaxed) > 0);
     assert_eq!(
@@ -362,13 +351,7 @@ async fn replays_paced_in_events_get_every_event_in_order_and_pay_each_one() {
         "writes waited"
     );
     assert!(stats.paced_ns.load(Ordering::Relaxed) > 0);
-    let metrics = http_get(env.daemon.admin_addr, "/metrics").await;
-    let text = String::from_utf8_lossy(&metrics.2).into_owned();
-    let value = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-    };
+    let value = metrics_of(&env).await;
     assert_eq!(
         value("sluice_catchup_pace_events_per_second"),
         Some(pace as f64),
