@@ -268,32 +268,8 @@ async fn a_stalled_upstream_is_detected_and_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_held_up_longer_than_the_stall_timeout_is_not_an_upstream_stall() {
-    use futures_util::{SinkExt, StreamExt};
-    use tokio_tungstenite::tungstenite::Message;
     // A live upstream: a frame every 10 ms (bounded), answering pings as it reads.
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepts = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let accepts_in_task = accepts.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            let Ok(ws) = tokio_tungstenite::accept_async(tcp).await else {
-                continue;
-            };
-            accepts_in_task.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let (mut sink, mut stream) = ws.split();
-                tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
-                for seq in 1..=1000 {
-                    let frame = identity(seq, &format!("h{seq}.test"));
-                    if sink.send(Message::Binary(frame)).await.is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            });
-        }
-    });
+    let (addr, accepts) = paced_upstream(1000, Duration::from_millis(10)).await;
     let mut cfg = config(addr);
     cfg.upstream.stall_timeout = Duration::from_millis(500);
     let collected: Collected = Arc::default();
