@@ -433,22 +433,40 @@ pub async fn wait_logged(serve: &Serve, seq: u64) {
 
 /// A one-shot HTTP/1.1 GET from the loopback address `from`: the status, or `None`.
 pub async fn http_status_from(from: IpAddr, to: SocketAddr, path: &str) -> Option<u16> {
+    // What went wrong is printed (a test that expected a status shows why it got none).
     let exchange = async {
-        let mut stream = connect_from(from, to).await.ok()?;
+        let mut stream = connect_from(from, to)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
         let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
         let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await.ok()?;
-        String::from_utf8_lossy(&raw)
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
+        let read = stream.read_to_end(&mut raw).await;
+        let text = String::from_utf8_lossy(&raw);
+        let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+        match (read, status) {
+            (Ok(_), Some(status)) => Ok(status),
+            (read, _) => Err(format!(
+                "read: {read:?} after {} bytes: {:?}",
+                raw.len(),
+                text.chars().take(200).collect::<String>()
+            )),
+        }
     };
-    tokio::time::timeout(Duration::from_secs(5), exchange)
-        .await
-        .ok()
-        .flatten()
+    match tokio::time::timeout(Duration::from_secs(5), exchange).await {
+        Ok(Ok(status)) => Some(status),
+        Ok(Err(why)) => {
+            eprintln!("GET {path} from {from}: no status ({why})");
+            None
+        }
+        Err(_) => {
+            eprintln!("GET {path} from {from}: no answer within 5 s");
+            None
+        }
+    }
 }
 
 /// A websocket client connecting from the loopback address `from`.
