@@ -40,14 +40,8 @@ impl SharedEvent {
     /// One handle per event of `events`, all sharing one run (one allocation besides the
     /// vector's own).
     pub fn run(events: Vec<Event>) -> Vec<SharedEvent> {
-        Self::handles(&Arc::new(events))
-    }
-
-    /// One handle per event of a shared `run`.
-    pub fn handles(run: &Arc<Vec<Event>>) -> Vec<SharedEvent> {
-        let mut out = Vec::with_capacity(run.len());
-        out.extend(Self::iter(run, 0));
-        out
+        let run = Arc::new(events);
+        Self::iter(&run, 0).collect()
     }
 
     /// The handle on event `index` of a shared `run`, `None` beyond it.
