@@ -494,8 +494,8 @@ struct Target {
 
 fn dispatch(inner: &HubInner, events: &[SharedEvent], round: &mut Round) {
     // One reading for the round: whether a subscriber's last write is a pacing interval
-    // old, and the time of the round's own writes (so that rounds as far apart as the
-    // interval write the same subscriber each time, whatever its place in the round).
+    // old, and the due time of a subscriber left for the next turn (each write itself is
+    // stamped when made: `write_directly`).
     let now = Instant::now();
     let mut state = inner.state.lock();
     let mut overflowed = Vec::new();
