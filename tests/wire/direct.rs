@@ -363,3 +363,174 @@ async fn direct_writes_are_paced_and_batch_what_queued_meanwhile() {
         writes.len()
     );
 }
+
+/// One of many subscribers' connections as the dispatcher writes to them: records which
+/// subscriber each write went to and what it carried, and the first write of all appends
+/// one more frame to the log (so it is there while the dispatcher is still writing the
+/// first event to the others).
+struct TurnWriter {
+    id: usize,
+    turns: Arc<Turns>,
+}
+
+struct Turns {
+    log: Arc<sluice::log::Log>,
+    gen: parking_lot::Mutex<crate::log_common::EventGen>,
+    writes: parking_lot::Mutex<Vec<(usize, Vec<u64>)>>,
+}
+
+impl sluice::fanout::DirectWrite for TurnWriter {
+    fn try_write(&self, events: &[sluice::log::SharedEvent]) -> sluice::fanout::Direct {
+        let seqs = events.iter().map(|e| e.seq).collect();
+        let first = {
+            let mut writes = self.turns.writes.lock();
+            writes.push((self.id, seqs));
+            writes.len() == 1
+        };
+        if first {
+            let frame = self.turns.gen.lock().next_frame();
+            self.turns.log.append(frame).unwrap();
+        }
+        sluice::fanout::Direct::Written
+    }
+}
+
+/// An event that reaches the log while the dispatcher is writing a round to many parked
+/// subscribers is dispatched before the round's last writes are made, and joins them: the
+/// dispatcher writes a bounded group of subscribers per turn of its loop, the others
+/// that are due waiting in their queues (sessions asleep) for the next turns, instead of
+/// writing every subscriber of the round back to back and making the new event wait a
+/// whole pacing interval for all of them. And still at most one write per subscriber per
+/// interval (a minute here), each subscriber's events in order, each event once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_that_comes_during_a_big_round_joins_the_writes_not_yet_made() {
+    use crate::log_common::{test_config, EventGen};
+    use sluice::fanout::filter::Filter;
+    use sluice::fanout::{Hub, HubConfig, SlowPolicy, Start};
+    use sluice::log::Log;
+    use sluice::wire::WireKind;
+
+    const SUBS: usize = 100;
+    let _machine = crate::exclusive::shared().await;
+    let pace = Duration::from_secs(60);
+    let dir = tempfile::tempdir().unwrap();
+    let (log, state) = Log::open(test_config(dir.path())).unwrap();
+    let log = Arc::new(log);
+    let mut gen = EventGen::new(state);
+    let first_frame = gen.next_frame();
+    let turns = Arc::new(Turns {
+        log: log.clone(),
+        gen: parking_lot::Mutex::new(gen),
+        writes: parking_lot::Mutex::new(Vec::new()),
+    });
+    let hub = Hub::start(log.reader(), HubConfig::default()).unwrap();
+    let session_got = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let mut sessions = Vec::new();
+    for id in 0..SUBS {
+        let mut sub = hub.subscribe(
+            WireKind::JetstreamV2,
+            Filter::default(),
+            SlowPolicy::Catchup,
+            Start::Live,
+        );
+        let writer = TurnWriter {
+            id,
+            turns: turns.clone(),
+        };
+        sub.set_direct(Arc::new(writer), pace);
+        let got = session_got.clone();
+        sessions.push(tokio::spawn(async move {
+            loop {
+                match sub.next_batch(256).await {
+                    Ok(batch) => got.lock().extend(batch.iter().map(|e| (id, e.seq))),
+                    Err(end) => panic!("subscription ended: {end:?}"),
+                }
+            }
+        }));
+    }
+    // Let the sessions park before the first event.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a_first = log.reader().newest_seq() + 1;
+    log.append(first_frame).unwrap();
+    let a: Vec<u64> = (a_first..=log.reader().newest_seq()).collect();
+    // Wait (bounded) until the first frame reached every subscriber by one path or the
+    // other and some write carried the second frame (appended by the first write).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (subs, joined) = {
+            let writes = turns.writes.lock();
+            let mut subs: Vec<usize> = writes.iter().map(|(id, _)| *id).collect();
+            subs.extend(session_got.lock().iter().map(|(id, _)| *id));
+            subs.sort_unstable();
+            subs.dedup();
+            let b_first = a.last().map_or(0, |s| s + 1);
+            let joined = writes.iter().any(|(_, seqs)| seqs.contains(&b_first));
+            (subs.len(), joined)
+        };
+        if (subs >= SUBS && joined) || tokio::time::Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Give any write that would break the pacing a chance to happen.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for session in &sessions {
+        session.abort();
+    }
+    let writes = turns.writes.lock().clone();
+    let b_first = a.last().unwrap() + 1;
+    let b_last = log.reader().newest_seq();
+    assert!(
+        b_last >= b_first,
+        "the first write did not append the second frame"
+    );
+    let session_got = session_got.lock().clone();
+
+    let mut per_sub: Vec<Vec<u64>> = vec![Vec::new(); SUBS];
+    for (id, seq) in session_got.iter().copied() {
+        per_sub[id].push(seq);
+    }
+    let mut written = vec![0usize; SUBS];
+    for (id, seqs) in &writes {
+        written[*id] += 1;
+        assert!(
+            written[*id] == 1 || seqs.iter().all(|&s| s >= b_first),
+            "subscriber {id} written twice within the interval: {writes:?}"
+        );
+        per_sub[*id].extend(seqs);
+    }
+    // Every subscriber got the first frame, once, in order, before anything newer.
+    for (id, seqs) in per_sub.iter().enumerate() {
+        assert_eq!(
+            seqs.get(..a.len()),
+            Some(&a[..]),
+            "subscriber {id}: {seqs:?}"
+        );
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "subscriber {id}: {seqs:?}"
+        );
+    }
+    // Subscribers written in the dispatcher's later turns carried the second frame in
+    // the same write as the first (written after it was dispatched); the ones written
+    // before it have it queued for their next interval.
+    let joined = writes
+        .iter()
+        .position(|(_, seqs)| seqs.first() == Some(&a_first) && seqs.contains(&b_first));
+    let directly = written.iter().filter(|&&n| n > 0).count();
+    assert!(
+        directly >= SUBS / 2,
+        "{directly} of {SUBS} subscribers were written directly: the sessions did not park"
+    );
+    let Some(joined) = joined else {
+        panic!(
+            "no write carried the frame that came during the round: every subscriber was \
+             written the first frame before the second was dispatched ({} writes)",
+            writes.len()
+        );
+    };
+    assert!(
+        joined < directly,
+        "{joined} writes were made before the second frame was dispatched"
+    );
+}
