@@ -46,6 +46,11 @@ impl Kind {
         }
     }
 
+    /// This kind's bit in a [`KindSet`].
+    const fn bit(self) -> u8 {
+        1 << self as u8
+    }
+
     fn of(kind: EventKind) -> Option<Kind> {
         match kind {
             EventKind::Commit | EventKind::CommitTooBig | EventKind::CommitEmpty => {
@@ -186,6 +191,28 @@ impl Filter {
     }
 }
 
+/// A filter's kinds as a bit set, kept beside the filter where the dispatcher looks at
+/// every candidate (`fanout::hub::Entry`): no pointer to follow and no hash per
+/// candidate. [`KindSet::takes`] answers as [`Filter::matches_kind`] does for the filter
+/// it was made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KindSet(u8);
+
+impl KindSet {
+    pub fn of(filter: &Filter) -> KindSet {
+        if filter.kinds.is_empty() {
+            KindSet(u8::MAX)
+        } else {
+            KindSet(filter.kinds.iter().fold(0, |set, kind| set | kind.bit()))
+        }
+    }
+
+    /// Whether the filter takes the event's kind ([`Filter::matches_kind`]).
+    pub fn takes(self, event: &Event) -> bool {
+        Kind::of(event.kind).is_some_and(|kind| self.0 & kind.bit() != 0)
+    }
+}
+
 /// Every `a.b.` style prefix of a collection, shortest first: `app.`, `app.bsky.`, ...
 pub fn collection_prefixes(collection: &str) -> impl Iterator<Item = &str> {
     collection
@@ -257,6 +284,43 @@ pub fn valid_did(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kind_set_takes_what_its_filter_takes_by_kind() {
+        let kinds = [Kind::Commit, Kind::Identity, Kind::Account, Kind::Sync];
+        for subset in 0u8..16 {
+            let mut filter = Filter::default();
+            filter.kinds.extend(
+                kinds
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| subset & (1 << i) != 0)
+                    .map(|(_, k)| *k),
+            );
+            let set = KindSet::of(&filter);
+            for kind in EventKind::ALL {
+                let event = Event {
+                    seq: 1,
+                    time_us: 0,
+                    upstream_seq: 1,
+                    received_us: 0,
+                    kind,
+                    did: "did:plc:a".into(),
+                    collection: None,
+                    op_index: 0,
+                    v1_json: None,
+                    v2_json: None,
+                    raw_frame: bytes::Bytes::new(),
+                };
+                assert_eq!(
+                    set.takes(&event),
+                    filter.matches_kind(&event),
+                    "{:?} {kind:?}",
+                    filter.kinds
+                );
+            }
+        }
+    }
 
     #[test]
     fn prefixes_of_a_collection() {

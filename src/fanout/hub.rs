@@ -25,11 +25,12 @@ use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 
 use super::catchup::CatchupPool;
-use super::filter::Filter;
+use super::filter::{Filter, KindSet};
 use super::index::Index;
 use super::{
     visible, Budgets, Direct, DirectWrite, HubConfig, HubStats, IndexBusy, Start, MAX_INDEX_WAIT,
 };
+use crate::event::Event;
 use crate::log::{LogReader, SharedEvent};
 use crate::rate::SharedBudget;
 use crate::wire::raw::FrameOnce;
@@ -81,17 +82,23 @@ impl Queue {
         }
     }
 
-    /// Takes up to `max` events from the front, with the bytes they held on `wire`
-    /// (given back from the queue's bound).
-    pub(super) fn take_front(&mut self, max: usize, wire: WireKind) -> (Vec<SharedEvent>, usize) {
+    /// Moves up to `max` events from the front to the end of `into`; the bytes they held
+    /// on `wire` (given back from the queue's bound).
+    pub(super) fn take_front(
+        &mut self,
+        max: usize,
+        wire: WireKind,
+        into: &mut Vec<SharedEvent>,
+    ) -> usize {
         let n = self.events.len().min(max);
-        let taken: Vec<SharedEvent> = self.events.drain(..n).collect();
-        let bytes: usize = taken
+        let from = into.len();
+        into.extend(self.events.drain(..n));
+        let bytes: usize = into[from..]
             .iter()
             .map(|e| wire.payload(e).map_or(0, Bytes::len))
             .sum();
         self.bytes = self.bytes.saturating_sub(bytes);
-        (taken, bytes)
+        bytes
     }
 }
 
@@ -103,8 +110,12 @@ pub(super) struct SubShared {
 pub(super) struct Entry {
     shared: Arc<SubShared>,
     /// Shared so that replacing it under the hub's lock is a pointer swap; the old one is
-    /// dropped after the lock is released.
+    /// dropped after the lock is released. Replaced only through [`Entry::swap_filter`],
+    /// which keeps `kinds` in step.
     pub(super) filter: Arc<Filter>,
+    /// `KindSet::of(&filter)`, here so that a candidate found by its collection is
+    /// decided without following the filter's pointer.
+    kinds: KindSet,
     wire: WireKind,
     /// Live subscribers are in the index; overflowed ones are not.
     pub(super) live: bool,
@@ -115,6 +126,14 @@ pub(super) struct Entry {
     /// The connection, when the dispatcher may write to it directly, and the least time
     /// between two writes to it (`--coalesce-us`).
     pub(super) direct: Option<(Arc<dyn DirectWrite>, Duration)>,
+}
+
+impl Entry {
+    /// Makes `filter` the entry's filter; the one replaced.
+    pub(super) fn swap_filter(&mut self, filter: Arc<Filter>) -> Arc<Filter> {
+        self.kinds = KindSet::of(&filter);
+        std::mem::replace(&mut self.filter, filter)
+    }
 }
 
 pub(super) struct HubState {
@@ -214,6 +233,7 @@ impl HubInner {
             Entry {
                 shared: shared.clone(),
                 filter: Arc::new(filter.clone()),
+                kinds: KindSet::of(filter),
                 wire,
                 live,
                 last_pushed: seen_through,
@@ -466,6 +486,9 @@ const DIRECT_SLICE: usize = 32;
 #[derive(Default)]
 struct Round {
     targets: Vec<Target>,
+    /// Emptied `Target::picks` kept for the next rounds: a target allocates nothing once
+    /// the dispatcher has run a few rounds.
+    spare: Vec<Vec<u32>>,
     /// Subscriber id -> its place in `targets`.
     slots: FxHashMap<u64, usize>,
     /// Subscribers written within their pacing interval whose newer events wait in their
@@ -486,8 +509,12 @@ struct Deferred {
 struct Target {
     writer: Arc<dyn DirectWrite>,
     shared: Arc<SubShared>,
-    events: Vec<SharedEvent>,
-    /// Bytes of `events` on the subscriber's wire: at most the queue's byte bound (or one
+    /// The events written, as places in the round's events (the batch the dispatcher
+    /// read, or what a deferred flush took from the queues): borrowed for the write, so
+    /// delivering an event costs no refcount round trip on it per subscriber, and cloned
+    /// only when a refused write puts them back in the queue.
+    picks: Vec<u32>,
+    /// Bytes of `picks` on the subscriber's wire: at most the queue's byte bound (or one
     /// event), so a refused write puts back no more than a queue's worth.
     bytes: usize,
 }
@@ -499,7 +526,8 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent], round: &mut Round) {
     let now = Instant::now();
     let mut state = inner.state.lock();
     let mut overflowed = Vec::new();
-    for event in events {
+    // A read is at most 1,024 events (`dispatch_loop`), so every place fits a u32.
+    for (place, event) in (0u32..).zip(events) {
         if event.seq <= state.dispatched_through {
             continue;
         }
@@ -512,7 +540,7 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent], round: &mut Round) {
                 return;
             }
             entry.last_pushed = event.seq;
-            let wanted = via.wants(&entry.filter, event);
+            let wanted = via.wants(&entry.filter, entry.kinds, event);
             debug_assert_eq!(wanted, entry.filter.matches(event), "{via:?}");
             if !wanted || !visible(entry.wire, event, &mut entry.frames) {
                 return;
@@ -523,11 +551,11 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent], round: &mut Round) {
                 if queue.claimed {
                     let slot = round.slots.get(&id).map(|&i| &mut round.targets[i]);
                     let fits = |t: &&mut Target| {
-                        t.events.len() < DIRECT_MAX_EVENTS
+                        t.picks.len() < DIRECT_MAX_EVENTS
                             && t.bytes + size <= inner.config.queue_max_bytes
                     };
                     if let Some(target) = slot.filter(fits) {
-                        target.events.push(event.clone());
+                        target.picks.push(place);
                         target.bytes += size;
                         return;
                     }
@@ -539,10 +567,12 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent], round: &mut Round) {
                         None => {
                             queue.claimed = true;
                             round.slots.insert(id, round.targets.len());
+                            let mut picks = round.spare.pop().unwrap_or_default();
+                            picks.push(place);
                             round.targets.push(Target {
                                 writer: writer.clone(),
                                 shared: entry.shared.clone(),
-                                events: vec![event.clone()],
+                                picks,
                                 bytes: size,
                             });
                             return;
@@ -587,14 +617,14 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent], round: &mut Round) {
     }
     let through = state.dispatched_through;
     drop(state);
-    write_directly(inner, round);
+    write_directly(inner, round, events);
     inner.dispatched.send_replace(through);
 }
 
 /// Makes the round's direct writes, in event order per subscriber, outside the hub's
-/// lock; then releases each claim, records the time each write was made as that
-/// subscriber's last write, and wakes the session only when it has something to do
-/// (queued events, a handed-over rest, an overflow).
+/// lock (each target's picks are places in `events`); then releases each claim, records
+/// the time each write was made as that subscriber's last write, and wakes the session
+/// only when it has something to do (queued events, a handed-over rest, an overflow).
 ///
 /// The time of the write itself, not of the round's start: stamped with the round's
 /// start, every subscriber of a round shared its next deadline, so in a busy stream one
@@ -603,23 +633,27 @@ fn dispatch(inner: &HubInner, events: &[SharedEvent], round: &mut Round) {
 /// a round fall due over as long as the round took, and the next turns write them in
 /// smaller groups (at most [`DIRECT_SLICE`] each) spread over the interval; and no
 /// subscriber is written again sooner than its interval after its last write really was.
-fn write_directly(inner: &HubInner, round: &mut Round) {
+fn write_directly(inner: &HubInner, round: &mut Round, events: &[SharedEvent]) {
     round.slots.clear();
-    for target in round.targets.drain(..) {
-        let outcome = target.writer.try_write(&target.events);
+    if round.targets.is_empty() {
+        return;
+    }
+    // The events of one write, borrowed from `events` (one vector per round, not one per
+    // subscriber).
+    let mut batch: Vec<&Event> = Vec::with_capacity(DIRECT_MAX_EVENTS);
+    let mut outcomes = [0u64; 3];
+    for mut target in round.targets.drain(..) {
+        batch.clear();
+        batch.extend(target.picks.iter().map(|&i| &*events[i as usize]));
+        let outcome = target.writer.try_write(&batch);
         let made = Instant::now();
-        let stat = match outcome {
-            Direct::Written => &inner.stats.direct_written,
-            Direct::Handed => &inner.stats.direct_handed,
-            Direct::Refused => &inner.stats.direct_refused,
-        };
-        stat.fetch_add(1, Ordering::Relaxed);
+        outcomes[outcome as usize] += 1;
         let mut queue = target.shared.queue.lock();
         queue.claimed = false;
         match outcome {
             Direct::Written | Direct::Handed => {
                 queue.last_write = Some(made);
-                if let Some(last) = target.events.last() {
+                if let Some(last) = batch.last() {
                     queue.direct_through = last.seq;
                     queue.direct_frames.sent(last);
                 }
@@ -630,8 +664,8 @@ fn write_directly(inner: &HubInner, round: &mut Round) {
                 // its bounds by this round's direct events (at most `DIRECT_MAX_EVENTS`
                 // and a queue's bytes); its next push then overflows it.
                 queue.bytes += target.bytes;
-                for event in target.events.into_iter().rev() {
-                    queue.events.push_front(event);
+                for &i in target.picks.iter().rev() {
+                    queue.events.push_front(events[i as usize].clone());
                 }
             }
         }
@@ -639,6 +673,19 @@ fn write_directly(inner: &HubInner, round: &mut Round) {
         drop(queue);
         if wake {
             target.shared.notify.notify_one();
+        }
+        target.picks.clear();
+        round.spare.push(target.picks);
+    }
+    // Counted once a round: the counters are shared by every thread.
+    let stats = &inner.stats;
+    for (outcome, stat) in [
+        (Direct::Written, &stats.direct_written),
+        (Direct::Handed, &stats.direct_handed),
+        (Direct::Refused, &stats.direct_refused),
+    ] {
+        if outcomes[outcome as usize] > 0 {
+            stat.fetch_add(outcomes[outcome as usize], Ordering::Relaxed);
         }
     }
 }
@@ -653,6 +700,9 @@ fn flush_deferred(inner: &HubInner, round: &mut Round) {
     let now = Instant::now();
     let mut next_flush = None;
     let mut deferred = std::mem::take(&mut round.deferred);
+    // What the due subscribers' queues held, one after the other: the round's events,
+    // each target's picks a run of places in it.
+    let mut taken: Vec<SharedEvent> = Vec::new();
     deferred.retain(|d| {
         if d.at > now || round.targets.len() >= DIRECT_SLICE {
             next_flush = Some(next_flush.map_or(d.at, |t: Instant| t.min(d.at)));
@@ -668,20 +718,25 @@ fn flush_deferred(inner: &HubInner, round: &mut Round) {
         if !queue.parked || queue.claimed || queue.overflowed || queue.events.is_empty() {
             return false;
         }
-        let (events, bytes) = queue.take_front(DIRECT_MAX_EVENTS, d.wire);
+        let from = taken.len();
+        let bytes = queue.take_front(DIRECT_MAX_EVENTS, d.wire, &mut taken);
         queue.claimed = true;
         drop(queue);
+        let mut picks = round.spare.pop().unwrap_or_default();
+        // The taken events of one flush are at most `DIRECT_MAX_EVENTS` per subscriber,
+        // and their places fit a u32 as a dispatch read's do.
+        picks.extend((from..taken.len()).map(|i| i as u32));
         round.targets.push(Target {
             writer: d.writer.clone(),
             shared: d.shared.clone(),
-            events,
+            picks,
             bytes,
         });
         false
     });
     round.deferred = deferred;
     round.next_flush = next_flush;
-    write_directly(inner, round);
+    write_directly(inner, round, &taken);
 }
 
 pub(super) fn overflow(inner: &HubInner, state: &mut HubState, id: u64) {

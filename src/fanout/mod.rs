@@ -27,7 +27,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::event::Event;
-use crate::log::SharedEvent;
 use crate::wire::raw::FrameOnce;
 use crate::wire::WireKind;
 
@@ -58,8 +57,9 @@ pub enum Direct {
 /// so the fan-out reaches the wire's encoding without importing it; the http layer
 /// implements it.
 pub trait DirectWrite: Send + Sync {
-    /// Writes `events` (in seq order, at least one) without blocking.
-    fn try_write(&self, events: &[SharedEvent]) -> Direct;
+    /// Writes `events` (in seq order, at least one) without blocking. They are borrowed
+    /// from the dispatcher's round: a delivery takes no reference on a shared event.
+    fn try_write(&self, events: &[&Event]) -> Direct;
 }
 
 /// A filter's routing-index work that the index budget cannot pay for within the wait

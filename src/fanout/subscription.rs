@@ -226,7 +226,7 @@ impl Subscription {
                     index.remove(self.id, &old);
                     index.insert(self.id, new);
                 }
-                std::mem::replace(&mut entry.filter, shared)
+                entry.swap_filter(shared)
             })
         };
         // The filter replaced is freed here, outside the lock.
@@ -254,9 +254,7 @@ impl Subscription {
                 for did in added[..step * INDEX_STEP].iter() {
                     index.remove_did(did, id);
                 }
-                return entries
-                    .get_mut(&id)
-                    .map(|e| std::mem::replace(&mut e.filter, shared));
+                return entries.get_mut(&id).map(|e| e.swap_filter(shared));
             }
             for did in chunk {
                 index.add_did(did, id);
@@ -265,10 +263,7 @@ impl Subscription {
         let (retired, live) = {
             let mut state = self.hub.state.lock();
             match state.entries.get_mut(&id) {
-                Some(entry) => (
-                    Some(std::mem::replace(&mut entry.filter, shared)),
-                    entry.live,
-                ),
+                Some(entry) => (Some(entry.swap_filter(shared)), entry.live),
                 None => (None, false),
             }
         };
@@ -384,7 +379,8 @@ impl Subscription {
                 return (Vec::new(), false, false);
             }
             let handed = std::mem::take(&mut queue.handed);
-            let (batch, _) = queue.take_front(max, self.wire);
+            let mut batch = Vec::new();
+            queue.take_front(max, self.wire, &mut batch);
             if !batch.is_empty() {
                 queue.parked = false;
                 queue.deferred_until = None;

@@ -703,9 +703,9 @@ impl Sent {
 /// The messages of `events` on `wire` into `frames` (cleared first): each event's message
 /// encoded for this subscriber, or its oversized notice when the message is over the
 /// client's limit (at most `server_max` bytes).
-fn encode_batch(
+fn encode_batch<E: std::ops::Deref<Target = Event>>(
     wire: &mut impl WireSession,
-    events: &[SharedEvent],
+    events: &[E],
     frames: &mut Vec<Frame>,
     server_max: usize,
 ) -> Sent {
@@ -747,7 +747,7 @@ struct DirectWriter<W> {
 }
 
 impl<W: WireSession> DirectWrite for DirectWriter<W> {
-    fn try_write(&self, events: &[SharedEvent]) -> Direct {
+    fn try_write(&self, events: &[&Event]) -> Direct {
         thread_local! {
             /// Messages and frame headers of the write being made, kept per thread.
             static SCRATCH: RefCell<(Vec<Frame>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };

@@ -256,7 +256,7 @@ struct Recorder {
 }
 
 impl sluice::fanout::DirectWrite for Recorder {
-    fn try_write(&self, events: &[sluice::log::SharedEvent]) -> sluice::fanout::Direct {
+    fn try_write(&self, events: &[&sluice::event::Event]) -> sluice::fanout::Direct {
         let seqs = events.iter().map(|e| e.seq).collect();
         self.writes.lock().push((tokio::time::Instant::now(), seqs));
         sluice::fanout::Direct::Written
@@ -380,7 +380,7 @@ struct Turns {
 }
 
 impl sluice::fanout::DirectWrite for TurnWriter {
-    fn try_write(&self, events: &[sluice::log::SharedEvent]) -> sluice::fanout::Direct {
+    fn try_write(&self, events: &[&sluice::event::Event]) -> sluice::fanout::Direct {
         let seqs = events.iter().map(|e| e.seq).collect();
         let first = {
             let mut writes = self.turns.writes.lock();
@@ -533,4 +533,129 @@ async fn an_event_that_comes_during_a_big_round_joins_the_writes_not_yet_made() 
         joined < directly,
         "{joined} writes were made before the second frame was dispatched"
     );
+}
+
+/// A fake connection that refuses every other direct write (the socket would block) and
+/// records the ones it takes.
+#[derive(Default)]
+struct Refuser {
+    calls: AtomicU64,
+    refused: AtomicU64,
+    writes: parking_lot::Mutex<Vec<Vec<u64>>>,
+}
+
+impl sluice::fanout::DirectWrite for Refuser {
+    fn try_write(&self, events: &[&sluice::event::Event]) -> sluice::fanout::Direct {
+        if self.calls.fetch_add(1, Ordering::Relaxed) % 2 == 1 {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return sluice::fanout::Direct::Refused;
+        }
+        self.writes
+            .lock()
+            .push(events.iter().map(|e| e.seq).collect());
+        sluice::fanout::Direct::Written
+    }
+}
+
+/// The dispatcher's writes borrow the round's events; a refused write puts its events
+/// back at the front of the queue, in order, for the session. Two subscribers share every
+/// round (one refusing every other write, one taking all): each gets every event exactly
+/// once, each path in order, and the refusing one got events by both paths.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_direct_writes_put_the_borrowed_events_back_in_order() {
+    use crate::log_common::{test_config, EventGen};
+    use sluice::fanout::filter::Filter;
+    use sluice::fanout::{Hub, HubConfig, SlowPolicy, Start};
+    use sluice::log::Log;
+    use sluice::wire::WireKind;
+
+    let _machine = crate::exclusive::shared().await;
+    let pace = Duration::from_millis(20);
+    let dir = tempfile::tempdir().unwrap();
+    let (log, state) = Log::open(test_config(dir.path())).unwrap();
+    let log = Arc::new(log);
+    let mut gen = EventGen::new(state);
+    let hub = Hub::start(log.reader(), HubConfig::default()).unwrap();
+    let refuser = Arc::new(Refuser::default());
+    let taker = Arc::new(Recorder::default());
+    let writers: [Arc<dyn sluice::fanout::DirectWrite>; 2] = [refuser.clone(), taker.clone()];
+    let mut sessions = Vec::new();
+    let mut session_got = Vec::new();
+    for writer in writers {
+        let mut sub = hub.subscribe(
+            WireKind::JetstreamV2,
+            Filter::default(),
+            SlowPolicy::Catchup,
+            Start::Live,
+        );
+        sub.set_direct(writer, pace);
+        let got = Arc::new(parking_lot::Mutex::new(Vec::new()));
+        session_got.push(got.clone());
+        sessions.push(tokio::spawn(async move {
+            loop {
+                match sub.next_batch(256).await {
+                    Ok(batch) => got.lock().extend(batch.iter().map(|e| e.seq)),
+                    Err(end) => panic!("subscription ended: {end:?}"),
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let first = log.reader().newest_seq() + 1;
+    for i in 0..200 {
+        log.append(gen.next_frame()).unwrap();
+        if i % 4 == 0 {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    }
+    let newest = log.reader().newest_seq();
+    let expected: Vec<u64> = (first..=newest).collect();
+    let direct_of = |i: usize| -> Vec<u64> {
+        match i {
+            0 => refuser.writes.lock().iter().flatten().copied().collect(),
+            _ => taker
+                .writes
+                .lock()
+                .iter()
+                .flat_map(|(_, s)| s.clone())
+                .collect(),
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while (0..2).any(|i| direct_of(i).len() + session_got[i].lock().len() < expected.len())
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for session in &sessions {
+        session.abort();
+    }
+    for (i, got) in session_got.iter().enumerate() {
+        let direct_seqs = direct_of(i);
+        let session_seqs = got.lock().clone();
+        assert!(
+            direct_seqs.windows(2).all(|w| w[0] < w[1]),
+            "{i}: {direct_seqs:?}"
+        );
+        assert!(
+            session_seqs.windows(2).all(|w| w[0] < w[1]),
+            "{i}: {session_seqs:?}"
+        );
+        let mut all: Vec<u64> = direct_seqs.iter().chain(&session_seqs).copied().collect();
+        all.sort_unstable();
+        assert_eq!(
+            all, expected,
+            "{i}: direct {direct_seqs:?}, session {session_seqs:?}"
+        );
+        if i == 0 {
+            assert!(
+                refuser.refused.load(Ordering::Relaxed) > 0,
+                "no write was refused"
+            );
+            assert!(
+                !direct_seqs.is_empty() && !session_seqs.is_empty(),
+                "one path only"
+            );
+        }
+    }
 }
