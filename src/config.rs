@@ -466,6 +466,25 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_MAX_HELD_REFUSALS_PER_IP", default_value_t = 16,
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_held_refusals_per_ip: u64,
+    /// Milliseconds a connection refused before its request was read (over the
+    /// pending-connection caps or `--max-held-refusals-per-ip`) stays open after its
+    /// answer, reading and dropping the client's request (at most
+    /// `--max-request-head-kib`) until the client closes or the head has ended, so the
+    /// close is not a reset that loses the answer. Never for a refusal of the descriptor
+    /// reserve. 0 = close at once.
+    #[arg(long, env = "SLUICE_REFUSAL_LINGER_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(0..=60_000))]
+    pub refusal_linger_ms: u64,
+    /// Refused connections lingering at once per client IP (`--refusal-linger-ms`); past
+    /// it they are closed at once.
+    #[arg(long, env = "SLUICE_MAX_LINGERING_REFUSALS_PER_IP", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_lingering_refusals_per_ip: u64,
+    /// Refused connections lingering at once per listener, from all addresses; past it
+    /// they are closed at once. Each holds a descriptor, counted against the reserve.
+    #[arg(long, env = "SLUICE_MAX_LINGERING_REFUSALS", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_lingering_refusals: u64,
     /// Most collections one subscriber may name.
     #[arg(long, env = "SLUICE_MAX_COLLECTIONS", default_value_t = 100,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
@@ -999,6 +1018,9 @@ impl ServeArgs {
                 max_dids: usize_of(self.max_dids)?,
                 refusal_hold: Duration::from_millis(self.refusal_hold_ms),
                 max_held_refusals_per_ip: usize_of(self.max_held_refusals_per_ip)?,
+                refusal_linger: Duration::from_millis(self.refusal_linger_ms),
+                max_lingering_refusals_per_ip: usize_of(self.max_lingering_refusals_per_ip)?,
+                max_lingering_refusals: usize_of(self.max_lingering_refusals)?,
             },
             fd_reserve: self.fd_reserve,
             client_memory: MemoryConfig {

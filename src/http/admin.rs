@@ -22,7 +22,7 @@ use crate::event::EventKind;
 use crate::fanout::Hub;
 use crate::http::app::AppState;
 use crate::http::budget::Spent;
-use crate::http::listen::{Hold, Refused, Side};
+use crate::http::listen::{Hold, Linger, Refused, Side};
 use crate::http::session::SessionEnd;
 use crate::ingest::IngestStats;
 use crate::log::Log;
@@ -134,6 +134,18 @@ impl AdminState {
             (
                 "max_held_refusals_per_ip",
                 listen.max_held_refusals_per_ip as f64,
+            ),
+            (
+                "refusal_linger_ms",
+                listen.refusal_linger.as_millis() as f64,
+            ),
+            (
+                "max_lingering_refusals_per_ip",
+                listen.max_lingering_refusals_per_ip as f64,
+            ),
+            (
+                "max_lingering_refusals",
+                listen.max_lingering_refusals as f64,
             ),
             (
                 "max_request_head_kib",
@@ -321,6 +333,12 @@ impl AdminState {
                 for how in Hold::ALL {
                     counter!("sluice_refusals_total", "listener" => name, "answered" => how.reason())
                         .absolute(stats.holds(how));
+                }
+                gauge!("sluice_refusals_lingering", "listener" => name)
+                    .set(stats.lingering.load(Ordering::Relaxed) as f64);
+                for how in Linger::ALL {
+                    counter!("sluice_connections_refused_closes_total", "listener" => name, "closed" => how.reason())
+                        .absolute(stats.lingers(how));
                 }
                 if let Some(cap) = connections.cap(side) {
                     gauge!("sluice_connections_fd_cap", "listener" => name).set(cap as f64);
@@ -693,6 +711,7 @@ const COUNTERS: &[(&str, &str)] = &[
     ("sluice_client_text_messages_total", "Subscriber text messages (v1 options_update) parsed, by where: in place (parsed=inline, under 8 KiB) or on the client-text threads (parsed=pool)."),
     ("sluice_client_text_bytes_total", "Bytes of subscriber text messages charged to the --client-text-kib-per-sec budget."),
     ("sluice_client_text_budget_total", "Subscriber text messages that waited for the client-text budget (outcome=waited) or were refused by it, closing the connection with 1013 (outcome=refused)."),
+    ("sluice_connections_refused_closes_total", "Connections refused before any request was read, by listener and how they were closed after their answer: closed=lingered (the client's request read and dropped until it closed or its head ended, --refusal-linger-ms: no reset), closed=cut (lingered to the time or --max-request-head-kib bound, shutdown or a socket error), closed=at_once (a descriptor-reserve refusal, lingering off, or over --max-lingering-refusals-per-ip / --max-lingering-refusals or the descriptor cap)."),
     ("sluice_refusals_total", "Refusals with Retry-After (429, 503) answered, by listener and how: held --refusal-hold-ms first (answered=held) or at once because the address had --max-held-refusals-per-ip held (answered=at_once); each closes its connection."),
     ("sluice_event_requests_refused_total", "/event requests refused: over the per-IP rate (429) or no cold-read slot in time (503)."),
     ("sluice_redis_sink_events_total", "Events the Redis sink has written (each once, whatever its number of stream entries)."),
@@ -720,6 +739,10 @@ const GAUGES: &[(&str, &str)] = &[
     (
         "sluice_refusals_held",
         "Refusals being held now before they are answered, by listener.",
+    ),
+    (
+        "sluice_refusals_lingering",
+        "Connections refused before any request was read that linger now after their answer (--refusal-linger-ms), by listener.",
     ),
     (
         "sluice_upstream_connected",

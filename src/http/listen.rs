@@ -8,12 +8,16 @@
 //! connections at once on shutdown; and holding refusals: a request refused by a limit
 //! (an HTTP answer with `Retry-After`) gets its answer late and its connection closed, so
 //! a client that retries at once waits instead of making the daemon answer it again
-//! ([`hold_refusal`]), with a bounded number held per IP.
+//! ([`hold_refusal`]), with a bounded number held per IP; and closing a connection refused
+//! at accept without losing its answer: the answer is written, the write side shut, and the
+//! client's request read and dropped before the close (a lingering close, [`refuse`]),
+//! bounded in time, bytes, per IP and in total, never for a descriptor-reserve refusal.
 //! Must never: accept past a cap (the connection is answered 503/429 and closed, and
 //! counted), read from a socket without a deadline before its upgrade, let client
 //! connections take the descriptors reserved for the log, or hold more refusals of one
 //! IP than its cap (past it the answer goes out at once, and new connections from that IP
-//! are refused before their request is read).
+//! are refused before their request is read), or let a lingering close outlive its bounds
+//! or take a descriptor the reserve keeps.
 
 use std::collections::HashMap;
 use std::io;
@@ -67,6 +71,15 @@ pub struct ListenConfig {
     /// Refusals held at once per client IP; past it a refusal is answered at once and new
     /// connections from that IP are refused (429) before their request is read.
     pub max_held_refusals_per_ip: usize,
+    /// How long a connection refused at accept may stay open after its answer, reading
+    /// and dropping the client's request so that the close is not a reset that loses the
+    /// answer (at most `max_head_bytes` are read); zero closes at once.
+    pub refusal_linger: Duration,
+    /// Lingering closes at once per client IP; past it a refused connection is closed at
+    /// once.
+    pub max_lingering_refusals_per_ip: usize,
+    /// Lingering closes at once on this listener, in total.
+    pub max_lingering_refusals: usize,
 }
 
 impl Default for ListenConfig {
@@ -82,6 +95,9 @@ impl Default for ListenConfig {
             max_dids: 10_000,
             refusal_hold: Duration::from_secs(1),
             max_held_refusals_per_ip: 16,
+            refusal_linger: Duration::from_secs(1),
+            max_lingering_refusals_per_ip: 16,
+            max_lingering_refusals: 256,
         }
     }
 }
@@ -206,6 +222,40 @@ impl Hold {
     }
 }
 
+/// How a connection refused at accept ([`Refused`]) was closed after its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Linger {
+    /// Lingered until the client closed or its request head had been read: nothing unread
+    /// was left, so the close was not a reset.
+    Clean,
+    /// Lingered, then closed at the time or byte bound, on shutdown or on a socket error
+    /// (what the client sends after that is answered with a reset).
+    Cut,
+    /// Closed at once: a descriptor-reserve refusal, lingering off, or no lingering slot
+    /// (the IP's or the listener's cap, or no descriptor left under the reserve).
+    AtOnce,
+}
+
+impl Linger {
+    pub const ALL: [Linger; 3] = [Linger::Clean, Linger::Cut, Linger::AtOnce];
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Linger::Clean => "lingered",
+            Linger::Cut => "cut",
+            Linger::AtOnce => "at_once",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            Linger::Clean => 0,
+            Linger::Cut => 1,
+            Linger::AtOnce => 2,
+        }
+    }
+}
+
 /// Counters of one listener.
 #[derive(Debug, Default)]
 pub struct ListenStats {
@@ -230,6 +280,11 @@ pub struct ListenStats {
     pub held: AtomicUsize,
     /// Refusals answered, by [`Hold`] (indexed like [`Hold::ALL`]).
     holds: [AtomicU64; 2],
+    /// Connections refused at accept lingering now after their answer.
+    pub lingering: AtomicUsize,
+    /// Connections refused at accept, by how they were closed (indexed like
+    /// [`Linger::ALL`]).
+    lingers: [AtomicU64; 3],
 }
 
 impl ListenStats {
@@ -239,6 +294,10 @@ impl ListenStats {
 
     pub fn holds(&self, how: Hold) -> u64 {
         self.holds[how.index()].load(Ordering::Relaxed)
+    }
+
+    pub fn lingers(&self, how: Linger) -> u64 {
+        self.lingers[how.index()].load(Ordering::Relaxed)
     }
 }
 
@@ -254,6 +313,8 @@ pub struct Connections {
     pending_by_ip: [Mutex<HashMap<IpAddr, usize>>; 2],
     /// Refusals held now, per IP and listener (an IP is in the map only while it has one).
     held_by_ip: [Mutex<HashMap<IpAddr, usize>>; 2],
+    /// Refused connections lingering now, the same way.
+    lingering_by_ip: [Mutex<HashMap<IpAddr, usize>>; 2],
     /// What subscribers' connections are charged for what they make the daemon hold.
     memory: Arc<ClientMemory>,
     /// Each listener's limits, read by its accept loop for every connection it accepts,
@@ -273,6 +334,7 @@ impl Connections {
             stats: Default::default(),
             pending_by_ip: Default::default(),
             held_by_ip: Default::default(),
+            lingering_by_ip: Default::default(),
             memory,
             limits: [
                 watch::Sender::new(ListenConfig::default()),
@@ -389,17 +451,49 @@ impl Drop for OpenSlot {
     }
 }
 
-/// One refusal held for `ip`; given back on drop.
-struct HeldSlot {
+/// What a [`KeptSlot`] keeps open for its IP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kept {
+    /// A refusal held before its answer ([`hold_refusal`]).
+    Held,
+    /// A refused connection lingering after its answer ([`refuse`]).
+    Lingering,
+}
+
+/// One refusal held, or one refused connection lingering, for `ip`; given back on drop.
+struct KeptSlot {
     connections: Arc<Connections>,
     side: Side,
     ip: IpAddr,
+    kind: Kept,
 }
 
 impl Connections {
-    /// A held-refusal slot of `ip`, unless it has `max` already.
-    fn hold(self: &Arc<Self>, side: Side, ip: IpAddr, max: usize) -> Option<HeldSlot> {
-        let mut by_ip = self.held_by_ip[side.index()].lock();
+    /// The per-IP counts and the listener's total of `kind`.
+    fn kept(&self, side: Side, kind: Kept) -> (&Mutex<HashMap<IpAddr, usize>>, &AtomicUsize) {
+        let stats = self.stats(side);
+        match kind {
+            Kept::Held => (&self.held_by_ip[side.index()], &stats.held),
+            Kept::Lingering => (&self.lingering_by_ip[side.index()], &stats.lingering),
+        }
+    }
+
+    /// A slot of `kind` for `ip`, unless it has `max` already or the listener has
+    /// `max_total` (`None`: no total cap).
+    fn keep(
+        self: &Arc<Self>,
+        side: Side,
+        ip: IpAddr,
+        kind: Kept,
+        max: usize,
+        max_total: Option<usize>,
+    ) -> Option<KeptSlot> {
+        let (map, total) = self.kept(side, kind);
+        let mut by_ip = map.lock();
+        // Every count changes under this lock: the total is exact here.
+        if max_total.is_some_and(|cap| total.load(Ordering::Relaxed) >= cap) {
+            return None;
+        }
         let mine = by_ip.entry(ip).or_default();
         if *mine >= max {
             if *mine == 0 {
@@ -408,23 +502,63 @@ impl Connections {
             return None;
         }
         *mine += 1;
-        self.stats(side).held.fetch_add(1, Ordering::Relaxed);
-        Some(HeldSlot {
+        total.fetch_add(1, Ordering::Relaxed);
+        Some(KeptSlot {
             connections: self.clone(),
             side,
             ip,
+            kind,
         })
+    }
+
+    /// A held-refusal slot of `ip`, unless it has `max` already.
+    fn hold(self: &Arc<Self>, side: Side, ip: IpAddr, max: usize) -> Option<KeptSlot> {
+        self.keep(side, ip, Kept::Held, max, None)
+    }
+
+    /// What a connection refused at accept for `why` needs to linger after its answer: a
+    /// lingering slot of `ip` within both caps, and a descriptor slot under the reserve
+    /// (the socket stays open). `None` (close at once) for a descriptor-reserve refusal,
+    /// which exists to free descriptors, and when lingering is off.
+    fn linger(
+        self: &Arc<Self>,
+        side: Side,
+        ip: IpAddr,
+        why: Refused,
+        config: &ListenConfig,
+    ) -> Option<(KeptSlot, OpenSlot)> {
+        if why == Refused::FdReserve || config.refusal_linger.is_zero() {
+            return None;
+        }
+        let stats = self.stats(side);
+        if self
+            .cap(side)
+            .is_some_and(|cap| stats.open.load(Ordering::Relaxed) as u64 >= cap)
+        {
+            return None;
+        }
+        let slot = self.keep(
+            side,
+            ip,
+            Kept::Lingering,
+            config.max_lingering_refusals_per_ip,
+            Some(config.max_lingering_refusals),
+        )?;
+        stats.open.fetch_add(1, Ordering::Relaxed);
+        Some((
+            slot,
+            OpenSlot {
+                connections: self.clone(),
+                side,
+            },
+        ))
     }
 }
 
-impl Drop for HeldSlot {
+impl Drop for KeptSlot {
     fn drop(&mut self) {
-        let connections = &self.connections;
-        give_back(
-            &connections.held_by_ip[self.side.index()],
-            self.ip,
-            &connections.stats(self.side).held,
-        );
+        let (map, total) = self.connections.kept(self.side, self.kind);
+        give_back(map, self.ip, total);
     }
 }
 
@@ -865,7 +999,18 @@ pub async fn serve(
             Ok(slots) => slots,
             Err(why) => {
                 stats.refused[why.index()].fetch_add(1, Ordering::Relaxed);
-                refuse(tcp, why, config.retry_after_secs);
+                let lingering = connections.linger(side, peer.ip(), why, &config);
+                if lingering.is_none() {
+                    stats.lingers[Linger::AtOnce.index()].fetch_add(1, Ordering::Relaxed);
+                }
+                refuse(
+                    tcp,
+                    why,
+                    &config,
+                    lingering,
+                    shutdown.clone(),
+                    done_rx.clone(),
+                );
                 continue;
             }
         };
@@ -932,26 +1077,101 @@ pub async fn serve(
     Ok(())
 }
 
-/// Answers a refused connection with a short HTTP response and closes it, without waiting
-/// on the peer: what it already sent is read (so the close is not a reset that loses the
-/// answer) only as far as it is there.
-fn refuse(tcp: TcpStream, why: Refused, retry_after_secs: u64) {
+/// Answers a connection refused at accept with a short HTTP response and closes it
+/// without a reset that could lose the answer. A close with unread bytes in the socket
+/// (the client's request, which may arrive just after the refusal looked for it) is a
+/// reset, and a client whose request lands after the close gets one too; a client may
+/// then read no answer (a reset before the answer is read discards it on some systems,
+/// and Linux hands over the answer and then fails the read). So, given `lingering` slots
+/// ([`Connections::linger`]), the answer is written, the write side shut down, and the
+/// client's request read and dropped until the client closes or the head has ended, at
+/// most `max_head_bytes` and `refusal_linger` (and not past shutdown), then the socket
+/// is closed: nothing is left unread and nothing more is expected. Without them (a
+/// descriptor-reserve refusal, lingering off or over its caps) the answer is written and
+/// the socket closed at once, after reading what the client already sent, no more
+/// than 16 KiB.
+fn refuse(
+    tcp: TcpStream,
+    why: Refused,
+    config: &ListenConfig,
+    lingering: Option<(KeptSlot, OpenSlot)>,
+    mut shutdown: watch::Receiver<bool>,
+    done: watch::Receiver<()>,
+) {
     let (status, text, message) = why.status();
     let body = serde_json::json!({"error": "Unavailable", "message": message}).to_string();
     let response = format!(
         "HTTP/1.1 {status} {text}\r\ncontent-type: application/json\r\nretry-after: {}\r\n\
          content-length: {}\r\nconnection: close\r\n\r\n{body}",
-        crate::rate::retry_after(retry_after_secs),
+        crate::rate::retry_after(config.retry_after_secs),
         body.len()
     );
+    let Some((slot, open)) = lingering else {
+        let mut scratch = [0u8; 4096];
+        for _ in 0..4 {
+            match tcp.try_read(&mut scratch) {
+                Ok(n) if n == scratch.len() => continue,
+                _ => break,
+            }
+        }
+        let _ = tcp.try_write(response.as_bytes());
+        return;
+    };
+    let deadline = tokio::time::Instant::now() + config.refusal_linger;
+    // Counts the bytes dropped and finds the head's end, as for a URI too long.
+    let mut head = FirstLine::new(config);
+    head.refusing = Some(Refusing {
+        dropped: 0,
+        line_ends: 0,
+        head_ended: false,
+        answered: true,
+    });
+    tokio::spawn(async move {
+        let how = linger(tcp, response.as_bytes(), head, deadline, &mut shutdown).await;
+        let stats = slot.connections.stats(slot.side);
+        stats.lingers[how.index()].fetch_add(1, Ordering::Relaxed);
+        drop((slot, open));
+        drop(done);
+    });
+}
+
+/// Writes `response`, shuts the write side and reads and drops what the client sends
+/// until it closes or `head` (a request head being dropped) has ended; gives up at the
+/// head's byte bound, `deadline`, shutdown or a socket error. Closes the socket.
+async fn linger(
+    mut tcp: TcpStream,
+    response: &[u8],
+    mut head: FirstLine,
+    deadline: tokio::time::Instant,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Linger {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A fresh socket's send buffer takes the few hundred bytes whole.
+    if !matches!(tcp.try_write(response), Ok(n) if n == response.len()) {
+        return Linger::Cut;
+    }
+    if tcp.shutdown().await.is_err() {
+        return Linger::Cut;
+    }
     let mut scratch = [0u8; 4096];
-    for _ in 0..4 {
-        match tcp.try_read(&mut scratch) {
-            Ok(n) if n == scratch.len() => continue,
-            _ => break,
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|&s| s) => return Linger::Cut,
+            _ = tokio::time::sleep_until(deadline) => return Linger::Cut,
+            read = tcp.read(&mut scratch) => match read {
+                Ok(0) => return Linger::Clean,
+                Ok(n) => {
+                    if head.drop_head(&scratch[..n]) {
+                        // Ended, or more than a head's worth dropped.
+                        let ended = head.refusing.as_ref().is_some_and(|r| r.line_ends >= 2);
+                        return if ended { Linger::Clean } else { Linger::Cut };
+                    }
+                }
+                Err(_) => return Linger::Cut,
+            },
         }
     }
-    let _ = tcp.try_write(response.as_bytes());
 }
 
 #[cfg(test)]
@@ -1113,6 +1333,60 @@ mod tests {
         drop(second);
         assert_eq!(stats.held.load(Ordering::Relaxed), 0);
         assert!(connections.held_by_ip[0].lock().is_empty());
+    }
+
+    #[test]
+    fn lingering_closes_are_capped_per_ip_in_total_and_by_descriptors() {
+        let connections = Arc::new(Connections::new(Some(10), 4, memory()));
+        let config = ListenConfig {
+            max_lingering_refusals_per_ip: 2,
+            max_lingering_refusals: 3,
+            ..ListenConfig::default()
+        };
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        let why = Refused::PendingPerIp;
+        let linger = |ip| connections.linger(Side::Subscriber, ip, why, &config);
+        // A descriptor-reserve refusal never lingers: it exists to free descriptors.
+        assert!(connections
+            .linger(Side::Subscriber, a, Refused::FdReserve, &config)
+            .is_none());
+        let first = linger(a);
+        let second = linger(a);
+        assert!(first.is_some() && second.is_some());
+        assert!(linger(a).is_none(), "over the per-IP cap");
+        let third = linger(b);
+        assert!(third.is_some());
+        assert!(linger(b).is_none(), "over the total");
+        let stats = connections.stats(Side::Subscriber);
+        assert_eq!(stats.lingering.load(Ordering::Relaxed), 3);
+        // Each holds a descriptor of the budget while it lingers.
+        assert_eq!(stats.open.load(Ordering::Relaxed), 3);
+        drop(first);
+        assert_eq!(stats.open.load(Ordering::Relaxed), 2);
+        // Descriptors: the cap is 6; with 5 open one more may linger, with 6 none.
+        let clients: Vec<_> = (0..3)
+            .map(|_| connections.open(Side::Subscriber, b, &config).unwrap())
+            .collect();
+        let fourth = linger(a);
+        assert!(fourth.is_some());
+        assert!(linger(b).is_none(), "the total again");
+        drop(third);
+        drop(second);
+        let more: Vec<_> = (0..2)
+            .map(|_| connections.open(Side::Subscriber, a, &config).unwrap())
+            .collect();
+        assert_eq!(stats.open.load(Ordering::Relaxed), 6);
+        assert!(linger(b).is_none(), "no descriptor left under the reserve");
+        // Lingering off: nothing lingers.
+        drop((clients, more, fourth));
+        let off = ListenConfig {
+            refusal_linger: Duration::ZERO,
+            ..config.clone()
+        };
+        assert!(connections.linger(Side::Subscriber, a, why, &off).is_none());
+        assert_eq!(stats.lingering.load(Ordering::Relaxed), 0);
+        assert!(connections.lingering_by_ip[0].lock().is_empty());
     }
 
     #[test]

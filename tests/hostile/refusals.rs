@@ -123,3 +123,100 @@ async fn refusals_are_held_closed_and_capped_per_address() {
         2.0
     );
 }
+
+/// A connection refused before its request is read still gets its answer when that
+/// request is already waiting, unread, as the refusal is written: while the daemon is
+/// stopped the clients connect (the kernel completes the handshake) and send a 40 KiB
+/// request head, more than a close at once reads (16 KiB), so closing at once would leave
+/// bytes unread and reset the connection (the client reads the 429, then ECONNRESET).
+/// The daemon instead writes the answer, shuts its write side and reads the head to its
+/// end before closing (`--refusal-linger-ms`): each client reads the whole 429 and a
+/// clean end of stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_connection_gets_its_answer_though_its_request_waits_unread() {
+    let upstream = slow_upstream(200, 1.0).await;
+    let serve = Serve::start(&upstream, &["--max-pending-per-ip", "1"], None).await;
+    // The address's one pending slot: a head never finished.
+    let mut pending = connect_from(ATTACKER, serve.addr).await.expect("connect");
+    pending
+        .write_all(b"GET /subscribe HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("a partial head");
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let metrics = serve.metrics().await;
+        let now = metric(
+            &metrics,
+            "sluice_connections_pending{listener=\"subscriber\"",
+        );
+        if now == Some(1.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pending connections: {now:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let request = format!(
+        "GET /event/1 HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(40 * 1024)
+    );
+    // Every request is in the daemon's socket before it accepts the connection.
+    serve.signal("-STOP");
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let stream = connect_from(ATTACKER, serve.addr).await;
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(e) => {
+                serve.signal("-CONT");
+                panic!("connect while the daemon is stopped: {e}");
+            }
+        };
+        if let Err(e) = stream.write_all(request.as_bytes()).await {
+            serve.signal("-CONT");
+            panic!("send the request while the daemon is stopped: {e}");
+        }
+        clients.push(stream);
+    }
+    serve.signal("-CONT");
+    for (i, mut stream) in clients.into_iter().enumerate() {
+        let mut raw = Vec::new();
+        let read = tokio::time::timeout(LIMIT, stream.read_to_end(&mut raw))
+            .await
+            .expect("the daemon closed the refused connection");
+        let text = String::from_utf8_lossy(&raw);
+        assert!(
+            read.is_ok() && text.starts_with("HTTP/1.1 429"),
+            "client {i}: {read:?} after {} bytes: {text}",
+            raw.len()
+        );
+        assert!(text.contains("retry-after:"), "client {i}: {text}");
+    }
+    // Each lingering close ends once it has read its head (the client saw the end of
+    // the stream before that, when the write side was shut).
+    let lingered =
+        "sluice_connections_refused_closes_total{listener=\"subscriber\",closed=\"lingered\"";
+    let deadline = Instant::now() + LIMIT;
+    let metrics = loop {
+        let metrics = serve.metrics().await;
+        let now = metric(&metrics, lingered);
+        if now == Some(4.0) {
+            break metrics;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lingering closes that read their head: {now:?}\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let value = |prefix: &str| metric(&metrics, prefix).unwrap_or(-1.0);
+    assert_eq!(
+        value("sluice_connections_refused_total{listener=\"subscriber\",reason=\"pending_per_ip\""),
+        4.0
+    );
+    assert_eq!(
+        value("sluice_refusals_lingering{listener=\"subscriber\""),
+        0.0
+    );
+    assert_eq!(value("sluice_limit{setting=\"refusal_linger_ms\""), 1000.0);
+    drop(pending);
+}
