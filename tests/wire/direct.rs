@@ -263,43 +263,64 @@ impl sluice::fanout::DirectWrite for Recorder {
     }
 }
 
+/// A log in a temp dir and a hub reading it: the dispatcher's side without a daemon.
+fn log_and_hub() -> (
+    tempfile::TempDir,
+    Arc<sluice::log::Log>,
+    crate::log_common::EventGen,
+    sluice::fanout::Hub,
+) {
+    use crate::log_common::{test_config, EventGen};
+    let dir = tempfile::tempdir().unwrap();
+    let (log, state) = sluice::log::Log::open(test_config(dir.path())).unwrap();
+    let log = Arc::new(log);
+    let hub =
+        sluice::fanout::Hub::start(log.reader(), sluice::fanout::HubConfig::default()).unwrap();
+    (dir, log, EventGen::new(state), hub)
+}
+
+/// Subscribes live to everything with `writer` as the dispatcher's direct path, paced by
+/// `pace`, and plays the session: the seq of each event that reaches it instead of a
+/// direct write goes to `got`.
+fn subscribe_direct(
+    hub: &sluice::fanout::Hub,
+    writer: Arc<dyn sluice::fanout::DirectWrite>,
+    pace: Duration,
+    got: impl Fn(u64) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    use sluice::fanout::{filter::Filter, SlowPolicy, Start};
+    let mut sub = hub.subscribe(
+        sluice::wire::WireKind::JetstreamV2,
+        Filter::default(),
+        SlowPolicy::Catchup,
+        Start::Live,
+    );
+    sub.set_direct(writer, pace);
+    tokio::spawn(async move {
+        loop {
+            match sub.next_batch(256).await {
+                Ok(batch) => batch.iter().for_each(|e| got(e.seq)),
+                Err(end) => panic!("subscription ended: {end:?}"),
+            }
+        }
+    })
+}
+
 /// Direct writes are paced like the session's (`--coalesce-us`): with a 100 ms interval
 /// and an event every ~2 ms, the dispatcher writes a parked subscriber at most once per
 /// interval, each write carrying what queued meanwhile, without handing it to the
 /// session; and every event is delivered once, in order, by one path or the other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn direct_writes_are_paced_and_batch_what_queued_meanwhile() {
-    use crate::log_common::{test_config, EventGen};
-    use sluice::fanout::filter::Filter;
-    use sluice::fanout::{Hub, HubConfig, SlowPolicy, Start};
-    use sluice::log::Log;
-    use sluice::wire::WireKind;
-
     let _machine = crate::exclusive::shared().await;
     let pace = Duration::from_millis(100);
-    let dir = tempfile::tempdir().unwrap();
-    let (log, state) = Log::open(test_config(dir.path())).unwrap();
-    let log = Arc::new(log);
-    let mut gen = EventGen::new(state);
-    let hub = Hub::start(log.reader(), HubConfig::default()).unwrap();
-    let mut sub = hub.subscribe(
-        WireKind::JetstreamV2,
-        Filter::default(),
-        SlowPolicy::Catchup,
-        Start::Live,
-    );
+    let (_dir, log, mut gen, hub) = log_and_hub();
     let recorder = Arc::new(Recorder::default());
-    sub.set_direct(recorder.clone(), pace);
     // The session's side: whatever reaches it instead of a direct write.
     let session_got = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let got = session_got.clone();
-    let session = tokio::spawn(async move {
-        loop {
-            match sub.next_batch(256).await {
-                Ok(batch) => got.lock().extend(batch.iter().map(|e| e.seq)),
-                Err(end) => panic!("subscription ended: {end:?}"),
-            }
-        }
+    let session = subscribe_direct(&hub, recorder.clone(), pace, move |seq| {
+        got.lock().push(seq)
     });
     // Let the session park before the first event.
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -404,48 +425,26 @@ impl sluice::fanout::DirectWrite for TurnWriter {
 /// interval (a minute here), each subscriber's events in order, each event once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_that_comes_during_a_big_round_joins_the_writes_not_yet_made() {
-    use crate::log_common::{test_config, EventGen};
-    use sluice::fanout::filter::Filter;
-    use sluice::fanout::{Hub, HubConfig, SlowPolicy, Start};
-    use sluice::log::Log;
-    use sluice::wire::WireKind;
-
     const SUBS: usize = 100;
     let _machine = crate::exclusive::shared().await;
     let pace = Duration::from_secs(60);
-    let dir = tempfile::tempdir().unwrap();
-    let (log, state) = Log::open(test_config(dir.path())).unwrap();
-    let log = Arc::new(log);
-    let mut gen = EventGen::new(state);
+    let (_dir, log, mut gen, hub) = log_and_hub();
     let first_frame = gen.next_frame();
     let turns = Arc::new(Turns {
         log: log.clone(),
         gen: parking_lot::Mutex::new(gen),
         writes: parking_lot::Mutex::new(Vec::new()),
     });
-    let hub = Hub::start(log.reader(), HubConfig::default()).unwrap();
     let session_got = Arc::new(parking_lot::Mutex::new(Vec::new()));
     let mut sessions = Vec::new();
     for id in 0..SUBS {
-        let mut sub = hub.subscribe(
-            WireKind::JetstreamV2,
-            Filter::default(),
-            SlowPolicy::Catchup,
-            Start::Live,
-        );
         let writer = TurnWriter {
             id,
             turns: turns.clone(),
         };
-        sub.set_direct(Arc::new(writer), pace);
         let got = session_got.clone();
-        sessions.push(tokio::spawn(async move {
-            loop {
-                match sub.next_batch(256).await {
-                    Ok(batch) => got.lock().extend(batch.iter().map(|e| (id, e.seq))),
-                    Err(end) => panic!("subscription ended: {end:?}"),
-                }
-            }
+        sessions.push(subscribe_direct(&hub, Arc::new(writer), pace, move |seq| {
+            got.lock().push((id, seq))
         }));
     }
     // Let the sessions park before the first event.
@@ -563,41 +562,19 @@ impl sluice::fanout::DirectWrite for Refuser {
 /// once, each path in order, and the refusing one got events by both paths.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_direct_writes_put_the_borrowed_events_back_in_order() {
-    use crate::log_common::{test_config, EventGen};
-    use sluice::fanout::filter::Filter;
-    use sluice::fanout::{Hub, HubConfig, SlowPolicy, Start};
-    use sluice::log::Log;
-    use sluice::wire::WireKind;
-
     let _machine = crate::exclusive::shared().await;
     let pace = Duration::from_millis(20);
-    let dir = tempfile::tempdir().unwrap();
-    let (log, state) = Log::open(test_config(dir.path())).unwrap();
-    let log = Arc::new(log);
-    let mut gen = EventGen::new(state);
-    let hub = Hub::start(log.reader(), HubConfig::default()).unwrap();
+    let (_dir, log, mut gen, hub) = log_and_hub();
     let refuser = Arc::new(Refuser::default());
     let taker = Arc::new(Recorder::default());
     let writers: [Arc<dyn sluice::fanout::DirectWrite>; 2] = [refuser.clone(), taker.clone()];
     let mut sessions = Vec::new();
     let mut session_got = Vec::new();
     for writer in writers {
-        let mut sub = hub.subscribe(
-            WireKind::JetstreamV2,
-            Filter::default(),
-            SlowPolicy::Catchup,
-            Start::Live,
-        );
-        sub.set_direct(writer, pace);
         let got = Arc::new(parking_lot::Mutex::new(Vec::new()));
         session_got.push(got.clone());
-        sessions.push(tokio::spawn(async move {
-            loop {
-                match sub.next_batch(256).await {
-                    Ok(batch) => got.lock().extend(batch.iter().map(|e| e.seq)),
-                    Err(end) => panic!("subscription ended: {end:?}"),
-                }
-            }
+        sessions.push(subscribe_direct(&hub, writer, pace, move |seq| {
+            got.lock().push(seq)
         }));
     }
     tokio::time::sleep(Duration::from_millis(50)).await;
