@@ -489,6 +489,9 @@ struct Round {
     /// Emptied `Target::picks` kept for the next rounds: a target allocates nothing once
     /// the dispatcher has run a few rounds.
     spare: Vec<Vec<u32>>,
+    /// Emptied [`flush_deferred`] list of the events it took from the queues, kept for the
+    /// next flush like `spare`.
+    taken: Vec<SharedEvent>,
     /// Subscriber id -> its place in `targets`.
     slots: FxHashMap<u64, usize>,
     /// Subscribers written within their pacing interval whose newer events wait in their
@@ -702,7 +705,7 @@ fn flush_deferred(inner: &HubInner, round: &mut Round) {
     let mut deferred = std::mem::take(&mut round.deferred);
     // What the due subscribers' queues held, one after the other: the round's events,
     // each target's picks a run of places in it.
-    let mut taken: Vec<SharedEvent> = Vec::new();
+    let mut taken = std::mem::take(&mut round.taken);
     deferred.retain(|d| {
         if d.at > now || round.targets.len() >= DIRECT_SLICE {
             next_flush = Some(next_flush.map_or(d.at, |t: Instant| t.min(d.at)));
@@ -737,6 +740,8 @@ fn flush_deferred(inner: &HubInner, round: &mut Round) {
     round.deferred = deferred;
     round.next_flush = next_flush;
     write_directly(inner, round, &taken);
+    taken.clear();
+    round.taken = taken;
 }
 
 pub(super) fn overflow(inner: &HubInner, state: &mut HubState, id: u64) {
