@@ -116,6 +116,9 @@ fn store_config(dir: &std::path::Path) -> FjallConfig {
     if let Some(d) = env_num::<u8>("SLUICE_BENCH_DIRECT_RAW") {
         c.direct_raw_writes = d != 0;
     }
+    if let Some(k) = env_num::<usize>("SLUICE_BENCH_MERGE_KEEP_KIB") {
+        c.merge_keep_raw_bytes = k << 10;
+    }
     c
 }
 
@@ -759,6 +762,7 @@ fn bench_scan_live(c: &mut Criterion) {
         g.bench_function(name, |b| b.iter(|| scan_all(&store, payloads)));
     }
     let (merge_started, stored_before) = (Instant::now(), store.size_bytes());
+    let raw_before = store.raw_size_bytes();
     let mut merged = 0;
     loop {
         let step = store.merge_small_segments().expect("merge");
@@ -767,13 +771,22 @@ fn bench_scan_live(c: &mut Criterion) {
         }
         merged += step.merged;
     }
+    let merge_secs = merge_started.elapsed().as_secs_f64();
+    let per_event = |b: u64| b as f64 / written as f64;
     eprintln!(
-        "live-written store: {written} events in {committed} commits ({:.1} s); merged {merged}          segments into {} in {:.1} s; stored {} -> {} MiB",
+        "live-written store: {written} events in {committed} commits ({:.1} s); merged {merged} \
+         segments into {} in {merge_secs:.2} s ({:.0}k events/s, merge keeps raw from {} KiB); \
+         stored {} -> {} MiB; raw frames {:.0} -> {:.0} B/event, JSON {:.0} -> {:.0} B/event",
         (merge_started - started).as_secs_f64(),
         store.segments(usize::MAX).len(),
-        merge_started.elapsed().as_secs_f64(),
+        written as f64 / merge_secs / 1e3,
+        store_config(dir.path()).merge_keep_raw_bytes >> 10,
         stored_before >> 20,
         store.size_bytes() >> 20,
+        per_event(raw_before),
+        per_event(store.raw_size_bytes()),
+        per_event(stored_before - raw_before),
+        per_event(store.size_bytes() - store.raw_size_bytes()),
     );
     for (name, payloads) in [("merged_v1", Payloads::V1), ("merged_raw", Payloads::RAW)] {
         g.bench_function(name, |b| b.iter(|| scan_all(&store, payloads)));

@@ -127,6 +127,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SLUICE_LOG_MERGE_SEGMENTS", default_value_t = true,
           num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set)]
     pub log_merge_segments: bool,
+    /// A merge of small log segments keeps a segment's raw frames as the writer compressed
+    /// them (a raw frame is compressed once) when they hold at least this many KiB plain;
+    /// smaller ones (low rates) are compressed again together, into zstd frames of at
+    /// least this size (docs/DECISIONS.md, Event log, session 17). 0: always kept; at
+    /// least --log-segment-kib: always compressed again (the merge before session 17).
+    #[arg(long, env = "SLUICE_LOG_MERGE_KEEP_RAW_KIB", default_value_t = 128,
+          value_parser = clap::value_parser!(u64).range(0..=64 * 1024))]
+    pub log_merge_keep_raw_kib: u64,
     /// Write the log's raw-frame files with O_DIRECT, past the page cache: the kernel's
     /// allocation of cache pages for the frames was the commit's largest CPU cost under a
     /// sustained append (docs/DECISIONS.md, Event log, session 14). Falls back to
@@ -840,6 +848,7 @@ impl ServeArgs {
         log.decoded_cache_bytes = usize_of(self.log_decoded_cache_mib * MIB)?;
         log.read_ahead_segments = usize_of(self.log_read_ahead_segments)?;
         log.merge_small_segments = self.log_merge_segments;
+        log.merge_keep_raw_bytes = usize_of(self.log_merge_keep_raw_kib * 1024)?;
         log.direct_raw_writes = self.log_direct_raw_writes;
         log.segment_target_bytes = usize_of(self.log_segment_kib * 1024)?;
         log.read_ahead_class = self.catchup_class();
@@ -1176,6 +1185,28 @@ mod tests {
                 "{bad} refused"
             );
         }
+    }
+
+    #[test]
+    fn the_merge_keeps_raw_frames_from_a_size_set_by_flag_or_file() {
+        let keep = |extra: &[&str]| {
+            let mut argv = vec!["x", "--upstream", "ws://127.0.0.1:9"];
+            argv.extend_from_slice(extra);
+            parse_serve_args(argv)
+                .and_then(|a| a.to_config())
+                .map(|c| c.log.store_config().merge_keep_raw_bytes)
+        };
+        assert_eq!(keep(&[]).unwrap(), 128 * 1024);
+        assert_eq!(keep(&["--log-merge-keep-raw-kib", "0"]).unwrap(), 0);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sluice.toml");
+        std::fs::write(&path, "log_merge_keep_raw_kib = 512\n").unwrap();
+        assert_eq!(
+            keep(&["--config", path.to_str().unwrap()]).unwrap(),
+            512 * 1024
+        );
+        assert!(keep(&["--log-merge-keep-raw-kib", "-1"]).is_err());
+        assert!(keep(&["--log-merge-keep-raw-kib", "70000"]).is_err());
     }
 
     #[test]

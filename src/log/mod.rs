@@ -100,6 +100,9 @@ pub struct LogConfig {
     /// Merge runs of small segments (cut by commits at the live rate) into full-size
     /// ones, on the retention thread (default on).
     pub merge_small_segments: bool,
+    /// Plain raw-frame bytes from which a merged segment's frames are kept as the writer
+    /// compressed them (default 128 KiB; see `fjall_store::FjallConfig::merge_keep_raw_bytes`).
+    pub merge_keep_raw_bytes: usize,
     /// Write the raw files with `O_DIRECT`, past the page cache (default on; see
     /// `fjall_store::FjallConfig::direct_raw_writes`).
     pub direct_raw_writes: bool,
@@ -128,6 +131,7 @@ impl LogConfig {
             compression: store.compression,
             encode_threads: store.encode_threads,
             merge_small_segments: store.merge_small_segments,
+            merge_keep_raw_bytes: store.merge_keep_raw_bytes,
             direct_raw_writes: store.direct_raw_writes,
         }
     }
@@ -146,6 +150,7 @@ impl LogConfig {
         c.compression = self.compression;
         c.encode_threads = self.encode_threads;
         c.merge_small_segments = self.merge_small_segments;
+        c.merge_keep_raw_bytes = self.merge_keep_raw_bytes;
         c.direct_raw_writes = self.direct_raw_writes;
         c
     }

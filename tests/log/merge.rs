@@ -20,13 +20,23 @@ use sluice::upstream::capture::read_all;
 
 const TARGET: usize = 64 * 1024;
 
+/// Merges keep every segment's raw frames as stored (the test's frames are small, so the
+/// default would compress them all again).
 fn config(dir: &Path) -> FjallConfig {
+    config_keeping(dir, 0)
+}
+
+fn config_keeping(dir: &Path, keep_raw_bytes: usize) -> FjallConfig {
     let mut c = FjallConfig::new(dir.join("events"));
     c.segment_target_bytes = TARGET;
     // Small files, so merged-away segments fill and empty several of them.
     c.blob_file_bytes = 256 * 1024;
+    c.merge_keep_raw_bytes = keep_raw_bytes;
     c
 }
+
+/// Bytes of a frames value besides its zstd frames (magic, first seq, plain length).
+const FRAMES_HEADER: u64 = 16;
 
 /// `fixtures/synth-1000.bin`'s first `n` frames, ingested: one Vec of events per frame.
 fn synth_frames(n: usize) -> Vec<Vec<Event>> {
@@ -93,14 +103,20 @@ fn assert_reads_exactly(store: &dyn EventStore, written: &[Event]) {
 
 /// Merge steps until one merges nothing; the segments merged.
 fn merge_all(store: &FjallStore) -> u64 {
-    let mut merged = 0;
+    merge_all_counted(store).0
+}
+
+/// [`merge_all`], and the segments they were merged into.
+fn merge_all_counted(store: &FjallStore) -> (u64, u64) {
+    let (mut merged, mut written) = (0, 0);
     for _ in 0..10_000 {
         let step = store.merge_small_segments().unwrap();
         if step.merged == 0 {
-            return merged;
+            return (merged, written);
         }
         assert!(step.written < step.merged, "{step:?}");
         merged += step.merged;
+        written += step.written;
     }
     panic!("merging never ends");
 }
@@ -125,7 +141,19 @@ fn file_names(dir: &Path) -> Vec<std::path::PathBuf> {
 
 #[test]
 fn small_segments_merge_into_full_ones_and_read_back_exactly() {
+    merge_and_read_back(0);
+}
+
+/// The merge before session 17: every raw frame decoded and compressed again (the
+/// segments' frames are all below the bound), which is still what small ones get.
+#[test]
+fn small_segments_whose_frames_are_compressed_again_read_back_exactly() {
+    merge_and_read_back(TARGET * 2);
+}
+
+fn merge_and_read_back(keep_raw_bytes: usize) {
     let dir = tempfile::tempdir().unwrap();
+    let config = |dir: &Path| config_keeping(dir, keep_raw_bytes);
     let frames = synth_frames(600);
     let (store, _) = FjallStore::open(config(dir.path())).unwrap();
     // Two frames per commit: segments far below the target, as at the live rate.
@@ -133,8 +161,23 @@ fn small_segments_merge_into_full_ones_and_read_back_exactly() {
     let small = store.segments(usize::MAX);
     assert_eq!(small.len(), frames.len().div_ceil(2));
     let stored_before = store.size_bytes();
+    let raw_before = store.raw_size_bytes();
 
-    let merged = merge_all(&store);
+    let (merged, merged_into) = merge_all_counted(&store);
+    if keep_raw_bytes == 0 {
+        // Every segment's zstd frame kept byte for byte: the merged frames values hold
+        // the same zstd frames, less one header per segment merged away.
+        assert_eq!(
+            store.raw_size_bytes(),
+            raw_before - FRAMES_HEADER * (merged - merged_into)
+        );
+    } else {
+        assert!(
+            store.raw_size_bytes() < raw_before - FRAMES_HEADER * (merged - merged_into),
+            "frames compressed together store less: {} vs {raw_before}",
+            store.raw_size_bytes()
+        );
+    }
     let segs = store.segments(usize::MAX);
     assert!(
         merged as usize >= small.len() * 3 / 4,

@@ -22,7 +22,12 @@
 //!   - `records`: record JSON;
 //!   - `other`: identity/account/sync bodies, `tooBig` summaries, and events stored
 //!     verbatim (whatever does not split exactly);
-//! - the *frames value* (`SLF1`): one zstd frame holding the raw frames back to back.
+//! - the *frames value* (`SLF1`: magic, first seq, plain length): the raw frames back to
+//!   back, compressed as one zstd frame by a commit, or as several back to back by a merge
+//!   ([`Encoder::encode_merged`] keeps each merged segment's zstd frame as the writer
+//!   made it, so a raw frame is compressed once); a decoder reads them as one column
+//!   (zstd decodes concatenated frames), so every frames value sluice has written reads
+//!   the same way.
 //!
 //! Every zstd frame carries its content checksum, so a torn or flipped byte is detected on
 //! decode. Store-independent: the two values are plain bytes that any `EventStore` can keep.
@@ -311,7 +316,81 @@ impl Encoder {
         buffers: [Vec<u8>; 2],
     ) -> Result<EncodedSegment, LogError> {
         let [mut events_value, mut frames_value] = buffers;
-        let (Some(first), Some(last)) = (events.first(), events.last()) else {
+        let first = self.prepare(events, raw_level)?;
+        let frames = self.fill_columns(events, None)?;
+        self.put_events_value(events, frames, &mut events_value)?;
+        frames_value.clear();
+        frames_value.reserve(FRAMES_HEADER + zstd::zstd_safe::compress_bound(self.raw_buf.len()));
+        frames_value.extend_from_slice(FRAMES_MAGIC);
+        put_u64(&mut frames_value, first);
+        put_u32(&mut frames_value, len_u32(self.raw_buf.len(), "frames")?);
+        compress_into(&mut self.raw, &self.raw_buf, &mut frames_value)?;
+        Ok(Self::segment(events, events_value, frames_value, raw_level))
+    }
+
+    /// One segment of the events of `sources` (consecutive segments, in order), for a
+    /// merge: the event columns encoded afresh, the raw frames kept as their segments
+    /// stored them (compressed once, by the writer) when a segment's frames hold at least
+    /// `keep_min_plain` plain bytes; the frames of smaller ones (and of any layout stored
+    /// otherwise) are compressed together at `raw_level`, in zstd frames of at least
+    /// `keep_min_plain` plain bytes but the last. The frames value then holds several
+    /// zstd frames back to back, each with its own checksum; a decoder reads them as one
+    /// column ([`decode`]).
+    pub fn encode_merged(
+        &mut self,
+        sources: &[&MergeSource],
+        raw_level: i32,
+        keep_min_plain: usize,
+    ) -> Result<EncodedSegment, LogError> {
+        let events: Vec<SharedEvent> = sources
+            .iter()
+            .flat_map(|s| s.events.iter().cloned())
+            .collect();
+        let first = self.prepare(&events, raw_level)?;
+        let mut lens = sources.iter().flat_map(|s| s.frame_lens.iter().copied());
+        let frames = self.fill_columns(&events, Some(&mut lens))?;
+        let mut events_value = Vec::new();
+        self.put_events_value(&events, frames, &mut events_value)?;
+        let plain: usize = sources.iter().map(|s| s.raw_plain()).sum();
+        let kept: usize = sources.iter().map(|s| s.raw_stored()).sum();
+        let mut frames_value = Vec::with_capacity(
+            FRAMES_HEADER + kept + zstd::zstd_safe::compress_bound(keep_min_plain.min(plain)),
+        );
+        frames_value.extend_from_slice(FRAMES_MAGIC);
+        put_u64(&mut frames_value, first);
+        put_u32(&mut frames_value, len_u32(plain, "frames")?);
+        // `raw_buf` holds the plain frames waiting to be compressed together.
+        for s in sources {
+            match &s.raw {
+                MergeRaw::Stored { value, plain } if *plain >= keep_min_plain => {
+                    compress_into(&mut self.raw, &self.raw_buf, &mut frames_value)?;
+                    self.raw_buf.clear();
+                    frames_value.extend_from_slice(&value[FRAMES_HEADER..]);
+                }
+                MergeRaw::Stored { value, plain } => {
+                    let b = decompress(&value[FRAMES_HEADER..], *plain)?;
+                    self.raw_buf.extend_from_slice(&b);
+                }
+                MergeRaw::Plain(b) => self.raw_buf.extend_from_slice(b),
+            }
+            if self.raw_buf.len() >= keep_min_plain {
+                compress_into(&mut self.raw, &self.raw_buf, &mut frames_value)?;
+                self.raw_buf.clear();
+            }
+        }
+        compress_into(&mut self.raw, &self.raw_buf, &mut frames_value)?;
+        self.raw_buf.clear();
+        Ok(Self::segment(
+            &events,
+            events_value,
+            frames_value,
+            raw_level,
+        ))
+    }
+
+    /// Sets the raw level and clears the columns; the segment's first seq.
+    fn prepare(&mut self, events: &[SharedEvent], raw_level: i32) -> Result<u64, LogError> {
+        let Some(first) = events.first() else {
             return Err(LogError::Backend("cannot encode an empty segment".into()));
         };
         if raw_level != self.raw_level {
@@ -324,7 +403,17 @@ impl Encoder {
             c.clear();
         }
         self.raw_buf.clear();
-        let frames = self.fill_columns(events)?;
+        Ok(first.seq)
+    }
+
+    /// The events value of the filled columns, into `events_value` (cleared first).
+    fn put_events_value(
+        &mut self,
+        events: &[SharedEvent],
+        frames: u32,
+        events_value: &mut Vec<u8>,
+    ) -> Result<(), LogError> {
+        let first = events.first().map_or(0, |e| e.seq);
         let count = len_u32(events.len(), "segment event count")?;
         // Room for the worst case up front: each column compresses straight into it.
         events_value.clear();
@@ -337,44 +426,54 @@ impl Encoder {
                     .sum::<usize>(),
         );
         events_value.extend_from_slice(EVENTS_MAGIC);
-        put_u64(&mut events_value, first.seq);
-        put_u32(&mut events_value, count);
-        put_u32(&mut events_value, frames);
+        put_u64(events_value, first);
+        put_u32(events_value, count);
+        put_u32(events_value, frames);
         let lens_at = events_value.len();
         events_value.resize(EVENTS_HEADER, 0);
         for (i, col) in self.cols.iter().enumerate() {
-            let n = compress_into(&mut self.json, col, &mut events_value)?;
+            let n = compress_into(&mut self.json, col, events_value)?;
             let at = lens_at + i * 8;
             events_value[at..at + 4].copy_from_slice(&len_u32(n, "column")?.to_le_bytes());
             events_value[at + 4..at + 8]
                 .copy_from_slice(&len_u32(col.len(), "column")?.to_le_bytes());
         }
-        frames_value.clear();
-        frames_value.reserve(FRAMES_HEADER + zstd::zstd_safe::compress_bound(self.raw_buf.len()));
-        frames_value.extend_from_slice(FRAMES_MAGIC);
-        put_u64(&mut frames_value, first.seq);
-        put_u32(&mut frames_value, len_u32(self.raw_buf.len(), "frames")?);
-        compress_into(&mut self.raw, &self.raw_buf, &mut frames_value)?;
+        Ok(())
+    }
+
+    fn segment(
+        events: &[SharedEvent],
+        events_value: Vec<u8>,
+        frames_value: Vec<u8>,
+        raw_level: i32,
+    ) -> EncodedSegment {
+        let (first, last) = (events.first(), events.last());
         let info = Segment {
-            first_seq: first.seq,
-            last_seq: last.seq,
-            first_time_us: first.time_us,
-            last_time_us: last.time_us,
-            first_upstream_seq: first.upstream_seq,
-            last_upstream_seq: last.upstream_seq,
+            first_seq: first.map_or(0, |e| e.seq),
+            last_seq: last.map_or(0, |e| e.seq),
+            first_time_us: first.map_or(0, |e| e.time_us),
+            last_time_us: last.map_or(0, |e| e.time_us),
+            first_upstream_seq: first.map_or(0, |e| e.upstream_seq),
+            last_upstream_seq: last.map_or(0, |e| e.upstream_seq),
             bytes: (events_value.len() + frames_value.len()) as u64,
             raw_bytes: frames_value.len() as u64,
         };
-        Ok(EncodedSegment {
+        EncodedSegment {
             info,
             events_value,
             frames_value,
             raw_level,
-        })
+        }
     }
 
-    /// Writes every column of `events`; returns the frame count.
-    fn fill_columns(&mut self, events: &[SharedEvent]) -> Result<u32, LogError> {
+    /// Writes every column of `events`; returns the frame count. The raw frames go to
+    /// `raw_buf`, or with `raw_lens` (a merge keeping them as stored) only their lengths,
+    /// one per frame in order, are written.
+    fn fill_columns(
+        &mut self,
+        events: &[SharedEvent],
+        mut raw_lens: Option<&mut dyn Iterator<Item = usize>>,
+    ) -> Result<u32, LogError> {
         let [meta, dict, strs, revs, rkeys, cids, records, other] = &mut self.cols;
         let check = &mut self.check;
         let mut dids: HashMap<&str, u64> = HashMap::new();
@@ -397,8 +496,16 @@ impl Encoder {
             put_var(meta, zigzag(head.received_us.wrapping_sub(prev_received)));
             prev_upstream = head.upstream_seq;
             prev_received = head.received_us;
-            put_var(meta, head.raw_frame.len() as u64);
-            self.raw_buf.extend_from_slice(&head.raw_frame);
+            let raw_len = match raw_lens.as_mut() {
+                None => {
+                    self.raw_buf.extend_from_slice(&head.raw_frame);
+                    head.raw_frame.len()
+                }
+                Some(lens) => lens
+                    .next()
+                    .ok_or_else(|| corrupt("fewer raw frame lengths than frames"))?,
+            };
+            put_var(meta, raw_len as u64);
             let next = did_list.len() as u64;
             let did = *dids.entry(&*head.did).or_insert_with(|| {
                 did_list.push(&*head.did);
@@ -489,6 +596,9 @@ impl Encoder {
                 }
             }
             i = end;
+        }
+        if raw_lens.is_some_and(|lens| lens.next().is_some()) {
+            return Err(corrupt("more raw frame lengths than frames"));
         }
         for list in [&did_list, &collection_list] {
             put_var(dict, list.len() as u64);
@@ -734,11 +844,144 @@ pub fn decode_with(
 ) -> Result<Vec<Event>, LogError> {
     match events_value.get(..4) {
         Some(m) if m == EVENTS_MAGIC => {
-            decode_current(events_value, frames_value, payloads, scratch)
+            decode_current(events_value, frames_value, payloads, scratch, None)
         }
         Some(m) if m == format1::MAGIC => format1::decode(events_value, frames_value, payloads),
         _ => Err(corrupt("bad events magic")),
     }
+}
+
+/// A stored segment decoded for a merge ([`Encoder::encode_merged`]): its events with
+/// their JSON but no raw frames, each frame's raw length, and its raw frames.
+#[derive(Debug)]
+pub struct MergeSource {
+    pub events: Vec<SharedEvent>,
+    frame_lens: Vec<usize>,
+    raw: MergeRaw,
+}
+
+/// A merged segment's raw frames.
+#[derive(Debug)]
+enum MergeRaw {
+    /// The frames value as stored (header and zstd frames), checked in structure: its
+    /// frames declare `plain` bytes in all, which its events' frames add up to. Its
+    /// checksums are checked when it is read.
+    Stored { value: Vec<u8>, plain: usize },
+    /// Plain frames of a layout that stores them otherwise.
+    Plain(Vec<u8>),
+}
+
+impl MergeSource {
+    /// Plain bytes of the raw frames.
+    pub fn raw_plain(&self) -> usize {
+        match &self.raw {
+            MergeRaw::Stored { plain, .. } => *plain,
+            MergeRaw::Plain(b) => b.len(),
+        }
+    }
+
+    /// Stored bytes of the raw frames (their zstd frames), as kept.
+    fn raw_stored(&self) -> usize {
+        match &self.raw {
+            MergeRaw::Stored { value, .. } => value.len().saturating_sub(FRAMES_HEADER),
+            MergeRaw::Plain(_) => 0,
+        }
+    }
+
+    /// Plain bytes of the segment (JSON and raw frames), as [`payload_bytes`] counts them.
+    pub fn plain_bytes(&self) -> usize {
+        self.raw_plain()
+            + self
+                .events
+                .iter()
+                .map(|e| payload_bytes(e, false))
+                .sum::<usize>()
+    }
+}
+
+/// Decodes a stored segment for a merge: every JSON column (so their checksums are
+/// checked), the raw frames left compressed and checked in structure only (each zstd
+/// frame's declared size; their checksums are checked whenever they are read).
+pub fn decode_for_merge(
+    events_value: &[u8],
+    frames_value: Vec<u8>,
+) -> Result<MergeSource, LogError> {
+    let json = Payloads {
+        v1: true,
+        v2: true,
+        raw: false,
+    };
+    if events_value.get(..4) != Some(EVENTS_MAGIC.as_slice()) {
+        // Another layout: every payload decoded, the frames compressed again.
+        let events = decode(events_value, Some(&frames_value), Payloads::ALL)?;
+        let mut starts = FrameStarts::default();
+        let mut frame_lens = Vec::new();
+        let mut plain = Vec::new();
+        for e in &events {
+            if starts.next(e) {
+                frame_lens.push(e.raw_frame.len());
+                plain.extend_from_slice(&e.raw_frame);
+            }
+        }
+        let events = events
+            .into_iter()
+            .map(|mut e| {
+                e.raw_frame = Bytes::new();
+                e
+            })
+            .collect();
+        return Ok(MergeSource {
+            events: SharedEvent::run(events),
+            frame_lens,
+            raw: MergeRaw::Plain(plain),
+        });
+    }
+    let mut frame_lens = Vec::new();
+    let events = decode_current(
+        events_value,
+        None,
+        json,
+        &mut DecodeScratch::default(),
+        Some(&mut frame_lens),
+    )?;
+    let first_seq = events.first().map_or(0, |e| e.seq);
+    let mut f = Cursor::new(&frames_value);
+    if f.take(4)? != FRAMES_MAGIC {
+        return Err(corrupt("bad frames magic"));
+    }
+    if f.u64()? != first_seq {
+        return Err(corrupt("frames value belongs to another segment"));
+    }
+    let plain = f.u32()? as usize;
+    if frame_lens.iter().try_fold(0usize, |a, &l| a.checked_add(l)) != Some(plain) {
+        return Err(corrupt("raw frame lengths do not add up to the frames"));
+    }
+    let mut rest = &frames_value[FRAMES_HEADER..];
+    let mut declared = 0u64;
+    while !rest.is_empty() {
+        let n = zstd::zstd_safe::find_frame_compressed_size(rest)
+            .ok()
+            .filter(|&n| n > 0 && n <= rest.len())
+            .ok_or_else(|| corrupt("raw frames are not whole zstd frames"))?;
+        match zstd::zstd_safe::get_frame_content_size(&rest[..n]) {
+            Ok(Some(size)) => declared = declared.saturating_add(size),
+            _ => return Err(corrupt("a raw zstd frame does not declare its size")),
+        }
+        rest = &rest[n..];
+    }
+    if declared != plain as u64 {
+        return Err(corrupt(format!(
+            "raw zstd frames declare {declared} bytes, the frames value {plain}"
+        )));
+    }
+    Ok(MergeSource {
+        events: SharedEvent::run(events),
+        frame_lens,
+        raw: MergeRaw::Stored {
+            value: frames_value,
+            plain,
+        },
+    })
 }
 
 /// What a decode needs only while it runs (the plain columns: the events it returns
@@ -783,11 +1026,14 @@ fn tid_at(col: Option<&[u8]>, pos: &mut usize) -> Result<u64, LogError> {
 /// 20-digit seq and its RFC 3339 time) plus a commit's keys and two TIDs, rounded up.
 const ASSEMBLED_FIXED_BYTES: usize = 320;
 
+/// `raw_lens`, when given, gets each frame's raw length in order (whether or not the raw
+/// frames are read).
 fn decode_current(
     events_value: &[u8],
     frames_value: Option<&[u8]>,
     payloads: Payloads,
     scratch: &mut DecodeScratch,
+    mut raw_lens: Option<&mut Vec<usize>>,
 ) -> Result<Vec<Event>, LogError> {
     let mut c = Cursor::new(events_value);
     c.take(4)?;
@@ -880,6 +1126,9 @@ fn decode_current(
         upstream_seq = upstream_seq.wrapping_add(unzigzag(m.var()?));
         received_us = received_us.wrapping_add(unzigzag(m.var()?));
         let raw_len = m.var()? as usize;
+        if let Some(lens) = raw_lens.as_deref_mut() {
+            lens.push(raw_len);
+        }
         let did = dids
             .get(m.var()? as usize)
             .ok_or_else(|| corrupt("DID number beyond the table"))?;
@@ -1110,6 +1359,148 @@ mod tests {
         assert!(decode(&bad, Some(&seg.frames_value), Payloads::ALL).is_err());
         bad.truncate(n - 5);
         assert!(decode(&bad, None, Payloads::V1).is_err());
+    }
+
+    /// Events of `frames` frames of 1-3 events each from `seq` on, each frame `size`
+    /// bytes of frame-specific content (zstd finds little across frames).
+    fn frames_of(seq: u64, frames: u64, size: usize) -> Vec<SharedEvent> {
+        let mut out = Vec::new();
+        let mut next = seq;
+        for f in 0..frames {
+            let upstream = 1000 + (seq + f) as i64;
+            let mut x = (upstream as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let body: Vec<u8> = (0..size)
+                .map(|i| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    if i % 3 == 0 {
+                        b'a' + (i % 7) as u8
+                    } else {
+                        x as u8
+                    }
+                })
+                .collect();
+            let frame = Bytes::from(body);
+            for op in 0..=(f % 3) as u16 {
+                out.push(ev(next, upstream, op, &frame));
+                next += 1;
+            }
+        }
+        out
+    }
+
+    /// Stores `segments` as committed segments are stored, then decodes them for a merge.
+    fn merge_sources(enc: &mut Encoder, segments: &[Vec<SharedEvent>]) -> Vec<MergeSource> {
+        segments
+            .iter()
+            .map(|events| {
+                let seg = enc.encode(events).unwrap();
+                decode_for_merge(&seg.events_value, seg.frames_value).unwrap()
+            })
+            .collect()
+    }
+
+    /// The zstd frames a frames value holds.
+    fn zstd_frames(frames_value: &[u8]) -> usize {
+        let mut rest = &frames_value[FRAMES_HEADER..];
+        let mut n = 0;
+        while !rest.is_empty() {
+            let len = zstd::zstd_safe::find_frame_compressed_size(rest).unwrap();
+            rest = &rest[len..];
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn a_merge_keeps_large_segments_frames_and_compresses_small_ones_again() {
+        let sizes = [(40u64, 4000usize), (3, 500), (2, 700), (30, 4000), (1, 300)];
+        let mut segments = Vec::new();
+        let mut seq = 1;
+        for (frames, size) in sizes {
+            let events = frames_of(seq, frames, size);
+            seq += events.len() as u64;
+            segments.push(events);
+        }
+        let all: Vec<SharedEvent> = segments.iter().flatten().cloned().collect();
+        let mut enc = Encoder::new(Compression::default()).unwrap();
+        let sources = merge_sources(&mut enc, &segments);
+        let refs: Vec<&MergeSource> = sources.iter().collect();
+        // Kept: 40 x 4000 and 30 x 4000 plain bytes are at least 64 KiB; the three small
+        // ones between and after are compressed again, together up to the next kept one.
+        let merged = enc.encode_merged(&refs, 3, 64 * 1024).unwrap();
+        assert_eq!(zstd_frames(&merged.frames_value), 4);
+        let kept = &merged.frames_value[FRAMES_HEADER..];
+        // The first segment's zstd frame is in it byte for byte.
+        let first = enc.encode(&segments[0]).unwrap();
+        let first = &first.frames_value[FRAMES_HEADER..];
+        assert_eq!(&kept[..first.len()], first);
+        let check = |seg: &EncodedSegment| {
+            let back = decode(&seg.events_value, Some(&seg.frames_value), Payloads::ALL).unwrap();
+            assert_eq!(back.len(), all.len());
+            for (a, b) in all.iter().zip(&back) {
+                assert_eq!(
+                    (a.seq, a.upstream_seq, a.op_index),
+                    (b.seq, b.upstream_seq, b.op_index)
+                );
+                assert_eq!((&a.v1_json, &a.v2_json), (&b.v1_json, &b.v2_json));
+                assert_eq!(a.raw_frame, b.raw_frame, "raw of seq {}", a.seq);
+            }
+        };
+        check(&merged);
+        // Every zstd frame carries its checksum: a flipped byte anywhere in the frames is
+        // an error, never other frames and never a panic.
+        let body = FRAMES_HEADER..merged.frames_value.len();
+        for i in body.step_by(97) {
+            let mut bad = merged.frames_value.clone();
+            bad[i] ^= 0x20;
+            assert!(
+                decode(&merged.events_value, Some(&bad), Payloads::RAW).is_err(),
+                "flip at {i} not detected"
+            );
+        }
+        // Everything kept (0), and everything compressed again (what the merge did before
+        // session 17): the latter is byte for byte the segment a commit of all the events
+        // stores, so stores merged before read as they did.
+        let kept_all = enc.encode_merged(&refs, 3, 0).unwrap();
+        assert_eq!(zstd_frames(&kept_all.frames_value), segments.len());
+        check(&kept_all);
+        let again = enc.encode_merged(&refs, 3, usize::MAX).unwrap();
+        let whole = enc.encode_at(&all, 3).unwrap();
+        assert_eq!(again.frames_value, whole.frames_value);
+        assert_eq!(again.events_value, whole.events_value);
+        assert_eq!(again.info, whole.info);
+        assert_eq!(zstd_frames(&again.frames_value), 1);
+    }
+
+    #[test]
+    fn a_segment_whose_frames_do_not_add_up_is_not_merged() {
+        let events = frames_of(1, 5, 2000);
+        let mut enc = Encoder::new(Compression::default()).unwrap();
+        let seg = enc.encode(&events).unwrap();
+        let fv = &seg.frames_value;
+        // Truncated zstd frame, a frame cut at its end, bytes after it, a header that
+        // declares other plain bytes, another segment's seq: errors, never a panic.
+        let mut cases: Vec<Vec<u8>> = vec![
+            fv[..fv.len() - 1].to_vec(),
+            fv[..FRAMES_HEADER + 3].to_vec(),
+            [fv.as_slice(), b"junk"].concat(),
+            fv[..FRAMES_HEADER].to_vec(),
+        ];
+        let mut plain = fv.clone();
+        plain[12] ^= 1;
+        cases.push(plain);
+        let mut seq = fv.clone();
+        seq[4] ^= 1;
+        cases.push(seq);
+        for (i, bad) in cases.into_iter().enumerate() {
+            assert!(
+                decode_for_merge(&seg.events_value, bad).is_err(),
+                "case {i} accepted"
+            );
+        }
+        assert!(decode_for_merge(&seg.events_value, fv.clone()).is_ok());
     }
 
     #[test]

@@ -2,7 +2,13 @@
 //! (~50 events at 500 events/s), and a scan pays fixed work per segment (a zstd frame per
 //! column, the DID and collection tables, a cache entry, a read-ahead hand-off), so a
 //! store written live scanned several times slower than one written in bulk. Runs of such
-//! segments are decoded and written again as full-size ones (`segment_target_bytes`).
+//! segments are decoded and written again as full-size ones (`segment_target_bytes`): the
+//! event columns encoded afresh, the raw frames (most of the bytes) kept as the writer
+//! compressed them, a segment's zstd frame copied whole, so a raw frame is compressed
+//! once ([`codec::Encoder::encode_merged`]; docs/DECISIONS.md, Event log, session 17).
+//! Only segments holding less than `merge_keep_raw_bytes` of plain frames (low rates,
+//! where a zstd frame that small costs ratio) have their frames compressed again,
+//! together.
 //!
 //! Owns: which segments are merged, and the merge's commit: the new values are written
 //! and synced to files of their own (not the commits' files, so the files of merged-away
@@ -11,6 +17,7 @@
 //! unreferenced bytes that open removes (the old entries still read the old bytes), a
 //! crash after it leaves old bytes nothing points at, removed the same way.
 //! Must never: change an event (the merged segment decodes to exactly the run's events),
+//! compress again the frames of a segment that holds `merge_keep_raw_bytes` of them,
 //! touch the newest segment, segments below the raw floor or with their frames in their
 //! data file (the first layout), or run beside retention's deletions (the maintenance
 //! lock). A reader that planned its read on the old entries keeps reading the old bytes
@@ -19,8 +26,8 @@
 
 use std::sync::atomic::Ordering;
 
-use super::super::codec::{self, FrameStarts};
-use super::super::store::{EncodedSegment, LogError, MergeStep, Payloads, SharedEvent};
+use super::super::codec::{self, MergeSource};
+use super::super::store::{EncodedSegment, LogError, MergeStep};
 use super::layout::{encode_entry, key, FramesAt, Stored};
 use super::{backend, FjallStore, Pair};
 
@@ -49,9 +56,9 @@ impl FjallStore {
             return Ok(MergeStep::default());
         };
         let after_run = last.info.last_seq + 1;
-        // Decode the run, every payload: the merged segment is encoded from the events
-        // exactly as a commit would encode them.
-        let mut decoded: Vec<(Stored, Vec<SharedEvent>, u64)> = Vec::with_capacity(run.len());
+        // Decode the run's events with their JSON; the raw frames stay compressed (the
+        // writer compressed them once; see `codec::Encoder::encode_merged`).
+        let mut decoded: Vec<(Stored, MergeSource, u64)> = Vec::with_capacity(run.len());
         let mut buf = Vec::new();
         for s in &run {
             if !self.reads.read_values(s, true, &mut buf)? {
@@ -59,14 +66,10 @@ impl FjallStore {
                 // merge nothing now.
                 return Ok(MergeStep::default());
             }
-            let (ev, fr) = buf.split_at(s.events_len as usize);
-            let events = SharedEvent::run(codec::decode(ev, Some(fr), Payloads::ALL)?);
-            let mut starts = FrameStarts::default();
-            let plain = events
-                .iter()
-                .map(|e| codec::payload_bytes(e, starts.next(e)) as u64)
-                .sum();
-            decoded.push((*s, events, plain));
+            let frames = buf.split_off(s.events_len as usize);
+            let source = codec::decode_for_merge(&buf, frames)?;
+            let plain = source.plain_bytes() as u64;
+            decoded.push((*s, source, plain));
         }
         // Groups of whole segments, each reaching the target.
         let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
@@ -93,6 +96,7 @@ impl FjallStore {
             return Ok(MergeStep::default());
         }
         let level = self.config.compression.raw_level;
+        let keep = self.config.merge_keep_raw_bytes;
         let mut encoder = self
             .take_encoders(1)?
             .pop()
@@ -100,11 +104,9 @@ impl FjallStore {
         let encoded: Result<Vec<EncodedSegment>, LogError> = groups
             .iter()
             .map(|g| {
-                let events: Vec<SharedEvent> = decoded[g.clone()]
-                    .iter()
-                    .flat_map(|(_, e, _)| e.iter().cloned())
-                    .collect();
-                encoder.encode_at(&events, level)
+                let sources: Vec<&MergeSource> =
+                    decoded[g.clone()].iter().map(|(_, s, _)| s).collect();
+                encoder.encode_merged(&sources, level, keep)
             })
             .collect();
         if let Ok(mut pool) = self.encoders.lock() {
