@@ -1,7 +1,8 @@
 //! The one upstream subscription.
 //!
 //! Owns: connecting to the relay, the frame size limit, stall detection (ping/pong),
-//! full-jitter reconnect backoff and resuming from the cursor that ingest has reached.
+//! full-jitter reconnect backoff, resuming from the cursor that ingest has reached, and
+//! handing each frame over in an allocation of its own (never a view into the read buffer).
 //! Must never: decode a frame (ingest does, once), read ahead of ingest by more than the
 //! channel's bound, or retry an oversized frame forever.
 
