@@ -306,28 +306,39 @@ impl Log {
         }
         let _guard = self.append_lock.lock().unwrap_or_else(|p| p.into_inner());
         let first = self.shared.tail.next_seq();
-        let mut shared = Vec::with_capacity(events.len());
         let mut bytes = 0;
+        let mut frames = 0usize;
         let mut starts = codec::FrameStarts::default();
-        // One run per frame: the tail may keep a frame's last events after its first
-        // ones left, and a run is freed with its last event, so a run is never longer
-        // than a frame (whose events share their raw frame anyway).
-        let mut frame: Vec<Event> = Vec::new();
-        for (expected, event) in (first..).zip(events) {
+        for (expected, event) in (first..).zip(&events) {
             if event.seq != expected {
                 return Err(LogError::OutOfOrder {
                     expected,
                     got: event.seq,
                 });
             }
-            let starts_frame = starts.next(&event);
-            if starts_frame && !frame.is_empty() {
-                shared.extend(SharedEvent::iter(&Arc::new(std::mem::take(&mut frame)), 0));
-            }
-            bytes += codec::payload_bytes(&event, starts_frame);
-            frame.push(event);
+            let starts_frame = starts.next(event);
+            frames += usize::from(starts_frame);
+            bytes += codec::payload_bytes(event, starts_frame);
         }
-        shared.extend(SharedEvent::iter(&Arc::new(frame), 0));
+        // One run per frame: the tail may keep a frame's last events after its first
+        // ones left, and a run is freed with its last event, so a run is never longer
+        // than a frame (whose events share their raw frame anyway).
+        let mut shared = Vec::with_capacity(events.len());
+        if frames <= 1 {
+            // The usual batch (ingest appends frame by frame): the batch itself is the
+            // run, with nothing moved or allocated again.
+            shared.extend(SharedEvent::iter(&Arc::new(events), 0));
+        } else {
+            let mut starts = codec::FrameStarts::default();
+            let mut frame: Vec<Event> = Vec::new();
+            for event in events {
+                if starts.next(&event) && !frame.is_empty() {
+                    shared.extend(SharedEvent::iter(&Arc::new(std::mem::take(&mut frame)), 0));
+                }
+                frame.push(event);
+            }
+            shared.extend(SharedEvent::iter(&Arc::new(frame), 0));
+        }
         self.shared.tail.push(&shared);
         self.queue.push(shared, bytes)
     }

@@ -1,7 +1,8 @@
 //! The one upstream subscription.
 //!
 //! Owns: connecting to the relay, the frame size limit, stall detection (ping/pong),
-//! full-jitter reconnect backoff and resuming from the cursor that ingest has reached.
+//! full-jitter reconnect backoff, resuming from the cursor that ingest has reached, and
+//! handing each frame over in an allocation of its own (never a view into the read buffer).
 //! Must never: decode a frame (ingest does, once), read ahead of ingest by more than the
 //! channel's bound, or retry an oversized frame forever.
 
@@ -21,6 +22,13 @@ use tokio_tungstenite::tungstenite::{
 };
 
 use crate::clock::now_us;
+
+/// What one read of the upstream socket takes at most, and so what tungstenite zeroes
+/// before each read. A frame of any size up to `max_frame_bytes` is still read whole
+/// (its buffer grows to hold it); this only bounds one `recv`. tungstenite's 128 KiB
+/// default zeroed up to that much before every read at the live rate of one frame per
+/// read (docs/DECISIONS.md, "Subscriber writes", session 17 "F: the ingest path").
+pub const READ_BUFFER_BYTES: usize = 32 * 1024;
 
 /// The relay sluice subscribes to when none is configured.
 pub const DEFAULT_UPSTREAM: &str = "wss://bsky.network/xrpc/com.atproto.sync.subscribeRepos";
@@ -285,6 +293,7 @@ async fn connect_and_read(
     connection: u64,
 ) -> Ended {
     let ws_config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
         .max_message_size(Some(config.max_frame_bytes))
         .max_frame_size(Some(config.max_frame_bytes));
     tracing::info!(%url, "connecting to upstream");
@@ -341,8 +350,15 @@ async fn connect_and_read(
                 }
             }
             next = source.next() => match next {
-                Some(Ok(Message::Binary(bytes))) => {
+                Some(Ok(Message::Binary(read))) => {
                     last_heard = tokio::time::Instant::now();
+                    // The frame in an allocation of its own: tungstenite's payload is a
+                    // view into its read buffer, so keeping it (the log keeps every frame
+                    // for seconds) pinned that buffer, and each read past it allocated a
+                    // new 64 KiB one. The copy lets tungstenite reuse one buffer, and a
+                    // frame held anywhere holds only its own bytes.
+                    let bytes = Bytes::copy_from_slice(&read);
+                    drop(read);
                     let frame = ReceivedFrame { bytes, received_us: now_us(), connection };
                     shared.sent.fetch_add(1, Ordering::AcqRel);
                     if frames.send(frame).await.is_err() {

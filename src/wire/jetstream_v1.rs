@@ -31,17 +31,38 @@ pub fn open(out: &mut Vec<u8>, did: &str, time_us: i64, seq: u64, kind: &str) {
 
 /// A commit op event.
 pub fn commit_op(seq: u64, time_us: i64, did: &str, rev: &str, op: &Op) -> Vec<u8> {
-    let record_len = match &op.record {
-        RecordState::Json(json) => json.len(),
-        _ => 0,
-    };
-    let mut out = Vec::with_capacity(192 + record_len + did.len() + op.collection.len());
+    let mut out = Vec::with_capacity(commit_op_capacity(did, rev, op));
     open(&mut out, did, time_us, seq, "commit");
     push_key(&mut out, "commit");
     out.push(b'{');
     push_op_fields(&mut out, rev, op);
     out.extend_from_slice(b"}}");
     out
+}
+
+/// What [`commit_op`] allocates: its envelope and [`op_fields_len`], so that an event
+/// without escapes is written without growing its buffer (the old estimate left out the
+/// rev, rkey and CID and regrew most events once, a copy and a realloc per event).
+pub(crate) fn commit_op_capacity(did: &str, rev: &str, op: &Op) -> usize {
+    // `{"did":"..","time_us":..,"cursor":..,"kind":"commit","commit":{` and `}}`, with
+    // 20 digits for each number.
+    112 + did.len() + op_fields_len(rev, op)
+}
+
+/// The length of [`push_op_fields`]' output when no string needs escaping (an escape
+/// grows the buffer as usual).
+pub(crate) fn op_fields_len(rev: &str, op: &Op) -> usize {
+    let record = match &op.record {
+        RecordState::Json(json) => json.len(),
+        _ => 0,
+    };
+    // The keys, quotes and commas (at most 96 with `recordUndecodable`), then the values.
+    96 + rev.len()
+        + op.action.as_str().len()
+        + op.collection.len()
+        + op.rkey.len()
+        + record
+        + op.cid.as_ref().map_or(0, String::len)
 }
 
 /// `rev, operation, collection, rkey[, record | recordMissing | recordUndecodable][, cid]`
@@ -116,4 +137,55 @@ pub fn too_big_notice(seq: u64, time_us: i64, did: &str, size: usize, limit: usi
     push_str(&mut out, &format!("/event/{seq}?wire=v1"));
     out.extend_from_slice(b"}}");
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::Action;
+    use crate::wire::jetstream_v2;
+
+    /// Each op shape at the longest envelope (20-digit numbers, a year of more than four
+    /// digits on v2): both wires write it without growing the buffer they allocated.
+    #[test]
+    fn a_commit_op_is_written_in_the_buffer_it_allocated() {
+        let record = r#"{"$type":"app.bsky.feed.post","text":"hello","createdAt":"2026-07-04T00:00:00.000Z"}"#;
+        let cid = "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm";
+        let op = |action, record: RecordState, cid: Option<&str>| Op {
+            action,
+            collection: "app.bsky.feed.post".repeat(17),
+            rkey: "3l4qkq7zq2k2a".repeat(39),
+            cid: cid.map(str::to_string),
+            prev: cid.map(str::to_string),
+            record,
+        };
+        let ops = [
+            op(Action::Create, RecordState::Json(record.into()), Some(cid)),
+            op(Action::Update, RecordState::Undecodable, Some(cid)),
+            op(Action::Create, RecordState::Missing, Some(cid)),
+            op(Action::Delete, RecordState::None, None),
+        ];
+        let did = format!("did:plc:{}", "a".repeat(2040));
+        let rev = "3l4qkq7zq2k2a";
+        for op in &ops {
+            for (seq, time_us) in [
+                (1, 1_700_000_000_000_000),
+                (u64::MAX, i64::MIN),
+                (u64::MAX, i64::MAX),
+            ] {
+                let v1 = commit_op(seq, time_us, &did, rev, op);
+                assert_eq!(
+                    v1.capacity(),
+                    commit_op_capacity(&did, rev, op),
+                    "v1 {op:?}"
+                );
+                let v2 = jetstream_v2::commit_op(seq, time_us, &did, rev, op);
+                assert_eq!(
+                    v2.capacity(),
+                    jetstream_v2::commit_op_capacity(&did, rev, op),
+                    "v2 {op:?}"
+                );
+            }
+        }
+    }
 }

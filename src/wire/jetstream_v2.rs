@@ -31,16 +31,20 @@ pub fn open(out: &mut Vec<u8>, def: &str, seq: u64, time_us: i64, did: &str) {
 
 /// A `#commit` message for one op.
 pub fn commit_op(seq: u64, time_us: i64, did: &str, rev: &str, op: &Op) -> Vec<u8> {
-    let record_len = match &op.record {
-        crate::decode::RecordState::Json(json) => json.len(),
-        _ => 0,
-    };
-    let mut out = Vec::with_capacity(256 + record_len + did.len() + op.collection.len());
+    let mut out = Vec::with_capacity(commit_op_capacity(did, rev, op));
     open(&mut out, "commit", seq, time_us, did);
     out.push(b',');
     super::jetstream_v1::push_op_fields(&mut out, rev, op);
     out.extend_from_slice(b"}}");
     out
+}
+
+/// What [`commit_op`] allocates: the envelope (`{"$type":"message","payload":{"$type":
+/// "network.bsky.jetstream.subscribeEvents#commit","seq":..,"did":"..","time":"..",` and
+/// `}}`, at most 176 bytes besides the DID) and the op's fields, so an event without escapes
+/// is written without growing its buffer.
+pub(crate) fn commit_op_capacity(did: &str, rev: &str, op: &Op) -> usize {
+    176 + did.len() + super::jetstream_v1::op_fields_len(rev, op)
 }
 
 /// `#identity`, `#account` and `#sync`: the upstream body wrapped verbatim under its kind.

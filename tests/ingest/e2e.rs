@@ -148,6 +148,43 @@ async fn replay_of_the_real_capture_is_ingested_with_correct_stamps() {
     assert_eq!((identity, account), (1, 1));
 }
 
+/// A frame kept by the log holds its own bytes only: the payload tungstenite hands over is a
+/// view into its read buffer, and keeping that view pinned the whole buffer (and made each
+/// later read allocate a new one). Checked at the sink: once the batch is dropped, its raw
+/// frame must be the only handle on its allocation, byte for byte the frame sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_handed_to_ingest_holds_only_its_own_allocation() {
+    let frames = corpus();
+    let (addr, _replay) = start_replay(frames.clone()).await;
+    let kept: Arc<Mutex<Vec<Result<bytes::BytesMut, Bytes>>>> = Arc::default();
+    let sink_kept = kept.clone();
+    let handle = start_ingest(
+        config(addr),
+        StampState::fresh(),
+        move |events: Vec<Event>| {
+            let raw = events.first().map(|e| e.raw_frame.clone());
+            drop(events);
+            if let Some(raw) = raw {
+                sink_kept.lock().unwrap().push(raw.try_into_mut());
+            }
+            Ok(())
+        },
+    )
+    .unwrap();
+    wait_for("150 frames", || kept.lock().unwrap().len() >= 150).await;
+    handle.shutdown().await.unwrap();
+    let kept = std::mem::take(&mut *kept.lock().unwrap());
+    assert_eq!(kept.len(), 150);
+    for (i, (raw, sent)) in kept.into_iter().zip(&frames).enumerate() {
+        match raw {
+            Ok(unique) => assert_eq!(&unique[..], &sent[..], "frame {i}"),
+            Err(_) => {
+                panic!("frame {i} shares its allocation with something the sink does not hold")
+            }
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_resumes_from_the_log_without_gap_or_duplicate() {
     let frames = corpus();
