@@ -306,6 +306,30 @@ fn subscribe_direct(
     })
 }
 
+/// Each path (the dispatcher's direct writes, the session) delivers in order, and together
+/// they deliver each of `expected` exactly once; `label` starts every failure message.
+fn assert_each_path_in_order_and_every_event_once(
+    label: &str,
+    direct_seqs: &[u64],
+    session_seqs: &[u64],
+    expected: &[u64],
+) {
+    assert!(
+        direct_seqs.windows(2).all(|w| w[0] < w[1]),
+        "{label}{direct_seqs:?}"
+    );
+    assert!(
+        session_seqs.windows(2).all(|w| w[0] < w[1]),
+        "{label}{session_seqs:?}"
+    );
+    let mut all: Vec<u64> = direct_seqs.iter().chain(session_seqs).copied().collect();
+    all.sort_unstable();
+    assert_eq!(
+        all, expected,
+        "{label}direct {direct_seqs:?}, session {session_seqs:?}"
+    );
+}
+
 /// Direct writes are paced like the session's (`--coalesce-us`): with a 100 ms interval
 /// and an event every ~2 ms, the dispatcher writes a parked subscriber at most once per
 /// interval, each write carrying what queued meanwhile, without handing it to the
@@ -352,21 +376,7 @@ async fn direct_writes_are_paced_and_batch_what_queued_meanwhile() {
     let session_seqs = session_got.lock().clone();
     let writes = recorder.writes.lock().clone();
 
-    // Each path delivers in order, and together they deliver each event exactly once.
-    assert!(
-        direct_seqs.windows(2).all(|w| w[0] < w[1]),
-        "{direct_seqs:?}"
-    );
-    assert!(
-        session_seqs.windows(2).all(|w| w[0] < w[1]),
-        "{session_seqs:?}"
-    );
-    let mut all: Vec<u64> = direct_seqs.iter().chain(&session_seqs).copied().collect();
-    all.sort_unstable();
-    assert_eq!(
-        all, expected,
-        "direct {direct_seqs:?}, session {session_seqs:?}"
-    );
+    assert_each_path_in_order_and_every_event_once("", &direct_seqs, &session_seqs, &expected);
     // At most one write per interval (the dispatcher's rounds and timer only ever wait
     // longer), so no more writes than intervals elapsed.
     let intervals = (elapsed.as_millis() / pace.as_millis()) as usize + 1;
@@ -610,19 +620,11 @@ async fn refused_direct_writes_put_the_borrowed_events_back_in_order() {
     for (i, got) in session_got.iter().enumerate() {
         let direct_seqs = direct_of(i);
         let session_seqs = got.lock().clone();
-        assert!(
-            direct_seqs.windows(2).all(|w| w[0] < w[1]),
-            "{i}: {direct_seqs:?}"
-        );
-        assert!(
-            session_seqs.windows(2).all(|w| w[0] < w[1]),
-            "{i}: {session_seqs:?}"
-        );
-        let mut all: Vec<u64> = direct_seqs.iter().chain(&session_seqs).copied().collect();
-        all.sort_unstable();
-        assert_eq!(
-            all, expected,
-            "{i}: direct {direct_seqs:?}, session {session_seqs:?}"
+        assert_each_path_in_order_and_every_event_once(
+            &format!("{i}: "),
+            &direct_seqs,
+            &session_seqs,
+            &expected,
         );
         if i == 0 {
             assert!(
