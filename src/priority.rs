@@ -487,9 +487,19 @@ mod tests {
             })
             .unwrap();
         is_in.recv().unwrap();
-        // Work handed over once the thread sleeps (waits on a peer, not on a core):
-        // ten bounds without progress.
-        std::thread::sleep(Duration::from_millis(50));
+        // Work handed over once the thread sleeps (waits on a peer, not on a core). The
+        // kernel is asked, not a clock: an idle-class thread on cores busy with another
+        // test's loops can stay ready to run for long between its send and its wait.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let seen = idle_threads(&["test-sleeping"]);
+            if seen.len() == 1 && seen.iter().all(|t| !t.ready) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the thread never went to sleep");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Ten bounds without progress.
         watch.handed();
         std::thread::sleep(Duration::from_millis(200));
         // The work ends before the thread wakes: once woken it is ready to run, and on
