@@ -263,6 +263,27 @@ pub fn retry_after(base_secs: u64) -> u64 {
 mod tests {
     use super::*;
 
+    /// The result of the first run of `round` that took less than `within`, tried for at
+    /// most 30 s. Buckets fill with the clock, so what a bucket answers a few calls apart
+    /// depends on how long those calls took: asserted of a round known to be quick (each
+    /// round starts its buckets afresh). A round the machine stalled (this thread not
+    /// scheduled for that long: CI's loaded cores) is rightly answered otherwise and says
+    /// nothing, so it is run again.
+    fn on_time<T>(within: Duration, mut round: impl FnMut() -> T) -> T {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let started = Instant::now();
+            let result = round();
+            if started.elapsed() < within {
+                return result;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no round ran within {within:?} for 30 s"
+            );
+        }
+    }
+
     #[test]
     fn a_full_bucket_gives_its_burst_then_refuses() {
         let mut bucket = TokenBucket::new(0.001, 3.0);
@@ -275,17 +296,25 @@ mod tests {
         let mut bucket = TokenBucket::new(1000.0, 2.0);
         assert!(bucket.try_take(2.0));
         std::thread::sleep(Duration::from_millis(20));
-        // 20 ms at 1,000/s would be 20 tokens; the burst caps it at 2.
-        assert!(bucket.try_take(2.0));
-        assert!(!bucket.try_take(1.0));
+        // 20 ms at 1,000/s would be 20 tokens; the burst caps it at 2: taking them leaves
+        // none for a take less than a token's time (1 ms) later.
+        let (refilled, more) = on_time(Duration::from_millis(1), || {
+            let mut bucket = bucket.clone();
+            (bucket.try_take(2.0), bucket.try_take(1.0))
+        });
+        assert!(refilled);
+        assert!(!more);
     }
 
     #[test]
     fn credit_is_paid_off_at_the_rate() {
-        let mut bucket = TokenBucket::new(100.0, 100.0);
-        assert_eq!(bucket.take_on_credit(100.0), Duration::ZERO);
-        let wait = bucket.take_on_credit(50.0);
-        // 50 tokens owed at 100/s: about half a second (less whatever accrued meanwhile).
+        // 50 tokens owed at 100/s: about half a second (less whatever accrued meanwhile,
+        // under 10 tokens in a round of less than 100 ms).
+        let (first, wait) = on_time(Duration::from_millis(100), || {
+            let mut bucket = TokenBucket::new(100.0, 100.0);
+            (bucket.take_on_credit(100.0), bucket.take_on_credit(50.0))
+        });
+        assert_eq!(first, Duration::ZERO);
         assert!(wait > Duration::from_millis(400) && wait <= Duration::from_millis(500));
     }
 
@@ -306,38 +335,38 @@ mod tests {
 
     #[test]
     fn a_shared_budget_gives_each_key_its_share_and_bounds_the_total() {
-        let mut budget = SharedBudget::new(100.0, 100.0, 40.0, 40.0);
+        // Each round from fresh buckets, asserted of one that took less than 10 ms (under
+        // one token of the total at 100/s: the last take finds the total spent).
         let (a, b, c) = (1u8, 2u8, 3u8);
-        // One key takes its share and then waits, however often it asks.
-        assert_eq!(
-            budget.take_within(Some(a), 40.0, Duration::ZERO),
-            Ok(Duration::ZERO)
-        );
-        assert!(budget
-            .take_within(Some(a), 10.0, Duration::from_millis(100))
-            .is_err());
-        // Others are not held up by it.
-        assert_eq!(
-            budget.take_within(Some(b), 40.0, Duration::ZERO),
-            Ok(Duration::ZERO)
-        );
-        // The total binds across keys: 20 left of 100.
-        assert!(budget
-            .take_within(Some(c), 30.0, Duration::from_millis(50))
-            .is_err());
-        assert_eq!(
-            budget.take_within(Some(c), 20.0, Duration::ZERO),
-            Ok(Duration::ZERO)
-        );
-        // A refund gives both back.
-        budget.refund(Some(a), 40.0);
-        assert_eq!(
-            budget.take_within(Some(a), 40.0, Duration::ZERO),
-            Ok(Duration::ZERO)
-        );
-        // Without a key only the total counts (it is spent now).
-        assert!(budget.take_within(None, 1.0, Duration::ZERO).is_err());
-        assert_eq!(budget.keys(), 3);
+        let (answers, keys) = on_time(Duration::from_millis(10), || {
+            let mut budget = SharedBudget::new(100.0, 100.0, 40.0, 40.0);
+            let answers = [
+                // One key takes its share and then waits, however often it asks.
+                budget.take_within(Some(a), 40.0, Duration::ZERO),
+                budget.take_within(Some(a), 10.0, Duration::from_millis(100)),
+                // Others are not held up by it.
+                budget.take_within(Some(b), 40.0, Duration::ZERO),
+                // The total binds across keys: 20 left of 100.
+                budget.take_within(Some(c), 30.0, Duration::from_millis(50)),
+                budget.take_within(Some(c), 20.0, Duration::ZERO),
+                // A refund gives both back.
+                {
+                    budget.refund(Some(a), 40.0);
+                    budget.take_within(Some(a), 40.0, Duration::ZERO)
+                },
+                // Without a key only the total counts (it is spent now).
+                budget.take_within(None, 1.0, Duration::ZERO),
+            ];
+            (answers, budget.keys())
+        });
+        assert_eq!(answers[0], Ok(Duration::ZERO));
+        assert!(answers[1].is_err());
+        assert_eq!(answers[2], Ok(Duration::ZERO));
+        assert!(answers[3].is_err());
+        assert_eq!(answers[4], Ok(Duration::ZERO));
+        assert_eq!(answers[5], Ok(Duration::ZERO));
+        assert!(answers[6].is_err());
+        assert_eq!(keys, 3);
     }
 
     #[test]
@@ -379,20 +408,28 @@ mod tests {
 
     #[test]
     fn take_within_takes_only_what_is_paid_off_in_time() {
-        let mut bucket = TokenBucket::new(100.0, 100.0);
-        assert_eq!(bucket.take_within(60.0, Duration::ZERO), Ok(Duration::ZERO));
-        // 40 left: 100 more is 60 short, 0.6 s at 100/s.
-        let refused = bucket.take_within(100.0, Duration::from_millis(100));
+        // Asserted of a round that took less than 100 ms (under 10 tokens at 100/s).
+        let answers = on_time(Duration::from_millis(100), || {
+            let mut bucket = TokenBucket::new(100.0, 100.0);
+            [
+                bucket.take_within(60.0, Duration::ZERO),
+                // 40 left: 100 more is 60 short, 0.6 s at 100/s.
+                bucket.take_within(100.0, Duration::from_millis(100)),
+                // Refusing took nothing: 40 are still there.
+                bucket.take_within(40.0, Duration::ZERO),
+                bucket.take_within(50.0, Duration::from_secs(1)),
+                // In debt now: even one token must wait.
+                bucket.take_within(1.0, Duration::ZERO),
+            ]
+        });
+        assert_eq!(answers[0], Ok(Duration::ZERO));
         assert!(
-            matches!(refused, Err(TooLong { would_wait }) if would_wait > Duration::from_millis(500))
+            matches!(answers[1], Err(TooLong { would_wait }) if would_wait > Duration::from_millis(500))
         );
-        // Refusing took nothing: 40 are still there.
-        assert_eq!(bucket.take_within(40.0, Duration::ZERO), Ok(Duration::ZERO));
-        let waited = bucket.take_within(50.0, Duration::from_secs(1));
+        assert_eq!(answers[2], Ok(Duration::ZERO));
         assert!(
-            matches!(waited, Ok(w) if w > Duration::from_millis(400) && w <= Duration::from_millis(500))
+            matches!(answers[3], Ok(w) if w > Duration::from_millis(400) && w <= Duration::from_millis(500))
         );
-        // In debt now: even one token must wait.
-        assert!(bucket.take_within(1.0, Duration::ZERO).is_err());
+        assert!(answers[4].is_err());
     }
 }

@@ -320,6 +320,7 @@ async fn take_new_lease(l: &mut Link, keys: &Keys, node: &str) -> Grant {
 /// and a refused check leaves nothing behind.
 #[tokio::test]
 async fn appends_in_flight_are_checked_in_order_when_redis_reaches_them() {
+    let _machine = crate::exclusive::shared().await;
     let redis = RedisServer::start();
     let keys = Keys::new("p");
     let mut l = link(&redis).await;
@@ -442,6 +443,7 @@ fn stamped_frames(count: usize) -> Vec<Vec<Event>> {
 /// leader's epoch, and the aborted appends were sent again.
 #[test]
 fn the_appender_with_appends_in_flight_lands_every_batch_once_through_aborts() {
+    let _machine = crate::exclusive::shared_blocking();
     let redis = RedisServer::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let keys = Keys::new("q");

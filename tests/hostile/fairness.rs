@@ -371,6 +371,7 @@ async fn some_dids(serve: &Serve, n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_updates_are_paid_for_by_size_from_the_senders_share() {
+    let _machine = crate::exclusive::alone().await;
     // ~15 s of events (1-4 ms apart at a fifth of real time): the test takes ~12.
     let upstream = slow_upstream(1200, 0.2).await;
     // An address may have 512 KiB a second of updates read: about one 10,000-DID update

@@ -134,6 +134,7 @@ async fn refusals_are_held_closed_and_capped_per_address() {
 /// clean end of stream.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_connection_gets_its_answer_though_its_request_waits_unread() {
+    let _machine = crate::exclusive::shared().await;
     let upstream = slow_upstream(200, 1.0).await;
     let serve = Serve::start(&upstream, &["--max-pending-per-ip", "1"], None).await;
     // The address's one pending slot: a head never finished.

@@ -208,6 +208,7 @@ const SMALL_UPDATE: &[u8] =
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_changes_session_limits_for_sessions_that_start_after_it() {
+    let _machine = crate::exclusive::alone().await;
     let upstream = slow_upstream(1300, 4.0).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("sluice.toml");

@@ -77,14 +77,20 @@ fn upstream_seqs(collected: &Collected) -> Vec<i64> {
         .collect()
 }
 
+/// How long a test waits for what it needs before failing: generous, since the paced
+/// upstreams (a frame every 5-10 ms, for 300 frames and more) and ingest can be starved for
+/// long on a loaded machine (CI's two cores, this binary's other tests beside them).
+const PATIENCE: Duration = Duration::from_secs(60);
+
 async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
-    for _ in 0..1000 {
-        if done() {
-            return;
-        }
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {PATIENCE:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    panic!("timed out after 10 s waiting for {what}");
 }
 
 fn corpus() -> Vec<Bytes> {
@@ -197,7 +203,7 @@ async fn restart_resumes_from_the_log_without_gap_or_duplicate() {
     })
     .await;
     handle.shutdown().await.unwrap();
-    assert!(log.flush(Duration::from_secs(10)));
+    assert!(log.flush(PATIENCE));
     log.close().unwrap();
     drop(log);
     replay_task.abort();

@@ -346,8 +346,44 @@ async fn direct_writes_are_paced_and_batch_what_queued_meanwhile() {
     let session = subscribe_direct(&hub, recorder.clone(), pace, move |seq| {
         got.lock().push(seq)
     });
-    // Let the session park before the first event.
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The session parked before the first event: observed, not assumed after a sleep (on a
+    // loaded machine the session task can take longer to park than any sleep, and the
+    // events then rightly go to it). The dispatcher writes directly only to a parked
+    // session: events are appended one at a time until one arrives by a direct write.
+    // What the probe delivered is then forgotten; its write started a pacing interval,
+    // which only delays the next write.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let probe = log.reader().newest_seq() + 1;
+        log.append(gen.next_frame()).unwrap();
+        let direct = loop {
+            if recorder
+                .writes
+                .lock()
+                .iter()
+                .any(|(_, s)| s.contains(&probe))
+            {
+                break true;
+            }
+            if session_got.lock().contains(&probe) {
+                break false;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the probe event {probe} reached neither path within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        if direct {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the session never parked within 30 s"
+        );
+    }
+    recorder.writes.lock().clear();
+    session_got.lock().clear();
     let first = log.reader().newest_seq() + 1;
     let started = tokio::time::Instant::now();
     for _ in 0..150 {

@@ -297,7 +297,9 @@ async fn raw_invalid_parameters_get_400_naming_the_problem() {
 /// a direct write (nothing was written before it), so both paths are in play.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_writes_are_coalesced_to_one_flush_per_interval() {
-    let _machine = crate::exclusive::shared().await;
+    // Alone: the bursts are told apart by when they arrive (gaps of 40 ms or more), which
+    // a sibling test's load on the same cores would blur.
+    let _machine = crate::exclusive::alone().await;
     let frames = synth(3000, 41, Duration::from_secs(1200));
     let env = Env::start_with(
         frames,

@@ -43,6 +43,7 @@ async fn env_with_raw_floor() -> (Env, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_raw_wire_follows_the_raw_floor_while_v1_and_v2_serve_below_it() {
+    let _machine = crate::exclusive::shared().await;
     let (env, floor) = env_with_raw_floor().await;
     let events = env.events();
     assert_eq!(events[0].seq, 1, "the JSON of every event is held");
@@ -86,6 +87,7 @@ async fn the_raw_wire_follows_the_raw_floor_while_v1_and_v2_serve_below_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_lookup_of_a_raw_frame_below_the_raw_floor_is_a_404_that_names_the_way() {
+    let _machine = crate::exclusive::shared().await;
     let (env, floor) = env_with_raw_floor().await;
     let below = floor - 1;
     let (status, _, body) = http_get(env.addr(), &format!("/event/{below}?wire=raw")).await;
