@@ -284,3 +284,23 @@ fn worker_threads_sizes_the_runtime_from_flag_or_config_file() {
         assert_eq!(workers, Some(want as f64), "case {extra:?}");
     }
 }
+
+/// The daemon binary allocates with jemalloc (DECISIONS, "Subscriber writes", session 18):
+/// asked through jemalloc's own settings variable to print its statistics at exit, the binary
+/// does; with glibc's malloc (or any other allocator) nothing reads the variable and nothing
+/// is printed.
+#[test]
+fn the_daemon_binary_allocates_with_jemalloc() {
+    let out = Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .arg("--version")
+        .env("_RJEM_MALLOC_CONF", "stats_print:true")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "sluice --version failed: {out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("Begin jemalloc statistics"),
+        "no jemalloc statistics on stderr; the daemon is not on jemalloc: {stderr}"
+    );
+}
