@@ -472,6 +472,16 @@ mod tests {
         assert_eq!(watch.stats().refused.load(Ordering::Relaxed), 0);
     }
 
+    /// A thread's count of voluntary context switches (it went to sleep), from
+    /// `/proc/self/task/<tid>/status`.
+    fn voluntary_switches(tid: i32) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
     #[test]
     fn an_idle_thread_waiting_on_something_else_than_a_core_is_never_raised() {
         let watch = IdleWatch::start(Duration::from_millis(20), &["test-sleeping"]).unwrap();
@@ -490,11 +500,22 @@ mod tests {
         // Work handed over once the thread sleeps (waits on a peer, not on a core). The
         // kernel is asked, not a clock: an idle-class thread on cores busy with another
         // test's loops can stay ready to run for long between its send and its wait.
+        // Asleep in its long wait, not in a short one on the way to it (a lock): asleep at
+        // two looks 20 ms apart without a voluntary switch between them.
+        let asleep = || {
+            let seen = idle_threads(&["test-sleeping"]);
+            match seen.as_slice() {
+                [t] if !t.ready => voluntary_switches(t.tid),
+                _ => None,
+            }
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let seen = idle_threads(&["test-sleeping"]);
-            if seen.len() == 1 && seen.iter().all(|t| !t.ready) {
-                break;
+            if let Some(before) = asleep() {
+                std::thread::sleep(Duration::from_millis(20));
+                if asleep() == Some(before) {
+                    break;
+                }
             }
             assert!(Instant::now() < deadline, "the thread never went to sleep");
             std::thread::sleep(Duration::from_millis(1));
