@@ -21,5 +21,7 @@ pub mod priority;
 pub mod rate;
 pub mod sink;
 pub mod systemd;
+#[cfg(test)]
+mod test_rounds;
 pub mod upstream;
 pub mod wire;

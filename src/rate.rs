@@ -262,27 +262,7 @@ pub fn retry_after(base_secs: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The result of the first run of `round` that took less than `within`, tried for at
-    /// most 30 s. Buckets fill with the clock, so what a bucket answers a few calls apart
-    /// depends on how long those calls took: asserted of a round known to be quick (each
-    /// round starts its buckets afresh). A round the machine stalled (this thread not
-    /// scheduled for that long: CI's loaded cores) is rightly answered otherwise and says
-    /// nothing, so it is run again.
-    fn on_time<T>(within: Duration, mut round: impl FnMut() -> T) -> T {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let started = Instant::now();
-            let result = round();
-            if started.elapsed() < within {
-                return result;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no round ran within {within:?} for 30 s"
-            );
-        }
-    }
+    use crate::test_rounds::on_time;
 
     #[test]
     fn a_full_bucket_gives_its_burst_then_refuses() {
